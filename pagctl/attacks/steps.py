@@ -1,0 +1,196 @@
+"""Shared attack steps: projections, random starts, gradient normalisation, loss gradients.
+
+Plain functions, no classes, so every built-in attack (and any plugin) composes the same
+pieces. Perturbations ``delta`` have the inputs' shape ``(N, C, H, W)``; budgets are
+per example (the norm of each ``delta[i]`` over all its pixels).
+
+All functions leave their arguments unmodified and take the device from their tensor
+arguments; random draws come from an explicit ``torch.Generator`` (never the global RNG),
+are made on the generator's device and moved to the requested one.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Norm = Literal["linf", "l2"]
+Loss = Literal["ce", "margin"]
+
+
+def _per_example(values: Tensor, like: Tensor) -> Tensor:
+    """Reshape ``(N,)`` to ``(N, 1, 1, ...)`` so it broadcasts against ``like``."""
+    return values.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def l2_norms(delta: Tensor) -> Tensor:
+    """Per-example L2 norm. Shape: (N, ...) -> (N,)."""
+    norms: Tensor = torch.linalg.vector_norm(delta.flatten(1), ord=2, dim=1)
+    return norms
+
+
+def linf_norms(delta: Tensor) -> Tensor:
+    """Per-example L-infinity norm. Shape: (N, ...) -> (N,)."""
+    return delta.flatten(1).abs().amax(dim=1)
+
+
+def project_l2(delta: Tensor, eps: float) -> Tensor:
+    """Scale each example's ``delta`` onto the L2 ball of radius ``eps`` (if outside it).
+
+    Examples already inside the ball are returned unchanged; the direction is kept.
+    Shape: (N, ...) -> (N, ...).
+    """
+    norms = l2_norms(delta)
+    tiny = torch.finfo(delta.dtype).tiny
+    factor = torch.clamp(eps / norms.clamp_min(tiny), max=1.0)
+    return delta * _per_example(factor, delta)
+
+
+def project_linf(delta: Tensor, eps: float) -> Tensor:
+    """Clip every coordinate to ``[-eps, eps]``. Shape: (N, ...) -> (N, ...)."""
+    return delta.clamp(-eps, eps)
+
+
+def random_start_l2(
+    shape: tuple[int, ...] | torch.Size,
+    eps: float,
+    generator: torch.Generator,
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Points drawn uniformly from the L2 ball of radius ``eps`` in ``d = prod(shape[1:])``
+    dimensions, one per example: a Gaussian direction normalised to unit length, times the
+    radius ``eps * U ** (1/d)`` with ``U ~ Uniform[0, 1)`` (the radius law of the uniform
+    distribution on a ball, whose mean is ``d / (d + 1) * eps``).
+
+    Shape: ``shape`` = (N, ...) -> (N, ...), on ``device`` (default: the generator's).
+    """
+    n = shape[0]
+    d = 1
+    for size in shape[1:]:
+        d *= size
+    gen_device = generator.device
+    direction = torch.randn(tuple(shape), generator=generator, device=gen_device)
+    direction = normalize_l2(direction)
+    u = torch.rand(n, generator=generator, device=gen_device, dtype=torch.float64)
+    radius = (eps * u.pow(1.0 / d)).to(torch.float32)
+    out = direction * _per_example(radius, direction)
+    # Rounding of the unit direction may push a point a hair outside the ball.
+    out = project_l2(out, eps)
+    return out.to(device=device if device is not None else gen_device, dtype=dtype)
+
+
+def random_start_linf(
+    shape: tuple[int, ...] | torch.Size,
+    eps: float,
+    generator: torch.Generator,
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Points drawn uniformly from the cube ``[-eps, eps]^d``, one per example.
+
+    Shape: ``shape`` = (N, ...) -> (N, ...), on ``device`` (default: the generator's).
+    """
+    u = torch.rand(tuple(shape), generator=generator, device=generator.device)
+    out = project_linf((2.0 * u - 1.0) * eps, eps)
+    return out.to(device=device if device is not None else generator.device, dtype=dtype)
+
+
+def normalize_l2(grad: Tensor) -> Tensor:
+    """Each example divided by its L2 norm; an all-zero example stays zero (never NaN).
+
+    The example is first divided by its largest absolute entry, so the norm neither
+    underflows for vanishing gradients nor overflows; no epsilon biases the step length.
+    Shape: (N, ...) -> (N, ...), unit L2 norm per non-zero example.
+    """
+    tiny = torch.finfo(grad.dtype).tiny
+    peak = linf_norms(grad).clamp_min(tiny)
+    scaled = grad / _per_example(peak, grad)
+    norms = l2_norms(scaled).clamp_min(tiny)
+    return scaled / _per_example(norms, scaled)
+
+
+def _loss_per_example(logits: Tensor, labels: Tensor, loss: Loss) -> Tensor:
+    """The loss to ascend for an untargeted attack. Shape: (N, K), (N,) -> (N,)."""
+    if loss == "ce":
+        return F.cross_entropy(logits, labels, reduction="none")
+    if loss == "margin":
+        true = logits.gather(1, labels[:, None]).squeeze(1)
+        others = logits.scatter(1, labels[:, None], float("-inf"))
+        return others.amax(dim=1) - true
+    raise ValueError(f"loss must be 'ce' or 'margin', got {loss!r}")
+
+
+def logits_and_gradient(
+    model: nn.Module,
+    x: Tensor,
+    labels: Tensor,
+    loss: Loss = "ce",
+    targeted: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One forward and one backward pass: the logits at ``x`` and the input gradient of the
+    summed loss (see :func:`loss_gradient`). Works inside ``torch.no_grad()``; leaves no
+    ``.grad`` on ``x`` or the model's parameters.
+
+    Shape: (N, C, H, W), (N,) -> logits (N, num_classes) detached, gradient (N, C, H, W).
+    """
+    with torch.enable_grad():
+        x_var = x.detach().requires_grad_(True)
+        logits = model(x_var)
+        per_example = _loss_per_example(logits, labels, loss)
+        total = -per_example.sum() if targeted else per_example.sum()
+        (grad,) = torch.autograd.grad(total, x_var)
+    return logits.detach(), grad.detach()
+
+
+def loss_gradient(
+    model: nn.Module,
+    x: Tensor,
+    labels: Tensor,
+    loss: Loss = "ce",
+    targeted: bool = False,
+) -> Tensor:
+    """∇ₓ of the loss summed over the batch, so each row is its own example's gradient.
+
+    ``loss``: "ce" (cross-entropy) or "margin" (best other logit minus the true one).
+    Untargeted: the gradient of the loss w.r.t. ``labels`` (ascend it). Targeted: ``labels``
+    are the target classes and the gradient of the *negated* loss is returned, so ascending
+    the result always moves toward the attack's goal. Shape: (N, C, H, W), (N,) -> (N, C, H, W).
+    """
+    return logits_and_gradient(model, x, labels, loss, targeted)[1]
+
+
+def fit_to_budget(x: Tensor, x_adv: Tensor, norm: Norm, eps: float) -> Tensor:
+    """Make ``x_adv`` satisfy ``‖x_adv - x‖ <= eps`` as the difference is computed in the
+    inputs' dtype, and stay in [0, 1].
+
+    ``x + delta - x`` need not equal ``delta`` in floating point; at small ε (8/255) the
+    rounding of a pixel near 1 is a relative error of ~2e-6, enough to fail a strict budget
+    check. Coordinates (L∞) or examples (L2) that are over are nudged toward ``x``.
+    Shape: (N, C, H, W) twice -> (N, C, H, W).
+    """
+    x_adv = x_adv.clamp(0.0, 1.0)
+    for _ in range(16):
+        delta = x_adv - x
+        if norm == "linf":
+            over = delta.abs() > eps
+            if not bool(over.any()):
+                return x_adv
+            fitted = (x + project_linf(delta, eps)).clamp(0.0, 1.0)
+            # Where clipping alone does not help (rounding), step one ulp toward x.
+            fitted = torch.where((fitted - x).abs() > eps, torch.nextafter(fitted, x), fitted)
+            x_adv = torch.where(over, fitted, x_adv)
+        else:
+            norms = l2_norms(delta)
+            over = norms > eps
+            if not bool(over.any()):
+                return x_adv
+            shrink = eps / norms.clamp_min(torch.finfo(norms.dtype).tiny) * (1.0 - 1e-6)
+            fitted = (x + delta * _per_example(shrink, delta)).clamp(0.0, 1.0)
+            x_adv = torch.where(_per_example(over, x_adv), fitted, x_adv)
+    raise RuntimeError("could not fit the adversarial inputs into the budget")  # pragma: no cover

@@ -1,0 +1,317 @@
+"""The ``pagctl`` command line: parse, call one library function, render.
+
+Results go to stdout (table or JSON); progress and logs go to stderr. User errors print one
+line per problem and exit 2; runtime failures exit 1 (traceback with --verbose or
+PAGCTL_VERBOSE=1); Ctrl-C exits 130. torch is imported inside commands only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from pagctl import __version__
+from pagctl.errors import PagctlError, SpecError
+
+app = typer.Typer(
+    name="pagctl",
+    help="Train classifiers with perceptually aligned gradients (PAG) and measure their "
+    "robustness. Docs: docs/index.md.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pagctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="Show tracebacks of runtime errors.")] = False,
+) -> None:
+    if verbose:
+        os.environ["PAGCTL_VERBOSE"] = "1"
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _stdout_table(title: str, rows: list[tuple[str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "-" if v is None else str(v)
+
+
+def _parse_params(items: list[str], where: str) -> dict[str, Any]:
+    import yaml
+
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"{where}: '{item}' is not KEY=VALUE, e.g. {where} eps=0.5")
+        try:
+            params[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            params[key.strip()] = raw
+    return params
+
+
+# ---------------------------------------------------------------------------------------
+# train
+
+SetOpt = Annotated[list[str], typer.Option(
+    "--set", help="Override a spec field, KEY=VALUE with a dotted key (value parsed as YAML); "
+    "repeatable, e.g. --set train.epochs=5.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DataDirOpt = Annotated[Path | None, typer.Option(
+    "--data-dir", help="Folder with the dataset files (sets data.root).")]
+
+
+@app.command()
+def train(
+    spec: Annotated[str | None, typer.Argument(
+        help="Spec file (YAML/JSON), built-in spec name, or a run folder to resume.")] = None,
+    set_: SetOpt = [],  # noqa: B006 - typer needs a literal default
+    data_dir: DataDirOpt = None,
+    download: Annotated[bool, typer.Option(
+        "--download", help="Let torchvision download the dataset into --data-dir.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Run folder (sets out_dir).")] = None,
+    device: DeviceOpt = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] =
+    False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run "
+                                            "folder.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate spec, data, model and "
+                                          "plugin params; train nothing.")] = False,
+    list_: Annotated[bool, typer.Option("--list", help="List the built-in specs.")] = False,
+    schema: Annotated[bool, typer.Option("--schema", help="Print the spec's JSON schema.")] =
+    False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    fmt: Annotated[Format, typer.Option("--format", help="Final summary format.")] =
+    Format.table,
+) -> None:
+    """Train a model from a spec; writes a run folder (weights, spec, metrics)."""
+    from pagctl import spec as specmod
+
+    if list_:
+        for name in specmod.builtin_spec_names():
+            desc = specmod.load_spec(name).description
+            typer.echo(f"{name:24s} {desc}")
+        return
+    if schema:
+        _print_json(specmod.RunSpec.model_json_schema())
+        return
+    if spec is None:
+        raise SpecError("train: give a spec file or built-in name (pagctl train --list)")
+    overrides = list(set_)
+    if Path(spec).is_dir():
+        if not (Path(spec) / "spec.json").is_file():
+            raise SpecError(f"train: '{spec}' is a folder without spec.json; pass a spec file")
+        overrides.append(f"out_dir={spec}")
+        spec = str(Path(spec) / "spec.json")
+    if data_dir is not None:
+        overrides.append(f"data.root={data_dir}")
+    if download:
+        overrides.append("data.download=true")
+    if out is not None:
+        overrides.append(f"out_dir={out}")
+    run_spec = specmod.load_spec(spec, overrides)
+    from pagctl.train import resolve_device, setup, train as run_train
+
+    if dry_run:
+        s = setup(run_spec, resolve_device(device), build_plugins=False)
+        _stdout_table(f"dry run: {run_spec.name} (valid)", [
+            ("run folder", str(run_spec.run_dir)), ("dataset", s.bundle.name),
+            ("train / test", f"{len(s.bundle.train)} / {len(s.bundle.test)}"),  # type: ignore
+            ("classes", str(s.bundle.num_classes)), ("input", str(s.bundle.input_shape)),
+            ("arch", run_spec.model.arch),
+            ("parameters", f"{sum(p.numel() for p in s.model.parameters()):,}"),
+            ("source", run_spec.target_gradients.name),
+            ("lambda / K", f"{run_spec.train.pag_weight} / {run_spec.train.classes_per_image}"),
+        ])
+        return
+    from pagctl.progress import stderr_console
+
+    result = run_train(run_spec, device=device, resume=resume, overwrite=overwrite,
+                       progress=not quiet, log=lambda m: stderr_console.print(m))
+    if result.interrupted:
+        stderr_console.print(f"interrupted after epoch {result.epochs_done}; state saved. "
+                             f"Continue with: pagctl train {result.run_dir} --resume")
+        raise typer.Exit(130)
+    summary = {"run_dir": str(result.run_dir), **result.last}
+    if fmt is Format.json:
+        _print_json(summary)
+    else:
+        _stdout_table(f"trained {run_spec.name}", [(k, _fmt(v)) for k, v in summary.items()
+                                                   if not isinstance(v, dict)])
+
+
+# ---------------------------------------------------------------------------------------
+# attack
+
+
+@app.command()
+def attack(
+    run: Annotated[Path, typer.Argument(help="Run folder written by 'pagctl train'.")],
+    attack_name: Annotated[str, typer.Option("--attack", "-a", help="Attack plugin name "
+                                             "(pagctl plugins).")] = "pgd_l2",
+    param: Annotated[list[str], typer.Option(
+        "--param", "-p", help="Attack parameter KEY=VALUE; repeatable (eps=8/255).")] = [],  # noqa: B006
+    limit: Annotated[int | None, typer.Option(
+        "--limit", min=1, help="Attack the first N test images.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the attack's randomness.")] = 0,
+    device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None,
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
+) -> None:
+    """Attack a trained run on its test set; prints clean and robust accuracy and appends
+    the result to the run's metrics.jsonl."""
+    import torch
+
+    from pagctl import checkpoint, registry
+    from pagctl.attack import run_attack
+    from pagctl.data import load_data
+    from pagctl.train import _build_ctx, resolve_device
+
+    params = registry.attacks.validate_params(attack_name, _parse_params(param, "--param"),
+                                              "--param")
+    dev = resolve_device(device)
+    loaded = checkpoint.load_run(run, dev)
+    data_spec = loaded.spec.data
+    if data_dir is not None:
+        data_spec = data_spec.model_copy(update={"root": data_dir})
+    bundle = load_data(data_spec)
+    n = min(limit or len(bundle.test), len(bundle.test))  # type: ignore[arg-type]
+    ctx = _build_ctx(bundle, dev, seed, None)
+    built = registry.attacks.build(registry_ref(attack_name, params), ctx, "--param")
+    report = run_attack(loaded.model, built, bundle.test, torch.arange(n), name=attack_name,
+                        params=params, batch_size=batch_size, device=dev, seed=seed)
+    record = report.to_record()
+    checkpoint.append_metrics(run, record)
+    if fmt is Format.json:
+        _print_json(record)
+    else:
+        _stdout_table(f"{attack_name} on {run}", [
+            ("params", json.dumps(report.params)), ("n", str(report.n)),
+            ("clean accuracy", f"{report.clean_accuracy:.4f}"),
+            ("robust accuracy", f"{report.robust_accuracy:.4f}"),
+            ("max L2 / Linf", f"{report.max_l2:.4f} / {report.max_linf:.4f}"),
+            ("seconds", f"{report.seconds:.1f}"),
+        ])
+
+
+def registry_ref(name: str, params: Any) -> Any:
+    from pagctl.spec import PluginRef
+
+    return PluginRef(name=name, params=params.model_dump())
+
+
+# ---------------------------------------------------------------------------------------
+# compare, plugins
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders.")],
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
+) -> None:
+    """Put runs side by side: spec differences and latest metrics (reads no weights)."""
+    from pagctl.compare import compare_runs, render_table
+
+    rows = compare_runs(runs)
+    if fmt is Format.json:
+        _print_json(rows)
+    else:
+        render_table(rows)
+
+
+@app.command()
+def plugins(
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
+) -> None:
+    """List target-gradient sources and attacks: distribution, version and status."""
+    from dataclasses import asdict
+
+    from pagctl.registry import REGISTRIES
+
+    rows = [info for reg in REGISTRIES.values() for info in reg.info()]
+    if fmt is Format.json:
+        _print_json([asdict(r) for r in rows])
+        return
+    kind = {"pagctl.target_gradients": "source", "pagctl.attacks": "attack"}
+    header = ("kind", "name", "distribution", "version", "status", "description")
+    cells = [(kind.get(r.group, r.group), r.name, r.distribution, r.version, r.status,
+              r.summary) for r in rows]
+    widths = [max(len(c[i]) for c in [header, *cells]) for i in range(5)]
+    for c in [header, *cells]:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(c[:5], widths, strict=True)) + "  " +
+                   c[5])
+    for r in rows:
+        if r.error:
+            typer.echo(f"{r.name} ({r.status}): {r.error}")
+
+
+# ---------------------------------------------------------------------------------------
+# entry point and error mapping
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: maps errors to exit codes (2 user, 1 runtime, 130 Ctrl-C)."""
+    verbose = os.environ.get("PAGCTL_VERBOSE") == "1" or any(
+        a in ("--verbose", "-v") for a in (argv if argv is not None else sys.argv[1:]))
+    try:
+        app(args=argv, prog_name="pagctl", standalone_mode=False)
+    except PagctlError as exc:
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            sys.stderr.write(f"error: {line}\n")
+        sys.exit(2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    except Exception as exc:  # runtime failure: one line unless verbose
+        if verbose:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        sys.stderr.write(f"error: {type(exc).__name__}: {msg} (rerun with --verbose for the "
+                         "traceback)\n")
+        sys.exit(1)

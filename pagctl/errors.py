@@ -1,0 +1,40 @@
+"""Error types. Every `PagctlError` is a user error: the CLI prints its message on one line
+and exits with status 2, without a traceback."""
+
+from __future__ import annotations
+
+
+class PagctlError(Exception):
+    """A problem the user can fix; the message names the field and the fix."""
+
+
+class SpecError(PagctlError):
+    """An invalid run spec, override, or plugin parameter."""
+
+
+class PluginError(PagctlError):
+    """Base class for registry failures."""
+
+
+class UnknownPluginError(PluginError):
+    """No plugin of that name in the group."""
+
+
+class PluginConflictError(PluginError):
+    """Two distributions provide the same name in one group."""
+
+
+class PluginLoadError(PluginError):
+    """A plugin's entry point failed to import or is not a valid factory."""
+
+
+class PluginContractError(PluginError):
+    """A plugin returned something that breaks the contract (shape, range, NaN, mode)."""
+
+
+class CheckpointError(PagctlError):
+    """A run folder that is missing, incomplete, corrupt, or does not match its spec."""
+
+
+class DataError(PagctlError):
+    """A dataset that cannot be found, read, or is invalid (e.g. NaN pixels)."""

@@ -1,0 +1,235 @@
+"""Plugin registry: one loader for built-ins and third-party entry points.
+
+Groups ``pagctl.target_gradients`` and ``pagctl.attacks``. Built-ins are a table of
+``"module:attr"`` strings loaded lazily through the same path as entry points, so they work
+from a source checkout and are listed next to third-party plugins. Two providers of one name
+are a conflict, raised only when that name is asked for; a built-in is never silently
+replaced. ``PAGCTL_DISABLE_PLUGIN_AUTOLOAD=1`` restricts every group to the built-ins.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from dataclasses import dataclass
+from difflib import get_close_matches
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+
+from pagctl.errors import (
+    PluginConflictError,
+    PluginLoadError,
+    SpecError,
+    UnknownPluginError,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from pagctl.protocols import BuildContext
+    from pagctl.spec import PluginRef
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+AUTOLOAD_ENV = "PAGCTL_DISABLE_PLUGIN_AUTOLOAD"
+BUILTIN_DIST = "pagctl"
+
+BUILTIN_TARGET_GRADIENTS = {
+    "none": "pagctl.target_gradients.none:NoSource",
+    "one_image": "pagctl.target_gradients.one_image:OneImage",
+    "class_mean": "pagctl.target_gradients.class_mean:ClassMean",
+    "nearest_neighbor": "pagctl.target_gradients.nearest_neighbor:NearestNeighbor",
+}
+BUILTIN_ATTACKS = {
+    "fgsm": "pagctl.attacks.fgsm:FGSM",
+    "pgd_l2": "pagctl.attacks.pgd:PGDL2",
+    "pgd_linf": "pagctl.attacks.pgd:PGDLinf",
+}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    value: str  # "module:attr"
+    distribution: str
+    version: str
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One row of ``pagctl plugins``."""
+
+    name: str
+    group: str
+    distribution: str
+    version: str
+    status: str  # "ok" | "broken" | "conflict"
+    error: str | None
+    summary: str
+
+
+def autoload_disabled() -> bool:
+    return os.environ.get(AUTOLOAD_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _pagctl_version() -> str:
+    from pagctl import __version__
+
+    return __version__
+
+
+def _load_value(value: str) -> Any:
+    module_name, _, attr = value.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split(".") if attr else []:
+        obj = getattr(obj, part)
+    return obj
+
+
+def _summary(obj: Any) -> str:
+    doc = (getattr(obj, "__doc__", None) or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+class Registry:
+    """Plugins of one entry-point group, keyed by name."""
+
+    def __init__(
+        self,
+        group: str,
+        builtins: dict[str, str],
+        entry_points: Callable[[str], Iterable[metadata.EntryPoint]] | None = None,
+    ) -> None:
+        self.group = group
+        self._builtins = dict(builtins)
+        self._entry_points = entry_points or (lambda g: metadata.entry_points(group=g))
+        self._entries: dict[str, list[_Entry]] | None = None
+        self._bad_names: list[PluginInfo] = []
+        self._loaded: dict[str, Any] = {}
+
+    @property
+    def short_group(self) -> str:
+        return self.group.split(".", 1)[1]
+
+    def refresh(self) -> None:
+        """Forget discovered entry points and loaded factories."""
+        self._entries = None
+        self._bad_names = []
+        self._loaded.clear()
+
+    def _discover(self) -> dict[str, list[_Entry]]:
+        if self._entries is not None:
+            return self._entries
+        entries: dict[str, list[_Entry]] = {
+            name: [_Entry(name, value, BUILTIN_DIST, _pagctl_version())]
+            for name, value in self._builtins.items()
+        }
+        self._bad_names = []
+        if not autoload_disabled():
+            for ep in self._entry_points(self.group):
+                dist = getattr(ep, "dist", None)
+                dist_name = getattr(dist, "name", None) or "unknown distribution"
+                version = getattr(dist, "version", None) or "?"
+                if not NAME_RE.match(ep.name):
+                    self._bad_names.append(PluginInfo(
+                        ep.name, self.group, dist_name, version, "broken",
+                        "invalid name: plugin names must match ^[a-z][a-z0-9_]*$", ""))
+                    continue
+                current = entries.setdefault(ep.name, [])
+                if any(e.distribution == dist_name and e.value == ep.value for e in current):
+                    continue  # the same distribution seen twice on sys.path
+                current.append(_Entry(ep.name, ep.value, dist_name, version))
+        self._entries = entries
+        return entries
+
+    def names(self) -> list[str]:
+        return sorted(self._discover())
+
+    def _resolve(self, name: str) -> _Entry:
+        entries = self._discover()
+        if name not in entries:
+            names = sorted(entries)
+            close = get_close_matches(name, names, n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise UnknownPluginError(
+                f"unknown {self.short_group} plugin '{name}'.{hint} Available: "
+                f"{', '.join(names)}. Install a package that provides it, or run "
+                "'pagctl plugins' to list what is installed."
+            )
+        found = entries[name]
+        if len(found) > 1:
+            who = " and ".join(f"'{e.distribution}' ({e.value})" for e in found)
+            raise PluginConflictError(
+                f"{self.short_group} plugin '{name}' is provided by {who}; uninstall one of "
+                "them (a built-in is never replaced silently)."
+            )
+        return found[0]
+
+    def get(self, name: str) -> Any:
+        """The factory registered as ``name`` (imported on first use)."""
+        if name in self._loaded:
+            return self._loaded[name]
+        entry = self._resolve(name)
+        try:
+            factory = _load_value(entry.value)
+        except Exception as exc:  # any import-time failure of third-party code
+            raise PluginLoadError(
+                f"{self.short_group} plugin '{name}' from '{entry.distribution}' failed to "
+                f"load ({type(exc).__name__}: {exc}); reinstall or fix that package."
+            ) from exc
+        params = getattr(factory, "Params", None)
+        if not (callable(factory) and isinstance(params, type) and issubclass(params, BaseModel)):
+            raise PluginLoadError(
+                f"{self.short_group} plugin '{name}' from '{entry.distribution}' ({entry.value})"
+                " is not a plugin factory: it needs a pydantic 'Params' class and must be "
+                "callable as factory(params, ctx)."
+            )
+        self._loaded[name] = factory
+        return factory
+
+    def validate_params(self, name: str, params: dict[str, Any], where: str) -> BaseModel:
+        """Validate ``params`` against the plugin's ``Params``; errors name ``where.params.x``."""
+        from pagctl.spec import format_validation_error
+
+        factory = self.get(name)
+        try:
+            result: BaseModel = factory.Params.model_validate(params)
+        except ValidationError as exc:
+            raise SpecError(format_validation_error(exc, prefix=f"{where}.params")) from None
+        return result
+
+    def build(self, ref: PluginRef, ctx: BuildContext, where: str) -> Any:
+        """Validate the reference's params and call the factory once."""
+        params = self.validate_params(ref.name, ref.params, where)
+        factory = self.get(ref.name)
+        try:
+            return factory(params, ctx)
+        except (SpecError, PluginLoadError):
+            raise
+        except ValueError as exc:
+            raise SpecError(f"{where}: {ref.name}: {exc}") from None
+
+    def info(self) -> list[PluginInfo]:
+        """Every known plugin with its status; loads each one to check it."""
+        rows: list[PluginInfo] = []
+        for name, found in sorted(self._discover().items()):
+            for entry in found:
+                status, error, summary = "ok", None, ""
+                if len(found) > 1:
+                    others = ", ".join(e.distribution for e in found if e is not entry)
+                    status, error = "conflict", f"also provided by {others}"
+                else:
+                    try:
+                        summary = _summary(self.get(name))
+                    except PluginLoadError as exc:
+                        status, error = "broken", str(exc)
+                rows.append(PluginInfo(name, self.group, entry.distribution, entry.version,
+                                       status, error, summary))
+        return rows + list(self._bad_names)
+
+
+target_gradients = Registry("pagctl.target_gradients", BUILTIN_TARGET_GRADIENTS)
+attacks = Registry("pagctl.attacks", BUILTIN_ATTACKS)
+REGISTRIES = {"target_gradients": target_gradients, "attacks": attacks}

@@ -1,0 +1,236 @@
+"""The run spec: one validated, frozen description of a training run.
+
+A spec comes from a YAML/JSON file or a built-in name, plus ``--set a.b=c`` overrides (values
+parsed as YAML). It is validated once, here; plugin parameters are validated right after
+against the plugin's own ``Params``. Errors carry full dotted paths.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pagctl.errors import SpecError
+
+_NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
+DATASETS = ("digits", "toy", "cifar10", "cifar100", "stl10", "svhn", "mnist", "fashion_mnist",
+            "imagefolder")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PluginRef(_Frozen):
+    """A plugin by registry name, with its parameters (validated against its ``Params``)."""
+
+    name: str = Field(pattern=_NAME_PATTERN, description="registered plugin name")
+    params: dict[str, Any] = Field(default_factory=dict, description="the plugin's Params")
+
+
+class ModelSpec(_Frozen):
+    arch: str = Field(description="timm model name (pagctl registers pagctl_small_cnn, "
+                      "pagctl_cifar_resnet18, pagctl_mlp)")
+    kwargs: dict[str, Any] = Field(default_factory=dict,
+                                   description="extra keyword arguments for timm.create_model")
+    mean: tuple[float, ...] | None = Field(
+        default=None, description="per-channel normalisation mean inside the model; "
+        "null = the dataset's default")
+    std: tuple[float, ...] | None = Field(
+        default=None, description="per-channel normalisation std; null = the dataset's default")
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if v is not None and any(s <= 0 for s in v):
+            raise ValueError("every std entry must be > 0")
+        return v
+
+
+class DataSpec(_Frozen):
+    dataset: Literal["digits", "toy", "cifar10", "cifar100", "stl10", "svhn", "mnist",
+                     "fashion_mnist", "imagefolder"] = Field(description="dataset name")
+    root: Path | None = Field(default=None, description="data directory (--data-dir); "
+                              "required for all but digits and toy")
+    download: bool = Field(default=False, description="let torchvision download into root")
+    batch_size: int = Field(default=64, ge=1, description="training batch size (images)")
+    eval_batch_size: int = Field(default=256, ge=1, description="batch size for evaluation")
+    workers: int = Field(default=0, ge=0, description="data-loader worker processes")
+    augment: Literal["none", "crop_flip", "crop"] = Field(
+        default="none", description="training augmentation, applied inside the loop and "
+        "differentiated through (gradients are taken w.r.t. the un-augmented image)")
+    shared_augmentation: bool = Field(
+        default=False, description="one crop/flip draw per batch (the official code's "
+        "behaviour) instead of one per image")
+    crop_padding: int = Field(default=4, ge=0, description="zero padding for random crops")
+    split_seed: int = Field(default=0, description="seed of the stratified train/test split "
+                            "(digits, toy)")
+    test_fraction: float = Field(default=0.2, gt=0, lt=1,
+                                 description="test share of the split (digits)")
+    toy_train_size: int = Field(default=6000, ge=10, description="toy training points")
+    toy_test_size: int = Field(default=600, ge=10, description="toy test points")
+
+
+class TrainSpec(_Frozen):
+    epochs: int = Field(default=30, ge=1)
+    lr: float = Field(default=0.05, gt=0, description="base learning rate (SGD)")
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    nesterov: bool = False
+    schedule: Literal["step", "cosine", "constant"] = Field(
+        default="cosine", description="step: the paper's drops (x0.1 at 50% and 75% of the "
+        "epochs, x0.01 more in the last epoch); cosine: per step to 0; constant")
+    seed: int = Field(default=0, description="seeds data order, class sampling, init, attacks")
+    pag_weight: float = Field(
+        default=1.0, ge=0, description="lambda, the real weight on mean_k(1 - cos); the "
+        "official code's pag_coeff c corresponds to lambda = 10 c")
+    classes_per_image: int = Field(
+        default=10, ge=1, description="K: target classes sampled per image without "
+        "replacement (all classes when K = number of classes)")
+    pag_warmup_epochs: int = Field(
+        default=0, ge=0, description="epochs (from 1) that use pag_weight * pag_warmup_factor")
+    pag_warmup_factor: float = Field(default=1.0, ge=0)
+    drop_last: bool = True
+    amp: bool = Field(default=False, description="bfloat16 autocast (CUDA only)")
+    channels_last: bool = Field(default=False, description="channels_last memory format (CUDA)")
+
+
+class EvalSpec(_Frozen):
+    attack: PluginRef | None = Field(
+        default_factory=lambda: PluginRef(name="pgd_l2", params={"eps": 0.5, "steps": 7}),
+        description="monitoring attack run on the test set after each epoch (null: none)")
+    align_source: PluginRef | None = Field(
+        default=None, description="source for the per-epoch alignment cosine on test; "
+        "null = the training source (skipped when that is 'none')")
+    limit: int | None = Field(default=None, ge=1,
+                              description="first N test images for the per-epoch monitor")
+    every: int = Field(default=1, ge=1, description="evaluate every N epochs (and the last)")
+
+
+class RunSpec(_Frozen):
+    """A whole training run. Field names are the keys of the spec file and of ``--set``."""
+
+    version: Literal[1] = 1
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name")
+    description: str = ""
+    model: ModelSpec
+    data: DataSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    target_gradients: PluginRef = Field(default_factory=lambda: PluginRef(name="none"))
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    out_dir: Path | None = Field(default=None, description="run folder; null = runs/<name>")
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out_dir if self.out_dir is not None else Path("runs") / self.name
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+
+
+def builtin_spec_names() -> list[str]:
+    """Names of the specs shipped in ``pagctl/specs``."""
+    folder = resources.files("pagctl") / "specs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_mapping(source: str) -> tuple[dict[str, Any], str]:
+    path = Path(source)
+    if path.suffix not in (".yaml", ".yml", ".json") and not path.exists():
+        names = builtin_spec_names()
+        if source not in names:
+            from difflib import get_close_matches
+
+            close = get_close_matches(source, names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise SpecError(
+                f"spec: '{source}' is neither a file nor a built-in spec.{hint} "
+                f"Built-ins: {', '.join(names)} (pagctl train --list)."
+            )
+        text = (resources.files("pagctl") / "specs" / f"{source}.yaml").read_text()
+        origin = f"built-in spec '{source}'"
+    else:
+        if not path.is_file():
+            raise SpecError(f"spec: file '{source}' does not exist; pass a spec file or a "
+                            "built-in name (pagctl train --list)")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpecError(f"spec: cannot read '{source}': {exc}") from None
+        origin = f"'{source}'"
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise SpecError(f"spec: {origin} is not valid YAML/JSON ({first}); fix the syntax") \
+            from None
+    if not isinstance(data, dict):
+        raise SpecError(f"spec: {origin} must be a mapping of sections (model, data, train, "
+                        "...), got " + type(data).__name__)
+    return data, origin
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override in place (value parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise SpecError(f"--set: '{item}' is not KEY=VALUE with a dotted key, "
+                        "e.g. --set train.epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node: Any = data
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part) if isinstance(node, dict) else None
+        if child is None:
+            child = {}
+            node[part] = child
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {key}: '{'.'.join(parts[: depth + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line per problem: ``dotted.path: message (got value)``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(err["loc"]))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check the spelling (pagctl train --schema)"
+        elif err["type"] == "missing":
+            msg = "required field is missing; add it"
+        got = err.get("input")
+        shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) \
+            else f" (got {got!r})"
+        lines.append(f"{loc or prefix or 'spec'}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def load_spec(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
+    """Read a spec file (or built-in name), apply overrides, validate once."""
+    data, _ = _read_mapping(str(source))
+    for item in overrides:
+        apply_override(data, item)
+    return validate_spec(data)
+
+
+def validate_spec(data: dict[str, Any]) -> RunSpec:
+    try:
+        return RunSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc)) from None
+
+
+def spec_to_json(spec: RunSpec) -> str:
+    return spec.model_dump_json(indent=2)

@@ -1,0 +1,102 @@
+"""Shared helpers of the built-in sources: the training pool, class grouping, call checks.
+
+The heuristic sources of paper.md §3.1 all point from the image toward a class
+representative, g(x, t) = r_t − x, with representatives taken from the training set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from pagctl.errors import DataError, SpecError
+from pagctl.protocols import BuildContext
+
+
+def _as_tensors(dataset: Dataset[Any], batch_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """Fallback for ``pagctl.data.as_tensors`` when that module is absent: read the whole
+    dataset in order. Shape: -> images (N, C, H, W) float32, labels (N,) int64."""
+    loader: DataLoader[Any] = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    images: list[Tensor] = []
+    labels: list[Tensor] = []
+    for batch_images, batch_labels in loader:
+        images.append(torch.as_tensor(batch_images).to(torch.float32))
+        labels.append(torch.as_tensor(batch_labels).to(torch.int64))
+    if not images:
+        raise DataError("target_gradients: the training set is empty")
+    return torch.cat(images), torch.cat(labels)
+
+
+def load_pool(ctx: BuildContext, who: str) -> tuple[Tensor, Tensor]:
+    """The whole training set as tensors on ``ctx.device``, checked against ``ctx``.
+
+    ``who`` is the source's registry name, for messages. Raises ``SpecError`` without a
+    training set, ``DataError`` for bad shapes, labels or pixels.
+    Shape: -> images (N, C, H, W) float32 in [0, 1], labels (N,) int64.
+    """
+    if ctx.train_set is None:
+        raise SpecError(f"target_gradients: {who} needs the training set")
+    try:
+        from pagctl.data import as_tensors
+    except ModuleNotFoundError as exc:
+        if exc.name != "pagctl.data":
+            raise
+        as_tensors = _as_tensors
+    images, labels = as_tensors(ctx.train_set, batch_size=1024)
+    images = images.to(device=ctx.device, dtype=torch.float32)
+    labels = labels.to(device=ctx.device, dtype=torch.int64)
+    if images.shape[0] == 0:
+        raise DataError(f"target_gradients: {who}: the training set is empty")
+    if tuple(images.shape[1:]) != tuple(ctx.input_shape):
+        raise DataError(f"target_gradients: {who}: training images have shape "
+                        f"{tuple(images.shape[1:])}, expected {tuple(ctx.input_shape)}")
+    if labels.shape != (images.shape[0],):
+        raise DataError(f"target_gradients: {who}: expected one label per training image")
+    bad = (labels < 0) | (labels >= ctx.num_classes)
+    if bool(bad.any()):
+        raise DataError(f"target_gradients: {who}: training label {int(labels[bad][0])} is "
+                        f"outside [0, {ctx.num_classes})")
+    if not bool(torch.isfinite(images).all()):
+        raise DataError(f"target_gradients: {who}: the training images contain NaN or inf")
+    return images, labels
+
+
+def class_members(labels: Tensor, num_classes: int, who: str) -> list[Tensor]:
+    """Sorted positions of each class's images; a class without images is a ``DataError``.
+
+    Shape: (N,) -> num_classes tensors (n_c,) int64.
+    """
+    members = [torch.nonzero(labels == c).squeeze(1) for c in range(num_classes)]
+    empty = [c for c, m in enumerate(members) if m.numel() == 0]
+    if empty:
+        raise DataError(f"target_gradients: {who}: class(es) {empty} have no training "
+                        "images; a representative is needed for every class")
+    return members
+
+
+def check_call(inputs: Tensor, classes: Tensor, image_shape: tuple[int, ...],
+               num_classes: int) -> None:
+    """Validate a source call's tensors (raises ``ValueError``).
+
+    Shape: inputs (N, C, H, W), classes (N, K) int64 in [0, num_classes).
+    """
+    if inputs.dim() != 4 or tuple(inputs.shape[1:]) != tuple(image_shape):
+        raise ValueError(f"inputs must have shape (N, {', '.join(map(str, image_shape))}), "
+                         f"got {tuple(inputs.shape)}")
+    if classes.dim() != 2 or classes.shape[0] != inputs.shape[0]:
+        raise ValueError(f"classes must have shape (N, K) with N = {inputs.shape[0]}, got "
+                         f"{tuple(classes.shape)}")
+    if classes.dtype != torch.int64:
+        raise ValueError(f"classes must be int64, got {classes.dtype}")
+    if classes.numel() and bool(((classes < 0) | (classes >= num_classes)).any()):
+        raise ValueError(f"classes must lie in [0, {num_classes})")
+
+
+def toward(representatives: Tensor, inputs: Tensor) -> Tensor:
+    """g = r − x for each target. Shape: r (N, K, C, H, W), x (N, C, H, W) -> (N, K, C, H, W),
+    in the inputs' dtype and on their device."""
+    reps = representatives.to(device=inputs.device, dtype=inputs.dtype)
+    return reps - inputs.unsqueeze(1)

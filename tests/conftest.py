@@ -1,0 +1,32 @@
+"""Hermetic test setup: built-in plugins only, caches in a temp folder, few threads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["PAGCTL_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _hermetic(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAGCTL_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setenv("PAGCTL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in a temp folder so default run folders (runs/<name>) never land in the repo."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

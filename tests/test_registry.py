@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+from importlib import metadata
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from pagctl import registry
+from pagctl.errors import PluginConflictError, PluginLoadError, SpecError, UnknownPluginError
+from pagctl.registry import Registry
+
+
+class _Dist:
+    def __init__(self, name: str) -> None:
+        self.name, self.version = name, "1.2.3"
+
+
+class _EP:
+    """A stand-in for importlib.metadata.EntryPoint carrying a distribution."""
+
+    def __init__(self, name: str, value: str, dist: str) -> None:
+        self.name, self.value, self.dist = name, value, _Dist(dist)
+
+
+class GoodFactory:
+    """A test plugin."""
+
+    class Params(BaseModel):
+        model_config = {"extra": "forbid"}
+        scale: float = 1.0
+
+    def __init__(self, params: Any, ctx: Any) -> None:
+        self.params = params
+
+
+NotAFactory = 42
+
+
+def _registry(eps: list[_EP], monkeypatch: pytest.MonkeyPatch) -> Registry:
+    monkeypatch.delenv("PAGCTL_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    return Registry("pagctl.attacks", {"builtin_one": f"{__name__}:GoodFactory"},
+                    entry_points=lambda group: eps)  # type: ignore[arg-type,return-value]
+
+
+def test_builtins_load_through_the_same_loader() -> None:
+    for reg in registry.REGISTRIES.values():
+        for name in reg.names():
+            factory = reg.get(name)
+            assert issubclass(factory.Params, BaseModel), name
+            factory.Params()  # defaults validate
+
+
+def test_third_party_plugin_is_found_and_listed(monkeypatch: pytest.MonkeyPatch) -> None:
+    reg = _registry([_EP("thirdparty", f"{__name__}:GoodFactory", "acme-attacks")], monkeypatch)
+    assert reg.names() == ["builtin_one", "thirdparty"]
+    assert reg.get("thirdparty") is GoodFactory
+    rows = {r.name: r for r in reg.info()}
+    assert rows["thirdparty"].distribution == "acme-attacks"
+    assert rows["thirdparty"].status == "ok" and rows["thirdparty"].summary == "A test plugin."
+
+
+def test_unknown_name_suggests_and_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    reg = _registry([], monkeypatch)
+    with pytest.raises(UnknownPluginError, match="Did you mean 'builtin_one'.*Available"):
+        reg.get("builtin_onr")
+
+
+def test_conflict_names_both_distributions_only_when_asked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    reg = _registry([_EP("builtin_one", f"{__name__}:GoodFactory", "evil-dist"),
+                     _EP("fine", f"{__name__}:GoodFactory", "ok-dist")], monkeypatch)
+    assert reg.get("fine") is GoodFactory  # other names unaffected
+    with pytest.raises(PluginConflictError, match="'pagctl'.*'evil-dist'"):
+        reg.get("builtin_one")
+    assert {r.status for r in reg.info() if r.name == "builtin_one"} == {"conflict"}
+
+
+def test_broken_plugins_are_listed_and_raise_chained(monkeypatch: pytest.MonkeyPatch) -> None:
+    reg = _registry([_EP("gone", "no_such_module_xyz:Thing", "broken-dist"),
+                     _EP("notfactory", f"{__name__}:NotAFactory", "odd-dist"),
+                     _EP("Bad-Name", f"{__name__}:GoodFactory", "odd-dist")], monkeypatch)
+    with pytest.raises(PluginLoadError, match="broken-dist") as info:
+        reg.get("gone")
+    assert isinstance(info.value.__cause__, ModuleNotFoundError)
+    with pytest.raises(PluginLoadError, match="Params"):
+        reg.get("notfactory")
+    status = {r.name: r.status for r in reg.info()}
+    assert status == {"builtin_one": "ok", "gone": "broken", "notfactory": "broken",
+                      "Bad-Name": "broken"}
+
+
+def test_autoload_switch_hides_third_party(monkeypatch: pytest.MonkeyPatch) -> None:
+    reg = _registry([_EP("thirdparty", f"{__name__}:GoodFactory", "acme")], monkeypatch)
+    monkeypatch.setenv("PAGCTL_DISABLE_PLUGIN_AUTOLOAD", "1")
+    assert reg.names() == ["builtin_one"]
+    reg.refresh()
+    monkeypatch.delenv("PAGCTL_DISABLE_PLUGIN_AUTOLOAD")
+    assert "thirdparty" in reg.names()
+
+
+def test_params_errors_carry_the_dotted_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    reg = _registry([], monkeypatch)
+    with pytest.raises(SpecError, match=r"eval\.attack\.params\.scale"):
+        reg.validate_params("builtin_one", {"scale": "big"}, "eval.attack")
+    with pytest.raises(SpecError, match=r"eval\.attack\.params\.nope: unknown key"):
+        reg.validate_params("builtin_one", {"nope": 1}, "eval.attack")
+
+
+def test_real_entry_points_api_is_used_by_default() -> None:
+    reg = Registry("pagctl.nonexistent_group", {})
+    assert reg.names() == []
+    assert isinstance(metadata.entry_points(group="pagctl.nonexistent_group"),
+                      metadata.EntryPoints)
