@@ -101,6 +101,21 @@ def attack_budget(attack: Any, params: BaseModel) -> tuple[str | None, float | N
     return (str(norm) if norm is not None else None, float(eps) if eps is not None else None)
 
 
+def clean_accuracy(model: nn.Module, dataset: Dataset[Any], indices: Tensor, *,
+                   batch_size: int = 256, device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy on ``dataset[indices]`` in eval mode."""
+    import torch
+
+    from pagctl.data import get_batch
+
+    correct = 0
+    with eval_mode(model), torch.no_grad():
+        for lo in range(0, len(indices), batch_size):
+            x, y = get_batch(dataset, indices[lo: lo + batch_size])
+            correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
+    return correct / max(1, len(indices))
+
+
 def run_attack(
     model: nn.Module,
     attack: Attack,

@@ -45,12 +45,19 @@ STATE_META_FILE = "state.json"
 RUN_FILES = (MODEL_FILE, CONFIG_FILE, SPEC_FILE, METRICS_FILE, STATE_FILE, STATE_META_FILE)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def _atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; use the usual file mode
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -156,6 +163,15 @@ def save_model(run_dir: Path, model: NormalizedModel, config: dict[str, Any],
     atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
 
+def _load_error_detail(exc: BaseException) -> str:
+    """The informative line of a ``load_state_dict`` failure (its first line is a heading)."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, RuntimeError) else exc
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if not ln.startswith("Error(s) in loading")),
+                  lines[0] if lines else type(cause).__name__)
+    return detail if len(detail) <= 200 else detail[:197] + "..."
+
+
 @dataclass
 class LoadedRun:
     run_dir: Path
@@ -179,14 +195,21 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{cfg_path}: unreadable ({exc}); restore config.json") from None
+    arch = config.get("architecture") if isinstance(config, dict) else None
+    if arch != spec.model.arch:
+        raise CheckpointError(f"{cfg_path}: architecture {arch!r} but spec.json says "
+                              f"{spec.model.arch!r}; the files come from different runs; "
+                              "restore config.json")
     state = load_tensors(run_dir / MODEL_FILE)
     try:
         model = rebuild_from_config(config, state)
-    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:300]
+    except (CheckpointError, RuntimeError, KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, CheckpointError) and not isinstance(exc.__cause__, RuntimeError):
+            raise  # a malformed config.json, already explained
         raise CheckpointError(
-            f"{run_dir / MODEL_FILE}: weights do not match config.json/spec ({first}); the "
-            "files come from different runs"
+            f"{run_dir / MODEL_FILE}: weights do not match config.json/spec "
+            f"({_load_error_detail(exc)}); the files come from different runs; restore them "
+            "or re-run training"
         ) from None
     model.to(device).eval()
     return LoadedRun(run_dir, spec, config, model)

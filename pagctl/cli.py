@@ -14,8 +14,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
+
+try:  # typer >= 0.22 ships its own copy of click and raises its exceptions
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # older typer runs on click itself
+    from click.exceptions import ClickException, UsageError  # type: ignore[assignment]
 
 from pagctl import __version__
 from pagctl.errors import PagctlError, SpecError
@@ -150,7 +154,8 @@ def train(
     if out is not None:
         overrides.append(f"out_dir={out}")
     run_spec = specmod.load_spec(spec, overrides)
-    from pagctl.train import resolve_device, setup, train as run_train
+    from pagctl.build import resolve_device, setup
+    from pagctl.train import train as run_train
 
     if dry_run:
         s = setup(run_spec, resolve_device(device), build_plugins=False)
@@ -170,7 +175,8 @@ def train(
                        progress=not quiet, log=lambda m: stderr_console.print(m))
     if result.interrupted:
         stderr_console.print(f"interrupted after epoch {result.epochs_done}; state saved. "
-                             f"Continue with: pagctl train {result.run_dir} --resume")
+                             f"Continue with: pagctl train {result.run_dir} --resume",
+                             soft_wrap=True)
         raise typer.Exit(130)
     summary = {"run_dir": str(result.run_dir), **result.last}
     if fmt is Format.json:
@@ -205,11 +211,10 @@ def attack(
 
     from pagctl import checkpoint, registry
     from pagctl.attack import run_attack
+    from pagctl.build import build_context, resolve_device
     from pagctl.data import load_data
-    from pagctl.train import _build_ctx, resolve_device
 
-    params = registry.attacks.validate_params(attack_name, _parse_params(param, "--param"),
-                                              "--param")
+    params = _attack_params(attack_name, param)
     dev = resolve_device(device)
     loaded = checkpoint.load_run(run, dev)
     data_spec = loaded.spec.data
@@ -217,7 +222,7 @@ def attack(
         data_spec = data_spec.model_copy(update={"root": data_dir})
     bundle = load_data(data_spec)
     n = min(limit or len(bundle.test), len(bundle.test))  # type: ignore[arg-type]
-    ctx = _build_ctx(bundle, dev, seed, None)
+    ctx = build_context(bundle, dev, seed, None)
     built = registry.attacks.build(registry_ref(attack_name, params), ctx, "--param")
     report = run_attack(loaded.model, built, bundle.test, torch.arange(n), name=attack_name,
                         params=params, batch_size=batch_size, device=dev, seed=seed)
@@ -233,6 +238,26 @@ def attack(
             ("max L2 / Linf", f"{report.max_l2:.4f} / {report.max_linf:.4f}"),
             ("seconds", f"{report.seconds:.1f}"),
         ])
+
+
+def _attack_params(name: str, items: list[str]) -> Any:
+    """Validate ``--attack``/``--param`` against the attack's Params; errors name the option
+    as typed (``--param eps: ...``), not a spec path."""
+    from pydantic import ValidationError
+
+    from pagctl import registry
+    from pagctl.errors import UnknownPluginError
+    from pagctl.spec import format_validation_error
+
+    try:
+        factory = registry.attacks.get(name)
+    except UnknownPluginError as exc:
+        raise UnknownPluginError(f"--attack: {exc}") from None
+    try:
+        return factory.Params.model_validate(_parse_params(items, "--param"))
+    except ValidationError as exc:
+        lines = format_validation_error(exc).splitlines()
+        raise SpecError("\n".join(f"--param {line}" for line in lines)) from None
 
 
 def registry_ref(name: str, params: Any) -> Any:
@@ -295,17 +320,24 @@ def main(argv: list[str] | None = None) -> None:
     verbose = os.environ.get("PAGCTL_VERBOSE") == "1" or any(
         a in ("--verbose", "-v") for a in (argv if argv is not None else sys.argv[1:]))
     try:
-        app(args=argv, prog_name="pagctl", standalone_mode=False)
+        code = app(args=argv, prog_name="pagctl", standalone_mode=False)
     except PagctlError as exc:
         for line in str(exc).splitlines() or [type(exc).__name__]:
             sys.stderr.write(f"error: {line}\n")
         sys.exit(2)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
+    except UsageError as exc:  # bad option or argument: one line, with where to find help
+        msg = exc.format_message().strip()
+        if msg:  # empty when no_args_is_help has already printed the help
+            where = exc.ctx.command_path if exc.ctx is not None else "pagctl"
+            first = msg.splitlines()[0]
+            sys.stderr.write(f"error: {first} (see '{where} --help')\n")
+        sys.exit(2)
+    except ClickException as exc:
+        sys.stderr.write(f"error: {exc.format_message()}\n")
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         sys.stderr.write("interrupted\n")
         sys.exit(130)
     except Exception as exc:  # runtime failure: one line unless verbose
@@ -315,3 +347,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(f"error: {type(exc).__name__}: {msg} (rerun with --verbose for the "
                          "traceback)\n")
         sys.exit(1)
+    # standalone_mode=False returns typer.Exit's code (e.g. 130 after an interrupted train)
+    if isinstance(code, int) and code:
+        sys.exit(code)

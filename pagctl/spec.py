@@ -205,7 +205,7 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(err["loc"]))
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for ValueError
         if err["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check the spelling (pagctl train --schema)"
         elif err["type"] == "missing":

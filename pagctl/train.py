@@ -24,15 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pagctl import checkpoint
+from pagctl.build import build_context, default_cache_dir, resolve_device, setup
 from pagctl.errors import SpecError
 
 if TYPE_CHECKING:
     import torch
-    from torch import Tensor, nn
+    from torch import Tensor
 
-    from pagctl.data import DataBundle
-    from pagctl.models import NormalizedModel
-    from pagctl.spec import PluginRef, RunSpec, TrainSpec
+    from pagctl.spec import RunSpec, TrainSpec
 
 
 @dataclass
@@ -41,19 +40,6 @@ class TrainResult:
     epochs_done: int
     interrupted: bool
     last: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_device(name: str) -> torch.device:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SpecError(f"--device {name}: CUDA is not available here; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise SpecError(f"--device: '{name}' is not a device; use auto, cpu or cuda") from None
 
 
 def lr_at(t: TrainSpec, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -80,186 +66,6 @@ def lr_at(t: TrainSpec, epoch: int, step: int, steps_per_epoch: int) -> float:
 def pag_weight_at(t: TrainSpec, epoch: int) -> float:
     """lambda for 0-based ``epoch`` (warm-up: the first pag_warmup_epochs use a factor)."""
     return t.pag_weight * (t.pag_warmup_factor if epoch < t.pag_warmup_epochs else 1.0)
-
-
-# ---------------------------------------------------------------------------------------
-# augmentation, differentiated through
-
-
-class _Augmented:
-    """``model(augment(x))`` with crop offsets and flips drawn once per step."""
-
-    def __init__(self, model: nn.Module, offsets: Tensor | None, flips: Tensor | None,
-                 padding: int) -> None:
-        self.model, self.offsets, self.flips, self.padding = model, offsets, flips, padding
-
-    def __call__(self, x: Tensor) -> Tensor:
-        import torch
-        import torch.nn.functional as F
-
-        if self.offsets is not None:
-            n, c, h, w = x.shape
-            p = self.padding
-            padded = F.pad(x, (p, p, p, p))
-            dev = x.device
-            rows = self.offsets[:, 0:1].to(dev) + torch.arange(h, device=dev)  # (N, H)
-            cols = self.offsets[:, 1:2].to(dev) + torch.arange(w, device=dev)  # (N, W)
-            x = padded[torch.arange(n, device=dev)[:, None, None, None],
-                       torch.arange(c, device=dev)[None, :, None, None],
-                       rows[:, None, :, None], cols[:, None, None, :]]
-        if self.flips is not None:
-            x = torch.where(self.flips.to(x.device)[:, None, None, None], x.flip(-1), x)
-        return self.model(x)
-
-
-def _draw_augmentation(spec: RunSpec, n: int, gen: torch.Generator) -> tuple[
-        Tensor | None, Tensor | None]:
-    import torch
-
-    d = spec.data
-    if d.augment == "none":
-        return None, None
-    rows = 1 if d.shared_augmentation else n
-    offsets = torch.randint(0, 2 * d.crop_padding + 1, (rows, 2), generator=gen)
-    flips = torch.rand(rows, generator=gen) < 0.5 if d.augment == "crop_flip" else None
-    if d.shared_augmentation:
-        offsets = offsets.expand(n, 2)
-        flips = flips.expand(n) if flips is not None else None
-    return offsets, flips
-
-
-# ---------------------------------------------------------------------------------------
-# building everything from a spec
-
-
-@dataclass
-class Setup:
-    spec: RunSpec
-    device: torch.device
-    bundle: DataBundle
-    model: NormalizedModel
-    config: dict[str, Any]
-    source: Any
-    pag_active: bool
-
-
-def _build_ctx(bundle: DataBundle, device: torch.device, seed: int,
-               cache_dir: Path | None) -> Any:
-    from pagctl.protocols import BuildContext
-
-    return BuildContext(num_classes=bundle.num_classes, input_shape=bundle.input_shape,
-                        device=device, seed=seed, train_set=bundle.train,
-                        cache_dir=cache_dir, data_fingerprint=bundle.fingerprint)
-
-
-def default_cache_dir() -> Path:
-    import os
-
-    env = os.environ.get("PAGCTL_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "pagctl"
-
-
-def setup(spec: RunSpec, device: torch.device, *, build_plugins: bool = True,
-          cache_dir: Path | None = None) -> Setup:
-    """Load data, build the model and validate (and optionally build) the plugins."""
-    import torch
-
-    from pagctl import registry
-    from pagctl.data import load_data
-    from pagctl.models import build_model, timm_config
-
-    bundle = load_data(spec.data)
-    k = spec.train.classes_per_image
-    if k > bundle.num_classes:
-        raise SpecError(f"train.classes_per_image: K={k} but '{bundle.name}' has "
-                        f"{bundle.num_classes} classes; use at most {bundle.num_classes}")
-    torch.manual_seed(spec.train.seed)
-    model = build_model(spec.model, num_classes=bundle.num_classes,
-                        in_chans=bundle.input_shape[0], default_mean=bundle.mean,
-                        default_std=bundle.std)
-    config = timm_config(model, spec.model, bundle.num_classes, bundle.input_shape[0],
-                         bundle.input_shape)
-    refs: list[tuple[PluginRef, Any, str]] = [
-        (spec.target_gradients, registry.target_gradients, "target_gradients")]
-    if spec.eval.attack is not None:
-        refs.append((spec.eval.attack, registry.attacks, "eval.attack"))
-    if spec.eval.align_source is not None:
-        refs.append((spec.eval.align_source, registry.target_gradients, "eval.align_source"))
-    for ref, reg, where in refs:
-        reg.validate_params(ref.name, ref.params, where)
-    source = None
-    if build_plugins:
-        ctx = _build_ctx(bundle, device, spec.train.seed, cache_dir or default_cache_dir())
-        source = registry.target_gradients.build(spec.target_gradients, ctx,
-                                                 "target_gradients")
-    pag_active = spec.train.pag_weight > 0 and not getattr(source, "disables_pag", False) \
-        and spec.target_gradients.name != "none"
-    return Setup(spec, device, bundle, model, config, source, pag_active)
-
-
-# ---------------------------------------------------------------------------------------
-# evaluation after an epoch
-
-
-def evaluate(s: Setup, epoch: int, align_source: Any) -> dict[str, Any]:
-    """Clean accuracy, monitoring-attack accuracy and mean alignment cosine on test."""
-    import torch
-
-    from pagctl import registry
-    from pagctl.attack import eval_mode, run_attack
-    from pagctl.data import get_batch
-    from pagctl.losses import cosine_alignment, sample_target_classes
-
-    spec, device = s.spec, s.device
-    n_test = len(s.bundle.test)  # type: ignore[arg-type]
-    n = min(spec.eval.limit or n_test, n_test)
-    indices = torch.arange(n)
-    seed = spec.train.seed + 1000 * (epoch + 1)
-    out: dict[str, Any] = {"n_test": n}
-    if spec.eval.attack is not None:
-        ctx = _build_ctx(s.bundle, device, seed, None)
-        attack = registry.attacks.build(spec.eval.attack, ctx, "eval.attack")
-        params = registry.attacks.validate_params(spec.eval.attack.name,
-                                                  spec.eval.attack.params, "eval.attack")
-        rep = run_attack(s.model, attack, s.bundle.test, indices, name=spec.eval.attack.name,
-                         params=params, batch_size=spec.data.eval_batch_size, device=device,
-                         seed=seed)
-        out.update(clean_accuracy=rep.clean_accuracy, robust_accuracy=rep.robust_accuracy,
-                   monitor={"attack": rep.attack, "params": rep.params})
-    if align_source is not None:
-        gen = torch.Generator().manual_seed(seed)
-        total, count = 0.0, 0
-        correct = 0
-        with eval_mode(s.model):
-            for lo in range(0, n, spec.data.eval_batch_size):
-                x, y = get_batch(s.bundle.test, indices[lo: lo + spec.data.eval_batch_size])
-                x, y = x.to(device), y.to(device)
-                classes = sample_target_classes(y, s.bundle.num_classes,
-                                                spec.train.classes_per_image, gen)
-                with torch.no_grad():
-                    targets = align_source(x, y, classes)
-                logits, grads = _logits_grads(s.model, x, classes, create_graph=False)
-                correct += int((logits.argmax(1) == y).sum())
-                cos = cosine_alignment(grads, targets)
-                total += float(cos.sum())
-                count += cos.numel()
-        out["alignment"] = total / max(1, count)
-        out.setdefault("clean_accuracy", correct / max(1, n))
-    elif "clean_accuracy" not in out:
-        correct = 0
-        with eval_mode(s.model), torch.no_grad():
-            for lo in range(0, n, spec.data.eval_batch_size):
-                x, y = get_batch(s.bundle.test, indices[lo: lo + spec.data.eval_batch_size])
-                correct += int((s.model(x.to(device)).argmax(1) == y.to(device)).sum())
-        out["clean_accuracy"] = correct / max(1, n)
-    return out
-
-
-def _logits_grads(model: Any, x: Tensor, classes: Tensor, *,
-                  create_graph: bool) -> tuple[Tensor, Tensor]:
-    from pagctl.gradients import logits_and_input_gradients
-
-    return logits_and_input_gradients(model, x, classes, create_graph=create_graph)
 
 
 # ---------------------------------------------------------------------------------------
@@ -327,7 +133,10 @@ def train(
     import torch.nn.functional as F
 
     from pagctl import registry
+    from pagctl.augment import Augmented, draw_augmentation
     from pagctl.data import get_batch
+    from pagctl.evaluate import evaluate
+    from pagctl.gradients import logits_and_input_gradients
     from pagctl.losses import pag_loss, sample_target_classes
     from pagctl.progress import TrainProgress
 
@@ -335,7 +144,9 @@ def train(
     checkpoint.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if resume:
         saved = checkpoint.read_spec(run_dir)
-        if saved != spec:
+        # out_dir may differ (a folder resumed by path, or moved); the folder is what counts
+        no_dir = {"out_dir": None}
+        if saved.model_copy(update=no_dir) != spec.model_copy(update=no_dir):
             raise SpecError(f"--resume: the spec differs from {run_dir}/spec.json; resume "
                             f"with 'pagctl train {run_dir} --resume' or use --overwrite")
     dev = resolve_device(device)
@@ -349,7 +160,7 @@ def train(
         if spec.eval.align_source == spec.target_gradients and s.source is not None:
             align_source = s.source
         else:
-            ctx = _build_ctx(s.bundle, dev, t.seed, cache_dir or default_cache_dir())
+            ctx = build_context(s.bundle, dev, t.seed, cache_dir or default_cache_dir())
             align_source = registry.target_gradients.build(spec.eval.align_source, ctx,
                                                            "eval.align_source")
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
@@ -405,16 +216,17 @@ def train(
                     x = x.contiguous(memory_format=torch.channels_last)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(t, epoch, step, steps)
-                offsets, flips = _draw_augmentation(spec, len(idx), gen)
+                offsets, flips = draw_augmentation(spec.data, len(idx), gen)
                 net: Any = model if offsets is None and flips is None else \
-                    _Augmented(model, offsets, flips, spec.data.crop_padding)
+                    Augmented(model, offsets, flips, spec.data.crop_padding)
                 with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
                     if s.pag_active:
                         classes = sample_target_classes(y, s.bundle.num_classes,
                                                         t.classes_per_image, gen)
                         with torch.no_grad():
                             targets = s.source(x, y, classes, index=idx)
-                        logits, grads = _logits_grads(net, x, classes, create_graph=True)
+                        logits, grads = logits_and_input_gradients(net, x, classes,
+                                                                   create_graph=True)
                         ce = F.cross_entropy(logits.float(), y)
                         pag = pag_loss(grads.float(), targets.float())
                         loss = ce + weight * pag
@@ -430,9 +242,9 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                sums["loss"] += float(loss) * len(idx)
-                sums["ce"] += float(ce) * len(idx)
-                sums["pag"] += float(pag) * len(idx)
+                sums["loss"] += float(loss.detach()) * len(idx)
+                sums["ce"] += float(ce.detach()) * len(idx)
+                sums["pag"] += float(pag.detach()) * len(idx)
                 sums["correct"] += float((logits.argmax(1) == y).sum())
                 sums["seen"] += len(idx)
                 sums["seconds"] += time.perf_counter() - tick

@@ -107,17 +107,18 @@ def pgd(
         raise ValueError(f"eps must be >= 0, got {eps}")
     if steps < 1 or restarts < 1:
         raise ValueError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
-    alpha = default_step_size(eps, steps) if step_size is None else step_size
-    if not alpha > 0:
-        raise ValueError(f"step_size must be > 0, got {alpha}")
     x0 = x.detach()
     if eps == 0 or x0.shape[0] == 0:
         return x0.clone()
+    alpha = default_step_size(eps, steps) if step_size is None else step_size
+    if not alpha > 0:
+        raise ValueError(f"step_size must be > 0, got {alpha}")
     y = y.to(x0.device)
     best = x0.clone()
     best_loss = torch.full((x0.shape[0],), float("-inf"), device=x0.device)
     fooled = torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device)
-    for _ in range(restarts):
+    # Without a random start every run is the same deterministic path: one is enough.
+    for _ in range(restarts if random_start else 1):
         active = (~fooled).nonzero().squeeze(1)
         if active.numel() == 0:
             break
@@ -147,8 +148,8 @@ class _PGDParams(PluginParams):
         "[0, 1]) instead of the clean input",
     )
     restarts: int = Field(
-        default=1, ge=1, description="independent runs; later runs only attack the examples "
-        "not yet misclassified",
+        default=1, ge=1, description="independent random starts; later runs only attack "
+        "the examples not yet misclassified (one run without random_start)",
     )
     seed: int | None = Field(
         default=None, description="seed of the random starts; null = the run's seed",

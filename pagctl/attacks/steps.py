@@ -175,7 +175,7 @@ def fit_to_budget(x: Tensor, x_adv: Tensor, norm: Norm, eps: float) -> Tensor:
     Shape: (N, C, H, W) twice -> (N, C, H, W).
     """
     x_adv = x_adv.clamp(0.0, 1.0)
-    for _ in range(16):
+    for attempt in range(16):
         delta = x_adv - x
         if norm == "linf":
             over = delta.abs() > eps
@@ -190,7 +190,9 @@ def fit_to_budget(x: Tensor, x_adv: Tensor, norm: Norm, eps: float) -> Tensor:
             over = norms > eps
             if not bool(over.any()):
                 return x_adv
-            shrink = eps / norms.clamp_min(torch.finfo(norms.dtype).tiny) * (1.0 - 1e-6)
+            # Rounding re-randomises on each try, so the safety margin grows geometrically.
+            margin = 1.0 - 1e-6 * 4.0**attempt
+            shrink = eps / norms.clamp_min(torch.finfo(norms.dtype).tiny) * margin
             fitted = (x + delta * _per_example(shrink, delta)).clamp(0.0, 1.0)
             x_adv = torch.where(_per_example(over, x_adv), fitted, x_adv)
     raise RuntimeError("could not fit the adversarial inputs into the budget")  # pragma: no cover

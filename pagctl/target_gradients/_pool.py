@@ -6,28 +6,11 @@ representative, g(x, t) = r_t − x, with representatives taken from the trainin
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
 from pagctl.errors import DataError, SpecError
 from pagctl.protocols import BuildContext
-
-
-def _as_tensors(dataset: Dataset[Any], batch_size: int = 1024) -> tuple[Tensor, Tensor]:
-    """Fallback for ``pagctl.data.as_tensors`` when that module is absent: read the whole
-    dataset in order. Shape: -> images (N, C, H, W) float32, labels (N,) int64."""
-    loader: DataLoader[Any] = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    images: list[Tensor] = []
-    labels: list[Tensor] = []
-    for batch_images, batch_labels in loader:
-        images.append(torch.as_tensor(batch_images).to(torch.float32))
-        labels.append(torch.as_tensor(batch_labels).to(torch.int64))
-    if not images:
-        raise DataError("target_gradients: the training set is empty")
-    return torch.cat(images), torch.cat(labels)
 
 
 def load_pool(ctx: BuildContext, who: str) -> tuple[Tensor, Tensor]:
@@ -39,17 +22,13 @@ def load_pool(ctx: BuildContext, who: str) -> tuple[Tensor, Tensor]:
     """
     if ctx.train_set is None:
         raise SpecError(f"target_gradients: {who} needs the training set")
-    try:
-        from pagctl.data import as_tensors
-    except ModuleNotFoundError as exc:
-        if exc.name != "pagctl.data":
-            raise
-        as_tensors = _as_tensors
+    from pagctl.data import as_tensors  # lazy: keeps importing a source cheap
+
+    if len(ctx.train_set) == 0:  # type: ignore[arg-type]
+        raise DataError(f"target_gradients: {who}: the training set is empty")
     images, labels = as_tensors(ctx.train_set, batch_size=1024)
     images = images.to(device=ctx.device, dtype=torch.float32)
     labels = labels.to(device=ctx.device, dtype=torch.int64)
-    if images.shape[0] == 0:
-        raise DataError(f"target_gradients: {who}: the training set is empty")
     if tuple(images.shape[1:]) != tuple(ctx.input_shape):
         raise DataError(f"target_gradients: {who}: training images have shape "
                         f"{tuple(images.shape[1:])}, expected {tuple(ctx.input_shape)}")

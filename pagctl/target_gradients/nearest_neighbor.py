@@ -33,6 +33,9 @@ _CACHE_FORMAT = 1
 # Pairs whose expanded squared distance is below this fraction of ‖a‖² + ‖b‖² may be
 # rounding noise (float32 expansion error grows like dimension × 6e-8): recompute them exactly.
 _NEAR_ZERO = 1e-3
+# Candidates this close (relative) to a row's minimum are re-measured exactly: several times
+# the worst float32 expansion error, and small enough that shortlists stay a few long.
+_NEAR_TIE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -81,10 +84,14 @@ def _make_pool(images: Tensor, chosen: list[Tensor]) -> _Pool:
 def _search(queries: Tensor, pool: _Pool, cls: int, chunk_size: int,
             self_position: Tensor | None) -> Tensor:
     """Nearest image of class ``cls`` in the pool for each query, skipping exact copies of the
-    query and, where ``self_position`` ≥ 0, that pool position.
+    query and, where ``self_position`` ≥ 0, that pool position. Equally distant candidates
+    resolve to the lowest position, whatever ``chunk_size``.
 
-    Shape: queries (Q, D) raw pixels on the pool's device, self_position (Q,) positions
-    within the class -> (Q,) positions within the class, −1 where no candidate is left.
+    The float32 expansion ‖a‖² + ‖b‖² − 2ab only shortlists: candidates within its rounding
+    error of each row's minimum are re-measured exactly (float64 differences), so the answer
+    equals a brute-force search. Shape: queries (Q, D) raw pixels on the pool's device,
+    self_position (Q,) positions within the class -> (Q,) positions within the class, −1
+    where no candidate is left.
     """
     start, end = pool.bounds[cls]
     candidates = pool.images[start:end]
@@ -95,37 +102,57 @@ def _search(queries: Tensor, pool: _Pool, cls: int, chunk_size: int,
         q = q_raw - pool.center
         q_norms = q.pow(2).sum(dim=1)
         rows = torch.arange(q.shape[0], device=q.device)
-        best_d = torch.full((q.shape[0],), float("inf"), device=q.device)
+        best_d = torch.full((q.shape[0],), float("inf"), dtype=torch.float64, device=q.device)
         best_i = torch.full((q.shape[0],), -1, dtype=torch.int64, device=q.device)
         for ps in range(0, candidates.shape[0], chunk_size):
             p_raw = candidates[ps : ps + chunk_size]
             p = p_raw - pool.center
-            d2 = (q_norms[:, None] + cand_norms[ps : ps + p.shape[0]][None, :]
-                  - 2.0 * (q @ p.T)).clamp_min_(0.0)
-            _refine_near_zero(d2, q_raw, p_raw, q_norms, cand_norms[ps : ps + p.shape[0]])
+            p_norms = cand_norms[ps : ps + p.shape[0]]
+            d2 = (q_norms[:, None] + p_norms[None, :] - 2.0 * (q @ p.T)).clamp_min_(0.0)
             if self_position is not None:
                 own = self_position[qs : qs + q.shape[0]] - ps
                 hit = (own >= 0) & (own < p.shape[0])
                 d2[rows[hit], own[hit]] = float("inf")
-            m, i = d2.min(dim=1)
-            better = m < best_d
-            best_d = torch.where(better, m, best_d)
-            best_i = torch.where(better, i + ps, best_i)
+            # Pairs the expansion cannot tell from 0: measure exactly, drop exact copies.
+            r, c = torch.nonzero(d2 <= _NEAR_ZERO * (q_norms[:, None] + p_norms[None, :]),
+                                 as_tuple=True)
+            exact = _exact_squared(q_raw, p_raw, r, c)
+            d2[r, c] = torch.where(exact == 0, float("inf"), exact).to(d2.dtype)
+            # Shortlist each row's near-minimal candidates and pick among them exactly.
+            shortlist = _NEAR_TIE * (q_norms + p_norms.max())
+            row_min = d2.amin(dim=1)
+            r, c = torch.nonzero((d2 <= (row_min + shortlist)[:, None]) & torch.isfinite(d2),
+                                 as_tuple=True)
+            exact = _exact_squared(q_raw, p_raw, r, c)
+            block_d = torch.full_like(best_d, float("inf")).scatter_reduce(0, r, exact, "amin")
+            at_min = exact == block_d[r]
+            block_i = torch.full_like(best_i, torch.iinfo(torch.int64).max).scatter_reduce(
+                0, r[at_min], c[at_min], "amin")
+            # Blocks come in increasing position, so a tie keeps the earlier candidate.
+            better = block_d < best_d
+            best_d = torch.where(better, block_d, best_d)
+            best_i = torch.where(better, block_i + ps, best_i)
         out[qs : qs + q.shape[0]] = torch.where(torch.isinf(best_d), -1, best_i)
     return out
 
 
-def _refine_near_zero(d2: Tensor, q_raw: Tensor, p_raw: Tensor, q_norms: Tensor,
-                      p_norms: Tensor) -> None:
-    """In place: exact distances for the pairs the expansion cannot tell from 0, and +inf
-    for exact copies (distance exactly 0). Shape: d2 (q, p); q_raw (q, D); p_raw (p, D)."""
-    flagged = torch.nonzero(d2 <= _NEAR_ZERO * (q_norms[:, None] + p_norms[None, :]))
-    block = max(1, 2**22 // max(1, q_raw.shape[1]))
-    for s in range(0, flagged.shape[0], block):
-        i, j = flagged[s : s + block].unbind(dim=1)
-        # float64 differences of float32 pixels are exact: zero only for identical images.
-        exact = (q_raw[i].double() - p_raw[j].double()).pow(2).sum(dim=1)
-        d2[i, j] = torch.where(exact == 0, float("inf"), exact).to(d2.dtype)
+def _exact_squared(a: Tensor, b: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """Squared distances of the pairs (a[i], b[j]) in float64. float64 differences of float32
+    pixels are exact, so the result is 0 only for identical images.
+    Shape: a (q, D), b (p, D), i and j (M,) -> (M,) float64."""
+    out = torch.empty(i.shape[0], dtype=torch.float64, device=a.device)
+    block = max(1, 2**22 // max(1, a.shape[1]))  # bounds the (block, D) temporaries
+    for s in range(0, i.shape[0], block):
+        diff = a[i[s : s + block]].double() - b[j[s : s + block]].double()
+        out[s : s + block] = diff.pow(2).sum(dim=1)
+    return out
+
+
+def _positions(pool: _Pool, n: int) -> Tensor:
+    """Pool position of each training image, −1 outside the pool. Shape: -> (n,) int64."""
+    position = torch.full((n,), -1, dtype=torch.int64, device=pool.index.device)
+    position[pool.index] = torch.arange(pool.index.numel(), device=pool.index.device)
+    return position
 
 
 def _compute_table(images: Tensor, pool: _Pool, chunk_size: int) -> Tensor:
@@ -133,10 +160,9 @@ def _compute_table(images: Tensor, pool: _Pool, chunk_size: int) -> Tensor:
     image of that class other than itself (−1: none). Shape: (N, C, H, W) -> (N, num_classes).
     """
     flat = images.flatten(1)
-    n = flat.shape[0]
-    position = torch.full((n,), -1, dtype=torch.int64, device=flat.device)
-    position[pool.index] = torch.arange(pool.index.numel(), device=flat.device)
-    table = torch.full((n, len(pool.bounds)), -1, dtype=torch.int64, device=flat.device)
+    position = _positions(pool, flat.shape[0])
+    table = torch.full((flat.shape[0], len(pool.bounds)), -1, dtype=torch.int64,
+                       device=flat.device)
     for cls, (start, end) in enumerate(pool.bounds):
         inside = (position >= start) & (position < end)
         own = torch.where(inside, position - start, -1)
@@ -179,10 +205,7 @@ class NearestNeighbor:
         self._pool = _make_pool(images, select_pool(members, params.pool_size, seed))
         n = images.shape[0]
         self._image_shape = tuple(images.shape[1:])
-        position = torch.full((n,), -1, dtype=torch.int64, device=images.device)
-        position[self._pool.index] = torch.arange(self._pool.index.numel(),
-                                                  device=images.device)
-        self._position = position
+        self._position = _positions(self._pool, n)
         cache_file = self._cache_file(ctx, n)
         table = (_read_cache(cache_file, self._pool.index, labels, ctx.num_classes)
                  if cache_file else None)

@@ -1,0 +1,99 @@
+"""Build what a run needs from a spec: device, data, model, plugins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pagctl.errors import SpecError, UnknownPluginError
+
+if TYPE_CHECKING:
+    import torch
+
+    from pagctl.data import DataBundle
+    from pagctl.models import NormalizedModel
+    from pagctl.protocols import BuildContext
+    from pagctl.spec import PluginRef, RunSpec
+
+
+def resolve_device(name: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError(f"--device {name}: CUDA is not available here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SpecError(f"--device: '{name}' is not a device; use auto, cpu or cuda") from None
+
+
+
+@dataclass
+class Setup:
+    spec: RunSpec
+    device: torch.device
+    bundle: DataBundle
+    model: NormalizedModel
+    config: dict[str, Any]
+    source: Any
+    pag_active: bool
+
+
+def build_context(bundle: DataBundle, device: torch.device, seed: int,
+               cache_dir: Path | None) -> BuildContext:
+    from pagctl.protocols import BuildContext
+
+    return BuildContext(num_classes=bundle.num_classes, input_shape=bundle.input_shape,
+                        device=device, seed=seed, train_set=bundle.train,
+                        cache_dir=cache_dir, data_fingerprint=bundle.fingerprint)
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    env = os.environ.get("PAGCTL_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "pagctl"
+
+
+def setup(spec: RunSpec, device: torch.device, *, build_plugins: bool = True,
+          cache_dir: Path | None = None) -> Setup:
+    """Load data, build the model and validate (and optionally build) the plugins."""
+    import torch
+
+    from pagctl import registry
+    from pagctl.data import load_data
+    from pagctl.models import build_model, timm_config
+
+    bundle = load_data(spec.data)
+    k = spec.train.classes_per_image
+    if k > bundle.num_classes:
+        raise SpecError(f"train.classes_per_image: K={k} but '{bundle.name}' has "
+                        f"{bundle.num_classes} classes; use at most {bundle.num_classes}")
+    torch.manual_seed(spec.train.seed)
+    model = build_model(spec.model, num_classes=bundle.num_classes,
+                        in_chans=bundle.input_shape[0], default_mean=bundle.mean,
+                        default_std=bundle.std)
+    config = timm_config(model, spec.model, bundle.num_classes, bundle.input_shape[0],
+                         bundle.input_shape)
+    refs: list[tuple[PluginRef, Any, str]] = [
+        (spec.target_gradients, registry.target_gradients, "target_gradients")]
+    if spec.eval.attack is not None:
+        refs.append((spec.eval.attack, registry.attacks, "eval.attack"))
+    if spec.eval.align_source is not None:
+        refs.append((spec.eval.align_source, registry.target_gradients, "eval.align_source"))
+    for ref, reg, where in refs:
+        try:
+            reg.validate_params(ref.name, ref.params, where)
+        except UnknownPluginError as exc:  # name the spec field that holds the name
+            raise UnknownPluginError(f"{where}.name: {exc}") from None
+    source = None
+    if build_plugins:
+        ctx = build_context(bundle, device, spec.train.seed, cache_dir or default_cache_dir())
+        source = registry.target_gradients.build(spec.target_gradients, ctx,
+                                                 "target_gradients")
+    pag_active = spec.train.pag_weight > 0 and not getattr(source, "disables_pag", False) \
+        and spec.target_gradients.name != "none"
+    return Setup(spec, device, bundle, model, config, source, pag_active)

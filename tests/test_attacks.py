@@ -1,0 +1,412 @@
+"""Built-in attacks: shared steps, contract invariants, analytic cases, torchattacks parity."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import Tensor, nn
+
+from pagctl.attacks.fgsm import FGSM
+from pagctl.attacks.pgd import PGDL2, PGDLinf, pgd
+from pagctl.attacks.steps import (
+    fit_to_budget,
+    l2_norms,
+    linf_norms,
+    loss_gradient,
+    normalize_l2,
+    project_l2,
+    project_linf,
+    random_start_l2,
+    random_start_linf,
+)
+from pagctl.protocols import Attack, BuildContext
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: one thread is fastest, and two contend badly on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+CPU = torch.device("cpu")
+SHAPE = (1, 8, 8)
+
+
+def _ctx(seed: int = 0, shape: tuple[int, int, int] = SHAPE, classes: int = 10) -> BuildContext:
+    return BuildContext(num_classes=classes, input_shape=shape, device=CPU, seed=seed)
+
+
+Builder = Callable[[BuildContext], Attack]
+
+# name -> (builder, norm, eps)
+ATTACKS: dict[str, tuple[Builder, str, float]] = {
+    "fgsm_linf": (lambda c: FGSM(FGSM.Params.model_validate({"eps": "8/255"}), c), "linf", 8 / 255),
+    "fgsm_l2": (lambda c: FGSM(FGSM.Params(eps=0.5, norm="l2"), c), "l2", 0.5),
+    "pgd_l2": (lambda c: PGDL2(PGDL2.Params(eps=0.5, steps=5), c), "l2", 0.5),
+    "pgd_l2_restarts": (
+        lambda c: PGDL2(PGDL2.Params(eps=1.0, steps=3, restarts=3), c), "l2", 1.0),
+    "pgd_linf": (
+        lambda c: PGDLinf(PGDLinf.Params.model_validate({"eps": "8/255", "steps": 5}), c),
+        "linf", 8 / 255),
+    "pgd_linf_restarts": (
+        lambda c: PGDLinf(PGDLinf.Params(eps=0.1, steps=3, restarts=2, step_size=0.05), c),
+        "linf", 0.1),
+}
+
+
+def _norms(delta: Tensor, norm: str) -> Tensor:
+    return l2_norms(delta) if norm == "l2" else linf_norms(delta)
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 10),
+    )
+
+
+def _inputs(n: int = 16) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand((n, *SHAPE), generator=g)
+    x[:, :, 0, :] = 1.0  # pixels on the box faces and just below them
+    x[:, :, 1, :] = 0.0
+    x[:, :, 2, :] = 1.0 - 1e-3
+    y = torch.randint(0, 10, (n,), generator=g)
+    return x, y
+
+
+# ------------------------------------------------------------------------- shared steps
+
+
+def test_project_l2_scales_only_outside_the_ball() -> None:
+    delta = torch.zeros(3, 1, 2, 2)
+    delta[0, 0, 0, 0] = 3.0  # outside: scaled to the sphere, direction kept
+    delta[1, 0, 1, 1] = 0.2  # inside: unchanged
+    out = project_l2(delta, 0.5)
+    assert torch.allclose(l2_norms(out), torch.tensor([0.5, 0.2, 0.0]))
+    assert out[0, 0, 0, 0] == pytest.approx(0.5)
+    assert torch.equal(out[1], delta[1]) and torch.equal(out[2], delta[2])
+    assert torch.equal(delta[0, 0, 0, 0], torch.tensor(3.0))  # argument untouched
+
+
+def test_project_linf_clips_each_coordinate() -> None:
+    delta = torch.tensor([[[[-0.3, 0.01], [0.2, -0.05]]]])
+    out = project_linf(delta, 0.1)
+    assert torch.equal(out, torch.tensor([[[[-0.1, 0.01], [0.1, -0.05]]]]))
+
+
+def test_normalize_l2_unit_zero_and_tiny() -> None:
+    grad = torch.zeros(3, 1, 2, 2)
+    grad[0] = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    grad[2] = 1e-30  # would underflow when squared
+    out = normalize_l2(grad)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(l2_norms(out), torch.tensor([1.0, 0.0, 1.0]))
+    assert torch.allclose(out[0], torch.tensor([[0.6, 0.8], [0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("d", [2, 4, 64])
+def test_random_start_l2_is_uniform_in_the_ball(d: int) -> None:
+    eps, n = 0.7, 20000
+    g = torch.Generator().manual_seed(0)
+    pts = random_start_l2((n, 1, 1, d), eps, g)
+    radii = l2_norms(pts)
+    assert pts.shape == (n, 1, 1, d) and pts.dtype == torch.float32
+    assert bool((radii <= eps * (1 + 1e-6)).all())
+    # Uniform in the ball: E[r] = d/(d+1)·eps and P(r < eps/2) = 2^-d.
+    assert radii.mean().item() == pytest.approx(d / (d + 1) * eps, rel=0.01)
+    if d == 2:
+        assert (radii < eps / 2).float().mean().item() == pytest.approx(0.25, abs=0.015)
+    # Isotropic: the mean point is the centre.
+    assert pts.flatten(1).mean(0).abs().max().item() < 0.03
+    again = random_start_l2((n, 1, 1, d), eps, torch.Generator().manual_seed(0))
+    assert torch.equal(pts, again)
+
+
+def test_random_start_linf_fills_the_cube() -> None:
+    g = torch.Generator().manual_seed(0)
+    pts = random_start_linf((5000, 1, 2, 2), 0.1, g, dtype=torch.float64)
+    assert pts.dtype == torch.float64
+    assert pts.abs().max().item() <= 0.1
+    assert pts.abs().max().item() > 0.099
+    assert pts.mean().abs().item() < 0.003
+    assert pts.abs().mean().item() == pytest.approx(0.05, rel=0.02)
+
+
+def test_loss_gradient_of_a_linear_model_is_analytic() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    model = nn.Sequential(nn.Flatten(), lin)
+    x = torch.rand(5, 1, 2, 2)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    with torch.no_grad():  # must work even when the caller disabled autograd
+        grad = loss_gradient(model, x, y)
+        targeted = loss_gradient(model, x, y, targeted=True)
+    p = torch.softmax(lin(x.flatten(1)), dim=1).detach()
+    expected = ((p - nn.functional.one_hot(y, 3)) @ lin.weight.detach()).reshape(x.shape)
+    assert torch.allclose(grad, expected, atol=1e-6)
+    assert torch.allclose(targeted, -expected, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+    margin = loss_gradient(model, x, y, loss="margin")
+    assert margin.shape == x.shape and torch.isfinite(margin).all()
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fit_to_budget_survives_rounding_near_one(norm: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = 0.5 + 0.5 * torch.rand(200, 3, 4, 4, generator=g)
+    eps = 0.1 if norm == "linf" else 0.05  # 0.1 rounds up on the float32 grid of [0.5, 1)
+    step = torch.randn(200, 3, 4, 4, generator=g)
+    delta = project_linf(step.sign() * eps, eps) if norm == "linf" else \
+        project_l2(normalize_l2(step) * eps, eps)
+    raw = (x + delta).clamp(0, 1)
+    assert bool((_norms(raw - x, norm) > eps).any())  # the problem is real
+    fitted = fit_to_budget(x, raw, norm, eps)  # type: ignore[arg-type]
+    assert bool((_norms(fitted - x, norm) <= eps).all())
+    assert fitted.min() >= 0 and fitted.max() <= 1
+
+
+# ------------------------------------------------------------------- contract invariants
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attack_invariants(name: str) -> None:
+    build, norm, eps = ATTACKS[name]
+    model = _bn_model().eval()
+    next(model.children()).train()  # a mixed-mode model: the attack must keep every module's flag
+    modes = [m.training for m in model.modules()]
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = _inputs()
+    x_before = x.clone()
+    rng = torch.get_rng_state()
+
+    attack = build(_ctx())
+    assert isinstance(attack, Attack)
+    adv = attack(model, x, y)
+
+    assert adv.shape == x.shape and adv.dtype == x.dtype and adv.device == x.device
+    assert bool(((adv >= 0) & (adv <= 1)).all())
+    assert bool((_norms(adv - x, norm) <= eps * (1 + 1e-6)).all())
+    assert torch.equal(x, x_before) and x.grad is None and not x.requires_grad
+    assert not adv.requires_grad
+    assert [m.training for m in model.modules()] == modes
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    for key, value in model.state_dict().items():  # eval mode: BN buffers untouched
+        assert torch.equal(value, buffers[key]), key
+    assert not torch.equal(adv, x)
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attack_keeps_train_mode(name: str) -> None:
+    build, _, _ = ATTACKS[name]
+    model = _bn_model().train()
+    x, y = _inputs(8)
+    build(_ctx())(model, x, y)
+    assert all(m.training for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_attacks_are_seeded_and_deterministic() -> None:
+    model = _bn_model().eval()
+    x, y = _inputs()
+    params = PGDL2.Params(eps=0.5, steps=3)
+    a1 = PGDL2(params, _ctx(seed=3))(model, x, y)
+    a2 = PGDL2(params, _ctx(seed=3))(model, x, y)
+    a3 = PGDL2(params, _ctx(seed=4))(model, x, y)
+    a4 = PGDL2(PGDL2.Params(eps=0.5, steps=3, seed=3), _ctx(seed=99))(model, x, y)
+    assert torch.equal(a1, a2) and torch.equal(a1, a4)
+    assert not torch.equal(a1, a3)
+    f = FGSM(FGSM.Params(), _ctx())
+    assert torch.equal(f(model, x, y), f(model, x, y))
+
+
+def test_zero_eps_returns_the_inputs() -> None:
+    model = _bn_model().eval()
+    x, y = _inputs(4)
+    zero_linf = PGDLinf.Params.model_validate({"eps": "0"})
+    for attack in (PGDL2(PGDL2.Params(eps=0), _ctx()), PGDLinf(zero_linf, _ctx()),
+                   FGSM(FGSM.Params(eps=0), _ctx())):
+        adv = attack(model, x, y)
+        assert torch.equal(adv, x) and adv is not x
+
+
+def test_params_validation_and_defaults() -> None:
+    assert PGDLinf.Params().eps == pytest.approx(8 / 255)
+    assert PGDL2.Params().eps == 0.5 and PGDL2.Params().steps == 10
+    assert PGDLinf.Params.model_validate({"eps": "2/255"}).eps == pytest.approx(2 / 255)
+    attack = PGDL2(PGDL2.Params(eps=0.5, steps=20), _ctx())
+    assert attack.step_size == pytest.approx(2.5 * 0.5 / 20)
+    for bad in ({"eps": -0.1}, {"steps": 0}, {"restarts": 0}, {"step_size": 0.0},
+                {"eps": "1/0"}, {"eps": float("nan")}, {"unknown": 1}):
+        with pytest.raises(ValidationError):
+            PGDL2.Params.model_validate(bad)
+    with pytest.raises(ValidationError):
+        FGSM.Params.model_validate({"norm": "l1"})
+    with pytest.raises(ValueError):
+        pgd(_bn_model(), *_inputs(2), norm="l2", eps=0.5, steps=0, step_size=None,
+            random_start=False, restarts=1, generator=torch.Generator())
+
+
+# --------------------------------------------------------------- analytic: linear model
+
+
+def _linear_two_class() -> tuple[nn.Module, Tensor, Tensor]:
+    """logit_0 − logit_1 = w·x + 0.5 with ‖w‖₂ = 2.5, ‖w‖₁ = 4.5; at x = 0.5 its value is
+    0.75, i.e. class 0 with L2 distance 0.3 and L∞ distance 1/6 to the boundary."""
+    lin = nn.Linear(4, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, -2.0, 0.5, 1.0], [0.0, 0.0, 0.0, 0.0]]))
+        lin.bias.copy_(torch.tensor([0.5, 0.0]))
+    model = nn.Sequential(nn.Flatten(), lin).eval()
+    x = torch.full((3, 1, 2, 2), 0.5)
+    x[1, 0, 0, 0] += 0.04  # slightly different points at (almost) the same margin
+    x[2, 0, 1, 1] -= 0.04
+    return model, x, torch.zeros(3, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("attack", [
+    FGSM(FGSM.Params(eps=0.25), _ctx(shape=(1, 2, 2), classes=2)),
+    FGSM(FGSM.Params(eps=0.5, norm="l2"), _ctx(shape=(1, 2, 2), classes=2)),
+    PGDL2(PGDL2.Params(eps=0.5, steps=10), _ctx(shape=(1, 2, 2), classes=2)),
+    PGDL2(PGDL2.Params(eps=0.5, steps=10, random_start=False), _ctx(shape=(1, 2, 2), classes=2)),
+    PGDLinf(PGDLinf.Params(eps=0.25, steps=10), _ctx(shape=(1, 2, 2), classes=2)),
+], ids=["fgsm_linf", "fgsm_l2", "pgd_l2", "pgd_l2_no_start", "pgd_linf"])
+def test_points_closer_than_eps_to_the_boundary_are_flipped(attack: Attack) -> None:
+    model, x, y = _linear_two_class()
+    assert bool((model(x).argmax(1) == y).all())
+    adv = attack(model, x, y)
+    assert bool((model(adv).argmax(1) != y).all())
+
+
+def test_points_farther_than_eps_are_not_flipped() -> None:
+    model, x, y = _linear_two_class()
+    adv = PGDL2(PGDL2.Params(eps=0.25, steps=20), _ctx(shape=(1, 2, 2), classes=2))(model, x, y)
+    assert bool((model(adv).argmax(1) == y).all())
+    # The optimum for a linear model is ε along −w; from the clean point every step is
+    # along −w, so PGD lands on it exactly.
+    attack = PGDL2(PGDL2.Params(eps=0.25, steps=20, random_start=False),
+                   _ctx(shape=(1, 2, 2), classes=2))
+    w = torch.tensor([1.0, -2.0, 0.5, 1.0])
+    moved = (attack(model, x, y) - x).flatten(1)
+    assert torch.allclose(moved @ w, torch.full((3,), -0.25 * 2.5), atol=1e-3)
+
+
+# ----------------------------------------------------------- trained model, torchattacks
+
+
+@pytest.fixture(scope="module")
+def digits_model() -> tuple[nn.Module, Tensor, Tensor]:
+    """A small MLP trained for a few seconds on scikit-learn's 8×8 digits; 300 test points."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16
+    y = torch.tensor(digits.target, dtype=torch.int64)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(x), generator=g)
+    train, test = perm[:1400], perm[1400:1700]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(15):
+        for batch in torch.split(torch.randperm(len(train), generator=g), 64):
+            i = train[batch]
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[i]), y[i])
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    return model, x[test], y[test]
+
+
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def test_attacks_never_increase_the_correct_count(
+    digits_model: tuple[nn.Module, Tensor, Tensor],
+) -> None:
+    model, x, y = digits_model
+    clean = _accuracy(model, x, y)
+    assert clean > 0.9
+    ctx = _ctx()
+    for attack in (FGSM(FGSM.Params(eps=0.1), ctx), FGSM(FGSM.Params(eps=0.5, norm="l2"), ctx),
+                   PGDL2(PGDL2.Params(eps=0.5), ctx), PGDLinf(PGDLinf.Params(eps=0.05), ctx)):
+        robust = _accuracy(model, attack(model, x, y), y)
+        assert robust < clean
+
+
+def _torchattacks_robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, *, eps: float,
+                                  alpha: float, steps: int, random_start: bool) -> float:
+    torchattacks = pytest.importorskip("torchattacks")
+    state = torch.get_rng_state()
+    torch.manual_seed(0)
+    attack = torchattacks.PGDL2(model, eps=eps, alpha=alpha, steps=steps,
+                                random_start=random_start)
+    robust = _accuracy(model, attack(x, y), y)
+    torch.set_rng_state(state)
+    return robust
+
+
+def _radius_uniform_start(shape: tuple[int, ...], eps: float, generator: torch.Generator, *,
+                          device: torch.device | None = None,
+                          dtype: torch.dtype = torch.float32) -> Tensor:
+    """torchattacks' start law: Gaussian direction, radius U(0,1)·ε (not uniform in the ball)."""
+    direction = normalize_l2(torch.randn(tuple(shape), generator=generator))
+    radius = torch.rand(shape[0], generator=generator) * eps
+    return (direction * radius.reshape(-1, 1, 1, 1)).to(device=device, dtype=dtype)
+
+
+EPS, STEPS, MADRY_STEP = 0.5, 20, 2.5 * 0.5 / 20
+
+
+@pytest.mark.parametrize("start", ["none", "torchattacks_law"])
+def test_pgd_l2_matches_torchattacks(
+    digits_model: tuple[nn.Module, Tensor, Tensor], start: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Same ε, steps, step size and start law: robust accuracies within ±1 pp on 300 points.
+
+    With ``start="torchattacks_law"`` pagctl's start is swapped for torchattacks' radius law,
+    which isolates the loop (step, normalisation, projection, clipping) as the thing compared.
+    """
+    model, x, y = digits_model
+    if start == "torchattacks_law":
+        monkeypatch.setattr("pagctl.attacks.pgd.random_start_l2", _radius_uniform_start)
+    ours = PGDL2(PGDL2.Params(eps=EPS, steps=STEPS, step_size=MADRY_STEP,
+                              random_start=start != "none", seed=0), _ctx())
+    robust_ours = _accuracy(model, ours(model, x, y), y)
+    robust_theirs = _torchattacks_robust_accuracy(
+        model, x, y, eps=EPS, alpha=MADRY_STEP, steps=STEPS, random_start=start != "none")
+    assert 0.3 <= robust_theirs <= 0.8, robust_theirs  # mid-range: the comparison means something
+    assert math.isclose(robust_ours, robust_theirs, abs_tol=0.01 + 1e-9), \
+        (robust_ours, robust_theirs)
+
+
+def test_pgd_l2_uniform_ball_start_versus_torchattacks(
+    digits_model: tuple[nn.Module, Tensor, Tensor],
+) -> None:
+    """pagctl's own start (uniform in the ball: radius ≈ ε in 64 dimensions) against
+    torchattacks' (radius U(0,1)·ε) at Madry's step 2.5·ε/steps. Measured over 5 seeds on
+    this model: pagctl 1.3–2.3 pp *higher* robust accuracy (a slightly weaker attack: from
+    the sphere the iterate must rotate toward the gradient in steps of ε/8). Pinned here so
+    a change in either direction is noticed.
+    """
+    model, x, y = digits_model
+    ours = PGDL2(PGDL2.Params(eps=EPS, steps=STEPS, seed=0), _ctx())
+    robust_ours = _accuracy(model, ours(model, x, y), y)
+    robust_theirs = _torchattacks_robust_accuracy(
+        model, x, y, eps=EPS, alpha=MADRY_STEP, steps=STEPS, random_start=True)
+    assert robust_theirs - 0.01 - 1e-9 <= robust_ours <= robust_theirs + 0.04, \
+        (robust_ours, robust_theirs)

@@ -1,0 +1,593 @@
+"""The command line, called in-process through its real entry point `pagctl.cli.main`.
+
+Bad input must exit 2 with one ``error: `` line per problem that names the field or option
+and says what to do, never print a traceback, and never create or change a run folder.
+One tiny run is trained once per module; tests that corrupt or extend it work on a copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pagctl import cli, registry
+from pagctl.checkpoint import RUN_FILES
+
+RunCLI = Callable[..., tuple[int, str, str]]
+TINY_TRAIN = ["--set", "train.epochs=1", "--set", "eval.limit=40", "-q"]
+
+
+def _call_main(argv: list[str]) -> int:
+    """Exit code of ``pagctl argv``; main() may return normally on success."""
+    try:
+        cli.main([str(a) for a in argv])
+    except SystemExit as exc:
+        if exc.code is None:
+            return 0
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str]) -> RunCLI:
+    """``run(*argv) -> (exit code, stdout, stderr)``."""
+
+    def _run(*argv: str | Path) -> tuple[int, str, str]:
+        capsys.readouterr()  # drop anything printed before this call
+        code = _call_main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str, str]:
+    """One finished 1-epoch digits run: (run folder, exit code, stdout, stderr)."""
+    run_dir = tmp_path_factory.mktemp("trained") / "digits-run"
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PAGCTL_DISABLE_PLUGIN_AUTOLOAD", "1")
+        mp.setenv("PAGCTL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = _call_main(["train", "digits-vanilla", *TINY_TRAIN, "--out", str(run_dir),
+                               "--format", "json"])
+    return run_dir, code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def trained_run(trained: tuple[Path, int, str, str]) -> Path:
+    run_dir, code, _, err = trained
+    assert code == 0, f"training the shared run failed:\n{err}"
+    return run_dir
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for folders)."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _write_cifar10(root: Path, *, bad_label: bool = False) -> None:
+    """A tiny CIFAR-10 in torchvision's on-disk layout (4 images per batch)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [0, 1, 2, 10 if bad_label and name == "data_batch_1" else 3]
+        with open(folder / name, "wb") as fh:
+            pickle.dump({"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                         "labels": labels}, fh, protocol=2)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, fh, protocol=2)
+
+
+# ---------------------------------------------------------------------------------------
+# bad input: exit 2, one line per problem, no traceback, nothing written
+
+
+@dataclass
+class Env:
+    """What a case's ``prepare`` may use: the working folder, the shared run, monkeypatch."""
+
+    workdir: Path
+    monkeypatch: pytest.MonkeyPatch
+    _get_run: Callable[[], Path]
+
+    def copy_run(self, rel: str = "run") -> Path:
+        return _copy_run(self._get_run(), self.workdir / rel)
+
+
+@dataclass
+class Case:
+    id: str
+    argv: list[str]
+    needles: tuple[str, ...]  # each must appear in stderr (case-insensitive)
+    prepare: Callable[[Env], object] | None = None
+    lines: int = 1
+
+
+def _write(rel: str, text: str) -> Callable[[Env], object]:
+    return lambda env: (env.workdir / rel).write_text(text)
+
+
+def _truncate(rel: str) -> Callable[[Env], object]:
+    def prepare(env: Env) -> None:
+        path = env.copy_run() / rel
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+    return prepare
+
+
+def _foreign_weights(env: Env) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"encoder.weight": torch.ones(3, 3), "head.bias": torch.zeros(2)},
+              str(env.copy_run() / "model.safetensors"))
+
+
+def _edit_config(**changes: object) -> Callable[[Env], object]:
+    def prepare(env: Env) -> None:
+        path = env.copy_run() / "config.json"
+        cfg = json.loads(path.read_text())
+        cfg.update(changes)
+        path.write_text(json.dumps(cfg))
+
+    return prepare
+
+
+def _remove(*names: str) -> Callable[[Env], object]:
+    def prepare(env: Env) -> None:
+        run_dir = env.copy_run()
+        for name in names:
+            (run_dir / name).unlink()
+
+    return prepare
+
+
+def _nan_pixels(env: Env) -> None:
+    """A real CIFAR-10 folder whose reader hands back float pixels with one NaN."""
+    import torch
+
+    from pagctl import formats
+
+    _write_cifar10(env.workdir / "cifar")
+    real_read = formats.DatasetFiles.read
+
+    def read(self: formats.DatasetFiles, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = real_read(self, split)
+        images = images.float() / 255
+        images[0, 0, 0, 0] = float("nan")
+        return images, labels
+
+    env.monkeypatch.setattr(formats.DatasetFiles, "read", read)
+
+
+TRAIN = ["train", "digits-vanilla", "-q"]
+PAG_NN = ["train", "digits-pag-nn", "-q", "--dry-run"]
+
+BAD_INPUT = [
+    # the spec file itself
+    Case("missing-spec-file", ["train", "nope.yaml"], ("nope.yaml", "does not exist",
+                                                       "pagctl train --list")),
+    Case("garbled-yaml", ["train", "bad.yaml"], ("bad.yaml", "not valid yaml", "fix the syntax"),
+         _write("bad.yaml", "model: [\n  arch: x\n")),
+    Case("garbled-json", ["train", "bad.json"], ("bad.json", "not valid yaml/json"),
+         _write("bad.json", '{"model":')),
+    Case("spec-is-a-list", ["train", "list.yaml"], ("list.yaml", "must be a mapping", "list"),
+         _write("list.yaml", "- model\n- data\n")),
+    Case("unknown-builtin", ["train", "digits-vanila"], ("digits-vanila",
+                                                         "did you mean 'digits-vanilla'")),
+    Case("no-spec", ["train"], ("spec", "pagctl train --list")),
+    Case("folder-without-spec", ["train", "empty"], ("empty", "without spec.json"),
+         lambda env: (env.workdir / "empty").mkdir()),
+    # --set and spec validation
+    Case("unknown-top-level-key", [*TRAIN, "--set", "bogus=1"], ("bogus", "unknown key",
+                                                                 "remove it")),
+    Case("unknown-nested-key", [*TRAIN, "--set", "train.bogus=1"], ("train.bogus",
+                                                                    "unknown key")),
+    Case("wrong-type", [*TRAIN, "--set", "train.epochs=abc"], ("train.epochs", "integer",
+                                                               "'abc'")),
+    Case("negative-lr", [*TRAIN, "--set", "train.lr=-1"], ("train.lr", "greater than 0")),
+    Case("zero-batch-size", [*TRAIN, "--set", "data.batch_size=0"], ("data.batch_size",
+                                                                     "greater than or equal")),
+    Case("two-problems", [*TRAIN, "--set", "train.lr=-1", "--set", "data.batch_size=0"],
+         ("train.lr", "data.batch_size"), lines=2),
+    Case("unknown-dataset", [*TRAIN, "--set", "data.dataset=imagenet"], ("data.dataset",
+                                                                        "'cifar10'")),
+    Case("malformed-set", [*TRAIN, "--set", "train.epochs"], ("--set", "key=value",
+                                                              "train.epochs=5")),
+    Case("set-into-a-value", [*TRAIN, "--set", "train.epochs.x=1"], ("--set",
+                                                                     "not a section")),
+    Case("batch-larger-than-data", [*TRAIN, "--set", "data.batch_size=5000"],
+         ("data.batch_size", "lower it")),
+    # model
+    Case("unknown-arch", [*TRAIN, "--set", "model.arch=resnet81"], ("model.arch",
+                                                                    "did you mean 'resnet18'")),
+    Case("bad-model-kwargs", [*TRAIN, "--set", "model.kwargs.bogus=3"], ("model.kwargs",
+                                                                        "bogus")),
+    Case("reserved-model-kwarg", [*TRAIN, "--set", "model.kwargs.num_classes=3"],
+         ("model.kwargs.num_classes", "remove it")),
+    Case("mean-length", [*TRAIN, "--set", "model.mean=[0.1,0.2]"], ("model.mean",
+                                                                   "give 1 values")),
+    # plugins in the spec
+    Case("unknown-source", [*TRAIN, "--set", "target_gradients.name=nearest_neighbour"],
+         ("target_gradients.name", "did you mean 'nearest_neighbor'", "pagctl plugins")),
+    Case("bad-source-param", [*PAG_NN, "--set", "target_gradients.params.pool_size=0"],
+         ("target_gradients.params.pool_size", "greater than or equal to 1")),
+    Case("unknown-source-param", [*PAG_NN, "--set", "target_gradients.params.bogus=1"],
+         ("target_gradients.params.bogus", "unknown key")),
+    Case("unknown-eval-attack", [*TRAIN, "--set", "eval.attack.name=cw"],
+         ("eval.attack.name", "'cw'", "pgd_l2")),
+    Case("bad-eval-attack-param", [*TRAIN, "--set", "eval.attack.params.eps=-1"],
+         ("eval.attack.params.eps", "greater than or equal to 0")),
+    Case("k-above-classes", [*TRAIN, "--set", "train.classes_per_image=11"],
+         ("train.classes_per_image", "at most 10")),
+    # data
+    Case("needs-data-dir", [*TRAIN, "--set", "data.dataset=cifar10"], ("data.root",
+                                                                      "--data-dir")),
+    Case("empty-data-dir", [*TRAIN, "--set", "data.dataset=cifar10", "--data-dir", "data"],
+         ("data.root", "cifar-10-batches-py", "missing", "--download"),
+         lambda env: (env.workdir / "data").mkdir()),
+    Case("label-out-of-range", [*TRAIN, "--set", "data.dataset=cifar10", "--data-dir", "cifar"],
+         ("cifar10 (train)", "label(s) outside [0, 10)"),
+         lambda env: _write_cifar10(env.workdir / "cifar", bad_label=True)),
+    Case("nan-pixels", [*TRAIN, "--set", "data.dataset=cifar10", "--data-dir", "cifar"],
+         ("data:", "non-finite", "nan", "fix or remove"), _nan_pixels),
+    # run folder and flags
+    Case("existing-run-folder", TRAIN, ("runs/digits-vanilla", "already exists", "--resume",
+                                        "--overwrite"),
+         lambda env: env.copy_run("runs/digits-vanilla")),
+    Case("overwrite-with-bad-arch", [*TRAIN, "--out", "run", "--overwrite", "--set",
+                                     "model.arch=resnet81"], ("model.arch", "did you mean"),
+         lambda env: env.copy_run()),
+    Case("resume-without-folder", [*TRAIN, "--resume"], ("nothing to resume",
+                                                        "without --resume")),
+    Case("resume-without-state", ["train", "run", "--resume", "-q"], ("state.safetensors",
+                                                                      "without --resume"),
+         _remove("state.safetensors", "state.json")),
+    Case("resume-and-overwrite", [*TRAIN, "--resume", "--overwrite"], ("--resume",
+                                                                      "--overwrite", "pick one")),
+    Case("resume-changed-spec", ["train", "run", "--resume", "-q", "--set", "train.epochs=2"],
+         ("--resume", "spec differs", "--overwrite"), lambda env: env.copy_run()),
+    Case("resume-truncated-state", ["train", "run", "--resume", "-q"],
+         ("state.safetensors", "truncated"), _truncate("state.safetensors")),
+    Case("unknown-device", [*TRAIN, "--device", "tpu"], ("--device", "'tpu'",
+                                                        "auto, cpu or cuda")),
+    Case("unknown-option", [*TRAIN, "--bogus"], ("--bogus", "pagctl train --help")),
+    Case("unknown-command", ["trian"], ("'trian'", "did you mean 'train'")),
+    # attack: options
+    Case("attack-missing-run", ["attack", "nowhere"], ("nowhere", "no such run folder",
+                                                       "pagctl train")),
+    Case("attack-unknown-name", ["attack", "nowhere", "--attack", "pgd_l3"],
+         ("--attack", "'pgd_l3'", "did you mean 'pgd_l2'")),
+    Case("attack-negative-eps", ["attack", "nowhere", "--param", "eps=-1"],
+         ("--param eps", "greater than or equal to 0")),
+    Case("attack-eps-not-a-number", ["attack", "nowhere", "--param", "eps=abc"],
+         ("--param eps", "'abc'", "8/255")),
+    Case("attack-zero-steps", ["attack", "nowhere", "--param", "steps=0"],
+         ("--param steps", "greater than or equal to 1")),
+    Case("attack-unknown-param", ["attack", "nowhere", "--param", "bogus=1"],
+         ("--param bogus", "unknown key")),
+    Case("attack-param-without-equals", ["attack", "nowhere", "--param", "eps"],
+         ("--param", "key=value", "eps=0.5")),
+    Case("attack-zero-limit", ["attack", "nowhere", "--limit", "0"], ("--limit",
+                                                                      "pagctl attack --help")),
+    Case("attack-unknown-format", ["attack", "nowhere", "--format", "xml"], ("--format",
+                                                                           "'xml'")),
+    # attack: a damaged run folder
+    Case("truncated-weights", ["attack", "run", "--limit", "5"],
+         ("model.safetensors", "truncated", "re-run training"), _truncate("model.safetensors")),
+    Case("foreign-weights", ["attack", "run", "--limit", "5"],
+         ("model.safetensors", "do not match", "different runs"), _foreign_weights),
+    Case("config-architecture-differs", ["attack", "run", "--limit", "5"],
+         ("config.json", "'pagctl_mlp'", "spec.json", "restore config.json"),
+         _edit_config(architecture="pagctl_mlp")),
+    Case("config-num-classes-differs", ["attack", "run", "--limit", "5"],
+         ("model.safetensors", "size mismatch", "different runs"), _edit_config(num_classes=7)),
+    Case("unreadable-config", ["attack", "run", "--limit", "5"],
+         ("config.json", "unreadable", "restore config.json"),
+         lambda env: (env.copy_run() / "config.json").write_text("{nope")),
+    Case("run-without-weights", ["attack", "run", "--limit", "5"],
+         ("no model.safetensors", "train or resume"), _remove("model.safetensors")),
+    Case("run-without-spec", ["attack", "run", "--limit", "5"],
+         ("no spec.json", "not a pagctl run folder"), _remove("spec.json")),
+    # compare
+    Case("compare-missing-run", ["compare", "nowhere"], ("nowhere", "no spec.json")),
+]
+
+
+def test_enough_bad_input_cases() -> None:
+    assert len(BAD_INPUT) >= 22
+    assert len({c.id for c in BAD_INPUT}) == len(BAD_INPUT)
+
+
+@pytest.mark.parametrize("case", BAD_INPUT, ids=[c.id for c in BAD_INPUT])
+def test_bad_input(case: Case, run: RunCLI, workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                   request: pytest.FixtureRequest) -> None:
+    if case.prepare is not None:
+        case.prepare(Env(workdir, monkeypatch, lambda: request.getfixturevalue("trained_run")))
+    before = _snapshot(workdir)
+
+    code, out, err = run(*case.argv)
+
+    assert "Traceback" not in out + err
+    assert code == 2, f"exit {code}; stderr:\n{err}"
+    lines = err.splitlines()
+    assert len(lines) == case.lines, f"expected {case.lines} line(s) on stderr:\n{err}"
+    assert all(line.startswith("error: ") for line in lines), err
+    for needle in case.needles:
+        assert needle.lower() in err.lower(), f"{needle!r} not in:\n{err}"
+    assert _snapshot(workdir) == before, "a failed command created or changed files"
+
+
+# ---------------------------------------------------------------------------------------
+# help, import cost, spec listing
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["attack", "--help"],
+                                  ["compare", "--help"], ["plugins", "--help"]],
+                         ids=lambda a: " ".join(a))
+def test_help_exits_zero(argv: list[str], run: RunCLI) -> None:
+    code, out, err = run(*argv)
+    assert code == 0, err
+    assert "Usage" in out
+    assert "Traceback" not in out + err
+
+
+def test_no_arguments_shows_help(run: RunCLI) -> None:
+    code, out, err = run()
+    assert "Usage" in out + err
+    assert "Traceback" not in out + err
+    assert code in (0, 2)
+
+
+def test_version(run: RunCLI) -> None:
+    from pagctl import __version__
+
+    code, out, _ = run("--version")
+    assert code == 0
+    assert out.strip() == f"pagctl {__version__}"
+
+
+def test_import_does_not_load_torch() -> None:
+    code = ("import sys, pagctl, pagctl.cli\n"
+            "heavy = [m for m in ('torch', 'timm', 'torchvision') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_list_shows_every_builtin(run: RunCLI) -> None:
+    from pagctl.spec import builtin_spec_names
+
+    names = builtin_spec_names()
+    assert "digits-vanilla" in names
+    code, out, err = run("train", "--list")
+    assert code == 0, err
+    listed = [line.split()[0] for line in out.splitlines() if line.strip()]
+    assert listed == names
+
+
+def test_schema_is_json(run: RunCLI) -> None:
+    code, out, err = run("train", "--schema")
+    assert code == 0, err
+    schema = json.loads(out)
+    assert {"model", "data", "train", "target_gradients", "eval"} <= set(schema["properties"])
+
+
+def test_dry_run_creates_nothing(run: RunCLI, workdir: Path) -> None:
+    code, out, err = run("train", "digits-pag-nn", "--dry-run", "-q")
+    assert code == 0, err
+    assert "valid" in out and "nearest_neighbor" in out
+    assert list(workdir.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------
+# a real run, attacked and compared
+
+
+def test_train_writes_run_folder(trained: tuple[Path, int, str, str]) -> None:
+    run_dir, code, out, err = trained
+    assert code == 0, err
+    assert "Traceback" not in out + err
+    summary = json.loads(out)  # results on stdout, logs on stderr
+    assert summary["run_dir"] == str(run_dir) and summary["epoch"] == 1
+    names = {p.name for p in run_dir.iterdir()}
+    assert names == set(RUN_FILES), f"unexpected files: {sorted(names)}"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["train_epoch"]
+    assert records[0]["n_test"] == 40
+    assert json.loads((run_dir / "spec.json").read_text())["name"] == "digits-vanilla"
+    assert json.loads((run_dir / "config.json").read_text())["architecture"] == \
+        "pagctl_small_cnn"
+
+
+def test_attack_json_appends_metrics(run: RunCLI, trained_run: Path, tmp_path: Path) -> None:
+    run_dir = _copy_run(trained_run, tmp_path / "run")
+    before = (run_dir / "metrics.jsonl").read_text().splitlines()
+
+    code, out, err = run("attack", run_dir, "--attack", "pgd_l2", "--param", "eps=0.5",
+                         "--param", "steps=5", "--limit", "30", "--format", "json")
+
+    assert code == 0, err
+    rec = json.loads(out)
+    assert rec["kind"] == "attack" and rec["attack"] == "pgd_l2"
+    assert rec["n"] == 30
+    assert rec["params"]["eps"] == 0.5 and rec["params"]["steps"] == 5
+    assert 0.0 <= rec["robust_accuracy"] <= rec["clean_accuracy"] <= 1.0
+    after = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert after[: len(before)] == before and len(after) == len(before) + 1
+    assert json.loads(after[-1]) == rec
+
+
+def test_attack_eps_as_fraction(run: RunCLI, trained_run: Path, tmp_path: Path) -> None:
+    run_dir = _copy_run(trained_run, tmp_path / "run")
+    code, out, err = run("attack", run_dir, "--attack", "pgd_linf", "--param", "eps=8/255",
+                         "--param", "steps=1", "--limit", "5", "--format", "json")
+    assert code == 0, err
+    rec = json.loads(out)
+    assert rec["params"]["eps"] == pytest.approx(8 / 255, rel=1e-12)
+    assert rec["max_linf"] <= 8 / 255 + 1e-6
+
+
+def test_attack_table(run: RunCLI, trained_run: Path, tmp_path: Path) -> None:
+    run_dir = _copy_run(trained_run, tmp_path / "run")
+    code, out, err = run("attack", run_dir, "--attack", "fgsm", "--limit", "5")
+    assert code == 0, err
+    assert "robust accuracy" in out and "clean accuracy" in out
+
+
+def test_compare_reads_no_weights(run: RunCLI, trained_run: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors
+    import safetensors.torch
+
+    from pagctl import checkpoint
+
+    calls: list[str] = []
+
+    def forbidden(name: str) -> Callable[..., object]:
+        def fail(*args: object, **kwargs: object) -> object:
+            calls.append(name)
+            raise AssertionError(f"compare called {name}")
+
+        return fail
+
+    monkeypatch.setattr(safetensors.torch, "load_file", forbidden("load_file"))
+    monkeypatch.setattr(safetensors, "safe_open", forbidden("safe_open"))
+    monkeypatch.setattr(checkpoint, "load_run", forbidden("load_run"))
+
+    code, out, err = run("compare", trained_run, trained_run, "--format", "json")
+
+    assert code == 0, err
+    assert calls == []
+    rows = json.loads(out)
+    assert len(rows) == 2
+    assert all(r["run"] == "digits-vanilla" and r["epochs"] == 1 for r in rows)
+
+
+def test_compare_table(run: RunCLI, trained_run: Path) -> None:
+    code, out, err = run("compare", trained_run)
+    assert code == 0, err
+    assert "digits-vanilla" in out
+
+
+def test_resume_finished_run_by_folder(run: RunCLI, trained_run: Path, workdir: Path) -> None:
+    """The spec in the folder has out_dir null; resuming it by path must still match."""
+    run_dir = _copy_run(trained_run, workdir / "elsewhere" / "run")
+    weights = (run_dir / "model.safetensors").read_bytes()
+    code, _, err = run("train", run_dir, "--resume", "-q")
+    assert code == 0, err
+    assert (run_dir / "model.safetensors").read_bytes() == weights
+
+
+def test_overwrite_replaces_run_folder(run: RunCLI, trained_run: Path, workdir: Path) -> None:
+    run_dir = _copy_run(trained_run, workdir / "run")
+    old_weights = (run_dir / "model.safetensors").read_bytes()
+
+    code, _, err = run("train", "toy-vanilla", "--out", "run", "--overwrite", "-q",
+                       "--set", "train.epochs=1", "--set", "data.toy_train_size=128",
+                       "--set", "data.toy_test_size=32", "--set", "eval.attack=null",
+                       "--set", "eval.align_source=null")
+
+    assert code == 0, err
+    assert json.loads((run_dir / "spec.json").read_text())["name"] == "toy-vanilla"
+    records = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(records) == 1 and json.loads(records[0])["kind"] == "train_epoch"
+    assert (run_dir / "model.safetensors").read_bytes() != old_weights
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------------------------------
+# exit codes of runtime failures and interruptions
+
+
+def test_interrupted_train_exits_130(run: RunCLI, workdir: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from pagctl import train as train_mod
+
+    def interrupted(spec: object, **kwargs: object) -> train_mod.TrainResult:
+        return train_mod.TrainResult(Path("runs/x"), 3, True)
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    code, _, err = run(*TRAIN)
+    assert code == 130
+    assert "pagctl train runs/x --resume" in " ".join(err.split())  # rich may wrap lines
+
+
+def test_runtime_failure_is_one_line_exit_1(run: RunCLI, workdir: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from pagctl import train as train_mod
+
+    def boom(spec: object, **kwargs: object) -> None:
+        raise RuntimeError("loss became nan\nsecond line")
+
+    monkeypatch.setattr(train_mod, "train", boom)
+    code, out, err = run(*TRAIN)
+    assert code == 1
+    assert "Traceback" not in out + err
+    assert err.splitlines() == ["error: RuntimeError: loss became nan (rerun with --verbose "
+                                "for the traceback)"]
+    with pytest.raises(RuntimeError, match="loss became nan"):
+        cli.main(["--verbose", *TRAIN])
+
+
+def test_ctrl_c_exits_130(run: RunCLI, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pagctl import train as train_mod
+
+    def ctrl_c(spec: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train", ctrl_c)
+    code, out, err = run(*TRAIN)
+    assert code == 130
+    assert "Traceback" not in out + err
+
+
+# ---------------------------------------------------------------------------------------
+# plugins
+
+
+BUILTINS = [("source", "pagctl.target_gradients", name)
+            for name in registry.BUILTIN_TARGET_GRADIENTS] + \
+    [("attack", "pagctl.attacks", name) for name in registry.BUILTIN_ATTACKS]
+
+
+def test_plugins_table_lists_every_builtin(run: RunCLI) -> None:
+    code, out, err = run("plugins")
+    assert code == 0, err
+    rows = {tuple(line.split()[:2]): line.split() for line in out.splitlines()[1:]}
+    for kind, _, name in BUILTINS:
+        cells = rows.get((kind, name))
+        assert cells is not None, f"{kind} {name} missing:\n{out}"
+        assert cells[2] == "pagctl" and cells[4] == "ok", cells
+
+
+def test_plugins_json(run: RunCLI) -> None:
+    code, out, err = run("plugins", "--format", "json")
+    assert code == 0, err
+    rows = json.loads(out)
+    status = {(r["group"], r["name"]): r["status"] for r in rows}
+    for _, group, name in BUILTINS:
+        assert status.get((group, name)) == "ok", (group, name, status)
