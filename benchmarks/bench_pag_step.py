@@ -194,8 +194,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--archs", default=",".join(ARCHS),
-                        help=f"comma-separated subset of {', '.join(ARCHS)}")
+    parser.add_argument("--archs", default=None,
+                        help=f"comma-separated subset of {', '.join(ARCHS)} (default: all)")
     parser.add_argument("--quick", action="store_true",
                         help="1 timed step after 1 warm-up, small_cnn only unless --archs")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -212,8 +212,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup = 1, 1
-        if "--archs" not in (argv if argv is not None else sys.argv[1:]):
-            args.archs = "small_cnn"
+    if args.archs is None:
+        args.archs = "small_cnn" if args.quick else ",".join(ARCHS)
     unknown = [a for a in args.archs.split(",") if a not in ARCHS]
     if unknown:
         parser.error(f"unknown --archs {unknown}; choose from {', '.join(ARCHS)}")

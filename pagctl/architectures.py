@@ -4,7 +4,7 @@ Importing this module (``import pagctl.models`` does) registers them, so that pl
 ``timm.create_model(name)`` finds them afterwards:
 
 - ``pagctl_small_cnn``: conv 32 → conv 64 → pool → conv 128 → pool → GAP → linear
-  (3×3 convs, BatchNorm, ReLU); the digits recipe of the paper digest §9;
+  (3×3 convs, BatchNorm, ReLU); the calibration recipe for the embedded digits;
 - ``pagctl_cifar_resnet18``: the CIFAR-style ResNet-18 of the official code (3×3 stride-1
   stem, no max-pool, BasicBlocks [2, 2, 2, 2], widths 64–512), 11,173,962 parameters for
   10 classes;

@@ -4,7 +4,7 @@ For a classifier f and an image x, the model gradient for target class k is
 
     ∇ₓ log p(k | x) = ∇ₓ log softmax(f(x))_k = ∇ₓ f(x)_k − Σ_j p(j | x) ∇ₓ f(x)_j,
 
-the quantity the official code differentiates (paper digest §2.2, step 5), not the raw logit.
+the quantity the official code differentiates, not the raw logit.
 `logits_and_input_gradients` gets the logits and these K gradients per image from ONE forward
 pass, so a training step uses the same logits for the cross-entropy term. With
 ``create_graph=True`` the gradients are differentiable with respect to the model parameters
@@ -12,15 +12,16 @@ pass, so a training step uses the same logits for the cross-entropy term. With
 
 How the K gradients are computed (``method``), measured on CPU (2 shared cores, train mode,
 B = 64, K = 10, 32×32×3, create_graph and the backward of the total loss included; see
-``benchmarks/bench_pag_step.py``):
+``benchmarks/bench_pag_step.py`` and ``benchmarks/README.md``):
 
 - ``"loop"`` (default): K reverse passes through the one forward graph, each
-  ``autograd.grad`` of Σᵢ log p(classes[i, j] | xᵢ). Fastest measured: about 0.2–0.4× the
-  time of the official "repeat the batch K times" formulation, with less memory.
+  ``autograd.grad`` of Σᵢ log p(classes[i, j] | xᵢ). Fastest measured: 0.28× (small CNN)
+  and 0.30× (CIFAR ResNet-18) the time of the official "repeat the batch K times"
+  formulation, with about half its peak memory.
 - ``"batched"``: one vmapped reverse pass (``is_grads_batched=True``). About as fast as
-  ``"loop"`` without ``create_graph`` on CPU, but roughly 3× slower with it, because the
-  backward of the vmapped pass materialises full-size zero tensors for each of the K slices.
-  Kept as an option to measure on accelerators.
+  ``"loop"`` without ``create_graph`` on CPU, but 2–3× slower with it, because the backward
+  of the vmapped pass materialises full-size zero tensors for each of the K slices. Kept as
+  an option to measure on accelerators, where it has not been measured yet.
 
 ``torch.func`` (``vjp`` + ``vmap``) was also measured and rejected: it refuses BatchNorm in
 train mode (the running-statistics update mutates a captured buffer) and was about 3× slower

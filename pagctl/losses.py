@@ -1,6 +1,6 @@
 """The PAG loss and its pieces: cosine alignment and target-class sampling.
 
-The paper's objective (digest §2.1) adds, for every image, a sum over target classes t of
+The paper's objective adds, for every image, a sum over target classes t of
 ``1 − cos(∇ₓ log p(t | x), g(x, t))`` to the cross-entropy. pagctl averages over the K sampled
 classes instead of summing, so its weight λ is the real weight on the mean cosine loss:
 

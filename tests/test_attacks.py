@@ -244,7 +244,7 @@ def test_params_validation_and_defaults() -> None:
     assert PGDL2.Params().eps == 0.5 and PGDL2.Params().steps == 10
     assert PGDLinf.Params.model_validate({"eps": "2/255"}).eps == pytest.approx(2 / 255)
     attack = PGDL2(PGDL2.Params(eps=0.5, steps=20), _ctx())
-    assert attack.step_size == pytest.approx(2.5 * 0.5 / 20)
+    assert attack.step_size == pytest.approx(0.5 / 4)  # 2.5 eps / 20 floored at eps / 4
     for bad in ({"eps": -0.1}, {"steps": 0}, {"restarts": 0}, {"step_size": 0.0},
                 {"eps": "1/0"}, {"eps": float("nan")}, {"unknown": 1}):
         with pytest.raises(ValidationError):

@@ -1,6 +1,6 @@
 """Shared helpers of the built-in sources: the training pool, class grouping, call checks.
 
-The heuristic sources of paper.md §3.1 all point from the image toward a class
+The paper's heuristic sources all point from the image toward a class
 representative, g(x, t) = r_t − x, with representatives taken from the training set.
 """
 

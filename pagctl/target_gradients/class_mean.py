@@ -1,5 +1,5 @@
-"""Class Mean (CM, paper.md §3.1): r_t = c · (mean of the training images of class t),
-g(x, t) = r_t − x. The paper scales the mean by an unstated constant c (§7)."""
+"""Class Mean (CM): r_t = c · (mean of the training images of class t),
+g(x, t) = r_t − x. The paper scales the mean by an unstated constant c."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Nearest Neighbour (NN, paper.md §3.1): r(x, t) = argmin over training images x̂ of class t,
+"""Nearest Neighbour (NN): r(x, t) = argmin over training images x̂ of class t,
 x̂ ≠ x, of ‖x − x̂‖₂ in pixel space; g(x, t) = r(x, t) − x.
 
 "x̂ ≠ x" is read as "a different image": x itself and every exact copy of it are skipped.

@@ -1,4 +1,4 @@
-"""One Image (OI, paper.md §3.1): r_t is one training image of class t, drawn once at
+"""One Image (OI): r_t is one training image of class t, drawn once at
 random and used for every x, so g(x, t) = r_t − x."""
 
 from __future__ import annotations
