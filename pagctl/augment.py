@@ -9,7 +9,8 @@ gradient.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -21,8 +22,8 @@ if TYPE_CHECKING:
 class Augmented:
     """``model(augment(x))`` with crop offsets and flips drawn once per step."""
 
-    def __init__(self, model: Any, offsets: Tensor | None, flips: Tensor | None,
-                 padding: int) -> None:
+    def __init__(self, model: Callable[[Tensor], Tensor], offsets: Tensor | None,
+                 flips: Tensor | None, padding: int) -> None:
         self.model, self.offsets, self.flips, self.padding = model, offsets, flips, padding
 
     def __call__(self, x: Tensor) -> Tensor:

@@ -181,9 +181,13 @@ def train(
     summary = {"run_dir": str(result.run_dir), **result.last}
     if fmt is Format.json:
         _print_json(summary)
-    else:
-        _stdout_table(f"trained {run_spec.name}", [(k, _fmt(v)) for k, v in summary.items()
-                                                   if not isinstance(v, dict)])
+        return
+    keys = ("run_dir", "epoch", "loss", "ce", "pag", "train_accuracy", "clean_accuracy",
+            "robust_accuracy", "alignment", "n_test", "train_seconds")
+    rows = [(k, _fmt(summary[k])) for k in keys if summary.get(k) is not None]
+    if "monitor" in summary:
+        rows.append(("monitor", json.dumps(summary["monitor"])))
+    _stdout_table(f"trained {run_spec.name}", rows)
 
 
 # ---------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ They are fixed constants, so a model's normalisation never depends on the split.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -166,6 +167,26 @@ def get_batch(ds: Dataset[Item], indices: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError("get_batch needs at least one index")
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items],
                                                             dtype=torch.int64)
+
+
+def iter_batches(ds: Dataset[Item], order: Tensor, batch_size: int, *,
+                 workers: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Batches of ``ds`` in the given ``order``: (indices, images, labels) per batch.
+
+    In-memory datasets are sliced directly; others (image folders) are read by a DataLoader
+    with ``workers`` processes following the same order, so the batches are identical either
+    way. A trailing partial batch is yielded as is. Shape: order (M,) int64 positions.
+    """
+    order = order.detach().to("cpu", torch.int64).reshape(-1)
+    chunks = list(order.split(batch_size))
+    if workers == 0 or isinstance(ds, (TensorImageDataset, Subset)):
+        for idx in chunks:
+            yield (idx, *get_batch(ds, idx))
+        return
+    loader = DataLoader(ds, batch_size=batch_size, sampler=order.tolist(), num_workers=workers,
+                        persistent_workers=False)
+    for idx, (x, y) in zip(chunks, loader, strict=True):
+        yield idx, x, torch.as_tensor(y, dtype=torch.int64)
 
 
 def as_tensors(ds: Dataset[Item], batch_size: int = 1024) -> tuple[Tensor, Tensor]:

@@ -60,7 +60,8 @@ class DataSpec(_Frozen):
     download: bool = Field(default=False, description="let torchvision download into root")
     batch_size: int = Field(default=64, ge=1, description="training batch size (images)")
     eval_batch_size: int = Field(default=256, ge=1, description="batch size for evaluation")
-    workers: int = Field(default=0, ge=0, description="data-loader worker processes")
+    workers: int = Field(default=0, ge=0, description="worker processes reading batches of "
+                         "image-folder datasets (in-memory datasets are sliced directly)")
     augment: Literal["none", "crop_flip", "crop"] = Field(
         default="none", description="training augmentation, applied inside the loop and "
         "differentiated through (gradients are taken w.r.t. the un-augmented image)")

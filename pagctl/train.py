@@ -134,7 +134,7 @@ def train(
 
     from pagctl import registry
     from pagctl.augment import Augmented, draw_augmentation
-    from pagctl.data import get_batch
+    from pagctl.data import iter_batches
     from pagctl.evaluate import evaluate
     from pagctl.gradients import logits_and_input_gradients
     from pagctl.losses import pag_loss, sample_target_classes
@@ -207,10 +207,10 @@ def train(
             first = start_step if epoch == start_epoch else 0
             if first == 0:
                 sums = dict.fromkeys(sums, 0.0)
-            for step in range(first, steps):
-                tick = time.perf_counter()
-                idx = perm[step * b: (step + 1) * b]
-                x, y = get_batch(s.bundle.train, idx)
+            batches = iter_batches(s.bundle.train, perm[first * b: steps * b], b,
+                                   workers=spec.data.workers)
+            tick = time.perf_counter()
+            for step, (idx, x, y) in enumerate(batches, start=first):
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 if t.channels_last and dev.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -240,7 +240,7 @@ def train(
                         f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; "
                         "lower train.lr or train.pag_weight")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
                 sums["loss"] += float(loss.detach()) * len(idx)
                 sums["ce"] += float(ce.detach()) * len(idx)
@@ -248,6 +248,7 @@ def train(
                 sums["correct"] += float((logits.argmax(1) == y).sum())
                 sums["seen"] += len(idx)
                 sums["seconds"] += time.perf_counter() - tick
+                tick = time.perf_counter()
                 bar.step(epoch, sums)
                 if on_step is not None:
                     on_step(epoch, step)

@@ -472,3 +472,17 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
     _png(tmp_path / "test" / "bird" / "0.png", np.zeros((6, 5, 3), np.uint8))
     with pytest.raises(DataError, match="class folders differ"):
         load_data(DataSpec(dataset="imagefolder", root=tmp_path))
+
+
+def test_iter_batches_same_batches_with_and_without_workers(tmp_path: Path) -> None:
+    from pagctl.data import iter_batches
+
+    _write_folder(tmp_path)
+    bundle = pdata.load_data(_spec("imagefolder", root=tmp_path))
+    order = torch.randperm(_len(bundle.train), generator=torch.Generator().manual_seed(0))
+    plain = list(iter_batches(bundle.train, order, 2))
+    pooled = list(iter_batches(bundle.train, order, 2, workers=2))
+    assert len(plain) == len(pooled) == (len(order) + 1) // 2
+    for (i0, x0, y0), (i1, x1, y1) in zip(plain, pooled, strict=True):
+        assert torch.equal(i0, i1) and torch.equal(x0, x1) and torch.equal(y0, y1)
+        assert torch.equal(x0, pdata.get_batch(bundle.train, i0)[0])

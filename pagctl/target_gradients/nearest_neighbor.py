@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -307,19 +305,10 @@ def _read_cache(path: Path, pool_index: Tensor, labels: Tensor,
 
 def _write_cache(path: Path, table: Tensor, pool_index: Tensor) -> None:
     """Write atomically (temporary file, then rename); a failure only logs a warning."""
-    from safetensors.torch import save_file
+    from pagctl.checkpoint import atomic_save_tensors
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"table": table.cpu().contiguous(),
-                       "pool_index": pool_index.cpu().contiguous()}, tmp,
-                      metadata={"format": str(_CACHE_FORMAT)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_save_tensors({"table": table, "pool_index": pool_index}, path,
+                            {"format": str(_CACHE_FORMAT)})
     except OSError as exc:
         _LOG.warning("nearest_neighbor: could not write cache %s (%s)", path, exc)
