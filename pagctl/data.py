@@ -178,7 +178,7 @@ def iter_batches(ds: Dataset[Item], order: Tensor, batch_size: int, *,
     way. A trailing partial batch is yielded as is. Shape: order (M,) int64 positions.
     """
     order = order.detach().to("cpu", torch.int64).reshape(-1)
-    chunks = list(order.split(batch_size))
+    chunks = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     if workers == 0 or isinstance(ds, (TensorImageDataset, Subset)):
         for idx in chunks:
             yield (idx, *get_batch(ds, idx))

@@ -79,3 +79,12 @@ def toward(representatives: Tensor, inputs: Tensor) -> Tensor:
     in the inputs' dtype and on their device."""
     reps = representatives.to(device=inputs.device, dtype=inputs.dtype)
     return reps - inputs.unsqueeze(1)
+
+
+def toward_class_representatives(per_class: Tensor, inputs: Tensor, classes: Tensor) -> Tensor:
+    """g(x, t) = r_t − x for one fixed representative per class (One Image, Class Mean).
+    Shape: per_class (num_classes, C, H, W), x (N, C, H, W), classes (N, K) -> (N, K, C, H, W).
+    """
+    check_call(inputs, classes, tuple(per_class.shape[1:]), per_class.shape[0])
+    return toward(per_class[classes.to(per_class.device)], inputs)
+

@@ -8,7 +8,11 @@ from pydantic import Field
 from torch import Tensor
 
 from pagctl.protocols import BuildContext, PluginParams
-from pagctl.target_gradients._pool import check_call, class_members, load_pool, toward
+from pagctl.target_gradients._pool import (
+    class_members,
+    load_pool,
+    toward_class_representatives,
+)
 
 
 class ClassMean:
@@ -40,6 +44,4 @@ class ClassMean:
         self, inputs: Tensor, labels: Tensor, classes: Tensor, *, index: Tensor | None = None
     ) -> Tensor:
         """Shape: (N, C, H, W) in [0, 1], (N,), (N, K) -> (N, K, C, H, W) = c·mean_t − x."""
-        reps = self._representatives
-        check_call(inputs, classes, tuple(reps.shape[1:]), reps.shape[0])
-        return toward(reps[classes.to(reps.device)], inputs)
+        return toward_class_representatives(self._representatives, inputs, classes)
