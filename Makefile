@@ -41,7 +41,6 @@ bench: install
 	$(PY) benchmarks/bench_pag_step.py
 
 lint: install
-	$(PY) -m pip install -q ruff mypy
 	$(PY) -m ruff check pagctl tests benchmarks
 	$(PY) -m mypy pagctl
 
