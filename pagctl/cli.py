@@ -218,7 +218,8 @@ def attack(
     from pagctl.build import build_context, resolve_device
     from pagctl.data import load_data
 
-    params = _attack_params(attack_name, param)
+    given = _parse_params(param, "--param")
+    params = _attack_params(attack_name, given)
     dev = resolve_device(device)
     loaded = checkpoint.load_run(run, dev)
     data_spec = loaded.spec.data
@@ -227,10 +228,10 @@ def attack(
     bundle = load_data(data_spec)
     n = min(limit or len(bundle.test), len(bundle.test))  # type: ignore[arg-type]
     ctx = build_context(bundle, dev, seed, None)
-    built = registry.attacks.build(registry_ref(attack_name, params), ctx, "--param")
+    built = registry.attacks.instantiate(attack_name, params, ctx, "--param")
     report = run_attack(loaded.model, built, bundle.test, torch.arange(n), name=attack_name,
                         params=params, batch_size=batch_size, device=dev, seed=seed)
-    record = report.to_record()
+    record = {**report.to_record(), "params_given": given}  # e.g. eps "8/255" as typed
     checkpoint.append_metrics(run, record)
     if fmt is Format.json:
         _print_json(record)
@@ -244,7 +245,7 @@ def attack(
         ])
 
 
-def _attack_params(name: str, items: list[str]) -> Any:
+def _attack_params(name: str, given: dict[str, Any]) -> Any:
     """Validate ``--attack``/``--param`` against the attack's Params; errors name the option
     as typed (``--param eps: ...``), not a spec path."""
     from pydantic import ValidationError
@@ -258,16 +259,10 @@ def _attack_params(name: str, items: list[str]) -> Any:
     except UnknownPluginError as exc:
         raise UnknownPluginError(f"--attack: {exc}") from None
     try:
-        return factory.Params.model_validate(_parse_params(items, "--param"))
+        return factory.Params.model_validate(given)
     except ValidationError as exc:
         lines = format_validation_error(exc).splitlines()
         raise SpecError("\n".join(f"--param {line}" for line in lines)) from None
-
-
-def registry_ref(name: str, params: Any) -> Any:
-    from pagctl.spec import PluginRef
-
-    return PluginRef(name=name, params=params.model_dump())
 
 
 # ---------------------------------------------------------------------------------------

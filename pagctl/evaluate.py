@@ -32,8 +32,8 @@ def evaluate(s: Setup, epoch: int, align_source: Any) -> dict[str, Any]:
     if spec.eval.attack is not None:
         ref = spec.eval.attack
         params = registry.attacks.validate_params(ref.name, ref.params, "eval.attack")
-        attack = registry.attacks.build(ref, build_context(s.bundle, device, seed, None),
-                                        "eval.attack")
+        attack = registry.attacks.instantiate(
+            ref.name, params, build_context(s.bundle, device, seed, None), "eval.attack")
         rep = run_attack(s.model, attack, s.bundle.test, indices, name=ref.name,
                          params=params, batch_size=batch, device=device, seed=seed)
         out.update(clean_accuracy=rep.clean_accuracy, robust_accuracy=rep.robust_accuracy,

@@ -201,15 +201,20 @@ class Registry:
         return result
 
     def build(self, ref: PluginRef, ctx: BuildContext, where: str) -> Any:
-        """Validate the reference's params and call the factory once."""
+        """Validate the reference's params and build the plugin."""
         params = self.validate_params(ref.name, ref.params, where)
-        factory = self.get(ref.name)
+        return self.instantiate(ref.name, params, ctx, where)
+
+    def instantiate(self, name: str, params: BaseModel, ctx: BuildContext, where: str) -> Any:
+        """Call the factory once with already validated ``params``. A ``ValueError`` from
+        the factory (e.g. "needs the training set") becomes a SpecError naming ``where``."""
+        factory = self.get(name)
         try:
             return factory(params, ctx)
         except (SpecError, PluginLoadError):
             raise
         except ValueError as exc:
-            raise SpecError(f"{where}: {ref.name}: {exc}") from None
+            raise SpecError(f"{where}: {name}: {exc}") from None
 
     def info(self) -> list[PluginInfo]:
         """Every known plugin with its status; loads each one to check it."""
