@@ -172,7 +172,8 @@ def train(
     from pagctl.progress import stderr_console
 
     result = run_train(run_spec, device=device, resume=resume, overwrite=overwrite,
-                       progress=not quiet, log=lambda m: stderr_console.print(m))
+                       progress=not quiet,
+                       log=lambda m: stderr_console.print(m, soft_wrap=True))
     if result.interrupted:
         stderr_console.print(f"interrupted after epoch {result.epochs_done}; state saved. "
                              f"Continue with: pagctl train {result.run_dir} --resume",
