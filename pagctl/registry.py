@@ -43,9 +43,13 @@ BUILTIN_TARGET_GRADIENTS = {
     "nearest_neighbor": "pagctl.target_gradients.nearest_neighbor:NearestNeighbor",
 }
 BUILTIN_ATTACKS = {
+    "apgd_ce": "pagctl.attacks.apgd:APGDCE",
+    "apgd_dlr": "pagctl.attacks.apgd:APGDDLR",
+    "apgd_t": "pagctl.attacks.apgd:APGDT",
     "fgsm": "pagctl.attacks.fgsm:FGSM",
     "pgd_l2": "pagctl.attacks.pgd:PGDL2",
     "pgd_linf": "pagctl.attacks.pgd:PGDLinf",
+    "square": "pagctl.attacks.square:Square",
 }
 
 

@@ -115,7 +115,7 @@ def normalize_l2(grad: Tensor) -> Tensor:
     return scaled / _per_example(norms, scaled)
 
 
-def _loss_per_example(logits: Tensor, labels: Tensor, loss: Loss) -> Tensor:
+def loss_per_example(logits: Tensor, labels: Tensor, loss: Loss) -> Tensor:
     """The loss to ascend for an untargeted attack. Shape: (N, K), (N,) -> (N,)."""
     if loss == "ce":
         return F.cross_entropy(logits, labels, reduction="none")
@@ -142,7 +142,7 @@ def logits_and_gradient(
     with torch.enable_grad():
         x_var = x.detach().requires_grad_(True)
         logits = model(x_var)
-        per_example = _loss_per_example(logits, labels, loss)
+        per_example = loss_per_example(logits, labels, loss)
         total = -per_example.sum() if targeted else per_example.sum()
         (grad,) = torch.autograd.grad(total, x_var)
     return logits.detach(), grad.detach()

@@ -11,9 +11,11 @@ from pagctl.protocols import BuildContext, PluginParams
 
 
 class NoSource:
-    """The "none" source. ``disables_pag`` tells the training loop to skip the PAG term, so
-    vanilla training never calls this object; if called anyway it returns zeros (a zero
-    target makes every cosine 0, i.e. a constant loss with no gradient)."""
+    """No target: vanilla cross-entropy training (the PAG term is skipped).
+
+    ``disables_pag`` tells the training loop to skip the PAG term, so vanilla training never
+    calls this object; if called anyway it returns zeros (a zero target makes every cosine 0,
+    i.e. a constant loss with no gradient)."""
 
     disables_pag: ClassVar[bool] = True
 

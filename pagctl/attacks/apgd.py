@@ -1,0 +1,352 @@
+"""Auto-PGD (Croce & Hein, ICML 2020): PGD with momentum and a step size that adapts itself.
+
+One function, :func:`apgd`, does the work; ``APGDCE`` (cross-entropy), ``APGDDLR``
+(difference-of-logits-ratio) and ``APGDT`` (targeted DLR over the highest non-true classes)
+are its plugins. Each run:
+
+- starts from a random point: L∞ uniform in the box ``[-ε, ε]^d``, L2 uniform in the ball
+  (as pgd does; the paper's reference starts on the sphere, which in many dimensions is
+  almost the same law), both clipped to [0, 1];
+- takes a first step of length 2ε (sign of the gradient for L∞, the L2-normalised gradient
+  for L2), then steps with momentum 0.75:
+  ``z = P(x_k + η·step)``, ``x_{k+1} = P(x_k + 0.75 (z − x_k) + 0.25 (x_k − x_{k−1}))``;
+- checks at checkpoints whether to halve η: condition 1, the loss increased at fewer than
+  ρ of the steps since the last checkpoint; condition 2, η was not halved at the last
+  checkpoint and the best loss has not improved since. A halving example restarts from its
+  best-loss point (with no momentum). The checkpoint intervals are the paper's
+  ``p_{j+1} − p_j = max(p_j − p_{j−1} − 0.03, 0.06)`` from ``p_1 = 0.22``, in whole steps:
+  ``ℓ_1 = max(⌊0.22 N⌋, 1)``, ``ℓ_{j+1} = max(ℓ_j − max(⌊0.03 N⌋, 1), max(⌊0.06 N⌋, 1))``.
+
+Per example, the returned point is the first misclassified point found (over the random
+start, the steps, the restarts and, for ``APGDT``, the target classes); if none is, the
+highest-loss point of all runs. Examples the model already misclassifies are returned
+unchanged; restarts and further targets run only on the examples not yet misclassified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from pagctl.attacks.steps import (
+    Norm,
+    fit_to_budget,
+    normalize_l2,
+    project_l2,
+    project_linf,
+    random_start_l2,
+    random_start_linf,
+)
+from pagctl.protocols import BuildContext, Epsilon, PluginParams
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""Per-example loss to ascend: logits (N, K), labels (N,) -> (N,)."""
+
+MOMENTUM = 0.75
+
+
+def ce_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy per example. Shape: (N, K), (N,) -> (N,)."""
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def dlr_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Untargeted DLR: ``−(z_y − max_{i≠y} z_i) / (z_π1 − z_π3 + 1e-12)`` with ``z_π1 ≥ z_π2 ≥
+    …`` the sorted logits. Needs K ≥ 3. Shape: (N, K), (N,) -> (N,)."""
+    top = logits.topk(3, dim=1).values
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    other = logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
+    return -(true - other) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def targeted_dlr_loss(targets: Tensor) -> LossFn:
+    """Targeted DLR toward ``targets`` (N,): ``−(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 1e-12)``.
+    Needs K ≥ 4. The returned function maps (N, K), (N,) -> (N,)."""
+
+    def loss(logits: Tensor, labels: Tensor) -> Tensor:
+        top = logits.topk(4, dim=1).values
+        true = logits.gather(1, labels[:, None]).squeeze(1)
+        target = logits.gather(1, targets[:, None]).squeeze(1)
+        return -(true - target) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+
+    return loss
+
+
+def checkpoint_lengths(steps: int) -> list[int]:
+    """Steps between consecutive checkpoints, in order, summing to at most ``steps``."""
+    length = max(int(0.22 * steps), 1)
+    decrease, shortest = max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
+    lengths: list[int] = []
+    total = 0
+    while total + length <= steps:
+        lengths.append(length)
+        total += length
+        length = max(length - decrease, shortest)
+    return lengths
+
+
+def _evaluate(
+    model: nn.Module, x: Tensor, labels: Tensor, loss_fn: LossFn,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits, per-example loss and input gradient of the summed loss at ``x``; leaves no
+    ``.grad``. Shape: (N, C, H, W), (N,) -> (N, K), (N,), (N, C, H, W), all detached."""
+    with torch.enable_grad():
+        x_var = x.detach().requires_grad_(True)
+        logits = model(x_var)
+        loss = loss_fn(logits, labels)
+        (grad,) = torch.autograd.grad(loss.sum(), x_var)
+    return logits.detach(), loss.detach(), grad.detach()
+
+
+def _project(x: Tensor, point: Tensor, norm: Norm, eps: float) -> Tensor:
+    """Nearest point of the ``norm`` ball around ``x`` (then clipped to [0, 1])."""
+    delta = point - x
+    delta = project_l2(delta, eps) if norm == "l2" else project_linf(delta, eps)
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def _per_example(values: Tensor, like: Tensor) -> Tensor:
+    return values.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _single_run(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn,
+    *,
+    norm: Norm,
+    eps: float,
+    steps: int,
+    rho: float,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One APGD run. Returns (points, loss at the points, fooled mask): the first
+    misclassified point where ``fooled``, else the highest-loss point.
+
+    Shape: (N, C, H, W), (N,) -> (N, C, H, W), (N,), (N,) bool.
+    """
+    draw = random_start_l2 if norm == "l2" else random_start_linf
+    x_k = (x + draw(x.shape, eps, generator, device=x.device, dtype=x.dtype)).clamp(0.0, 1.0)
+    logits, loss, grad = _evaluate(model, x_k, y, loss_fn)
+    fooled = logits.argmax(dim=1) != y
+    first_fooled = x_k.clone()
+    best_x, best_loss, best_grad = x_k.clone(), loss.clone(), grad.clone()
+    x_prev = x_k
+    prev_loss = loss
+    eta = torch.full((x.shape[0],), 2.0 * eps, dtype=x.dtype, device=x.device)
+    lengths = iter(checkpoint_lengths(steps))
+    length = next(lengths, 0)
+    since = 0
+    increases = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    best_at_check = best_loss.clone()
+    halved_at_check = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for i in range(steps):
+        direction = normalize_l2(grad) if norm == "l2" else grad.sign()
+        z = _project(x, x_k + _per_example(eta, x_k) * direction, norm, eps)
+        a = MOMENTUM if i > 0 else 1.0
+        x_next = _project(x, x_k + a * (z - x_k) + (1.0 - a) * (x_k - x_prev), norm, eps)
+        x_prev, x_k = x_k, x_next
+        logits, loss, grad = _evaluate(model, x_k, y, loss_fn)
+
+        newly = (logits.argmax(dim=1) != y) & ~fooled
+        first_fooled[newly] = x_k[newly]
+        fooled |= newly
+        increases += (loss > prev_loss).long()
+        prev_loss = loss
+        better = loss > best_loss
+        best_x[better] = x_k[better]
+        best_loss[better] = loss[better]
+        best_grad[better] = grad[better]
+
+        since += 1
+        if since == length:
+            oscillating = increases.to(x.dtype) < rho * length
+            stalled = ~halved_at_check & (best_loss <= best_at_check)
+            halve = oscillating | stalled
+            eta = torch.where(halve, eta / 2.0, eta)
+            # Restart the halving examples from their best point, with no momentum.
+            x_k = torch.where(_per_example(halve, x_k), best_x, x_k)
+            x_prev = x_k
+            grad = torch.where(_per_example(halve, grad), best_grad, grad)
+            prev_loss = torch.where(halve, best_loss, prev_loss)
+            halved_at_check = halve
+            best_at_check = best_loss.clone()
+            increases.zero_()
+            since = 0
+            length = next(lengths, 0)
+    out = torch.where(_per_example(fooled, x), first_fooled, best_x)
+    return out, best_loss, fooled
+
+
+def apgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    loss: Literal["ce", "dlr", "dlr-targeted"],
+    norm: Norm,
+    eps: float,
+    steps: int,
+    restarts: int,
+    rho: float,
+    generator: torch.Generator,
+    n_target_classes: int = 9,
+) -> Tensor:
+    """Auto-PGD inside the ``norm`` ball of radius ``eps`` around ``x`` and the [0, 1] box.
+
+    ``loss="dlr-targeted"`` runs ``restarts`` runs for each of the ``n_target_classes``
+    highest non-true classes of the clean logits (at most K − 1). Runs in whatever mode the
+    caller left ``model`` in. Shape: inputs (N, C, H, W) in [0, 1], labels (N,) ->
+    (N, C, H, W), same dtype/device, ``‖x_adv − x‖ <= eps`` per example.
+    """
+    if norm not in ("l2", "linf"):
+        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    if loss not in ("ce", "dlr", "dlr-targeted"):
+        raise ValueError(f"loss must be 'ce', 'dlr' or 'dlr-targeted', got {loss!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if steps < 1 or restarts < 1 or n_target_classes < 1:
+        raise ValueError("steps, restarts and n_target_classes must be >= 1, got "
+                         f"{steps}, {restarts} and {n_target_classes}")
+    x0 = x.detach()
+    if eps == 0 or x0.shape[0] == 0:
+        return x0.clone()
+    y = y.to(x0.device)
+    with torch.no_grad():
+        clean_logits = model(x0).detach()
+    classes = clean_logits.shape[1]
+    if classes < {"ce": 2, "dlr": 3, "dlr-targeted": 4}[loss]:
+        raise ValueError(f"loss {loss!r} needs more classes than the model's {classes}")
+    fooled = clean_logits.argmax(dim=1) != y
+    best = x0.clone()
+    best_loss = torch.full((x0.shape[0],), float("-inf"), dtype=x0.dtype, device=x0.device)
+    if loss == "dlr-targeted":
+        others = clean_logits.scatter(1, y[:, None], float("-inf"))
+        ranked = others.argsort(dim=1, descending=True)[:, : min(n_target_classes, classes - 1)]
+        targets: list[Tensor | None] = list(ranked.T)
+    else:
+        targets = [None]
+    for target in targets:
+        for _ in range(restarts):
+            active = (~fooled).nonzero().squeeze(1)
+            if active.numel() == 0:
+                break
+            loss_fn: LossFn = (
+                ce_loss if loss == "ce"
+                else dlr_loss if target is None
+                else targeted_dlr_loss(target[active])
+            )
+            points, run_loss, found = _single_run(
+                model, x0[active], y[active], loss_fn, norm=norm, eps=eps, steps=steps,
+                rho=rho, generator=generator,
+            )
+            take = found | (run_loss > best_loss[active])
+            best[active[take]] = points[take]
+            best_loss[active[take]] = run_loss[take]
+            fooled[active[found]] = True
+    return fit_to_budget(x0, best, norm, eps)
+
+
+def _generator(seed: int | None, ctx: BuildContext) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(ctx.seed if seed is None else seed)
+
+
+class _APGDParams(PluginParams):
+    eps: Epsilon = Field(
+        default=8 / 255, ge=0, allow_inf_nan=False,
+        description="radius of the ball in [0, 1] pixel space, in the attack's norm "
+        "(number or fraction string such as \"8/255\")",
+    )
+    norm: Norm = Field(default="linf", description="'linf' or 'l2'")
+    steps: int = Field(default=100, ge=1, description="gradient steps per run")
+    restarts: int = Field(
+        default=1, ge=1, description="random restarts; later runs only attack the examples "
+        "not yet misclassified",
+    )
+    seed: int | None = Field(
+        default=None, description="seed of the random starts; null = the run's seed",
+    )
+    rho: float = Field(
+        default=0.75, gt=0, le=1, allow_inf_nan=False,
+        description="halve the step at a checkpoint when the loss rose at fewer than this "
+        "fraction of the steps since the last one",
+    )
+
+
+class _APGD:
+    """Shared body of the three APGD plugins (the loss is the difference)."""
+
+    loss: Literal["ce", "dlr", "dlr-targeted"]
+    min_classes: int = 2
+    name: str = "apgd"
+
+    def __init__(self, params: Any, ctx: BuildContext) -> None:
+        if ctx.num_classes < self.min_classes:
+            raise ValueError(f"{self.name} needs at least {self.min_classes} classes")
+        self.params = params
+        self.eps: float = params.eps
+        self.norm: Norm = params.norm
+        self._generator = _generator(params.seed, ctx)
+
+    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
+        """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs.
+
+        Successive calls continue one seeded random stream (one per built attack).
+        """
+        return apgd(
+            model, inputs, labels, loss=self.loss, norm=self.norm, eps=self.eps,
+            steps=self.params.steps, restarts=self.params.restarts, rho=self.params.rho,
+            generator=self._generator,
+            n_target_classes=getattr(self.params, "n_target_classes", 9),
+        )
+
+
+class APGDCE(_APGD):
+    """Untargeted APGD on the cross-entropy loss."""
+
+    loss: Literal["ce", "dlr", "dlr-targeted"] = "ce"
+    name = "apgd_ce"
+
+    class Params(_APGDParams):
+        pass
+
+    def __init__(self, params: Params, ctx: BuildContext) -> None:
+        super().__init__(params, ctx)
+
+
+class APGDDLR(_APGD):
+    """Untargeted APGD on the DLR loss (invariant to shifting and scaling the logits)."""
+
+    loss: Literal["ce", "dlr", "dlr-targeted"] = "dlr"
+    min_classes = 3
+    name = "apgd_dlr"
+
+    class Params(_APGDParams):
+        pass
+
+    def __init__(self, params: Params, ctx: BuildContext) -> None:
+        super().__init__(params, ctx)
+
+
+class APGDT(_APGD):
+    """Targeted APGD on the DLR loss, one target after another among the highest-scoring
+    non-true classes; succeeds on an example as soon as it is misclassified as anything."""
+
+    loss: Literal["ce", "dlr", "dlr-targeted"] = "dlr-targeted"
+    min_classes = 4
+    name = "apgd_t"
+
+    class Params(_APGDParams):
+        n_target_classes: int = Field(
+            default=9, ge=1, description="how many of the highest non-true classes of the "
+            "clean logits to target in turn (at most the number of classes − 1)",
+        )
+
+    def __init__(self, params: Params, ctx: BuildContext) -> None:
+        super().__init__(params, ctx)

@@ -1,0 +1,340 @@
+"""Square Attack (Andriushchenko et al., ECCV 2020): a score-based black-box attack, L∞ and L2.
+
+The attack only queries the model's logits, under ``torch.no_grad()``; it never asks for a
+gradient, so gradient masking does not stop it. Each iteration proposes a change confined
+to one random square window (shared by the batch, as in the paper; the signs are drawn per
+example and channel) and keeps it for the examples whose loss improves.
+
+Per example, the returned point is the first query the model misclassifies; if none is, the
+best-loss point over all restarts. Query accounting: one clean forward pass for the whole
+call (examples misclassified clean are returned unchanged), then at most ``queries``
+forwards per example and restart (the initial point counts as one); examples stop being
+queried once misclassified, and later restarts only attack the examples not yet fooled.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from pagctl.attacks.steps import Loss, Norm, fit_to_budget, loss_per_example
+from pagctl.protocols import BuildContext, Epsilon, PluginParams
+
+# (fraction of the 10,000-query reference budget after which p is divided by the factor).
+_SCHEDULE: tuple[tuple[int, int], ...] = (
+    (8000, 512), (6000, 256), (4000, 128), (2000, 64), (1000, 32),
+    (500, 16), (200, 8), (50, 4), (10, 2),
+)
+
+
+def p_schedule(p_init: float, iteration: int, queries: int) -> float:
+    """The paper's piecewise-constant fraction of pixels changed at ``iteration``.
+
+    The breakpoints are defined for a budget of 10,000 queries and rescaled to ``queries``.
+    """
+    it = int(iteration / queries * 10000)
+    for start, factor in _SCHEDULE:
+        if it > start:
+            return p_init / factor
+    return p_init
+
+
+def _randint(high: int, generator: torch.Generator) -> int:
+    """Uniform integer in ``[0, high)`` from ``generator``."""
+    return int(torch.randint(high, (1,), generator=generator).item())
+
+
+def _signs(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
+    """Uniform ±1 of ``shape`` on ``like``'s device and dtype."""
+    draw = torch.randint(0, 2, shape, generator=generator, device=generator.device)
+    return (2 * draw - 1).to(device=like.device, dtype=like.dtype)
+
+
+def _rectangle_pattern(rows: int, cols: int) -> Tensor:
+    """Concentric rectangles centred in a ``rows × cols`` patch, weight 1/(k+1)² for ring k,
+    unit L2 norm (all zeros for an empty patch). Shape: -> (rows, cols) float64."""
+    out = torch.zeros(rows, cols, dtype=torch.float64)
+    if rows == 0 or cols == 0:
+        return out
+    r0, c0 = rows // 2, cols // 2
+    for k in range(max(r0, c0) + 1):
+        out[max(r0 - k, 0): min(r0 + k + 1, rows), max(c0 - k, 0): min(c0 + k + 1, cols)] += (
+            1.0 / (k + 1) ** 2
+        )
+    norm: Tensor = torch.linalg.vector_norm(out)
+    return out / norm
+
+
+def _meta_pattern(s: int, generator: torch.Generator) -> Tensor:
+    """The paper's L2 square pattern: two halves of opposite sign, each a stack of
+    concentric rectangles, unit L2 norm, transposed with probability 1/2.
+
+    Shape: -> (s, s) float64.
+    """
+    out = torch.zeros(s, s, dtype=torch.float64)
+    half = s // 2
+    out[:half] = _rectangle_pattern(half, s)
+    out[half:] = -_rectangle_pattern(s - half, s)
+    norm: Tensor = torch.linalg.vector_norm(out)
+    out = out / norm
+    if _randint(2, generator) == 1:
+        out = out.t().contiguous()
+    return out
+
+
+def _init_linf(x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
+    """Vertical stripes: each column of each channel shifted by ±eps. Shape: like ``x``."""
+    n, c, _, w = x.shape
+    return (x + eps * _signs((n, c, 1, w), generator, x)).clamp(0.0, 1.0)
+
+
+def _init_l2(x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
+    """A grid of meta-pattern tiles with random sign per example and channel, scaled to L2
+    norm ``eps`` (then clipped to [0, 1]). Shape: like ``x``."""
+    n, c, h, w = x.shape
+    s = max(min(h, w) // 5, 1)
+    delta = torch.zeros_like(x)
+    top = (h - 5 * s) // 2 if h >= 5 * s else 0
+    for _ in range(h // s):
+        left = (w - 5 * s) // 2 if w >= 5 * s else 0
+        for _ in range(w // s):
+            tile = _meta_pattern(s, generator).to(device=x.device, dtype=x.dtype)
+            rows, cols = min(s, h - top), min(s, w - left)
+            if rows > 0 and cols > 0:
+                delta[:, :, top: top + rows, left: left + cols] += (
+                    tile[:rows, :cols] * _signs((n, c, 1, 1), generator, x)
+                )
+            left += s
+        top += s
+    return (x + _scale_to(delta, eps)).clamp(0.0, 1.0)
+
+
+def _l2(delta: Tensor) -> Tensor:
+    """Per-example L2 norm, broadcastable. Shape: (N, C, H, W) -> (N, 1, 1, 1)."""
+    norms: Tensor = torch.linalg.vector_norm(delta.flatten(1), dim=1)
+    return norms.reshape(-1, 1, 1, 1)
+
+
+def _scale_to(delta: Tensor, eps: float) -> Tensor:
+    """Each example rescaled to L2 norm ``eps`` (zero stays zero). Shape: like ``delta``."""
+    return delta * (eps / _l2(delta).clamp_min(torch.finfo(delta.dtype).tiny))
+
+
+def _propose_linf(
+    x: Tensor, best: Tensor, eps: float, p: float, generator: torch.Generator
+) -> Tensor:
+    """Set one random square (shared by the batch) to ±eps per example and channel.
+
+    Examples whose square would not change after clipping redraw their signs (a few tries).
+    Shape: (N, C, H, W) twice -> (N, C, H, W).
+    """
+    n, c, h, w = x.shape
+    side = min(max(int(round(math.sqrt(p * h * w))), 1), max(min(h, w) - 1, 1))
+    top, left = _randint(h - side + 1, generator), _randint(w - side + 1, generator)
+    window = (slice(None), slice(None), slice(top, top + side), slice(left, left + side))
+    x_win, best_win = x[window], best[window]
+    values = (x_win + eps * _signs((n, c, 1, 1), generator, x)).clamp(0.0, 1.0)
+    for _ in range(10):
+        same = ((values - best_win).abs() < 1e-7).flatten(1).all(dim=1)
+        if not bool(same.any()):
+            break
+        redraw = (x_win + eps * _signs((n, c, 1, 1), generator, x)).clamp(0.0, 1.0)
+        values = torch.where(same.reshape(-1, 1, 1, 1), redraw, values)
+    out = best.clone()
+    out[window] = values
+    return out
+
+
+def _propose_l2(
+    x: Tensor, best: Tensor, eps: float, p: float, generator: torch.Generator
+) -> Tensor:
+    """The paper's L2 step: a new meta-pattern in square 1 (added to its old, normalised
+    content), square 2 emptied, the mass of both squares plus the unused budget moved into
+    square 1, and the whole perturbation rescaled to norm ``eps`` (then clipped to [0, 1]).
+
+    Shape: (N, C, H, W) twice -> (N, C, H, W).
+    """
+    n, c, h, w = x.shape
+    side = max(int(round(math.sqrt(p * h * w))), 3)
+    if side % 2 == 0:
+        side += 1
+    side = min(side, h, w)
+    delta = best - x
+    top1, left1 = _randint(h - side + 1, generator), _randint(w - side + 1, generator)
+    top2, left2 = _randint(h - side + 1, generator), _randint(w - side + 1, generator)
+    win1 = (slice(None), slice(None), slice(top1, top1 + side), slice(left1, left1 + side))
+    win2 = (slice(None), slice(None), slice(top2, top2 + side), slice(left2, left2 + side))
+    mask = torch.zeros((1, 1, h, w), dtype=x.dtype, device=x.device)
+    mask[win1] = 1.0
+    mask[win2] = 1.0
+    norm_win1 = delta[win1].pow(2).sum(dim=(2, 3), keepdim=True).sqrt()  # (N, C, 1, 1)
+    norm_both = (delta * mask).pow(2).sum(dim=(2, 3), keepdim=True).sqrt()  # (N, C, 1, 1)
+    norm_image = _l2(delta)  # (N, 1, 1, 1)
+    pattern = _meta_pattern(side, generator).to(device=x.device, dtype=x.dtype)
+    new = pattern.expand(n, c, side, side) * _signs((n, c, 1, 1), generator, x)
+    new = new + delta[win1] / (norm_win1 + 1e-10)
+    room = ((eps**2 - norm_image.pow(2)).clamp_min(0.0) / c + norm_both.pow(2)).sqrt()
+    new = new / new.pow(2).sum(dim=(2, 3), keepdim=True).sqrt().clamp_min(1e-30) * room
+    delta = delta.clone()
+    delta[win2] = 0.0
+    delta[win1] = new
+    return (x + _scale_to(delta, eps)).clamp(0.0, 1.0)
+
+
+def _single_run(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    norm: Norm,
+    eps: float,
+    queries: int,
+    p_init: float,
+    loss: Loss,
+    generator: torch.Generator,
+    counts: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One Square Attack run of at most ``queries`` forwards per example; adds the forwards
+    spent on each example to ``counts``. Returns (points, loss at the points, fooled mask).
+
+    Shape: (N, C, H, W), (N,) -> (N, C, H, W), (N,), (N,) bool.
+    """
+    propose = _propose_l2 if norm == "l2" else _propose_linf
+    init = _init_l2 if norm == "l2" else _init_linf
+    best = init(x, eps, generator)
+    logits = model(best)
+    best_loss = loss_per_example(logits, y, loss)
+    fooled = logits.argmax(dim=1) != y
+    counts += 1
+    for iteration in range(queries - 1):
+        active = (~fooled).nonzero().squeeze(1)
+        if active.numel() == 0:
+            break
+        p = p_schedule(p_init, iteration, queries)
+        x_act, y_act = x[active], y[active]
+        candidate = propose(x_act, best[active], eps, p, generator)
+        logits = model(candidate)
+        cand_loss = loss_per_example(logits, y_act, loss)
+        hit = logits.argmax(dim=1) != y_act
+        take = hit | (cand_loss > best_loss[active])
+        best[active[take]] = candidate[take]
+        best_loss[active[take]] = cand_loss[take]
+        fooled[active[hit]] = True
+        counts[active] += 1
+    return best, best_loss, fooled
+
+
+def square_attack(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    norm: Norm,
+    eps: float,
+    queries: int,
+    p_init: float,
+    restarts: int,
+    loss: Loss,
+    generator: torch.Generator,
+    counts: Tensor | None = None,
+) -> Tensor:
+    """Untargeted Square Attack inside the ``norm`` ball of radius ``eps`` around ``x`` and the
+    [0, 1] box, using only the model's outputs (no gradients).
+
+    ``counts`` (N,) int64, when given, receives the number of forwards spent per example
+    (the clean pass included). Runs in whatever mode the caller left ``model`` in.
+    Shape: inputs (N, C, H, W) in [0, 1], labels (N,) -> (N, C, H, W), same dtype/device.
+    """
+    if norm not in ("l2", "linf"):
+        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if queries < 1 or restarts < 1:
+        raise ValueError(f"queries and restarts must be >= 1, got {queries} and {restarts}")
+    if not 0 < p_init <= 1:
+        raise ValueError(f"p_init must be in (0, 1], got {p_init}")
+    if x.dim() != 4:
+        raise ValueError(f"square: expected inputs (N, C, H, W), got {tuple(x.shape)}")
+    x0 = x.detach()
+    n = x0.shape[0]
+    if counts is None:
+        counts = torch.zeros(n, dtype=torch.int64, device=x0.device)
+    if eps == 0 or n == 0:
+        return x0.clone()
+    y = y.to(x0.device)
+    best = x0.clone()
+    best_loss = torch.full((n,), float("-inf"), device=x0.device)
+    with torch.no_grad():
+        fooled = model(x0).argmax(dim=1) != y
+        counts += 1
+        for _ in range(restarts):
+            active = (~fooled).nonzero().squeeze(1)
+            if active.numel() == 0:
+                break
+            run_counts = torch.zeros(active.numel(), dtype=torch.int64, device=x0.device)
+            points, run_loss, found = _single_run(
+                model, x0[active], y[active], norm=norm, eps=eps, queries=queries,
+                p_init=p_init, loss=loss, generator=generator, counts=run_counts,
+            )
+            counts[active] += run_counts
+            take = found | (run_loss.to(best_loss.dtype) > best_loss[active])
+            best[active[take]] = points[take]
+            best_loss[active[take]] = run_loss[take].to(best_loss.dtype)
+            fooled[active[found]] = True
+    return fit_to_budget(x0, best, norm, eps)
+
+
+class Square:
+    """Square Attack: random-search black-box attack on the model's scores, L∞ or L2."""
+
+    class Params(PluginParams):
+        eps: Epsilon = Field(
+            default=8 / 255, ge=0, allow_inf_nan=False,
+            description="radius in [0, 1] pixel space, in the chosen norm (number or fraction "
+            "string such as \"8/255\")",
+        )
+        norm: Literal["linf", "l2"] = Field(
+            default="linf", description="threat model: 'linf' or 'l2'",
+        )
+        queries: int = Field(
+            default=5000, ge=1,
+            description="model queries per example and restart (the initial point included)",
+        )
+        p_init: float = Field(
+            default=0.8, gt=0, le=1, allow_inf_nan=False,
+            description="initial fraction of pixels in the square; decays on the paper's "
+            "schedule (defined for 10,000 queries, rescaled to `queries`)",
+        )
+        restarts: int = Field(
+            default=1, ge=1, description="independent runs; later runs only attack the "
+            "examples not yet misclassified",
+        )
+        seed: int | None = Field(
+            default=None, description="seed of the random squares; null = the run's seed",
+        )
+        loss: Literal["margin", "ce"] = Field(
+            default="margin", description="score to increase: 'margin' (best other logit "
+            "minus the true one) or 'ce' (cross-entropy)",
+        )
+
+    def __init__(self, params: Params, ctx: BuildContext) -> None:
+        self.params = params
+        self.eps: float = params.eps
+        self.norm: Norm = params.norm
+        seed = ctx.seed if params.seed is None else params.seed
+        self._generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
+        """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs.
+
+        Successive calls continue one seeded random stream (one per built attack).
+        """
+        p = self.params
+        return square_attack(
+            model, inputs, labels, norm=self.norm, eps=self.eps, queries=p.queries,
+            p_init=p.p_init, restarts=p.restarts, loss=p.loss, generator=self._generator,
+        )

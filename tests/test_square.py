@@ -1,0 +1,336 @@
+"""Square Attack: contract invariants, no gradients, gradient masking, query budget, digits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+from torch import Tensor, nn
+
+from pagctl.attacks.pgd import PGDL2, PGDLinf
+from pagctl.attacks.square import Square, p_schedule, square_attack
+from pagctl.attacks.steps import l2_norms, linf_norms
+from pagctl.protocols import Attack, BuildContext
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CPU = torch.device("cpu")
+SHAPE = (1, 8, 8)
+BUDGETS = {"linf": 8 / 255, "l2": 0.5}
+
+
+def _ctx(seed: int = 0, shape: tuple[int, int, int] = SHAPE, classes: int = 10) -> BuildContext:
+    return BuildContext(num_classes=classes, input_shape=shape, device=CPU, seed=seed)
+
+
+def _params(**kw: Any) -> Square.Params:
+    return Square.Params.model_validate(kw)
+
+
+def _square(norm: str, ctx: BuildContext | None = None, **kw: Any) -> Square:
+    return Square(_params(norm=norm, eps=BUDGETS[norm], **kw), ctx or _ctx())
+
+
+def _norms(delta: Tensor, norm: str) -> Tensor:
+    return l2_norms(delta) if norm == "l2" else linf_norms(delta)
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 10),
+    )
+
+
+def _inputs(n: int = 16) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand((n, *SHAPE), generator=g)
+    x[:, :, 0, :] = 1.0  # pixels on the box faces and just below them
+    x[:, :, 1, :] = 0.0
+    x[:, :, 2, :] = 1.0 - 1e-3
+    return x, torch.randint(0, 10, (n,), generator=g)
+
+
+# --------------------------------------------------------------------------- params
+
+
+def test_params_defaults_and_validation() -> None:
+    p = Square.Params()
+    assert p.eps == pytest.approx(8 / 255) and p.norm == "linf" and p.queries == 5000
+    assert p.p_init == 0.8 and p.restarts == 1 and p.seed is None and p.loss == "margin"
+    assert Square.Params.model_validate({"eps": "4/255"}).eps == pytest.approx(4 / 255)
+    for bad in ({"queries": 0}, {"p_init": 0.0}, {"p_init": 1.5}, {"restarts": 0},
+                {"norm": "l1"}, {"loss": "dlr"}, {"eps": -1.0}, {"unknown": 1}):
+        with pytest.raises(ValidationError):
+            Square.Params.model_validate(bad)
+
+
+def test_p_schedule_is_the_papers_rescaled() -> None:
+    assert p_schedule(0.8, 0, 10000) == 0.8 and p_schedule(0.8, 10, 10000) == 0.8
+    assert p_schedule(0.8, 11, 10000) == 0.4 and p_schedule(0.8, 600, 10000) == 0.05
+    assert p_schedule(0.8, 9000, 10000) == pytest.approx(0.8 / 512)
+    assert p_schedule(0.8, 60, 1000) == p_schedule(0.8, 600, 10000)  # rescaled
+
+
+# -------------------------------------------------------------------- invariants
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_attack_invariants(norm: str) -> None:
+    model = _bn_model().eval()
+    next(model.children()).train()  # mixed mode: every module's flag must survive
+    modes = [m.training for m in model.modules()]
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = _inputs()
+    x_before = x.clone()
+    rng = torch.get_rng_state()
+
+    attack = _square(norm, queries=30)
+    assert isinstance(attack, Attack)
+    adv = attack(model, x, y)
+
+    assert adv.shape == x.shape and adv.dtype == x.dtype and adv.device == x.device
+    assert bool(((adv >= 0) & (adv <= 1)).all())
+    assert bool((_norms(adv - x, norm) <= BUDGETS[norm] * (1 + 1e-6)).all())
+    assert torch.equal(x, x_before) and x.grad is None and not adv.requires_grad
+    assert [m.training for m in model.modules()] == modes
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, buffers[key]), key
+    assert not torch.equal(adv, x)
+
+
+def test_float64_and_train_mode_kept() -> None:
+    model = _bn_model().double().train()
+    x, y = _inputs(4)
+    adv = _square("linf", queries=5)(model, x.double(), y)
+    assert adv.dtype == torch.float64 and all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_seeded_and_deterministic(norm: str) -> None:
+    model = _bn_model().eval()
+    x, y = _inputs()
+    a1 = _square(norm, _ctx(seed=3), queries=20)(model, x, y)
+    a2 = _square(norm, _ctx(seed=3), queries=20)(model, x, y)
+    a3 = _square(norm, _ctx(seed=4), queries=20)(model, x, y)
+    a4 = _square(norm, _ctx(seed=99), queries=20, seed=3)(model, x, y)
+    assert torch.equal(a1, a2) and torch.equal(a1, a4) and not torch.equal(a1, a3)
+
+
+def test_zero_eps_and_empty_batch() -> None:
+    model = _bn_model().eval()
+    x, y = _inputs(4)
+    adv = Square(Square.Params(eps=0.0, queries=5), _ctx())(model, x, y)
+    assert torch.equal(adv, x) and adv is not x
+    empty = _square("l2", queries=5)(model, x[:0], y[:0])
+    assert empty.shape == (0, *SHAPE)
+
+
+# ------------------------------------------------------- no gradients, gradient masking
+
+
+class _NoBackward(torch.autograd.Function):
+    """Identity whose backward pass fails: any gradient request through it raises."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        raise RuntimeError("this model has no gradient")
+
+
+class _Wrap(nn.Module):
+    def __init__(self, inner: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.inner, self.kind = inner, kind
+
+    def forward(self, x: Tensor) -> Tensor:
+        # "quantise" rounds to 1/255: zero gradient almost everywhere
+        x = _NoBackward.apply(x) if self.kind == "no_backward" else torch.round(x * 255) / 255
+        out: Tensor = self.inner(x)
+        return out
+
+
+def _linear_case(margin: float = 1.0) -> tuple[nn.Module, Tensor, Tensor]:
+    """Two classes, logit_0 − logit_1 = w·(x − 0.5) + margin with w = ±1 on 64 pixels; at
+    x = 0.5 (class 0) the boundary is margin/64 away in L∞ and margin/8 away in L2."""
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randint(0, 2, (64,), generator=g) * 2 - 1).float()
+    lin = nn.Linear(64, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.stack([w, torch.zeros(64)]))
+        lin.bias.copy_(torch.tensor([margin - 0.5 * float(w.sum()), 0.0]))
+    model = nn.Sequential(nn.Flatten(), lin).eval()
+    x = torch.full((4, *SHAPE), 0.5)
+    return model, x, torch.zeros(4, dtype=torch.int64)
+
+
+# eps about three times the distance to the boundary in each norm
+LINEAR_EPS = {"linf": 0.05, "l2": 0.4}
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_needs_no_gradient(norm: str) -> None:
+    inner, x, y = _linear_case()
+    model = _Wrap(inner, "no_backward").eval()
+    ctx = _ctx(classes=2)
+    with pytest.raises(RuntimeError, match="no gradient"):
+        PGDLinf(PGDLinf.Params(eps=0.05, steps=2), ctx)(model, x, y)
+    attack = Square(_params(eps=LINEAR_EPS[norm], norm=norm, queries=300), ctx)
+    adv = attack(model, x, y)
+    with torch.no_grad():
+        assert bool((model(adv).argmax(1) != y).all())
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_breaks_gradient_masking(norm: str) -> None:
+    inner, x, y = _linear_case()
+    model = _Wrap(inner, "quantise").eval()
+    ctx = _ctx(classes=2)
+    eps = LINEAR_EPS[norm]
+    pgd: Attack = (
+        PGDLinf(PGDLinf.Params(eps=eps, steps=10, random_start=False), ctx) if norm == "linf"
+        else PGDL2(PGDL2.Params(eps=eps, steps=10, random_start=False), ctx)
+    )
+    with torch.no_grad():
+        assert bool((model(pgd(model, x, y)).argmax(1) == y).all())  # zero gradient: stuck
+        adv = Square(_params(eps=eps, norm=norm, queries=300), ctx)(model, x, y)
+        assert bool((model(adv).argmax(1) != y).all())
+    assert bool((_norms(adv - x, norm) <= eps * (1 + 1e-6)).all())
+
+
+# ----------------------------------------------------------------------- query budget
+
+
+class _Counting(nn.Module):
+    """Counts forward calls and forwarded rows."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls, self.rows = inner, 0, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        self.rows += x.shape[0]
+        out: Tensor = self.inner(x)
+        return out
+
+
+class _Constant(nn.Module):
+    """Always class 0 by a wide margin: never fooled, so every query is spent."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tensor([10.0, 0.0]).expand(x.shape[0], 2) + 0 * x.flatten(1)[:, :1]
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_query_budget_respected(norm: str) -> None:
+    counted = _Counting(_Constant())
+    x, _ = _inputs(1)
+    y = torch.zeros(1, dtype=torch.int64)
+    _square(norm, queries=17, restarts=2)(counted, x, y)
+    assert counted.calls == 1 + 17 * 2  # clean pass + queries per restart, exactly
+
+    inner, xs, ys = _linear_case(margin=0.3)
+    counted = _Counting(inner)
+    counts = torch.zeros(4, dtype=torch.int64)
+    square_attack(counted, xs, ys, norm="l2" if norm == "l2" else "linf", eps=LINEAR_EPS[norm],
+                  queries=40, p_init=0.8, restarts=3, loss="margin",
+                  generator=torch.Generator().manual_seed(0), counts=counts)
+    assert bool((counts <= 1 + 40 * 3).all()) and int(counts.sum()) == counted.rows
+    assert int(counts.max()) < 1 + 40  # every point fooled early: queries stop
+
+
+# ------------------------------------------------------------- trained digits model
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[nn.Module, Tensor, Tensor]:
+    """A tiny MLP on sklearn's 8×8 digits (/16), full-batch Adam, about 0.2 s."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    data = datasets.load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16
+    y = torch.tensor(data.target, dtype=torch.int64)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(150):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x[:1500]), y[:1500])
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval(), x[1500:1700], y[1500:1700]
+
+
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def test_digits_close_to_pgd(digits: tuple[nn.Module, Tensor, Tensor]) -> None:
+    model, x, y = digits
+    ctx = _ctx()
+    clean = _accuracy(model, x, y)
+    pgd = _accuracy(model, PGDLinf(PGDLinf.Params(eps=0.1, steps=20), ctx)(model, x, y), y)
+    square = _accuracy(model, Square(Square.Params(eps=0.1, queries=300), ctx)(model, x, y), y)
+    # measured: clean 0.89, PGD-20 0.275, Square-300 0.275
+    assert clean > 0.8
+    assert square <= clean - 0.4
+    assert square <= pgd + 0.05
+    pgd_l2 = _accuracy(model, PGDL2(PGDL2.Params(eps=0.75, steps=20), ctx)(model, x, y), y)
+    sq_l2 = _accuracy(
+        model, Square(Square.Params(eps=0.75, norm="l2", queries=300), ctx)(model, x, y), y)
+    # measured: PGD-20 0.085, Square-300 0.245 (L2 random search on 64 pixels is weaker)
+    assert sq_l2 <= clean - 0.4
+    assert sq_l2 <= pgd_l2 + 0.2
+
+
+class _CropTo8(nn.Module):
+    """Reads only the top-left 8×8 of a 9×9 input.
+
+    The reference implementation draws square positions in ``[0, H - s)`` (never the last
+    one), so on a bare 8×8 image it never changes the last row or column; one dead row and
+    column make both implementations reach every pixel the model sees.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.inner(x[:, :, :8, :8])
+        return out
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_matches_autoattack_square(norm: str, digits: tuple[nn.Module, Tensor, Tensor]) -> None:
+    square_mod = pytest.importorskip("pyautoattack.square")
+    inner, x, y = digits
+    model = _CropTo8(inner).eval()
+    x9 = F.pad(x, (0, 1, 0, 1))
+    eps = 0.1 if norm == "linf" else 0.75
+    ours = theirs = 0.0
+    for seed in range(2):
+        with torch.random.fork_rng():  # the reference seeds the global RNG
+            ref = square_mod.SquareAttack(model, norm="Linf" if norm == "linf" else "L2",
+                                          eps=eps, n_queries=300, p_init=0.8, seed=seed,
+                                          device=CPU)
+            theirs += _accuracy(model, ref.perturb(x9, y), y) / 2
+        attack = Square(_params(eps=eps, norm=norm, queries=300, seed=seed), _ctx())
+        ours += _accuracy(model, attack(model, x9, y), y) / 2
+    # measured (2 seeds, 200 points): L∞ 0.10: ours 0.32, reference 0.31;
+    # L2 0.75: ours 0.26, reference 0.30 (ours is never the weaker one)
+    if norm == "linf":
+        assert abs(ours - theirs) <= 0.03
+    else:
+        assert ours <= theirs + 0.03
