@@ -47,14 +47,24 @@ def render_table(rows: list[dict[str, Any]]) -> None:
 
     attack_keys = sorted({k for r in rows for k in r["attacks"]})
     table = Table(title="pagctl compare")
-    for col in ["run", "source", "lambda", "clean", "align", *attack_keys]:
-        table.add_column(col, justify="left" if col in ("run", "source") else "right")
+    table.add_column("run", no_wrap=True, min_width=max([3, *(len(r["run"]) for r in rows)]))
+    table.add_column("source", no_wrap=True,
+                     min_width=max([6, *(len(r["source"]) for r in rows)]))
+    for col in ["λ", "clean", "align", *(k.replace(" ", "\n") for k in attack_keys)]:
+        table.add_column(col, justify="right", min_width=max(len(p) for p in col.split("\n")))
+    sizes = set()
     for r in rows:
         cells = [r["run"], r["source"], f"{r['lambda']:g}",
                  "-" if r["clean_accuracy"] is None else f"{r['clean_accuracy']:.3f}",
                  "-" if r["alignment"] is None else f"{r['alignment']:.3f}"]
         for k in attack_keys:
             a = r["attacks"].get(k)
-            cells.append("-" if a is None else f"{a['robust_accuracy']:.3f} (n={a['n']})")
+            cells.append("-" if a is None else f"{a['robust_accuracy']:.3f}")
+            if a is not None:
+                sizes.add(a["n"])
         table.add_row(*cells)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if sizes:
+        console.print(f"robust accuracy on n = {', '.join(str(n) for n in sorted(sizes))} "
+                      "test images; clean and align from the last training epoch", soft_wrap=True)
