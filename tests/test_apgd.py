@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from attack_kit import SHAPE, accuracy, bn_model, box_inputs, norms, train_digits_mlp
 from pydantic import ValidationError
 from torch import Tensor, nn
 
@@ -19,13 +20,11 @@ from pagctl.attacks.apgd import (
     targeted_dlr_loss,
 )
 from pagctl.attacks.pgd import PGDL2, PGDLinf
-from pagctl.attacks.steps import l2_norms, linf_norms
 from pagctl.protocols import Attack, BuildContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
-SHAPE = (1, 8, 8)
 CLASSES: dict[str, type[APGDCE] | type[APGDDLR] | type[APGDT]] = {
     "apgd_ce": APGDCE, "apgd_dlr": APGDDLR, "apgd_t": APGDT,
 }
@@ -42,28 +41,6 @@ def _build(name: str, ctx: BuildContext, **params: object) -> Attack:
     return attack
 
 
-def _norms(delta: Tensor, norm: str) -> Tensor:
-    return l2_norms(delta) if norm == "l2" else linf_norms(delta)
-
-
-def _bn_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-        nn.Linear(4 * 8 * 8, 10),
-    )
-
-
-def _inputs(n: int = 12) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand((n, *SHAPE), generator=g)
-    x[:, :, 0, :] = 1.0  # pixels on the box faces and just below them
-    x[:, :, 1, :] = 0.0
-    x[:, :, 2, :] = 1.0 - 1e-3
-    y = torch.randint(0, 10, (n,), generator=g)
-    return x, y
-
-
 # ------------------------------------------------------------------- contract invariants
 
 
@@ -71,8 +48,8 @@ def _inputs(n: int = 12) -> tuple[Tensor, Tensor]:
 @pytest.mark.parametrize("name", sorted(CLASSES))
 def test_apgd_invariants(name: str, norm: str) -> None:
     eps = EPS[norm]
-    model = _bn_model().eval()
-    x, y = _inputs()
+    model = bn_model().eval()
+    x, y = box_inputs(12)
     with torch.no_grad():
         y = model(x).argmax(1)  # correctly classified: misclassified inputs are returned as is
     next(model.children()).train()  # a mixed-mode model: every module's flag must be kept
@@ -90,7 +67,7 @@ def test_apgd_invariants(name: str, norm: str) -> None:
 
     assert adv.shape == x.shape and adv.dtype == x.dtype and adv.device == x.device
     assert bool(((adv >= 0) & (adv <= 1)).all())
-    assert bool((_norms(adv - x, norm) <= eps).all())
+    assert bool((norms(adv - x, norm) <= eps).all())
     assert torch.equal(x, x_before) and x.grad is None and not x.requires_grad
     assert not adv.requires_grad
     assert [m.training for m in model.modules()] == modes
@@ -106,8 +83,8 @@ def test_apgd_invariants(name: str, norm: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(CLASSES))
 def test_apgd_keeps_train_mode(name: str) -> None:
-    model = _bn_model().train()
-    x, y = _inputs(6)
+    model = bn_model().train()
+    x, y = box_inputs(6)
     attack = _build(name, _ctx(), steps=3)
     attack(model, x, y)
     assert all(m.training for m in model.modules())
@@ -115,8 +92,8 @@ def test_apgd_keeps_train_mode(name: str) -> None:
 
 
 def test_apgd_seeding() -> None:
-    model = _bn_model().eval()
-    x, _ = _inputs()
+    model = bn_model().eval()
+    x, _ = box_inputs(12)
     with torch.no_grad():
         y = model(x).argmax(1)
     a1 = _build("apgd_ce", _ctx(seed=3), steps=5)(model, x, y)
@@ -126,8 +103,8 @@ def test_apgd_seeding() -> None:
 
 
 def test_zero_eps_and_empty_batch_return_the_inputs() -> None:
-    model = _bn_model().eval()
-    x, y = _inputs(4)
+    model = bn_model().eval()
+    x, y = box_inputs(4)
     for name in CLASSES:
         adv = _build(name, _ctx(), eps=0)(model, x, y)
         assert torch.equal(adv, x) and adv is not x
@@ -217,7 +194,7 @@ def test_points_closer_than_eps_to_the_boundary_are_flipped(
     attack = _build(name, _ctx(shape=(1, 2, 2), classes=4), eps=eps, norm=norm, steps=10)
     adv = attack(model, x, y)
     assert bool((model(adv).argmax(1) != y).all())
-    assert bool((_norms(adv - x, norm) <= eps).all())
+    assert bool((norms(adv - x, norm) <= eps).all())
 
 
 # ------------------------------------------------------------------------ trained model
@@ -225,33 +202,9 @@ def test_points_closer_than_eps_to_the_boundary_are_flipped(
 
 @pytest.fixture(scope="module")
 def digits_model() -> tuple[nn.Module, Tensor, Tensor]:
-    """A small MLP trained for a few seconds on scikit-learn's 8×8 digits; 200 test points."""
-    datasets = pytest.importorskip("sklearn.datasets")
-    digits = datasets.load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16
-    y = torch.tensor(digits.target, dtype=torch.int64)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(x), generator=g)
-    train, test = perm[:1400], perm[1400:1600]
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(15):
-        for batch in torch.split(torch.randperm(len(train), generator=g), 64):
-            i = train[batch]
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[i]), y[i])
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.grad = None
-    return model, x[test], y[test]
-
-
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
+    """The shared digits MLP; 200 test points."""
+    pytest.importorskip("sklearn.datasets")
+    return train_digits_mlp(200)
 
 
 # Budgets that leave the digits MLP mid-range robust accuracy (0.45–0.65).
@@ -274,8 +227,8 @@ def test_apgd_at_least_as_strong_as_pgd(
     is the weaker loss on this model; the reference implementation measures the same)."""
     model, x, y = digits_model
     eps = BUDGETS[norm]
-    pgd100 = _accuracy(model, _pgd(norm, eps, 100)(model, x, y), y)
-    robust = {name: _accuracy(model, _build(name, _ctx(), eps=eps, norm=norm, seed=0)(model, x, y),
+    pgd100 = accuracy(model, _pgd(norm, eps, 100)(model, x, y), y)
+    robust = {name: accuracy(model, _build(name, _ctx(), eps=eps, norm=norm, seed=0)(model, x, y),
                               y) for name in CLASSES}
     assert 0.3 < pgd100 < 0.9, pgd100
     assert robust["apgd_t"] <= pgd100, (robust, pgd100)
@@ -294,7 +247,7 @@ def _reference_robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, *, loss: 
     else:
         attack = autopgd.APGDAttack(model, n_iter=100, norm=ref_norm, eps=eps, seed=seed,
                                     loss=loss, device="cpu")
-    robust = _accuracy(model, attack.perturb(x, y), y)
+    robust = accuracy(model, attack.perturb(x, y), y)
     torch.set_rng_state(state)
     return robust
 
@@ -312,6 +265,6 @@ def test_apgd_matches_the_reference_implementation(
     theirs = _reference_robust_accuracy(model, x, y, loss=loss, norm=norm, eps=eps, seed=0)
     ours_adv = apgd(model, x, y, loss=loss, norm=norm, eps=eps, steps=100,  # type: ignore[arg-type]
                     restarts=1, rho=0.75, generator=torch.Generator().manual_seed(1))
-    ours = _accuracy(model, ours_adv, y)
+    ours = accuracy(model, ours_adv, y)
     assert 0.3 <= theirs <= 0.8, theirs  # mid-range: the comparison means something
     assert math.isclose(ours, theirs, abs_tol=0.02 + 1e-9), (ours, theirs)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from attack_kit import SHAPE, accuracy, bn_model, box_inputs, norms, train_digits_mlp
 from pydantic import ValidationError
 from torch import Tensor, nn
 
@@ -15,7 +16,6 @@ from pagctl.attacks.pgd import PGDL2, PGDLinf, pgd
 from pagctl.attacks.steps import (
     fit_to_budget,
     l2_norms,
-    linf_norms,
     loss_gradient,
     normalize_l2,
     project_l2,
@@ -29,7 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CPU = torch.device("cpu")
-SHAPE = (1, 8, 8)
 
 
 def _ctx(seed: int = 0, shape: tuple[int, int, int] = SHAPE, classes: int = 10) -> BuildContext:
@@ -52,28 +51,6 @@ ATTACKS: dict[str, tuple[Builder, str, float]] = {
         lambda c: PGDLinf(PGDLinf.Params(eps=0.1, steps=3, restarts=2, step_size=0.05), c),
         "linf", 0.1),
 }
-
-
-def _norms(delta: Tensor, norm: str) -> Tensor:
-    return l2_norms(delta) if norm == "l2" else linf_norms(delta)
-
-
-def _bn_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-        nn.Linear(4 * 8 * 8, 10),
-    )
-
-
-def _inputs(n: int = 16) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand((n, *SHAPE), generator=g)
-    x[:, :, 0, :] = 1.0  # pixels on the box faces and just below them
-    x[:, :, 1, :] = 0.0
-    x[:, :, 2, :] = 1.0 - 1e-3
-    y = torch.randint(0, 10, (n,), generator=g)
-    return x, y
 
 
 # ------------------------------------------------------------------------- shared steps
@@ -161,9 +138,9 @@ def test_fit_to_budget_survives_rounding_near_one(norm: str) -> None:
     delta = project_linf(step.sign() * eps, eps) if norm == "linf" else \
         project_l2(normalize_l2(step) * eps, eps)
     raw = (x + delta).clamp(0, 1)
-    assert bool((_norms(raw - x, norm) > eps).any())  # the problem is real
+    assert bool((norms(raw - x, norm) > eps).any())  # the problem is real
     fitted = fit_to_budget(x, raw, norm, eps)  # type: ignore[arg-type]
-    assert bool((_norms(fitted - x, norm) <= eps).all())
+    assert bool((norms(fitted - x, norm) <= eps).all())
     assert fitted.min() >= 0 and fitted.max() <= 1
 
 
@@ -173,11 +150,11 @@ def test_fit_to_budget_survives_rounding_near_one(norm: str) -> None:
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_attack_invariants(name: str) -> None:
     build, norm, eps = ATTACKS[name]
-    model = _bn_model().eval()
+    model = bn_model().eval()
     next(model.children()).train()  # a mixed-mode model: the attack must keep every module's flag
     modes = [m.training for m in model.modules()]
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
-    x, y = _inputs()
+    x, y = box_inputs()
     x_before = x.clone()
     rng = torch.get_rng_state()
 
@@ -187,7 +164,7 @@ def test_attack_invariants(name: str) -> None:
 
     assert adv.shape == x.shape and adv.dtype == x.dtype and adv.device == x.device
     assert bool(((adv >= 0) & (adv <= 1)).all())
-    assert bool((_norms(adv - x, norm) <= eps * (1 + 1e-6)).all())
+    assert bool((norms(adv - x, norm) <= eps * (1 + 1e-6)).all())
     assert torch.equal(x, x_before) and x.grad is None and not x.requires_grad
     assert not adv.requires_grad
     assert [m.training for m in model.modules()] == modes
@@ -201,16 +178,16 @@ def test_attack_invariants(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_attack_keeps_train_mode(name: str) -> None:
     build, _, _ = ATTACKS[name]
-    model = _bn_model().train()
-    x, y = _inputs(8)
+    model = bn_model().train()
+    x, y = box_inputs(8)
     build(_ctx())(model, x, y)
     assert all(m.training for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
 
 
 def test_attacks_are_seeded_and_deterministic() -> None:
-    model = _bn_model().eval()
-    x, y = _inputs()
+    model = bn_model().eval()
+    x, y = box_inputs()
     params = PGDL2.Params(eps=0.5, steps=3)
     a1 = PGDL2(params, _ctx(seed=3))(model, x, y)
     a2 = PGDL2(params, _ctx(seed=3))(model, x, y)
@@ -223,8 +200,8 @@ def test_attacks_are_seeded_and_deterministic() -> None:
 
 
 def test_zero_eps_returns_the_inputs() -> None:
-    model = _bn_model().eval()
-    x, y = _inputs(4)
+    model = bn_model().eval()
+    x, y = box_inputs(4)
     zero_linf = PGDLinf.Params.model_validate({"eps": "0"})
     for attack in (PGDL2(PGDL2.Params(eps=0), _ctx()), PGDLinf(zero_linf, _ctx()),
                    FGSM(FGSM.Params(eps=0), _ctx())):
@@ -245,7 +222,7 @@ def test_params_validation_and_defaults() -> None:
     with pytest.raises(ValidationError):
         FGSM.Params.model_validate({"norm": "l1"})
     with pytest.raises(ValueError):
-        pgd(_bn_model(), *_inputs(2), norm="l2", eps=0.5, steps=0, step_size=None,
+        pgd(bn_model(), *box_inputs(2), norm="l2", eps=0.5, steps=0, step_size=None,
             random_start=False, restarts=1, generator=torch.Generator())
 
 
@@ -298,45 +275,21 @@ def test_points_farther_than_eps_are_not_flipped() -> None:
 
 @pytest.fixture(scope="module")
 def digits_model() -> tuple[nn.Module, Tensor, Tensor]:
-    """A small MLP trained for a few seconds on scikit-learn's 8×8 digits; 300 test points."""
-    datasets = pytest.importorskip("sklearn.datasets")
-    digits = datasets.load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16
-    y = torch.tensor(digits.target, dtype=torch.int64)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(x), generator=g)
-    train, test = perm[:1400], perm[1400:1700]
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(15):
-        for batch in torch.split(torch.randperm(len(train), generator=g), 64):
-            i = train[batch]
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[i]), y[i])
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.grad = None
-    return model, x[test], y[test]
-
-
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
+    """The shared digits MLP; 300 test points."""
+    pytest.importorskip("sklearn.datasets")
+    return train_digits_mlp(300)
 
 
 def test_attacks_never_increase_the_correct_count(
     digits_model: tuple[nn.Module, Tensor, Tensor],
 ) -> None:
     model, x, y = digits_model
-    clean = _accuracy(model, x, y)
+    clean = accuracy(model, x, y)
     assert clean > 0.9
     ctx = _ctx()
     for attack in (FGSM(FGSM.Params(eps=0.1), ctx), FGSM(FGSM.Params(eps=0.5, norm="l2"), ctx),
                    PGDL2(PGDL2.Params(eps=0.5), ctx), PGDLinf(PGDLinf.Params(eps=0.05), ctx)):
-        robust = _accuracy(model, attack(model, x, y), y)
+        robust = accuracy(model, attack(model, x, y), y)
         assert robust < clean
 
 
@@ -347,7 +300,7 @@ def _torchattacks_robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, *, eps
     torch.manual_seed(0)
     attack = torchattacks.PGDL2(model, eps=eps, alpha=alpha, steps=steps,
                                 random_start=random_start)
-    robust = _accuracy(model, attack(x, y), y)
+    robust = accuracy(model, attack(x, y), y)
     torch.set_rng_state(state)
     return robust
 
@@ -379,7 +332,7 @@ def test_pgd_l2_matches_torchattacks(
         monkeypatch.setattr("pagctl.attacks.pgd.random_start_l2", _radius_uniform_start)
     ours = PGDL2(PGDL2.Params(eps=EPS, steps=STEPS, step_size=MADRY_STEP,
                               random_start=start != "none", seed=0), _ctx())
-    robust_ours = _accuracy(model, ours(model, x, y), y)
+    robust_ours = accuracy(model, ours(model, x, y), y)
     robust_theirs = _torchattacks_robust_accuracy(
         model, x, y, eps=EPS, alpha=MADRY_STEP, steps=STEPS, random_start=start != "none")
     assert 0.3 <= robust_theirs <= 0.8, robust_theirs  # mid-range: the comparison means something
@@ -398,7 +351,7 @@ def test_pgd_l2_uniform_ball_start_versus_torchattacks(
     """
     model, x, y = digits_model
     ours = PGDL2(PGDL2.Params(eps=EPS, steps=STEPS, seed=0), _ctx())
-    robust_ours = _accuracy(model, ours(model, x, y), y)
+    robust_ours = accuracy(model, ours(model, x, y), y)
     robust_theirs = _torchattacks_robust_accuracy(
         model, x, y, eps=EPS, alpha=MADRY_STEP, steps=STEPS, random_start=True)
     assert robust_theirs - 0.01 - 1e-9 <= robust_ours <= robust_theirs + 0.04, \

@@ -7,18 +7,17 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from attack_kit import SHAPE, accuracy, bn_model, box_inputs, norms
 from pydantic import ValidationError
 from torch import Tensor, nn
 
 from pagctl.attacks.pgd import PGDL2, PGDLinf
 from pagctl.attacks.square import Square, p_schedule, square_attack
-from pagctl.attacks.steps import l2_norms, linf_norms
 from pagctl.protocols import Attack, BuildContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
-SHAPE = (1, 8, 8)
 BUDGETS = {"linf": 8 / 255, "l2": 0.5}
 
 
@@ -32,27 +31,6 @@ def _params(**kw: Any) -> Square.Params:
 
 def _square(norm: str, ctx: BuildContext | None = None, **kw: Any) -> Square:
     return Square(_params(norm=norm, eps=BUDGETS[norm], **kw), ctx or _ctx())
-
-
-def _norms(delta: Tensor, norm: str) -> Tensor:
-    return l2_norms(delta) if norm == "l2" else linf_norms(delta)
-
-
-def _bn_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-        nn.Linear(4 * 8 * 8, 10),
-    )
-
-
-def _inputs(n: int = 16) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand((n, *SHAPE), generator=g)
-    x[:, :, 0, :] = 1.0  # pixels on the box faces and just below them
-    x[:, :, 1, :] = 0.0
-    x[:, :, 2, :] = 1.0 - 1e-3
-    return x, torch.randint(0, 10, (n,), generator=g)
 
 
 # --------------------------------------------------------------------------- params
@@ -81,11 +59,11 @@ def test_p_schedule_is_the_papers_rescaled() -> None:
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_attack_invariants(norm: str) -> None:
-    model = _bn_model().eval()
+    model = bn_model().eval()
     next(model.children()).train()  # mixed mode: every module's flag must survive
     modes = [m.training for m in model.modules()]
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
-    x, y = _inputs()
+    x, y = box_inputs()
     x_before = x.clone()
     rng = torch.get_rng_state()
 
@@ -95,7 +73,7 @@ def test_attack_invariants(norm: str) -> None:
 
     assert adv.shape == x.shape and adv.dtype == x.dtype and adv.device == x.device
     assert bool(((adv >= 0) & (adv <= 1)).all())
-    assert bool((_norms(adv - x, norm) <= BUDGETS[norm] * (1 + 1e-6)).all())
+    assert bool((norms(adv - x, norm) <= BUDGETS[norm] * (1 + 1e-6)).all())
     assert torch.equal(x, x_before) and x.grad is None and not adv.requires_grad
     assert [m.training for m in model.modules()] == modes
     assert torch.equal(torch.get_rng_state(), rng)
@@ -106,16 +84,16 @@ def test_attack_invariants(norm: str) -> None:
 
 
 def test_float64_and_train_mode_kept() -> None:
-    model = _bn_model().double().train()
-    x, y = _inputs(4)
+    model = bn_model().double().train()
+    x, y = box_inputs(4)
     adv = _square("linf", queries=5)(model, x.double(), y)
     assert adv.dtype == torch.float64 and all(m.training for m in model.modules())
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_seeded_and_deterministic(norm: str) -> None:
-    model = _bn_model().eval()
-    x, y = _inputs()
+    model = bn_model().eval()
+    x, y = box_inputs()
     a1 = _square(norm, _ctx(seed=3), queries=20)(model, x, y)
     a2 = _square(norm, _ctx(seed=3), queries=20)(model, x, y)
     a3 = _square(norm, _ctx(seed=4), queries=20)(model, x, y)
@@ -124,8 +102,8 @@ def test_seeded_and_deterministic(norm: str) -> None:
 
 
 def test_zero_eps_and_empty_batch() -> None:
-    model = _bn_model().eval()
-    x, y = _inputs(4)
+    model = bn_model().eval()
+    x, y = box_inputs(4)
     adv = Square(Square.Params(eps=0.0, queries=5), _ctx())(model, x, y)
     assert torch.equal(adv, x) and adv is not x
     empty = _square("l2", queries=5)(model, x[:0], y[:0])
@@ -204,7 +182,7 @@ def test_breaks_gradient_masking(norm: str) -> None:
         assert bool((model(pgd(model, x, y)).argmax(1) == y).all())  # zero gradient: stuck
         adv = Square(_params(eps=eps, norm=norm, queries=300), ctx)(model, x, y)
         assert bool((model(adv).argmax(1) != y).all())
-    assert bool((_norms(adv - x, norm) <= eps * (1 + 1e-6)).all())
+    assert bool((norms(adv - x, norm) <= eps * (1 + 1e-6)).all())
 
 
 # ----------------------------------------------------------------------- query budget
@@ -234,7 +212,7 @@ class _Constant(nn.Module):
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_query_budget_respected(norm: str) -> None:
     counted = _Counting(_Constant())
-    x, _ = _inputs(1)
+    x, _ = box_inputs(1)
     y = torch.zeros(1, dtype=torch.int64)
     _square(norm, queries=17, restarts=2)(counted, x, y)
     assert counted.calls == 1 + 17 * 2  # clean pass + queries per restart, exactly
@@ -272,23 +250,18 @@ def digits() -> tuple[nn.Module, Tensor, Tensor]:
     return model.eval(), x[1500:1700], y[1500:1700]
 
 
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
-
-
 def test_digits_close_to_pgd(digits: tuple[nn.Module, Tensor, Tensor]) -> None:
     model, x, y = digits
     ctx = _ctx()
-    clean = _accuracy(model, x, y)
-    pgd = _accuracy(model, PGDLinf(PGDLinf.Params(eps=0.1, steps=20), ctx)(model, x, y), y)
-    square = _accuracy(model, Square(Square.Params(eps=0.1, queries=300), ctx)(model, x, y), y)
+    clean = accuracy(model, x, y)
+    pgd = accuracy(model, PGDLinf(PGDLinf.Params(eps=0.1, steps=20), ctx)(model, x, y), y)
+    square = accuracy(model, Square(Square.Params(eps=0.1, queries=300), ctx)(model, x, y), y)
     # measured: clean 0.89, PGD-20 0.275, Square-300 0.275
     assert clean > 0.8
     assert square <= clean - 0.4
     assert square <= pgd + 0.05
-    pgd_l2 = _accuracy(model, PGDL2(PGDL2.Params(eps=0.75, steps=20), ctx)(model, x, y), y)
-    sq_l2 = _accuracy(
+    pgd_l2 = accuracy(model, PGDL2(PGDL2.Params(eps=0.75, steps=20), ctx)(model, x, y), y)
+    sq_l2 = accuracy(
         model, Square(Square.Params(eps=0.75, norm="l2", queries=300), ctx)(model, x, y), y)
     # measured: PGD-20 0.085, Square-300 0.245 (L2 random search on 64 pixels is weaker)
     assert sq_l2 <= clean - 0.4
@@ -325,9 +298,9 @@ def test_matches_autoattack_square(norm: str, digits: tuple[nn.Module, Tensor, T
             ref = square_mod.SquareAttack(model, norm="Linf" if norm == "linf" else "L2",
                                           eps=eps, n_queries=300, p_init=0.8, seed=seed,
                                           device=CPU)
-            theirs += _accuracy(model, ref.perturb(x9, y), y) / 2
+            theirs += accuracy(model, ref.perturb(x9, y), y) / 2
         attack = Square(_params(eps=eps, norm=norm, queries=300, seed=seed), _ctx())
-        ours += _accuracy(model, attack(model, x9, y), y) / 2
+        ours += accuracy(model, attack(model, x9, y), y) / 2
     # measured (2 seeds, 200 points): L∞ 0.10: ours 0.32, reference 0.31;
     # L2 0.75: ours 0.26, reference 0.30 (ours is never the weaker one)
     if norm == "linf":
