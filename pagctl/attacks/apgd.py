@@ -34,6 +34,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from pagctl.attacks.steps import (
+    BestSoFar,
     Norm,
     fit_to_budget,
     normalize_l2,
@@ -41,6 +42,7 @@ from pagctl.attacks.steps import (
     project_linf,
     random_start_l2,
     random_start_linf,
+    seeded_generator,
 )
 from pagctl.protocols import BuildContext, Epsilon, PluginParams
 
@@ -223,9 +225,7 @@ def apgd(
     classes = clean_logits.shape[1]
     if classes < {"ce": 2, "dlr": 3, "dlr-targeted": 4}[loss]:
         raise ValueError(f"loss {loss!r} needs more classes than the model's {classes}")
-    fooled = clean_logits.argmax(dim=1) != y
-    best = x0.clone()
-    best_loss = torch.full((x0.shape[0],), float("-inf"), dtype=x0.dtype, device=x0.device)
+    runs = BestSoFar(x0, fooled=clean_logits.argmax(dim=1) != y)
     if loss == "dlr-targeted":
         others = clean_logits.scatter(1, y[:, None], float("-inf"))
         ranked = others.argsort(dim=1, descending=True)[:, : min(n_target_classes, classes - 1)]
@@ -234,7 +234,7 @@ def apgd(
         targets = [None]
     for target in targets:
         for _ in range(restarts):
-            active = (~fooled).nonzero().squeeze(1)
+            active = runs.active()
             if active.numel() == 0:
                 break
             loss_fn: LossFn = (
@@ -242,19 +242,11 @@ def apgd(
                 else dlr_loss if target is None
                 else targeted_dlr_loss(target[active])
             )
-            points, run_loss, found = _single_run(
+            runs.update(active, *_single_run(
                 model, x0[active], y[active], loss_fn, norm=norm, eps=eps, steps=steps,
                 rho=rho, generator=generator,
-            )
-            take = found | (run_loss > best_loss[active])
-            best[active[take]] = points[take]
-            best_loss[active[take]] = run_loss[take]
-            fooled[active[found]] = True
-    return fit_to_budget(x0, best, norm, eps)
-
-
-def _generator(seed: int | None, ctx: BuildContext) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(ctx.seed if seed is None else seed)
+            ))
+    return fit_to_budget(x0, runs.points, norm, eps)
 
 
 class _APGDParams(PluginParams):
@@ -292,7 +284,7 @@ class _APGD:
         self.params = params
         self.eps: float = params.eps
         self.norm: Norm = params.norm
-        self._generator = _generator(params.seed, ctx)
+        self._generator = seeded_generator(params.seed, ctx)
 
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
         """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs.

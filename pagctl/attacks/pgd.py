@@ -21,6 +21,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from pagctl.attacks.steps import (
+    BestSoFar,
     Norm,
     fit_to_budget,
     logits_and_gradient,
@@ -29,6 +30,7 @@ from pagctl.attacks.steps import (
     project_linf,
     random_start_l2,
     random_start_linf,
+    seeded_generator,
 )
 from pagctl.protocols import BuildContext, Epsilon, PluginParams
 
@@ -119,27 +121,17 @@ def pgd(
     if not alpha > 0:
         raise ValueError(f"step_size must be > 0, got {alpha}")
     y = y.to(x0.device)
-    best = x0.clone()
-    best_loss = torch.full((x0.shape[0],), float("-inf"), device=x0.device)
-    fooled = torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device)
+    runs = BestSoFar(x0)
     # Without a random start every run is the same deterministic path: one is enough.
     for _ in range(restarts if random_start else 1):
-        active = (~fooled).nonzero().squeeze(1)
+        active = runs.active()
         if active.numel() == 0:
             break
-        points, loss, found = _single_run(
+        runs.update(active, *_single_run(
             model, x0[active], y[active], norm=norm, eps=eps, steps=steps, step_size=alpha,
             random_start=random_start, generator=generator,
-        )
-        take = found | (loss > best_loss[active])
-        best[active[take]] = points[take]
-        best_loss[active[take]] = loss[take]
-        fooled[active[found]] = True
-    return fit_to_budget(x0, best, norm, eps)
-
-
-def _generator(seed: int | None, ctx: BuildContext) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(ctx.seed if seed is None else seed)
+        ))
+    return fit_to_budget(x0, runs.points, norm, eps)
 
 
 class _PGDParams(PluginParams):
@@ -174,7 +166,7 @@ class _PGD:
             if params.step_size is None
             else params.step_size
         )
-        self._generator = _generator(params.seed, ctx)
+        self._generator = seeded_generator(params.seed, ctx)
 
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
         """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs.

@@ -21,7 +21,14 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from pagctl.attacks.steps import Loss, Norm, fit_to_budget, loss_per_example
+from pagctl.attacks.steps import (
+    BestSoFar,
+    Loss,
+    Norm,
+    fit_to_budget,
+    loss_per_example,
+    seeded_generator,
+)
 from pagctl.protocols import BuildContext, Epsilon, PluginParams
 
 # (fraction of the 10,000-query reference budget after which p is divided by the factor).
@@ -266,26 +273,20 @@ def square_attack(
     if eps == 0 or n == 0:
         return x0.clone()
     y = y.to(x0.device)
-    best = x0.clone()
-    best_loss = torch.full((n,), float("-inf"), device=x0.device)
     with torch.no_grad():
-        fooled = model(x0).argmax(dim=1) != y
+        runs = BestSoFar(x0, fooled=model(x0).argmax(dim=1) != y)
         counts += 1
         for _ in range(restarts):
-            active = (~fooled).nonzero().squeeze(1)
+            active = runs.active()
             if active.numel() == 0:
                 break
             run_counts = torch.zeros(active.numel(), dtype=torch.int64, device=x0.device)
-            points, run_loss, found = _single_run(
+            runs.update(active, *_single_run(
                 model, x0[active], y[active], norm=norm, eps=eps, queries=queries,
                 p_init=p_init, loss=loss, generator=generator, counts=run_counts,
-            )
+            ))
             counts[active] += run_counts
-            take = found | (run_loss.to(best_loss.dtype) > best_loss[active])
-            best[active[take]] = points[take]
-            best_loss[active[take]] = run_loss[take].to(best_loss.dtype)
-            fooled[active[found]] = True
-    return fit_to_budget(x0, best, norm, eps)
+    return fit_to_budget(x0, runs.points, norm, eps)
 
 
 class Square:
@@ -325,8 +326,7 @@ class Square:
         self.params = params
         self.eps: float = params.eps
         self.norm: Norm = params.norm
-        seed = ctx.seed if params.seed is None else params.seed
-        self._generator = torch.Generator(device="cpu").manual_seed(seed)
+        self._generator = seeded_generator(params.seed, ctx)
 
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
         """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs.

@@ -11,11 +11,14 @@ are made on the generator's device and moved to the requested one.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from pagctl.protocols import BuildContext
 
 Norm = Literal["linf", "l2"]
 Loss = Literal["ce", "margin"]
@@ -196,3 +199,36 @@ def fit_to_budget(x: Tensor, x_adv: Tensor, norm: Norm, eps: float) -> Tensor:
             fitted = (x + delta * _per_example(shrink, delta)).clamp(0.0, 1.0)
             x_adv = torch.where(_per_example(over, x_adv), fitted, x_adv)
     raise RuntimeError("could not fit the adversarial inputs into the budget")  # pragma: no cover
+
+
+def seeded_generator(seed: int | None, ctx: BuildContext) -> torch.Generator:
+    """A CPU generator seeded with ``seed``, or with the run's seed when it is None."""
+    return torch.Generator(device="cpu").manual_seed(ctx.seed if seed is None else seed)
+
+
+class BestSoFar:
+    """The per-example worst case over several runs (restarts, targets).
+
+    Each example keeps the first misclassified point any run found, else the point of highest
+    loss; later runs attack only the examples in ``active()``.
+    Shape: points (N, C, H, W), loss (N,), fooled (N,) bool.
+    """
+
+    def __init__(self, x0: Tensor, fooled: Tensor | None = None) -> None:
+        n = x0.shape[0]
+        self.points = x0.clone()
+        self.loss = torch.full((n,), float("-inf"), dtype=x0.dtype, device=x0.device)
+        self.fooled = (fooled.clone() if fooled is not None
+                       else torch.zeros(n, dtype=torch.bool, device=x0.device))
+
+    def active(self) -> Tensor:
+        """Positions of the examples not yet misclassified. Shape: (M,) int64."""
+        return (~self.fooled).nonzero().squeeze(1)
+
+    def update(self, active: Tensor, points: Tensor, loss: Tensor, found: Tensor) -> None:
+        """Merge one run over ``active``: its points, their loss, and which are fooled."""
+        take = found | (loss.to(self.loss.dtype) > self.loss[active])
+        self.points[active[take]] = points[take]
+        self.loss[active[take]] = loss[take].to(self.loss.dtype)
+        self.fooled[active[found]] = True
+
