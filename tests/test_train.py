@@ -142,8 +142,9 @@ def test_run_folder_loads_with_plain_timm_and_safetensors(workdir: Path) -> None
     torch.save(x, workdir / "x.pt")
     with torch.no_grad():
         expected = run.model(x)
-    script = textwrap.dedent("""
+    script = textwrap.dedent(f"""
         import json, sys, timm, torch
+        torch.set_num_threads({torch.get_num_threads()})  # the same reduction order
         from safetensors.torch import load_file
         assert not any(m.startswith("pagctl") for m in sys.modules)
         cfg = json.load(open("t/config.json"))

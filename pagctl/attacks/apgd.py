@@ -93,16 +93,24 @@ def checkpoint_lengths(steps: int) -> list[int]:
 
 
 def _evaluate(
-    model: nn.Module, x: Tensor, labels: Tensor, loss_fn: LossFn,
+    model: nn.Module, x: Tensor, labels: Tensor, loss_fn: LossFn, eot_iter: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Logits, per-example loss and input gradient of the summed loss at ``x``; leaves no
-    ``.grad``. Shape: (N, C, H, W), (N,) -> (N, K), (N,), (N, C, H, W), all detached."""
+    ``.grad``. With ``eot_iter > 1`` (Expectation over Transformation, for randomised
+    models) the loss and gradient are averaged over that many forwards and the logits are
+    the last forward's. Shape: (N, C, H, W), (N,) -> (N, K), (N,), (N, C, H, W), detached."""
+    loss_sum: Tensor | None = None
+    grad_sum: Tensor | None = None
     with torch.enable_grad():
-        x_var = x.detach().requires_grad_(True)
-        logits = model(x_var)
-        loss = loss_fn(logits, labels)
-        (grad,) = torch.autograd.grad(loss.sum(), x_var)
-    return logits.detach(), loss.detach(), grad.detach()
+        for _ in range(eot_iter):
+            x_var = x.detach().requires_grad_(True)
+            logits = model(x_var)
+            loss = loss_fn(logits, labels)
+            (grad,) = torch.autograd.grad(loss.sum(), x_var)
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            grad_sum = grad.detach() if grad_sum is None else grad_sum + grad.detach()
+    assert loss_sum is not None and grad_sum is not None
+    return logits.detach(), loss_sum / eot_iter, grad_sum / eot_iter
 
 
 def _project(x: Tensor, point: Tensor, norm: Norm, eps: float) -> Tensor:
@@ -127,6 +135,7 @@ def _single_run(
     steps: int,
     rho: float,
     generator: torch.Generator,
+    eot_iter: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One APGD run. Returns (points, loss at the points, fooled mask): the first
     misclassified point where ``fooled``, else the highest-loss point.
@@ -135,7 +144,7 @@ def _single_run(
     """
     draw = random_start_l2 if norm == "l2" else random_start_linf
     x_k = (x + draw(x.shape, eps, generator, device=x.device, dtype=x.dtype)).clamp(0.0, 1.0)
-    logits, loss, grad = _evaluate(model, x_k, y, loss_fn)
+    logits, loss, grad = _evaluate(model, x_k, y, loss_fn, eot_iter)
     fooled = logits.argmax(dim=1) != y
     first_fooled = x_k.clone()
     best_x, best_loss, best_grad = x_k.clone(), loss.clone(), grad.clone()
@@ -154,7 +163,7 @@ def _single_run(
         a = MOMENTUM if i > 0 else 1.0
         x_next = _project(x, x_k + a * (z - x_k) + (1.0 - a) * (x_k - x_prev), norm, eps)
         x_prev, x_k = x_k, x_next
-        logits, loss, grad = _evaluate(model, x_k, y, loss_fn)
+        logits, loss, grad = _evaluate(model, x_k, y, loss_fn, eot_iter)
 
         newly = (logits.argmax(dim=1) != y) & ~fooled
         first_fooled[newly] = x_k[newly]
@@ -199,6 +208,7 @@ def apgd(
     rho: float,
     generator: torch.Generator,
     n_target_classes: int = 9,
+    eot_iter: int = 1,
 ) -> Tensor:
     """Auto-PGD inside the ``norm`` ball of radius ``eps`` around ``x`` and the [0, 1] box.
 
@@ -213,9 +223,9 @@ def apgd(
         raise ValueError(f"loss must be 'ce', 'dlr' or 'dlr-targeted', got {loss!r}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    if steps < 1 or restarts < 1 or n_target_classes < 1:
-        raise ValueError("steps, restarts and n_target_classes must be >= 1, got "
-                         f"{steps}, {restarts} and {n_target_classes}")
+    if steps < 1 or restarts < 1 or n_target_classes < 1 or eot_iter < 1:
+        raise ValueError("steps, restarts, n_target_classes and eot_iter must be >= 1, got "
+                         f"{steps}, {restarts}, {n_target_classes} and {eot_iter}")
     x0 = x.detach()
     if eps == 0 or x0.shape[0] == 0:
         return x0.clone()
@@ -244,7 +254,7 @@ def apgd(
             )
             runs.update(active, *_single_run(
                 model, x0[active], y[active], loss_fn, norm=norm, eps=eps, steps=steps,
-                rho=rho, generator=generator,
+                rho=rho, generator=generator, eot_iter=eot_iter,
             ))
     return fit_to_budget(x0, runs.points, norm, eps)
 
@@ -268,6 +278,10 @@ class _APGDParams(PluginParams):
         default=0.75, gt=0, le=1, allow_inf_nan=False,
         description="halve the step at a checkpoint when the loss rose at fewer than this "
         "fraction of the steps since the last one",
+    )
+    eot_iter: int = Field(
+        default=1, ge=1, description="forwards averaged per gradient (Expectation over "
+        "Transformation); > 1 only for randomised models",
     )
 
 
@@ -296,6 +310,7 @@ class _APGD:
             steps=self.params.steps, restarts=self.params.restarts, rho=self.params.rho,
             generator=self._generator,
             n_target_classes=getattr(self.params, "n_target_classes", 9),
+            eot_iter=self.params.eot_iter,
         )
 
 

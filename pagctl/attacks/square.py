@@ -38,12 +38,13 @@ _SCHEDULE: tuple[tuple[int, int], ...] = (
 )
 
 
-def p_schedule(p_init: float, iteration: int, queries: int) -> float:
+def p_schedule(p_init: float, iteration: int, queries: int, rescale: bool = True) -> float:
     """The paper's piecewise-constant fraction of pixels changed at ``iteration``.
 
-    The breakpoints are defined for a budget of 10,000 queries and rescaled to ``queries``.
+    The breakpoints are defined for a budget of 10,000 queries; ``rescale`` stretches them
+    to ``queries`` (AutoAttack keeps them as they are).
     """
-    it = int(iteration / queries * 10000)
+    it = int(iteration / queries * 10000) if rescale else iteration
     for start, factor in _SCHEDULE:
         if it > start:
             return p_init / factor
@@ -204,6 +205,7 @@ def _single_run(
     loss: Loss,
     generator: torch.Generator,
     counts: Tensor,
+    rescale: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One Square Attack run of at most ``queries`` forwards per example; adds the forwards
     spent on each example to ``counts``. Returns (points, loss at the points, fooled mask).
@@ -221,7 +223,7 @@ def _single_run(
         active = (~fooled).nonzero().squeeze(1)
         if active.numel() == 0:
             break
-        p = p_schedule(p_init, iteration, queries)
+        p = p_schedule(p_init, iteration, queries, rescale)
         x_act, y_act = x[active], y[active]
         candidate = propose(x_act, best[active], eps, p, generator)
         logits = model(candidate)
@@ -248,6 +250,7 @@ def square_attack(
     loss: Loss,
     generator: torch.Generator,
     counts: Tensor | None = None,
+    rescale_schedule: bool = True,
 ) -> Tensor:
     """Untargeted Square Attack inside the ``norm`` ball of radius ``eps`` around ``x`` and the
     [0, 1] box, using only the model's outputs (no gradients).
@@ -284,6 +287,7 @@ def square_attack(
             runs.update(active, *_single_run(
                 model, x0[active], y[active], norm=norm, eps=eps, queries=queries,
                 p_init=p_init, loss=loss, generator=generator, counts=run_counts,
+                rescale=rescale_schedule,
             ))
             counts[active] += run_counts
     return fit_to_budget(x0, runs.points, norm, eps)
@@ -321,6 +325,10 @@ class Square:
             default="margin", description="score to increase: 'margin' (best other logit "
             "minus the true one) or 'ce' (cross-entropy)",
         )
+        rescale_schedule: bool = Field(
+            default=True, description="stretch the p schedule (defined for 10,000 queries) "
+            "to `queries`; AutoAttack runs 5,000 queries without stretching",
+        )
 
     def __init__(self, params: Params, ctx: BuildContext) -> None:
         self.params = params
@@ -337,4 +345,5 @@ class Square:
         return square_attack(
             model, inputs, labels, norm=self.norm, eps=self.eps, queries=p.queries,
             p_init=p.p_init, restarts=p.restarts, loss=p.loss, generator=self._generator,
+            rescale_schedule=p.rescale_schedule,
         )

@@ -1,0 +1,128 @@
+"""AutoAttack (Croce & Hein, ICML 2020): a fixed ensemble of complementary attacks, each run
+on the points the previous ones left robust, so a point counts as robust only if it
+survives all of them (the per-point worst case).
+
+Versions, as the reference defines them for L∞ and L2:
+
+- ``standard``: APGD-CE (1 run) → APGD-T (9 target classes) → FAB-T (9 target classes) →
+  Square (5,000 queries), 100 iterations for the gradient attacks;
+- ``plus``: APGD-CE and APGD-DLR (5 restarts each) → FAB (5 restarts) → Square →
+  APGD-T → FAB-T;
+- ``rand``: APGD-CE and APGD-DLR with Expectation over Transformation (20 forwards per
+  gradient), for models whose forward pass is random.
+
+``pagctl attack`` runs the stages itself (so it can report what each one broke, what it
+cost, and resume between them); calling the plugin directly runs them in turn as well.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+from torch import Tensor, nn
+
+from pagctl.attacks.apgd import APGDCE, APGDDLR, APGDT
+from pagctl.attacks.fab import FAB, FABT
+from pagctl.attacks.square import Square
+from pagctl.attacks.steps import Norm, fit_to_budget
+from pagctl.protocols import BuildContext, Epsilon, PluginParams
+
+Version = Literal["standard", "plus", "rand"]
+
+_MIN_CLASSES = {"standard": 4, "plus": 4, "rand": 3}
+
+
+Plan = list[tuple[str, type[Any], dict[str, Any]]]
+
+
+def _plan(version: Version, steps: int, queries: int) -> Plan:
+    """(stage name, plugin class, params) for each stage of ``version``, in order."""
+    targeted = {"steps": steps, "restarts": 1, "n_target_classes": 9}
+    square = {"queries": queries, "p_init": 0.8, "restarts": 1, "rescale_schedule": False}
+    if version == "standard":
+        return [("apgd_ce", APGDCE, {"steps": steps, "restarts": 1}),
+                ("apgd_t", APGDT, targeted),
+                ("fab_t", FABT, targeted),
+                ("square", Square, square)]
+    if version == "plus":
+        return [("apgd_ce", APGDCE, {"steps": steps, "restarts": 5}),
+                ("apgd_dlr", APGDDLR, {"steps": steps, "restarts": 5}),
+                ("fab", FAB, {"steps": steps, "restarts": 5}),
+                ("square", Square, square),
+                ("apgd_t", APGDT, targeted),
+                ("fab_t", FABT, targeted)]
+    return [("apgd_ce", APGDCE, {"steps": steps, "restarts": 1, "eot_iter": 20}),
+            ("apgd_dlr", APGDDLR, {"steps": steps, "restarts": 1, "eot_iter": 20})]
+
+
+class AutoAttack:
+    """AutoAttack: APGD-CE, APGD-T, FAB-T and Square in turn, per-point worst case."""
+
+    class Params(PluginParams):
+        eps: Epsilon = Field(
+            default=8 / 255, ge=0, allow_inf_nan=False,
+            description="radius in [0, 1] pixel space, in the chosen norm (number or fraction "
+            "string such as \"8/255\")",
+        )
+        norm: Literal["linf", "l2"] = Field(default="linf", description="'linf' or 'l2'")
+        version: Version = Field(
+            default="standard", description="'standard' (deterministic models), 'plus' "
+            "(more restarts and attacks) or 'rand' (randomised models: EoT over 20 forwards)",
+        )
+        seed: int | None = Field(
+            default=None, description="seed of every stage's randomness; null = the run's seed",
+        )
+        steps: int = Field(
+            default=100, ge=1, description="iterations of the gradient attacks (the reference "
+            "uses 100; fewer gives a weaker, non-standard evaluation)",
+        )
+        square_queries: int = Field(
+            default=5000, ge=1, description="queries of the Square stage (the reference uses "
+            "5,000; fewer gives a weaker, non-standard evaluation)",
+        )
+
+    def __init__(self, params: Params, ctx: BuildContext) -> None:
+        need = _MIN_CLASSES[params.version]
+        if ctx.num_classes < need:
+            raise ValueError(
+                f"version {params.version!r} needs at least {need} classes (its DLR losses "
+                f"compare the top logits), the data has {ctx.num_classes}; attack with "
+                "apgd_ce instead"
+            )
+        self.params = params
+        self.eps: float = params.eps
+        self.norm: Norm = params.norm
+        common = {"eps": params.eps, "norm": params.norm, "seed": params.seed}
+        self._stages: list[tuple[str, Any]] = []
+        for name, cls, extra in _plan(params.version, params.steps, params.square_queries):
+            if "n_target_classes" in extra:
+                extra = {**extra, "n_target_classes": min(9, ctx.num_classes - 1)}
+            stage_params = cls.Params.model_validate({**common, **extra})
+            self._stages.append((name, cls(stage_params, ctx)))
+
+    def stages(self) -> list[tuple[str, Any]]:
+        """The attacks in the order they run: ``[(name, attack), ...]``."""
+        return list(self._stages)
+
+    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
+        """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs: for each
+        point, the first stage's adversarial example that fools the model, else the last
+        stage's output."""
+        import torch
+
+        x0 = inputs.detach()
+        y = labels.to(x0.device)
+        with torch.no_grad():
+            robust = model(x0).argmax(dim=1) == y
+        out = x0.clone()
+        for _, attack in self._stages:
+            active = robust.nonzero().squeeze(1)
+            if active.numel() == 0:
+                break
+            adv = attack(model, x0[active], y[active])
+            with torch.no_grad():
+                fooled = model(adv).argmax(dim=1) != y[active]
+            out[active] = adv
+            robust[active[fooled]] = False
+        return fit_to_budget(x0, out, self.norm, self.eps)

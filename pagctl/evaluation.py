@@ -1,0 +1,103 @@
+"""One evaluation as ``pagctl attack`` runs it: pick the subset, probe the model, run the
+attack (once or over an ε-sweep) and attach the reliability verdict to every report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pagctl.errors import SpecError
+
+if TYPE_CHECKING:
+    import torch
+    from pydantic import BaseModel
+    from torch import Tensor, nn
+
+    from pagctl.attack import AttackReport
+    from pagctl.data import DataBundle
+
+
+def evaluate_attack(
+    model: nn.Module,
+    bundle: DataBundle,
+    name: str,
+    params: BaseModel,
+    budgets: list[float] | None = None,
+    *,
+    indices: Tensor | None = None,
+    limit: int | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    state: Path | None = None,
+    probes: bool = True,
+    probe_size: int = 100,
+    progress: bool = False,
+    keep_images: int = 0,
+) -> tuple[list[AttackReport], Tensor]:
+    """Attack ``bundle.test[indices]`` (first ``limit``) with the registered attack ``name``
+    (once, or at each budget of ``budgets``) and attach the reliability verdict.
+
+    Returns the reports (one per budget) and the attacked indices. Raises SpecError when
+    the indices are out of range or AutoAttack standard/plus meets a randomised model.
+    """
+    import torch
+
+    from pagctl import registry
+    from pagctl.attack import PerBatch, attack_budget, run_attack, unpack_bits
+    from pagctl.build import build_context
+    from pagctl.data import get_batch
+    from pagctl.reliability import attack_probes, quick_probes, square_stage_check, sweep_check
+
+    n_test = len(bundle.test)  # type: ignore[arg-type]
+    if indices is None:
+        indices = torch.arange(n_test)
+    elif int(indices.min()) < 0 or int(indices.max()) >= n_test:
+        bad = int(indices[(indices < 0) | (indices >= n_test)][0])
+        raise SpecError(f"--indices: index {bad} is outside the test set (0..{n_test - 1})")
+    if limit is not None:
+        indices = indices[:limit]
+    probe_idx = indices[:probe_size]
+    px, py = get_batch(bundle.test, probe_idx)
+    px, py = px.to(device), py.to(device)
+    verdict = None
+    if probes:
+        verdict, randomised = quick_probes(model, px, py)
+        if randomised and getattr(params, "version", None) in ("standard", "plus"):
+            raise SpecError(
+                f"--param version: the model's outputs change between identical forwards "
+                f"(spread {verdict.measured['output_spread']:.3g}); AutoAttack "
+                f"'{getattr(params, 'version', '')}' assumes a deterministic model; use "
+                "--param version=rand")
+    out: list[AttackReport] = []
+    for i, eps in enumerate(budgets if budgets is not None else [None]):
+        p = params if eps is None else params.model_copy(update={"eps": eps})
+
+        def build(batch: int, p: BaseModel = p) -> Any:
+            ctx = build_context(bundle, torch.device(device), seed * 1_000_003 + batch, None)
+            return registry.attacks.instantiate(name, p, ctx, "--param")
+
+        path = state
+        if state is not None and budgets is not None:
+            path = state.with_name(f"{state.stem}-eps{i}{state.suffix}")
+        report = run_attack(model, PerBatch(build), bundle.test, indices, name=name, params=p,
+                            batch_size=batch_size, device=device, seed=seed, state_path=path,
+                            progress=progress, keep_images=keep_images)
+        if verdict is not None and i == 0:
+            stage_names = [s.name for s in report.stages]
+            norm, budget = attack_budget(None, p)
+            norm = norm or report.norm
+            if norm in ("l2", "linf") and budget is not None and budget > 0:
+                survived = unpack_bits(report.per_example["robust"], report.n)[: len(probe_idx)]
+                attack_probes(model, px, py, survived, norm=norm, eps=budget, seed=seed,
+                              white_box_only="square" not in stage_names,
+                              verdict=verdict, device=device)
+            square_stage_check([vars(s) for s in report.stages], report.n, verdict)
+        out.append(report)
+    if verdict is not None and len(out) > 1:
+        sweep_check([float(r.eps or 0.0) for r in out], [r.robust_accuracy for r in out],
+                    out[0].n, verdict)
+    for report in out:
+        if verdict is not None:
+            report.reliability = verdict.to_record()
+    return out, indices

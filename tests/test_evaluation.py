@@ -1,0 +1,504 @@
+"""The evaluation engine: report fields, per-point worst case over stages, pass counting,
+run-time contract checks, resume, AutoAttack parity, planted gradient masking, and a
+guaranteed-adversarial case for every white-box attack."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from attack_kit import SHAPE, bn_model, box_inputs, train_digits_mlp
+from pydantic import BaseModel
+from torch import Tensor, nn
+
+from pagctl import registry
+from pagctl.attack import (
+    PerBatch,
+    attack_stages,
+    pack_bits,
+    run_attack,
+    unpack_bits,
+    wilson_interval,
+)
+from pagctl.attacks.autoattack import AutoAttack
+from pagctl.data import DataBundle, TensorImageDataset
+from pagctl.errors import PluginContractError, SpecError
+from pagctl.evaluation import evaluate_attack
+from pagctl.protocols import BuildContext, PluginParams
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CPU = torch.device("cpu")
+
+
+class _NoParams(PluginParams):
+    pass
+
+
+def _dataset(x: Tensor, y: Tensor) -> TensorImageDataset:
+    return TensorImageDataset(x, y)
+
+
+def _bundle(x: Tensor, y: Tensor, classes: int = 10) -> DataBundle:
+    ds = _dataset(x, y)
+    return DataBundle(train=ds, test=ds, num_classes=classes,
+                      input_shape=tuple(x.shape[1:]),  # type: ignore[arg-type]
+                      mean=(0.0,), std=(1.0,), name="t",
+                      class_names=tuple(map(str, range(classes))))
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[nn.Module, Tensor, Tensor]:
+    pytest.importorskip("sklearn.datasets")
+    return train_digits_mlp(300)
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def test_wilson_interval_known_values() -> None:
+    lo, hi = wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson_interval(10, 10)
+    assert hi == pytest.approx(1.0) and lo == pytest.approx(1 - 0.2775, abs=1e-4)
+    # the interval shrinks like 1/sqrt(n) and always holds the estimate
+    for k, n in ((3, 7), (50, 100), (500, 1000)):
+        lo, hi = wilson_interval(k, n)
+        assert lo <= k / n <= hi
+    assert wilson_interval(500, 1000)[1] - wilson_interval(500, 1000)[0] < 0.07
+
+
+def test_bits_round_trip() -> None:
+    g = torch.Generator().manual_seed(0)
+    for n in (0, 1, 7, 8, 9, 1000):
+        mask = torch.rand(n, generator=g) > 0.5
+        assert torch.equal(unpack_bits(pack_bits(mask), n), mask)
+
+
+class _Scripted:
+    """Stage that 'breaks' the points whose label is in ``breaks`` by swapping in an image
+    the linear model classifies as something else, and counts its calls."""
+
+    def __init__(self, fooling: Tensor, breaks: set[int], forwards: int = 0,
+                 backwards: int = 0) -> None:
+        self.fooling, self.breaks = fooling, breaks
+        self.forwards, self.backwards = forwards, backwards
+        self.seen: list[Tensor] = []
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        self.seen.append(y.clone())
+        for _ in range(self.forwards):
+            with torch.no_grad():
+                model(x)
+        for _ in range(self.backwards):
+            x_var = x.clone().requires_grad_(True)
+            model(x_var).sum().backward()
+        out = x.clone()
+        hit = torch.tensor([int(v) in self.breaks for v in y], dtype=torch.bool)
+        out[hit] = self.fooling
+        return out
+
+
+class _Pair:
+    def __init__(self, *stages: tuple[str, Any]) -> None:
+        self._stages = list(stages)
+
+    def stages(self) -> list[tuple[str, Any]]:
+        return self._stages
+
+
+def _identity_model(classes: int = 4) -> nn.Module:
+    """Predicts the class whose pixel block is brightest: 4 pixels per class."""
+
+    class Blocks(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return x.flatten(1)[:, : 4 * classes].reshape(x.shape[0], classes, 4).sum(2)
+
+    return Blocks()
+
+
+def _block_images(labels: Tensor) -> Tensor:
+    x = torch.full((len(labels), 1, 4, 4), 0.1)
+    flat = x.view(len(labels), -1)
+    for i, c in enumerate(labels.tolist()):
+        flat[i, 4 * c: 4 * c + 4] = 0.9
+    return x
+
+
+def test_stages_run_on_survivors_and_report_contributions() -> None:
+    labels = torch.arange(24) % 4
+    x = _block_images(labels)
+    fooling = _block_images(torch.tensor([3]))[0]  # classified as 3
+    first = _Scripted(fooling, {0}, forwards=2, backwards=1)
+    second = _Scripted(fooling, {0, 1}, forwards=1)
+    model = _identity_model()
+    rep = run_attack(model, _Pair(("a", first), ("b", second)), _dataset(x, labels),
+                     torch.arange(24), name="pair", params=_NoParams(), batch_size=10)
+    assert rep.clean_correct == 24
+    # stage a breaks class 0 (6 points); stage b sees only survivors and breaks class 1
+    assert [(s.name, s.attacked, s.broke) for s in rep.stages] == [("a", 24, 6), ("b", 18, 6)]
+    assert all(0 not in seen.tolist() for seen in second.seen)
+    assert rep.robust_correct == 12 and rep.robust_accuracy == 0.5
+    robust = unpack_bits(rep.per_example["robust"], 24)
+    assert torch.equal(robust, labels >= 2)
+    assert rep.robust_interval == wilson_interval(12, 24)
+    # passes are counted per example: stage a runs 2 forwards and 1 forward + backward per
+    # point, stage b 1 forward
+    assert (rep.stages[0].forwards, rep.stages[0].backwards) == (72, 24)
+    assert (rep.stages[1].forwards, rep.stages[1].backwards) == (18, 0)
+    assert rep.forwards == 90 and rep.backwards == 24
+    assert rep.pixel_min >= 0 and rep.pixel_max <= 1 and rep.nan_count == 0
+
+
+def test_robust_never_exceeds_clean_per_point() -> None:
+    labels = torch.arange(12) % 4
+    x = _block_images(labels)
+    wrong = labels.clone()
+    wrong[:3] = (labels[:3] + 1) % 4  # three points misclassified from the start
+    rep = run_attack(_identity_model(), _Scripted(x[0], set()), _dataset(x, wrong),
+                     torch.arange(12), name="noop", params=_NoParams())
+    clean = unpack_bits(rep.per_example["clean"], 12)
+    robust = unpack_bits(rep.per_example["robust"], 12)
+    assert not bool((robust & ~clean).any())
+    assert rep.clean_correct == rep.robust_correct == 9
+    assert rep.stages[0].attacked == 9  # misclassified points are not attacked
+
+
+# --------------------------------------------------------------- run-time contract checks
+
+
+class _BufferTouching:
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        model.train()
+        with torch.no_grad():
+            model(x)  # updates BatchNorm running statistics
+        model.eval()
+        return x.clone()
+
+
+class _ModeChanging:
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        model.train()
+        return x.clone()
+
+
+class _TooFar:
+    eps = 0.1
+    norm = "linf"
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return (x + 0.2).clamp(0, 1)
+
+
+class _BudgetParams(PluginParams):
+    eps: float = 0.1
+    norm: str = "linf"
+
+
+@pytest.mark.parametrize(("attack", "params", "message"), [
+    (_BufferTouching(), _NoParams(), "buffer"),
+    (_ModeChanging(), _NoParams(), "train/eval mode"),
+    (_TooFar(), _BudgetParams(), "exceeds eps"),
+])
+def test_contract_violations_are_caught(attack: Any, params: BaseModel, message: str) -> None:
+    model = bn_model().eval()
+    x, _ = box_inputs(8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    with pytest.raises(PluginContractError, match=message):
+        run_attack(model, attack, _dataset(x, y), torch.arange(8), name="bad", params=params)
+
+
+def test_model_mode_and_buffers_restored_after_a_real_attack() -> None:
+    model = bn_model()
+    model.train()  # the caller's mode: kept after the evaluation
+    next(model.children()).eval()
+    modes = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x, _ = box_inputs(16)
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1)
+    model.train()
+    next(model.children()).eval()
+    params = registry.attacks.validate_params("apgd_ce", {"eps": 0.1, "steps": 5}, "p")
+    attack = registry.attacks.instantiate("apgd_ce", params, BuildContext(10, SHAPE, CPU, 0), "p")
+    ds = _dataset(x, y)
+    x_before = x.clone()
+    run_attack(model, attack, ds, torch.arange(16), name="apgd_ce", params=params)
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(x, x_before)
+
+
+# ------------------------------------------------------------------------------ resume
+
+
+def _aa_builder(eps: float, norm: str) -> tuple[PerBatch, BaseModel]:
+    params = AutoAttack.Params(eps=eps, norm=norm, steps=10, square_queries=50)  # type: ignore[arg-type]
+
+    def build(batch: int) -> AutoAttack:
+        return AutoAttack(params, BuildContext(10, SHAPE, CPU, 1000 + batch))
+
+    return PerBatch(build), params
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(
+    digits: tuple[nn.Module, Tensor, Tensor], tmp_path: Path,
+) -> None:
+    model, x, y = digits
+    ds, idx = _dataset(x[:120], y[:120]), torch.arange(120)
+    attack, params = _aa_builder(0.5, "l2")
+    whole = run_attack(model, attack, ds, idx, name="autoattack", params=params, batch_size=40)
+
+    state = tmp_path / "aa.state"
+    calls = {"n": 0}
+
+    def stop_after_five() -> None:
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        run_attack(model, attack, ds, idx, name="autoattack", params=params, batch_size=40,
+                   state_path=state, on_batch=stop_after_five)
+    assert state.exists()
+    resumed = run_attack(model, attack, ds, idx, name="autoattack", params=params,
+                         batch_size=40, state_path=state)
+    assert resumed.per_example == whole.per_example
+    assert [(s.name, s.attacked, s.broke, s.forwards, s.backwards) for s in resumed.stages] \
+        == [(s.name, s.attacked, s.broke, s.forwards, s.backwards) for s in whole.stages]
+    # a finished state file answers again without attacking
+    again = run_attack(model, attack, ds, idx, name="autoattack", params=params,
+                       batch_size=40, state_path=state)
+    assert again.per_example == whole.per_example
+
+    other, other_params = _aa_builder(0.25, "l2")
+    with pytest.raises(SpecError, match="params"):
+        run_attack(model, other, ds, idx, name="autoattack", params=other_params,
+                   batch_size=40, state_path=state)
+    state.write_bytes(b"not a state file")
+    with pytest.raises(Exception, match="state|safetensors"):
+        run_attack(model, attack, ds, idx, name="autoattack", params=params,
+                   batch_size=40, state_path=state)
+
+
+# --------------------------------------------------------------------------- AutoAttack
+
+
+def test_autoattack_versions_and_class_requirements() -> None:
+    ctx = BuildContext(10, SHAPE, CPU, 0)
+    names = {v: [n for n, _ in attack_stages(AutoAttack(AutoAttack.Params(version=v), ctx), "x")]
+             for v in ("standard", "plus", "rand")}
+    assert names == {"standard": ["apgd_ce", "apgd_t", "fab_t", "square"],
+                     "plus": ["apgd_ce", "apgd_dlr", "fab", "square", "apgd_t", "fab_t"],
+                     "rand": ["apgd_ce", "apgd_dlr"]}
+    rand = AutoAttack(AutoAttack.Params(version="rand"), ctx)
+    assert all(a.params.eot_iter == 20 for _, a in rand.stages())
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        AutoAttack(AutoAttack.Params(), BuildContext(3, SHAPE, CPU, 0))
+    with pytest.raises(SpecError, match="--param: apgd_t: .*4 classes"):
+        params = registry.attacks.validate_params("apgd_t", {}, "--param")
+        registry.attacks.instantiate("apgd_t", params, BuildContext(3, SHAPE, CPU, 0),
+                                     "--param")
+
+
+def _reference_autoattack(model: nn.Module, x: Tensor, y: Tensor, norm: str,
+                          eps: float) -> float:
+    ref = pytest.importorskip("pyautoattack")
+    rng = torch.get_rng_state()  # the reference seeds the global RNG
+    aa = ref.AutoAttack(model, norm="L2" if norm == "l2" else "Linf", eps=eps,
+                        version="standard", seed=0)
+    aa.verbose = False
+    out = aa.run_standard_evaluation(x, y, batch_size=500)
+    torch.set_rng_state(rng)
+    for p in model.parameters():
+        p.grad = None
+    x_adv = out[0] if isinstance(out, tuple) else out
+    with torch.no_grad():
+        return float((model(x_adv).argmax(1) == y).float().mean())
+
+
+@pytest.mark.parametrize(("norm", "eps"), [("l2", 0.5), ("linf", 0.1)])
+def test_autoattack_standard_matches_the_reference(
+    digits: tuple[nn.Module, Tensor, Tensor], norm: str, eps: float,
+) -> None:
+    """fra31's AutoAttack (package pyautoattack), standard version, on 300 digits points:
+    robust accuracy within ±0.5 pp (measured: equal in both norms)."""
+    model, x, y = digits
+    theirs = _reference_autoattack(model, x, y, norm, eps)
+    params = registry.attacks.validate_params("autoattack", {"eps": eps, "norm": norm}, "p")
+    attack = registry.attacks.instantiate("autoattack", params,
+                                          BuildContext(10, SHAPE, CPU, 0), "p")
+    rep = run_attack(model, attack, _dataset(x, y), torch.arange(len(y)), name="autoattack",
+                     params=params)
+    assert 0.2 < theirs < 0.8
+    assert abs(rep.robust_accuracy - theirs) <= 0.005 + 1e-9, (rep.robust_accuracy, theirs)
+    assert rep.max_l2 <= eps * (1 + 1e-6) if norm == "l2" else rep.max_linf <= eps * (1 + 1e-6)
+
+
+# --------------------------------------------------------------- guaranteed adversarial
+
+
+def _linear_four_class(distance_l2: float) -> tuple[nn.Module, Tensor, Tensor]:
+    """A linear model and grey images classified as class 0, whose nearest decision
+    boundary is exactly ``distance_l2`` away in L2 and inside the [0, 1] box."""
+    torch.manual_seed(0)
+    d = 16
+    lin = nn.Linear(d, 4)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(4, d))
+    x = torch.full((6, 1, 4, 4), 0.5) + 0.05 * torch.randn(6, 1, 4, 4)
+    with torch.no_grad():
+        z = x.flatten(1) @ lin.weight.T
+        w_gap = (lin.weight[0] - lin.weight[1:]).norm(dim=1)  # (3,)
+        # bias so that class 0 leads every other class by margin = distance * ||w0 - wj||
+        bias = torch.zeros(x.shape[0], 4)
+        bias[:, 1:] = z[:, :1] - z[:, 1:] - distance_l2 * w_gap
+        lin.bias.zero_()
+
+    class Shifted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = lin
+            self.register_buffer("bias", bias)
+            self.register_buffer("anchor", x.flatten(1).clone())
+
+        def forward(self, inp: Tensor) -> Tensor:
+            flat = inp.flatten(1)
+            # each input uses the bias of its nearest anchor image
+            nearest = torch.cdist(flat, self.anchor).argmin(dim=1)
+            return self.lin(flat) + self.bias[nearest]
+
+    return Shifted().eval(), x, torch.zeros(6, dtype=torch.int64)
+
+
+WHITE_BOX = ["fgsm", "pgd_l2", "pgd_linf", "apgd_ce", "apgd_dlr", "apgd_t", "fab", "fab_t",
+             "cw_l2", "autoattack"]
+
+
+@pytest.mark.parametrize("name", WHITE_BOX)
+def test_every_white_box_attack_breaks_a_guaranteed_adversarial_case(name: str) -> None:
+    """Every point's nearest boundary lies at L2 distance 0.2, so it is reachable inside an
+    L2 ball of 0.4 and inside an L∞ ball of 0.4 / 4 = 0.1 (16 pixels: ‖δ‖∞ >= ‖δ‖₂ / 4 is
+    the worst case, so 0.25 covers every direction)."""
+    model, x, y = _linear_four_class(0.2)
+    with torch.no_grad():
+        assert bool((model(x).argmax(1) == 0).all())
+    factory = registry.attacks.get(name)
+    fields = factory.Params.model_fields
+    given: dict[str, Any] = {"eps": 0.4}
+    if "norm" in fields:
+        given["norm"] = "l2"
+    if name in ("pgd_linf", "fgsm"):
+        given["eps"] = 0.25
+    params = factory.Params.model_validate(given)
+    attack = factory(params, BuildContext(4, (1, 4, 4), CPU, 0))
+    rep = run_attack(model, attack, _dataset(x, y), torch.arange(6), name=name, params=params)
+    assert rep.clean_accuracy == 1.0
+    assert rep.robust_accuracy == 0.0, (name, rep.robust_accuracy)
+
+
+# ------------------------------------------------------------------- planted masking
+
+
+class _GradientKiller(nn.Module):
+    """Quantises the input: the forward is almost the model's, the gradient is zero."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.inner(torch.round(x * 16) / 16)
+        return out
+
+
+class _Noisy(nn.Module):
+    """Adds fresh Gaussian noise to the input on every forward."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.inner(x + 0.05 * torch.randn_like(x))
+        return out
+
+
+class _SoftmaxHead(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.softmax(self.inner(x), dim=1)
+
+
+def _verdict(model: nn.Module, x: Tensor, y: Tensor, name: str,
+             params: dict[str, Any]) -> dict[str, Any]:
+    validated = registry.attacks.validate_params(name, params, "--param")
+    reports, _ = evaluate_attack(model, _bundle(x, y), name, validated, probe_size=100)
+    assert reports[0].reliability is not None
+    return reports[0].reliability
+
+
+@pytest.mark.parametrize(("wrapper", "symptom"), [
+    (_GradientKiller, "all-zero input gradient"),
+    (_Noisy, "randomised"),
+    (_SoftmaxHead, "probabilities"),
+])
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_planted_gradient_masking_is_flagged(
+    digits: tuple[nn.Module, Tensor, Tensor], wrapper: type[nn.Module], symptom: str, norm: str,
+) -> None:
+    model, x, y = digits
+    eps = 0.5 if norm == "l2" else 0.1
+    rel = _verdict(wrapper(model), x[:150], y[:150], f"pgd_{norm}", {"eps": eps})
+    assert rel["reliable"] is False
+    assert any(symptom in r for r in rel["reasons"]), rel["reasons"]
+
+
+def test_randomised_model_refuses_standard_autoattack(
+    digits: tuple[nn.Module, Tensor, Tensor],
+) -> None:
+    model, x, y = digits
+    params = registry.attacks.validate_params("autoattack", {"eps": 0.5, "norm": "l2"}, "p")
+    with pytest.raises(SpecError, match="version=rand"):
+        evaluate_attack(_Noisy(model), _bundle(x[:50], y[:50]), "autoattack", params)
+
+
+@pytest.mark.parametrize(("norm", "eps"), [("l2", 0.5), ("linf", 0.1)])
+def test_plain_model_under_autoattack_is_reliable(
+    digits: tuple[nn.Module, Tensor, Tensor], norm: str, eps: float,
+) -> None:
+    model, x, y = digits
+    rel = _verdict(model, x[:150], y[:150], "autoattack", {"eps": eps, "norm": norm})
+    assert rel["reliable"] is True, rel["reasons"]
+    assert rel["probes"]["zero_gradient_fraction"] == 0.0
+    assert rel["probes"]["sweep"]["accuracy"][-1] <= 0.02
+    assert math.isclose(rel["probes"]["output_spread"], 0.0, abs_tol=1e-6)
+
+
+def test_sweep_reports_monotone_curve_and_indices_are_validated(
+    digits: tuple[nn.Module, Tensor, Tensor],
+) -> None:
+    model, x, y = digits
+    params = registry.attacks.validate_params("pgd_l2", {"steps": 20}, "p")
+    reports, idx = evaluate_attack(model, _bundle(x, y), "pgd_l2", params, [0.25, 0.5, 1.0],
+                                   indices=torch.arange(50, 150), limit=80, probes=False)
+    assert [r.eps for r in reports] == [0.25, 0.5, 1.0]
+    assert torch.equal(idx, torch.arange(50, 130))
+    accs = [r.robust_accuracy for r in reports]
+    assert accs == sorted(accs, reverse=True) and accs[-1] < accs[0]
+    assert all(r.n == 80 and r.subset["first"] == 50 for r in reports)
+    with pytest.raises(SpecError, match="index 300 is outside"):
+        evaluate_attack(model, _bundle(x, y), "pgd_l2", params, indices=torch.tensor([1, 300]))
