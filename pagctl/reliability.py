@@ -37,8 +37,8 @@ SWEEP_LARGE_ACCURACY = 0.02
 
 
 def _material(count: int, m: int) -> bool:
-    """More than a chance wobble: at least 2 points and at least 2% of the probe."""
-    return count >= 2 and count > 0.02 * m
+    """More than a chance wobble: at least 3 points and more than 3% of the ``m`` probed."""
+    return count >= 3 and count > 0.03 * m
 
 
 @dataclass
@@ -164,9 +164,10 @@ def _broken(model: nn.Module, adv: Tensor, y: Tensor) -> Tensor:
 
 
 def probe_more_effort(model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float,
-                      seed: int, verdict: Verdict) -> None:
-    """``x``: probe points the evaluated attack left robust. A stronger white-box attack
-    (APGD-CE with 2 restarts, then APGD-T over 3 targets) should break almost none."""
+                      seed: int, verdict: Verdict, probed: int) -> None:
+    """``x``: the points (of ``probed``) the evaluated attack left robust. A stronger
+    white-box attack (APGD-CE with 2 restarts, then APGD-T over 3 targets) should break
+    almost none."""
     import torch
 
     from pagctl.attacks.apgd import apgd
@@ -188,16 +189,16 @@ def probe_more_effort(model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: fl
             broken[keep] = _broken(model, adv_t, y[keep])
     k = int(broken.sum())
     verdict.measured["more_effort"]["broke"] = k
-    if _material(k, m):
+    if _material(k, probed):
         verdict.reasons.append(
-            f"a stronger white-box attack (APGD-CE ×2 restarts, APGD-T) broke {k} of {m} "
+            f"a stronger white-box attack (APGD-CE ×2 restarts, APGD-T) broke {k} of the {m} "
             "probe points the attack left robust: the attack has not converged")
 
 
 def probe_black_box(model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float,
-                    seed: int, verdict: Verdict, *, queries: int = 1000) -> None:
-    """``x``: probe points the white-box attack left robust; Square should break almost
-    none of them."""
+                    seed: int, verdict: Verdict, probed: int, *, queries: int = 1000) -> None:
+    """``x``: the points (of ``probed``) the white-box attack left robust; Square should
+    break almost none of them."""
     import torch
 
     from pagctl.attacks.square import square_attack
@@ -211,16 +212,18 @@ def probe_black_box(model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: floa
                         generator=torch.Generator().manual_seed(seed + 2))
     k = int(_broken(model, adv, y).sum())
     verdict.measured["black_box"]["broke"] = k
-    if _material(k, m):
-        verdict.reasons.append(f"the black-box Square attack broke {k} of {m} probe points "
-                               "the white-box attack left robust: gradients are misleading")
+    if _material(k, probed):
+        verdict.reasons.append(f"the black-box Square attack broke {k} of the {m} probe "
+                               "points the white-box attack left robust: gradients are "
+                               "misleading")
 
 
 def square_stage_check(stages: list[dict[str, Any]], n: int, verdict: Verdict) -> None:
     """In an ensemble, Square (run after the white-box stages) should break almost nothing."""
     earlier = False
     for stage in stages:
-        if stage["name"] == "square" and earlier and _material(int(stage["broke"]), n):
+        broke = int(stage["broke"])
+        if stage["name"] == "square" and earlier and broke >= 2 and broke > 0.002 * n:
             verdict.reasons.append(
                 f"the black-box Square stage broke {stage['broke']} of {n} points the "
                 "white-box stages left robust: gradients are misleading")
@@ -268,6 +271,7 @@ def attack_probes(model: nn.Module, x: Tensor, y: Tensor, survived: Tensor, *,
         if bool(correct.any()):
             probe_sweep(model, x[correct], y[correct], norm, eps, seed, verdict)
         robust = survived & correct
-        probe_more_effort(model, x[robust], y[robust], norm, eps, seed, verdict)
+        m = x.shape[0]
+        probe_more_effort(model, x[robust], y[robust], norm, eps, seed, verdict, m)
         if white_box_only:
-            probe_black_box(model, x[robust], y[robust], norm, eps, seed, verdict)
+            probe_black_box(model, x[robust], y[robust], norm, eps, seed, verdict, m)

@@ -294,6 +294,41 @@ BAD_INPUT = [
                                                                       "pagctl attack --help")),
     Case("attack-unknown-format", ["attack", "nowhere", "--format", "xml"], ("--format",
                                                                            "'xml'")),
+    Case("attack-eps-infinite", ["attack", "nowhere", "--param", "eps=inf"],
+         ("--param eps", "'inf'")),
+    Case("attack-norm-it-lacks", ["attack", "nowhere", "--attack", "apgd_ce", "--param",
+                                  "norm=l1"], ("--param norm", "'linf'", "'l2'")),
+    Case("attack-l2-only-attack-given-norm", ["attack", "nowhere", "--attack", "cw_l2",
+                                              "--param", "norm=linf"],
+         ("--param norm", "unknown key")),
+    Case("attack-autoattack-unknown-version", ["attack", "nowhere", "--attack", "autoattack",
+                                               "--param", "version=fast"],
+         ("--param version", "'standard'", "'rand'")),
+    Case("attack-plot-without-sweep", ["attack", "nowhere", "--plot", "c.png"],
+         ("--plot", "--eps-sweep")),
+    Case("attack-plot-not-png", ["attack", "nowhere", "--eps-sweep", "0.5,1", "--plot",
+                                 "c.pdf"], ("--plot", ".png")),
+    Case("attack-images-not-png", ["attack", "nowhere", "--save-images", "grid.jpg"],
+         ("--save-images", ".png")),
+    Case("attack-sweep-not-a-number", ["attack", "nowhere", "--eps-sweep", "0.5,abc"],
+         ("--eps-sweep", "'abc'", "8/255")),
+    Case("attack-sweep-negative", ["attack", "nowhere", "--eps-sweep", "0.5,-1"],
+         ("--eps-sweep", "'-1'", ">= 0")),
+    Case("attack-sweep-duplicate", ["attack", "nowhere", "--eps-sweep", "0.5,1/2"],
+         ("--eps-sweep", "twice")),
+    Case("attack-probe-size-zero", ["attack", "nowhere", "--probe-size", "0"],
+         ("--probe-size",)),
+    Case("attack-indices-missing", ["attack", "nowhere", "--indices", "idx.txt"],
+         ("--indices", "idx.txt", "cannot read")),
+    Case("attack-indices-not-integers", ["attack", "nowhere", "--indices", "idx.txt"],
+         ("--indices", "integers"), _write("idx.txt", "1, 2, x")),
+    Case("attack-indices-duplicate", ["attack", "nowhere", "--indices", "idx.txt"],
+         ("--indices", "index 2 appears twice"), _write("idx.txt", "1 2\n2")),
+    Case("attack-indices-empty", ["attack", "nowhere", "--indices", "idx.txt"],
+         ("--indices", "no index"), _write("idx.txt", "  \n")),
+    Case("attack-indices-out-of-range", ["attack", "run", "--indices", "idx.txt"],
+         ("--indices", "index 5000 is outside", "0..359"),
+         lambda env: (env.copy_run(), (env.workdir / "idx.txt").write_text("[0, 5000]"))),
     # attack: a damaged run folder
     Case("truncated-weights", ["attack", "run", "--limit", "5"],
          ("model.safetensors", "truncated", "re-run training"), _truncate("model.safetensors")),
@@ -456,6 +491,69 @@ def test_attack_table(run: RunCLI, trained_run: Path, tmp_path: Path) -> None:
     code, out, err = run("attack", run_dir, "--attack", "fgsm", "--limit", "5")
     assert code == 0, err
     assert "robust accuracy" in out and "clean accuracy" in out
+
+
+def test_attack_report_fields(run: RunCLI, trained_run: Path, tmp_path: Path) -> None:
+    run_dir = _copy_run(trained_run, tmp_path / "run")
+    code, out, err = run("attack", run_dir, "--attack", "pgd_l2", "--param", "steps=5",
+                         "--limit", "40", "--probe-size", "20", "--format", "json")
+    assert code == 0, err
+    rec = json.loads(out)
+    lo, hi = rec["robust_interval"]
+    assert lo <= rec["robust_accuracy"] <= hi and lo >= 0 and hi <= 1
+    assert rec["subset"]["count"] == 40 and len(rec["subset"]["indices_sha256"]) == 16
+    assert rec["seed"] == 0 and rec["nan_count"] == 0
+    assert 0.0 <= rec["pixel_min"] <= rec["pixel_max"] <= 1.0
+    assert [s["name"] for s in rec["stages"]] == ["pgd_l2"]
+    stage = rec["stages"][0]
+    assert stage["attacked"] == rec["clean_correct"]
+    assert stage["broke"] == rec["clean_correct"] - rec["robust_correct"]
+    assert stage["forwards"] >= 5 * stage["attacked"]
+    assert stage["backwards"] >= 5 * stage["attacked"]
+    assert set(rec["reliability"]) == {"reliable", "reasons", "probes"}
+    assert rec["reliability"]["probes"]["zero_gradient_fraction"] == 0.0
+    assert len(rec["per_example"]["robust"]) == 2 * ((40 + 7) // 8)
+
+
+def test_attack_sweep_plot_and_images(run: RunCLI, trained_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    run_dir = _copy_run(trained_run, tmp_path / "run")
+    (tmp_path / "idx.txt").write_text("\n".join(str(i) for i in range(100, 140)))
+    code, out, err = run("attack", run_dir, "--attack", "pgd_l2", "--param", "steps=5",
+                         "--eps-sweep", "0.25,1/2,2", "--indices", tmp_path / "idx.txt",
+                         "--plot", tmp_path / "curve.png", "--save-images",
+                         tmp_path / "grid.png", "--no-probes", "--format", "json")
+    assert code == 0, err
+    recs = json.loads(out)
+    assert [r["eps"] for r in recs] == [0.25, 0.5, 2.0]
+    assert all(r["subset"]["first"] == 100 and r["n"] == 40 for r in recs)
+    assert recs[2]["robust_accuracy"] <= recs[0]["robust_accuracy"]
+    for name in ("curve.png", "grid.png", "grid-classes.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["eps"] for x in lines[-3:]] == [0.25, 0.5, 2.0]
+
+
+def test_attack_state_resumes_and_rejects_another_evaluation(
+    run: RunCLI, trained_run: Path, tmp_path: Path,
+) -> None:
+    run_dir = _copy_run(trained_run, tmp_path / "run")
+    state = tmp_path / "aa.state"
+    argv = ["attack", run_dir, "--attack", "autoattack", "--param", "eps=0.5", "--param",
+            "norm=l2", "--param", "steps=5", "--param", "square_queries=20", "--limit", "30",
+            "--batch-size", "10", "--no-probes", "--format", "json", "--state", state]
+    code, out, err = run(*argv)
+    assert code == 0, err
+    first = json.loads(out)
+    assert state.exists()
+    code, out, err = run(*argv)  # a finished state answers again, identically
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["per_example"] == first["per_example"]
+    assert again["stages"] == first["stages"]
+    code, out, err = run(*[a if a != "eps=0.5" else "eps=0.25" for a in argv])
+    assert code == 2 and "--state" in err and "params" in err
 
 
 def test_compare_reads_no_weights(run: RunCLI, trained_run: Path,
