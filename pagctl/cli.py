@@ -260,11 +260,20 @@ def attack(
     if data_dir is not None:
         data_spec = data_spec.model_copy(update={"root": data_dir})
     bundle = load_data(data_spec)
-    reports, attacked = evaluate_attack(
-        loaded.model, bundle, attack_name, params, budgets, indices=indices, limit=limit,
-        batch_size=batch_size, seed=seed, device=dev, state=state, probes=probes,
-        probe_size=probe_size, progress=progress,
-        keep_images=8 if save_images is not None else 0)
+    try:
+        reports, attacked = evaluate_attack(
+            loaded.model, bundle, attack_name, params, budgets, indices=indices, limit=limit,
+            batch_size=batch_size, seed=seed, device=dev, state=state, probes=probes,
+            probe_size=probe_size, progress=progress,
+            keep_images=8 if save_images is not None else 0)
+    except KeyboardInterrupt:
+        if state is None:
+            raise
+        from pagctl.progress import stderr_console
+
+        stderr_console.print(f"interrupted: progress is in {state}; run the same command "
+                             "again to resume", soft_wrap=True)
+        raise typer.Exit(130) from None
     records = []
     for report in reports:
         record = {**report.to_record(), "params_given": given}  # e.g. eps "8/255" as typed

@@ -356,3 +356,26 @@ def test_pgd_l2_uniform_ball_start_versus_torchattacks(
         model, x, y, eps=EPS, alpha=MADRY_STEP, steps=STEPS, random_start=True)
     assert robust_theirs - 0.01 - 1e-9 <= robust_ours <= robust_theirs + 0.04, \
         (robust_ours, robust_theirs)
+
+
+@pytest.mark.parametrize("random_start", [False, True])
+def test_pgd_linf_matches_torchattacks(
+    digits_model: tuple[nn.Module, Tensor, Tensor], random_start: bool,
+) -> None:
+    """torchattacks.PGD (L∞) with the same ε, step, steps and start law (uniform in the
+    box): robust accuracies within ±1 pp on the same points."""
+    torchattacks = pytest.importorskip("torchattacks")
+    model, x, y = digits_model
+    eps, alpha, steps = 0.07, 0.01, 20
+    ours = PGDLinf(PGDLinf.Params(eps=eps, steps=steps, step_size=alpha,
+                                  random_start=random_start, seed=0), _ctx())
+    robust_ours = accuracy(model, ours(model, x, y), y)
+    state = torch.get_rng_state()
+    torch.manual_seed(0)
+    theirs = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps,
+                              random_start=random_start)
+    robust_theirs = accuracy(model, theirs(x, y), y)
+    torch.set_rng_state(state)
+    assert 0.2 <= robust_theirs <= 0.8, robust_theirs
+    assert math.isclose(robust_ours, robust_theirs, abs_tol=0.01 + 1e-9), \
+        (robust_ours, robust_theirs)

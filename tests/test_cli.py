@@ -556,6 +556,44 @@ def test_attack_state_resumes_and_rejects_another_evaluation(
     assert code == 2 and "--state" in err and "params" in err
 
 
+def test_attack_ctrl_c_keeps_state_and_resume_equals_an_uninterrupted_run(
+    run: RunCLI, trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+    import signal
+
+    from pagctl import attack as attack_module
+
+    run_dir = _copy_run(trained_run, tmp_path / "run")
+    argv = ["attack", run_dir, "--attack", "autoattack", "--param", "eps=0.5", "--param",
+            "norm=l2", "--param", "steps=5", "--param", "square_queries=20", "--limit", "40",
+            "--batch-size", "10", "--no-probes", "--format", "json"]
+    code, out, err = run(*argv)
+    assert code == 0, err
+    whole = json.loads(out)
+
+    state = tmp_path / "aa.state"
+    original = attack_module._Progress.save
+    saves = {"n": 0}
+
+    def save_then_ctrl_c(self: object, path: Path) -> None:
+        original(self, path)  # type: ignore[arg-type]
+        saves["n"] += 1
+        if saves["n"] == 6:  # mid-way through the second stage
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(attack_module._Progress, "save", save_then_ctrl_c)
+    code, out, err = run(*argv, "--state", state)
+    assert code == 130 and "run the same command again to resume" in err and out == ""
+    monkeypatch.setattr(attack_module._Progress, "save", original)
+    code, out, err = run(*argv, "--state", state)
+    assert code == 0, err
+    resumed = json.loads(out)
+    assert resumed["per_example"] == whole["per_example"]
+    assert [(s["attacked"], s["broke"]) for s in resumed["stages"]] == \
+        [(s["attacked"], s["broke"]) for s in whole["stages"]]
+
+
 def test_compare_reads_no_weights(run: RunCLI, trained_run: Path,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import safetensors
