@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from pagctl.errors import PluginContractError, SpecError
+from pagctl.errors import PagctlError, PluginContractError, PluginRuntimeError, SpecError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -73,7 +73,7 @@ def attack_stages(attack: Any, name: str) -> list[tuple[str, Attack]]:
     if callable(stages):
         listed = list(stages())
         if not listed:
-            raise PluginContractError(f"attack '{name}' broke the contract: no stages")
+            raise PluginContractError(f"attack '{name}' broke the contract: stages() is empty")
         return listed
     return [(name, attack)]
 
@@ -208,12 +208,13 @@ class _PassCounter:
         self.backwards += rows
 
 
-def _check_output(name: str, x: Tensor, x_before: Tensor, x_adv: Any, norm: str | None,
+def _check_output(who: str, x: Tensor, x_before: Tensor, x_adv: Any, norm: str | None,
                   eps: float | None) -> None:
+    """``who`` names the attack in messages, e.g. "attack 'noise' (dist 0.1.0)"."""
     import torch
 
     def fail(what: str) -> None:
-        raise PluginContractError(f"attack '{name}' broke the contract: {what}")
+        raise PluginContractError(f"{who} broke the contract: {what}")
 
     if not isinstance(x_adv, torch.Tensor):
         fail(f"returned {type(x_adv).__name__}, expected a tensor")
@@ -236,16 +237,16 @@ def _check_output(name: str, x: Tensor, x_before: Tensor, x_adv: Any, norm: str 
             fail(f"perturbation {norm} norm {worst:.6g} exceeds eps {eps:.6g}")
 
 
-def _check_model(name: str, model: nn.Module, before: dict[str, Tensor]) -> None:
+def _check_model(who: str, model: nn.Module, before: dict[str, Tensor]) -> None:
     import torch
 
     if any(m.training for m in model.modules()):
-        raise PluginContractError(f"attack '{name}' broke the contract: it changed the "
-                                  "model's train/eval mode")
+        raise PluginContractError(f"{who} broke the contract: it changed the model's "
+                                  "train/eval mode")
     for key, value in model.state_dict().items():
         if key in before and not torch.equal(value, before[key]):
-            raise PluginContractError(f"attack '{name}' broke the contract: it changed the "
-                                      f"model's parameter or buffer '{key}'")
+            raise PluginContractError(f"{who} broke the contract: it changed the model's "
+                                      f"parameter or buffer '{key}'")
 
 
 def attack_budget(attack: Any, params: BaseModel) -> tuple[str | None, float | None]:
@@ -354,12 +355,14 @@ def run_attack(
     progress: bool = False,
     keep_images: int = 0,
     on_batch: Callable[[], None] | None = None,
+    origin: str = "built-in",
 ) -> AttackReport:
     """Attack ``dataset[indices]`` stage by stage, in batches, in eval mode.
 
     ``attack`` is an Attack, an Ensemble, or a :class:`PerBatch` that builds one per batch.
     ``state_path``: read to resume, rewritten after every batch. ``keep_images``: keep the
-    adversarial versions of the first that many points (``report_images``).
+    adversarial versions of the first that many points (``AttackReport.images``).
+    ``origin`` names the plugin's distribution in error messages.
     Shape: indices (n,) int64 positions in ``dataset``.
     """
     import torch
@@ -406,7 +409,8 @@ def run_attack(
                 s = state.stage
                 if state.batch < len(starts):
                     _attack_batch(model, built(state.batch), state, s, dataset, indices,
-                                  starts[state.batch], batch_size, name, norm, eps, device)
+                                  starts[state.batch], batch_size, name, norm, eps, device,
+                                  origin)
                     state.batch += 1
                     bar.step(s, int(state.robust.sum()))
                 if state.batch >= len(starts):
@@ -427,7 +431,7 @@ def run_attack(
 def _attack_batch(model: nn.Module, attack: Any, state: _Progress, stage: int,
                   dataset: Dataset[Any], indices: Tensor, lo: int, batch_size: int,
                   name: str, norm: str | None, eps: float | None,
-                  device: torch.device | str) -> None:
+                  device: torch.device | str, origin: str = "built-in") -> None:
     """Run stage ``stage`` on the points of batch ``[lo, lo + batch_size)`` still robust."""
     import torch
 
@@ -440,16 +444,24 @@ def _attack_batch(model: nn.Module, attack: Any, state: _Progress, stage: int,
         return
     stage_name, stage_attack = attack_stages(attack, name)[stage]
     label = stage_name if stage_name == name else f"{name}/{stage_name}"
+    who = f"attack '{label}' ({origin})"
     x, y = get_batch(dataset, indices[pos])
     x, y = x.to(device), y.to(device)
     x_before = x.clone()
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     counter = _PassCounter(model)
     t0 = time.perf_counter()
-    x_adv = stage_attack(counter.module, x, y)
+    try:
+        x_adv = stage_attack(counter.module, x, y)
+    except PagctlError:
+        raise
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        raise PluginRuntimeError(f"{who} raised {type(exc).__name__}: "
+                                 f"{text[0] if text else '(no message)'}") from exc
     report.seconds += time.perf_counter() - t0
-    _check_output(label, x, x_before, x_adv, norm, eps)
-    _check_model(label, model, before)
+    _check_output(who, x, x_before, x_adv, norm, eps)
+    _check_model(who, model, before)
     with torch.no_grad():
         fooled = (model(x_adv).argmax(dim=1) != y).cpu()
     report.attacked += int(pos.numel())

@@ -32,6 +32,10 @@ class PluginContractError(PluginError):
     """A plugin returned something that breaks the contract (shape, range, NaN, mode)."""
 
 
+class PluginRuntimeError(PluginError):
+    """A plugin raised an exception while being built or called."""
+
+
 class CheckpointError(PagctlError):
     """A run folder that is missing, incomplete, corrupt, or does not match its spec."""
 

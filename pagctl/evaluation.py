@@ -82,7 +82,8 @@ def evaluate_attack(
             path = state.with_name(f"{state.stem}-eps{i}{state.suffix}")
         report = run_attack(model, PerBatch(build), bundle.test, indices, name=name, params=p,
                             batch_size=batch_size, device=device, seed=seed, state_path=path,
-                            progress=progress, keep_images=keep_images)
+                            progress=progress, keep_images=keep_images,
+                            origin=registry.attacks.origin(name))
         if verdict is not None and i == 0:
             stage_names = [s.name for s in report.stages]
             norm, budget = attack_budget(None, p)

@@ -20,8 +20,11 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from pagctl.errors import (
+    PagctlError,
     PluginConflictError,
+    PluginContractError,
     PluginLoadError,
+    PluginRuntimeError,
     SpecError,
     UnknownPluginError,
 )
@@ -97,8 +100,10 @@ def _load_value(value: str) -> Any:
 
 
 def _summary(obj: Any) -> str:
+    """The docstring's first paragraph on one line (what ``pagctl plugins`` shows)."""
     doc = (getattr(obj, "__doc__", None) or "").strip()
-    return doc.splitlines()[0] if doc else ""
+    first = doc.split("\n\n", 1)[0]
+    return " ".join(line.strip() for line in first.splitlines())
 
 
 class Registry:
@@ -213,16 +218,32 @@ class Registry:
         params = self.validate_params(ref.name, ref.params, where)
         return self.instantiate(ref.name, params, ctx, where)
 
+    def origin(self, name: str) -> str:
+        """Who provides ``name``: "built-in", or "distribution version"."""
+        entry = self._resolve(name)
+        if entry.distribution == BUILTIN_DIST:
+            return "built-in"
+        return f"{entry.distribution} {entry.version}"
+
     def instantiate(self, name: str, params: BaseModel, ctx: BuildContext, where: str) -> Any:
         """Call the factory once with already validated ``params``. A ``ValueError`` from
-        the factory (e.g. "needs the training set") becomes a SpecError naming ``where``."""
+        the factory (e.g. "needs the training set") becomes a SpecError naming ``where``;
+        any other exception a PluginRuntimeError naming the distribution. Target-gradient
+        sources come back wrapped in :class:`GuardedSource`."""
         factory = self.get(name)
         try:
-            return factory(params, ctx)
-        except (SpecError, PluginLoadError):
+            built = factory(params, ctx)
+        except PagctlError:
             raise
         except ValueError as exc:
             raise SpecError(f"{where}: {name}: {exc}") from None
+        except Exception as exc:
+            raise PluginRuntimeError(
+                f"{self.short_group} plugin '{name}' ({self.origin(name)}) failed to build: "
+                f"{type(exc).__name__}: {_first_line(exc)}") from exc
+        if self.group == "pagctl.target_gradients":
+            return GuardedSource(built, name, self.origin(name))
+        return built
 
     def info(self) -> list[PluginInfo]:
         """Every known plugin with its status; loads each one to check it."""
@@ -241,6 +262,50 @@ class Registry:
                 rows.append(PluginInfo(name, self.group, entry.distribution, entry.version,
                                        status, error, summary))
         return rows + list(self._bad_names)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+class GuardedSource:
+    """A target-gradient source whose every call is checked: an exception, a result of the
+    wrong type, shape or device, or non-finite values becomes one error naming the plugin
+    and its distribution. Other attributes pass through to the wrapped source."""
+
+    def __init__(self, inner: Any, name: str, origin: str) -> None:
+        self._inner = inner
+        self._name = name
+        self._origin = origin
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._inner, attr)
+
+    def __call__(self, inputs: Any, labels: Any, classes: Any, *, index: Any = None) -> Any:
+        import torch
+
+        who = f"target-gradient source '{self._name}' ({self._origin})"
+        try:
+            out = self._inner(inputs, labels, classes, index=index)
+        except PagctlError:
+            raise
+        except Exception as exc:
+            raise PluginRuntimeError(f"{who} raised {type(exc).__name__}: {_first_line(exc)}"
+                                     ) from exc
+        expected = (inputs.shape[0], classes.shape[1], *inputs.shape[1:])
+        if not isinstance(out, torch.Tensor):
+            raise PluginContractError(f"{who} broke the contract: returned "
+                                      f"{type(out).__name__}, expected a tensor")
+        if tuple(out.shape) != expected or out.device != inputs.device:
+            raise PluginContractError(
+                f"{who} broke the contract: returned {tuple(out.shape)} on {out.device}, "
+                f"expected {expected} (N, K, C, H, W) on {inputs.device}")
+        if not bool(torch.isfinite(out).all()):
+            bad = int((~torch.isfinite(out)).sum())
+            raise PluginContractError(f"{who} broke the contract: {bad} NaN or infinite "
+                                      "values in its target gradients")
+        return out
 
 
 target_gradients = Registry("pagctl.target_gradients", BUILTIN_TARGET_GRADIENTS)
