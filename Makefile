@@ -6,7 +6,8 @@ PAGCTL := $(VENV)/bin/pagctl
 DEMO_DIR ?= runs/demo
 STAMP := $(VENV)/.pagctl-installed
 
-.PHONY: install demo test test-slow bench lint clean
+.PHONY: install demo test test-slow test-plugins bench lint docs clean
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +37,15 @@ test: install
 test-slow: install
 	PAGCTL_DISABLE_PLUGIN_AUTOLOAD=1 $(PY) -m pytest -q -m slow; rc=$$?; \
 	if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+# The packages under plugins/, installed editable into the venv, and their own tests.
+test-plugins: install
+	$(PY) -m pip install -q $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	$(PY) -m pytest -q -m plugins plugins
+
+# Regenerate docs/cli.md, docs/spec.md and docs/writing-plugins.md from the code.
+docs: install
+	$(PY) -m pagctl._docgen
 
 bench: install
 	$(PY) benchmarks/bench_pag_step.py

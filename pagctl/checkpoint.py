@@ -181,7 +181,12 @@ class LoadedRun:
 
 
 def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
-    """Rebuild a run's model from config.json + model.safetensors (eval mode)."""
+    """Rebuild a run's model from config.json + model.safetensors (eval mode).
+
+    The global RNG is left as it was (building the network draws initial weights that the
+    saved ones then replace)."""
+    import torch
+
     from pagctl.models import rebuild_from_config
 
     if not run_dir.is_dir():
@@ -202,7 +207,8 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
                               "restore config.json")
     state = load_tensors(run_dir / MODEL_FILE)
     try:
-        model = rebuild_from_config(config, state)
+        with torch.random.fork_rng(devices=[]):
+            model = rebuild_from_config(config, state)
     except (CheckpointError, RuntimeError, KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, CheckpointError) and not isinstance(exc.__cause__, RuntimeError):
             raise  # a malformed config.json, already explained

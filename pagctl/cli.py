@@ -208,7 +208,8 @@ def attack(
     indices_file: Annotated[Path | None, typer.Option(
         "--indices", help="File of test-set indices to attack: integers separated by "
         "spaces, commas or newlines, or a JSON list.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1,
+                                            help="Images per attack batch.")] = 256,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the attack's randomness.")] = 0,
     eps_sweep: Annotated[str | None, typer.Option(
         "--eps-sweep", help="Comma-separated budgets to attack at in turn, e.g. "
