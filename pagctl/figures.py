@@ -142,3 +142,36 @@ def class_grid(path: Path, clean: Tensor, turned: Tensor, labels: Tensor, *, tit
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
     plt.close(fig)
+
+
+def _signed(image: Tensor) -> Tensor:
+    """A signed map shown in [0, 1] with grey = 0, scaled by its own largest magnitude."""
+    scale = float(image.abs().max()) or 1.0
+    return image / (2 * scale) + 0.5
+
+
+def gradient_grid(path: Path, x: Tensor, labels: Tensor, grads: Tensor, targets: Tensor, *,
+                  title: str, source: str, option: str = "--save-images") -> None:
+    """For each image, two rows: the model's ∇ₓ log p(t|x) and the source's g(x, t) for
+    every class t, next to the input. Each map is scaled by its own largest magnitude (grey
+    = 0), so only directions are compared, as the cosine does.
+    Shape: (k, C, H, W), (k,), (k, K, C, H, W) twice."""
+    plt = _pyplot(option)
+    k, classes = grads.shape[:2]
+    fig, axes = plt.subplots(2 * k, classes + 1, figsize=(1.15 * (classes + 1), 2.3 * k),
+                             squeeze=False)
+    for i in range(k):
+        top, bottom = axes[2 * i], axes[2 * i + 1]
+        _show(top[0], x[i])
+        top[0].set_title(f"input ({int(labels[i])})", fontsize=7)
+        bottom[0].axis("off")
+        bottom[0].text(0.5, 0.5, f"row 1: model\nrow 2: {source}", ha="center", va="center",
+                       fontsize=6, transform=bottom[0].transAxes)
+        for c in range(classes):
+            _show(top[c + 1], _signed(grads[i, c]))
+            _show(bottom[c + 1], _signed(targets[i, c]))
+            if i == 0:
+                top[c + 1].set_title(f"t = {c}", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+    plt.close(fig)

@@ -329,6 +329,16 @@ BAD_INPUT = [
     Case("attack-indices-out-of-range", ["attack", "run", "--indices", "idx.txt"],
          ("--indices", "index 5000 is outside", "0..359"),
          lambda env: (env.copy_run(), (env.workdir / "idx.txt").write_text("[0, 5000]"))),
+    Case("align-unknown-source", ["align-score", "nowhere", "--source", "nearest_neighbour"],
+         ("--source", "did you mean 'nearest_neighbor'")),
+    Case("align-bad-source-param", ["align-score", "nowhere", "--source", "class_mean",
+                                    "--param", "scale=-1"],
+         ("--param scale", "greater than or equal to 0")),
+    Case("align-zero-k", ["align-score", "nowhere", "-k", "0"], ("--classes-per-image",)),
+    Case("align-images-not-png", ["align-score", "nowhere", "--save-images", "g.svg"],
+         ("--save-images", ".png")),
+    Case("align-too-many-classes", ["align-score", "run", "-k", "11", "--limit", "5"],
+         ("--classes-per-image", "11", "10 classes"), lambda env: env.copy_run()),
     # attack: a damaged run folder
     Case("truncated-weights", ["attack", "run", "--limit", "5"],
          ("model.safetensors", "truncated", "re-run training"), _truncate("model.safetensors")),
@@ -592,6 +602,27 @@ def test_attack_ctrl_c_keeps_state_and_resume_equals_an_uninterrupted_run(
     assert resumed["per_example"] == whole["per_example"]
     assert [(s["attacked"], s["broke"]) for s in resumed["stages"]] == \
         [(s["attacked"], s["broke"]) for s in whole["stages"]]
+
+
+def test_align_score_json_and_images(run: RunCLI, trained_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    run_dir = _copy_run(trained_run, tmp_path / "run")
+    code, out, err = run("align-score", run_dir, "--source", "class_mean", "--limit", "30",
+                         "-k", "3", "--save-images", tmp_path / "g.png", "--format", "json")
+    assert code == 0, err
+    rec = json.loads(out)
+    assert rec["kind"] == "align" and rec["source"] == "class_mean" and rec["n"] == 30
+    assert rec["classes_per_image"] == 3 and rec["source_params"] == {"scale": 1.0}
+    lo, hi = rec["interval"]
+    assert -1 <= lo <= rec["mean"] <= hi <= 1 and 0 <= rec["fraction_positive"] <= 1
+    assert set(rec["per_target"]) == {"true", "other"}
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last == rec
+    code, out, err = run("align-score", run_dir, "--source", "nearest_neighbor", "--limit",
+                         "20")
+    assert code == 0, err
+    assert "mean cosine" in out and "95% CI" in out
 
 
 def test_compare_reads_no_weights(run: RunCLI, trained_run: Path,
