@@ -192,7 +192,8 @@ def probe_more_effort(model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: fl
     if _material(k, probed):
         verdict.reasons.append(
             f"a stronger white-box attack (APGD-CE ×2 restarts, APGD-T) broke {k} of the {m} "
-            "probe points the attack left robust: the attack has not converged")
+            "probe points the attack left robust: the robust accuracy is overestimated (too "
+            "few steps or restarts, or a weak attack)")
 
 
 def probe_black_box(model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float,
@@ -214,8 +215,9 @@ def probe_black_box(model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: floa
     verdict.measured["black_box"]["broke"] = k
     if _material(k, probed):
         verdict.reasons.append(f"the black-box Square attack broke {k} of the {m} probe "
-                               "points the white-box attack left robust: gradients are "
-                               "misleading")
+                               "points the attack left robust: it is weaker than a "
+                               "gradient-free search (for a gradient attack, the gradients "
+                               "mislead it)")
 
 
 def square_stage_check(stages: list[dict[str, Any]], n: int, verdict: Verdict) -> None:
