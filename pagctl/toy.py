@@ -40,40 +40,55 @@ def _toy_points(x: Tensor) -> Tensor:
     raise ValueError(f"toy points must be (N, 2) or (N, 2, 1, 1), got {tuple(x.shape)}")
 
 
-def _toy_masked_log_likelihoods(x: Tensor, cls: int | Tensor) -> Tensor:
-    """Shape: (N, 2) -> (N, 6): log N(x; mode, σ²I) for the modes of ``cls``, -inf elsewhere."""
+def _variance(noise: float) -> float:
+    """Per-coordinate variance of a mode after adding N(0, noise²I): σ² + noise²."""
+    if not noise >= 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    return TOY_STD**2 + noise**2
+
+
+def _toy_masked_log_likelihoods(x: Tensor, cls: int | Tensor | None,
+                                noise: float = 0.0) -> Tensor:
+    """Shape: (N, 2) -> (N, 6): log N(x; mode, (σ² + noise²)I) for the modes of ``cls``
+    (every mode when ``cls`` is None), -inf elsewhere."""
     means = torch.tensor(TOY_MEANS, dtype=x.dtype, device=x.device)
+    var = _variance(noise)
+    sq = ((x[:, None, :] - means[None]) ** 2).sum(dim=-1)
+    log_norm = -math.log(2 * math.pi * var)
+    ll = -sq / (2 * var) + log_norm
+    if cls is None:
+        return ll
     mode_classes = torch.tensor(TOY_MODE_CLASSES, device=x.device)
     labels = torch.as_tensor(cls, device=x.device).reshape(-1).expand(x.shape[0])
     if bool(((labels < 0) | (labels > 1)).any()):
         raise ValueError("toy classes must be 0 or 1")
-    sq = ((x[:, None, :] - means[None]) ** 2).sum(dim=-1)
-    log_norm = -math.log(2 * math.pi * TOY_STD**2)
-    ll = -sq / (2 * TOY_STD**2) + log_norm
     mask = mode_classes[None, :] == labels[:, None]
     return ll.masked_fill(~mask, float("-inf"))
 
 
-def toy_log_density(x: Tensor, cls: int | Tensor) -> Tensor:
-    """log p(x | cls) of the (unclamped) toy mixture.
+def toy_log_density(x: Tensor, cls: int | Tensor | None, noise: float = 0.0) -> Tensor:
+    """log p(x | cls) of the (unclamped) toy mixture; ``cls`` None gives the marginal p(x)
+    (every mode equally likely, as the classes are balanced). ``noise`` > 0 gives the
+    density of x + noise·ε, ε ~ N(0, I): each mode's variance becomes σ² + noise².
 
     Shape: x (N, 2) or (N, 2, 1, 1); cls an int or (N,) -> (N,). Follows x's dtype/device.
     """
-    ll = _toy_masked_log_likelihoods(_toy_points(x), cls)
+    ll = _toy_masked_log_likelihoods(_toy_points(x), cls, noise)
     modes_of_class = torch.isfinite(ll).sum(dim=1).to(ll.dtype)  # equal mode weights
     return torch.logsumexp(ll, dim=1) - modes_of_class.log()
 
 
-def toy_score(x: Tensor, cls: int | Tensor) -> Tensor:
-    """∇ₓ log p(x | cls) in closed form: Σ_m w_m(x) (μ_m − x) / σ², w = posterior over the
-    class's modes.
+def toy_score(x: Tensor, cls: int | Tensor | None, noise: float = 0.0) -> Tensor:
+    """∇ₓ log p(x | cls) in closed form: Σ_m w_m(x) (μ_m − x) / (σ² + noise²), w = posterior
+    over the class's modes (all modes when ``cls`` is None: the marginal's score).
 
     Shape: x (N, 2) or (N, 2, 1, 1); cls an int or (N,) -> same shape as x.
     """
     points = _toy_points(x)
-    weights = torch.softmax(_toy_masked_log_likelihoods(points, cls), dim=1)
+    weights = torch.softmax(_toy_masked_log_likelihoods(points, cls, noise), dim=1)
     means = torch.tensor(TOY_MEANS, dtype=x.dtype, device=x.device)
-    score = (weights[:, :, None] * (means[None] - points[:, None, :])).sum(dim=1) / TOY_STD**2
+    score = ((weights[:, :, None] * (means[None] - points[:, None, :])).sum(dim=1)
+             / _variance(noise))
     return score.reshape(x.shape)
 
 

@@ -486,3 +486,19 @@ def test_iter_batches_same_batches_with_and_without_workers(tmp_path: Path) -> N
     for (i0, x0, y0), (i1, x1, y1) in zip(plain, pooled, strict=True):
         assert torch.equal(i0, i1) and torch.equal(x0, x1) and torch.equal(y0, y1)
         assert torch.equal(x0, pdata.get_batch(bundle.train, i0)[0])
+
+
+@pytest.mark.parametrize("cls", [0, 1, None])
+@pytest.mark.parametrize("noise", [0.0, 0.05, 0.3])
+def test_noisy_toy_score_is_the_gradient_of_the_noisy_log_density(cls: int | None,
+                                                                  noise: float) -> None:
+    """Central differences in float64 of log p_noise(x | cls) (or of the marginal)."""
+    from pagctl.toy import toy_log_density, toy_score
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 2, generator=g, dtype=torch.float64) * 0.6
+    h = 1e-6
+    numeric = torch.stack([
+        (toy_log_density(x + h * e, cls, noise) - toy_log_density(x - h * e, cls, noise))
+        / (2 * h) for e in torch.eye(2, dtype=torch.float64)], dim=1)
+    torch.testing.assert_close(toy_score(x, cls, noise), numeric, rtol=1e-5, atol=1e-4)
