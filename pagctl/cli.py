@@ -551,19 +551,41 @@ def align_score(
 # compare, plugins
 
 
+class CompareFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+    markdown = "markdown"
+
+
 @app.command()
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run folders.")],
-    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
+    fmt: Annotated[CompareFormat, typer.Option(
+        "--format", help="Output format.")] = CompareFormat.table,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="Write a PNG: robust accuracy vs eps per run, and alignment vs robust "
+        "accuracy with Pearson's r.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Put side by side numbers measured on different subsets, eps or "
+        "norms (marked in the output).")] = False,
 ) -> None:
-    """Put runs side by side: spec differences and latest metrics (reads no weights)."""
-    from pagctl.compare import compare_runs, render_table
+    """Put runs side by side: spec differences and latest metrics (clean, robust per attack
+    and eps, alignment) with n and 95% intervals, and per-example pair tests (reads no
+    weights)."""
+    from pagctl.compare import compare_runs, render
+    from pagctl.compare import plot as plot_comparison
 
-    rows = compare_runs(runs)
-    if fmt is Format.json:
-        _print_json(rows)
-    else:
-        render_table(rows)
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise SpecError("--plot: writes a PNG; give a file name ending in .png")
+    comparison = compare_runs(runs, force=force)
+    for line in comparison.warnings:
+        typer.echo(line, err=True)
+    if plot is not None:
+        plot_comparison(comparison, plot)
+    sys.stdout.write(render(comparison, fmt.value))
+    if plot is not None:
+        typer.echo(f"wrote {plot}", err=True)
 
 
 def _complete_plugins(group: str | None) -> Any:

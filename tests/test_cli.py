@@ -649,9 +649,9 @@ def test_compare_reads_no_weights(run: RunCLI, trained_run: Path,
 
     assert code == 0, err
     assert calls == []
-    rows = json.loads(out)
+    rows = json.loads(out)["runs"]
     assert len(rows) == 2
-    assert all(r["run"] == "digits-vanilla" and r["epochs"] == 1 for r in rows)
+    assert all(r["name"] == "digits-vanilla" and r["epochs"] == 1 for r in rows)
 
 
 def test_compare_table(run: RunCLI, trained_run: Path) -> None:
