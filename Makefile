@@ -6,7 +6,7 @@ PAGCTL := $(VENV)/bin/pagctl
 DEMO_DIR ?= runs/demo
 STAMP := $(VENV)/.pagctl-installed
 
-.PHONY: install demo test test-slow test-plugins bench lint docs clean
+.PHONY: install demo toy test test-slow test-plugins bench lint docs clean
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 
 $(STAMP): pyproject.toml
@@ -31,6 +31,12 @@ demo: install
 	$(PAGCTL) compare $(DEMO_DIR)/digits-vanilla $(DEMO_DIR)/digits-pag-nn \
 	  --plot $(DEMO_DIR)/compare.png
 
+# The 2-D toy experiment: vanilla vs PAG with the exact score (and nearest neighbour), five
+# seeds, exact (grid) and attack robustness over an L2 epsilon sweep; figures and
+# results.json in runs/toy (docs/toy.md). About 1-2 minutes on 2 cores.
+toy: install
+	$(PY) -m pagctl.toy_experiment --out runs/toy
+
 # The default suite (no slow/cuda/plugins tests). Exit 5 (nothing collected) is a failure.
 test: install
 	PAGCTL_DISABLE_PLUGIN_AUTOLOAD=1 $(PY) -m pytest -q; rc=$$?; \
@@ -53,6 +59,7 @@ docs: install
 
 bench: install
 	$(PY) benchmarks/bench_pag_step.py
+	$(PY) benchmarks/bench_attacks.py
 
 lint: install
 	$(PY) -m ruff check pagctl tests benchmarks

@@ -191,6 +191,73 @@ def train(
     _stdout_table(f"trained {run_spec.name}", rows)
 
 
+@app.command("train-score")
+def train_score(
+    spec: Annotated[str | None, typer.Argument(
+        help="Score spec file (YAML/JSON), built-in name (--list), or a score run folder to "
+        "resume.")] = None,
+    set_: SetOpt = [],  # noqa: B006 - typer needs a literal default
+    data_dir: DataDirOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run folder (sets out_dir).")] = None,
+    device: DeviceOpt = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] =
+    False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run "
+                                            "folder.")] = False,
+    list_: Annotated[bool, typer.Option("--list", help="List the built-in score specs.")] =
+    False,
+    schema: Annotated[bool, typer.Option("--schema", help="Print the score spec's JSON "
+                                         "schema.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    fmt: Annotated[Format, typer.Option("--format", help="Final summary format.")] =
+    Format.table,
+) -> None:
+    """Train a class-conditional score model (denoising score matching over a range of noise
+    levels) for the 'sbg' target-gradient source; writes a run folder with samples.png."""
+    from pagctl import score as scoremod
+
+    if list_:
+        for name in scoremod.builtin_score_spec_names():
+            desc = scoremod.load_score_spec(name).description
+            typer.echo(f"{name:24s} {desc}")
+        return
+    if schema:
+        _print_json(scoremod.ScoreSpec.model_json_schema())
+        return
+    if spec is None:
+        raise SpecError("train-score: give a score spec file or built-in name "
+                        "(pagctl train-score --list)")
+    overrides = list(set_)
+    if Path(spec).is_dir():
+        if not (Path(spec) / "spec.json").is_file():
+            raise SpecError(f"train-score: '{spec}' is a folder without spec.json; pass a "
+                            "spec file")
+        overrides.append(f"out_dir={spec}")
+        spec = str(Path(spec) / "spec.json")
+    if data_dir is not None:
+        overrides.append(f"data.root={data_dir}")
+    if out is not None:
+        overrides.append(f"out_dir={out}")
+    score_spec = scoremod.load_score_spec(spec, overrides)
+    from pagctl.progress import stderr_console
+
+    result = scoremod.train_score(score_spec, device=device, progress=not quiet,
+                                  resume=resume, overwrite=overwrite,
+                                  log=lambda m: stderr_console.print(m, soft_wrap=True))
+    if result.interrupted:
+        stderr_console.print(f"interrupted after step {result.steps_done}; state saved. "
+                             f"Continue with: pagctl train-score {result.run_dir} --resume",
+                             soft_wrap=True)
+        raise typer.Exit(130)
+    summary = {"run_dir": str(result.run_dir), "steps": result.steps_done,
+               "samples": str(result.samples) if result.samples else None, **result.last}
+    if fmt is Format.json:
+        _print_json(summary)
+        return
+    _stdout_table(f"trained score model {score_spec.name}",
+                  [(k, _fmt(v)) for k, v in summary.items()])
+
+
 # ---------------------------------------------------------------------------------------
 # attack
 
@@ -435,6 +502,73 @@ def _plugin_params(group: str, name: str, given: dict[str, Any], option: str) ->
     except ValidationError as exc:
         lines = format_validation_error(exc).splitlines()
         raise SpecError("\n".join(f"--param {line}" for line in lines)) from None
+
+
+# ---------------------------------------------------------------------------------------
+# bank
+
+
+class BankDtype(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+@app.command()
+def bank(
+    source_name: Annotated[str, typer.Argument(
+        help="Target-gradient source to precompute (pagctl plugins).",
+        autocompletion=_complete_plugins("target_gradients"))],
+    spec: Annotated[str, typer.Option(
+        "--spec", help="Run spec (file or built-in name) whose training data the bank is "
+        "for.")],
+    out: Annotated[Path, typer.Option("--out", help="Bank file to write (.safetensors).")],
+    param: Annotated[list[str], typer.Option(
+        "--param", "-p", help="Source parameter KEY=VALUE; repeatable.")] = [],  # noqa: B006
+    set_: SetOpt = [],  # noqa: B006 - typer needs a literal default
+    dtype: Annotated[BankDtype, typer.Option("--dtype", help="Storage dtype.")] =
+    BankDtype.float16,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1,
+                                            help="Images per source call.")] = 256,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted bank "
+                                         "(finished chunks are kept).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing "
+                                            "bank.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed passed to the source.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None,
+    fmt: Annotated[Format, typer.Option("--format", help="Summary format.")] = Format.table,
+) -> None:
+    """Precompute a source's target gradients for every training image and class into a
+    safetensors bank, served during training by the 'precomputed' source (docs/banks.md)."""
+    from pagctl import registry
+    from pagctl import spec as specmod
+    from pagctl.banks import write_bank
+    from pagctl.build import build_context, default_cache_dir, resolve_device
+    from pagctl.data import load_data
+
+    given = _parse_params(param, "--param")
+    params = _plugin_params("target_gradients", source_name, given, "SOURCE")
+    if out.suffix != ".safetensors":
+        raise SpecError("--out: a bank is a .safetensors file; give a name ending in "
+                        ".safetensors")
+    overrides = list(set_) + ([f"data.root={data_dir}"] if data_dir is not None else [])
+    run_spec = specmod.load_spec(spec, overrides)
+    dev = resolve_device(device)
+    bundle = load_data(run_spec.data)
+    ctx = build_context(bundle, dev, seed, default_cache_dir())
+    source = registry.target_gradients.instantiate(source_name, params, ctx, "SOURCE")
+    info = write_bank(source, bundle.train, out, num_classes=bundle.num_classes,
+                      batch_size=batch_size, dtype=dtype.value, device=dev,
+                      progress=not quiet, resume=resume, overwrite=overwrite,
+                      source_name=source_name, source_params=params.model_dump(mode="json"),
+                      data_fingerprint=bundle.fingerprint)
+    record = info.to_record()
+    if fmt is Format.json:
+        _print_json(record)
+        return
+    _stdout_table(f"bank {out}", [(k, _fmt(v) if not isinstance(v, (dict, list))
+                                   else json.dumps(v)) for k, v in record.items()])
 
 
 # ---------------------------------------------------------------------------------------

@@ -44,6 +44,9 @@ BUILTIN_TARGET_GRADIENTS = {
     "one_image": "pagctl.target_gradients.one_image:OneImage",
     "class_mean": "pagctl.target_gradients.class_mean:ClassMean",
     "nearest_neighbor": "pagctl.target_gradients.nearest_neighbor:NearestNeighbor",
+    "precomputed": "pagctl.target_gradients.precomputed:Precomputed",
+    "sbg": "pagctl.target_gradients.sbg:SBG",
+    "toy_score": "pagctl.target_gradients.toy_score:ToyScore",
 }
 BUILTIN_ATTACKS = {
     "apgd_ce": "pagctl.attacks.apgd:APGDCE",

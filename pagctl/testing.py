@@ -222,13 +222,15 @@ def check_target_gradient_source(
     inputs: Tensor | None = None,
     labels: Tensor | None = None,
     classes_per_image: int = 3,
+    index_only: bool = False,
 ) -> Tensor:
     """Check a target-gradient source against the TargetGradientSource contract; returns
     its output for the training images (called with ``index``).
 
     The source is called twice: on training images with ``index`` (their positions in
-    ``ctx.train_set``), and on the same images with ``index=None`` (as for test images).
-    Shape: -> (N, K, C, H, W).
+    ``ctx.train_set``), and on the same images with ``index=None`` (as for test images);
+    ``index_only=True`` skips the second call, for sources that serve training images only
+    (a precomputed bank). Shape: -> (N, K, C, H, W).
     """
     name = _name(factory)
     validated = _validated_params(factory, params)
@@ -249,7 +251,9 @@ def check_target_gradient_source(
     source = _build(factory, validated, ctx)
     assert callable(source), f"{name}: the built object is not callable"
     outputs = []
-    for idx in ([index, None] if index is not None else [None]):
+    calls = [index] if index is not None and index_only else (
+        [index, None] if index is not None else [None])
+    for idx in calls:
         guard = _Guard(name, None, inputs, labels, classes)
         out = source(inputs, labels, classes, index=idx)
         guard.check()

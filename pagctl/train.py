@@ -163,6 +163,12 @@ def train(
             ctx = build_context(s.bundle, dev, t.seed, cache_dir or default_cache_dir())
             align_source = registry.target_gradients.build(spec.eval.align_source, ctx,
                                                            "eval.align_source")
+            if getattr(align_source, "requires_index", False):
+                raise SpecError(f"eval.align_source: '{spec.eval.align_source.name}' serves "
+                                "training images only and cannot score test images; choose "
+                                "another source (e.g. nearest_neighbor) or null")
+    if getattr(align_source, "requires_index", False):
+        align_source = None  # a bank has no targets for test images: no alignment monitor
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
                           weight_decay=t.weight_decay, nesterov=t.nesterov)
     gen = torch.Generator().manual_seed(t.seed)

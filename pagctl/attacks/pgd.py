@@ -8,7 +8,9 @@ step instead of a division by zero.
 
 Per example, the returned point is the first iterate (over all steps and restarts) that the
 model misclassifies; if none is, the last iterate of the restart with the highest loss. The
-check reuses the logits of the gradient pass, so it costs one extra forward per restart.
+check reuses the logits of the gradient pass, so it costs one extra forward per restart (for
+the last iterate), and none with a single run: there the last iterate is returned wherever no
+earlier one fooled the model, whether it does or not.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ def default_step_size(eps: float, steps: int) -> float:
     return eps * max(2.5 / steps, 0.25)
 
 
+def _rows(mask: Tensor, like: Tensor) -> Tensor:
+    """``(N,)`` reshaped to broadcast against ``(N, C, H, W)``."""
+    return mask.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
 def _single_run(
     model: nn.Module,
     x: Tensor,
@@ -56,9 +63,12 @@ def _single_run(
     step_size: float,
     random_start: bool,
     generator: torch.Generator,
-) -> tuple[Tensor, Tensor, Tensor]:
+    check_last: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor]:
     """One PGD run. Returns (points, loss at the points, fooled mask).
 
+    ``check_last`` False skips the forward pass on the last iterate: the loss is then None
+    and the mask covers only the iterates before it (enough when this is the only run).
     Shape: (N, C, H, W), (N,) -> (N, C, H, W), (N,), (N,) bool.
     """
     if random_start:
@@ -78,6 +88,12 @@ def _single_run(
         delta = x_k + step_size * step - x
         delta = project_l2(delta, eps) if norm == "l2" else project_linf(delta, eps)
         x_k = (x + delta).clamp(0.0, 1.0)
+    if not check_last:
+        # No iterate fooled the model: the last one, or the clean input where the steps went
+        # non-finite (what comparing losses across runs would keep).
+        finite = torch.isfinite(x_k).flatten(1).all(dim=1)
+        out[~found] = torch.where(_rows(finite[~found], x_k), x_k[~found], x[~found])
+        return out, None, found
     with torch.no_grad():
         logits = model(x_k)
     loss = F.cross_entropy(logits, y, reduction="none").detach()
@@ -121,16 +137,25 @@ def pgd(
     if not alpha > 0:
         raise ValueError(f"step_size must be > 0, got {alpha}")
     y = y.to(x0.device)
-    runs = BestSoFar(x0)
     # Without a random start every run is the same deterministic path: one is enough.
-    for _ in range(restarts if random_start else 1):
+    n_runs = restarts if random_start else 1
+    if n_runs == 1:
+        points = _single_run(
+            model, x0, y, norm=norm, eps=eps, steps=steps, step_size=alpha,
+            random_start=random_start, generator=generator, check_last=False,
+        )[0]
+        return fit_to_budget(x0, points, norm, eps)
+    runs = BestSoFar(x0)
+    for _ in range(n_runs):
         active = runs.active()
         if active.numel() == 0:
             break
-        runs.update(active, *_single_run(
+        points, loss, found = _single_run(
             model, x0[active], y[active], norm=norm, eps=eps, steps=steps, step_size=alpha,
             random_start=random_start, generator=generator,
-        ))
+        )
+        assert loss is not None
+        runs.update(active, points, loss, found)
     return fit_to_budget(x0, runs.points, norm, eps)
 
 

@@ -1,0 +1,569 @@
+"""The toy experiment: does PAG with the exact score make a classifier more robust?
+
+On the 2-D toy mixture (`pagctl.toy`) the score is known in closed form, so PAG can be
+trained with the *exact* score-based target (``toy_score``) and compared with vanilla
+training and with the Nearest Neighbour heuristic under one seed and budget. Three recipes
+are trained, each on the same data and seeds:
+
+- ``vanilla``: ``toy-vanilla`` (cross-entropy only);
+- ``pag-score``: ``toy-pag-score`` (PAG with the exact posterior score, ``toy_score``);
+- ``pag-nn``: ``toy-pag-nn`` (PAG with Nearest Neighbour targets), for reference.
+
+By default each is trained on 60 points (10 per mode) and five seeds: with the built-in
+6,000 points every recipe already reaches the robustness of the Bayes classifier, so there
+is nothing left for PAG to add (docs/toy.md).
+
+Robustness is measured two ways at each ε of an L2 sweep:
+
+- **exactly**, by `grid_min_distance`: in two dimensions the model can be evaluated on a
+  grid of spacing 0.001 over the data's neighbourhood, and each test point's distance to
+  the nearest grid point of another class is its minimal adversarial perturbation (to the
+  grid's resolution; each such grid point is a verified adversarial example);
+- **by attacks**: PGD-L2 (50 steps, 5 random restarts), APGD-CE (L2, 100 steps) and FAB
+  (L2), per-point worst case. AutoAttack's standard and rand versions need at least 3–4
+  classes (their DLR losses), so on two classes these are the AutoAttack stages that apply.
+
+Outputs in ``out_dir``: ``runs/<model>-seed<s>/`` (ordinary run folders),
+``decision_boundaries.png`` (each model's decision regions, one row per seed, with the
+training points, the mode centres and the Bayes boundaries), ``robustness.png`` (robust accuracy
+against ε, one line per model, pooled over seeds, with 95% Wilson intervals, and the Bayes
+classifier for reference) and ``results.json``.
+
+Run it with ``make toy`` or ``python -m pagctl.toy_experiment --out runs/toy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+    from pagctl.data import DataBundle
+
+__all__ = ["DEFAULT_EPS", "MODELS", "bayes_classifier", "grid_min_distance",
+           "run_toy_experiment"]
+
+DEFAULT_EPS: tuple[float, ...] = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1)
+"""The L2 budgets of the sweep; neighbouring modes are 0.134 apart, so the Bayes boundary
+lies about 0.067 from each mode centre."""
+MODELS: tuple[tuple[str, str], ...] = (
+    ("vanilla", "toy-vanilla"), ("pag-score", "toy-pag-score"), ("pag-nn", "toy-pag-nn"))
+"""(label, built-in spec) of the recipes compared."""
+DEFAULT_TRAIN_SIZE = 60
+DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
+GRID_RESOLUTION = 0.001
+_ATTACKS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("pgd_l2", {"steps": 50, "restarts": 5}),
+    ("apgd_ce", {"norm": "l2", "steps": 100}),
+    ("fab", {"norm": "l2"}),
+)
+
+
+def default_budget(train_size: int) -> tuple[int, int]:
+    """(batch size, epochs) for ``train_size`` points: the built-in 128 and 30 for the
+    built-in 6,000 points; otherwise about five steps per epoch and at least 500 steps."""
+    if train_size >= 6000:
+        return 128, 30
+    batch = max(4, min(128, train_size // 5))
+    steps = max(1, train_size // batch)
+    return batch, max(30, math.ceil(500 / steps))
+
+
+# ---------------------------------------------------------------------------------------
+# exact robustness in two dimensions
+
+
+def _window(points: Tensor, margin: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The points' bounding box grown by ``margin`` and clipped to [0, 1]²:
+    ((x1 low, x1 high), (x2 low, x2 high))."""
+    lo = (points.min(dim=0).values - margin).clamp(0, 1).tolist()
+    hi = (points.max(dim=0).values + margin).clamp(0, 1).tolist()
+    return (lo[0], hi[0]), (lo[1], hi[1])
+
+
+def predict_grid(model: Callable[[Tensor], Tensor],
+                 window: tuple[tuple[float, float], tuple[float, float]],
+                 resolution: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The model's class at every point of a regular grid over ``window``.
+
+    Shape: -> x1 values (A,), x2 values (B,), classes (A, B) int64 (``[i, j]`` at
+    (x1[i], x2[j])).
+    """
+    import torch
+
+    (a0, a1), (b0, b1) = window
+    x1 = torch.arange(a0, a1 + resolution / 2, resolution, dtype=torch.float64).float()
+    x2 = torch.arange(b0, b1 + resolution / 2, resolution, dtype=torch.float64).float()
+    grid = torch.stack(torch.meshgrid(x1, x2, indexing="ij"), dim=-1).reshape(-1, 2)
+    classes = []
+    with torch.no_grad():
+        for lo in range(0, grid.shape[0], 65536):
+            classes.append(model(grid[lo: lo + 65536].reshape(-1, 2, 1, 1)).argmax(dim=1))
+    return x1, x2, torch.cat(classes).cpu().reshape(len(x1), len(x2))
+
+
+def grid_min_distance(model: Callable[[Tensor], Tensor], points: Tensor, labels: Tensor, *,
+                      max_eps: float = 0.1, resolution: float = GRID_RESOLUTION) -> Tensor:
+    """Each point's L2 distance to the nearest grid point the model assigns to another class:
+    its minimal adversarial perturbation inside [0, 1]², to the grid's resolution.
+
+    The grid covers the points' bounding box grown by ``max_eps`` + 0.02 (clipped to
+    [0, 1]²); a point with no other class in reach of the grid gets ``inf``. A point the
+    model already misclassifies gets 0. A robust-accuracy verdict "not robust at ε" (distance
+    ≤ ε) is certain: the grid point is an adversarial example. "Robust" can only be wrong
+    for an adversarial region thinner than the grid spacing.
+    Shape: points (N, 2) or (N, 2, 1, 1) CPU, labels (N,) -> (N,) float32.
+    """
+    import torch
+
+    pts = points.detach().reshape(-1, 2).float().cpu()
+    y = labels.detach().cpu()
+    x1, x2, grid = predict_grid(model, _window(pts, max_eps + 0.02), resolution)
+    # Cells with a 4-neighbour of another class: the nearest cell of another class to a point
+    # outside it is always one of these.
+    edge = torch.zeros_like(grid, dtype=torch.bool)
+    vertical = grid[1:] != grid[:-1]
+    horizontal = grid[:, 1:] != grid[:, :-1]
+    edge[1:] |= vertical
+    edge[:-1] |= vertical
+    edge[:, 1:] |= horizontal
+    edge[:, :-1] |= horizontal
+    cells = torch.stack(torch.meshgrid(x1, x2, indexing="ij"), dim=-1)[edge]
+    cell_class = grid[edge]
+    with torch.no_grad():
+        clean = model(pts.reshape(-1, 2, 1, 1)).argmax(dim=1).cpu()
+    dist = torch.full((pts.shape[0],), float("inf"))
+    for c in torch.unique(cell_class).tolist():
+        mine = cells[cell_class == c]
+        rows = torch.nonzero(y != c).squeeze(1)
+        for lo in range(0, rows.numel(), 1024):
+            r = rows[lo: lo + 1024]
+            dist[r] = torch.minimum(dist[r], torch.cdist(pts[r], mine).min(dim=1).values)
+    dist[clean != y] = 0.0
+    return dist
+
+
+def bayes_classifier() -> nn.Module:
+    """The toy's Bayes classifier as a module: logits log p(x | t) (the classes are
+    balanced). Shape: (N, 2, 1, 1) -> (N, 2)."""
+    import torch
+    from torch import nn
+
+    from pagctl.toy import toy_log_density
+
+    class Bayes(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.stack([toy_log_density(x, t) for t in (0, 1)], dim=1)
+
+    return Bayes()
+
+
+def score_alignment(model: nn.Module, images: Tensor, labels: Tensor,
+                    noise: float | None = None) -> tuple[float, float]:
+    """Mean cosine between the model's ∇ₓ log p(t|x) and the exact posterior score
+    (``toy_score``, both classes of every point), and the mean of its absolute value.
+
+    The absolute value measures orientation only: in two classes both gradients lie on one
+    line, and the exact target is parallel to the line of modes everywhere, flipping sign at
+    each middle mode's centre (where p(t|x) peaks), so the signed mean also counts where a
+    model puts that ridge. Shape: images (N, 2, 1, 1), labels (N,).
+    """
+    import torch
+
+    from pagctl.gradients import logits_and_input_gradients
+    from pagctl.losses import cosine_alignment
+    from pagctl.protocols import BuildContext
+    from pagctl.target_gradients.toy_score import ToyScore
+
+    ctx = BuildContext(num_classes=2, input_shape=(2, 1, 1), device=images.device, seed=0)
+    params = ToyScore.Params() if noise is None else ToyScore.Params(noise=noise)
+    classes = torch.stack([labels, 1 - labels], dim=1)
+    _, grads = logits_and_input_gradients(model, images, classes)
+    cos = cosine_alignment(grads, ToyScore(params, ctx)(images, labels, classes))
+    return float(cos.mean()), float(cos.abs().mean())
+
+
+# ---------------------------------------------------------------------------------------
+# one run
+
+
+def _overrides(seed: int, train_size: int, epochs: int, batch: int,
+               run_dir: Path) -> list[str]:
+    return [f"train.seed={seed}", f"data.split_seed={seed}",
+            f"data.toy_train_size={train_size}", f"data.batch_size={batch}",
+            f"train.epochs={epochs}", f"eval.every={epochs}",
+            "eval.align_source.name=toy_score", f"out_dir={run_dir}"]
+
+
+def _attack_suite(model: nn.Module, bundle: DataBundle, eps: float, seed: int,
+                  device: torch.device) -> dict[str, Any]:
+    """PGD-L2 (5 restarts), APGD-CE and FAB at ``eps``; per-point worst case."""
+    import torch
+
+    from pagctl import registry
+    from pagctl.attack import run_attack, unpack_bits
+    from pagctl.build import build_context
+
+    test = bundle.test
+    indices = torch.arange(len(test))  # type: ignore[arg-type]
+    robust: Tensor | None = None
+    each = {}
+    for name, extra in _ATTACKS:
+        params = registry.attacks.validate_params(name, {"eps": eps, **extra}, name)
+        attack = registry.attacks.instantiate(
+            name, params, build_context(bundle, device, seed, None), name)
+        report = run_attack(model, attack, test, indices, name=name, params=params,
+                            batch_size=len(indices), device=device, seed=seed)
+        mask = unpack_bits(report.per_example["robust"], report.n)
+        robust = mask if robust is None else robust & mask
+        each[name] = report.robust_accuracy
+    assert robust is not None
+    return {"robust_correct": int(robust.sum()), "robust_accuracy": float(robust.float().mean()),
+            "per_attack": each}
+
+
+def _evaluate_run(run_dir: Path, eps_list: Sequence[float], device: torch.device,
+                  seed: int, attacks: bool) -> dict[str, Any]:
+    from pagctl.checkpoint import load_run
+    from pagctl.data import load_data
+
+    loaded = load_run(run_dir, device=device)
+    bundle = load_data(loaded.spec.data)
+    test = bundle.test
+    images, labels = test.images, test.labels  # type: ignore[attr-defined]
+    model = loaded.model.cpu()
+    dist = grid_min_distance(model, images, labels, max_eps=max(eps_list))
+    alignment, orientation = score_alignment(model, images, labels)
+    model.to(device)
+    out: dict[str, Any] = {
+        "seed": seed, "run_dir": str(run_dir), "n_test": int(labels.numel()),
+        "clean_accuracy": float((dist > 0).float().mean()),
+        "alignment": alignment, "orientation": orientation,
+        "exact": {"robust_correct": [int((dist > e).sum()) for e in eps_list],
+                  "robust_accuracy": [float((dist > e).float().mean()) for e in eps_list],
+                  "mean_min_distance": float(dist.clamp_max(1.0).mean())},
+    }
+    if attacks:
+        suite = [_attack_suite(model, bundle, e, seed, device) for e in eps_list]
+        out["attacks"] = {
+            "robust_correct": [s["robust_correct"] for s in suite],
+            "robust_accuracy": [s["robust_accuracy"] for s in suite],
+            "per_attack": {name: [s["per_attack"][name] for s in suite]
+                           for name, _ in _ATTACKS},
+        }
+    return out
+
+
+def _pool(per_seed: list[dict[str, Any]], key: str, n_eps: int) -> dict[str, Any]:
+    """Robust accuracy pooled over seeds (Wilson 95% intervals on the pooled counts) and the
+    spread across seeds."""
+    from pagctl.attack import wilson_interval
+
+    n = sum(r["n_test"] for r in per_seed)
+    correct = [sum(r[key]["robust_correct"][i] for r in per_seed) for i in range(n_eps)]
+    accs = [[r[key]["robust_accuracy"][i] for r in per_seed] for i in range(n_eps)]
+    return {"n": n, "robust_correct": correct,
+            "robust_accuracy": [k / n for k in correct],
+            "interval": [list(wilson_interval(k, n)) for k in correct],
+            "seed_mean": [statistics.fmean(a) for a in accs],
+            "seed_sd": [statistics.pstdev(a) if len(a) > 1 else 0.0 for a in accs]}
+
+
+# ---------------------------------------------------------------------------------------
+# figures
+
+
+def _bayes_boundaries() -> list[tuple[float, float]]:
+    """Midpoints between neighbouring modes of different classes (the Bayes boundary crosses
+    the line of modes there, perpendicular to it)."""
+    from pagctl.toy import TOY_MEANS, TOY_MODE_CLASSES
+
+    mids = []
+    for (a, ca), (b, cb) in zip(zip(TOY_MEANS, TOY_MODE_CLASSES, strict=True),
+                                zip(TOY_MEANS[1:], TOY_MODE_CLASSES[1:], strict=True),
+                                strict=False):
+        if ca != cb:
+            mids.append(((a[0] + b[0]) / 2, (a[1] + b[1]) / 2))
+    return mids
+
+
+def decision_boundaries_figure(path: Path, panels: list[list[dict[str, Any]]]) -> None:
+    """One row per seed, one panel per model: decision regions, training points, mode centres
+    (×), Bayes boundaries (dashed). ``panels[row][column]``: dicts with ``model``, ``train``
+    (images, labels) and ``title``."""
+    from matplotlib.colors import ListedColormap
+
+    from pagctl.figures import _pyplot, _save
+    from pagctl.toy import TOY_MEANS
+
+    plt = _pyplot("the toy experiment")
+    window = ((0.0, 0.6), (0.05, 1.0))
+    rows, cols = len(panels), max(len(r) for r in panels)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols, 3.9 * rows + 0.45),
+                             squeeze=False)
+    colors = ("#3b6fb6", "#c8453c")
+    regions = ListedColormap(["#c9d7ee", "#f2cbc7"])
+    for r, row in enumerate(panels):
+        for c, panel in enumerate(row):
+            ax = axes[r][c]
+            x1, x2, grid = predict_grid(panel["model"], window, 0.002)
+            ax.imshow(grid.T.numpy(), origin="lower", cmap=regions, vmin=0, vmax=1,
+                      extent=(window[0][0], window[0][1], window[1][0], window[1][1]),
+                      interpolation="nearest", aspect="equal")
+            ax.contour(x1.numpy(), x2.numpy(), grid.T.float().numpy(), levels=[0.5],
+                       colors="k", linewidths=0.8)
+            images, labels = panel["train"]
+            pts = images.reshape(-1, 2)
+            for k in (0, 1):
+                mine = pts[labels == k]
+                ax.scatter(mine[:, 0], mine[:, 1], s=8, color=colors[k], edgecolors="k",
+                           linewidths=0.3, label=f"class {k}", zorder=3)
+            ax.scatter([m[0] for m in TOY_MEANS], [m[1] for m in TOY_MEANS], marker="x",
+                       color="k", s=25, zorder=4, label="mode centre")
+            for mx, my in _bayes_boundaries():  # perpendicular to the direction (1, 2)
+                t = 0.45
+                ax.plot([mx - 2 * t, mx + 2 * t], [my + t, my - t], ls="--", lw=0.7,
+                        color="0.35", zorder=2)
+            ax.set_xlim(*window[0])
+            ax.set_ylim(*window[1])
+            ax.set_title(panel["title"], fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=6, loc="upper left")
+    height = 3.9 * rows + 0.45
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.45 / height))
+    fig.suptitle("decision regions (black: model boundary; dashed: Bayes boundaries)",
+                 fontsize=10, y=1.0 - 0.12 / height)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def robustness_figure(path: Path, eps: Sequence[float], curves: list[dict[str, Any]],
+                      title: str) -> None:
+    """Robust accuracy vs ε with 95% Wilson intervals. ``curves``: dicts with ``label``,
+    ``accuracy``, ``interval`` and optional ``style`` (matplotlib keyword arguments)."""
+    from pagctl.figures import _pyplot, _save
+
+    plt = _pyplot("the toy experiment")
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for curve in curves:
+        acc = curve["accuracy"]
+        low = [a - lo for a, (lo, _) in zip(acc, curve["interval"], strict=True)]
+        high = [hi - a for a, (_, hi) in zip(acc, curve["interval"], strict=True)]
+        style = {"marker": "o", "capsize": 3, **curve.get("style", {})}
+        ax.errorbar(list(eps), acc, yerr=[low, high], label=curve["label"], **style)
+    ax.set_xlabel("ε (L2)")
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------
+# the experiment
+
+
+def run_toy_experiment(
+    out_dir: Path | str,
+    *,
+    device: str = "cpu",
+    epochs: int | None = None,
+    progress: bool = True,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    train_size: int = DEFAULT_TRAIN_SIZE,
+    eps: Sequence[float] = DEFAULT_EPS,
+    attacks: bool = True,
+    figures: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train the three toy recipes (``MODELS``) for every seed, measure their robustness
+    (exactly and by attacks) over the ε sweep, write the figures and ``results.json`` into
+    ``out_dir`` and return the results.
+
+    ``epochs`` / ``train_size``: the budget shared by every recipe (``epochs`` None: see
+    `default_budget`). ``attacks``: also run the attack suite (the exact measure is always
+    computed). ``figures``: write the PNGs (needs matplotlib). ``log``: where status lines
+    go (default: stderr when ``progress``).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    if str(device) == "cpu":
+        torch.set_num_threads(1)  # tiny models: one thread is fastest, more only contend
+    try:
+        return _run(Path(out_dir), device=device, epochs=epochs, progress=progress,
+                    seeds=seeds, train_size=train_size, eps=eps, attacks=attacks,
+                    figures=figures, log=log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(out: Path, *, device: str, epochs: int | None, progress: bool, seeds: Sequence[int],
+         train_size: int, eps: Sequence[float], attacks: bool, figures: bool,
+         log: Callable[[str], None] | None) -> dict[str, Any]:
+    from pagctl.build import resolve_device
+    from pagctl.data import load_data
+    from pagctl.spec import load_spec
+    from pagctl.train import train
+
+    out.mkdir(parents=True, exist_ok=True)
+    emit = log or ((lambda msg: print(msg, file=sys.stderr, flush=True)) if progress
+                   else (lambda msg: None))
+    dev = resolve_device(device)
+    eps_list = [float(e) for e in eps]
+    batch, default_epochs = default_budget(train_size)
+    n_epochs = default_epochs if epochs is None else epochs
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "kind": "toy_experiment", "eps": eps_list, "seeds": list(seeds),
+        "train_size": train_size, "batch_size": batch, "epochs": n_epochs,
+        "grid_resolution": GRID_RESOLUTION,
+        "attacks": [{"name": n, "params": p} for n, p in _ATTACKS] if attacks else [],
+        "models": {},
+    }
+    panels: list[list[dict[str, Any]]] = [[] for _ in seeds]
+    for label, spec_name in MODELS:
+        per_seed = []
+        for row, seed in enumerate(seeds):
+            run_dir = out / "runs" / f"{label}-seed{seed}"
+            spec = load_spec(spec_name, _overrides(seed, train_size, n_epochs, batch, run_dir))
+            tick = time.perf_counter()
+            train(spec, device=str(dev), overwrite=True, progress=progress)
+            train_seconds = time.perf_counter() - tick
+            tick = time.perf_counter()
+            record = _evaluate_run(run_dir, eps_list, dev, seed, attacks)
+            record["train_seconds"] = train_seconds
+            record["eval_seconds"] = time.perf_counter() - tick
+            per_seed.append(record)
+            mid = eps_list.index(0.05) if 0.05 in eps_list else len(eps_list) // 2
+            emit(f"{label} seed {seed}: clean {record['clean_accuracy']:.3f}, exact robust "
+                 f"@{eps_list[mid]:g} {record['exact']['robust_accuracy'][mid]:.3f} "
+                 f"(training {train_seconds:.1f}s, evaluation {record['eval_seconds']:.1f}s)")
+            if figures:
+                from pagctl.checkpoint import load_run
+
+                bundle = load_data(spec.data)
+                panels[row].append({
+                    "model": load_run(run_dir).model,
+                    "train": (bundle.train.images, bundle.train.labels),  # type: ignore[attr-defined]
+                    "title": f"{label}, seed {seed}: clean {record['clean_accuracy']:.3f}\n"
+                             f"robust @{eps_list[mid]:g}: "
+                             f"{record['exact']['robust_accuracy'][mid]:.3f}"})
+        entry: dict[str, Any] = {"spec": spec_name,
+                                 "target_gradients": spec.target_gradients.model_dump(),
+                                 "pag_weight": spec.train.pag_weight, "per_seed": per_seed,
+                                 "exact": _pool(per_seed, "exact", len(eps_list))}
+        if attacks:
+            entry["attacks"] = _pool(per_seed, "attacks", len(eps_list))
+        for key in ("alignment", "orientation"):
+            values = [r[key] for r in per_seed]
+            entry[key] = {"seed_mean": statistics.fmean(values),
+                          "seed_sd": statistics.pstdev(values) if len(values) > 1 else 0.0}
+        results["models"][label] = entry
+    # The Bayes classifier on the same test sets, for reference.
+    bayes = bayes_classifier()
+    bayes_runs = []
+    for seed in seeds:
+        data = load_spec("toy-vanilla", [f"data.split_seed={seed}"]).data
+        test = load_data(data).test
+        dist = grid_min_distance(bayes, test.images, test.labels,  # type: ignore[attr-defined]
+                                 max_eps=max(eps_list))
+        bayes_runs.append({"n_test": int(dist.numel()), "exact": {
+            "robust_correct": [int((dist > e).sum()) for e in eps_list],
+            "robust_accuracy": [float((dist > e).float().mean()) for e in eps_list]}})
+    results["bayes"] = {"exact": _pool(bayes_runs, "exact", len(eps_list))}
+    results["seconds"] = time.perf_counter() - started
+    if figures:
+        decision_boundaries_figure(out / "decision_boundaries.png", panels)
+        curves = [{"label": f"{label} (exact)", "accuracy": entry["exact"]["robust_accuracy"],
+                   "interval": entry["exact"]["interval"]}
+                  for label, entry in results["models"].items()]
+        curves.append({"label": "Bayes classifier (exact)",
+                       "accuracy": results["bayes"]["exact"]["robust_accuracy"],
+                       "interval": results["bayes"]["exact"]["interval"],
+                       "style": {"color": "0.5", "ls": "--", "marker": "s"}})
+        robustness_figure(
+            out / "robustness.png", eps_list, curves,
+            f"toy, {train_size} training points, {len(seeds)} seed(s) pooled "
+            f"({len(seeds) * per_seed[0]['n_test']} test points per curve)")
+    from pagctl.checkpoint import atomic_write_text
+
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """Robust accuracy per model and ε as a plain-text table (exact; attacks in brackets),
+    then each model's alignment with the exact score."""
+    eps = results["eps"]
+    head = f"{'model':<22}" + "".join(f"{'ε=' + format(e, 'g'):>16}" for e in eps)
+    lines = [head]
+    rows = list(results["models"].items()) + [("bayes", results["bayes"])]
+    for label, entry in rows:
+        cells = []
+        for i in range(len(eps)):
+            text = f"{entry['exact']['robust_accuracy'][i]:.3f}"
+            if "attacks" in entry:
+                text += f" [{entry['attacks']['robust_accuracy'][i]:.3f}]"
+            cells.append(f"{text:>16}")
+        lines.append(f"{label:<22}" + "".join(cells))
+    lines.append("")
+    lines.append("cosine with the exact score on test points (mean over seeds): signed | absolute")
+    for label, entry in results["models"].items():
+        lines.append(f"{label:<22}{entry['alignment']['seed_mean']:>8.3f} |"
+                     f"{entry['orientation']['seed_mean']:>7.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pagctl.toy_experiment",
+        description="Train vanilla, PAG (exact score) and PAG (nearest neighbour) on the 2-D "
+        "toy, measure their robustness over an L2 epsilon sweep, and write "
+        "decision_boundaries.png, robustness.png and results.json.")
+    parser.add_argument("--out", type=Path, default=Path("runs/toy"), help="output folder")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu: "
+                        "the models are tiny)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs per run (default: about 500 steps)")
+    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
+                        help="comma-separated seeds (default 0,1,2,3,4)")
+    parser.add_argument("--train-size", type=int, default=DEFAULT_TRAIN_SIZE,
+                        help=f"training points per run (default {DEFAULT_TRAIN_SIZE})")
+    parser.add_argument("--no-attacks", action="store_true",
+                        help="only the exact (grid) robustness, no attack suite")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    args = parser.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    from pagctl.errors import PagctlError
+
+    try:
+        results = run_toy_experiment(args.out, device=args.device, epochs=args.epochs,
+                                     progress=not args.quiet, seeds=seeds,
+                                     train_size=args.train_size, attacks=not args.no_attacks)
+    except PagctlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary_table(results))
+    print(f"wrote {args.out}/decision_boundaries.png, robustness.png, results.json "
+          f"({results['seconds']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
