@@ -339,6 +339,16 @@ BAD_INPUT = [
          ("--save-images", ".png")),
     Case("align-too-many-classes", ["align-score", "run", "-k", "11", "--limit", "5"],
          ("--classes-per-image", "11", "10 classes"), lambda env: env.copy_run()),
+    Case("score-unknown-spec", ["train-score", "score-digitz"], ("score-digitz",)),
+    Case("score-unknown-key", ["train-score", "score-toy", "--set", "train.stepz=3"],
+         ("train.stepz",)),
+    Case("bank-unknown-source", ["bank", "class_man", "--spec", "digits-pag-cm", "--out",
+                                 "b.safetensors"], ("class_man", "did you mean 'class_mean'")),
+    Case("bank-not-safetensors", ["bank", "class_mean", "--spec", "digits-pag-cm", "--out",
+                                  "b.pt"], ("--out", ".safetensors")),
+    Case("bank-bad-param", ["bank", "class_mean", "--spec", "digits-pag-cm", "--out",
+                            "b.safetensors", "--param", "scale=-2"],
+         ("--param scale", "greater than or equal to 0")),
     # attack: a damaged run folder
     Case("truncated-weights", ["attack", "run", "--limit", "5"],
          ("model.safetensors", "truncated", "re-run training"), _truncate("model.safetensors")),
@@ -623,6 +633,23 @@ def test_align_score_json_and_images(run: RunCLI, trained_run: Path, tmp_path: P
                          "20")
     assert code == 0, err
     assert "mean cosine" in out and "95% CI" in out
+
+
+def test_train_score_and_bank(run: RunCLI, workdir: Path) -> None:
+    code, out, err = run("train-score", "score-toy", "--set", "train.steps=5", "--set",
+                         "sample.per_class=4", "--out", "score", "-q", "--format", "json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["steps"] == 5 and (workdir / "score" / "model.safetensors").exists()
+    code, out, err = run("bank", "class_mean", "--spec", "digits-pag-cm", "--out",
+                         "cm.safetensors", "-q", "--format", "json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["num_images"] == 1437 and info["num_classes"] == 10
+    assert info["source"] == "class_mean" and (workdir / "cm.safetensors").exists()
+    code, out, err = run("bank", "class_mean", "--spec", "digits-pag-cm", "--out",
+                         "cm.safetensors", "-q")
+    assert code == 2 and ("--overwrite" in err or "--resume" in err), err
 
 
 def test_compare_reads_no_weights(run: RunCLI, trained_run: Path,
