@@ -10,7 +10,8 @@ from pagctl.spec import RunSpec, apply_override, builtin_spec_names, load_spec
 
 EXPECTED = {"digits-vanilla", "digits-pag-oi", "digits-pag-cm", "digits-pag-nn",
             "toy-vanilla", "toy-pag-nn", "cifar10-rn18-vanilla", "cifar10-rn18-pag-oi",
-            "cifar10-rn18-pag-cm", "cifar10-rn18-pag-nn", "cifar10-vit-pag-nn"}
+            "cifar10-rn18-pag-cm", "cifar10-rn18-pag-nn", "cifar10-vit-pag-nn",
+            "digits-pag-sbg", "toy-pag-score", "cifar10-rn18-pag-sbg"}
 
 
 def test_builtin_specs_all_validate() -> None:
