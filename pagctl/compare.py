@@ -80,7 +80,8 @@ Left: robust accuracy vs ε, a line per run and (attack, norm), 95% intervals as
 Right: alignment vs robust accuracy, a point per run, Pearson's r in the title (from 3 runs
 on; fewer, or no variation, is said instead). x is the alignment column with values in the
 most runs (``align`` records before the training monitor at equal counts); y is the robust
-column with values in the most runs, ties to the largest ε.
+column with values in the most runs, ties to the widest spread across runs, then the
+largest ε.
 """
 
 from __future__ import annotations
@@ -966,15 +967,21 @@ def scatter_columns(comparison: Comparison) -> tuple[Column | None, Column | Non
 
     Alignment: the column with values in most runs; at equal counts ``align`` records
     before the training monitor, then by name. Robust: the column with values in most runs;
-    ties go to the largest ε, then by name.
+    ties go to the column whose values spread most across the runs (a budget at which every
+    run scores 0 or 1 says nothing), then to the largest ε, then by name.
     """
     def count(column: Column) -> int:
         return sum(column.id in r.cells for r in comparison.rows)
 
+    def spread(column: Column) -> float:
+        values = [r.cells[column.id].value for r in comparison.rows if column.id in r.cells]
+        return max(values) - min(values) if values else 0.0
+
     aligns = [c for c in comparison.columns if c.kind in ("align", "align_monitor")]
     robust = [c for c in comparison.columns if c.kind == "robust"]
     x = min(aligns, key=lambda c: (-count(c), c.kind == "align_monitor", c.id), default=None)
-    y = min(robust, key=lambda c: (-count(c), -(c.eps or 0.0), c.id), default=None)
+    y = min(robust, key=lambda c: (-count(c), -round(spread(c), 9), -(c.eps or 0.0), c.id),
+            default=None)
     return x, y
 
 

@@ -416,7 +416,9 @@ def test_plot_curves_and_correlation(tmp_path: Path, monkeypatch: pytest.MonkeyP
     c = compare_runs(runs)
     x, y = compare.scatter_columns(c)
     assert x is not None and x.id == "align nearest_neighbor"
-    assert y is not None and y.eps == pytest.approx(EPS)  # ties go to the largest ε
+    # both budgets cover every run: the one whose values spread more (0.01: 300..150 robust
+    # points against 200..80) is the informative one
+    assert y is not None and y.eps == pytest.approx(0.01)
     titles = _plot_titles(c, tmp_path / "out" / "cmp.png", monkeypatch)
     assert "robust accuracy vs ε" in titles[0]
     assert "Pearson r = 1.00 (4 runs)" in titles[1]
