@@ -37,7 +37,6 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pagctl import checkpoint
@@ -49,7 +48,7 @@ from pagctl.score_model import (
     load_score_run,
     sample,
 )
-from pagctl.spec import DataSpec, apply_override, format_validation_error
+from pagctl.spec import DataSpec, apply_override, format_validation_error, read_spec_mapping
 
 if TYPE_CHECKING:
     import torch
@@ -186,36 +185,10 @@ def builtin_score_spec_names() -> list[str]:
 
 
 def _read_score_mapping(source: str) -> dict[str, Any]:
-    path = Path(source)
-    if path.suffix not in (".yaml", ".yml", ".json") and not path.exists():
-        names = builtin_score_spec_names()
-        if source not in names:
-            from difflib import get_close_matches
-
-            close = get_close_matches(source, names, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise SpecError(f"spec: '{source}' is neither a file nor a built-in score spec."
-                            f"{hint} Built-ins: {', '.join(names)}.")
-        text = (_spec_folder() / f"{source}.yaml").read_text()
-        origin = f"built-in score spec '{source}'"
-    else:
-        if not path.is_file():
-            raise SpecError(f"spec: file '{source}' does not exist; pass a score spec file or "
-                            f"a built-in name ({', '.join(builtin_score_spec_names())})")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SpecError(f"spec: cannot read '{source}': {exc}") from None
-        origin = f"'{source}'"
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise SpecError(f"spec: {origin} is not valid YAML/JSON ({first}); fix the syntax") \
-            from None
-    if not isinstance(data, dict):
-        raise SpecError(f"spec: {origin} must be a mapping of sections (data, model, train, "
-                        "sample), got " + type(data).__name__)
+    data, _ = read_spec_mapping(source, names=builtin_score_spec_names(),
+                                folder=_spec_folder(), kind="score spec",
+                                listing="pagctl train-score --list",
+                                sections="data, model, train, sample")
     return data
 
 

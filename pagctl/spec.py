@@ -141,25 +141,28 @@ def builtin_spec_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_mapping(source: str) -> tuple[dict[str, Any], str]:
+def read_spec_mapping(source: str, *, names: list[str], folder: Any, kind: str = "spec",
+                      listing: str = "pagctl train --list",
+                      sections: str = "model, data, train, ...") -> tuple[dict[str, Any], str]:
+    """Read a spec file, or the built-in ``folder/<source>.yaml`` when ``source`` is one of
+    ``names``; returns (mapping, where it came from). SpecError, one line, otherwise."""
     path = Path(source)
     if path.suffix not in (".yaml", ".yml", ".json") and not path.exists():
-        names = builtin_spec_names()
         if source not in names:
             from difflib import get_close_matches
 
             close = get_close_matches(source, names, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise SpecError(
-                f"spec: '{source}' is neither a file nor a built-in spec.{hint} "
-                f"Built-ins: {', '.join(names)} (pagctl train --list)."
+                f"spec: '{source}' is neither a file nor a built-in {kind}.{hint} "
+                f"Built-ins: {', '.join(names)} ({listing})."
             )
-        text = (resources.files("pagctl") / "specs" / f"{source}.yaml").read_text()
-        origin = f"built-in spec '{source}'"
+        text = (folder / f"{source}.yaml").read_text()
+        origin = f"built-in {kind} '{source}'"
     else:
         if not path.is_file():
-            raise SpecError(f"spec: file '{source}' does not exist; pass a spec file or a "
-                            "built-in name (pagctl train --list)")
+            raise SpecError(f"spec: file '{source}' does not exist; pass a {kind} file or a "
+                            f"built-in name ({listing})")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -172,9 +175,14 @@ def _read_mapping(source: str) -> tuple[dict[str, Any], str]:
         raise SpecError(f"spec: {origin} is not valid YAML/JSON ({first}); fix the syntax") \
             from None
     if not isinstance(data, dict):
-        raise SpecError(f"spec: {origin} must be a mapping of sections (model, data, train, "
-                        "...), got " + type(data).__name__)
+        raise SpecError(f"spec: {origin} must be a mapping of sections ({sections}), got "
+                        + type(data).__name__)
     return data, origin
+
+
+def _read_mapping(source: str) -> tuple[dict[str, Any], str]:
+    return read_spec_mapping(source, names=builtin_spec_names(),
+                             folder=resources.files("pagctl") / "specs")
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
