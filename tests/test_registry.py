@@ -48,7 +48,12 @@ def test_builtins_load_through_the_same_loader() -> None:
         for name in reg.names():
             factory = reg.get(name)
             assert issubclass(factory.Params, BaseModel), name
-            factory.Params()  # defaults validate
+            fields = factory.Params.model_fields
+            required = [k for k, f in fields.items() if f.is_required()]
+            if not required:
+                factory.Params()  # defaults validate
+            for key in required:  # e.g. sbg's run folder, precomputed's bank path
+                assert fields[key].description, (name, key)
 
 
 def test_third_party_plugin_is_found_and_listed(monkeypatch: pytest.MonkeyPatch) -> None:
