@@ -105,6 +105,26 @@ DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Folder with the dataset files (sets data.root).")]
 
 
+def _spec_and_overrides(command: str, spec: str, set_: list[str], *, data_dir: Path | None,
+                        out: Path | None, extra: list[str] | None = None
+                        ) -> tuple[str, list[str]]:
+    """The spec to load and its overrides: ``--set`` values, then a run folder given as
+    SPEC (its spec.json, resumed in place), ``--data-dir``, ``extra`` and ``--out``."""
+    overrides = list(set_)
+    if Path(spec).is_dir():
+        if not (Path(spec) / "spec.json").is_file():
+            raise SpecError(f"{command}: '{spec}' is a folder without spec.json; pass a spec "
+                            "file")
+        overrides.append(f"out_dir={spec}")
+        spec = str(Path(spec) / "spec.json")
+    if data_dir is not None:
+        overrides.append(f"data.root={data_dir}")
+    overrides += extra or []
+    if out is not None:
+        overrides.append(f"out_dir={out}")
+    return spec, overrides
+
+
 @app.command()
 def train(
     spec: Annotated[str | None, typer.Argument(
@@ -141,18 +161,9 @@ def train(
         return
     if spec is None:
         raise SpecError("train: give a spec file or built-in name (pagctl train --list)")
-    overrides = list(set_)
-    if Path(spec).is_dir():
-        if not (Path(spec) / "spec.json").is_file():
-            raise SpecError(f"train: '{spec}' is a folder without spec.json; pass a spec file")
-        overrides.append(f"out_dir={spec}")
-        spec = str(Path(spec) / "spec.json")
-    if data_dir is not None:
-        overrides.append(f"data.root={data_dir}")
-    if download:
-        overrides.append("data.download=true")
-    if out is not None:
-        overrides.append(f"out_dir={out}")
+    spec, overrides = _spec_and_overrides(
+        "train", spec, set_, data_dir=data_dir, out=out,
+        extra=["data.download=true"] if download else [])
     run_spec = specmod.load_spec(spec, overrides)
     from pagctl.build import resolve_device, setup
     from pagctl.train import train as run_train
@@ -227,17 +238,8 @@ def train_score(
     if spec is None:
         raise SpecError("train-score: give a score spec file or built-in name "
                         "(pagctl train-score --list)")
-    overrides = list(set_)
-    if Path(spec).is_dir():
-        if not (Path(spec) / "spec.json").is_file():
-            raise SpecError(f"train-score: '{spec}' is a folder without spec.json; pass a "
-                            "spec file")
-        overrides.append(f"out_dir={spec}")
-        spec = str(Path(spec) / "spec.json")
-    if data_dir is not None:
-        overrides.append(f"data.root={data_dir}")
-    if out is not None:
-        overrides.append(f"out_dir={out}")
+    spec, overrides = _spec_and_overrides("train-score", spec, set_, data_dir=data_dir,
+                                          out=out)
     score_spec = scoremod.load_score_spec(spec, overrides)
     from pagctl.progress import stderr_console
 
