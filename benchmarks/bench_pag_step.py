@@ -201,7 +201,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--k", type=int, default=10, help="target classes per image")
     parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--method", default="loop", choices=("loop", "batched"),
+    parser.add_argument("--method", default="loop", choices=("loop", "batched", "repeat"),
                         help="pagctl's input-gradient method")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default)")

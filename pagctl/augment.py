@@ -20,7 +20,11 @@ if TYPE_CHECKING:
 
 
 class Augmented:
-    """``model(augment(x))`` with crop offsets and flips drawn once per step."""
+    """``model(augment(x))`` with crop offsets and flips drawn once per step.
+
+    ``x`` may hold each image's rows repeated m times in a row (the ``"repeat"`` input-gradient
+    method's (N·m)-row batch); every copy of image i then gets image i's crop and flip.
+    """
 
     def __init__(self, model: Callable[[Tensor], Tensor], offsets: Tensor | None,
                  flips: Tensor | None, padding: int) -> None:
@@ -30,18 +34,27 @@ class Augmented:
         import torch
         import torch.nn.functional as F
 
-        if self.offsets is not None:
+        offsets, flips = self.offsets, self.flips
+        drawn = len(offsets) if offsets is not None else len(flips) if flips is not None else 0
+        if drawn and x.shape[0] != drawn:
+            if x.shape[0] % drawn:
+                raise ValueError(f"augmentation was drawn for {drawn} images, got a batch of "
+                                 f"{x.shape[0]} rows")
+            m = x.shape[0] // drawn
+            offsets = offsets.repeat_interleave(m, 0) if offsets is not None else None
+            flips = flips.repeat_interleave(m, 0) if flips is not None else None
+        if offsets is not None:
             n, c, h, w = x.shape
             p = self.padding
             padded = F.pad(x, (p, p, p, p))
             dev = x.device
-            rows = self.offsets[:, 0:1].to(dev) + torch.arange(h, device=dev)  # (N, H)
-            cols = self.offsets[:, 1:2].to(dev) + torch.arange(w, device=dev)  # (N, W)
+            rows = offsets[:, 0:1].to(dev) + torch.arange(h, device=dev)  # (N, H)
+            cols = offsets[:, 1:2].to(dev) + torch.arange(w, device=dev)  # (N, W)
             x = padded[torch.arange(n, device=dev)[:, None, None, None],
                        torch.arange(c, device=dev)[None, :, None, None],
                        rows[:, None, :, None], cols[:, None, None, :]]
-        if self.flips is not None:
-            x = torch.where(self.flips.to(x.device)[:, None, None, None], x.flip(-1), x)
+        if flips is not None:
+            x = torch.where(flips.to(x.device)[:, None, None, None], x.flip(-1), x)
         return self.model(x)
 
 

@@ -100,6 +100,9 @@ def _parse_params(items: list[str], where: str) -> dict[str, Any]:
 SetOpt = Annotated[list[str], typer.Option(
     "--set", help="Override a spec field, KEY=VALUE with a dotted key (value parsed as YAML); "
     "repeatable, e.g. --set train.epochs=5.")]
+ScoreSetOpt = Annotated[list[str], typer.Option(
+    "--set", help="Override a score spec field, KEY=VALUE with a dotted key (value parsed as "
+    "YAML); repeatable, e.g. --set train.steps=2000.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Folder with the dataset files (sets data.root).")]
@@ -207,7 +210,7 @@ def train_score(
     spec: Annotated[str | None, typer.Argument(
         help="Score spec file (YAML/JSON), built-in name (--list), or a score run folder to "
         "resume.")] = None,
-    set_: SetOpt = [],  # noqa: B006 - typer needs a literal default
+    set_: ScoreSetOpt = [],  # noqa: B006 - typer needs a literal default
     data_dir: DataDirOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run folder (sets out_dir).")] = None,
     device: DeviceOpt = "auto",

@@ -99,6 +99,11 @@ class TrainSpec(_Frozen):
     drop_last: bool = True
     amp: bool = Field(default=False, description="bfloat16 autocast (CUDA only)")
     channels_last: bool = Field(default=False, description="channels_last memory format (CUDA)")
+    grad_method: Literal["loop", "batched", "repeat"] = Field(
+        default="loop", description="how the K input gradients are computed: loop (K reverse "
+        "passes over one forward; least memory, fastest on CPU), repeat (each image repeated "
+        "K times, one forward and one reverse pass; K x the activation memory, fastest on a "
+        "GPU), batched (one vmapped reverse pass); see benchmarks/README.md")
 
 
 class EvalSpec(_Frozen):

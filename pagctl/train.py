@@ -231,8 +231,8 @@ def train(
                                                         t.classes_per_image, gen)
                         with torch.no_grad():
                             targets = s.source(x, y, classes, index=idx)
-                        logits, grads = logits_and_input_gradients(net, x, classes,
-                                                                   create_graph=True)
+                        logits, grads = logits_and_input_gradients(
+                            net, x, classes, create_graph=True, method=t.grad_method)
                         ce = F.cross_entropy(logits.float(), y)
                         pag = pag_loss(grads.float(), targets.float())
                         loss = ce + weight * pag
