@@ -82,7 +82,9 @@ def _single_run(
     for _ in range(steps):
         logits, grad = logits_and_gradient(model, x_k, y)
         newly = (logits.argmax(dim=1) != y) & ~found
-        out[newly] = x_k[newly]
+        # torch.where, not out[newly] = ...: boolean indexing waits for the device (it must
+        # count the rows) and would stall a GPU once per step.
+        out = torch.where(_rows(newly, x_k), x_k, out)
         found |= newly
         step = normalize_l2(grad) if norm == "l2" else grad.sign()
         delta = x_k + step_size * step - x
