@@ -151,8 +151,10 @@ def _linear_case(margin: float = 1.0) -> tuple[nn.Module, Tensor, Tensor]:
     return model, x, torch.zeros(4, dtype=torch.int64)
 
 
-# eps about three times the distance to the boundary in each norm
-LINEAR_EPS = {"linf": 0.05, "l2": 0.4}
+# eps well beyond the distance to the boundary (1/64 in L∞, 1/8 in L2): five times in L∞,
+# where 300 queries at three times fool only about 70% of the points (the reference's Square
+# alike: 76% over 20 seeds), and three times in L2
+LINEAR_EPS = {"linf": 0.08, "l2": 0.4}
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

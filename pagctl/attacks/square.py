@@ -132,12 +132,17 @@ def _scale_to(delta: Tensor, eps: float) -> Tensor:
     return delta * (eps / _l2(delta).clamp_min(torch.finfo(delta.dtype).tiny))
 
 
+_SIGN_TRIES = 11  # one draw and up to ten redraws, as the original Square code allows
+
+
 def _propose_linf(
     x: Tensor, best: Tensor, eps: float, p: float, generator: torch.Generator
 ) -> Tensor:
     """Set one random square (shared by the batch) to ±eps per example and channel.
 
-    Examples whose square would not change after clipping redraw their signs (a few tries).
+    Examples whose square would not change after clipping take their next sign draw (up to
+    ten more): all eleven draws are made at once and each example keeps its first that
+    changes the square (its last if none does), so the device is never asked in between.
     Shape: (N, C, H, W) twice -> (N, C, H, W).
     """
     n, c, h, w = x.shape
@@ -145,13 +150,19 @@ def _propose_linf(
     top, left = _randint(h - side + 1, generator), _randint(w - side + 1, generator)
     window = (slice(None), slice(None), slice(top, top + side), slice(left, left + side))
     x_win, best_win = x[window], best[window]
-    values = (x_win + eps * _signs((n, c, 1, 1), generator, x)).clamp(0.0, 1.0)
-    for _ in range(10):
-        same = ((values - best_win).abs() < 1e-7).flatten(1).all(dim=1)
-        if not bool(same.any()):
-            break
-        redraw = (x_win + eps * _signs((n, c, 1, 1), generator, x)).clamp(0.0, 1.0)
-        values = torch.where(same.reshape(-1, 1, 1, 1), redraw, values)
+    # A channel's square is unchanged by sign +1 (or -1) when every clipped pixel equals
+    # ``best``'s; a draw leaves the example unchanged when that holds for all its channels.
+    unchanged = torch.stack([
+        ((x_win + sign * eps).clamp(0.0, 1.0) - best_win).abs().lt(1e-7).flatten(2).all(dim=2)
+        for sign in (-1.0, 1.0)])  # (2, N, C): [0] for -1, [1] for +1
+    signs = _signs((_SIGN_TRIES * n, c, 1, 1), generator, x).reshape(_SIGN_TRIES, n, c)
+    plus = signs > 0
+    same = torch.where(plus, unchanged[1], unchanged[0]).all(dim=2)  # (T, N)
+    changes = ~same
+    changes[-1] = True  # the last draw is kept where none changes the square
+    first = changes.to(torch.int8).argmax(dim=0)  # the first draw that changes it
+    chosen = signs[first, torch.arange(n, device=signs.device)].reshape(n, c, 1, 1)
+    values = (x_win + eps * chosen).clamp(0.0, 1.0)
     out = best.clone()
     out[window] = values
     return out
