@@ -528,7 +528,8 @@ def bank(
         "for.")],
     out: Annotated[Path, typer.Option("--out", help="Bank file to write (.safetensors).")],
     param: Annotated[list[str], typer.Option(
-        "--param", "-p", help="Source parameter KEY=VALUE; repeatable.")] = [],  # noqa: B006
+        "--param", "-p", help="Source parameter KEY=VALUE; repeatable. When SOURCE is the "
+        "spec's own target_gradients source, its params there are the starting point.")] = [],  # noqa: B006,E501
     set_: SetOpt = [],  # noqa: B006 - typer needs a literal default
     dtype: Annotated[BankDtype, typer.Option("--dtype", help="Storage dtype.")] =
     BankDtype.float16,
@@ -538,7 +539,9 @@ def bank(
                                          "(finished chunks are kept).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing "
                                             "bank.")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed passed to the source.")] = 0,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", help="Seed passed to the source (default: the spec's train.seed, as in "
+        "training).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
@@ -553,15 +556,19 @@ def bank(
     from pagctl.data import load_data
 
     given = _parse_params(param, "--param")
-    params = _plugin_params("target_gradients", source_name, given, "SOURCE")
     if out.suffix != ".safetensors":
         raise SpecError("--out: a bank is a .safetensors file; give a name ending in "
                         ".safetensors")
     overrides = list(set_) + ([f"data.root={data_dir}"] if data_dir is not None else [])
     run_spec = specmod.load_spec(spec, overrides)
+    if run_spec.target_gradients.name == source_name:
+        # the bank stands in for the spec's own source: start from its parameters
+        given = {**run_spec.target_gradients.params, **given}
+    params = _plugin_params("target_gradients", source_name, given, "SOURCE")
     dev = resolve_device(device)
     bundle = load_data(run_spec.data)
-    ctx = build_context(bundle, dev, seed, default_cache_dir())
+    ctx = build_context(bundle, dev, run_spec.train.seed if seed is None else seed,
+                        default_cache_dir())
     source = registry.target_gradients.instantiate(source_name, params, ctx, "SOURCE")
     info = write_bank(source, bundle.train, out, num_classes=bundle.num_classes,
                       batch_size=batch_size, dtype=dtype.value, device=dev,

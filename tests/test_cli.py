@@ -652,6 +652,27 @@ def test_train_score_and_bank(run: RunCLI, workdir: Path) -> None:
     assert code == 2 and ("--overwrite" in err or "--resume" in err), err
 
 
+def test_bank_of_the_specs_own_source_starts_from_its_params(run: RunCLI, workdir: Path
+                                                             ) -> None:
+    """`pagctl bank S --spec X` with S = X's source takes X's params (then --param on top);
+    another source starts from its defaults."""
+    spec = ["--spec", "toy-pag-score", "--set", "data.toy_train_size=50",
+            "--set", "target_gradients.params.noise=0.05"]
+    code, out, err = run("bank", "toy_score", *spec, "--out", "a.safetensors", "-q",
+                         "--format", "json")
+    assert code == 0, err
+    assert json.loads(out)["params"]["noise"] == 0.05
+    code, out, err = run("bank", "toy_score", *spec, "--param", "kind=conditional",
+                         "--out", "b.safetensors", "-q", "--format", "json")
+    assert code == 0, err
+    params = json.loads(out)["params"]
+    assert params["noise"] == 0.05 and params["kind"] == "conditional"
+    code, out, err = run("bank", "class_mean", *spec, "--out", "c.safetensors", "-q",
+                         "--format", "json")
+    assert code == 0, err
+    assert "noise" not in json.loads(out)["params"]
+
+
 def test_compare_reads_no_weights(run: RunCLI, trained_run: Path,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import safetensors
