@@ -1,0 +1,221 @@
+"""Building the comparison: columns, the subset and budget checks, pairs, and
+:func:`compare_runs`."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from pagctl.compare.model import Cell, Column, Comparison, Pair, Row
+from pagctl.compare.runs import _labels, _read_run, _RunData
+from pagctl.compare.spec_columns import _differing, _flat_spec
+from pagctl.compare.stats import mcnemar_exact
+from pagctl.errors import SpecError
+
+
+def _eps_text(eps: float, digits: int) -> str:
+    return f"{eps:.{digits}g}"
+
+
+def _robust_columns(keys: set[tuple[str, str | None, float | None]]
+                    ) -> dict[tuple[str, str | None, float | None], Column]:
+    def label(key: tuple[str, str | None, float | None], digits: int) -> str:
+        attack, norm, eps = key
+        parts = ["robust", attack] + ([norm] if norm else []) + \
+            ([f"eps={_eps_text(eps, digits)}"] if eps is not None else [])
+        return " ".join(parts)
+
+    ordered = sorted(keys, key=lambda k: (k[0], k[1] or "", -1.0 if k[2] is None else k[2]))
+    short = Counter(label(k, 4) for k in ordered)
+    return {k: Column(id=label(k, 4) if short[label(k, 4)] == 1 else label(k, 9),
+                      kind="robust", attack=k[0], norm=k[1], eps=k[2]) for k in ordered}
+
+
+def _align_columns(keys: set[tuple[str, str]]) -> dict[tuple[str, str], Column]:
+    per_source = Counter(source for source, _ in keys)
+    out = {}
+    for source, params in sorted(keys):
+        loaded = json.loads(params)
+        text = f"align {source}"
+        if per_source[source] > 1:
+            text += " " + ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(loaded.items()))
+        out[(source, params)] = Column(id=text, kind="align", source=source,
+                                       source_params=loaded)
+    return out
+
+
+def _runs_text(labels: list[str]) -> str:
+    shown = ", ".join(labels[:3]) + (f" (+{len(labels) - 3} more)" if len(labels) > 3 else "")
+    return f"run {shown}" if len(labels) == 1 else f"runs {shown}"
+
+
+def _what(column: Column) -> str:
+    """The column in words, e.g. ``robust accuracy 'autoattack linf eps=0.03137'``."""
+    if column.kind == "clean":
+        return "clean accuracy"
+    if column.kind == "robust":
+        return f"robust accuracy '{column.id.removeprefix('robust ')}'"
+    if column.kind == "align":
+        return f"alignment '{column.id.removeprefix('align ')}'"
+    return f"training-monitor alignment '{column.source}'"
+
+
+_REMEDY = {"clean": "re-attack on the same --indices/--limit",
+           "robust": "re-attack on the same --indices/--limit",
+           "align": "re-score with pagctl align-score on the same --indices/--limit",
+           "align_monitor": "score them with pagctl align-score on the same --indices/--limit"}
+
+
+def _subset_problem(column: Column, rows: list[Row]) -> str | None:
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        cell = row.cells.get(column.id)
+        if cell is not None and cell.subset_sha is not None:
+            groups.setdefault(cell.subset_sha, []).append(row)
+    if len(groups) < 2:
+        return None
+    parts = []
+    for sha, members in groups.items():
+        count = members[0].cells[column.id].subset_count
+        points = f"{count} points" if count is not None else "points"
+        parts.append(f"{_runs_text([r.label for r in members])}: {points} sha {sha[:8]}…")
+    return f"{_what(column)} was measured on different subsets ({'; '.join(parts)})"
+
+
+def _budget_problem(rows: list[Row], columns: list[Column]) -> str | None:
+    robust = [c for c in columns if c.kind == "robust"]
+    budgets: dict[str, set[tuple[str | None, float | None]]] = {}
+    for row in rows:
+        have = {(c.norm, c.eps) for c in robust if c.id in row.cells}
+        if have:
+            budgets[row.label] = have
+    if len(budgets) < 2 or set.intersection(*budgets.values()):
+        return None
+
+    def budget_text(b: tuple[str | None, float | None]) -> str:
+        norm, eps = b
+        return " ".join([norm or "no norm"] + ([f"eps={eps:.4g}"] if eps is not None else []))
+
+    parts = [f"run {label}: {', '.join(sorted(budget_text(b) for b in have))}"
+             for label, have in list(budgets.items())[:4]]
+    more = f"; +{len(budgets) - 4} more runs" if len(budgets) > 4 else ""
+    return ("the runs share no robust accuracy budget: different ε or norms "
+            f"({'; '.join(parts)}{more})")
+
+
+def _pairs(rows: list[Row], columns: list[Column]) -> list[Pair]:
+    pairs = []
+    for column in columns:
+        if column.kind != "robust":
+            continue
+        have = [(row, cell) for row in rows
+                if (cell := row.cells.get(column.id)) is not None and cell.bits is not None]
+        for i, (row_a, a) in enumerate(have):
+            for row_b, b in have[i + 1:]:
+                if a.n is None or a.n != b.n or a.subset_sha is None or \
+                        a.subset_sha != b.subset_sha:
+                    continue
+                assert a.bits is not None and b.bits is not None
+                full = (1 << a.n) - 1
+                both = (a.bits & b.bits).bit_count()
+                a_only = (a.bits & ~b.bits & full).bit_count()
+                b_only = (b.bits & ~a.bits & full).bit_count()
+                pairs.append(Pair(column=column.id, run_a=row_a.label, run_b=row_b.label,
+                                  n=a.n, both=both, a_only=a_only, b_only=b_only,
+                                  neither=a.n - both - a_only - b_only,
+                                  p_value=mcnemar_exact(a_only, b_only)))
+    return pairs
+
+
+def _choose_clean(data: list[_RunData]) -> list[Cell | None]:
+    """Per run: its latest clean measurement on the largest subset all runs measured, or
+    its latest measurement when no subset is common to all."""
+    measured = [d for d in data if d.clean]
+    common: set[str] | None = None
+    for d in measured:
+        shas = {c.subset_sha for c in d.clean if c.subset_sha is not None}
+        common = shas if common is None else common & shas
+    chosen_sha = None
+    if common:
+        sizes = {c.subset_sha: c.subset_count or 0 for d in measured for c in d.clean}
+        chosen_sha = max(sorted(common), key=lambda s: sizes.get(s, 0))
+    out: list[Cell | None] = []
+    for d in data:
+        cells = [c for c in d.clean if chosen_sha is None or c.subset_sha == chosen_sha]
+        out.append(cells[-1] if cells else None)
+    return out
+
+
+def compare_runs(run_dirs: list[Path], *, force: bool = False) -> Comparison:
+    """Read each run's spec.json and metrics.jsonl (never weights) and line them up.
+
+    Raises CheckpointError for a folder without a valid spec.json and SpecError for numbers
+    measured on different subsets, ε or norms (see the ``pagctl.compare`` docstring) unless
+    ``force``.
+    """
+    from pagctl.checkpoint import read_spec
+
+    if not run_dirs:
+        raise SpecError("compare: pass at least one run folder")
+    specs = [read_spec(Path(d)) for d in run_dirs]
+    flats = [_flat_spec(s) for s in specs]
+    labels = _labels([(Path(d), s.name) for d, s in zip(run_dirs, specs, strict=True)])
+    data = [_read_run(Path(d), label, spec, flat)
+            for d, label, spec, flat in zip(run_dirs, labels, specs, flats, strict=True)]
+    rows = [d.row for d in data]
+    warnings = [w for d in data for w in d.warnings]
+
+    columns: list[Column] = []
+    clean = _choose_clean(data)
+    if any(c is not None for c in clean):
+        columns.append(Column(id="clean", kind="clean"))
+        for row, cell in zip(rows, clean, strict=True):
+            if cell is not None:
+                row.cells["clean"] = cell
+    robust_cols = _robust_columns({k for d in data for k in d.robust})
+    align_cols = _align_columns({k for d in data for k in d.align})
+    for d in data:
+        for rkey, cell in d.robust.items():
+            d.row.cells[robust_cols[rkey].id] = cell
+        for akey, cell in d.align.items():
+            d.row.cells[align_cols[akey].id] = cell
+    columns += list(robust_cols.values()) + list(align_cols.values())
+    if any(not d.align for d in data):
+        monitor_ids: dict[str, Column] = {}
+        for d in data:
+            if d.monitor is not None:
+                source, cell = d.monitor
+                col = monitor_ids.setdefault(source, Column(
+                    id=f"align (train monitor) {source}", kind="align_monitor", source=source))
+                d.row.cells[col.id] = cell
+        columns += [monitor_ids[s] for s in sorted(monitor_ids)]
+
+    for row in rows:
+        for column in columns:
+            cell = row.cells.get(column.id)
+            if cell is not None and cell.stale:
+                warnings.append(
+                    f"warning: {row.run_dir}: {_what(column)} (metrics.jsonl line "
+                    f"{cell.line}) was measured before the last training epoch, on older "
+                    "weights; measure it again")
+
+    problems: list[tuple[str, str]] = []
+    priority = {"robust": 0, "align": 1, "clean": 2, "align_monitor": 3}
+    for column in sorted(columns, key=lambda c: priority[c.kind]):
+        problem = _subset_problem(column, rows)
+        if problem is not None:
+            problems.append((problem, _REMEDY[column.kind]))
+            column.mismatch = problem
+    budget = _budget_problem(rows, columns)
+    if budget is not None:
+        problems.append((budget, "attack them at a common --param eps (and norm)"))
+    if problems and not force:
+        text, remedy = problems[0]
+        more = len(problems) - 1
+        more_text = f" ({more} more mismatch{'es' if more > 1 else ''})" if more else ""
+        raise SpecError(f"compare: {text}; {remedy} or pass --force{more_text}")
+
+    return Comparison(rows=rows, spec_columns=_differing(flats), columns=columns,
+                      pairs=_pairs(rows, columns), warnings=warnings,
+                      mismatches=[text for text, _ in problems])
