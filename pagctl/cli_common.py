@@ -1,0 +1,126 @@
+"""What the commands share: output formats and writers, option types, parsers of option
+values, plugin parameters and plugin-name completion. Nothing here imports torch at import
+time."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pagctl.errors import SpecError
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _stdout_table(title: str, rows: list[tuple[str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "-" if v is None else str(v)
+
+
+def _parse_params(items: list[str], where: str) -> dict[str, Any]:
+    import yaml
+
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"{where}: '{item}' is not KEY=VALUE, e.g. {where} eps=0.5")
+        try:
+            params[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            params[key.strip()] = raw
+    return params
+
+
+SetOpt = Annotated[list[str], typer.Option(
+    "--set", help="Override a spec field, KEY=VALUE with a dotted key (value parsed as YAML); "
+    "repeatable, e.g. --set train.epochs=5.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DataDirOpt = Annotated[Path | None, typer.Option(
+    "--data-dir", help="Folder with the dataset files (sets data.root).")]
+
+
+def _read_indices(path: Path) -> Any:
+    import re
+
+    import torch
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"--indices {path}: cannot read it ({exc.__class__.__name__}); give "
+                        "a text file of integers") from None
+    try:
+        values = (json.loads(text) if text.lstrip().startswith("[")
+                  else [int(v) for v in re.split(r"[\s,]+", text.strip()) if v])
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError
+    except ValueError:
+        raise SpecError(f"--indices {path}: expected integers separated by spaces, commas or "
+                        "newlines, or a JSON list of integers") from None
+    if not values:
+        raise SpecError(f"--indices {path}: the file lists no index")
+    seen: set[int] = set()
+    for v in values:
+        if v in seen:
+            raise SpecError(f"--indices {path}: index {v} appears twice; list each once")
+        seen.add(v)
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def _plugin_params(group: str, name: str, given: dict[str, Any], option: str) -> Any:
+    """Validate ``option NAME``/``--param`` against the plugin's Params; errors name the
+    option as typed (``--param eps: ...``), not a spec path."""
+    from pydantic import ValidationError
+
+    from pagctl import registry
+    from pagctl.errors import PluginError
+    from pagctl.spec import format_validation_error
+
+    try:
+        factory = registry.REGISTRIES[group].get(name)
+    except PluginError as exc:
+        raise type(exc)(f"{option}: {exc}") from None
+    try:
+        return factory.Params.model_validate(given)
+    except ValidationError as exc:
+        lines = format_validation_error(exc).splitlines()
+        raise SpecError("\n".join(f"--param {line}" for line in lines)) from None
+
+
+def _complete_plugins(group: str | None) -> Any:
+    """Shell completion of plugin names (built-ins and installed entry points)."""
+
+    def complete(incomplete: str) -> list[str]:
+        from pagctl.registry import REGISTRIES
+
+        regs = [REGISTRIES[group]] if group else list(REGISTRIES.values())
+        names = sorted({n for reg in regs for n in reg.names()})
+        return [n for n in names if n.startswith(incomplete)]
+
+    return complete

@@ -1,0 +1,178 @@
+"""``pagctl train`` and ``pagctl train-score``: a spec (file, built-in name or run folder)
+plus overrides, trained into a run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pagctl.cli_common import (
+    DataDirOpt,
+    DeviceOpt,
+    Format,
+    SetOpt,
+    _fmt,
+    _print_json,
+    _stdout_table,
+)
+from pagctl.errors import SpecError
+
+ScoreSetOpt = Annotated[list[str], typer.Option(
+    "--set", help="Override a score spec field, KEY=VALUE with a dotted key (value parsed as "
+    "YAML); repeatable, e.g. --set train.steps=2000.")]
+
+
+def _spec_and_overrides(command: str, spec: str, set_: list[str], *, data_dir: Path | None,
+                        out: Path | None, extra: list[str] | None = None
+                        ) -> tuple[str, list[str]]:
+    """The spec to load and its overrides: ``--set`` values, then a run folder given as
+    SPEC (its spec.json, resumed in place), ``--data-dir``, ``extra`` and ``--out``."""
+    overrides = list(set_)
+    if Path(spec).is_dir():
+        if not (Path(spec) / "spec.json").is_file():
+            raise SpecError(f"{command}: '{spec}' is a folder without spec.json; pass a spec "
+                            "file")
+        overrides.append(f"out_dir={spec}")
+        spec = str(Path(spec) / "spec.json")
+    if data_dir is not None:
+        overrides.append(f"data.root={data_dir}")
+    overrides += extra or []
+    if out is not None:
+        overrides.append(f"out_dir={out}")
+    return spec, overrides
+
+
+def train(
+    spec: Annotated[str | None, typer.Argument(
+        help="Spec file (YAML/JSON), built-in spec name, or a run folder to resume.")] = None,
+    set_: SetOpt = [],  # noqa: B006 - typer needs a literal default
+    data_dir: DataDirOpt = None,
+    download: Annotated[bool, typer.Option(
+        "--download", help="Let torchvision download the dataset into --data-dir.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Run folder (sets out_dir).")] = None,
+    device: DeviceOpt = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] =
+    False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run "
+                                            "folder.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate spec, data, model and "
+                                          "plugin params; train nothing.")] = False,
+    list_: Annotated[bool, typer.Option("--list", help="List the built-in specs.")] = False,
+    schema: Annotated[bool, typer.Option("--schema", help="Print the spec's JSON schema.")] =
+    False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    fmt: Annotated[Format, typer.Option("--format", help="Final summary format.")] =
+    Format.table,
+) -> None:
+    """Train a model from a spec; writes a run folder (weights, spec, metrics)."""
+    from pagctl import spec as specmod
+
+    if list_:
+        for name in specmod.builtin_spec_names():
+            desc = specmod.load_spec(name).description
+            typer.echo(f"{name:24s} {desc}")
+        return
+    if schema:
+        _print_json(specmod.RunSpec.model_json_schema())
+        return
+    if spec is None:
+        raise SpecError("train: give a spec file or built-in name (pagctl train --list)")
+    spec, overrides = _spec_and_overrides(
+        "train", spec, set_, data_dir=data_dir, out=out,
+        extra=["data.download=true"] if download else [])
+    run_spec = specmod.load_spec(spec, overrides)
+    from pagctl.build import resolve_device, setup
+    from pagctl.train import train as run_train
+
+    if dry_run:
+        s = setup(run_spec, resolve_device(device), build_plugins=False)
+        _stdout_table(f"dry run: {run_spec.name} (valid)", [
+            ("run folder", str(run_spec.run_dir)), ("dataset", s.bundle.name),
+            ("train / test", f"{len(s.bundle.train)} / {len(s.bundle.test)}"),  # type: ignore
+            ("classes", str(s.bundle.num_classes)), ("input", str(s.bundle.input_shape)),
+            ("arch", run_spec.model.arch),
+            ("parameters", f"{sum(p.numel() for p in s.model.parameters()):,}"),
+            ("source", run_spec.target_gradients.name),
+            ("lambda / K", f"{run_spec.train.pag_weight} / {run_spec.train.classes_per_image}"),
+        ])
+        return
+    from pagctl.progress import stderr_console
+
+    result = run_train(run_spec, device=device, resume=resume, overwrite=overwrite,
+                       progress=not quiet,
+                       log=lambda m: stderr_console.print(m, soft_wrap=True))
+    if result.interrupted:
+        stderr_console.print(f"interrupted after epoch {result.epochs_done}; state saved. "
+                             f"Continue with: pagctl train {result.run_dir} --resume",
+                             soft_wrap=True)
+        raise typer.Exit(130)
+    summary = {"run_dir": str(result.run_dir), **result.last}
+    if fmt is Format.json:
+        _print_json(summary)
+        return
+    keys = ("run_dir", "epoch", "loss", "ce", "pag", "train_accuracy", "clean_accuracy",
+            "robust_accuracy", "alignment", "n_test", "train_seconds")
+    rows = [(k, _fmt(summary[k])) for k in keys if summary.get(k) is not None]
+    if "monitor" in summary:
+        rows.append(("monitor", json.dumps(summary["monitor"])))
+    _stdout_table(f"trained {run_spec.name}", rows)
+
+
+def train_score(
+    spec: Annotated[str | None, typer.Argument(
+        help="Score spec file (YAML/JSON), built-in name (--list), or a score run folder to "
+        "resume.")] = None,
+    set_: ScoreSetOpt = [],  # noqa: B006 - typer needs a literal default
+    data_dir: DataDirOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run folder (sets out_dir).")] = None,
+    device: DeviceOpt = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] =
+    False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run "
+                                            "folder.")] = False,
+    list_: Annotated[bool, typer.Option("--list", help="List the built-in score specs.")] =
+    False,
+    schema: Annotated[bool, typer.Option("--schema", help="Print the score spec's JSON "
+                                         "schema.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    fmt: Annotated[Format, typer.Option("--format", help="Final summary format.")] =
+    Format.table,
+) -> None:
+    """Train a class-conditional score model (denoising score matching over a range of noise
+    levels) for the 'sbg' target-gradient source; writes a run folder with samples.png."""
+    from pagctl import score as scoremod
+
+    if list_:
+        for name in scoremod.builtin_score_spec_names():
+            desc = scoremod.load_score_spec(name).description
+            typer.echo(f"{name:24s} {desc}")
+        return
+    if schema:
+        _print_json(scoremod.ScoreSpec.model_json_schema())
+        return
+    if spec is None:
+        raise SpecError("train-score: give a score spec file or built-in name "
+                        "(pagctl train-score --list)")
+    spec, overrides = _spec_and_overrides("train-score", spec, set_, data_dir=data_dir,
+                                          out=out)
+    score_spec = scoremod.load_score_spec(spec, overrides)
+    from pagctl.progress import stderr_console
+
+    result = scoremod.train_score(score_spec, device=device, progress=not quiet,
+                                  resume=resume, overwrite=overwrite,
+                                  log=lambda m: stderr_console.print(m, soft_wrap=True))
+    if result.interrupted:
+        stderr_console.print(f"interrupted after step {result.steps_done}; state saved. "
+                             f"Continue with: pagctl train-score {result.run_dir} --resume",
+                             soft_wrap=True)
+        raise typer.Exit(130)
+    summary = {"run_dir": str(result.run_dir), "steps": result.steps_done,
+               "samples": str(result.samples) if result.samples else None, **result.last}
+    if fmt is Format.json:
+        _print_json(summary)
+        return
+    _stdout_table(f"trained score model {score_spec.name}",
+                  [(k, _fmt(v)) for k, v in summary.items()])
