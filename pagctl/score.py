@@ -2,8 +2,10 @@
 
 The score model (`pagctl.score_model`) supplies the Score-Based Gradients target source
 (``sbg``): g(x, t) = s(x_σ, σ, t) − s(x_σ, σ, ∅), which by Bayes' rule is
-∇ log p(t | x_σ). This module holds its spec (`ScoreSpec`, built-ins in
-``pagctl/specs/score/``), the training loop (`train_score`) and the samples figure.
+∇ log p(t | x_σ). This module holds the training loop (`train_score`); the spec
+(`ScoreSpec`, built-ins in ``pagctl/specs/score/``) is in `pagctl.score_spec`, the run
+folder's state and weights files in `pagctl.score_checkpoint` and the samples figure in
+`pagctl.score_figures`, all importable from here.
 
 Training, per example: σ log-uniform in [sigma_min, sigma_max], ε ~ N(0, I),
 x_σ = x + σ·ε, the label replaced by the null class with probability ``null_prob``, and
@@ -28,19 +30,30 @@ Run folder (every file written atomically)::
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
 from pagctl import checkpoint
 from pagctl.errors import SpecError
+from pagctl.score_checkpoint import (
+    _read_run_spec,
+    _save_state,
+    _spec_hash,
+    _truncate_metrics,
+)
+from pagctl.score_checkpoint import save_model as save_model
+from pagctl.score_figures import (
+    SAMPLES_FILE,
+    write_samples_figure,
+)
+from pagctl.score_figures import image_grid_figure as image_grid_figure
+from pagctl.score_figures import points_figure as points_figure
 from pagctl.score_model import (
     ScoreModel,
     ScoreModelConfig,
@@ -48,7 +61,16 @@ from pagctl.score_model import (
     load_score_run,
     sample,
 )
-from pagctl.spec import DataSpec, apply_override, format_validation_error, read_spec_mapping
+from pagctl.score_spec import SPEC_FOLDER as SPEC_FOLDER
+from pagctl.score_spec import ScoreNetSpec as ScoreNetSpec
+from pagctl.score_spec import ScoreSampleSpec as ScoreSampleSpec
+from pagctl.score_spec import (
+    ScoreSpec,
+    ScoreTrainSpec,
+    builtin_score_spec_names,
+    load_score_spec,
+    validate_score_spec,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -72,146 +94,7 @@ __all__ = [
     "validate_score_spec",
 ]
 
-SAMPLES_FILE = "samples.png"
 RUN_FILES = (*checkpoint.RUN_FILES, SAMPLES_FILE)
-SPEC_FOLDER = ("specs", "score")
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ScoreNetSpec(_Frozen):
-    kind: Literal["auto", "unet", "mlp"] = Field(
-        default="auto", description="network: unet (images), mlp (flattened input); auto = "
-        "mlp for 1x1 inputs such as the toy points, unet otherwise")
-    width: int = Field(default=64, ge=4, description="base channels (unet) or hidden units "
-                       "(mlp)")
-    channel_mult: tuple[int, ...] = Field(
-        default=(1, 2), min_length=1, description="unet: one resolution level per entry, "
-        "with width * mult channels (height and width must divide by 2^(levels-1))")
-    blocks: int = Field(default=2, ge=1, description="residual blocks per level (unet) or "
-                        "residual layers (mlp)")
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-
-    def resolved_kind(self, input_shape: tuple[int, int, int]) -> Literal["unet", "mlp"]:
-        if self.kind != "auto":
-            return self.kind
-        return "mlp" if input_shape[1:] == (1, 1) else "unet"
-
-
-class ScoreTrainSpec(_Frozen):
-    steps: int = Field(default=4000, ge=1, description="optimiser steps")
-    batch_size: int = Field(default=128, ge=1, description="images per step (data.batch_size "
-                            "is not used by score training)")
-    lr: float = Field(default=1e-3, gt=0, description="Adam learning rate")
-    warmup_steps: int = Field(default=100, ge=0, description="linear learning-rate warm-up")
-    schedule: Literal["constant", "cosine"] = Field(
-        default="constant", description="after warm-up: constant, or cosine down to 0")
-    grad_clip: float | None = Field(default=1.0, gt=0, description="clip the gradient norm "
-                                    "(null: no clipping)")
-    sigma_min: float = Field(default=0.01, gt=0, description="lowest training noise level")
-    sigma_max: float = Field(default=1.0, gt=0, description="highest training noise level "
-                             "(also where sampling starts)")
-    null_prob: float = Field(default=0.1, ge=0, lt=1, description="share of examples trained "
-                             "with the null class (the unconditional score)")
-    seed: int = Field(default=0, description="seeds initialisation, batch order, sigma, "
-                      "noise, null mask, flips and the samples")
-    ema: float | None = Field(default=0.999, gt=0, lt=1, description="EMA decay of the "
-                              "weights (warmed up as min(decay, (1+t)/(10+t))); null: no EMA")
-    hflip: bool = Field(default=False, description="random horizontal flips (natural images; "
-                        "not digits or the toy)")
-    amp: bool = Field(default=False, description="bfloat16 autocast (CUDA only)")
-    log_every: int = Field(default=100, ge=1, description="steps per metrics.jsonl record")
-    save_every: int = Field(default=1000, ge=1, description="steps between saves of "
-                            "state.safetensors and model.safetensors")
-
-    @model_validator(mode="after")
-    def _sigma_range(self) -> ScoreTrainSpec:
-        if self.sigma_max <= self.sigma_min:
-            raise ValueError(f"sigma_max ({self.sigma_max}) must exceed sigma_min "
-                             f"({self.sigma_min})")
-        return self
-
-
-class ScoreSampleSpec(_Frozen):
-    steps: int = Field(default=32, ge=1, description="noise levels of the Heun sampler "
-                       "(2 * steps - 1 network calls)")
-    per_class: int = Field(default=10, ge=0, description="samples per class in samples.png "
-                           "(0: no figure)")
-    guidance: float = Field(default=0.0, ge=0, description="classifier-free guidance weight "
-                            "w for samples.png (0: the plain conditional model)")
-
-
-class ScoreSpec(_Frozen):
-    """A score-model training run. Field names are the keys of the spec file and --set."""
-
-    version: Literal[1] = 1
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name")
-    description: str = ""
-    data: DataSpec
-    model: ScoreNetSpec = Field(default_factory=ScoreNetSpec)
-    train: ScoreTrainSpec = Field(default_factory=ScoreTrainSpec)
-    sample: ScoreSampleSpec = Field(default_factory=ScoreSampleSpec)
-    out_dir: Path | None = Field(default=None, description="run folder; null = runs/<name>")
-
-    @model_validator(mode="after")
-    def _unused_data_fields(self) -> ScoreSpec:
-        if self.data.augment != "none":
-            raise ValueError("data.augment: score training does not crop; use "
-                             "train.hflip for flips and leave data.augment at none")
-        return self
-
-    @property
-    def run_dir(self) -> Path:
-        return self.out_dir if self.out_dir is not None else Path("runs") / self.name
-
-
-# ---------------------------------------------------------------------------------------
-# loading specs
-
-
-def _spec_folder() -> Any:
-    folder = resources.files("pagctl")
-    for part in SPEC_FOLDER:
-        folder = folder / part
-    return folder
-
-
-def builtin_score_spec_names() -> list[str]:
-    """Names of the score specs shipped in ``pagctl/specs/score``."""
-    return sorted(p.name[: -len(".yaml")] for p in _spec_folder().iterdir()
-                  if p.name.endswith(".yaml"))
-
-
-def _read_score_mapping(source: str) -> dict[str, Any]:
-    data, _ = read_spec_mapping(source, names=builtin_score_spec_names(),
-                                folder=_spec_folder(), kind="score spec",
-                                listing="pagctl train-score --list",
-                                sections="data, model, train, sample")
-    return data
-
-
-def validate_score_spec(data: dict[str, Any]) -> ScoreSpec:
-    """Validate a mapping; SpecError with one ``dotted.path: message`` line per problem."""
-    try:
-        return ScoreSpec.model_validate(data)
-    except ValidationError as exc:
-        text = format_validation_error(exc).replace("pagctl train --schema",
-                                                    "pagctl train-score --schema")
-        # the data.augment check is a model-level validator: its message names the field
-        text = text.replace("spec: data.augment:", "data.augment:")
-        raise SpecError(text) from None
-
-
-def load_score_spec(source: str | Path,
-                    overrides: list[str] | tuple[str, ...] = ()) -> ScoreSpec:
-    """Read a score spec file (or built-in name), apply ``a.b=c`` overrides (values parsed
-    as YAML), validate once."""
-    data = _read_score_mapping(str(source))
-    for item in overrides:
-        apply_override(data, item)
-    return validate_score_spec(data)
 
 
 # ---------------------------------------------------------------------------------------
@@ -323,25 +206,6 @@ class _Progress:
         self._progress.update(self._task, completed=completed, info=info,
                               description=description)
 
-
-def _truncate_metrics(run_dir: Path, keep_step: int) -> None:
-    """Drop training records after ``keep_step`` (a resumed run writes them again)."""
-    path = run_dir / checkpoint.METRICS_FILE
-    if not path.is_file():
-        return
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("kind") == "score_train" \
-                and int(rec.get("step", 0)) > keep_step:
-            continue
-        if isinstance(rec, dict) and rec.get("kind") == "score_done":
-            continue
-        out.append(line)
-    checkpoint.atomic_write_text(path, "".join(out))
 
 
 def _ema_update(ema_params: Sequence[Tensor], params: Sequence[Tensor], decay: float) -> None:
@@ -492,136 +356,3 @@ def train_score(
                                         "train_seconds": sums["seconds"],
                                         "sample_seconds": time.perf_counter() - tick})
     return ScoreTrainResult(run_dir, t.steps, False, last, samples_path)
-
-
-def _spec_hash(spec: ScoreSpec) -> str:
-    import hashlib
-
-    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
-
-
-def _read_run_spec(run_dir: Path) -> ScoreSpec:
-    from pagctl.errors import CheckpointError
-
-    path = run_dir / checkpoint.SPEC_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir}: no {checkpoint.SPEC_FILE}; not a score run folder")
-    try:
-        return ScoreSpec.model_validate_json(path.read_text(encoding="utf-8"))
-    except ValidationError as exc:
-        first = format_validation_error(exc).splitlines()[0]
-        raise CheckpointError(f"{path}: invalid score spec ({first})") from None
-
-
-def _save_state(run_dir: Path, model: ScoreModel, extra: dict[str, Tensor],
-                opt: torch.optim.Optimizer, gen: torch.Generator, meta: dict[str, Any]) -> None:
-    """state.safetensors: model, EMA, Adam tensors and the generator, with the counters in
-    its metadata (so tensors and counters always come from one save); state.json a copy."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update(extra)
-    opt_tensors, opt_meta = checkpoint.optimizer_to_flat(opt)
-    tensors.update(opt_tensors)
-    tensors["rng.train"] = gen.get_state()
-    full = json.dumps({**meta, "optimizer": opt_meta}, indent=2)
-    checkpoint.atomic_save_tensors(tensors, run_dir / checkpoint.STATE_FILE,
-                                   {"pagctl_state": full})
-    checkpoint.atomic_write_text(run_dir / checkpoint.STATE_META_FILE, full + "\n")
-
-
-def save_model(run_dir: Path, model: ScoreModel, config: ScoreModelConfig) -> None:
-    """model.safetensors + config.json (atomic writes)."""
-    import torch
-
-    from pagctl import __version__
-
-    meta = {"format": "pt", "pagctl_version": __version__, "torch_version": torch.__version__,
-            "kind": "score_model", "network": config.network}
-    checkpoint.atomic_save_tensors(dict(model.state_dict()), run_dir / checkpoint.MODEL_FILE,
-                                   meta)
-    checkpoint.atomic_write_text(run_dir / checkpoint.CONFIG_FILE,
-                                 config.model_dump_json(indent=2) + "\n")
-
-
-# ---------------------------------------------------------------------------------------
-# the samples figure
-
-
-def write_samples_figure(run_dir: Path, model: ScoreModel, bundle: DataBundle,
-                         spec: ScoreSpec, *, log: Callable[[str], None] | None = None
-                         ) -> Path | None:
-    """Sample ``spec.sample.per_class`` images of every class and write samples.png: one row
-    per class, or, for 2-D points, a scatter of the samples coloured by class over the
-    training data. Returns the path, or None when matplotlib is missing."""
-    import torch
-
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        if log is not None:
-            log(f"{SAMPLES_FILE} skipped: matplotlib is missing (pip install 'pagctl[plots]')")
-        return None
-    per = spec.sample.per_class
-    k = bundle.num_classes
-    classes = torch.arange(k).repeat_interleave(per)
-    was_training = model.training
-    model.eval()
-    try:
-        images = sample(model, classes, steps=spec.sample.steps,
-                        generator=torch.Generator().manual_seed(spec.train.seed + 1),
-                        guidance=spec.sample.guidance).cpu()
-    finally:
-        model.train(was_training)
-    path = run_dir / SAMPLES_FILE
-    title = f"{spec.name}: {per} samples per class ({spec.sample.steps} Heun steps" + (
-        f", guidance {spec.sample.guidance:g})" if spec.sample.guidance else ")")
-    if bundle.input_shape == (2, 1, 1):
-        from pagctl.data import as_tensors
-
-        data, labels = as_tensors(bundle.train)
-        points_figure(path, data.reshape(-1, 2), labels, images.reshape(-1, 2), classes,
-                      title=title)
-    else:
-        image_grid_figure(path, images.reshape(k, per, *bundle.input_shape),
-                          list(bundle.class_names), title=title)
-    return path
-
-
-def image_grid_figure(path: Path, images: Tensor, row_names: list[str], *, title: str) -> None:
-    """One row per class. Shape: images (rows, per_row, C, H, W) in [0, 1]."""
-    from pagctl.figures import _pyplot, _save, _show
-
-    plt = _pyplot("samples.png")
-    rows, cols = images.shape[:2]
-    fig, axes = plt.subplots(rows, cols, figsize=(0.7 * cols + 0.6, 0.7 * rows + 0.4),
-                             squeeze=False)
-    for r in range(rows):
-        for c in range(cols):
-            _show(axes[r][c], images[r, c])
-        axes[r][0].set_ylabel(row_names[r] if r < len(row_names) else str(r), fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    _save(fig, path)
-    plt.close(fig)
-
-
-def points_figure(path: Path, data: Tensor, labels: Tensor, points: Tensor, classes: Tensor,
-                  *, title: str) -> None:
-    """Samples (coloured by class) over the training data (light). Shape: (N, 2), (N,),
-    (M, 2), (M,)."""
-    from pagctl.figures import _pyplot, _save
-
-    plt = _pyplot("samples.png")
-    fig, ax = plt.subplots(figsize=(5, 5))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for cls in sorted(set(labels.tolist()) | set(classes.tolist())):
-        colour = colours[cls % len(colours)]
-        d = data[labels == cls]
-        ax.scatter(d[:, 0], d[:, 1], s=4, alpha=0.15, color=colour)
-        p = points[classes == cls]
-        ax.scatter(p[:, 0], p[:, 1], s=14, color=colour, edgecolors="black", linewidths=0.4,
-                   label=f"samples of class {cls}")
-    ax.set_xlabel("x1")
-    ax.set_ylabel("x2")
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=9)
-    _save(fig, path)
-    plt.close(fig)
