@@ -29,7 +29,8 @@ training points, the mode centres and the Bayes boundaries), ``robustness.png`` 
 against ε, one line per model, pooled over seeds, with 95% Wilson intervals, and the Bayes
 classifier for reference) and ``results.json``.
 
-Run it with ``make toy`` or ``python -m pagctl.toy_experiment --out runs/toy``.
+Run it with ``make toy`` or ``python -m pagctl.toy_experiment --out runs/toy``. The exact
+measures are in `pagctl.toy_measures`, the figures in `pagctl.toy_figures`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pagctl.toy_figures import decision_boundaries_figure as decision_boundaries_figure
+from pagctl.toy_figures import robustness_figure as robustness_figure
+from pagctl.toy_measures import GRID_RESOLUTION as GRID_RESOLUTION
+from pagctl.toy_measures import bayes_classifier, grid_min_distance
+from pagctl.toy_measures import predict_grid as predict_grid
+from pagctl.toy_measures import score_alignment as score_alignment
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +69,6 @@ MODELS: tuple[tuple[str, str], ...] = (
 """(label, built-in spec) of the recipes compared."""
 DEFAULT_TRAIN_SIZE = 60
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
-GRID_RESOLUTION = 0.001
 _ATTACKS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("pgd_l2", {"steps": 50, "restarts": 5}),
     ("apgd_ce", {"norm": "l2", "steps": 100}),
@@ -77,120 +84,6 @@ def default_budget(train_size: int) -> tuple[int, int]:
     batch = max(4, min(128, train_size // 5))
     steps = max(1, train_size // batch)
     return batch, max(30, math.ceil(500 / steps))
-
-
-# ---------------------------------------------------------------------------------------
-# exact robustness in two dimensions
-
-
-def _window(points: Tensor, margin: float) -> tuple[tuple[float, float], tuple[float, float]]:
-    """The points' bounding box grown by ``margin`` and clipped to [0, 1]²:
-    ((x1 low, x1 high), (x2 low, x2 high))."""
-    lo = (points.min(dim=0).values - margin).clamp(0, 1).tolist()
-    hi = (points.max(dim=0).values + margin).clamp(0, 1).tolist()
-    return (lo[0], hi[0]), (lo[1], hi[1])
-
-
-def predict_grid(model: Callable[[Tensor], Tensor],
-                 window: tuple[tuple[float, float], tuple[float, float]],
-                 resolution: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The model's class at every point of a regular grid over ``window``.
-
-    Shape: -> x1 values (A,), x2 values (B,), classes (A, B) int64 (``[i, j]`` at
-    (x1[i], x2[j])).
-    """
-    import torch
-
-    (a0, a1), (b0, b1) = window
-    x1 = torch.arange(a0, a1 + resolution / 2, resolution, dtype=torch.float64).float()
-    x2 = torch.arange(b0, b1 + resolution / 2, resolution, dtype=torch.float64).float()
-    grid = torch.stack(torch.meshgrid(x1, x2, indexing="ij"), dim=-1).reshape(-1, 2)
-    classes = []
-    with torch.no_grad():
-        for lo in range(0, grid.shape[0], 65536):
-            classes.append(model(grid[lo: lo + 65536].reshape(-1, 2, 1, 1)).argmax(dim=1))
-    return x1, x2, torch.cat(classes).cpu().reshape(len(x1), len(x2))
-
-
-def grid_min_distance(model: Callable[[Tensor], Tensor], points: Tensor, labels: Tensor, *,
-                      max_eps: float = 0.1, resolution: float = GRID_RESOLUTION) -> Tensor:
-    """Each point's L2 distance to the nearest grid point the model assigns to another class:
-    its minimal adversarial perturbation inside [0, 1]², to the grid's resolution.
-
-    The grid covers the points' bounding box grown by ``max_eps`` + 0.02 (clipped to
-    [0, 1]²); a point with no other class in reach of the grid gets ``inf``. A point the
-    model already misclassifies gets 0. A robust-accuracy verdict "not robust at ε" (distance
-    ≤ ε) is certain: the grid point is an adversarial example. "Robust" can only be wrong
-    for an adversarial region thinner than the grid spacing.
-    Shape: points (N, 2) or (N, 2, 1, 1) CPU, labels (N,) -> (N,) float32.
-    """
-    import torch
-
-    pts = points.detach().reshape(-1, 2).float().cpu()
-    y = labels.detach().cpu()
-    x1, x2, grid = predict_grid(model, _window(pts, max_eps + 0.02), resolution)
-    # Cells with a 4-neighbour of another class: the nearest cell of another class to a point
-    # outside it is always one of these.
-    edge = torch.zeros_like(grid, dtype=torch.bool)
-    vertical = grid[1:] != grid[:-1]
-    horizontal = grid[:, 1:] != grid[:, :-1]
-    edge[1:] |= vertical
-    edge[:-1] |= vertical
-    edge[:, 1:] |= horizontal
-    edge[:, :-1] |= horizontal
-    cells = torch.stack(torch.meshgrid(x1, x2, indexing="ij"), dim=-1)[edge]
-    cell_class = grid[edge]
-    with torch.no_grad():
-        clean = model(pts.reshape(-1, 2, 1, 1)).argmax(dim=1).cpu()
-    dist = torch.full((pts.shape[0],), float("inf"))
-    for c in torch.unique(cell_class).tolist():
-        mine = cells[cell_class == c]
-        rows = torch.nonzero(y != c).squeeze(1)
-        for lo in range(0, rows.numel(), 1024):
-            r = rows[lo: lo + 1024]
-            dist[r] = torch.minimum(dist[r], torch.cdist(pts[r], mine).min(dim=1).values)
-    dist[clean != y] = 0.0
-    return dist
-
-
-def bayes_classifier() -> nn.Module:
-    """The toy's Bayes classifier as a module: logits log p(x | t) (the classes are
-    balanced). Shape: (N, 2, 1, 1) -> (N, 2)."""
-    import torch
-    from torch import nn
-
-    from pagctl.toy import toy_log_density
-
-    class Bayes(nn.Module):
-        def forward(self, x: Tensor) -> Tensor:
-            return torch.stack([toy_log_density(x, t) for t in (0, 1)], dim=1)
-
-    return Bayes()
-
-
-def score_alignment(model: nn.Module, images: Tensor, labels: Tensor,
-                    noise: float | None = None) -> tuple[float, float]:
-    """Mean cosine between the model's ∇ₓ log p(t|x) and the exact posterior score
-    (``toy_score``, both classes of every point), and the mean of its absolute value.
-
-    The absolute value measures orientation only: in two classes both gradients lie on one
-    line, and the exact target is parallel to the line of modes everywhere, flipping sign at
-    each middle mode's centre (where p(t|x) peaks), so the signed mean also counts where a
-    model puts that ridge. Shape: images (N, 2, 1, 1), labels (N,).
-    """
-    import torch
-
-    from pagctl.gradients import logits_and_input_gradients
-    from pagctl.losses import cosine_alignment
-    from pagctl.protocols import BuildContext
-    from pagctl.target_gradients.toy_score import ToyScore
-
-    ctx = BuildContext(num_classes=2, input_shape=(2, 1, 1), device=images.device, seed=0)
-    params = ToyScore.Params() if noise is None else ToyScore.Params(noise=noise)
-    classes = torch.stack([labels, 1 - labels], dim=1)
-    _, grads = logits_and_input_gradients(model, images, classes)
-    cos = cosine_alignment(grads, ToyScore(params, ctx)(images, labels, classes))
-    return float(cos.mean()), float(cos.abs().mean())
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,98 +170,6 @@ def _pool(per_seed: list[dict[str, Any]], key: str, n_eps: int) -> dict[str, Any
             "interval": [list(wilson_interval(k, n)) for k in correct],
             "seed_mean": [statistics.fmean(a) for a in accs],
             "seed_sd": [statistics.pstdev(a) if len(a) > 1 else 0.0 for a in accs]}
-
-
-# ---------------------------------------------------------------------------------------
-# figures
-
-
-def _bayes_boundaries() -> list[tuple[float, float]]:
-    """Midpoints between neighbouring modes of different classes (the Bayes boundary crosses
-    the line of modes there, perpendicular to it)."""
-    from pagctl.toy import TOY_MEANS, TOY_MODE_CLASSES
-
-    mids = []
-    for (a, ca), (b, cb) in zip(zip(TOY_MEANS, TOY_MODE_CLASSES, strict=True),
-                                zip(TOY_MEANS[1:], TOY_MODE_CLASSES[1:], strict=True),
-                                strict=False):
-        if ca != cb:
-            mids.append(((a[0] + b[0]) / 2, (a[1] + b[1]) / 2))
-    return mids
-
-
-def decision_boundaries_figure(path: Path, panels: list[list[dict[str, Any]]]) -> None:
-    """One row per seed, one panel per model: decision regions, training points, mode centres
-    (×), Bayes boundaries (dashed). ``panels[row][column]``: dicts with ``model``, ``train``
-    (images, labels) and ``title``."""
-    from matplotlib.colors import ListedColormap
-
-    from pagctl.figures import _pyplot, _save
-    from pagctl.toy import TOY_MEANS
-
-    plt = _pyplot("the toy experiment")
-    window = ((0.0, 0.6), (0.05, 1.0))
-    rows, cols = len(panels), max(len(r) for r in panels)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols, 3.9 * rows + 0.45),
-                             squeeze=False)
-    colors = ("#3b6fb6", "#c8453c")
-    regions = ListedColormap(["#c9d7ee", "#f2cbc7"])
-    for r, row in enumerate(panels):
-        for c, panel in enumerate(row):
-            ax = axes[r][c]
-            x1, x2, grid = predict_grid(panel["model"], window, 0.002)
-            ax.imshow(grid.T.numpy(), origin="lower", cmap=regions, vmin=0, vmax=1,
-                      extent=(window[0][0], window[0][1], window[1][0], window[1][1]),
-                      interpolation="nearest", aspect="equal")
-            ax.contour(x1.numpy(), x2.numpy(), grid.T.float().numpy(), levels=[0.5],
-                       colors="k", linewidths=0.8)
-            images, labels = panel["train"]
-            pts = images.reshape(-1, 2)
-            for k in (0, 1):
-                mine = pts[labels == k]
-                ax.scatter(mine[:, 0], mine[:, 1], s=8, color=colors[k], edgecolors="k",
-                           linewidths=0.3, label=f"class {k}", zorder=3)
-            ax.scatter([m[0] for m in TOY_MEANS], [m[1] for m in TOY_MEANS], marker="x",
-                       color="k", s=25, zorder=4, label="mode centre")
-            for mx, my in _bayes_boundaries():  # perpendicular to the direction (1, 2)
-                t = 0.45
-                ax.plot([mx - 2 * t, mx + 2 * t], [my + t, my - t], ls="--", lw=0.7,
-                        color="0.35", zorder=2)
-            ax.set_xlim(*window[0])
-            ax.set_ylim(*window[1])
-            ax.set_title(panel["title"], fontsize=8)
-            ax.tick_params(labelsize=7)
-    axes[0][0].legend(fontsize=6, loc="upper left")
-    height = 3.9 * rows + 0.45
-    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.45 / height))
-    fig.suptitle("decision regions (black: model boundary; dashed: Bayes boundaries)",
-                 fontsize=10, y=1.0 - 0.12 / height)
-    _save(fig, path)
-    plt.close(fig)
-
-
-def robustness_figure(path: Path, eps: Sequence[float], curves: list[dict[str, Any]],
-                      title: str) -> None:
-    """Robust accuracy vs ε with 95% Wilson intervals. ``curves``: dicts with ``label``,
-    ``accuracy``, ``interval`` and optional ``style`` (matplotlib keyword arguments)."""
-    from pagctl.figures import _pyplot, _save
-
-    plt = _pyplot("the toy experiment")
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for curve in curves:
-        acc = curve["accuracy"]
-        low = [a - lo for a, (lo, _) in zip(acc, curve["interval"], strict=True)]
-        high = [hi - a for a, (_, hi) in zip(acc, curve["interval"], strict=True)]
-        style = {"marker": "o", "capsize": 3, **curve.get("style", {})}
-        ax.errorbar(list(eps), acc, yerr=[low, high], label=curve["label"], **style)
-    ax.set_xlabel("ε (L2)")
-    ax.set_ylabel("robust accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    _save(fig, path)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------
