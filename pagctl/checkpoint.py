@@ -25,16 +25,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pagctl.errors import CheckpointError, SpecError
 
 if TYPE_CHECKING:
     import torch
+    from pydantic import BaseModel
     from torch import nn
 
     from pagctl.models import NormalizedModel
     from pagctl.spec import RunSpec
+
+_Model = TypeVar("_Model", bound="BaseModel")
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -134,19 +137,31 @@ def write_spec(run_dir: Path, spec: RunSpec) -> None:
     atomic_write_text(run_dir / SPEC_FILE, spec.model_dump_json(indent=2) + "\n")
 
 
-def read_spec(run_dir: Path) -> RunSpec:
+def read_spec_file(path: Path, model: type[_Model], what: str) -> _Model:
+    """``path`` (a saved spec.json) validated as ``model``; CheckpointError, one line naming
+    the file and the first problem, for an unreadable file or an invalid ``what``."""
     from pydantic import ValidationError
 
-    from pagctl.spec import RunSpec, format_validation_error
+    from pagctl.spec import format_validation_error
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as exc:
+        first = format_validation_error(exc).splitlines()[0]
+        raise CheckpointError(f"{path}: invalid {what} ({first})") from None
+
+
+def read_spec(run_dir: Path) -> RunSpec:
+    from pagctl.spec import RunSpec
 
     path = run_dir / SPEC_FILE
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: no {SPEC_FILE}; not a pagctl run folder")
-    try:
-        return RunSpec.model_validate_json(path.read_text(encoding="utf-8"))
-    except ValidationError as exc:
-        first = format_validation_error(exc).splitlines()[0]
-        raise CheckpointError(f"{path}: invalid spec ({first})") from None
+    return read_spec_file(path, RunSpec, "spec")
 
 
 def save_model(run_dir: Path, model: NormalizedModel, config: dict[str, Any],

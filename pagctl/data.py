@@ -169,6 +169,20 @@ def get_batch(ds: Dataset[Item], indices: Tensor) -> tuple[Tensor, Tensor]:
                                                             dtype=torch.int64)
 
 
+def select_test_indices(num_test: int, indices: Tensor | None, limit: int | None) -> Tensor:
+    """The test images an evaluation runs on: ``indices`` (all ``num_test`` when None), checked
+    to lie in the test set, then the first ``limit``. Raises SpecError naming ``--indices``
+    for an index outside the test set."""
+    from pagctl.errors import SpecError
+
+    if indices is None:
+        indices = torch.arange(num_test)
+    elif int(indices.min()) < 0 or int(indices.max()) >= num_test:
+        bad = int(indices[(indices < 0) | (indices >= num_test)][0])
+        raise SpecError(f"--indices: index {bad} is outside the test set (0..{num_test - 1})")
+    return indices if limit is None else indices[:limit]
+
+
 def iter_batches(ds: Dataset[Item], order: Tensor, batch_size: int, *,
                  workers: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Batches of ``ds`` in the given ``order``: (indices, images, labels) per batch.

@@ -46,17 +46,10 @@ def evaluate_attack(
     from pagctl import registry
     from pagctl.attack import PerBatch, attack_budget, run_attack, unpack_bits
     from pagctl.build import build_context
-    from pagctl.data import get_batch
+    from pagctl.data import get_batch, select_test_indices
     from pagctl.reliability import attack_probes, quick_probes, square_stage_check, sweep_check
 
-    n_test = len(bundle.test)  # type: ignore[arg-type]
-    if indices is None:
-        indices = torch.arange(n_test)
-    elif int(indices.min()) < 0 or int(indices.max()) >= n_test:
-        bad = int(indices[(indices < 0) | (indices >= n_test)][0])
-        raise SpecError(f"--indices: index {bad} is outside the test set (0..{n_test - 1})")
-    if limit is not None:
-        indices = indices[:limit]
+    indices = select_test_indices(len(bundle.test), indices, limit)  # type: ignore[arg-type]
     probe_idx = indices[:probe_size]
     px, py = get_batch(bundle.test, probe_idx)
     px, py = px.to(device), py.to(device)

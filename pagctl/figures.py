@@ -48,16 +48,17 @@ def robustness_curve(path: Path, curves: list[dict[str, Any]], *, norm: str | No
                      title: str, option: str = "--plot") -> None:
     """Robust accuracy vs ε with 95% intervals, one line per curve.
 
-    ``curves``: dicts with ``label``, ``eps`` (list), ``accuracy`` (list) and ``interval``
-    (list of (low, high)).
+    ``curves``: dicts with ``label``, ``eps`` (list), ``accuracy`` (list), ``interval``
+    (list of (low, high)) and optional ``style`` (matplotlib keyword arguments).
     """
     plt = _pyplot(option)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for curve in curves:
-        eps, acc = curve["eps"], curve["accuracy"]
+        eps, acc = list(curve["eps"]), curve["accuracy"]
         low = [a - lo for a, (lo, _) in zip(acc, curve["interval"], strict=True)]
         high = [hi - a for a, (_, hi) in zip(acc, curve["interval"], strict=True)]
-        ax.errorbar(eps, acc, yerr=[low, high], marker="o", capsize=3, label=curve["label"])
+        style = {"marker": "o", "capsize": 3, **curve.get("style", {})}
+        ax.errorbar(eps, acc, yerr=[low, high], label=curve["label"], **style)
     ax.set_xlabel(f"ε ({norm or 'budget'})")
     ax.set_ylabel("robust accuracy")
     ax.set_ylim(-0.02, 1.02)

@@ -12,11 +12,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
 from pagctl import checkpoint
 from pagctl.score_spec import ScoreSpec
-from pagctl.spec import format_validation_error
 
 if TYPE_CHECKING:
     import torch
@@ -57,11 +54,7 @@ def _read_run_spec(run_dir: Path) -> ScoreSpec:
     path = run_dir / checkpoint.SPEC_FILE
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: no {checkpoint.SPEC_FILE}; not a score run folder")
-    try:
-        return ScoreSpec.model_validate_json(path.read_text(encoding="utf-8"))
-    except ValidationError as exc:
-        first = format_validation_error(exc).splitlines()[0]
-        raise CheckpointError(f"{path}: invalid score spec ({first})") from None
+    return checkpoint.read_spec_file(path, ScoreSpec, "score spec")
 
 
 def _save_state(run_dir: Path, model: ScoreModel, extra: dict[str, Tensor],

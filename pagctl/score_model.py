@@ -276,18 +276,10 @@ def read_config(path: Path) -> ScoreModelConfig:
 
 
 def _read_spec(path: Path) -> ScoreSpec | None:
+    from pagctl.checkpoint import read_spec_file
     from pagctl.score_spec import ScoreSpec
-    from pagctl.spec import format_validation_error
 
-    if not path.is_file():
-        return None
-    try:
-        return ScoreSpec.model_validate_json(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})") from None
-    except ValidationError as exc:
-        first = format_validation_error(exc).splitlines()[0]
-        raise CheckpointError(f"{path}: invalid score spec ({first})") from None
+    return read_spec_file(path, ScoreSpec, "score spec") if path.is_file() else None
 
 
 def load_score_run(run_dir: Path | str, device: str | torch.device = "cpu") -> ScoreRun:

@@ -86,21 +86,7 @@ def robustness_figure(path: Path, eps: Sequence[float], curves: list[dict[str, A
                       title: str) -> None:
     """Robust accuracy vs ε with 95% Wilson intervals. ``curves``: dicts with ``label``,
     ``accuracy``, ``interval`` and optional ``style`` (matplotlib keyword arguments)."""
-    from pagctl.figures import _pyplot, _save
+    from pagctl.figures import robustness_curve
 
-    plt = _pyplot("the toy experiment")
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for curve in curves:
-        acc = curve["accuracy"]
-        low = [a - lo for a, (lo, _) in zip(acc, curve["interval"], strict=True)]
-        high = [hi - a for a, (_, hi) in zip(acc, curve["interval"], strict=True)]
-        style = {"marker": "o", "capsize": 3, **curve.get("style", {})}
-        ax.errorbar(list(eps), acc, yerr=[low, high], label=curve["label"], **style)
-    ax.set_xlabel("ε (L2)")
-    ax.set_ylabel("robust accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    _save(fig, path)
-    plt.close(fig)
+    robustness_curve(path, [{**curve, "eps": list(eps)} for curve in curves], norm="L2",
+                     title=title, option="the toy experiment")

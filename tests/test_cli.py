@@ -366,6 +366,11 @@ BAD_INPUT = [
          ("no model.safetensors", "train or resume"), _remove("model.safetensors")),
     Case("run-without-spec", ["attack", "run", "--limit", "5"],
          ("no spec.json", "not a pagctl run folder"), _remove("spec.json")),
+    Case("undecodable-spec", ["attack", "run", "--limit", "5"],
+         ("spec.json", "unreadable"),
+         lambda env: (env.copy_run() / "spec.json").write_bytes(b"\xff\xfe{")),
+    Case("invalid-spec", ["compare", "run"], ("spec.json", "invalid spec"),
+         lambda env: (env.copy_run() / "spec.json").write_text('{"version": 1}')),
     # compare
     Case("compare-missing-run", ["compare", "nowhere"], ("nowhere", "no spec.json")),
 ]

@@ -55,13 +55,12 @@ def align_score(
     """Score how well a run's input gradients align with a target-gradient source: mean
     cosine with a 95% interval, per true class and per target (true vs other classes), the
     fraction of images aligned above 0. Appended to the run's metrics.jsonl."""
-    import torch
 
     from pagctl import checkpoint, registry
     from pagctl.align import alignment_report
     from pagctl.attack import subset_record
     from pagctl.build import build_context, default_cache_dir, resolve_device
-    from pagctl.data import load_data
+    from pagctl.data import load_data, select_test_indices
 
     given = _parse_params(param, "--param")
     params = _plugin_params("target_gradients", source_name, given, "--source")
@@ -82,14 +81,7 @@ def align_score(
     if k > bundle.num_classes:
         raise SpecError(f"--classes-per-image: {k} is more than the {bundle.num_classes} "
                         "classes of the data")
-    n_test = len(bundle.test)  # type: ignore[arg-type]
-    if indices is None:
-        indices = torch.arange(n_test)
-    elif int(indices.min()) < 0 or int(indices.max()) >= n_test:
-        bad = int(indices[(indices < 0) | (indices >= n_test)][0])
-        raise SpecError(f"--indices: index {bad} is outside the test set (0..{n_test - 1})")
-    if limit is not None:
-        indices = indices[:limit]
+    indices = select_test_indices(len(bundle.test), indices, limit)  # type: ignore[arg-type]
     ctx = build_context(bundle, dev, seed, default_cache_dir())
     source = registry.target_gradients.instantiate(source_name, params, ctx, "--source")
     report = alignment_report(loaded.model, bundle.test, indices, source,

@@ -4,8 +4,9 @@ plus overrides, trained into a run folder."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -23,6 +24,20 @@ from pagctl.errors import SpecError
 ScoreSetOpt = Annotated[list[str], typer.Option(
     "--set", help="Override a score spec field, KEY=VALUE with a dotted key (value parsed as "
     "YAML); repeatable, e.g. --set train.steps=2000.")]
+
+
+def _listed(list_: bool, schema: bool, names: Callable[[], list[str]],
+            describe: Callable[[str], str], model: Any) -> bool:
+    """``--list`` (built-in names with their descriptions) or ``--schema`` (the spec's JSON
+    schema): print it and return True, the command is done; otherwise False."""
+    if list_:
+        for name in names():
+            typer.echo(f"{name:24s} {describe(name)}")
+        return True
+    if schema:
+        _print_json(model.model_json_schema())
+        return True
+    return False
 
 
 def _spec_and_overrides(command: str, spec: str, set_: list[str], *, data_dir: Path | None,
@@ -70,13 +85,8 @@ def train(
     """Train a model from a spec; writes a run folder (weights, spec, metrics)."""
     from pagctl import spec as specmod
 
-    if list_:
-        for name in specmod.builtin_spec_names():
-            desc = specmod.load_spec(name).description
-            typer.echo(f"{name:24s} {desc}")
-        return
-    if schema:
-        _print_json(specmod.RunSpec.model_json_schema())
+    if _listed(list_, schema, specmod.builtin_spec_names,
+               lambda name: specmod.load_spec(name).description, specmod.RunSpec):
         return
     if spec is None:
         raise SpecError("train: give a spec file or built-in name (pagctl train --list)")
@@ -145,13 +155,8 @@ def train_score(
     levels) for the 'sbg' target-gradient source; writes a run folder with samples.png."""
     from pagctl import score as scoremod
 
-    if list_:
-        for name in scoremod.builtin_score_spec_names():
-            desc = scoremod.load_score_spec(name).description
-            typer.echo(f"{name:24s} {desc}")
-        return
-    if schema:
-        _print_json(scoremod.ScoreSpec.model_json_schema())
+    if _listed(list_, schema, scoremod.builtin_score_spec_names,
+               lambda name: scoremod.load_score_spec(name).description, scoremod.ScoreSpec):
         return
     if spec is None:
         raise SpecError("train-score: give a score spec file or built-in name "
