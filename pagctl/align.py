@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pagctl.attack_report import Z95
+
 if TYPE_CHECKING:
     import torch
     from torch import Tensor, nn
@@ -19,7 +21,6 @@ if TYPE_CHECKING:
 
     from pagctl.protocols import TargetGradientSource
 
-Z95 = 1.959963984540054
 
 
 @dataclass

@@ -9,7 +9,7 @@ from array import array
 
 def wilson_interval(k: int, n: int) -> tuple[float, float]:
     """95% Wilson score interval of ``k / n`` (the one ``pagctl attack`` reports)."""
-    from pagctl.attack import wilson_interval as wilson
+    from pagctl.attack_report import wilson_interval as wilson
 
     return wilson(k, n)
 
