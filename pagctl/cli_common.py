@@ -63,6 +63,11 @@ SetOpt = Annotated[list[str], typer.Option(
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Folder with the dataset files (sets data.root).")]
+RunOutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (sets out_dir).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run "
+                                            "folder.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
 def _read_indices(path: Path) -> Any:

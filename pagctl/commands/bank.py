@@ -13,6 +13,7 @@ from pagctl.cli_common import (
     DataDirOpt,
     DeviceOpt,
     Format,
+    QuietOpt,
     SetOpt,
     _complete_plugins,
     _fmt,
@@ -52,7 +53,7 @@ def bank(
     seed: Annotated[int | None, typer.Option(
         "--seed", help="Seed passed to the source (default: the spec's train.seed, as in "
         "training).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
     fmt: Annotated[Format, typer.Option("--format", help="Summary format.")] = Format.table,

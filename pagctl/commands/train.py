@@ -14,6 +14,10 @@ from pagctl.cli_common import (
     DataDirOpt,
     DeviceOpt,
     Format,
+    OverwriteOpt,
+    QuietOpt,
+    ResumeOpt,
+    RunOutOpt,
     SetOpt,
     _fmt,
     _print_json,
@@ -67,18 +71,16 @@ def train(
     data_dir: DataDirOpt = None,
     download: Annotated[bool, typer.Option(
         "--download", help="Let torchvision download the dataset into --data-dir.")] = False,
-    out: Annotated[Path | None, typer.Option("--out", help="Run folder (sets out_dir).")] = None,
+    out: RunOutOpt = None,
     device: DeviceOpt = "auto",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] =
-    False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run "
-                                            "folder.")] = False,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate spec, data, model and "
                                           "plugin params; train nothing.")] = False,
     list_: Annotated[bool, typer.Option("--list", help="List the built-in specs.")] = False,
     schema: Annotated[bool, typer.Option("--schema", help="Print the spec's JSON schema.")] =
     False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
     fmt: Annotated[Format, typer.Option("--format", help="Final summary format.")] =
     Format.table,
 ) -> None:
@@ -137,17 +139,15 @@ def train_score(
         "resume.")] = None,
     set_: ScoreSetOpt = [],  # noqa: B006 - typer needs a literal default
     data_dir: DataDirOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Run folder (sets out_dir).")] = None,
+    out: RunOutOpt = None,
     device: DeviceOpt = "auto",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] =
-    False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run "
-                                            "folder.")] = False,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     list_: Annotated[bool, typer.Option("--list", help="List the built-in score specs.")] =
     False,
     schema: Annotated[bool, typer.Option("--schema", help="Print the score spec's JSON "
                                          "schema.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
     fmt: Annotated[Format, typer.Option("--format", help="Final summary format.")] =
     Format.table,
 ) -> None:
