@@ -279,3 +279,13 @@ def test_rejects_bad_arguments() -> None:
         input_gradients(model, x, torch.zeros(2, 0, dtype=torch.int64))
     with pytest.raises(ValueError, match="method"):
         input_gradients(model, x, torch.tensor([[0], [1]]), method="vmap")  # type: ignore[arg-type]
+
+
+def test_the_spec_offers_exactly_the_methods() -> None:
+    """train.grad_method spells its choices out (pagctl.spec imports no torch); they must
+    stay the methods pagctl.gradients implements."""
+    from typing import get_args
+
+    from pagctl.spec import TrainSpec
+
+    assert get_args(TrainSpec.model_fields["grad_method"].annotation) == METHODS
