@@ -8,11 +8,11 @@ whatever the model was trained with.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pagctl.attack_report import Z95
+from pagctl.records import AlignRecord, Subset
+from pagctl.stats import mean_interval, subset_record
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +42,20 @@ class AlignReport:
     fraction_positive: float
     per_true_class: dict[str, float] = field(default_factory=dict)
     per_target: dict[str, float | None] = field(default_factory=dict)
+    subset: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
     seconds: float = 0.0
+
+    def to_record(self, source: str, source_params: dict[str, Any],
+                  params_given: dict[str, Any]) -> AlignRecord:
+        """The metrics.jsonl record of this score against ``source`` (its validated params,
+        and the params as the user typed them)."""
+        return AlignRecord(
+            source=source, source_params=source_params, params_given=params_given, n=self.n,
+            classes_per_image=self.classes_per_image, mean=self.mean, interval=self.interval,
+            fraction_positive=self.fraction_positive, per_true_class=self.per_true_class,
+            per_target=self.per_target, subset=Subset(**self.subset), seed=self.seed,
+            seconds=self.seconds)
 
 
 def alignment_report(
@@ -67,10 +80,10 @@ def alignment_report(
 
     import torch
 
-    from pagctl.attack import eval_mode
     from pagctl.data import get_batch
     from pagctl.gradients import input_gradients
     from pagctl.losses import cosine_alignment, sample_target_classes
+    from pagctl.models import eval_mode
 
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
@@ -98,16 +111,15 @@ def alignment_report(
     n = int(images.numel())
     mean = float(images.mean()) if n else 0.0
     sd = float(images.std()) if n > 1 else 0.0
-    half = Z95 * sd / math.sqrt(n) if n > 1 else 0.0
     return AlignReport(
         n=n, classes_per_image=classes_per_image, mean=mean,
-        interval=(max(-1.0, mean - half), min(1.0, mean + half)),
+        interval=mean_interval(mean, sd, n, low=-1.0, high=1.0),
         fraction_positive=float((images > 0).double().mean()) if n else 0.0,
         per_true_class={str(int(c)): float(images[label == c].mean())
                         for c in torch.unique(label)},
         per_target={"true": true_sum / true_count if true_count else None,
                     "other": other_sum / other_count if other_count else None},
-        seconds=time.perf_counter() - start,
+        subset=subset_record(indices), seed=seed, seconds=time.perf_counter() - start,
     )
 
 
@@ -138,8 +150,8 @@ def gradient_panels(model: nn.Module, x: Tensor, y: Tensor, source: TargetGradie
     Shape: (k, C, H, W), (k,) -> (k, num_classes, C, H, W) twice."""
     import torch
 
-    from pagctl.attack import eval_mode
     from pagctl.gradients import input_gradients
+    from pagctl.models import eval_mode
 
     classes = torch.arange(num_classes, device=x.device).repeat(x.shape[0], 1)
     with eval_mode(model):

@@ -19,8 +19,8 @@ Writing is resumable and needs one chunk in memory, never the whole bank: chunks
 with ``resume=True`` skips the chunks already there. The final file is then assembled by
 streaming the chunks' bytes into a temporary file (the safetensors layout: an 8-byte
 little-endian header length, a JSON header, the raw tensor bytes) and renamed into place,
-so a reader never sees a partial bank. Reading a bank's header (`BankInfo`, `bank_info`,
-`read_bank_metadata`) is in `pagctl.banks_read`, importable from here.
+so a reader never sees a partial bank. A bank's header is read without loading any tensor
+data (`read_bank_metadata`, `bank_info`).
 """
 
 from __future__ import annotations
@@ -31,29 +31,124 @@ import os
 import shutil
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pagctl.banks_read import (
-    _ITEMSIZE,
-    _ST_DTYPE,
-    BANK_FORMAT,
-    BankInfo,
-    _read_header,
-    bank_info,
-    bank_nbytes,
-    read_bank_metadata,
-)
-from pagctl.banks_read import DTYPES as DTYPES
-from pagctl.banks_read import METADATA_KEY as METADATA_KEY
 from pagctl.errors import CheckpointError, SpecError
 
 if TYPE_CHECKING:
     import torch
     from torch.utils.data import Dataset
 
-__all__ = ["BANK_FORMAT", "BankInfo", "bank_info", "bank_nbytes", "read_bank_metadata",
-           "write_bank"]
+__all__ = ["BANK_FORMAT", "DTYPES", "METADATA_KEY", "BankInfo", "bank_info", "bank_nbytes",
+           "read_bank_metadata", "write_bank"]
+
+BANK_FORMAT = 1
+METADATA_KEY = "pagctl_bank"
+DTYPES = ("float16", "float32")
+_ST_DTYPE = {"float16": "F16", "float32": "F32"}
+_ITEMSIZE = {"float16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class BankInfo:
+    """What a bank holds, read from its header (no tensor data is read)."""
+
+    path: Path
+    num_images: int
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    dtype: str
+    data_fingerprint: str
+    source: str
+    params: dict[str, Any] = field(default_factory=dict)
+    created_by: str = ""
+    nbytes: int = 0
+    """Size of the file in bytes."""
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-ready dict (``kind: "bank"``)."""
+        return {"kind": "bank", "path": str(self.path), "num_images": self.num_images,
+                "num_classes": self.num_classes, "input_shape": list(self.input_shape),
+                "dtype": self.dtype, "data_fingerprint": self.data_fingerprint,
+                "source": self.source, "params": self.params, "created_by": self.created_by,
+                "nbytes": self.nbytes}
+
+
+def bank_nbytes(num_images: int, num_classes: int, input_shape: tuple[int, ...],
+                dtype: str = "float16") -> int:
+    """Bytes of a bank's ``targets`` tensor: N × num_classes × C·H·W × item size."""
+    if dtype not in _ITEMSIZE:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return num_images * num_classes * math.prod(input_shape) * _ITEMSIZE[dtype]
+
+
+# ---------------------------------------------------------------------------------------
+# reading
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header and the byte position where its data start."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise CheckpointError(f"{path}: too short to be a safetensors file")
+        (length,) = struct.unpack("<Q", head)
+        if length > 100 * 2**20:
+            raise CheckpointError(f"{path}: not a safetensors file (header of {length} bytes)")
+        raw = fh.read(length)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not an object)")
+    return header, 8 + length
+
+
+def read_bank_metadata(path: Path) -> dict[str, Any]:
+    """The bank's ``pagctl_bank`` metadata, checked against the tensors' shapes.
+
+    Raises ``CheckpointError`` for a missing, foreign or inconsistent file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such bank file; write one with 'pagctl bank'")
+    header, _ = _read_header(path)
+    raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    try:
+        meta = json.loads(raw) if isinstance(raw, str) else None
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != BANK_FORMAT:
+        raise CheckpointError(f"{path}: not a pagctl target-gradient bank (format "
+                              f"{BANK_FORMAT}); write one with 'pagctl bank'")
+    targets, labels = header.get("targets"), header.get("labels")
+    n, k = int(meta["num_images"]), int(meta["num_classes"])
+    shape = [n, k, *map(int, meta["input_shape"])]
+    dtype = str(meta["dtype"])
+    ok = (isinstance(targets, dict) and isinstance(labels, dict) and dtype in _ST_DTYPE
+          and targets.get("shape") == shape and targets.get("dtype") == _ST_DTYPE[dtype]
+          and labels.get("shape") == [n] and labels.get("dtype") == "I64")
+    if not ok:
+        raise CheckpointError(f"{path}: the bank's tensors do not match its metadata; the "
+                              "file is damaged: write it again")
+    return meta
+
+
+def bank_info(path: Path | str) -> BankInfo:
+    """Describe a bank from its header alone. Raises ``CheckpointError`` for a file that is
+    missing or not a bank."""
+    path = Path(path)
+    meta = read_bank_metadata(path)
+    return BankInfo(
+        path=path, num_images=int(meta["num_images"]), num_classes=int(meta["num_classes"]),
+        input_shape=tuple(int(v) for v in meta["input_shape"]),  # type: ignore[arg-type]
+        dtype=str(meta["dtype"]), data_fingerprint=str(meta["data_fingerprint"]),
+        source=str(meta.get("source", "")), params=dict(meta.get("params") or {}),
+        created_by=str(meta.get("created_by", "")), nbytes=path.stat().st_size)
+
 
 _COPY_BLOCK = 16 * 2**20  # bytes per read while streaming a chunk into the bank
 
@@ -99,34 +194,30 @@ def _valid_chunk(path: Path, rows: int, row_shape: list[int], dtype: str) -> boo
     return path.stat().st_size == start + end
 
 
-def _compute_chunk(source: Any, dataset: Dataset[Any], lo: int, hi: int, *, num_classes: int,
-                   batch_size: int, dtype: torch.dtype, device: torch.device,
-                   on_batch: Callable[[int], None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets for training images [lo, hi) and every class. Shape: -> (hi − lo, num_classes,
-    C, H, W) in ``dtype`` on the CPU, labels (hi − lo,) int64."""
+def _compute_chunk(source: Any, who: str, dataset: Dataset[Any], lo: int, hi: int, *,
+                   num_classes: int, batch_size: int, dtype: torch.dtype,
+                   device: torch.device, on_batch: Callable[[int], None]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets for training images [lo, hi) and every class, each call checked against the
+    source contract (``who`` names the source). Shape: -> (hi − lo, num_classes, C, H, W)
+    in ``dtype`` on the CPU, labels (hi − lo,) int64."""
     import torch
 
     from pagctl.data import iter_batches
+    from pagctl.protocols import check_source_output
 
     parts, labels = [], []
     order = torch.arange(lo, hi, dtype=torch.int64)
     for idx, x, y in iter_batches(dataset, order, batch_size):
         classes = torch.arange(num_classes, dtype=torch.int64).expand(len(idx), -1)
+        x, classes = x.to(device), classes.to(device).contiguous()
         with torch.no_grad():
-            out = source(x.to(device), y.to(device), classes.to(device).contiguous(),
-                         index=idx.to(device))
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(idx), num_classes,
-                                                                     *x.shape[1:]):
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise SpecError(f"bank: the source returned {got} for {len(idx)} images, "
-                            f"expected ({len(idx)}, {num_classes}, "
-                            f"{', '.join(map(str, x.shape[1:]))})")
+            out = source(x, y.to(device), classes, index=idx.to(device))
+        check_source_output(who, x, classes, out)
         stored = out.detach().to("cpu", dtype)
         if not bool(torch.isfinite(stored).all()):
-            hint = ("; the values exceed float16's range (65,504): use dtype float32"
-                    if bool(torch.isfinite(out).all()) else "")
-            raise SpecError(f"bank: non-finite targets for images {int(idx[0])}.."
-                            f"{int(idx[-1])}{hint}")
+            raise SpecError(f"bank: targets for images {int(idx[0])}..{int(idx[-1])} exceed "
+                            "float16's range (65,504): use dtype float32")
         parts.append(stored)
         labels.append(y.to("cpu", torch.int64))
         on_batch(len(idx))
@@ -169,10 +260,10 @@ def _assemble(path: Path, chunks: list[Path], meta: dict[str, Any], n: int, num_
     import torch
     from safetensors.torch import load_file
 
-    from pagctl.checkpoint import _atomic_path
+    from pagctl.checkpoint import atomic_path
 
     labels = torch.cat([load_file(str(c))["labels"] for c in chunks])
-    with _atomic_path(path) as tmp, open(tmp, "wb") as out:
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
         out.write(_bank_header(meta, n, num_classes, row_shape, dtype))
         out.write(labels.contiguous().numpy().tobytes())
         for chunk in chunks:
@@ -273,14 +364,18 @@ def write_bank(
     files = [_chunk_file(parts, i) for i in range(len(bounds))]
     done = [_valid_chunk(f, hi - lo, row_shape, dtype) for f, (lo, hi) in
             zip(files, bounds, strict=True)]
-    with _BankProgress(n, enabled=progress) as bar:
-        bar.advance(sum(hi - lo for (lo, hi), ok in zip(bounds, done, strict=True) if ok))
+    from pagctl.progress import ProgressBar
+
+    with ProgressBar("bank", n, enabled=progress) as bar:
+        bar.update(advance=sum(hi - lo for (lo, hi), ok in zip(bounds, done, strict=True) if ok))
         for i, ((lo, hi), file) in enumerate(zip(bounds, files, strict=True)):
             if done[i]:
                 continue
             targets, labels = _compute_chunk(
-                source, dataset, lo, hi, num_classes=num_classes, batch_size=batch_size,
-                dtype=torch_dtype, device=dev, on_batch=bar.advance)
+                source, f"target-gradient source '{source_name}'", dataset, lo, hi,
+                num_classes=num_classes, batch_size=batch_size,
+                dtype=torch_dtype, device=dev,
+                on_batch=lambda images: bar.update(advance=images))
             atomic_save_tensors({"targets": targets, "labels": labels}, file)
             done[i] = True
             if on_chunk is not None:
@@ -288,35 +383,3 @@ def write_bank(
     _assemble(path, files, meta, n, num_classes, row_shape[1:], dtype)
     shutil.rmtree(parts, ignore_errors=True)
     return bank_info(path)
-
-
-class _BankProgress:
-    """One bar over the training images, with ETA, on stderr."""
-
-    def __init__(self, total: int, *, enabled: bool) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        from pagctl.progress import stderr_console
-
-        self._progress = Progress(
-            TextColumn("[bold]bank"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("eta"), TimeRemainingColumn(), console=stderr_console,
-            disable=not enabled, transient=False)
-        self._task = self._progress.add_task("bank", total=total)
-
-    def __enter__(self) -> _BankProgress:
-        self._progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.__exit__(None, None, None)
-
-    def advance(self, images: int) -> None:
-        self._progress.update(self._task, advance=images)

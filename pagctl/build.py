@@ -43,7 +43,9 @@ class Setup:
 
 
 def build_context(bundle: DataBundle, device: torch.device, seed: int,
-               cache_dir: Path | None) -> BuildContext:
+                  cache_dir: Path | None) -> BuildContext:
+    """The context plugins are built with: the data's classes, shape, training set and
+    fingerprint, the device, a seed and a cache folder."""
     from pagctl.protocols import BuildContext
 
     return BuildContext(num_classes=bundle.num_classes, input_shape=bundle.input_shape,
@@ -66,6 +68,7 @@ def setup(spec: RunSpec, device: torch.device, *, build_plugins: bool = True,
     from pagctl import registry
     from pagctl.data import load_data
     from pagctl.models import build_model, timm_config
+    from pagctl.protocols import disables_pag
 
     bundle = load_data(spec.data)
     k = spec.train.classes_per_image
@@ -94,6 +97,6 @@ def setup(spec: RunSpec, device: torch.device, *, build_plugins: bool = True,
         ctx = build_context(bundle, device, spec.train.seed, cache_dir or default_cache_dir())
         source = registry.target_gradients.build(spec.target_gradients, ctx,
                                                  "target_gradients")
-    pag_active = spec.train.pag_weight > 0 and not getattr(source, "disables_pag", False) \
+    pag_active = spec.train.pag_weight > 0 and not disables_pag(source) \
         and spec.target_gradients.name != "none"
     return Setup(spec, device, bundle, model, config, source, pag_active)

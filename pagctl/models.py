@@ -16,7 +16,8 @@ num_classes=cfg["num_classes"], **cfg["model_args"])``; or, with both files in o
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,7 @@ __all__ = [
     "NormalizedModel",
     "SmallCNN",
     "build_model",
+    "eval_mode",
     "rebuild_from_config",
     "timm_config",
     "pagctl_small_cnn",
@@ -202,3 +204,16 @@ def rebuild_from_config(cfg: Mapping[str, Any], state_dict: Mapping[str, Tensor]
         raise CheckpointError(f"config.json: cannot rebuild {arch} from its weights: {first}") \
             from exc
     return model.eval()
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module in eval mode; restore each module's own flag afterwards (attacks,
+    alignment scores and probes evaluate a model without changing how the caller left it)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, was_training in modes:
+            module.training = was_training

@@ -1,7 +1,15 @@
-"""Rich progress on stderr, so stdout stays clean for results."""
+"""What a long loop shows and how it is stopped: one progress bar on stderr (so stdout stays
+clean for results) and the Ctrl-C flag of resumable runs.
+
+Training, score training, banks and attacks all use `ProgressBar`; training and score
+training use `StopFlag`, whose first Ctrl-C asks the loop to stop after the current step
+(the loop then saves its state), and whose second aborts at once.
+"""
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Any
 
 from rich.console import Console
@@ -14,73 +22,64 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+__all__ = ["ProgressBar", "StopFlag", "stderr_console"]
+
 stderr_console = Console(stderr=True)
 
 
-class TrainProgress:
-    """One bar over all training steps, with ETA and the running loss terms."""
+class ProgressBar:
+    """One bar: description, bar, done/total, elapsed, ETA and an info text (running loss,
+    robust count, ...). A context manager; disabled, it prints nothing."""
 
-    def __init__(self, epochs: int, steps_per_epoch: int, *, enabled: bool = True) -> None:
-        self.epochs, self.steps = epochs, steps_per_epoch
+    def __init__(self, description: str, total: int, *, enabled: bool = True) -> None:
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"), console=stderr_console, disable=not enabled,
-            transient=False,
-        )
-        self._task = self._progress.add_task("train", total=epochs * steps_per_epoch, info="")
+            transient=False)
+        self._task = self._progress.add_task(description, total=total, info="")
 
-    def __enter__(self) -> TrainProgress:
+    def __enter__(self) -> ProgressBar:
         self._progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._progress.__exit__(None, None, None)
 
-    def advance_to(self, epoch: int, step: int) -> None:
-        self._progress.update(self._task, completed=epoch * self.steps + step,
-                              description=f"epoch {epoch + 1}/{self.epochs}")
+    def update(self, *, completed: int | None = None, advance: int | None = None,
+               description: str | None = None, info: str | None = None) -> None:
+        """Set the count (``completed``) or add to it (``advance``), and the texts given."""
+        kw: dict[str, Any] = {}
+        if completed is not None:
+            kw["completed"] = completed
+        if advance is not None:
+            kw["advance"] = advance
+        if description is not None:
+            kw["description"] = description
+        if info is not None:
+            kw["info"] = info
+        self._progress.update(self._task, **kw)
 
-    def step(self, epoch: int, sums: dict[str, float]) -> None:
-        seen = max(1.0, sums["seen"])
-        info = f"loss {sums['loss'] / seen:.3f} ce {sums['ce'] / seen:.3f}"
-        if sums["pag"]:
-            info += f" pag {sums['pag'] / seen:.3f}"
-        self._progress.update(self._task, advance=1, info=info,
-                              description=f"epoch {epoch + 1}/{self.epochs}")
 
-    def epoch_done(self, record: dict[str, Any]) -> None:
-        self._progress.refresh()
+class StopFlag:
+    """First Ctrl-C asks the loop to stop after the current step (``requested``); a second
+    one raises KeyboardInterrupt. Installed only in the main thread; the previous handler
+    is restored on exit."""
 
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
 
-class AttackProgress:
-    """One bar over every (stage, batch) of an attack, with ETA and the robust count."""
-
-    def __init__(self, stages: list[str], batches: int, n: int, *, enabled: bool = True) -> None:
-        self.stages, self.batches, self.n = stages, max(batches, 1), n
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"), console=stderr_console, disable=not enabled,
-            transient=False,
-        )
-        self._task = self._progress.add_task(
-            stages[0] if stages else "attack", total=len(stages) * self.batches, info="")
-
-    def __enter__(self) -> AttackProgress:
-        self._progress.__enter__()
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
     def __exit__(self, *exc: object) -> None:
-        self._progress.__exit__(None, None, None)
-
-    def _update(self, stage: int, robust: int, **kw: Any) -> None:
-        name = self.stages[min(stage, len(self.stages) - 1)] if self.stages else "attack"
-        self._progress.update(self._task, description=name,
-                              info=f"robust {robust}/{self.n}", **kw)
-
-    def advance_to(self, stage: int, batch: int, robust: int) -> None:
-        self._update(stage, robust, completed=stage * self.batches + batch)
-
-    def step(self, stage: int, robust: int) -> None:
-        self._update(stage, robust, advance=1)
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)

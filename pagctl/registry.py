@@ -22,11 +22,17 @@ from pydantic import BaseModel, ValidationError
 from pagctl.errors import (
     PagctlError,
     PluginConflictError,
-    PluginContractError,
     PluginLoadError,
     PluginRuntimeError,
     SpecError,
     UnknownPluginError,
+)
+from pagctl.protocols import (
+    check_source_output,
+    disables_pag,
+    first_line,
+    raised,
+    requires_index,
 )
 
 if TYPE_CHECKING:
@@ -243,7 +249,7 @@ class Registry:
         except Exception as exc:
             raise PluginRuntimeError(
                 f"{self.short_group} plugin '{name}' ({self.origin(name)}) failed to build: "
-                f"{type(exc).__name__}: {_first_line(exc)}") from exc
+                f"{type(exc).__name__}: {first_line(exc)}") from exc
         if self.group == "pagctl.target_gradients":
             return GuardedSource(built, name, self.origin(name))
         return built
@@ -267,47 +273,26 @@ class Registry:
         return rows + list(self._bad_names)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "(no message)"
-
-
 class GuardedSource:
-    """A target-gradient source whose every call is checked: an exception, a result of the
-    wrong type, shape or device, or non-finite values becomes one error naming the plugin
-    and its distribution. Other attributes pass through to the wrapped source."""
+    """A target-gradient source whose every call is checked against the contract
+    (`pagctl.protocols.check_source_output`): an exception or a broken rule becomes one
+    error naming the plugin and its distribution. ``requires_index`` and ``disables_pag``
+    are the wrapped source's (`pagctl.protocols`)."""
 
     def __init__(self, inner: Any, name: str, origin: str) -> None:
         self._inner = inner
-        self._name = name
-        self._origin = origin
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self._inner, attr)
+        self._who = f"target-gradient source '{name}' ({origin})"
+        self.requires_index = requires_index(inner)
+        self.disables_pag = disables_pag(inner)
 
     def __call__(self, inputs: Any, labels: Any, classes: Any, *, index: Any = None) -> Any:
-        import torch
-
-        who = f"target-gradient source '{self._name}' ({self._origin})"
         try:
             out = self._inner(inputs, labels, classes, index=index)
         except PagctlError:
             raise
         except Exception as exc:
-            raise PluginRuntimeError(f"{who} raised {type(exc).__name__}: {_first_line(exc)}"
-                                     ) from exc
-        expected = (inputs.shape[0], classes.shape[1], *inputs.shape[1:])
-        if not isinstance(out, torch.Tensor):
-            raise PluginContractError(f"{who} broke the contract: returned "
-                                      f"{type(out).__name__}, expected a tensor")
-        if tuple(out.shape) != expected or out.device != inputs.device:
-            raise PluginContractError(
-                f"{who} broke the contract: returned {tuple(out.shape)} on {out.device}, "
-                f"expected {expected} (N, K, C, H, W) on {inputs.device}")
-        if not bool(torch.isfinite(out).all()):
-            bad = int((~torch.isfinite(out)).sum())
-            raise PluginContractError(f"{who} broke the contract: {bad} NaN or infinite "
-                                      "values in its target gradients")
+            raise raised(self._who, exc) from exc
+        check_source_output(self._who, inputs, classes, out)
         return out
 
 

@@ -1,7 +1,8 @@
 """The run spec: one validated, frozen description of a training run.
 
 A spec comes from a YAML/JSON file or a built-in name, plus ``--set a.b=c`` overrides (values
-parsed as YAML). It is validated once, here; plugin parameters are validated right after
+parsed as YAML) and typed values set by options (``--out``, ``--data-dir``: applied as they
+are, never parsed). It is validated once, here; plugin parameters are validated right after
 against the plugin's own ``Params``. Errors carry full dotted paths.
 """
 
@@ -18,8 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pagctl.errors import SpecError
 
 _NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
-DATASETS = ("digits", "toy", "cifar10", "cifar100", "stl10", "svhn", "mnist", "fashion_mnist",
-            "imagefolder")
 
 
 class _Frozen(BaseModel):
@@ -201,6 +200,12 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    set_value(data, key, value)
+
+
+def set_value(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted ``key`` of a spec mapping to ``value`` in place, as it is (a typed
+    value, e.g. the Path of ``--out``), creating missing sections."""
     node: Any = data
     parts = key.split(".")
     for depth, part in enumerate(parts[:-1]):
@@ -231,20 +236,21 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     return "\n".join(lines)
 
 
-def load_spec(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
-    """Read a spec file (or built-in name), apply overrides, validate once."""
+def load_spec(source: str | Path, overrides: list[str] | tuple[str, ...] = (),
+              values: dict[str, Any] | None = None) -> RunSpec:
+    """Read a spec file (or built-in name), apply ``a.b=c`` overrides (values parsed as
+    YAML), then the typed ``values`` (dotted key: value, set as they are), validate once."""
     data, _ = _read_mapping(str(source))
     for item in overrides:
         apply_override(data, item)
+    for key, value in (values or {}).items():
+        set_value(data, key, value)
     return validate_spec(data)
 
 
 def validate_spec(data: dict[str, Any]) -> RunSpec:
+    """A mapping as a RunSpec; SpecError with one ``dotted.path: message`` line per problem."""
     try:
         return RunSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(format_validation_error(exc)) from None
-
-
-def spec_to_json(spec: RunSpec) -> str:
-    return spec.model_dump_json(indent=2)

@@ -21,19 +21,32 @@ the model's train/eval flags and BatchNorm buffers are unchanged; the global RNG
 when present, CUDA) is unchanged; two builds with the same seed give the same output.
 Attacks must also stay in [0, 1] and inside their budget (``eps`` in ``norm``, from the
 params or the attack object).
+
+The rules on outputs, inputs and the model are `pagctl.protocols`' checks, the very ones
+``pagctl attack`` and training apply to every call at run time; here they raise
+``AssertionError``. The global RNG, ``.grad`` on inputs and determinism are checked here
+only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ValidationError
 from torch import Tensor, nn
 
-from pagctl.protocols import BuildContext
-
-BUDGET_TOLERANCE = 1e-6
+from pagctl.errors import PluginContractError
+from pagctl.protocols import (
+    BuildContext,
+    ModelSnapshot,
+    check_attack_output,
+    check_inputs_untouched,
+    check_source_output,
+    declared_budget,
+)
 
 __all__ = ["check_attack", "check_target_gradient_source", "small_model", "small_data",
            "small_context"]
@@ -115,34 +128,34 @@ def _build(factory: Any, params: BaseModel, ctx: BuildContext) -> Any:
                              f"{type(exc).__name__}: {exc}") from exc
 
 
-class _Guard:
-    """Snapshots what a plugin call must leave alone, and checks it afterwards."""
+@contextmanager
+def _as_assertion() -> Iterator[None]:
+    """The contract's checks (`pagctl.protocols`) raise PluginContractError; tests want
+    AssertionError with the same message."""
+    try:
+        yield
+    except PluginContractError as exc:
+        raise AssertionError(str(exc)) from None
+
+
+class _Untouched:
+    """Snapshots what a plugin call must leave alone (its input tensors, the model, the
+    global RNG), and checks it afterwards."""
 
     def __init__(self, name: str, model: nn.Module | None, *tensors: Tensor) -> None:
         self.name = name
-        self.model = model
         self.tensors = [(t, t.clone()) for t in tensors]
-        self.modes = [m.training for m in model.modules()] if model is not None else []
-        self.state = ({k: v.clone() for k, v in model.state_dict().items()}
-                      if model is not None else {})
+        self.model = ModelSnapshot(model) if model is not None else None
         self.rng = torch.get_rng_state()
         self.cuda_rng = (torch.cuda.get_rng_state_all()
                          if torch.cuda.is_initialized() else None)  # type: ignore[no-untyped-call]
 
     def check(self) -> None:
         name = self.name
-        for i, (t, before) in enumerate(self.tensors):
-            assert torch.equal(t, before), f"{name}: modified its input tensor #{i} in place"
-            assert t.grad is None, f"{name}: left a .grad on its input tensor #{i}"
-        if self.model is not None:
-            assert [m.training for m in self.model.modules()] == self.modes, (
-                f"{name}: changed the model's train/eval mode (restore each module's flag)")
-            for key, value in self.model.state_dict().items():
-                assert torch.equal(value, self.state[key]), (
-                    f"{name}: changed the model's parameter or buffer '{key}' (BatchNorm "
-                    "statistics update in train mode)")
-            for pname, p in self.model.named_parameters():
-                assert p.grad is None, f"{name}: left a .grad on the model parameter '{pname}'"
+        with _as_assertion():
+            check_inputs_untouched(name, self.tensors)
+            if self.model is not None:
+                self.model.check(name)
         assert torch.equal(torch.get_rng_state(), self.rng), (
             f"{name}: used the global RNG; draw from a torch.Generator seeded from the "
             "params or BuildContext.seed")
@@ -150,14 +163,6 @@ class _Guard:
             assert all(torch.equal(a, b) for a, b in
                        zip(torch.cuda.get_rng_state_all(), self.cuda_rng, strict=True)), (
                 f"{name}: used the global CUDA RNG")
-
-
-def _budget(attack: Any, params: BaseModel) -> tuple[str | None, float | None]:
-    eps = getattr(params, "eps", None)
-    if eps is None:
-        eps = getattr(attack, "eps", None)
-    norm = getattr(params, "norm", None) or getattr(attack, "norm", None)
-    return (str(norm) if norm is not None else None, float(eps) if eps is not None else None)
 
 
 def check_attack(
@@ -187,26 +192,12 @@ def check_attack(
             labels = model(inputs).argmax(dim=1)
     attack = _build(factory, validated, ctx)
     assert callable(attack), f"{name}: the built object is not callable"
-    guard = _Guard(name, model, inputs, labels)
-    out = attack(model, inputs, labels)
-    guard.check()
-    assert isinstance(out, Tensor), f"{name}: returned {type(out).__name__}, expected a Tensor"
-    assert out.shape == inputs.shape, (
-        f"{name}: returned shape {tuple(out.shape)}, expected {tuple(inputs.shape)}")
-    assert out.dtype == inputs.dtype, f"{name}: returned {out.dtype}, expected {inputs.dtype}"
-    assert out.device == inputs.device, (
-        f"{name}: returned a tensor on {out.device}, expected {inputs.device}")
-    assert bool(torch.isfinite(out).all()), f"{name}: returned NaN or infinite values"
-    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0, (
-        f"{name}: returned values outside [0, 1] (min {float(out.min()):.4g}, max "
-        f"{float(out.max()):.4g}); clamp to the image box")
-    norm, eps = _budget(attack, validated)
-    if eps is not None and norm in ("l2", "linf", "l1"):
-        delta = (out - inputs).flatten(1)
-        p = {"l2": 2.0, "linf": float("inf"), "l1": 1.0}[norm]
-        worst = float(torch.linalg.vector_norm(delta, ord=p, dim=1).max())
-        assert worst <= eps * (1 + BUDGET_TOLERANCE) + 1e-7, (
-            f"{name}: perturbation {norm} norm {worst:.6g} exceeds eps {eps:.6g}")
+    untouched = _Untouched(name, model, inputs, labels)
+    out: Tensor = attack(model, inputs, labels)
+    untouched.check()
+    norm, eps = declared_budget(attack, validated)
+    with _as_assertion():
+        check_attack_output(name, inputs, out, norm, eps)
     again = _build(factory, validated, ctx)(model, inputs, labels)
     assert torch.equal(again, out), (
         f"{name}: two builds with the same seed gave different outputs; seed every random "
@@ -254,23 +245,12 @@ def check_target_gradient_source(
     calls = [index] if index is not None and index_only else (
         [index, None] if index is not None else [None])
     for idx in calls:
-        guard = _Guard(name, None, inputs, labels, classes)
-        out = source(inputs, labels, classes, index=idx)
-        guard.check()
+        untouched = _Untouched(name, None, inputs, labels, classes)
+        out: Tensor = source(inputs, labels, classes, index=idx)
+        untouched.check()
         where = "with index" if idx is not None else "with index=None"
-        assert isinstance(out, Tensor), (
-            f"{name}: returned {type(out).__name__} ({where}), expected a Tensor")
-        expected = (n, k, *inputs.shape[1:])
-        assert tuple(out.shape) == expected, (
-            f"{name}: returned shape {tuple(out.shape)} ({where}), expected {expected} "
-            "(N, K, C, H, W)")
-        assert out.is_floating_point(), f"{name}: returned {out.dtype}, expected a float dtype"
-        assert out.device == inputs.device, (
-            f"{name}: returned a tensor on {out.device}, expected {inputs.device}")
-        assert bool(torch.isfinite(out).all()), (
-            f"{name}: returned NaN or infinite values ({where})")
-        assert not out.requires_grad, (
-            f"{name}: returned a tensor that requires grad; return a detached target")
+        with _as_assertion():
+            check_source_output(f"{name} ({where})", inputs, classes, out)
         outputs.append(out)
     again = _build(factory, validated, ctx)(inputs, labels, classes, index=index)
     assert torch.equal(again, outputs[0]), (

@@ -1,4 +1,4 @@
-"""Training with the PAG objective, in one readable loop.
+"""Training with the PAG objective, in one readable loop (``pagctl train``).
 
     loss = CE(f(x), y) + lambda * mean_{i, k} (1 - cos(grad_x log p(t_ik | x_i), g(x_i, t_ik)))
 
@@ -10,22 +10,27 @@ One forward pass per step serves both terms: the logits give the cross-entropy a
 log-softmax is differentiated (with ``create_graph``) for the K input gradients. Augmentation
 (random crop / flip) is applied inside the model call and differentiated through, so gradients
 are taken with respect to the un-augmented image and compared to targets computed on it.
+
+After every ``eval.every`` epochs (and the last) the per-epoch monitor (`monitor`) measures
+the first ``eval.limit`` test points: clean accuracy, robust accuracy under ``eval.attack``
+and the mean alignment with ``eval.align_source``. Each epoch appends one
+`pagctl.records.TrainEpochRecord` to metrics.jsonl. The run folder's life (refuse or resume,
+create, save state) is `pagctl.checkpoint.RunFolder`, shared with score training.
 """
 
 from __future__ import annotations
 
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pagctl import checkpoint
-from pagctl.build import build_context, default_cache_dir, resolve_device, setup
+from pagctl.build import Setup, build_context, default_cache_dir, resolve_device, setup
+from pagctl.checkpoint import RunFolder, SavedState, append_record, save_model
 from pagctl.errors import SpecError
+from pagctl.records import TrainEpochRecord
 
 if TYPE_CHECKING:
     import torch
@@ -72,48 +77,6 @@ def pag_weight_at(t: TrainSpec, epoch: int) -> float:
 # the loop
 
 
-class _StopFlag:
-    """First Ctrl-C asks the loop to stop after the current step; a second one aborts."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-def _rng_state(gen: torch.Generator) -> dict[str, Tensor]:
-    import torch
-
-    state = {"train": gen.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, st in enumerate(torch.cuda.get_rng_state_all()):
-            state[f"cuda{i}"] = st
-    return state
-
-
-def _restore_rng(gen: torch.Generator, tensors: dict[str, Tensor]) -> None:
-    import torch
-
-    gen.set_state(tensors["rng.train"])
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-
-
 def train(
     spec: RunSpec,
     *,
@@ -132,43 +95,25 @@ def train(
     import torch
     import torch.nn.functional as F
 
-    from pagctl import registry
-    from pagctl.augment import Augmented, draw_augmentation
     from pagctl.data import iter_batches
-    from pagctl.evaluate import evaluate
+    from pagctl.data.augment import Augmented, draw_augmentation
     from pagctl.gradients import logits_and_input_gradients
     from pagctl.losses import pag_loss, sample_target_classes
-    from pagctl.progress import TrainProgress
+    from pagctl.progress import ProgressBar, StopFlag
 
-    run_dir = spec.run_dir
-    checkpoint.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    if resume:
-        saved = checkpoint.read_spec(run_dir)
-        # out_dir may differ (a folder resumed by path, or moved); the folder is what counts
-        no_dir = {"out_dir": None}
-        if saved.model_copy(update=no_dir) != spec.model_copy(update=no_dir):
-            raise SpecError(f"--resume: the spec differs from {run_dir}/spec.json; resume "
-                            f"with 'pagctl train {run_dir} --resume' or use --overwrite")
+    # ---- the run folder: refuse or check before building anything
+    folder = RunFolder(spec, command="train", resume=resume, overwrite=overwrite)
+    run_dir = folder.path
+
+    # ---- data, model, target-gradient source, alignment monitor, optimiser
     dev = resolve_device(device)
     s = setup(spec, dev, cache_dir=cache_dir)
     t = spec.train
     model = s.model.to(dev)
-    if t.channels_last and dev.type == "cuda":
+    channels_last = t.channels_last and dev.type == "cuda"
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    align_source = s.source if s.pag_active else None
-    if spec.eval.align_source is not None:
-        if spec.eval.align_source == spec.target_gradients and s.source is not None:
-            align_source = s.source
-        else:
-            ctx = build_context(s.bundle, dev, t.seed, cache_dir or default_cache_dir())
-            align_source = registry.target_gradients.build(spec.eval.align_source, ctx,
-                                                           "eval.align_source")
-            if getattr(align_source, "requires_index", False):
-                raise SpecError(f"eval.align_source: '{spec.eval.align_source.name}' serves "
-                                "training images only and cannot score test images; choose "
-                                "another source (e.g. nearest_neighbor) or null")
-    if getattr(align_source, "requires_index", False):
-        align_source = None  # a bank has no targets for test images: no alignment monitor
+    align_source = _alignment_source(s, cache_dir)
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
                           weight_decay=t.weight_decay, nesterov=t.nesterov)
     gen = torch.Generator().manual_seed(t.seed)
@@ -178,33 +123,29 @@ def train(
     if steps == 0:
         raise SpecError(f"data.batch_size: {b} exceeds the {n_train} training images with "
                         "train.drop_last; lower it")
+
+    # ---- start fresh, or restore the saved state
+    sums = _zero_sums()
     start_epoch, start_step = 0, 0
-    sums = {"loss": 0.0, "ce": 0.0, "pag": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0}
-    if resume:
-        tensors, meta = checkpoint.load_state(run_dir)
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        checkpoint.optimizer_from_flat(opt, {k: v.to(dev) for k, v in tensors.items()},
-                                       meta["optimizer"])
-        _restore_rng(gen, tensors)
-        start_epoch, start_step, sums = meta["epoch"], meta["step"], meta["sums"]
-        checkpoint.truncate_metrics(run_dir, keep=start_epoch)
-    else:
-        checkpoint.create_run_dir(run_dir, overwrite=overwrite)
-        checkpoint.write_spec(run_dir, spec)
+    saved = folder.start()
+    if saved is not None:
+        start_epoch, start_step, sums = _restore(saved, model, opt, gen, dev)
+        folder.trim_metrics(lambda r: r.get("kind") != "train_epoch" or (
+            isinstance(r.get("epoch"), int) and r["epoch"] <= start_epoch))
     emit = log or (lambda msg: None)
     emit(f"{spec.name}: {n_train} training images, {steps} steps/epoch, device {dev}, "
          f"PAG {'on' if s.pag_active else 'off'} (source {spec.target_gradients.name})")
 
     def save_state(epoch: int, step: int) -> None:
-        checkpoint.save_state(run_dir, model, opt, _rng_state(gen),
-                              {"epoch": epoch, "step": step, "sums": sums,
-                               "spec_hash": checkpoint.spec_hash(spec)})
+        folder.save_state({"model": model}, opt, _rng_state(gen),
+                          {"epoch": epoch, "step": step, "sums": sums})
 
+    # ---- the loop: epochs of steps, then the monitor, the record and the saves
     amp = t.amp and dev.type == "cuda"
     last: dict[str, Any] = {}
-    epoch = start_epoch
-    with _StopFlag() as stop, TrainProgress(t.epochs, steps, enabled=progress) as bar:
-        bar.advance_to(start_epoch, start_step)
+    with StopFlag() as stop, ProgressBar("train", t.epochs * steps, enabled=progress) as bar:
+        bar.update(completed=start_epoch * steps + start_step,
+                   description=f"epoch {start_epoch + 1}/{t.epochs}")
         for epoch in range(start_epoch, t.epochs):
             perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(
                 t.seed * 1_000_003 + epoch))
@@ -212,13 +153,14 @@ def train(
             model.train()
             first = start_step if epoch == start_epoch else 0
             if first == 0:
-                sums = dict.fromkeys(sums, 0.0)
+                sums = _zero_sums()
             batches = iter_batches(s.bundle.train, perm[first * b: steps * b], b,
                                    workers=spec.data.workers)
             tick = time.perf_counter()
             for step, (idx, x, y) in enumerate(batches, start=first):
+                # -- one step: augmentation draw, targets, CE (+ λ·PAG), SGD
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                if t.channels_last and dev.type == "cuda":
+                if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(t, epoch, step, steps)
@@ -248,6 +190,8 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
+
+                # -- running sums, progress, Ctrl-C
                 sums["loss"] += float(loss.detach()) * len(idx)
                 sums["ce"] += float(ce.detach()) * len(idx)
                 sums["pag"] += float(pag.detach()) * len(idx)
@@ -255,33 +199,151 @@ def train(
                 sums["seen"] += len(idx)
                 sums["seconds"] += time.perf_counter() - tick
                 tick = time.perf_counter()
-                bar.step(epoch, sums)
+                bar.update(advance=1, description=f"epoch {epoch + 1}/{t.epochs}",
+                           info=_running(sums))
                 if on_step is not None:
                     on_step(epoch, step)
                 if stop.requested and step + 1 < steps:
                     save_state(epoch, step + 1)
                     return TrainResult(run_dir, epoch, True, last)
-            seen = max(1.0, sums["seen"])
-            record: dict[str, Any] = {
-                "kind": "train_epoch", "epoch": epoch + 1, "epochs": t.epochs,
-                "lr": lr_at(t, epoch, steps - 1, steps), "pag_weight": weight if s.pag_active
-                else 0.0, "loss": sums["loss"] / seen, "ce": sums["ce"] / seen,
-                "pag": sums["pag"] / seen if s.pag_active else None,
-                "train_accuracy": sums["correct"] / seen, "train_seconds": sums["seconds"]}
+
+            # -- end of epoch: monitor, record, weights, state
+            evaluated: dict[str, Any] = {}
             if (epoch + 1) % spec.eval.every == 0 or epoch + 1 == t.epochs:
                 tick = time.perf_counter()
-                record.update(evaluate(s, epoch, align_source))
-                record["eval_seconds"] = time.perf_counter() - tick
-            checkpoint.append_metrics(run_dir, record)
-            checkpoint.save_model(run_dir, model, s.config, spec)
-            sums = dict.fromkeys(sums, 0.0)
+                evaluated = monitor(s, epoch, align_source)
+                evaluated["eval_seconds"] = time.perf_counter() - tick
+            record = _epoch_record(s, epoch, steps, weight, sums, evaluated)
+            append_record(run_dir, record)
+            save_model(run_dir, model, s.config, spec)
+            sums = _zero_sums()
             save_state(epoch + 1, 0)
-            bar.epoch_done(record)
-            emit(_epoch_line(record))
-            last = record
+            last = record.to_json()
+            emit(_epoch_line(last))
             if stop.requested:
                 return TrainResult(run_dir, epoch + 1, epoch + 1 < t.epochs, last)
     return TrainResult(run_dir, t.epochs, False, last)
+
+
+# ---------------------------------------------------------------------------------------
+# the loop's helpers
+
+
+def _zero_sums() -> dict[str, float]:
+    return {"loss": 0.0, "ce": 0.0, "pag": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0}
+
+
+def _running(sums: dict[str, float]) -> str:
+    """The progress bar's text: the epoch's running loss terms."""
+    seen = max(1.0, sums["seen"])
+    info = f"loss {sums['loss'] / seen:.3f} ce {sums['ce'] / seen:.3f}"
+    if sums["pag"]:
+        info += f" pag {sums['pag'] / seen:.3f}"
+    return info
+
+
+def _alignment_source(s: Setup, cache_dir: Path | None) -> Any:
+    """The source the monitor scores alignment against: ``eval.align_source``, else the
+    training source when PAG is on; None when there is none or when the training source
+    cannot score test images (a bank, `pagctl.protocols.requires_index`). A separate
+    ``eval.align_source`` that cannot is a SpecError."""
+    from pagctl import registry
+    from pagctl.protocols import requires_index
+
+    spec = s.spec
+    ref = spec.eval.align_source
+    if ref is None or (ref == spec.target_gradients and s.source is not None):
+        source = s.source if ref is not None or s.pag_active else None
+        return None if requires_index(source) else source  # a bank: no monitor, no error
+    ctx = build_context(s.bundle, s.device, spec.train.seed, cache_dir or default_cache_dir())
+    source = registry.target_gradients.build(ref, ctx, "eval.align_source")
+    if requires_index(source):
+        raise SpecError(f"eval.align_source: '{ref.name}' serves training images only and "
+                        "cannot score test images; choose another source (e.g. "
+                        "nearest_neighbor) or null")
+    return source
+
+
+def _rng_state(gen: torch.Generator) -> dict[str, Tensor]:
+    import torch
+
+    state = {"train": gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, st in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = st
+    return state
+
+
+def _restore(saved: SavedState, model: torch.nn.Module, opt: torch.optim.Optimizer,
+             gen: torch.Generator, device: torch.device
+             ) -> tuple[int, int, dict[str, float]]:
+    """Load the saved model, optimiser and RNG states; (epoch, step, running sums)."""
+    import torch
+
+    model.load_state_dict(saved.module_state("model"))
+    saved.restore_optimizer(opt, device)
+    gen.set_state(saved.tensors["rng.train"])
+    torch.set_rng_state(saved.tensors["rng.torch"])
+    cuda = [saved.tensors[k] for k in sorted(saved.tensors) if k.startswith("rng.cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    c = saved.counters
+    return int(c["epoch"]), int(c["step"]), dict(c["sums"])
+
+
+def _epoch_record(s: Setup, epoch: int, steps: int, weight: float, sums: dict[str, float],
+                  evaluated: dict[str, Any]) -> TrainEpochRecord:
+    """The epoch's record: its training terms and, when the monitor ran, what it measured
+    (`monitor`) and how long it took."""
+    t = s.spec.train
+    seen = max(1.0, sums["seen"])
+    return TrainEpochRecord(
+        epoch=epoch + 1, epochs=t.epochs, lr=lr_at(t, epoch, steps - 1, steps),
+        pag_weight=weight if s.pag_active else 0.0, loss=sums["loss"] / seen,
+        ce=sums["ce"] / seen, pag=sums["pag"] / seen if s.pag_active else None,
+        train_accuracy=sums["correct"] / seen, train_seconds=sums["seconds"], **evaluated)
+
+
+def monitor(s: Setup, epoch: int, align_source: Any) -> dict[str, Any]:
+    """The per-epoch monitor on the first ``eval.limit`` test images after 0-based
+    ``epoch``: ``n_test``, ``clean_accuracy``, and with ``eval.attack`` ``robust_accuracy``
+    and ``monitor`` (the attack), with a source ``alignment``.
+
+    The monitoring attack and the class sampling of the alignment metric are seeded from the
+    run seed and the epoch, never from the training RNG, so evaluating does not change what
+    training does next (resume stays bit-for-bit).
+    """
+    import torch
+
+    from pagctl import registry
+    from pagctl.align import mean_alignment
+    from pagctl.robustness.engine import clean_accuracy, run_attack
+
+    spec, device = s.spec, s.device
+    n_test = len(s.bundle.test)  # type: ignore[arg-type]
+    n = min(spec.eval.limit or n_test, n_test)
+    indices = torch.arange(n)
+    seed = spec.train.seed + 1000 * (epoch + 1)
+    batch = spec.data.eval_batch_size
+    out: dict[str, Any] = {"n_test": n}
+    if spec.eval.attack is not None:
+        ref = spec.eval.attack
+        params = registry.attacks.validate_params(ref.name, ref.params, "eval.attack")
+        attack = registry.attacks.instantiate(
+            ref.name, params, build_context(s.bundle, device, seed, None), "eval.attack")
+        rep = run_attack(s.model, attack, s.bundle.test, indices, name=ref.name,
+                         params=params, batch_size=batch, device=device, seed=seed)
+        out.update(clean_accuracy=rep.clean_accuracy, robust_accuracy=rep.robust_accuracy,
+                   monitor={"attack": rep.attack, "params": rep.params})
+    else:
+        out["clean_accuracy"] = clean_accuracy(s.model, s.bundle.test, indices,
+                                               batch_size=batch, device=device)
+    if align_source is not None:
+        out["alignment"] = mean_alignment(
+            s.model, s.bundle.test, indices, align_source, num_classes=s.bundle.num_classes,
+            classes_per_image=spec.train.classes_per_image, batch_size=batch, device=device,
+            seed=seed)
+    return out
 
 
 def _epoch_line(r: dict[str, Any]) -> str:

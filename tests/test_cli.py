@@ -168,7 +168,7 @@ def _nan_pixels(env: Env) -> None:
     """A real CIFAR-10 folder whose reader hands back float pixels with one NaN."""
     import torch
 
-    from pagctl import formats
+    from pagctl.data import formats
 
     _write_cifar10(env.workdir / "cifar")
     real_read = formats.DatasetFiles.read
@@ -463,6 +463,39 @@ def test_dry_run_creates_nothing(run: RunCLI, workdir: Path) -> None:
     assert list(workdir.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["2024", "yes", "null", "no", "1e3", "~x"])
+def test_out_and_data_dir_are_paths_as_typed(run: RunCLI, workdir: Path, name: str) -> None:
+    """--out and --data-dir are paths, never YAML: "2024", "yes", "null" are folder names."""
+    code, out, err = run("train", "digits-vanilla", "--out", name, "--data-dir", name,
+                         "--dry-run", "-q", "--set", "train.epochs=1")
+    assert code == 0, err
+    assert f"│ run folder   │ {name} " in out
+    from pagctl.spec import load_spec
+
+    spec = load_spec("digits-vanilla", [], {"out_dir": Path(name), "data.root": Path(name)})
+    assert spec.run_dir == Path(name) and spec.data.root == Path(name)
+
+
+def test_out_2024_writes_2024(run: RunCLI, workdir: Path) -> None:
+    code, out, err = run("train", "digits-vanilla", "--out", "2024", "--set", "train.epochs=1",
+                         "--set", "eval.limit=20", "-q", "--format", "json")
+    assert code == 0, err
+    assert json.loads(out)["run_dir"] == "2024"
+    assert (workdir / "2024" / "model.safetensors").is_file()
+    assert json.loads((workdir / "2024" / "spec.json").read_text())["out_dir"] == "2024"
+    # the folder given back as SPEC resumes in place: its name is a path too
+    code, out, err = run("train", "2024", "--resume", "-q", "--format", "json")
+    assert code == 0, err
+    assert json.loads(out)["run_dir"] == "2024"
+
+
+def test_bank_data_dir_is_a_path_as_typed(run: RunCLI, workdir: Path) -> None:
+    code, out, err = run("bank", "class_mean", "--spec", "digits-pag-cm", "--out",
+                         "b.safetensors", "--data-dir", "no", "--format", "json", "-q")
+    assert code == 0, err
+    assert json.loads(out)["num_images"] == 1437
+
+
 # ---------------------------------------------------------------------------------------
 # a real run, attacked and compared
 
@@ -587,7 +620,7 @@ def test_attack_ctrl_c_keeps_state_and_resume_equals_an_uninterrupted_run(
     import os
     import signal
 
-    from pagctl import attack as attack_module
+    from pagctl.robustness.state import AttackState
 
     run_dir = _copy_run(trained_run, tmp_path / "run")
     argv = ["attack", run_dir, "--attack", "autoattack", "--param", "eps=0.5", "--param",
@@ -598,7 +631,7 @@ def test_attack_ctrl_c_keeps_state_and_resume_equals_an_uninterrupted_run(
     whole = json.loads(out)
 
     state = tmp_path / "aa.state"
-    original = attack_module._Progress.save
+    original = AttackState.save
     saves = {"n": 0}
 
     def save_then_ctrl_c(self: object, path: Path) -> None:
@@ -607,10 +640,10 @@ def test_attack_ctrl_c_keeps_state_and_resume_equals_an_uninterrupted_run(
         if saves["n"] == 6:  # mid-way through the second stage
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(attack_module._Progress, "save", save_then_ctrl_c)
+    monkeypatch.setattr(AttackState, "save", save_then_ctrl_c)
     code, out, err = run(*argv, "--state", state)
     assert code == 130 and "run the same command again to resume" in err and out == ""
-    monkeypatch.setattr(attack_module._Progress, "save", original)
+    monkeypatch.setattr(AttackState, "save", original)
     code, out, err = run(*argv, "--state", state)
     assert code == 0, err
     resumed = json.loads(out)

@@ -12,12 +12,14 @@ from typing import Any
 
 import pytest
 
-from pagctl import compare
-from pagctl.attack import wilson_interval
 from pagctl.checkpoint import write_spec
-from pagctl.compare import compare_runs, mcnemar_exact, render
+from pagctl.compare.build import compare_runs
+from pagctl.compare.figure import plot, scatter_columns
+from pagctl.compare.model import Comparison, Row
+from pagctl.compare.rendering import render
 from pagctl.errors import SpecError
 from pagctl.spec import load_spec
+from pagctl.stats import first_n_digest, wilson_interval
 
 EPS = 8 / 255
 
@@ -41,7 +43,7 @@ def epoch_rec(epoch: int = 1, clean: float = 0.9, n_test: int = 360,
 
 
 def bits_hex(bits: list[int]) -> str:
-    """Same layout as pagctl.attack.pack_bits (first point in the high bit)."""
+    """Same layout as pagctl.stats.pack_bits (first point in the high bit)."""
     padded = bits + [0] * (-len(bits) % 8)
     return bytes(int("".join(map(str, padded[i:i + 8])), 2)
                  for i in range(0, len(padded), 8)).hex()
@@ -75,7 +77,7 @@ def align_rec(mean: float, n: int = 360, source: str = "nearest_neighbor",
             "subset": {"count": n, "indices_sha256": sha, "first": 0, "last": n - 1}}
 
 
-def row(comparison: compare.Comparison, label: str) -> compare.Row:
+def row(comparison: Comparison, label: str) -> Row:
     return next(r for r in comparison.rows if r.label == label)
 
 
@@ -135,7 +137,7 @@ def test_narrow_table_still_shows_every_value(tmp_path: Path) -> None:
 
 
 def test_alignment_columns_and_train_monitor_fallback(tmp_path: Path) -> None:
-    from pagctl.attack import indices_digest
+    from pagctl.stats import indices_digest
 
     torch = pytest.importorskip("torch")
     with_align = make_run(tmp_path, "a", [], [epoch_rec(alignment=0.1), align_rec(0.2),
@@ -157,7 +159,7 @@ def test_alignment_columns_and_train_monitor_fallback(tmp_path: Path) -> None:
 
 
 def test_clean_prefers_a_subset_all_runs_measured(tmp_path: Path) -> None:
-    sha360 = compare.first_n_digest(360)
+    sha360 = first_n_digest(360)
     attacked = make_run(tmp_path, "a", [], [epoch_rec(clean=0.8),
                                             attack_rec(100, clean_correct=300, sha=sha360),
                                             attack_rec(30, n=100, clean_correct=90,
@@ -231,20 +233,6 @@ def test_different_eps_or_norms(tmp_path: Path) -> None:
 # per-example pairs
 
 
-def test_mcnemar_exact_known_values() -> None:
-    assert mcnemar_exact(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)
-    assert mcnemar_exact(2, 10) == pytest.approx(0.0385742, abs=1e-7)
-    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(7, 7) == 1.0
-    assert mcnemar_exact(0, 1) == 1.0
-    assert mcnemar_exact(0, 20) == pytest.approx(2 / 2**20)
-    # a large case agrees with the full exact sum
-    from fractions import Fraction
-    from math import comb
-
-    exact = Fraction(2 * sum(comb(1500, i) for i in range(701)), 2**1500)
-    assert mcnemar_exact(800, 700) == pytest.approx(float(exact), rel=1e-12)
-
-
 def test_pairs_from_per_example_bits(tmp_path: Path) -> None:
     # 20 points: both 5, only A 10, only B 2, neither 3
     a_bits = [1] * 5 + [1] * 10 + [0] * 2 + [0] * 3
@@ -269,15 +257,6 @@ def test_pairs_from_per_example_bits(tmp_path: Path) -> None:
     assert len(sections) == 2
     pairs = list(csv.DictReader(io.StringIO(sections[1])))
     assert pairs[0]["b_only"] == "2" and float(pairs[0]["p_value"]) == pytest.approx(ab.p_value)
-
-
-def test_pack_bits_layout_is_read_back(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
-    from pagctl.attack import pack_bits
-
-    mask = torch.tensor([True, False, True, True, False, False, True, False, True, True, False])
-    assert pack_bits(mask) == bits_hex([int(b) for b in mask])
-    assert compare._bits(pack_bits(mask), 11) == int("10110010110", 2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -378,31 +357,24 @@ def test_markdown_is_a_pipe_table(tmp_path: Path) -> None:
         render(compare_runs(runs), "yaml")
 
 
-def test_render_table_wrapper_prints(tmp_path: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
-    run = make_run(tmp_path, "x", [], [epoch_rec()])
-    compare.render_table(compare_runs([run]))
-    assert "x" in capsys.readouterr().out
-
-
 # ---------------------------------------------------------------------------------------
 # figure
 
 
-def _plot_titles(comparison: compare.Comparison, path: Path,
+def _plot_titles(comparison: Comparison, path: Path,
                  monkeypatch: pytest.MonkeyPatch) -> list[str]:
     from pagctl import figures
 
     titles: list[str] = []
-    save = figures._save
+    save = figures.save_png
 
     def capture(fig: Any, target: Path) -> None:
         titles.extend(ax.get_title() or " ".join(t.get_text() for t in ax.texts)
                       for ax in fig.axes)
         save(fig, target)
 
-    monkeypatch.setattr(figures, "_save", capture)
-    compare.plot(comparison, path)
+    monkeypatch.setattr(figures, "save_png", capture)
+    plot(comparison, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return titles
 
@@ -414,7 +386,7 @@ def test_plot_curves_and_correlation(tmp_path: Path, monkeypatch: pytest.MonkeyP
                      [epoch_rec(), attack_rec(300 - 50 * i, eps=0.01),
                       attack_rec(200 - 40 * i), align_rec(0.5 - 0.1 * i)]) for i in range(4)]
     c = compare_runs(runs)
-    x, y = compare.scatter_columns(c)
+    x, y = scatter_columns(c)
     assert x is not None and x.id == "align nearest_neighbor"
     # both budgets cover every run: the one whose values spread more (0.01: 300..150 robust
     # points against 200..80) is the informative one
@@ -439,7 +411,7 @@ def test_plot_without_matplotlib_is_a_clean_error(tmp_path: Path,
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     c = compare_runs([make_run(tmp_path, "x", [], [epoch_rec()])])
     with pytest.raises(SpecError, match="matplotlib"):
-        compare.plot(c, tmp_path / "x.png")
+        plot(c, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
 
 
@@ -470,7 +442,8 @@ def test_compare_imports_no_torch(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from pagctl.compare import compare_runs, render\n"
+        "from pagctl.compare.build import compare_runs\n"
+        "from pagctl.compare.rendering import render\n"
         f"c = compare_runs([Path(p) for p in {[str(r) for r in runs]!r}])\n"
         "assert len(c.pairs) == 1\n"
         "for fmt in ('table', 'json', 'csv', 'markdown'):\n"

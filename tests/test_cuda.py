@@ -49,9 +49,9 @@ def test_input_gradients_match_cpu(no_tf32: None, method: str) -> None:
 def test_training_and_attack_on_cuda(workdir: Path, amp: bool, channels_last: bool,
                                      method: str) -> None:
     from pagctl import checkpoint, registry
-    from pagctl.attack import run_attack
     from pagctl.data import load_data
     from pagctl.protocols import BuildContext
+    from pagctl.robustness.engine import run_attack
     from pagctl.spec import load_spec
     from pagctl.train import train
 
@@ -80,9 +80,9 @@ def test_every_attack_runs_on_cuda_and_matches_cpu(name: str) -> None:
     from attack_kit import train_digits_mlp
 
     from pagctl import registry
-    from pagctl.attack import run_attack
     from pagctl.data import TensorImageDataset
     from pagctl.protocols import BuildContext
+    from pagctl.robustness.engine import run_attack
 
     model, x, y = train_digits_mlp(100)
     given = {"eps": 0.5} | ({"norm": "l2"} if name != "cw_l2" else {})
@@ -104,7 +104,8 @@ def test_score_model_trains_on_cuda_and_sbg_targets_match_cpu(workdir: Path, no_
     """A score model trained on the GPU (bfloat16 autocast) serves the same SBG targets on
     GPU and CPU, and a bank written on the GPU is served by `precomputed` on the GPU."""
     from pagctl.banks import write_bank
-    from pagctl.score import load_score_spec, train_score
+    from pagctl.score.spec import load_score_spec
+    from pagctl.score.train import train_score
     from pagctl.target_gradients.precomputed import Precomputed
     from pagctl.target_gradients.sbg import SBG
     from pagctl.testing import small_context

@@ -18,19 +18,16 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from pagctl import data as pdata
-from pagctl import formats
 from pagctl.data import (
-    TOY_MEANS,
-    TOY_STD,
     DataBundle,
     TensorImageDataset,
     as_tensors,
+    formats,
     get_batch,
     load_data,
-    toy_log_density,
-    toy_score,
     validate_tensors,
 )
+from pagctl.data.toy import TOY_MEANS, TOY_STD, toy_log_density, toy_score
 from pagctl.errors import DataError
 from pagctl.spec import DataSpec
 
@@ -493,7 +490,7 @@ def test_iter_batches_same_batches_with_and_without_workers(tmp_path: Path) -> N
 def test_noisy_toy_score_is_the_gradient_of_the_noisy_log_density(cls: int | None,
                                                                   noise: float) -> None:
     """Central differences in float64 of log p_noise(x | cls) (or of the marginal)."""
-    from pagctl.toy import toy_log_density, toy_score
+    from pagctl.data.toy import toy_log_density, toy_score
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(16, 2, generator=g, dtype=torch.float64) * 0.6

@@ -15,19 +15,13 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from pagctl import registry
-from pagctl.attack import (
-    PerBatch,
-    attack_stages,
-    pack_bits,
-    run_attack,
-    unpack_bits,
-    wilson_interval,
-)
 from pagctl.attacks.autoattack import AutoAttack
 from pagctl.data import DataBundle, TensorImageDataset
 from pagctl.errors import PluginContractError, SpecError
-from pagctl.evaluation import evaluate_attack
-from pagctl.protocols import BuildContext, PluginParams
+from pagctl.protocols import BuildContext, PluginParams, attack_stages
+from pagctl.robustness.engine import PerBatch, run_attack
+from pagctl.robustness.evaluate import evaluate_attack
+from pagctl.stats import unpack_bits, wilson_interval
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,27 +51,6 @@ def digits() -> tuple[nn.Module, Tensor, Tensor]:
 
 
 # ------------------------------------------------------------------------------ report
-
-
-def test_wilson_interval_known_values() -> None:
-    lo, hi = wilson_interval(5, 10)
-    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
-    lo, hi = wilson_interval(0, 10)
-    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
-    lo, hi = wilson_interval(10, 10)
-    assert hi == pytest.approx(1.0) and lo == pytest.approx(1 - 0.2775, abs=1e-4)
-    # the interval shrinks like 1/sqrt(n) and always holds the estimate
-    for k, n in ((3, 7), (50, 100), (500, 1000)):
-        lo, hi = wilson_interval(k, n)
-        assert lo <= k / n <= hi
-    assert wilson_interval(500, 1000)[1] - wilson_interval(500, 1000)[0] < 0.07
-
-
-def test_bits_round_trip() -> None:
-    g = torch.Generator().manual_seed(0)
-    for n in (0, 1, 7, 8, 9, 1000):
-        mask = torch.rand(n, generator=g) > 0.5
-        assert torch.equal(unpack_bits(pack_bits(mask), n), mask)
 
 
 class _Scripted:
@@ -146,6 +119,9 @@ def test_stages_run_on_survivors_and_report_contributions() -> None:
     assert rep.robust_correct == 12 and rep.robust_accuracy == 0.5
     robust = unpack_bits(rep.per_example["robust"], 24)
     assert torch.equal(robust, labels >= 2)
+    assert torch.equal(rep.robust_mask, robust)  # the tensor beside its hex form
+    assert torch.equal(rep.clean_mask, unpack_bits(rep.per_example["clean"], 24))
+    assert (rep.norm, rep.eps) == (None, None)  # this stage pair declares no budget
     assert rep.robust_interval == wilson_interval(12, 24)
     # passes are counted per example: stage a runs 2 forwards and 1 forward + backward per
     # point, stage b 1 forward

@@ -12,11 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from pagctl import cli, registry
-from pagctl.attack import run_attack
 from pagctl.data import TensorImageDataset
 from pagctl.errors import PluginContractError, PluginRuntimeError
 from pagctl.protocols import PluginParams
 from pagctl.registry import Registry
+from pagctl.robustness.engine import run_attack
 from pagctl.testing import small_context, small_data, small_model
 
 DIST = "acme-plugins 1.2.3"
@@ -194,6 +194,8 @@ def test_plugins_unknown_name(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_plugin_names_complete_in_the_shell() -> None:
-    complete = cli._complete_plugins("attacks")
+    from pagctl.cli.common import complete_plugins
+
+    complete = complete_plugins("attacks")
     assert complete("apgd") == ["apgd_ce", "apgd_dlr", "apgd_t"]
-    assert "nearest_neighbor" in cli._complete_plugins(None)("near")
+    assert "nearest_neighbor" in complete_plugins(None)("near")

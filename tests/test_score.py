@@ -1,4 +1,4 @@
-"""Score models (pagctl.score, pagctl.score_model) and the SBG target-gradient source."""
+"""Score models (pagctl.score: spec, model, training) and the SBG target-gradient source."""
 
 from __future__ import annotations
 
@@ -13,21 +13,21 @@ import torch
 import torch.nn.functional as F
 
 from pagctl import checkpoint
+from pagctl.data.toy import toy_sample, toy_score
 from pagctl.errors import CheckpointError, SpecError
-from pagctl.score import (
-    SAMPLES_FILE,
-    ScoreSpec,
-    builtin_score_spec_names,
+from pagctl.score.figures import SAMPLES_FILE
+from pagctl.score.model import (
+    ScoreModel,
+    ScoreModelConfig,
+    build_score_model,
     load_score_run,
-    load_score_spec,
     sample,
-    train_score,
 )
-from pagctl.score_model import ScoreModel, ScoreModelConfig, build_score_model
+from pagctl.score.spec import ScoreSpec, builtin_score_spec_names, load_score_spec
+from pagctl.score.train import train_score
 from pagctl.spec import builtin_spec_names
 from pagctl.target_gradients.sbg import SBG, noise_seed
 from pagctl.testing import check_target_gradient_source, small_context
-from pagctl.toy import toy_sample, toy_score
 
 try:
     import matplotlib  # noqa: F401
@@ -293,7 +293,7 @@ def test_toy_samples_land_on_their_class_modes(toy_run: Path) -> None:
     points = sample(model, classes, steps=24, generator=torch.Generator().manual_seed(0))
     assert torch.equal(torch.get_rng_state(), rng)
     assert points.shape == (200, 2, 1, 1)
-    from pagctl.toy import toy_log_density
+    from pagctl.data.toy import toy_log_density
 
     own = toy_log_density(points, classes)
     wrong = toy_log_density(points, 1 - classes)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from pagctl.data import TensorImageDataset
+from pagctl.data.toy import TOY_MEANS, toy_log_density, toy_sample, toy_score
 from pagctl.protocols import BuildContext
 from pagctl.target_gradients.toy_score import ToyScore, toy_posterior_gradient
 from pagctl.testing import check_target_gradient_source, small_context
-from pagctl.toy import TOY_MEANS, toy_log_density, toy_sample, toy_score
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -176,7 +176,7 @@ def test_builds_through_the_registry_and_spec(registered: None) -> None:
 def test_grid_min_distance_is_exact_for_a_linear_boundary() -> None:
     from torch import nn
 
-    from pagctl.toy_experiment import grid_min_distance
+    from pagctl.toy_experiment.measures import grid_min_distance
 
     class Half(nn.Module):  # class 1 where x1 > 0.3
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,7 +192,8 @@ def test_grid_min_distance_is_exact_for_a_linear_boundary() -> None:
 
 def test_toy_experiment_smoke(registered: None, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from pagctl.toy_experiment import main, run_toy_experiment, summary_table
+    from pagctl.toy_experiment import run_toy_experiment, summary_table
+    from pagctl.toy_experiment.__main__ import main
 
     out = tmp_path / "toy"
     results = run_toy_experiment(out, device="cpu", epochs=2, progress=False, seeds=(0,),
@@ -220,7 +221,8 @@ def test_attacks_find_no_more_than_the_exact_search(tmp_path: Path) -> None:
     from pagctl.checkpoint import load_run
     from pagctl.data import load_data
     from pagctl.spec import load_spec
-    from pagctl.toy_experiment import _attack_suite, grid_min_distance
+    from pagctl.toy_experiment import attack_suite
+    from pagctl.toy_experiment.measures import grid_min_distance
     from pagctl.train import train
 
     spec = load_spec("toy-vanilla", ["data.toy_train_size=300", "data.batch_size=50",
@@ -231,7 +233,7 @@ def test_attacks_find_no_more_than_the_exact_search(tmp_path: Path) -> None:
     bundle = load_data(spec.data)
     test = bundle.test
     dist = grid_min_distance(model, test.images, test.labels)  # type: ignore[attr-defined]
-    suite = _attack_suite(model, bundle, 0.05, 0, torch.device("cpu"))
+    suite = attack_suite(model, bundle, 0.05, 0, torch.device("cpu"))
     exact = float((dist > 0.05).float().mean())
     assert suite["robust_accuracy"] >= exact - 0.01
     assert set(suite["per_attack"]) == {"pgd_l2", "apgd_ce", "fab"}

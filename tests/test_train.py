@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pagctl import checkpoint
-from pagctl.augment import Augmented
+from pagctl.data.augment import Augmented
 from pagctl.spec import load_spec
 from pagctl.train import lr_at, pag_weight_at, train
 
@@ -200,9 +200,9 @@ def test_pag_training_makes_the_digits_model_more_robust(workdir: Path) -> None:
     """The calibration recipe: PAG (nearest neighbour, lambda 1) beats vanilla under
     PGD-L2 eps 0.5 at the same clean accuracy (measured: +20 pp or more)."""
     from pagctl import registry
-    from pagctl.attack import run_attack
     from pagctl.data import load_data
     from pagctl.protocols import BuildContext
+    from pagctl.robustness.engine import run_attack
 
     robust = {}
     for name in ("digits-vanilla", "digits-pag-nn"):

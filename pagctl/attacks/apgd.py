@@ -38,6 +38,7 @@ from pagctl.attacks.steps import (
     Norm,
     fit_to_budget,
     normalize_l2,
+    per_example,
     project_l2,
     project_linf,
     random_start_l2,
@@ -120,10 +121,6 @@ def _project(x: Tensor, point: Tensor, norm: Norm, eps: float) -> Tensor:
     return (x + delta).clamp(0.0, 1.0)
 
 
-def _per_example(values: Tensor, like: Tensor) -> Tensor:
-    return values.reshape((-1,) + (1,) * (like.dim() - 1))
-
-
 def _single_run(
     model: nn.Module,
     x: Tensor,
@@ -159,7 +156,7 @@ def _single_run(
     halved_at_check = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for i in range(steps):
         direction = normalize_l2(grad) if norm == "l2" else grad.sign()
-        z = _project(x, x_k + _per_example(eta, x_k) * direction, norm, eps)
+        z = _project(x, x_k + per_example(eta, x_k) * direction, norm, eps)
         a = MOMENTUM if i > 0 else 1.0
         x_next = _project(x, x_k + a * (z - x_k) + (1.0 - a) * (x_k - x_prev), norm, eps)
         x_prev, x_k = x_k, x_next
@@ -182,16 +179,16 @@ def _single_run(
             halve = oscillating | stalled
             eta = torch.where(halve, eta / 2.0, eta)
             # Restart the halving examples from their best point, with no momentum.
-            x_k = torch.where(_per_example(halve, x_k), best_x, x_k)
+            x_k = torch.where(per_example(halve, x_k), best_x, x_k)
             x_prev = x_k
-            grad = torch.where(_per_example(halve, grad), best_grad, grad)
+            grad = torch.where(per_example(halve, grad), best_grad, grad)
             prev_loss = torch.where(halve, best_loss, prev_loss)
             halved_at_check = halve
             best_at_check = best_loss.clone()
             increases.zero_()
             since = 0
             length = next(lengths, 0)
-    out = torch.where(_per_example(fooled, x), first_fooled, best_x)
+    out = torch.where(per_example(fooled, x), first_fooled, best_x)
     return out, best_loss, fooled
 
 

@@ -17,9 +17,10 @@ cost, and resume between them); calling the plugin directly runs them in turn as
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
 from pagctl.attacks.apgd import APGDCE, APGDDLR, APGDT
@@ -54,6 +55,19 @@ def _plan(version: Version, steps: int, queries: int) -> Plan:
                 ("fab_t", FABT, targeted)]
     return [("apgd_ce", APGDCE, {"steps": steps, "restarts": 1, "eot_iter": 20}),
             ("apgd_dlr", APGDDLR, {"steps": steps, "restarts": 1, "eot_iter": 20})]
+
+
+@lru_cache(maxsize=64)
+def _stage_params(params: Any, num_classes: int) -> tuple[tuple[str, Any, BaseModel], ...]:
+    """(name, plugin class, validated Params) of every stage: validated once per evaluation,
+    however many batches build the ensemble (``params`` is frozen, hence a cache key)."""
+    common = {"eps": params.eps, "norm": params.norm, "seed": params.seed}
+    stages = []
+    for name, cls, extra in _plan(params.version, params.steps, params.square_queries):
+        if "n_target_classes" in extra:
+            extra = {**extra, "n_target_classes": min(9, num_classes - 1)}
+        stages.append((name, cls, cls.Params.model_validate({**common, **extra})))
+    return tuple(stages)
 
 
 class AutoAttack:
@@ -93,13 +107,9 @@ class AutoAttack:
         self.params = params
         self.eps: float = params.eps
         self.norm: Norm = params.norm
-        common = {"eps": params.eps, "norm": params.norm, "seed": params.seed}
-        self._stages: list[tuple[str, Any]] = []
-        for name, cls, extra in _plan(params.version, params.steps, params.square_queries):
-            if "n_target_classes" in extra:
-                extra = {**extra, "n_target_classes": min(9, ctx.num_classes - 1)}
-            stage_params = cls.Params.model_validate({**common, **extra})
-            self._stages.append((name, cls(stage_params, ctx)))
+        self._stages: list[tuple[str, Any]] = [
+            (name, cls(stage_params, ctx))
+            for name, cls, stage_params in _stage_params(params, ctx.num_classes)]
 
     def stages(self) -> list[tuple[str, Any]]:
         """The attacks in the order they run: ``[(name, attack), ...]``."""

@@ -87,10 +87,6 @@ LATE_FRACTION = 0.8
 """Only adversarial points found from this fraction of the iterations on steer the search."""
 
 
-def _per_example(values: Tensor, like: Tensor) -> Tensor:
-    return values.reshape((-1,) + (1,) * (like.dim() - 1))
-
-
 def to_tanh_space(x: Tensor) -> Tensor:
     """``w`` with ``(tanh(w) + 1) / 2 ≈ x`` (within 5e-7 for float32 and wider dtypes; the
     box faces 0 and 1 map to finite values). Shape: (N, ...) -> (N, ...)."""

@@ -38,16 +38,18 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from pagctl.attacks.steps import Norm, fit_to_budget, l2_norms, linf_norms, seeded_generator
+from pagctl.attacks.steps import (
+    Norm,
+    fit_to_budget,
+    l2_norms,
+    linf_norms,
+    per_example,
+    seeded_generator,
+)
 from pagctl.protocols import BuildContext, Epsilon, PluginParams
 
 L2_TINY_WEIGHT = 1e-8
 """In the L2 projection, hyperplane coefficients below this in magnitude count as zero."""
-
-
-def _per_example(values: Tensor, like: Tensor) -> Tensor:
-    """Reshape ``(N,)`` to ``(N, 1, 1, ...)`` so it broadcasts against ``like``."""
-    return values.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
 def _norms(delta: Tensor, norm: Norm) -> Tensor:
@@ -155,7 +157,7 @@ def _nearest_boundary(
             closer = dist < best_dist
             best_dist = torch.where(closer, dist, best_dist)
             best_f = torch.where(closer, f, best_f)
-            best_w = torch.where(_per_example(closer, grad), grad, best_w)
+            best_w = torch.where(per_example(closer, grad), grad, best_w)
     return best_f, best_w
 
 
@@ -170,7 +172,7 @@ def _random_start(
     else:
         u = torch.randn(x.shape, generator=generator, device=generator.device)
         size = l2_norms(u)
-    u = u / _per_example(size.clamp_min(torch.finfo(u.dtype).tiny), u)
+    u = u / per_example(size.clamp_min(torch.finfo(u.dtype).tiny), u)
     return (x + 0.5 * eps * u.to(device=x.device, dtype=x.dtype)).clamp(0.0, 1.0)
 
 
@@ -209,17 +211,17 @@ def _single_run(
         size = _norms(both, norm).clamp_min(1e-8)
         size_k, size_0 = size[:m], size[m:]
         alpha = (size_k / (size_k + size_0)).clamp(0.0, alpha_max)
-        alpha = _per_example(alpha, x)
+        alpha = per_example(alpha, x)
         x_k = ((1.0 - alpha) * (x_k + eta * d_k) + alpha * (x + eta * d_0)).clamp(0.0, 1.0)
 
         with torch.no_grad():
             fooled = model(x_k).argmax(dim=1) != y
         dist = _norms(x_k - x, norm)
         closer = fooled & (dist < best_dist)
-        best = torch.where(_per_example(closer, x), x_k, best)
+        best = torch.where(per_example(closer, x), x_k, best)
         best_dist = torch.where(closer, dist, best_dist)
         # Step back toward the clean input from every misclassified iterate.
-        x_k = torch.where(_per_example(fooled, x), x + beta * (x_k - x), x_k)
+        x_k = torch.where(per_example(fooled, x), x + beta * (x_k - x), x_k)
     return best, best_dist
 
 

@@ -24,7 +24,7 @@ Norm = Literal["linf", "l2"]
 Loss = Literal["ce", "margin"]
 
 
-def _per_example(values: Tensor, like: Tensor) -> Tensor:
+def per_example(values: Tensor, like: Tensor) -> Tensor:
     """Reshape ``(N,)`` to ``(N, 1, 1, ...)`` so it broadcasts against ``like``."""
     return values.reshape((-1,) + (1,) * (like.dim() - 1))
 
@@ -49,7 +49,7 @@ def project_l2(delta: Tensor, eps: float) -> Tensor:
     norms = l2_norms(delta)
     tiny = torch.finfo(delta.dtype).tiny
     factor = torch.clamp(eps / norms.clamp_min(tiny), max=1.0)
-    return delta * _per_example(factor, delta)
+    return delta * per_example(factor, delta)
 
 
 def project_linf(delta: Tensor, eps: float) -> Tensor:
@@ -81,7 +81,7 @@ def random_start_l2(
     direction = normalize_l2(direction)
     u = torch.rand(n, generator=generator, device=gen_device, dtype=torch.float64)
     radius = (eps * u.pow(1.0 / d)).to(torch.float32)
-    out = direction * _per_example(radius, direction)
+    out = direction * per_example(radius, direction)
     # Rounding of the unit direction may push a point a hair outside the ball.
     out = project_l2(out, eps)
     return out.to(device=device if device is not None else gen_device, dtype=dtype)
@@ -113,9 +113,9 @@ def normalize_l2(grad: Tensor) -> Tensor:
     """
     tiny = torch.finfo(grad.dtype).tiny
     peak = linf_norms(grad).clamp_min(tiny)
-    scaled = grad / _per_example(peak, grad)
+    scaled = grad / per_example(peak, grad)
     norms = l2_norms(scaled).clamp_min(tiny)
-    return scaled / _per_example(norms, scaled)
+    return scaled / per_example(norms, scaled)
 
 
 def loss_per_example(logits: Tensor, labels: Tensor, loss: Loss) -> Tensor:
@@ -196,8 +196,8 @@ def fit_to_budget(x: Tensor, x_adv: Tensor, norm: Norm, eps: float) -> Tensor:
             # Rounding re-randomises on each try, so the safety margin grows geometrically.
             margin = 1.0 - 1e-6 * 4.0**attempt
             shrink = eps / norms.clamp_min(torch.finfo(norms.dtype).tiny) * margin
-            fitted = (x + delta * _per_example(shrink, delta)).clamp(0.0, 1.0)
-            x_adv = torch.where(_per_example(over, x_adv), fitted, x_adv)
+            fitted = (x + delta * per_example(shrink, delta)).clamp(0.0, 1.0)
+            x_adv = torch.where(per_example(over, x_adv), fitted, x_adv)
     raise RuntimeError("could not fit the adversarial inputs into the budget")  # pragma: no cover
 
 

@@ -85,52 +85,9 @@ largest ε.
 
 Layout
 ------
-``model`` (the dataclasses), ``stats`` (Wilson, McNemar, Pearson, the first-n digest),
-``records`` (the tolerant metrics reader), ``spec_columns`` (flattened, differing spec
-fields), ``runs`` (one run's records as cells), ``build`` (columns, checks, pairs:
-:func:`compare_runs`), ``rendering`` (:func:`render` and its formats) and ``figure``
-(:func:`plot`). Everything is imported from ``pagctl.compare``.
+``model`` (the dataclasses), ``records`` (the tolerant metrics reader, through the record
+models of `pagctl.records`), ``spec_columns`` (flattened, differing spec fields), ``runs``
+(one run's records as cells), ``build`` (columns, checks, pairs: `compare_runs`),
+``rendering`` (`render` and its formats) and ``figure`` (`plot`). The statistics (Wilson,
+McNemar, Pearson, subset digests, per-example bits) are `pagctl.stats`.
 """
-
-from __future__ import annotations
-
-from pagctl.compare.build import compare_runs
-from pagctl.compare.figure import plot, scatter_columns
-from pagctl.compare.model import Cell, Column, Comparison, Pair, Row
-from pagctl.compare.records import _bits, read_records
-from pagctl.compare.rendering import (
-    FORMATS,
-    render,
-    render_csv,
-    render_markdown,
-    render_table,
-    render_text_table,
-    to_json,
-)
-from pagctl.compare.spec_columns import spec_header
-from pagctl.compare.stats import first_n_digest, mcnemar_exact, pearson, wilson_interval
-
-__all__ = [
-    "FORMATS",
-    "Cell",
-    "Column",
-    "Comparison",
-    "Pair",
-    "Row",
-    "_bits",  # tests decode per-example bits with it
-    "compare_runs",
-    "first_n_digest",
-    "mcnemar_exact",
-    "pearson",
-    "plot",
-    "read_records",
-    "render",
-    "render_csv",
-    "render_markdown",
-    "render_table",
-    "render_text_table",
-    "scatter_columns",
-    "spec_header",
-    "to_json",
-    "wilson_interval",
-]

@@ -8,10 +8,10 @@ from collections import Counter
 from pathlib import Path
 
 from pagctl.compare.model import Cell, Column, Comparison, Pair, Row
-from pagctl.compare.runs import _labels, _read_run, _RunData
-from pagctl.compare.spec_columns import _differing, _flat_spec
-from pagctl.compare.stats import mcnemar_exact
+from pagctl.compare.runs import RunData, read_run, run_labels
+from pagctl.compare.spec_columns import differing_fields, flat_spec
 from pagctl.errors import SpecError
+from pagctl.stats import mcnemar_exact
 
 
 def _eps_text(eps: float, digits: int) -> str:
@@ -128,7 +128,7 @@ def _pairs(rows: list[Row], columns: list[Column]) -> list[Pair]:
     return pairs
 
 
-def _choose_clean(data: list[_RunData]) -> list[Cell | None]:
+def _choose_clean(data: list[RunData]) -> list[Cell | None]:
     """Per run: its latest clean measurement on the largest subset all runs measured, or
     its latest measurement when no subset is common to all."""
     measured = [d for d in data if d.clean]
@@ -159,9 +159,9 @@ def compare_runs(run_dirs: list[Path], *, force: bool = False) -> Comparison:
     if not run_dirs:
         raise SpecError("compare: pass at least one run folder")
     specs = [read_spec(Path(d)) for d in run_dirs]
-    flats = [_flat_spec(s) for s in specs]
-    labels = _labels([(Path(d), s.name) for d, s in zip(run_dirs, specs, strict=True)])
-    data = [_read_run(Path(d), label, spec, flat)
+    flats = [flat_spec(s) for s in specs]
+    labels = run_labels([(Path(d), s.name) for d, s in zip(run_dirs, specs, strict=True)])
+    data = [read_run(Path(d), label, spec, flat)
             for d, label, spec, flat in zip(run_dirs, labels, specs, flats, strict=True)]
     rows = [d.row for d in data]
     warnings = [w for d in data for w in d.warnings]
@@ -216,6 +216,6 @@ def compare_runs(run_dirs: list[Path], *, force: bool = False) -> Comparison:
         more_text = f" ({more} more mismatch{'es' if more > 1 else ''})" if more else ""
         raise SpecError(f"compare: {text}; {remedy} or pass --force{more_text}")
 
-    return Comparison(rows=rows, spec_columns=_differing(flats), columns=columns,
+    return Comparison(rows=rows, spec_columns=differing_fields(flats), columns=columns,
                       pairs=_pairs(rows, columns), warnings=warnings,
                       mismatches=[text for text, _ in problems])

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from pagctl.compare.model import Cell, Column, Comparison
-from pagctl.compare.stats import pearson
+from pagctl.stats import pearson
 
 
 def scatter_columns(comparison: Comparison) -> tuple[Column | None, Column | None]:
@@ -37,15 +37,15 @@ def plot(comparison: Comparison, path: Path) -> None:
     run, one line style per (attack, norm); 95% Wilson intervals as error bars), and
     alignment vs robust accuracy (a point per run, the columns of :func:`scatter_columns`)
     with Pearson's r in the title. A panel without enough data says so instead."""
-    from pagctl.figures import _pyplot, _save
+    from pagctl.figures import pyplot, save_png
 
-    plt = _pyplot("--plot")
+    plt = pyplot("--plot")
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     try:
         _curve_panel(left, comparison)
         _scatter_panel(right, comparison)
         fig.tight_layout()
-        _save(fig, Path(path))
+        save_png(fig, Path(path))
     finally:
         plt.close(fig)
 

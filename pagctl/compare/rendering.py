@@ -6,12 +6,10 @@ import csv
 import io
 import json
 import shutil
-from pathlib import Path
 from typing import Any
 
-from pagctl.compare.build import compare_runs
 from pagctl.compare.model import Cell, Column, Comparison, Pair
-from pagctl.compare.spec_columns import _MISSING, _spec_text, spec_header
+from pagctl.compare.spec_columns import spec_cell, spec_header
 from pagctl.errors import SpecError
 
 _TABLE_SPEC_COLUMNS = 6
@@ -66,7 +64,7 @@ def render_text_table(comparison: Comparison, width: int | None = None) -> str:
     width = width or shutil.get_terminal_size((100, 24)).columns
     rows, columns = comparison.rows, comparison.columns
     shown_spec = comparison.spec_columns[:_TABLE_SPEC_COLUMNS]
-    spec_cells = [[_spec_text(r.spec.get(k, _MISSING)) for k in shown_spec] for r in rows]
+    spec_cells = [[spec_cell(r.spec, k) for k in shown_spec] for r in rows]
     one_line = [[_cell_text(r.cells.get(c.id)) for c in columns] for r in rows]
     widths = [max([len(r.label) for r in rows] + [3])]
     widths += [max(len(spec_header(k)), *(len(s[i]) for s in spec_cells))
@@ -114,7 +112,7 @@ def render_markdown(comparison: Comparison) -> str:
     aligns = ["---"] * (1 + len(comparison.spec_columns)) + ["---:"] * len(comparison.columns)
     lines = ["| " + " | ".join(_md(h) for h in heads) + " |", "|" + "|".join(aligns) + "|"]
     for row in comparison.rows:
-        cells = [row.label, *(_spec_text(row.spec.get(k, _MISSING))
+        cells = [row.label, *(spec_cell(row.spec, k)
                               for k in comparison.spec_columns),
                  *(_cell_text(row.cells.get(c.id)) for c in comparison.columns)]
         lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
@@ -157,8 +155,8 @@ def render_csv(comparison: Comparison) -> str:
     for row in comparison.rows:
         values: list[str] = [row.label, row.name, str(row.run_dir),
                              "" if row.epochs_trained is None else str(row.epochs_trained)]
-        values += ["" if row.spec.get(k, _MISSING) is _MISSING else
-                   _spec_text(row.spec[k]) for k in comparison.spec_columns]
+        values += ["" if k not in row.spec else spec_cell(row.spec, k)
+                   for k in comparison.spec_columns]
         flags = []
         for c in comparison.columns:
             cell = row.cells.get(c.id)
@@ -201,12 +199,3 @@ def render(comparison: Comparison, fmt: str, *, width: int | None = None) -> str
     if fmt == "markdown":
         return render_markdown(comparison)
     raise SpecError(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
-
-
-def render_table(comparison: Comparison | list[Path]) -> None:
-    """Print the table to stdout (kept for callers of the former API)."""
-    import sys
-
-    if not isinstance(comparison, Comparison):
-        comparison = compare_runs(list(comparison))
-    sys.stdout.write(render_text_table(comparison))

@@ -10,7 +10,6 @@ _SPEC_HEADERS = {
     "model.arch": "arch", "target_gradients.name": "source", "train.pag_weight": "λ",
     "train.classes_per_image": "K", "train.epochs": "epochs", "data.dataset": "dataset",
 }
-_MISSING = object()
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
@@ -21,7 +20,9 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
-def _flat_spec(spec: Any) -> dict[str, Any]:
+def flat_spec(spec: Any) -> dict[str, Any]:
+    """Every spec field as ``dotted.key: value`` (λ shown as 0 for the ``none`` source),
+    without the fields that never describe a difference (name, description, out_dir)."""
     out: dict[str, Any] = {}
     _flatten(spec.model_dump(mode="json"), "", out)
     for key in _SPEC_EXCLUDED:
@@ -31,7 +32,8 @@ def _flat_spec(spec: Any) -> dict[str, Any]:
     return out
 
 
-def _differing(flats: list[dict[str, Any]]) -> list[str]:
+def differing_fields(flats: list[dict[str, Any]]) -> list[str]:
+    """The keys whose values differ across the runs, the usual columns first."""
     order: dict[str, None] = {}
     for flat in flats:
         order.update(dict.fromkeys(flat))
@@ -43,12 +45,16 @@ def _differing(flats: list[dict[str, Any]]) -> list[str]:
 
 
 def spec_header(key: str) -> str:
+    """A spec column's header: a short name for the usual ones (λ, K, source, ...)."""
     return _SPEC_HEADERS.get(key, key)
 
 
-def _spec_text(value: Any) -> str:
-    if value is _MISSING:
+def spec_cell(flat: dict[str, Any], key: str) -> str:
+    """A run's value of the spec field ``key`` as a cell: "-" when the run has no such
+    field."""
+    if key not in flat:
         return "-"
+    value = flat[key]
     if isinstance(value, bool) or value is None:
         return json.dumps(value)
     if isinstance(value, float):

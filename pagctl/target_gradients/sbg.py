@@ -42,7 +42,7 @@ class SBG:
     """Score-Based Gradients: conditional minus unconditional score of a trained score model.
 
     The scores are taken at a noised copy x_σ of the input (see the module docstring).
-    ``model`` is the loaded `pagctl.score_model.ScoreModel` (eval mode, frozen) on the
+    ``model`` is the loaded `pagctl.score.model.ScoreModel` (eval mode, frozen) on the
     build context's device.
     """
 
@@ -64,7 +64,7 @@ class SBG:
                                 "the result")
 
     def __init__(self, params: Params, ctx: BuildContext) -> None:
-        from pagctl.score_model import load_score_run
+        from pagctl.score.model import load_score_run
 
         self.params = params
         run = load_score_run(params.run, ctx.device)

@@ -44,9 +44,9 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from pagctl.data.toy import TOY_MEANS, TOY_MODE_CLASSES, TOY_STD, toy_score
 from pagctl.protocols import BuildContext, PluginParams
 from pagctl.target_gradients._pool import check_call
-from pagctl.toy import TOY_MEANS, TOY_MODE_CLASSES, TOY_STD, toy_score
 
 _TOY_SHAPE = (2, 1, 1)
 _TOY_CLASSES = 2

@@ -1,0 +1,107 @@
+"""The ``pagctl`` command line: parse, call one library function, render.
+
+Results go to stdout (table or JSON); progress and logs go to stderr. User errors print one
+line per problem and exit 2; runtime failures exit 1 (traceback with --verbose or
+PAGCTL_VERBOSE=1); Ctrl-C exits 130. torch is imported inside commands only.
+
+This module holds the app, its root options, the command table and the error mapping; each
+command group has its module here (``train``, ``attack``, ``bank``, ``align_score``,
+``compare``, ``plugins``), and what they share is ``pagctl.cli.common``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+try:  # typer >= 0.22 ships its own copy of click and raises its exceptions
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # older typer runs on click itself
+    from click.exceptions import ClickException, UsageError  # type: ignore[assignment]
+
+from pagctl import __version__
+from pagctl.cli import align_score, attack, bank, compare, plugins, train
+from pagctl.errors import PagctlError
+
+app = typer.Typer(
+    name="pagctl",
+    help="Train classifiers with perceptually aligned gradients (PAG) and measure their "
+    "robustness. Docs: docs/index.md.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pagctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="Show tracebacks of runtime errors.")] = False,
+) -> None:
+    if verbose:
+        os.environ["PAGCTL_VERBOSE"] = "1"
+
+
+# ---------------------------------------------------------------------------------------
+# commands, in the order `pagctl --help` lists them
+
+app.command()(train.train)
+app.command("train-score")(train.train_score)
+app.command()(attack.attack)
+app.command()(bank.bank)
+app.command("align-score")(align_score.align_score)
+app.command()(compare.compare)
+app.command()(plugins.plugins)
+
+
+# ---------------------------------------------------------------------------------------
+# entry point and error mapping
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: maps errors to exit codes (2 user, 1 runtime, 130 Ctrl-C)."""
+    verbose = os.environ.get("PAGCTL_VERBOSE") == "1" or any(
+        a in ("--verbose", "-v") for a in (argv if argv is not None else sys.argv[1:]))
+    try:
+        code = app(args=argv, prog_name="pagctl", standalone_mode=False)
+    except PagctlError as exc:
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            sys.stderr.write(f"error: {line}\n")
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except UsageError as exc:  # bad option or argument: one line, with where to find help
+        msg = exc.format_message().strip()
+        if msg:  # empty when no_args_is_help has already printed the help
+            where = exc.ctx.command_path if exc.ctx is not None else "pagctl"
+            first = msg.splitlines()[0]
+            sys.stderr.write(f"error: {first} (see '{where} --help')\n")
+        sys.exit(2)
+    except ClickException as exc:
+        sys.stderr.write(f"error: {exc.format_message()}\n")
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    except Exception as exc:  # runtime failure: one line unless verbose
+        if verbose:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        sys.stderr.write(f"error: {type(exc).__name__}: {msg} (rerun with --verbose for the "
+                         "traceback)\n")
+        sys.exit(1)
+    # standalone_mode=False returns typer.Exit's code (e.g. 130 after an interrupted train)
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -1,0 +1,108 @@
+"""``pagctl align-score``: measure how well a run's input gradients align with a
+target-gradient source."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pagctl.cli.common import (
+    DataDirOpt,
+    DeviceOpt,
+    Format,
+    cell_text,
+    check_png,
+    complete_plugins,
+    load_run_and_data,
+    parse_params,
+    plugin_params,
+    print_json,
+    print_table,
+    read_indices,
+)
+from pagctl.errors import SpecError
+
+
+def align_score(
+    run: Annotated[Path, typer.Argument(help="Run folder written by 'pagctl train'.")],
+    source_name: Annotated[str, typer.Option(
+        "--source", "-s", help="Target-gradient source to compare against (pagctl plugins); "
+        "any source, whatever the run was trained with.",
+        autocompletion=complete_plugins("target_gradients"))] = "nearest_neighbor",
+    param: Annotated[list[str], typer.Option(
+        "--param", "-p", help="Source parameter KEY=VALUE; repeatable.")] = [],  # noqa: B006
+    classes_per_image: Annotated[int | None, typer.Option(
+        "--classes-per-image", "-k", min=1,
+        help="K target classes sampled per image (default: the run's train K).")] = None,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", min=1, help="Score the first N test images (of --indices if given).")] = None,
+    indices_file: Annotated[Path | None, typer.Option(
+        "--indices", help="File of test-set indices (as for pagctl attack).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1,
+                                            help="Images per batch.")] = 256,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the target-class draw and of "
+                                      "the source.")] = 0,
+    save_images: Annotated[Path | None, typer.Option(
+        "--save-images", help="Write, for the first 4 images, the model's gradient toward "
+        "every class and the source's target gradient to this PNG.")] = None,
+    device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None,
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
+) -> None:
+    """Score how well a run's input gradients align with a target-gradient source: mean
+    cosine with a 95% interval, per true class and per target (true vs other classes), the
+    fraction of images aligned above 0. Appended to the run's metrics.jsonl."""
+
+    from pagctl import registry
+    from pagctl.align import alignment_report
+    from pagctl.build import build_context, default_cache_dir
+    from pagctl.checkpoint import append_record
+    from pagctl.data import select_test_indices
+
+    given = parse_params(param, "--param")
+    params = plugin_params("target_gradients", source_name, given, "--source")
+    check_png("--save-images", save_images)
+    indices = read_indices(indices_file) if indices_file is not None else None
+    loaded, bundle, dev = load_run_and_data(run, device, data_dir)
+    k = classes_per_image or min(loaded.spec.train.classes_per_image, bundle.num_classes)
+    if k > bundle.num_classes:
+        raise SpecError(f"--classes-per-image: {k} is more than the {bundle.num_classes} "
+                        "classes of the data")
+    indices = select_test_indices(len(bundle.test), indices, limit)  # type: ignore[arg-type]
+    ctx = build_context(bundle, dev, seed, default_cache_dir())
+    source = registry.target_gradients.instantiate(source_name, params, ctx, "--source")
+    report = alignment_report(loaded.model, bundle.test, indices, source,
+                              num_classes=bundle.num_classes, classes_per_image=k,
+                              batch_size=batch_size, device=dev, seed=seed)
+    record = report.to_record(source_name, params.model_dump(mode="json"), given)
+    if save_images is not None:
+        from pagctl.align import gradient_panels
+        from pagctl.data import get_batch
+        from pagctl.figures import gradient_grid
+
+        x, y = get_batch(bundle.test, indices[:4])
+        grads, targets = gradient_panels(loaded.model, x.to(dev), y.to(dev), source,
+                                         bundle.num_classes)
+        gradient_grid(save_images, x, y, grads.cpu(), targets.cpu(), source=source_name,
+                      title=f"{run.name}: ∇ log p(t|x) vs {source_name} (mean cos "
+                      f"{report.mean:.3f})")
+    append_record(run, record)
+    if fmt is Format.json:
+        print_json(record.to_json())
+        return
+    lo, hi = report.interval
+    per_target = report.per_target
+    rows = [("source", f"{source_name} {json.dumps(params.model_dump(mode='json'))}"),
+            ("n, K", f"{report.n} images (subset {report.subset['indices_sha256']}), "
+             f"K = {k}"),
+            ("mean cosine", f"{report.mean:.4f}  95% CI [{lo:.4f}, {hi:.4f}]"),
+            ("aligned above 0", f"{report.fraction_positive:.3f} of images"),
+            ("target = true class", cell_text(per_target.get("true"))),
+            ("target = other class", cell_text(per_target.get("other"))),
+            ("per true class", "  ".join(f"{c}: {v:.3f}"
+                                         for c, v in report.per_true_class.items())),
+            ("seconds", f"{report.seconds:.1f}")]
+    print_table(f"alignment of {run}", rows)

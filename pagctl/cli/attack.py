@@ -1,0 +1,204 @@
+"""``pagctl attack``: attack a trained run, with eps sweeps, plots, example images and
+resumable progress."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pagctl.cli.common import (
+    DataDirOpt,
+    DeviceOpt,
+    Format,
+    check_png,
+    complete_plugins,
+    load_run_and_data,
+    parse_params,
+    plugin_params,
+    print_json,
+    print_table,
+    read_indices,
+)
+from pagctl.errors import SpecError
+
+
+def attack(
+    run: Annotated[Path, typer.Argument(help="Run folder written by 'pagctl train'.")],
+    attack_name: Annotated[str, typer.Option(
+        "--attack", "-a", help="Attack plugin name (pagctl plugins).",
+        autocompletion=complete_plugins("attacks"))] = "pgd_l2",
+    param: Annotated[list[str], typer.Option(
+        "--param", "-p", help="Attack parameter KEY=VALUE; repeatable (eps=8/255).")] = [],  # noqa: B006
+    limit: Annotated[int | None, typer.Option(
+        "--limit", min=1, help="Attack the first N test images (of --indices if given).")] = None,
+    indices_file: Annotated[Path | None, typer.Option(
+        "--indices", help="File of test-set indices to attack: integers separated by "
+        "spaces, commas or newlines, or a JSON list.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1,
+                                            help="Images per attack batch.")] = 256,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the attack's randomness.")] = 0,
+    eps_sweep: Annotated[str | None, typer.Option(
+        "--eps-sweep", help="Comma-separated budgets to attack at in turn, e.g. "
+        "0.25,0.5,1,2 or 2/255,4/255,8/255 (replaces the eps parameter).")] = None,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="Write robust accuracy vs eps to this PNG (needs --eps-sweep).")] = None,
+    save_images: Annotated[Path | None, typer.Option(
+        "--save-images", help="Write clean | adversarial | perturbation for the first 8 "
+        "points to this PNG, and the first 4 images turned toward each class to "
+        "<name>-classes.png.")] = None,
+    state: Annotated[Path | None, typer.Option(
+        "--state", help="Progress file: written after every batch, read to resume an "
+        "interrupted run (one file per eps with --eps-sweep).")] = None,
+    probes: Annotated[bool, typer.Option(
+        "--probes/--no-probes", help="Run the gradient-masking probes and give a "
+        "reliability verdict.")] = True,
+    probe_size: Annotated[int, typer.Option(
+        "--probe-size", min=1, help="Test points the probes use.")] = 100,
+    progress: Annotated[bool, typer.Option(
+        "--progress/--no-progress", help="Progress bar with ETA on stderr.")] = True,
+    device: DeviceOpt = "auto",
+    data_dir: DataDirOpt = None,
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
+) -> None:
+    """Attack a trained run on its test set: clean and robust accuracy with 95% intervals,
+    what each stage broke and cost, and a reliability verdict from gradient-masking probes.
+    Each result is appended to the run's metrics.jsonl."""
+    from pagctl.checkpoint import append_record
+    from pagctl.robustness.evaluate import evaluate_attack
+
+    given = parse_params(param, "--param")
+    params = plugin_params("attacks", attack_name, given, "--attack")
+    budgets = _parse_sweep(eps_sweep, params) if eps_sweep is not None else None
+    if plot is not None and budgets is None:
+        raise SpecError("--plot: draws robust accuracy against eps; add --eps-sweep "
+                        "(e.g. --eps-sweep 0.25,0.5,1)")
+    check_png("--plot", plot)
+    check_png("--save-images", save_images)
+    indices = read_indices(indices_file) if indices_file is not None else None
+    loaded, bundle, dev = load_run_and_data(run, device, data_dir)
+    try:
+        reports, attacked = evaluate_attack(
+            loaded.model, bundle, attack_name, params, budgets, indices=indices, limit=limit,
+            batch_size=batch_size, seed=seed, device=dev, state=state, probes=probes,
+            probe_size=probe_size, progress=progress,
+            keep_images=8 if save_images is not None else 0)
+    except KeyboardInterrupt:
+        if state is None:
+            raise
+        from pagctl.progress import stderr_console
+
+        stderr_console.print(f"interrupted: progress is in {state}; run the same command "
+                             "again to resume", soft_wrap=True)
+        raise typer.Exit(130) from None
+    records = []
+    for report in reports:
+        record = report.to_record(params_given=given)  # e.g. eps "8/255" as typed
+        append_record(run, record)
+        records.append(record.to_json())
+    if plot is not None:
+        from pagctl.figures import robustness_curve
+
+        robustness_curve(plot, [{
+            "label": f"{attack_name} on {run.name}", "eps": [r.eps for r in reports],
+            "accuracy": [r.robust_accuracy for r in reports],
+            "interval": [r.robust_interval for r in reports]}],
+            norm=reports[0].norm, title=f"{run.name}: {attack_name}, n = {reports[0].n}")
+    if save_images is not None:
+        _save_attack_images(save_images, loaded.model, bundle, reports[-1], attacked,
+                            attack_name, dev)
+    if fmt is Format.json:
+        print_json(records[0] if budgets is None else records)
+        return
+    _render_attack(attack_name, run, reports)
+
+
+def _render_attack(name: str, run: Path, reports: list[Any]) -> None:
+    """Summary on stdout: the result (per eps for a sweep), the stages, the verdict."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    first, last = reports[0], reports[-1]
+    rows = [("params", json.dumps(last.params)),
+            ("n", f"{first.n} (subset {first.subset['indices_sha256']}, seed {first.seed})"),
+            ("clean accuracy", f"{first.clean_accuracy:.4f}  95% CI "
+             f"[{first.clean_interval[0]:.3f}, {first.clean_interval[1]:.3f}]")]
+    if len(reports) == 1:
+        lo, hi = first.robust_interval
+        rows.append(("robust accuracy", f"{first.robust_accuracy:.4f}  95% CI [{lo:.3f}, "
+                     f"{hi:.3f}]"))
+    rows += [("max L2 / Linf", f"{last.max_l2:.4f} / {last.max_linf:.4f}"),
+             ("pixel range, NaNs", f"[{last.pixel_min:.4g}, {last.pixel_max:.4g}], "
+              f"{last.nan_count}"),
+             ("passes fwd / bwd", f"{sum(r.forwards for r in reports)} / "
+              f"{sum(r.backwards for r in reports)}"),
+             ("seconds", f"{sum(r.seconds for r in reports):.1f}")]
+    print_table(f"{name} on {run}", rows)
+    if len(reports) > 1:
+        sweep = Table(title=f"robust accuracy vs eps ({first.norm or 'budget'})")
+        for col in ("eps", "robust", "95% CI"):
+            sweep.add_column(col, justify="right")
+        for r in reports:
+            sweep.add_row(f"{r.eps:.4g}", f"{r.robust_accuracy:.4f}",
+                          f"[{r.robust_interval[0]:.3f}, {r.robust_interval[1]:.3f}]")
+        console.print(sweep)
+    stages = Table(title="stages" + (f" at eps = {last.eps:.4g}" if len(reports) > 1 else ""))
+    for col in ("stage", "attacked", "broke", "fwd", "bwd", "s"):
+        stages.add_column(col, justify="right")
+    for st in last.stages:
+        stages.add_row(st.name, str(st.attacked), str(st.broke), str(st.forwards),
+                       str(st.backwards), f"{st.seconds:.1f}")
+    console.print(stages)
+    rel = first.reliability
+    if rel is not None:
+        console.print(f"reliable: {'true' if rel['reliable'] else 'false'}")
+        for reason in rel["reasons"]:
+            console.print(f"  - {reason}", soft_wrap=True)
+
+
+def _parse_sweep(text: str, params: Any) -> list[float]:
+    from pydantic import ValidationError
+
+    if "eps" not in type(params).model_fields:
+        raise SpecError("--eps-sweep: this attack has no eps parameter to sweep")
+    values: list[float] = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            values.append(type(params).model_validate(
+                {**params.model_dump(), "eps": part}).eps)
+        except ValidationError:
+            raise SpecError(f"--eps-sweep: {part!r} is not a valid eps for this attack; "
+                            "give numbers >= 0 or fractions such as 8/255, separated by "
+                            "commas") from None
+    if len(set(values)) != len(values):
+        raise SpecError("--eps-sweep: a budget appears twice; list each once")
+    return values
+
+
+def _save_attack_images(path: Path, model: Any, bundle: Any, report: Any, indices: Any,
+                        name: str, device: Any) -> None:
+    import torch
+
+    from pagctl.data import get_batch
+    from pagctl.figures import adversarial_grid, class_grid
+    from pagctl.models import eval_mode
+    from pagctl.robustness.targeted import turn_toward_classes
+
+    adv = report.images  # the first points of the attacked subset
+    x, y = get_batch(bundle.test, indices[: len(adv)])
+    with eval_mode(model), torch.no_grad():
+        clean_pred = model(x.to(device)).argmax(1).cpu()
+        adv_pred = model(adv.to(device)).argmax(1).cpu()
+    adversarial_grid(path, x, adv, y, clean_pred, adv_pred,
+                     title=f"{name}, eps = {report.eps:.4g} ({report.norm})"
+                     if report.eps is not None else name)
+    norm = report.norm if report.norm in ("l2", "linf") else "l2"
+    eps = report.eps if report.eps else 1.0
+    big = max(eps, 2.0 if norm == "l2" else 16 / 255)
+    turned = turn_toward_classes(model, x[:4].to(device), num_classes=bundle.num_classes,
+                                 norm=norm, eps=big)
+    class_grid(path.with_name(f"{path.stem}-classes{path.suffix}"), x[:4], turned.cpu(), y[:4],
+               title=f"targeted PGD toward each class, {norm} eps = {big:.4g}")

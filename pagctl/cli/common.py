@@ -1,0 +1,172 @@
+"""What the commands share: output formats and writers, option types, parsers of option
+values, plugin parameters and plugin-name completion, and loading a run with its data.
+Nothing here imports torch at import time."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from pagctl.errors import SpecError
+
+if TYPE_CHECKING:
+    import torch
+
+    from pagctl.checkpoint import LoadedRun
+    from pagctl.data import DataBundle
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+
+
+def print_json(obj: Any) -> None:
+    """A result on stdout as indented JSON with sorted keys (``| jq`` works)."""
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    """A result on stdout as a two-column rich table (name, value)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+def cell_text(v: Any) -> str:
+    """A value in a table: floats to 4 decimals, None as "-"."""
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "-" if v is None else str(v)
+
+
+def parse_params(items: list[str], where: str) -> dict[str, Any]:
+    """``KEY=VALUE`` items (values parsed as YAML, else kept as text) as a mapping;
+    SpecError naming ``where`` (the option) for an item without ``=``."""
+    import yaml
+
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"{where}: '{item}' is not KEY=VALUE, e.g. {where} eps=0.5")
+        try:
+            params[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            params[key.strip()] = raw
+    return params
+
+
+SetOpt = Annotated[list[str], typer.Option(
+    "--set", help="Override a spec field, KEY=VALUE with a dotted key (value parsed as YAML); "
+    "repeatable, e.g. --set train.epochs=5.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DataDirOpt = Annotated[Path | None, typer.Option(
+    "--data-dir", help="Folder with the dataset files (sets data.root).")]
+RunOutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (sets out_dir).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run "
+                                            "folder.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def read_indices(path: Path) -> Any:
+    """``--indices FILE``: integers separated by spaces, commas or newlines, or a JSON list,
+    each once. Shape: -> (n,) int64 tensor."""
+    import re
+
+    import torch
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"--indices {path}: cannot read it ({exc.__class__.__name__}); give "
+                        "a text file of integers") from None
+    try:
+        values = (json.loads(text) if text.lstrip().startswith("[")
+                  else [int(v) for v in re.split(r"[\s,]+", text.strip()) if v])
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError
+    except ValueError:
+        raise SpecError(f"--indices {path}: expected integers separated by spaces, commas or "
+                        "newlines, or a JSON list of integers") from None
+    if not values:
+        raise SpecError(f"--indices {path}: the file lists no index")
+    seen: set[int] = set()
+    for v in values:
+        if v in seen:
+            raise SpecError(f"--indices {path}: index {v} appears twice; list each once")
+        seen.add(v)
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def plugin_params(group: str, name: str, given: dict[str, Any], option: str) -> Any:
+    """Validate ``option NAME``/``--param`` against the plugin's Params; errors name the
+    option as typed (``--param eps: ...``), not a spec path."""
+    from pydantic import ValidationError
+
+    from pagctl import registry
+    from pagctl.errors import PluginError
+    from pagctl.spec import format_validation_error
+
+    try:
+        factory = registry.REGISTRIES[group].get(name)
+    except PluginError as exc:
+        raise type(exc)(f"{option}: {exc}") from None
+    try:
+        return factory.Params.model_validate(given)
+    except ValidationError as exc:
+        lines = format_validation_error(exc).splitlines()
+        raise SpecError("\n".join(f"--param {line}" for line in lines)) from None
+
+
+def complete_plugins(group: str | None) -> Any:
+    """Shell completion of plugin names (built-ins and installed entry points)."""
+
+    def complete(incomplete: str) -> list[str]:
+        from pagctl.registry import REGISTRIES
+
+        regs = [REGISTRIES[group]] if group else list(REGISTRIES.values())
+        names = sorted({n for reg in regs for n in reg.names()})
+        return [n for n in names if n.startswith(incomplete)]
+
+    return complete
+
+
+def check_png(option: str, path: Path | None) -> None:
+    """An option that writes a figure: a ``.png`` name, and matplotlib installed (checked
+    before any work is done)."""
+    if path is None:
+        return
+    if path.suffix.lower() != ".png":
+        raise SpecError(f"{option}: writes a PNG; give a file name ending in .png")
+    from pagctl.figures import pyplot
+
+    pyplot(option)
+
+
+def load_run_and_data(run: Path, device: str, data_dir: Path | None
+                      ) -> tuple[LoadedRun, DataBundle, torch.device]:
+    """A run folder's model on ``device`` and its dataset (from ``--data-dir`` when given,
+    else the spec's ``data.root``)."""
+    from pagctl import checkpoint
+    from pagctl.build import resolve_device
+    from pagctl.data import load_data
+
+    dev = resolve_device(device)
+    loaded = checkpoint.load_run(run, dev)
+    data_spec = loaded.spec.data
+    if data_dir is not None:
+        data_spec = data_spec.model_copy(update={"root": data_dir})
+    return loaded, load_data(data_spec), dev

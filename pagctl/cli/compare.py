@@ -1,0 +1,48 @@
+"""``pagctl compare``: put runs side by side from their spec.json and metrics.jsonl."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pagctl.cli.common import check_png
+
+
+class CompareFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+    markdown = "markdown"
+
+
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders.")],
+    fmt: Annotated[CompareFormat, typer.Option(
+        "--format", help="Output format.")] = CompareFormat.table,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="Write a PNG: robust accuracy vs eps per run, and alignment vs robust "
+        "accuracy with Pearson's r.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Put side by side numbers measured on different subsets, eps or "
+        "norms (marked in the output).")] = False,
+) -> None:
+    """Put runs side by side: spec differences and latest metrics (clean, robust per attack
+    and eps, alignment) with n and 95% intervals, and per-example pair tests (reads no
+    weights)."""
+    from pagctl.compare.build import compare_runs
+    from pagctl.compare.figure import plot as plot_comparison
+    from pagctl.compare.rendering import render
+
+    check_png("--plot", plot)
+    comparison = compare_runs(runs, force=force)
+    for line in comparison.warnings:
+        typer.echo(line, err=True)
+    if plot is not None:
+        plot_comparison(comparison, plot)
+    sys.stdout.write(render(comparison, fmt.value))
+    if plot is not None:
+        typer.echo(f"wrote {plot}", err=True)

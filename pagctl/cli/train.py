@@ -1,0 +1,182 @@
+"""``pagctl train`` and ``pagctl train-score``: a spec (file, built-in name or run folder)
+plus overrides, trained into a run folder."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pagctl.cli.common import (
+    DataDirOpt,
+    DeviceOpt,
+    Format,
+    OverwriteOpt,
+    QuietOpt,
+    ResumeOpt,
+    RunOutOpt,
+    SetOpt,
+    cell_text,
+    print_json,
+    print_table,
+)
+from pagctl.errors import SpecError
+
+ScoreSetOpt = Annotated[list[str], typer.Option(
+    "--set", help="Override a score spec field, KEY=VALUE with a dotted key (value parsed as "
+    "YAML); repeatable, e.g. --set train.steps=2000.")]
+
+
+def _listed(list_: bool, schema: bool, names: Callable[[], list[str]],
+            describe: Callable[[str], str], model: Any) -> bool:
+    """``--list`` (built-in names with their descriptions) or ``--schema`` (the spec's JSON
+    schema): print it and return True, the command is done; otherwise False."""
+    if list_:
+        for name in names():
+            typer.echo(f"{name:24s} {describe(name)}")
+        return True
+    if schema:
+        print_json(model.model_json_schema())
+        return True
+    return False
+
+
+def _spec_and_values(command: str, spec: str, *, data_dir: Path | None, out: Path | None,
+                     extra: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """The spec to load and the typed values its options set (applied after ``--set``, as
+    they are, never parsed as YAML): a run folder given as SPEC (its spec.json, resumed in
+    place), ``--data-dir``, ``extra`` and ``--out``."""
+    values: dict[str, Any] = {}
+    if Path(spec).is_dir():
+        if not (Path(spec) / "spec.json").is_file():
+            raise SpecError(f"{command}: '{spec}' is a folder without spec.json; pass a spec "
+                            "file")
+        values["out_dir"] = Path(spec)
+        spec = str(Path(spec) / "spec.json")
+    if data_dir is not None:
+        values["data.root"] = data_dir
+    values.update(extra or {})
+    if out is not None:
+        values["out_dir"] = out
+    return spec, values
+
+
+def train(
+    spec: Annotated[str | None, typer.Argument(
+        help="Spec file (YAML/JSON), built-in spec name, or a run folder to resume.")] = None,
+    set_: SetOpt = [],  # noqa: B006 - typer needs a literal default
+    data_dir: DataDirOpt = None,
+    download: Annotated[bool, typer.Option(
+        "--download", help="Let torchvision download the dataset into --data-dir.")] = False,
+    out: RunOutOpt = None,
+    device: DeviceOpt = "auto",
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate spec, data, model and "
+                                          "plugin params; train nothing.")] = False,
+    list_: Annotated[bool, typer.Option("--list", help="List the built-in specs.")] = False,
+    schema: Annotated[bool, typer.Option("--schema", help="Print the spec's JSON schema.")] =
+    False,
+    quiet: QuietOpt = False,
+    fmt: Annotated[Format, typer.Option("--format", help="Final summary format.")] =
+    Format.table,
+) -> None:
+    """Train a model from a spec; writes a run folder (weights, spec, metrics)."""
+    from pagctl import spec as specmod
+
+    if _listed(list_, schema, specmod.builtin_spec_names,
+               lambda name: specmod.load_spec(name).description, specmod.RunSpec):
+        return
+    if spec is None:
+        raise SpecError("train: give a spec file or built-in name (pagctl train --list)")
+    spec, values = _spec_and_values("train", spec, data_dir=data_dir, out=out,
+                                    extra={"data.download": True} if download else None)
+    run_spec = specmod.load_spec(spec, set_, values)
+    from pagctl.build import resolve_device, setup
+    from pagctl.train import train as run_train
+
+    if dry_run:
+        s = setup(run_spec, resolve_device(device), build_plugins=False)
+        print_table(f"dry run: {run_spec.name} (valid)", [
+            ("run folder", str(run_spec.run_dir)), ("dataset", s.bundle.name),
+            ("train / test", f"{len(s.bundle.train)} / {len(s.bundle.test)}"),  # type: ignore
+            ("classes", str(s.bundle.num_classes)), ("input", str(s.bundle.input_shape)),
+            ("arch", run_spec.model.arch),
+            ("parameters", f"{sum(p.numel() for p in s.model.parameters()):,}"),
+            ("source", run_spec.target_gradients.name),
+            ("lambda / K", f"{run_spec.train.pag_weight} / {run_spec.train.classes_per_image}"),
+        ])
+        return
+    from pagctl.progress import stderr_console
+
+    result = run_train(run_spec, device=device, resume=resume, overwrite=overwrite,
+                       progress=not quiet,
+                       log=lambda m: stderr_console.print(m, soft_wrap=True))
+    if result.interrupted:
+        stderr_console.print(f"interrupted after epoch {result.epochs_done}; state saved. "
+                             f"Continue with: pagctl train {result.run_dir} --resume",
+                             soft_wrap=True)
+        raise typer.Exit(130)
+    summary = {"run_dir": str(result.run_dir), **result.last}
+    if fmt is Format.json:
+        print_json(summary)
+        return
+    keys = ("run_dir", "epoch", "loss", "ce", "pag", "train_accuracy", "clean_accuracy",
+            "robust_accuracy", "alignment", "n_test", "train_seconds")
+    rows = [(k, cell_text(summary[k])) for k in keys if summary.get(k) is not None]
+    if "monitor" in summary:
+        rows.append(("monitor", json.dumps(summary["monitor"])))
+    print_table(f"trained {run_spec.name}", rows)
+
+
+def train_score(
+    spec: Annotated[str | None, typer.Argument(
+        help="Score spec file (YAML/JSON), built-in name (--list), or a score run folder to "
+        "resume.")] = None,
+    set_: ScoreSetOpt = [],  # noqa: B006 - typer needs a literal default
+    data_dir: DataDirOpt = None,
+    out: RunOutOpt = None,
+    device: DeviceOpt = "auto",
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    list_: Annotated[bool, typer.Option("--list", help="List the built-in score specs.")] =
+    False,
+    schema: Annotated[bool, typer.Option("--schema", help="Print the score spec's JSON "
+                                         "schema.")] = False,
+    quiet: QuietOpt = False,
+    fmt: Annotated[Format, typer.Option("--format", help="Final summary format.")] =
+    Format.table,
+) -> None:
+    """Train a class-conditional score model (denoising score matching over a range of noise
+    levels) for the 'sbg' target-gradient source; writes a run folder with samples.png."""
+    from pagctl.score.spec import ScoreSpec, builtin_score_spec_names, load_score_spec
+
+    if _listed(list_, schema, builtin_score_spec_names,
+               lambda name: load_score_spec(name).description, ScoreSpec):
+        return
+    if spec is None:
+        raise SpecError("train-score: give a score spec file or built-in name "
+                        "(pagctl train-score --list)")
+    spec, values = _spec_and_values("train-score", spec, data_dir=data_dir, out=out)
+    score_spec = load_score_spec(spec, set_, values)
+    from pagctl.progress import stderr_console
+    from pagctl.score.train import train_score
+
+    result = train_score(score_spec, device=device, progress=not quiet, resume=resume,
+                         overwrite=overwrite,
+                         log=lambda m: stderr_console.print(m, soft_wrap=True))
+    if result.interrupted:
+        stderr_console.print(f"interrupted after step {result.steps_done}; state saved. "
+                             f"Continue with: pagctl train-score {result.run_dir} --resume",
+                             soft_wrap=True)
+        raise typer.Exit(130)
+    summary = {"run_dir": str(result.run_dir), "steps": result.steps_done,
+               "samples": str(result.samples) if result.samples else None, **result.last}
+    if fmt is Format.json:
+        print_json(summary)
+        return
+    print_table(f"trained score model {score_spec.name}",
+                [(k, cell_text(v)) for k, v in summary.items()])

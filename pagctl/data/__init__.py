@@ -1,0 +1,330 @@
+"""Datasets: embedded (digits, toy) and file-based (torchvision formats, image folders).
+
+Every dataset yields ``(image, label)``: image a float32 tensor (C, H, W) with pixels in
+[0, 1], label an int. Datasets are deterministic (no random transforms): the training loop
+draws batches by index from its own seeded permutation (`get_batch`) and augments inside
+the loop.
+
+File-based datasets are read from ``spec.root`` in the on-disk layout torchvision uses, by
+pagctl's own small readers (`pagctl.data.formats`, `pagctl.data.readers`,
+`pagctl.data.imagefolder`);
+torchvision is used only to download (``spec.download``), which checks the archive's md5.
+Reading does not compare md5 sums: they would reject every subset or re-export of a
+dataset; a file that is truncated or malformed is rejected by shape checks instead, and
+`DataBundle.fingerprint` (a content hash) identifies exactly what was trained on. CIFAR
+batches are pickles; they are read with an unpickler that accepts numpy arrays and plain
+containers only, so a data directory cannot run code. The toy mixture is `pagctl.data.toy`;
+training augmentation (crop and flip, differentiated through) is `pagctl.data.augment`.
+
+Default normalisation constants (``DataBundle.mean/std``; ``model.mean/std`` override):
+
+| dataset | mean | std | source |
+|---|---|---|---|
+| digits | 0.3054 | 0.3761 | pixel mean/std of the default training split (1,437 images) |
+| toy | (0.25, 0.5) | (0.2, 0.2) | mixture centre; one isotropic scale keeps L2 geometry |
+| cifar10 | (0.4914, 0.4822, 0.4465) | (0.2470, 0.2435, 0.2616) | training set, per pixel |
+| cifar100 | (0.5071, 0.4865, 0.4409) | (0.2673, 0.2564, 0.2762) | training set, per pixel |
+| stl10 | (0.4467, 0.4398, 0.4066) | (0.2603, 0.2566, 0.2713) | conventional values |
+| svhn | (0.4377, 0.4438, 0.4728) | (0.1980, 0.2010, 0.1970) | conventional values |
+| mnist | 0.1307 | 0.3081 | training set |
+| fashion_mnist | 0.2860 | 0.3530 | training set |
+| imagefolder | (0.485, 0.456, 0.406) | (0.229, 0.224, 0.225) | ImageNet (timm's default) |
+
+They are fixed constants, so a model's normalisation never depends on the split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from pagctl.data.formats import find_dataset_files
+from pagctl.data.imagefolder import ImageFolderDataset, find_image_folders
+from pagctl.data.toy import toy_sample
+from pagctl.errors import DataError
+from pagctl.spec import DataSpec
+
+__all__ = [
+    "DataBundle",
+    "TensorImageDataset",
+    "as_tensors",
+    "dataset_fingerprint",
+    "get_batch",
+    "iter_batches",
+    "load_data",
+    "select_test_indices",
+    "validate_tensors",
+]
+
+Item = tuple[Tensor, int]
+
+# ---------------------------------------------------------------------------------------
+# datasets
+
+
+def _to_float(images: Tensor) -> Tensor:
+    """uint8 -> float32 / 255 (as torchvision's ToTensor); float32 is copied."""
+    return images.float().div(255) if images.dtype == torch.uint8 else images.clone()
+
+
+class TensorImageDataset(Dataset[Item]):
+    """Images held in memory.
+
+    Shape: ``images`` (N, C, H, W) uint8 (0..255) or float32 (in [0, 1]); ``labels`` (N,)
+    int64. Items are (float32 (C, H, W) in [0, 1], int).
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        if images.dim() != 4 or images.dtype not in (torch.uint8, torch.float32):
+            raise ValueError(f"images must be (N, C, H, W) uint8 or float32, got "
+                             f"{tuple(images.shape)} {images.dtype}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must be ({images.shape[0]},), got {tuple(labels.shape)}")
+        self.images = images.contiguous()
+        self.labels = labels.to(torch.int64).contiguous()
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> Item:
+        image = self.images[index]
+        image = image.float().div(255) if image.dtype == torch.uint8 else image.clone()
+        return image, int(self.labels[index])
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.images.shape[1:]
+        return int(c), int(h), int(w)
+
+    def fingerprint(self) -> str:
+        """sha256 over dtype, shape, image bytes and label bytes."""
+        digest = hashlib.sha256(f"tensor|{self.images.dtype}|{tuple(self.images.shape)}|"
+                                .encode())
+        digest.update(self.images.numpy().data)
+        digest.update(self.labels.numpy().data)
+        return digest.hexdigest()
+
+
+def dataset_fingerprint(ds: Dataset[Item]) -> str:
+    """A content hash of a dataset (see each dataset's ``fingerprint``); for a `Subset`, its
+    base's fingerprint and the indices; otherwise the items' bytes."""
+    if isinstance(ds, (TensorImageDataset, ImageFolderDataset)):
+        return ds.fingerprint()
+    if isinstance(ds, Subset):
+        digest = hashlib.sha256(f"subset|{dataset_fingerprint(ds.dataset)}|".encode())
+        digest.update(np.asarray(ds.indices, dtype=np.int64).tobytes())
+        return digest.hexdigest()
+    images, labels = as_tensors(ds)
+    return TensorImageDataset(images, labels).fingerprint()
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """A loaded dataset: train and test splits plus what the model and plugins need.
+
+    ``input_shape`` is (C, H, W); ``mean``/``std`` are the default per-channel
+    normalisation (one entry per channel). ``fingerprint`` is computed on first access.
+    """
+
+    train: Dataset[Item]
+    test: Dataset[Item]
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str
+    class_names: tuple[str, ...]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Content hash of the training set (sha256 hex), for cache keys and run records."""
+        return dataset_fingerprint(self.train)
+
+
+def get_batch(ds: Dataset[Item], indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Items ``indices`` of ``ds`` as one batch.
+
+    Shape: indices (B,) int64 -> images (B, C, H, W) float32 in [0, 1], labels (B,) int64,
+    on the CPU. Fast paths for `TensorImageDataset` and `Subset` of one.
+    """
+    idx = indices.detach().to("cpu", torch.int64).reshape(-1)
+    if isinstance(ds, TensorImageDataset):
+        return _to_float(ds.images[idx]), ds.labels[idx].clone()
+    if isinstance(ds, Subset):
+        base = torch.as_tensor(ds.indices, dtype=torch.int64)
+        return get_batch(ds.dataset, base[idx])
+    items = [ds[int(i)] for i in idx]
+    if not items:
+        raise ValueError("get_batch needs at least one index")
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items],
+                                                            dtype=torch.int64)
+
+
+def select_test_indices(num_test: int, indices: Tensor | None, limit: int | None) -> Tensor:
+    """The test images an evaluation runs on: ``indices`` (all ``num_test`` when None), checked
+    to lie in the test set, then the first ``limit``. Raises SpecError naming ``--indices``
+    for an index outside the test set."""
+    from pagctl.errors import SpecError
+
+    if indices is None:
+        indices = torch.arange(num_test)
+    elif int(indices.min()) < 0 or int(indices.max()) >= num_test:
+        bad = int(indices[(indices < 0) | (indices >= num_test)][0])
+        raise SpecError(f"--indices: index {bad} is outside the test set (0..{num_test - 1})")
+    return indices if limit is None else indices[:limit]
+
+
+def iter_batches(ds: Dataset[Item], order: Tensor, batch_size: int, *,
+                 workers: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Batches of ``ds`` in the given ``order``: (indices, images, labels) per batch.
+
+    In-memory datasets are sliced directly; others (image folders) are read by a DataLoader
+    with ``workers`` processes following the same order, so the batches are identical either
+    way. A trailing partial batch is yielded as is. Shape: order (M,) int64 positions.
+    """
+    order = order.detach().to("cpu", torch.int64).reshape(-1)
+    chunks = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    if workers == 0 or isinstance(ds, (TensorImageDataset, Subset)):
+        for idx in chunks:
+            yield (idx, *get_batch(ds, idx))
+        return
+    loader = DataLoader(ds, batch_size=batch_size, sampler=order.tolist(), num_workers=workers,
+                        persistent_workers=False)
+    for idx, (x, y) in zip(chunks, loader, strict=True):
+        yield idx, x, torch.as_tensor(y, dtype=torch.int64)
+
+
+def as_tensors(ds: Dataset[Item], batch_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """The whole dataset in memory: images (N, C, H, W) float32 in [0, 1], labels (N,) int64."""
+    if isinstance(ds, TensorImageDataset):
+        return _to_float(ds.images), ds.labels.clone()
+    if isinstance(ds, Subset):
+        return get_batch(ds.dataset, torch.as_tensor(ds.indices, dtype=torch.int64))
+    images: list[Tensor] = []
+    labels: list[Tensor] = []
+    for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
+        images.append(x)
+        labels.append(torch.as_tensor(y, dtype=torch.int64))
+    return torch.cat(images), torch.cat(labels)
+
+
+def validate_tensors(images: Tensor, labels: Tensor, *, num_classes: int, name: str) -> None:
+    """Raise `DataError` for non-finite or out-of-[0, 1] pixels, or labels outside
+    [0, num_classes). ``name`` says which dataset/split, e.g. "cifar10 (train)"."""
+    if images.is_floating_point():
+        bad = int((~torch.isfinite(images)).sum())
+        if bad:
+            raise DataError(f"data: dataset '{name}' has {bad} non-finite pixel value(s) "
+                            "(NaN/inf); fix or remove those images")
+        outside = int(((images < 0) | (images > 1)).sum())
+        if outside:
+            raise DataError(f"data: dataset '{name}' has {outside} pixel value(s) outside "
+                            "[0, 1]; pixels must be scaled to [0, 1]")
+    if labels.numel():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            wrong = int(((labels < 0) | (labels >= num_classes)).sum())
+            raise DataError(f"data: dataset '{name}' has {wrong} label(s) outside "
+                            f"[0, {num_classes}) (found {low}..{high}); the files are corrupt or "
+                            "belong to another dataset: check data.dataset and data.root")
+
+
+# ---------------------------------------------------------------------------------------
+# loaders
+
+
+def _load_digits(spec: DataSpec) -> DataBundle:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images / 16.0).float().unsqueeze(1)  # exact: k/16
+    labels = torch.from_numpy(digits.target).long()
+    try:
+        train_idx, test_idx = train_test_split(
+            np.arange(len(labels)), test_size=spec.test_fraction, stratify=digits.target,
+            random_state=spec.split_seed)
+    except ValueError as exc:
+        raise DataError(f"data.test_fraction: cannot split digits with test_fraction="
+                        f"{spec.test_fraction}: {exc}") from exc
+    tr, te = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    return DataBundle(
+        train=TensorImageDataset(images[tr], labels[tr]),
+        test=TensorImageDataset(images[te], labels[te]),
+        num_classes=10, input_shape=(1, 8, 8), mean=(0.3054,), std=(0.3761,), name="digits",
+        class_names=tuple(str(d) for d in range(10)),
+    )
+
+
+def _load_toy(spec: DataSpec) -> DataBundle:
+    return DataBundle(
+        train=TensorImageDataset(*toy_sample(spec.toy_train_size, spec.split_seed)),
+        test=TensorImageDataset(*toy_sample(spec.toy_test_size, spec.split_seed + 1)),
+        num_classes=2, input_shape=(2, 1, 1), mean=(0.25, 0.5), std=(0.2, 0.2), name="toy",
+        class_names=("0", "1"),
+    )
+
+
+def _load_files(spec: DataSpec) -> DataBundle:
+    files = find_dataset_files(spec)
+    splits = {}
+    for split in ("train", "test"):
+        ds = TensorImageDataset(*files.read(split))
+        validate_tensors(ds.images, ds.labels, num_classes=files.num_classes,
+                         name=f"{files.name} ({split})")
+        splits[split] = ds
+    if splits["train"].input_shape != splits["test"].input_shape:
+        raise DataError(f"data.root: '{files.name}' train images are "
+                        f"{splits['train'].input_shape} but test images are "
+                        f"{splits['test'].input_shape}")
+    return DataBundle(
+        train=splits["train"], test=splits["test"], num_classes=files.num_classes,
+        input_shape=splits["train"].input_shape, mean=files.mean, std=files.std,
+        name=files.name, class_names=files.class_names(),
+    )
+
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _load_imagefolder(spec: DataSpec) -> DataBundle:
+    train, test = find_image_folders(spec)
+    return DataBundle(
+        train=train, test=test, num_classes=len(train.classes), input_shape=train.input_shape,
+        mean=_IMAGENET_MEAN, std=_IMAGENET_STD, name="imagefolder",
+        class_names=train.classes,
+    )
+
+
+def load_data(spec: DataSpec) -> DataBundle:
+    """Load ``spec.dataset``.
+
+    - ``digits``: scikit-learn's bundled 8×8 digits (1,797 images, pixels 0..16 → /16),
+      a stratified split (``split_seed``, ``test_fraction``): 1,437 / 360 by default.
+    - ``toy``: the 2-D two-class mixture (`TOY_MEANS`, `TOY_STD`), points shaped (2, 1, 1);
+      ``toy_train_size`` points drawn with ``split_seed``, ``toy_test_size`` with
+      ``split_seed + 1``; classes balanced, modes of a class equally used.
+    - ``cifar10``, ``cifar100``, ``stl10`` (labelled train 5,000 / test 8,000, 96×96),
+      ``svhn``, ``mnist``, ``fashion_mnist``: torchvision's on-disk layout in ``spec.root``,
+      downloaded there only when ``spec.download``; held in memory as uint8.
+    - ``imagefolder``: ``root/train/<class>/*`` and ``root/test`` (or ``root/val``), read
+      lazily as RGB; all images must have one size.
+
+    Raises `DataError` (one line, naming the field and the fix) when data are missing,
+    unreadable or invalid.
+    """
+    if spec.dataset == "digits":
+        return _load_digits(spec)
+    if spec.dataset == "toy":
+        return _load_toy(spec)
+    if spec.dataset == "imagefolder":
+        return _load_imagefolder(spec)
+    return _load_files(spec)

@@ -1,0 +1,252 @@
+"""The records of ``metrics.jsonl``: one pydantic model per kind, the file's one schema.
+
+Producers build a record from these models and append its JSON
+(`pagctl.checkpoint.append_record`); `pagctl.compare` reads every line back through the same
+models (`parse_record`). Kinds:
+
+| kind | written by | one per |
+|---|---|---|
+| ``train_epoch`` (`TrainEpochRecord`) | ``pagctl train`` | training epoch |
+| ``attack`` (`AttackRecord`) | ``pagctl attack`` | attack (per ε of a sweep) |
+| ``align`` (`AlignRecord`) | ``pagctl align-score`` | alignment score |
+| ``score_train`` (`ScoreTrainRecord`) | ``pagctl train-score`` | ``train.log_every`` steps |
+| ``score_done`` (`ScoreDoneRecord`) | ``pagctl train-score`` | finished score run |
+
+Reading is strict about types (a string is not a number, ``true`` is not a count, no NaN)
+and lenient about presence: the fields a reader cannot do without are required, the others
+may be missing (records written by hand, or by older versions), and unknown fields are kept.
+A line that fails is described in one phrase (`parse_record`) and skipped by the reader.
+Importing this module imports neither torch nor numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = ["AlignRecord", "AttackRecord", "KINDS", "PerExample", "Record", "Reliability",
+           "ScoreDoneRecord", "ScoreTrainRecord", "StageRecord", "Subset", "TrainEpochRecord",
+           "parse_record"]
+
+
+class _Expect:
+    """What a field holds, in words, for the message about a line that breaks it."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+Count = Annotated[int, Field(ge=0), _Expect("a non-negative integer")]
+Integer = Annotated[int, _Expect("an integer")]
+Number = Annotated[float, Field(allow_inf_nan=False), _Expect("a finite number")]
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False), _Expect("a non-negative number")]
+Prob = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False), _Expect("a number in [0, 1]")]
+Cos = Annotated[float, Field(ge=-1 - 1e-6, le=1 + 1e-6, allow_inf_nan=False),
+                _Expect("a number in [-1, 1]")]
+ProbPair = Annotated[tuple[Prob, Prob], _Expect("[low, high] in [0, 1]")]
+CosPair = Annotated[tuple[Cos, Cos], _Expect("[low, high] in [-1, 1]")]
+Params = Annotated[dict[str, Any], _Expect("an object")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of the line: its ``kind`` and the fields the producer set."""
+        data = self.model_dump(mode="json", exclude_unset=True)
+        kind = getattr(self, "kind", None)
+        return {"kind": kind, **data} if kind is not None else data
+
+
+class Subset(_Model):
+    """Which test points: their count and the digest of their indices
+    (`pagctl.stats.subset_record`)."""
+
+    count: Count | None = None
+    indices_sha256: str = ""
+    first: Integer | None = None
+    last: Integer | None = None
+
+
+class StageRecord(_Model):
+    """What one stage of an attack did (`pagctl.robustness.report.StageReport`)."""
+
+    name: str
+    attacked: Count = 0
+    broke: Count = 0
+    forwards: Count = 0
+    backwards: Count = 0
+    seconds: Seconds = 0.0
+
+
+class PerExample(_Model):
+    """Which points were correct, as `pagctl.stats.pack_bits` hex strings."""
+
+    clean: str | None = None
+    robust: str | None = None
+
+
+class Reliability(_Model):
+    """The gradient-masking probes' verdict (`pagctl.robustness.reliability.Verdict`)."""
+
+    reliable: bool | None = None
+    reasons: list[str] = Field(default_factory=list)
+    probes: Params = Field(default_factory=dict)
+
+
+class TrainEpochRecord(_Model):
+    """One training epoch: the loss terms and, when evaluated, the per-epoch monitor on the
+    first ``n_test`` test points (clean accuracy, robust accuracy under ``monitor``, mean
+    alignment with ``eval.align_source``)."""
+
+    kind: Literal["train_epoch"] = "train_epoch"
+    epoch: Count
+    epochs: Count | None = None
+    lr: Number | None = None
+    pag_weight: Number | None = None
+    loss: Number | None = None
+    ce: Number | None = None
+    pag: Number | None = None
+    train_accuracy: Prob | None = None
+    train_seconds: Seconds | None = None
+    n_test: Count | None = None
+    clean_accuracy: Prob | None = None
+    robust_accuracy: Prob | None = None
+    monitor: Params | None = None
+    alignment: Cos | None = None
+    eval_seconds: Seconds | None = None
+
+
+class AttackRecord(_Model):
+    """One attack on one subset: clean and robust accuracy with 95% Wilson intervals, the
+    budget, what each stage did and cost, per-example bits and the reliability verdict."""
+
+    kind: Literal["attack"] = "attack"
+    attack: str
+    params: Params | None = None
+    params_given: Params | None = None
+    n: Count
+    clean_correct: Count | None = None
+    robust_correct: Count | None = None
+    clean_accuracy: Prob | None = None
+    robust_accuracy: Prob
+    clean_interval: ProbPair | None = None
+    robust_interval: ProbPair | None = None
+    norm: str | None = None
+    eps: Number | None = None
+    max_l2: Number | None = None
+    max_linf: Number | None = None
+    pixel_min: Number | None = None
+    pixel_max: Number | None = None
+    nan_count: Count | None = None
+    forwards: Count | None = None
+    backwards: Count | None = None
+    seconds: Seconds | None = None
+    stages: list[StageRecord] | None = None
+    subset: Subset | None = None
+    seed: Integer | None = None
+    per_example: PerExample | None = None
+    reliability: Reliability | None = None
+
+
+class AlignRecord(_Model):
+    """One alignment score: the mean cosine of ∇ₓ log p(t|x) with a source's g(x, t) and its
+    95% interval, per true class and per target kind."""
+
+    kind: Literal["align"] = "align"
+    source: str
+    source_params: Params | None = None
+    params_given: Params | None = None
+    n: Count
+    classes_per_image: Count | None = None
+    mean: Cos
+    interval: CosPair | None = None
+    fraction_positive: Prob | None = None
+    per_true_class: dict[str, float] | None = None
+    per_target: dict[str, float | None] | None = None
+    subset: Subset | None = None
+    seed: Integer | None = None
+    seconds: Seconds | None = None
+
+
+class ScoreTrainRecord(_Model):
+    """Score-model training: the mean loss over the last ``train.log_every`` steps."""
+
+    kind: Literal["score_train"] = "score_train"
+    step: Count
+    steps: Count | None = None
+    loss: Number | None = None
+    lr: Number | None = None
+    seconds: Seconds | None = None
+
+
+class ScoreDoneRecord(_Model):
+    """A finished score run: training and sampling time."""
+
+    kind: Literal["score_done"] = "score_done"
+    steps: Count
+    train_seconds: Seconds | None = None
+    sample_seconds: Seconds | None = None
+
+
+Record = TrainEpochRecord | AttackRecord | AlignRecord | ScoreTrainRecord | ScoreDoneRecord
+KINDS: dict[str, type[_Model]] = {
+    "train_epoch": TrainEpochRecord, "attack": AttackRecord, "align": AlignRecord,
+    "score_train": ScoreTrainRecord, "score_done": ScoreDoneRecord}
+
+
+def _expectation(annotation: Any) -> str | None:
+    """The `_Expect` text inside a (possibly Optional, Annotated) field annotation."""
+    for meta in getattr(annotation, "__metadata__", ()):
+        if isinstance(meta, _Expect):
+            return meta.text
+    for arg in typing.get_args(annotation):
+        found = _expectation(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _described(kind: str, model: type[_Model], data: dict[str, Any],
+               exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    name = str(err["loc"][0]) if err["loc"] else "?"
+    if err["type"] == "missing" and len(err["loc"]) == 1:
+        return f"{kind} record without '{name}'"
+    info = model.model_fields.get(name)
+    expected = None
+    if info is not None:
+        expected = next((m.text for m in info.metadata if isinstance(m, _Expect)),
+                        _expectation(info.annotation))
+    expected = expected or err["msg"].lower()
+    shown = json.dumps(data.get(name))[:40]
+    return f"{kind} field '{name}' is {shown}, expected {expected}"
+
+
+def parse_record(raw: bytes | str) -> Record | dict[str, Any] | str:
+    """One line of metrics.jsonl: its record (a plain dict for a kind this version does not
+    know), or a phrase saying why it cannot be used ("not valid JSON", "attack field 'n' is
+    -1, expected a non-negative integer", ...)."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+        return "not valid UTF-8"
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return "not valid JSON"
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    kind = data.get("kind")
+    if not isinstance(kind, str):
+        return "no 'kind' field"
+    model = KINDS.get(kind)
+    if model is None:
+        return data
+    try:
+        return model.model_validate_json(text)  # type: ignore[return-value]
+    except ValidationError as exc:
+        return _described(kind, model, data, exc)

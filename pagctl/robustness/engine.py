@@ -1,0 +1,247 @@
+"""The attack engine: clean and robust accuracy of a model on a test subset.
+
+`run_attack` attacks ``dataset[indices]`` in batches, stage by stage (an `Ensemble` such as
+AutoAttack runs each stage over the whole subset, on the points still robust: the per-point
+worst case). A point counts as robust only if it is classified correctly clean and under
+every stage, so robust <= clean per point. It returns an `AttackReport`
+(`pagctl.robustness.report`).
+
+The engine owns the model's mode: it evaluates in eval mode and restores every module's
+previous mode afterwards. Every attack call is checked at the boundary with the plugin
+contract's checks (`pagctl.protocols`: shape, dtype, device, finite, inside [0, 1], inside
+the declared budget, inputs untouched, model mode, parameters and buffers unchanged), and
+its forward and backward passes are counted, one per example. With ``state_path`` the
+progress (`pagctl.robustness.state.AttackState`) is saved after every batch, so an
+interrupted run resumes where it stopped and ends exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pagctl.errors import PagctlError
+from pagctl.protocols import (
+    ModelSnapshot,
+    attack_stages,
+    check_attack_output,
+    check_inputs_untouched,
+    declared_budget,
+    raised,
+)
+from pagctl.robustness.report import AttackReport
+from pagctl.robustness.state import AttackState
+from pagctl.stats import indices_digest
+
+if TYPE_CHECKING:
+    import torch
+    from pydantic import BaseModel
+    from torch import Tensor, nn
+    from torch.utils.data import Dataset
+
+    from pagctl.protocols import Attack
+
+
+@dataclass
+class PerBatch:
+    """Builds a fresh attack for each batch (``build(batch_number)``), so each batch's
+    randomness depends only on its number: a resumed run equals an uninterrupted one."""
+
+    build: Callable[[int], Any]
+
+
+class _PassCounter:
+    """Wraps a model to count forward and backward passes, one per example."""
+
+    def __init__(self, model: nn.Module) -> None:
+        import torch
+
+        class Counted(torch.nn.Module):
+            def __init__(self, inner: nn.Module, owner: _PassCounter) -> None:
+                super().__init__()
+                self.inner = inner
+                self._owner = [owner]  # a list, so the owner is not registered as a module
+
+            def forward(self, x: Tensor) -> Tensor:
+                out: Tensor = self.inner(x)
+                owner, rows = self._owner[0], int(x.shape[0]) if x.dim() else 1
+                owner.forwards += rows
+                if out.requires_grad:
+                    out.register_hook(lambda g: owner._backward(rows))  # type: ignore[no-untyped-call]
+                return out
+
+        self.forwards = 0
+        self.backwards = 0
+        self.module = Counted(model, self)
+
+    def _backward(self, rows: int) -> None:
+        self.backwards += rows
+
+
+def clean_accuracy(model: nn.Module, dataset: Dataset[Any], indices: Tensor, *,
+                   batch_size: int = 256, device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy on ``dataset[indices]`` in eval mode."""
+    return float(clean_correct_mask(model, dataset, indices, batch_size=batch_size,
+                                    device=device).float().mean()) if len(indices) else 0.0
+
+
+def clean_correct_mask(model: nn.Module, dataset: Dataset[Any], indices: Tensor, *,
+                       batch_size: int = 256,
+                       device: torch.device | str = "cpu") -> Tensor:
+    """Which of ``dataset[indices]`` the model classifies correctly, in eval mode.
+    Shape: (n,) -> (n,) bool on the CPU."""
+    import torch
+
+    from pagctl.data import get_batch
+    from pagctl.models import eval_mode
+
+    parts = []
+    with eval_mode(model), torch.no_grad():
+        for lo in range(0, len(indices), batch_size):
+            x, y = get_batch(dataset, indices[lo: lo + batch_size])
+            parts.append((model(x.to(device)).argmax(1) == y.to(device)).cpu())
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+
+
+def run_attack(
+    model: nn.Module,
+    attack: Attack | PerBatch,
+    dataset: Dataset[Any],
+    indices: Tensor,
+    *,
+    name: str,
+    params: BaseModel,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    state_path: Path | None = None,
+    progress: bool = False,
+    keep_images: int = 0,
+    on_batch: Callable[[], None] | None = None,
+    origin: str = "built-in",
+) -> AttackReport:
+    """Attack ``dataset[indices]`` stage by stage, in batches, in eval mode.
+
+    ``attack`` is an Attack, an Ensemble, or a :class:`PerBatch` that builds one per batch.
+    ``state_path``: read to resume, rewritten after every batch. ``keep_images``: keep the
+    adversarial versions of the first that many points (``AttackReport.images``).
+    ``origin`` names the plugin's distribution in error messages.
+    Shape: indices (n,) int64 positions in ``dataset``.
+    """
+    from pagctl.data import get_batch
+    from pagctl.models import eval_mode
+    from pagctl.progress import ProgressBar
+
+    n = len(indices)
+    starts = list(range(0, n, batch_size))
+
+    def built(batch: int) -> Any:
+        return attack.build(batch) if isinstance(attack, PerBatch) else attack
+
+    first = built(0)
+    stage_names = [s for s, _ in attack_stages(first, name)]
+    norm, eps = declared_budget(first, params)
+    key = {"attack": name, "params": params.model_dump(mode="json"), "n": n,
+           "indices_sha256": indices_digest(indices), "seed": seed, "batch_size": batch_size,
+           "stages": stage_names}
+
+    state = AttackState.load(state_path, key) if state_path is not None and \
+        state_path.exists() else None
+    start = time.perf_counter()
+    prior_seconds = float(state.stats["seconds"]) if state is not None else 0.0
+    total = len(stage_names) * max(len(starts), 1)
+    with eval_mode(model):
+        if state is None:
+            kept = min(keep_images, n)
+            state = AttackState.start(
+                key, clean_correct_mask(model, dataset, indices, batch_size=batch_size,
+                                        device=device),
+                get_batch(dataset, indices[:kept])[0].float() if kept else _empty(),
+                stage_names)
+        with ProgressBar(stage_names[0], total, enabled=progress) as bar:
+            while state.stage < len(stage_names):
+                s = state.stage
+                bar.update(completed=s * max(len(starts), 1) + state.batch,
+                           description=stage_names[s],
+                           info=f"robust {int(state.robust.sum())}/{n}")
+                if state.batch < len(starts):
+                    _attack_batch(model, built(state.batch), state, s, dataset, indices,
+                                  starts[state.batch], batch_size, name, norm, eps, device,
+                                  origin)
+                    state.batch += 1
+                if state.batch >= len(starts):
+                    state.stage, state.batch = state.stage + 1, 0
+                state.stats["seconds"] = prior_seconds + time.perf_counter() - start
+                if state_path is not None:
+                    state.save(state_path)
+                if on_batch is not None:
+                    on_batch()
+            bar.update(completed=total, info=f"robust {int(state.robust.sum())}/{n}")
+    state.stats["seconds"] = prior_seconds + time.perf_counter() - start
+    if state_path is not None:
+        state.save(state_path)
+    report = AttackReport.from_state(state, name, params, norm, eps, indices, seed)
+    report.images = state.images if keep_images else None
+    return report
+
+
+def _empty() -> Tensor:
+    import torch
+
+    return torch.zeros(0)
+
+
+def _attack_batch(model: nn.Module, attack: Any, state: AttackState, stage: int,
+                  dataset: Dataset[Any], indices: Tensor, lo: int, batch_size: int,
+                  name: str, norm: str | None, eps: float | None,
+                  device: torch.device | str, origin: str) -> None:
+    """Run stage ``stage`` on the points of batch ``[lo, lo + batch_size)`` still robust."""
+    import torch
+
+    from pagctl.data import get_batch
+
+    hi = min(lo + batch_size, len(indices))
+    pos = torch.arange(lo, hi)[state.robust[lo:hi]]
+    report = state.stages[stage]
+    if pos.numel() == 0:
+        return
+    stage_name, stage_attack = attack_stages(attack, name)[stage]
+    label = stage_name if stage_name == name else f"{name}/{stage_name}"
+    who = f"attack '{label}' ({origin})"
+    x, y = get_batch(dataset, indices[pos])
+    x, y = x.to(device), y.to(device)
+    x_before = x.clone()
+    snapshot = ModelSnapshot(model)
+    counter = _PassCounter(model)
+    t0 = time.perf_counter()
+    try:
+        x_adv = stage_attack(counter.module, x, y)
+    except PagctlError:
+        raise
+    except Exception as exc:
+        raise raised(who, exc) from exc
+    report.seconds += time.perf_counter() - t0
+    check_inputs_untouched(who, [(x, x_before)])
+    check_attack_output(who, x, x_adv, norm, eps)
+    snapshot.check(who)
+    with torch.no_grad():
+        fooled = (model(x_adv).argmax(dim=1) != y).cpu()
+    report.attacked += int(pos.numel())
+    report.broke += int(fooled.sum())
+    report.forwards += counter.forwards
+    report.backwards += counter.backwards
+    state.robust[pos[fooled]] = False
+    state.broken_by[pos[fooled]] = stage
+    delta = (x_adv - x).flatten(1)
+    stats = state.stats
+    stats["max_l2"] = max(stats["max_l2"], float(delta.norm(dim=1).max()))
+    stats["max_linf"] = max(stats["max_linf"], float(delta.abs().max()))
+    stats["pixel_min"] = min(stats["pixel_min"], float(x_adv.min()))
+    stats["pixel_max"] = max(stats["pixel_max"], float(x_adv.max()))
+    stats["nan_count"] += int(torch.isnan(x_adv).sum())
+    kept = pos < len(state.images)
+    if bool(kept.any()):
+        state.images[pos[kept]] = x_adv[kept.to(x_adv.device)].detach().float().cpu()

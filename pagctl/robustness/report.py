@@ -1,0 +1,118 @@
+"""What an attack run reports: `AttackReport`, with one `StageReport` per stage.
+
+`pagctl.robustness.engine.run_attack` returns it; `AttackReport.to_record` is its line of
+metrics.jsonl (`pagctl.records.AttackRecord`). Accuracies carry Wilson 95% intervals; which
+points were correct is kept both as boolean tensors (``clean_mask``, ``robust_mask``, for
+the caller) and as hex bit strings (``per_example``, for the record); the subset is named
+by a digest of its indices (`pagctl.stats`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pagctl.records import AttackRecord, PerExample, Reliability, StageRecord, Subset
+from pagctl.stats import pack_bits, subset_record, wilson_interval
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+    from torch import Tensor
+
+    from pagctl.robustness.state import AttackState
+
+
+@dataclass
+class StageReport:
+    """What one stage did: points attacked and broken, passes (one per example) and time."""
+
+    name: str
+    attacked: int = 0
+    broke: int = 0
+    forwards: int = 0
+    backwards: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class AttackReport:
+    """Clean and robust accuracy of one attack on one subset, and how it was measured.
+
+    ``norm`` and ``eps`` are the budget the attack declares (`pagctl.protocols
+    .declared_budget`), None when it declares none. ``clean_mask`` / ``robust_mask``: which
+    points were correct, (n,) bool on the CPU; ``per_example`` holds the same as hex.
+    """
+
+    attack: str
+    params: dict[str, Any]
+    n: int
+    clean_correct: int
+    robust_correct: int
+    clean_accuracy: float
+    robust_accuracy: float
+    clean_interval: tuple[float, float]
+    robust_interval: tuple[float, float]
+    norm: str | None
+    eps: float | None
+    max_l2: float
+    max_linf: float
+    pixel_min: float
+    pixel_max: float
+    nan_count: int
+    forwards: int
+    backwards: int
+    seconds: float
+    clean_mask: Tensor = field(repr=False)
+    robust_mask: Tensor = field(repr=False)
+    stages: list[StageReport] = field(default_factory=list)
+    subset: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    per_example: dict[str, str] = field(default_factory=dict)
+    reliability: dict[str, Any] | None = None
+    images: Tensor | None = field(default=None, repr=False)
+    """Adversarial versions of the first ``keep_images`` points (not part of the record)."""
+
+    @classmethod
+    def from_state(cls, state: AttackState, name: str, params: BaseModel, norm: str | None,
+                   eps: float | None, indices: Tensor, seed: int) -> AttackReport:
+        """The report of a finished (or stopped) run. Shape: indices (n,)."""
+        n = len(indices)
+        clean_k, robust_k = int(state.clean.sum()), int(state.robust.sum())
+        stats = state.stats
+        return cls(
+            attack=name, params=params.model_dump(mode="json"), n=n,
+            clean_correct=clean_k, robust_correct=robust_k,
+            clean_accuracy=clean_k / n if n else 0.0,
+            robust_accuracy=robust_k / n if n else 0.0,
+            clean_interval=wilson_interval(clean_k, n),
+            robust_interval=wilson_interval(robust_k, n), norm=norm, eps=eps,
+            max_l2=stats["max_l2"], max_linf=stats["max_linf"],
+            pixel_min=stats["pixel_min"] if stats["pixel_min"] <= stats["pixel_max"] else 0.0,
+            pixel_max=stats["pixel_max"], nan_count=int(stats["nan_count"]),
+            forwards=sum(s.forwards for s in state.stages),
+            backwards=sum(s.backwards for s in state.stages),
+            seconds=float(stats["seconds"]), clean_mask=state.clean.clone(),
+            robust_mask=state.robust.clone(), stages=state.stages,
+            subset=subset_record(indices), seed=seed,
+            per_example={"clean": pack_bits(state.clean), "robust": pack_bits(state.robust)},
+        )
+
+    def to_record(self, params_given: dict[str, Any] | None = None) -> AttackRecord:
+        """The metrics.jsonl record; ``params_given``: the parameters as the user typed them
+        (e.g. eps "8/255")."""
+        record = AttackRecord(
+            attack=self.attack, params=self.params, n=self.n,
+            clean_correct=self.clean_correct, robust_correct=self.robust_correct,
+            clean_accuracy=self.clean_accuracy, robust_accuracy=self.robust_accuracy,
+            clean_interval=self.clean_interval, robust_interval=self.robust_interval,
+            norm=self.norm, eps=self.eps, max_l2=self.max_l2, max_linf=self.max_linf,
+            pixel_min=self.pixel_min, pixel_max=self.pixel_max, nan_count=self.nan_count,
+            forwards=self.forwards, backwards=self.backwards, seconds=self.seconds,
+            stages=[StageRecord(**asdict(s)) for s in self.stages],
+            subset=Subset(**self.subset), seed=self.seed,
+            per_example=PerExample(**self.per_example),
+            reliability=Reliability(**self.reliability) if self.reliability is not None
+            else None)
+        if params_given is not None:
+            record.params_given = params_given
+        return record

@@ -1,0 +1,281 @@
+"""Training class-conditional score models by denoising score matching (``pagctl
+train-score``).
+
+The score model (`pagctl.score.model`) supplies the Score-Based Gradients target source
+(``sbg``): g(x, t) = s(x_σ, σ, t) − s(x_σ, σ, ∅), which by Bayes' rule is
+∇ log p(t | x_σ). This module holds the training loop (`train_score`); the spec
+(`ScoreSpec`, built-ins in ``pagctl/specs/score/``) is `pagctl.score.spec` and the samples
+figure `pagctl.score.figures`. The run folder's life (refuse or resume, create, save state)
+is the one training classifiers shares (`pagctl.checkpoint.RunFolder`).
+
+Training, per example: σ log-uniform in [sigma_min, sigma_max], ε ~ N(0, I),
+x_σ = x + σ·ε, the label replaced by the null class with probability ``null_prob``, and
+loss = mean ‖ε̂(x_σ, σ, t') − ε‖². Adam, linear warm-up then constant or cosine learning
+rate, gradient-norm clipping, optional EMA of the weights (used for sampling and saved as
+the model). Every random draw (batch order, σ, ε, null mask, flips) comes from seeded
+generators, never the global RNG, so an interrupted run resumed with ``resume=True``
+ends with exactly the weights of an uninterrupted one.
+
+Run folder (every file written atomically)::
+
+    <out_dir>/
+      model.safetensors   weights (the EMA weights when train.ema is set)
+      config.json         ScoreModelConfig: network, num_classes, input_shape, centring, σ range
+      spec.json           the validated ScoreSpec
+      metrics.jsonl       {"kind": "score_train", "step", "loss", "lr", "seconds"} every log_every
+      state.safetensors   model, EMA, Adam state, generator state, counters (for resume)
+      state.json          a readable copy of the counters
+      samples.png         per_class samples of every class (the toy: a scatter over the data)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from pagctl.checkpoint import RunFolder
+from pagctl.errors import SpecError
+from pagctl.records import ScoreDoneRecord, ScoreTrainRecord
+from pagctl.score.figures import SAMPLES_FILE, write_samples_figure
+from pagctl.score.model import ScoreModel, ScoreModelConfig, save_score_model
+from pagctl.score.spec import ScoreSpec, ScoreTrainSpec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from pagctl.data import DataBundle
+
+__all__ = ["ScoreTrainResult", "dsm_loss", "lr_at", "model_config_for", "train_score"]
+
+
+# ---------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class ScoreTrainResult:
+    run_dir: Path
+    steps_done: int
+    interrupted: bool
+    last: dict[str, Any] = field(default_factory=dict)
+    samples: Path | None = None
+
+
+def model_config_for(spec: ScoreSpec, bundle: DataBundle, trained_steps: int = 0
+                     ) -> ScoreModelConfig:
+    """The network config of ``spec`` on ``bundle``: centre = the dataset's default
+    per-channel mean, σ_d = the root mean square of its per-channel std."""
+    sigma_data = math.sqrt(sum(s * s for s in bundle.std) / len(bundle.std))
+    try:
+        return ScoreModelConfig(
+            network=spec.model.resolved_kind(bundle.input_shape),
+            num_classes=bundle.num_classes, input_shape=bundle.input_shape,
+            width=spec.model.width, channel_mult=spec.model.channel_mult,
+            blocks=spec.model.blocks, dropout=spec.model.dropout, center=bundle.mean,
+            sigma_data=sigma_data, sigma_min=spec.train.sigma_min,
+            sigma_max=spec.train.sigma_max, trained_steps=trained_steps,
+            ema=spec.train.ema is not None)
+    except ValidationError as exc:
+        msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise SpecError(f"model: {msg}") from None
+
+
+def lr_at(t: ScoreTrainSpec, step: int) -> float:
+    """Learning rate at 0-based ``step``: linear warm-up, then constant or cosine to 0."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
+    span = max(1, t.steps - t.warmup_steps)
+    return t.lr * 0.5 * (1.0 + math.cos(math.pi * (step - t.warmup_steps) / span))
+
+
+def _batch_order(n: int, batch: int, seed: int, step: int,
+                 cache: dict[int, Tensor]) -> Tensor:
+    """Dataset positions of ``step``'s batch: epoch e uses a permutation seeded by (seed, e),
+    so the order depends on the step number only."""
+    import torch
+
+    per_epoch = max(1, n // batch)
+    epoch, within = divmod(step, per_epoch)
+    if epoch not in cache:
+        cache.clear()
+        cache[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(
+            seed * 1_000_003 + epoch))
+    return cache[epoch][within * batch: (within + 1) * batch]
+
+
+def dsm_loss(model: ScoreModel, x: Tensor, y: Tensor, gen: torch.Generator,
+             t: ScoreTrainSpec) -> Tensor:
+    """Denoising score-matching loss of one batch, every draw from ``gen`` (a CPU
+    generator). Shape: x (B, C, H, W) in [0, 1], y (B,) int64 -> scalar."""
+    import torch
+
+    b = x.shape[0]
+    log_lo, log_hi = math.log(t.sigma_min), math.log(t.sigma_max)
+    sigma = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(b, generator=gen))
+    eps = torch.randn(x.shape, generator=gen, dtype=torch.float32)
+    null = torch.rand(b, generator=gen) < t.null_prob
+    dev = x.device
+    sigma, eps, null = sigma.to(dev), eps.to(dev), null.to(dev)
+    y = torch.where(null, torch.full_like(y, model.null_class), y)
+    x_sigma = x + sigma.view(-1, 1, 1, 1) * eps
+    loss: Tensor = (model(x_sigma, sigma, y).float() - eps).square().mean()
+    return loss
+
+
+def _ema_update(ema_params: Sequence[Tensor], params: Sequence[Tensor], decay: float) -> None:
+    """ema ← ema + (1 − decay)(θ − ema), for all tensors at once."""
+    import torch
+
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema_params), list(params), 1.0 - decay)
+
+
+def train_score(
+    spec: ScoreSpec,
+    *,
+    device: str = "auto",
+    progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_step: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ScoreTrainResult:
+    """Train ``spec``'s score model into its run folder; returns when done or after a
+    Ctrl-C (the first one stops after the current step and saves state; the result is
+    then ``interrupted``). ``resume`` continues a saved state exactly; an existing folder is
+    refused without ``resume`` or ``overwrite`` (CheckpointError). ``on_step(step)`` is called
+    after every optimiser step (0-based). Writes samples.png at the end (skipped, with a
+    log line, when matplotlib is missing).
+    """
+    import torch
+
+    from pagctl.build import resolve_device
+    from pagctl.checkpoint import append_record
+    from pagctl.data import get_batch, load_data
+    from pagctl.progress import ProgressBar, StopFlag
+
+    # ---- the run folder: refuse or check before building anything
+    folder = RunFolder(spec, command="train-score", resume=resume, overwrite=overwrite,
+                       folder="score run", what="score spec", files=(SAMPLES_FILE,))
+    run_dir = folder.path
+
+    # ---- data, model, EMA copy, optimiser
+    dev = resolve_device(device)
+    t = spec.train
+    bundle = load_data(spec.data)
+    n_train = len(bundle.train)  # type: ignore[arg-type]
+    if n_train == 0:
+        raise SpecError("data: the training set is empty")
+    config = model_config_for(spec, bundle)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.seed)
+        model = ScoreModel(config).to(dev)
+    ema = copy.deepcopy(model).requires_grad_(False) if t.ema is not None else None
+    ema_decay = t.ema or 0.0
+    params = list(model.parameters())
+    ema_params = list(ema.parameters()) if ema is not None else []
+    opt = torch.optim.Adam(params, lr=t.lr, foreach=True)
+    gen = torch.Generator().manual_seed(t.seed)
+
+    # ---- start fresh, or restore the saved state
+    start, sums = 0, {"loss": 0.0, "count": 0.0, "seconds": 0.0}
+    saved = folder.start()
+    if saved is not None:
+        model.load_state_dict(saved.module_state("model"))
+        if ema is not None:
+            ema.load_state_dict(saved.module_state("ema"))
+        saved.restore_optimizer(opt, dev)
+        gen.set_state(saved.tensors["rng.train"])
+        start, sums = int(saved.counters["step"]), dict(saved.counters["sums"])
+        folder.trim_metrics(lambda r: r.get("kind") not in ("score_train", "score_done") or (
+            r["kind"] == "score_train" and isinstance(r.get("step"), int) and r["step"] <= start))
+    emit = log or (lambda msg: None)
+    n_params = sum(p.numel() for p in model.parameters())
+    emit(f"{spec.name}: {config.network} score model, {n_params:,} parameters, "
+         f"{n_train} training images of {bundle.num_classes} classes, {t.steps} steps, "
+         f"device {dev}")
+
+    def save(step: int, *, weights: bool) -> None:
+        modules: dict[str, torch.nn.Module] = {"model": model}
+        if ema is not None:
+            modules["ema"] = ema
+        folder.save_state(modules, opt, {"train": gen.get_state()},
+                          {"step": step, "sums": sums})
+        if weights:
+            save_score_model(run_dir, ema if ema is not None else model,
+                             config.model_copy(update={"trained_steps": step}))
+
+    # ---- the loop
+    amp = t.amp and dev.type == "cuda"
+    order_cache: dict[int, Tensor] = {}
+    last: dict[str, Any] = {}
+    model.train()
+    step = start
+    with StopFlag() as stop, ProgressBar("score", t.steps, enabled=progress) as bar:
+        bar.update(completed=start)
+        tick = time.perf_counter()
+        for step in range(start, t.steps):
+            idx = _batch_order(n_train, t.batch_size, t.seed, step, order_cache)
+            x, y = get_batch(bundle.train, idx)
+            if t.hflip:
+                flips = torch.rand(x.shape[0], generator=gen) < 0.5
+                x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(t, step)
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+                loss = dsm_loss(model, x, y, gen, t)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"score training: the loss became {loss.item()} at step "
+                                   f"{step + 1}; lower train.lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            if t.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, t.grad_clip, foreach=True)
+            opt.step()
+            if ema is not None:
+                _ema_update(ema_params, params, min(ema_decay, (1 + step) / (10 + step)))
+            sums["loss"] += float(loss.detach())
+            sums["count"] += 1
+            now = time.perf_counter()
+            sums["seconds"] += now - tick
+            tick = now
+            done = step + 1
+            if done % t.log_every == 0 or done == t.steps:
+                record = ScoreTrainRecord(
+                    step=done, steps=t.steps, loss=sums["loss"] / max(1.0, sums["count"]),
+                    lr=lr_at(t, step), seconds=sums["seconds"])
+                append_record(run_dir, record)
+                last = record.to_json()
+                sums["loss"], sums["count"] = 0.0, 0.0
+                emit(f"step {done}/{t.steps}  loss {last['loss']:.4f}  "
+                     f"{sums['seconds']:.1f}s")
+            bar.update(completed=done, info=f"loss {last.get('loss', float('nan')):.4f}")
+            if on_step is not None:
+                on_step(step)
+            if done < t.steps and (stop.requested or done % t.save_every == 0):
+                save(done, weights=not stop.requested)
+                tick = time.perf_counter()
+                if stop.requested:
+                    return ScoreTrainResult(run_dir, done, True, last)
+
+    # ---- the end: final weights, samples
+    save(t.steps, weights=True)
+    samples_path = None
+    tick = time.perf_counter()
+    if spec.sample.per_class > 0:
+        samples_path = write_samples_figure(run_dir, ema if ema is not None else model,
+                                            bundle, spec, log=emit)
+    append_record(run_dir, ScoreDoneRecord(steps=t.steps, train_seconds=sums["seconds"],
+                                           sample_seconds=time.perf_counter() - tick))
+    return ScoreTrainResult(run_dir, t.steps, False, last, samples_path)

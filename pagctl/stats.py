@@ -1,0 +1,144 @@
+"""The statistics every report shares: intervals, tests, correlation, subset digests and
+per-example bits.
+
+- `wilson_interval`: 95% interval of an accuracy (attack reports, compare, the toy study);
+- `mean_interval`: 95% normal interval of a mean (the alignment score);
+- `mcnemar_exact`: exact two-sided McNemar test of two models on the same points;
+- `pearson`: correlation of alignment and robustness across runs;
+- `indices_digest` / `first_n_digest` / `subset_record`: which test points were used;
+- `pack_bits` / `unpack_bits` / `bits_as_int`: which points were correct, as hex strings.
+
+Importing this module imports neither torch nor numpy (``compare`` reads hundreds of runs
+with it); the tensor helpers import them when called.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from array import array
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = ["Z95", "bits_as_int", "first_n_digest", "indices_digest", "mcnemar_exact",
+           "mean_interval", "pack_bits", "pearson", "subset_record", "unpack_bits",
+           "wilson_interval"]
+
+Z95 = 1.959963984540054
+"""The standard normal quantile of 0.975: a two-sided 95% interval."""
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion ``k / n`` (95% by default).
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at k = 0 or n.
+    """
+    if n <= 0:
+        return (0.0, 1.0)
+    p = k / n
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mean_interval(mean: float, sd: float, n: int, *, low: float = -math.inf,
+                  high: float = math.inf, z: float = Z95) -> tuple[float, float]:
+    """Normal 95% interval of a mean of ``n`` values with sample standard deviation ``sd``,
+    clipped to [low, high]; a single value (n <= 1) gives the point itself."""
+    half = z * sd / math.sqrt(n) if n > 1 else 0.0
+    return (max(low, mean - half), min(high, mean + half))
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value: 2·P(X <= min(b, c)), X ~ Binomial(b + c, 1/2),
+    capped at 1. The binomial sum is taken in exact integers from the largest term down and
+    stops once a term no longer changes a double (terms shrink geometrically there)."""
+    n, k = b + c, min(b, c)
+    if n == 0 or 2 * k == n:
+        return 1.0
+    term = math.comb(n, k)
+    total = 0
+    i = k
+    while i >= 0 and term:
+        total += term
+        if term < total >> 64:
+            break
+        term = term * i // (n - i + 1)
+        i -= 1
+    return min(1.0, 2 * total / (1 << n))
+
+
+def pearson(xs: list[float], ys: list[float]) -> float | None:
+    """Pearson correlation; None with fewer than 3 points or without variation."""
+    n = len(xs)
+    if n < 3:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx <= 0 or syy <= 0:
+        return None
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / math.sqrt(sxx * syy)
+
+
+# ---------------------------------------------------------------------------------------
+# which points: subset digests
+
+
+def _digest(values: Iterable[int]) -> str:
+    """sha256 of the values as native int64, first 16 hex digits."""
+    return hashlib.sha256(array("q", values).tobytes()).hexdigest()[:16]
+
+
+def indices_digest(indices: Tensor) -> str:
+    """The digest that names a subset of test points. Shape: (n,) int64."""
+    return _digest(int(i) for i in indices.detach().cpu().reshape(-1).tolist())
+
+
+_FIRST_N: dict[int, str] = {}
+
+
+def first_n_digest(n: int) -> str:
+    """`indices_digest` of ``arange(n)`` (the first n test points), cached, without torch."""
+    if n not in _FIRST_N:
+        _FIRST_N[n] = _digest(range(n))
+    return _FIRST_N[n]
+
+
+def subset_record(indices: Tensor) -> dict[str, Any]:
+    """How a record names its test points: count, digest, first and last index."""
+    n = len(indices)
+    return {"count": n, "indices_sha256": indices_digest(indices),
+            "first": int(indices[0]) if n else None, "last": int(indices[-1]) if n else None}
+
+
+# ---------------------------------------------------------------------------------------
+# which points were correct: per-example bits
+
+
+def pack_bits(mask: Tensor) -> str:
+    """A boolean vector as a hex string, 8 points per byte, first point in the high bit."""
+    import numpy as np
+
+    return bytes(np.packbits(mask.detach().cpu().numpy().astype(bool))).hex()
+
+
+def unpack_bits(text: str, n: int) -> Tensor:
+    """Inverse of :func:`pack_bits`. Shape: -> (n,) bool."""
+    import numpy as np
+    import torch
+
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n]
+    return torch.from_numpy(bits.astype(bool))
+
+
+def bits_as_int(text: str, n: int) -> int:
+    """A :func:`pack_bits` string as an int, point 0 in bit n - 1 (set algebra without
+    numpy: ``(a & ~b).bit_count()`` counts the points only A gets right)."""
+    if n == 0:
+        return 0
+    return int(text, 16) >> (4 * len(text) - n)

@@ -1,0 +1,100 @@
+"""`pagctl.stats`: intervals, the exact McNemar test, Pearson, subset digests and
+per-example bits, against known values and independent implementations."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from pagctl.stats import (
+    bits_as_int,
+    first_n_digest,
+    indices_digest,
+    mcnemar_exact,
+    mean_interval,
+    pack_bits,
+    pearson,
+    subset_record,
+    unpack_bits,
+    wilson_interval,
+)
+
+
+def test_wilson_interval_known_values() -> None:
+    lo, hi = wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson_interval(10, 10)
+    assert hi == pytest.approx(1.0) and lo == pytest.approx(1 - 0.2775, abs=1e-4)
+    # the interval shrinks like 1/sqrt(n) and always holds the estimate
+    for k, n in ((3, 7), (50, 100), (500, 1000)):
+        lo, hi = wilson_interval(k, n)
+        assert lo <= k / n <= hi
+    assert wilson_interval(500, 1000)[1] - wilson_interval(500, 1000)[0] < 0.07
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_mean_interval_is_the_normal_interval_clipped() -> None:
+    lo, hi = mean_interval(0.5, 0.2, 100)
+    assert lo == pytest.approx(0.5 - 1.959964 * 0.02) and hi == pytest.approx(0.5 + 1.959964 * 0.02)
+    assert mean_interval(0.99, 0.5, 4, low=-1.0, high=1.0)[1] == 1.0
+    assert mean_interval(0.3, 0.7, 1) == (0.3, 0.3)
+
+
+def test_mcnemar_exact_known_values() -> None:
+    assert mcnemar_exact(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert mcnemar_exact(2, 10) == pytest.approx(0.0385742, abs=1e-7)
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(7, 7) == 1.0
+    assert mcnemar_exact(0, 1) == 1.0
+    assert mcnemar_exact(0, 20) == pytest.approx(2 / 2**20)
+    # a large case agrees with the full exact sum
+    exact = Fraction(2 * sum(math.comb(1500, i) for i in range(701)), 2**1500)
+    assert mcnemar_exact(800, 700) == pytest.approx(float(exact), rel=1e-12)
+
+
+def test_pearson_known_values() -> None:
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert pearson([1, 2], [1, 2]) is None  # too few points
+    assert pearson([1, 1, 1], [1, 2, 3]) is None  # no variation
+    xs, ys = [0.1, 0.4, 0.35, 0.8], [0.2, 0.3, 0.5, 0.9]
+    mx, my = sum(xs) / 4, sum(ys) / 4
+    num = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    den = math.sqrt(sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys))
+    assert pearson(xs, ys) == pytest.approx(num / den)
+
+
+def test_digests_name_the_same_subset_with_and_without_torch() -> None:
+    import hashlib
+
+    import numpy as np
+
+    for n in (0, 1, 360, 10_000):
+        want = hashlib.sha256(np.arange(n, dtype=np.int64).tobytes()).hexdigest()[:16]
+        assert first_n_digest(n) == indices_digest(torch.arange(n)) == want
+    idx = torch.tensor([5, 2, 9])
+    assert subset_record(idx) == {"count": 3, "indices_sha256": indices_digest(idx),
+                                  "first": 5, "last": 9}
+    assert indices_digest(idx) != indices_digest(torch.tensor([2, 5, 9]))  # order counts
+
+
+def _bits_hex(bits: list[int]) -> str:
+    """An independent packer: first point in the high bit of the first byte."""
+    padded = bits + [0] * (-len(bits) % 8)
+    return bytes(int("".join(map(str, padded[i:i + 8])), 2)
+                 for i in range(0, len(padded), 8)).hex()
+
+
+def test_bits_round_trip_and_layout() -> None:
+    g = torch.Generator().manual_seed(0)
+    for n in (0, 1, 7, 8, 9, 1000):
+        mask = torch.rand(n, generator=g) > 0.5
+        assert torch.equal(unpack_bits(pack_bits(mask), n), mask)
+        assert pack_bits(mask) == _bits_hex([int(b) for b in mask])
+    mask = torch.tensor([True, False, True, True, False, False, True, False, True, True, False])
+    assert bits_as_int(pack_bits(mask), 11) == int("10110010110", 2)
+    assert bits_as_int("", 0) == 0
