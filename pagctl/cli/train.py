@@ -44,6 +44,20 @@ def _listed(list_: bool, schema: bool, names: Callable[[], list[str]],
     return False
 
 
+def _log(message: str) -> None:
+    """A training log line on stderr."""
+    from pagctl.progress import stderr_console
+
+    stderr_console.print(message, soft_wrap=True)
+
+
+def _stopped(command: str, after: str, run_dir: Path) -> None:
+    """After a Ctrl-C: how to continue, on stderr, and exit 130."""
+    _log(f"interrupted after {after}; state saved. Continue with: pagctl {command} {run_dir} "
+         "--resume")
+    raise typer.Exit(130)
+
+
 def _spec_and_values(command: str, spec: str, *, data_dir: Path | None, out: Path | None,
                      extra: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
     """The spec to load and the typed values its options set (applied after ``--set``, as
@@ -110,16 +124,10 @@ def train(
             ("lambda / K", f"{run_spec.train.pag_weight} / {run_spec.train.classes_per_image}"),
         ])
         return
-    from pagctl.progress import stderr_console
-
     result = run_train(run_spec, device=device, resume=resume, overwrite=overwrite,
-                       progress=not quiet,
-                       log=lambda m: stderr_console.print(m, soft_wrap=True))
+                       progress=not quiet, log=_log)
     if result.interrupted:
-        stderr_console.print(f"interrupted after epoch {result.epochs_done}; state saved. "
-                             f"Continue with: pagctl train {result.run_dir} --resume",
-                             soft_wrap=True)
-        raise typer.Exit(130)
+        _stopped("train", f"epoch {result.epochs_done}", result.run_dir)
     summary = {"run_dir": str(result.run_dir), **result.last}
     if fmt is Format.json:
         print_json(summary)
@@ -162,17 +170,12 @@ def train_score(
                         "(pagctl train-score --list)")
     spec, values = _spec_and_values("train-score", spec, data_dir=data_dir, out=out)
     score_spec = load_score_spec(spec, set_, values)
-    from pagctl.progress import stderr_console
     from pagctl.score.train import train_score
 
     result = train_score(score_spec, device=device, progress=not quiet, resume=resume,
-                         overwrite=overwrite,
-                         log=lambda m: stderr_console.print(m, soft_wrap=True))
+                         overwrite=overwrite, log=_log)
     if result.interrupted:
-        stderr_console.print(f"interrupted after step {result.steps_done}; state saved. "
-                             f"Continue with: pagctl train-score {result.run_dir} --resume",
-                             soft_wrap=True)
-        raise typer.Exit(130)
+        _stopped("train-score", f"step {result.steps_done}", result.run_dir)
     summary = {"run_dir": str(result.run_dir), "steps": result.steps_done,
                "samples": str(result.samples) if result.samples else None, **result.last}
     if fmt is Format.json:
