@@ -81,9 +81,9 @@ def alignment_report(
     import torch
 
     from pagctl.data import get_batch
-    from pagctl.gradients import input_gradients
+    from pagctl.gradients import logits_and_input_gradients
     from pagctl.losses import cosine_alignment, sample_target_classes
-    from pagctl.models import eval_mode
+    from pagctl.models import check_finite_outputs, eval_mode
 
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
@@ -98,7 +98,9 @@ def alignment_report(
             classes = sample_target_classes(y, num_classes, classes_per_image, gen)
             with torch.no_grad():
                 targets = source(x, y, classes)
-            cos = cosine_alignment(input_gradients(model, x, classes), targets).double()
+            logits, grads = logits_and_input_gradients(model, x, classes)
+            check_finite_outputs(logits, "alignment")
+            cos = cosine_alignment(grads, targets).double()
             is_true = classes == y[:, None]
             true_sum += float(cos[is_true].sum())
             other_sum += float(cos[~is_true].sum())

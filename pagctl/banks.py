@@ -305,9 +305,9 @@ def write_bank(
     dataset's content hash (computed when None). ``on_chunk(done, total)`` is called after
     each chunk is on disk. Progress with an ETA goes to stderr.
 
-    Raises ``SpecError`` for bad arguments or a source whose output is unusable, and
-    ``CheckpointError`` for an existing bank (without ``overwrite``) or parts written for
-    something else.
+    Raises ``SpecError`` for bad arguments, ``PluginContractError`` for a source whose output
+    breaks the contract, and ``CheckpointError`` for an existing bank (without
+    ``overwrite``), a folder in its place, or parts written for something else.
     """
     import torch
 
@@ -334,6 +334,9 @@ def write_bank(
     meta = json.loads(json.dumps(meta, default=str))  # params as they read back
     key = {k: v for k, v in meta.items() if k != "created_by"}
     key["chunk_size"] = chunk_size
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path}: is a folder, not a bank file; give --out a file name "
+                              "ending in .safetensors")
     if path.exists() and resume and _same_bank(path, key):
         return bank_info(path)  # finished by an earlier run
     if path.exists() and not overwrite:
@@ -355,8 +358,12 @@ def write_bank(
             shutil.rmtree(parts)
     elif parts.exists():
         shutil.rmtree(parts)
-    parts.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(manifest, json.dumps(key, sort_keys=True, indent=2) + "\n")
+    try:
+        parts.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(manifest, json.dumps(key, sort_keys=True, indent=2) + "\n")
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write a bank there ({exc.strerror or exc}); "
+                              "choose a writable --out") from None
 
     torch_dtype = torch.float16 if dtype == "float16" else torch.float32
     dev = torch.device(device)

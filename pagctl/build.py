@@ -78,7 +78,7 @@ def setup(spec: RunSpec, device: torch.device, *, build_plugins: bool = True,
     torch.manual_seed(spec.train.seed)
     model = build_model(spec.model, num_classes=bundle.num_classes,
                         in_chans=bundle.input_shape[0], default_mean=bundle.mean,
-                        default_std=bundle.std)
+                        default_std=bundle.std, allow_download=spec.data.download)
     config = timm_config(model, spec.model, bundle.num_classes, bundle.input_shape[0],
                          bundle.input_shape)
     refs: list[tuple[PluginRef, Any, str]] = [

@@ -19,13 +19,14 @@ folder (refuse or resume, create, save state), shared by ``pagctl train`` and
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -49,6 +50,8 @@ METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "state.safetensors"
 STATE_META_FILE = "state.json"
 RUN_FILES = (MODEL_FILE, CONFIG_FILE, SPEC_FILE, METRICS_FILE, STATE_FILE, STATE_META_FILE)
+LOCK_FILE = ".pagctl.lock"
+"""`RunLock`'s file, present while the folder is in use (the lock is the kernel's)."""
 
 
 def _umask() -> int:
@@ -65,9 +68,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; use the usual file mode
     try:
         yield tmp_path
+        # mkstemp makes 0600, and some writers (safetensors) make their file anew: give it
+        # the usual mode of a new file
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -106,8 +111,19 @@ def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, to
 
 
 def spec_hash(spec: BaseModel) -> str:
-    """A short digest of a validated spec (recorded with the weights and the state)."""
+    """A short digest of a validated spec, recorded with the weights and the state, so that
+    files of different runs are told apart. ``out_dir`` is left out: the folder a run lives
+    in (or was resumed from by another path) is not part of what the run is."""
+    if "out_dir" in type(spec).model_fields:
+        spec = spec.model_copy(update={"out_dir": None})
     return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
+
+
+def _spec_hashes(spec: BaseModel) -> set[str]:
+    """The digests files written for ``spec`` may carry: `spec_hash`, and the earlier form
+    that also covered ``out_dir`` (files written before it was left out)."""
+    legacy = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
+    return {spec_hash(spec), legacy}
 
 
 def load_error_detail(exc: BaseException) -> str:
@@ -159,6 +175,127 @@ def read_spec(run_dir: Path) -> RunSpec:
 
 
 # ---------------------------------------------------------------------------------------
+# one run per folder: the lock
+
+
+class RunLock:
+    """An advisory lock on a run folder: exclusive for what trains into it (``pagctl train``,
+    ``train-score``, ``--resume``), shared for what reads its weights and appends records
+    (``pagctl attack``, ``align-score``), so a folder is never trained twice at once nor
+    evaluated while its weights change.
+
+    The lock is ``flock`` on ``<run>/.pagctl.lock``. The kernel releases it when its holder
+    exits, however it exits, so a lock left by a killed process is stale by construction
+    and taken over without a word; a lock held by a live process is refused with one line
+    naming the holder (its pid, host, command and start, written in the file). Where the
+    platform or the file system has no ``flock`` (not POSIX, some network file systems) no
+    lock is taken. ``create``: make the folder when it does not exist (an exclusive lock
+    taken before anything else is written there); `release` removes such a folder again
+    (and the parents it made) when nothing else was written into it.
+    """
+
+    def __init__(self, run_dir: Path, *, exclusive: bool, command: str,
+                 create: bool = False) -> None:
+        self.run_dir = run_dir
+        self.path = run_dir / LOCK_FILE
+        self.exclusive = exclusive
+        self.command = command
+        self.create = create
+        self._fd: int | None = None
+        self._created: list[Path] = []  # folders this lock made, outermost first
+
+    def acquire(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        if self.create:
+            missing = []
+            folder = self.run_dir
+            while not folder.exists() and folder != folder.parent:
+                missing.append(folder)
+                folder = folder.parent
+            for folder in reversed(missing):
+                try:
+                    folder.mkdir()
+                    self._created.append(folder)
+                except FileExistsError:
+                    pass  # made meanwhile by another process: the lock decides
+        mode = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
+        for _ in range(100):  # until the locked file is the one at the path
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError:
+                return self  # a read-only folder: nothing can train into it
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                    return self  # no flock on this file system
+                raise CheckpointError(self._busy()) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # removed by a holder that released it meanwhile: try again
+        else:  # pragma: no cover - a path replaced a hundred times in a row
+            raise CheckpointError(f"{self.path}: keeps changing; is another tool removing it?")
+        self._fd = fd
+        if self.exclusive:
+            import platform
+            import time
+
+            holder = {"pid": os.getpid(), "host": platform.node(), "command": self.command,
+                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        return self
+
+    def _busy(self) -> str:
+        holder: Any = None
+        with suppress(OSError, ValueError):
+            holder = json.loads(self.path.read_text(encoding="utf-8") or "null")
+        who = (f"pid {holder.get('pid')} on {holder.get('host')} ('pagctl "
+               f"{holder.get('command')}' since {holder.get('since')})"
+               if isinstance(holder, dict) else "another pagctl command")
+        if self.exclusive:
+            return (f"{self.run_dir}: in use by {who}; a run folder holds one run: wait for "
+                    "it to end, or choose another --out")
+        return (f"{self.run_dir}: being trained by {who}; its weights are changing: evaluate "
+                "it when training ends")
+
+    def release(self) -> None:
+        """Unlock. The last holder removes the lock file (and a folder this lock created, with
+        the parents it made, when nothing else was written into it), so the file exists only
+        while the folder is in use, or after its holder was killed."""
+        if self._fd is None:
+            return
+        import fcntl
+
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no one else holds it
+        except OSError:
+            pass  # other readers still hold it: theirs to remove
+        else:
+            self.path.unlink(missing_ok=True)  # acquirers check the inode they locked
+            if self._created and not any(self.run_dir.iterdir()):
+                for folder in reversed(self._created):
+                    with suppress(OSError):  # not empty any more: someone else's now
+                        folder.rmdir()
+        os.close(self._fd)  # closing the descriptor releases the lock
+        self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------
 # the life of a training run's folder (resumable state: tensors in safetensors, no pickle)
 
 
@@ -194,10 +331,13 @@ class RunFolder:
 
     1. ``RunFolder(spec, ...)`` checks before anything is built or written: an existing
        folder is refused unless resuming or overwriting, and a resumed folder must hold a
-       saved state and the same spec (``out_dir`` aside);
-    2. `start` (after the data, model and plugins are built): resuming, the saved state;
+       saved state of the run its spec.json describes, and the same spec (``out_dir``
+       aside);
+    2. ``with folder:`` holds the folder's exclusive `RunLock` for the whole run (a second
+       process training into it is refused) and checks again under it;
+    3. `start` (after the data, model and plugins are built): resuming, the saved state;
        otherwise a fresh folder (the files of a replaced run removed) with spec.json;
-    3. `save_state` after a stop or an epoch; `trim_metrics` on resume drops the records
+    4. `save_state` after a stop or an epoch; `trim_metrics` on resume drops the records
        written after the saved state.
 
     ``command`` names the command in messages; ``folder`` / ``what`` name the folder and
@@ -213,45 +353,92 @@ class RunFolder:
                  files: tuple[str, ...] = ()) -> None:
         self.path: Path = spec.run_dir
         self.spec = spec
+        self.command = command
         self.resume = resume
         self.overwrite = overwrite
+        self.folder, self.what = folder, what
         self.files = (*RUN_FILES, *files)
-        run_dir = self.path
         if resume and overwrite:
             raise SpecError("--resume and --overwrite exclude each other; pick one")
-        if resume:
+        self._counters: dict[str, Any] | None = None
+        self._lock = RunLock(self.path, exclusive=True, command=command, create=not resume)
+        self._check()
+
+    def _check(self) -> None:
+        """Refuse what cannot be trained into (again under the lock, in `__enter__`)."""
+        run_dir = self.path
+        if self.resume:
             if not (run_dir / STATE_FILE).is_file():
-                raise CheckpointError(f"{run_dir}: nothing to resume (no {STATE_FILE}); "
-                                      "start it without --resume")
-            saved = read_run_spec(run_dir, type(spec), folder=folder, what=what)
+                if not (run_dir / SPEC_FILE).is_file():
+                    raise CheckpointError(f"{run_dir}: nothing to resume (no run folder "
+                                          "here); start it without --resume")
+                raise CheckpointError(
+                    f"{run_dir}: nothing to resume (no {STATE_FILE}: the run stopped before "
+                    "saving any state); start it again with --overwrite")
+            saved = read_run_spec(run_dir, type(self.spec), folder=self.folder, what=self.what)
             # out_dir may differ (a folder resumed by path, or moved); the folder is what counts
             no_dir = {"out_dir": None}
-            if saved.model_copy(update=no_dir) != spec.model_copy(update=no_dir):
+            if saved.model_copy(update=no_dir) != self.spec.model_copy(update=no_dir):
                 raise SpecError(f"--resume: the spec differs from {run_dir}/{SPEC_FILE}; "
-                                f"resume with 'pagctl {command} {run_dir} --resume' or use "
-                                "--overwrite")
+                                f"resume with 'pagctl {self.command} {run_dir} --resume' or "
+                                "use --overwrite")
+            self._counters = self._read_counters()
+            found = self._counters.get("spec_hash")
+            if found not in _spec_hashes(saved):
+                raise CheckpointError(
+                    f"{run_dir / STATE_FILE} was saved by another run than {run_dir / SPEC_FILE}"
+                    f" describes (spec hash {found} vs {spec_hash(saved)}): the files come "
+                    "from different runs; restore them or start again with --overwrite")
             return
-        exists = any(run_dir.iterdir()) if run_dir.is_dir() else run_dir.exists()
-        if exists and not overwrite:
-            raise CheckpointError(f"{run_dir}: run folder already exists; pass --resume to "
-                                  "continue it, --overwrite to replace it, or set out_dir")
         if run_dir.exists() and not run_dir.is_dir():
             raise CheckpointError(f"{run_dir}: exists and is not a folder; choose another "
                                   "out_dir")
+        held = {p.name for p in run_dir.iterdir()} - {LOCK_FILE} if run_dir.is_dir() else set()
+        if held and not self.overwrite:
+            if STATE_FILE in held:
+                raise CheckpointError(f"{run_dir}: run folder already exists; pass --resume "
+                                      "to continue it, --overwrite to replace it, or set "
+                                      "out_dir")
+            raise CheckpointError(f"{run_dir}: folder already exists and holds no saved state "
+                                  "to resume; pass --overwrite to replace it, or set out_dir")
+
+    def __enter__(self) -> RunFolder:
+        """Take the folder's exclusive lock (creating the folder for a new run) and check it
+        again under the lock: held for the whole run, released however the run ends."""
+        self._lock.acquire()
+        try:
+            self._check()
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def _read_counters(self) -> dict[str, Any]:
+        """The counters in state.safetensors' metadata (no tensor is read)."""
+        from safetensors import SafetensorError, safe_open
+
+        path = self.path / STATE_FILE
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                text = (fh.metadata() or {}).get(self.STATE_KEY)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file "
+                                  f"({str(exc).splitlines()[0]}); the file is truncated or "
+                                  "foreign; start again with --overwrite") from None
+        counters = json.loads(text) if text is not None else None
+        if not isinstance(counters, dict):
+            raise CheckpointError(f"{path}: not a pagctl training state; start again with "
+                                  "--overwrite")
+        return counters
 
     def start(self) -> SavedState | None:
         """The saved state when resuming; otherwise create the folder and write spec.json."""
         if self.resume:
-            from safetensors import safe_open
-
-            path = self.path / STATE_FILE
-            tensors = load_tensors(path)
-            with safe_open(str(path), framework="pt") as fh:
-                text = (fh.metadata() or {}).get(self.STATE_KEY)
-            if text is None:
-                raise CheckpointError(f"{path}: not a pagctl training state; start again "
-                                      "with --overwrite")
-            return SavedState(tensors, json.loads(text))
+            assert self._counters is not None
+            return SavedState(load_tensors(self.path / STATE_FILE), self._counters)
         if self.overwrite and self.path.is_dir():
             for name in self.files:
                 (self.path / name).unlink(missing_ok=True)
@@ -287,20 +474,13 @@ class RunFolder:
 
     def trim_metrics(self, keep: Callable[[dict[str, Any]], bool]) -> None:
         """Rewrite metrics.jsonl without the records for which ``keep`` is False (a resumed
-        run writes the records after its saved state again) and without lines that are not
-        JSON objects."""
+        run writes the records after its saved state again) and without damaged lines
+        (an intact record after one is kept)."""
         path = self.path / METRICS_FILE
-        if not path.is_file():
-            return
-        out = []
-        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and keep(rec):
-                out.append(line)
-        atomic_write_text(path, "".join(out))
+        if path.is_file():
+            kept = [json.dumps(rec, sort_keys=True) + "\n" for rec in read_metrics(self.path)
+                    if keep(rec)]
+            atomic_write_text(path, "".join(kept))
 
 
 # ---------------------------------------------------------------------------------------
@@ -332,10 +512,14 @@ def save_model(run_dir: Path, model: NormalizedModel, config: dict[str, Any],
 
 @dataclass
 class LoadedRun:
+    """A classifier run's spec, config and model; ``warnings`` says what looked wrong
+    without stopping the load (weights saved by another run than spec.json describes)."""
+
     run_dir: Path
     spec: RunSpec
     config: dict[str, Any]
     model: NormalizedModel
+    warnings: list[str] = field(default_factory=list)
 
 
 def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
@@ -376,32 +560,104 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
             "or re-run training"
         ) from None
     model.to(device).eval()
-    return LoadedRun(run_dir, spec, config, model)
+    found = _metadata(run_dir / MODEL_FILE).get("spec_hash")
+    warnings = []
+    if found is not None and found not in _spec_hashes(spec):
+        warnings.append(f"warning: {run_dir / MODEL_FILE} was saved by another run than "
+                        f"{run_dir / SPEC_FILE} describes (spec hash {found} vs "
+                        f"{spec_hash(spec)}); results on it belong to that other run")
+    return LoadedRun(run_dir, spec, config, model, warnings)
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata (no tensor is read); empty when unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError):
+        return {}
 
 
 # ---------------------------------------------------------------------------------------
 # metrics
 
 
+@contextmanager
+def _locked(fd: int) -> Iterator[None]:
+    """An exclusive advisory lock on an open file for the block (none where the platform
+    has no ``fcntl``)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 def append_record(run_dir: Path, record: Record) -> None:
-    """Append one record as a JSON line (flushed and fsynced; a line is never split)."""
-    line = json.dumps(record.to_json(), sort_keys=True, allow_nan=False) + "\n"
-    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Append one record to metrics.jsonl as one whole line, or nothing.
+
+    The line goes out in one write on an append descriptor, under an exclusive lock of the
+    file (concurrent appenders never interleave), after a newline when the file does not end
+    in one (a damaged last line never swallows the record), then fsync. When the write
+    fails (a full disk, a file-size limit) the file is cut back to its size before it, so no
+    partial line is left. CheckpointError (one line) when the record holds a number that is
+    not finite (the model's outputs are not), or when the file cannot be written.
+    """
+    from pagctl.records import non_finite
+
+    path = run_dir / METRICS_FILE
+    data = record.to_json()
+    bad = non_finite(data)
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: not recorded: {data.get('kind', 'the')} field '{bad}' is NaN or "
+            "infinite, so the model's outputs are not finite numbers; check its weights")
+    line = (json.dumps(data, sort_keys=True) + "\n").encode("utf-8")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot append the record ({exc.strerror or exc}); "
+                              "make the run folder writable") from None
+    try:
+        with _locked(fd):
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line
+            try:
+                if os.write(fd, line) != len(line):
+                    raise OSError(errno.ENOSPC, "short write")
+                os.fsync(fd)
+            except BaseException:
+                os.ftruncate(fd, size)
+                raise
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot append the record ({exc.strerror or exc}); "
+                              "nothing was written: free space or fix the folder") from None
+    finally:
+        os.close(fd)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Every line of metrics.jsonl that is a JSON object, as a dict (others skipped)."""
+    """Every record of metrics.jsonl that is a JSON object, as a dict, in file order;
+    damaged lines are skipped and an intact record after one is recovered
+    (`pagctl.records.split_lines`)."""
+    from pagctl.records import split_lines
+
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for _, raw in split_lines(path.read_bytes()):
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
+            rec = json.loads(raw)
+        except (ValueError, RecursionError):
             continue
         if isinstance(rec, dict):
             records.append(rec)

@@ -42,3 +42,8 @@ class CheckpointError(PagctlError):
 
 class DataError(PagctlError):
     """A dataset that cannot be found, read, or is invalid (e.g. NaN pixels)."""
+
+
+class ModelError(PagctlError):
+    """A model that cannot be trained or evaluated: its loss or outputs are not finite (NaN
+    or infinite), from a too large learning rate or broken weights."""

@@ -16,6 +16,7 @@ num_classes=cfg["num_classes"], **cfg["model_args"])``; or, with both files in o
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -43,6 +44,7 @@ __all__ = [
     "NormalizedModel",
     "SmallCNN",
     "build_model",
+    "check_finite_outputs",
     "eval_mode",
     "rebuild_from_config",
     "timm_config",
@@ -101,12 +103,17 @@ def _unknown_arch_message(arch: str) -> str:
 
 
 def build_model(spec: ModelSpec, *, num_classes: int, in_chans: int,
-                default_mean: Sequence[float], default_std: Sequence[float]) -> NormalizedModel:
+                default_mean: Sequence[float], default_std: Sequence[float],
+                allow_download: bool = False) -> NormalizedModel:
     """Create ``spec.arch`` with timm for the data's classes and channels, wrapped with the
     normalisation ``spec.mean``/``spec.std`` (or the dataset's defaults when null).
 
-    Raises `SpecError` (one line, dotted path) for an unknown architecture, bad kwargs, or
-    mean/std whose length does not match the data's channels.
+    Pretrained weights (``kwargs.pretrained``) come from the network unless
+    ``kwargs.pretrained_cfg_overlay`` names a local ``file``; nothing reaches the network
+    unless ``allow_download`` (``--download``) says so.
+
+    Raises `SpecError` (one line, dotted path) for an unknown architecture, bad kwargs, a
+    download not allowed, or mean/std whose length does not match the data's channels.
     """
     mean = tuple(spec.mean) if spec.mean is not None else tuple(default_mean)
     std = tuple(spec.std) if spec.std is not None else tuple(default_std)
@@ -122,18 +129,41 @@ def build_model(spec: ModelSpec, *, num_classes: int, in_chans: int,
     base = spec.arch.split(".", 1)[0]
     if not spec.arch.startswith(_SOURCE_PREFIXES) and not timm.is_model(base):
         raise SpecError(_unknown_arch_message(spec.arch))
+    overlay = spec.kwargs.get("pretrained_cfg_overlay")
+    local = isinstance(overlay, dict) and bool(overlay.get("file"))
+    if (spec.kwargs.get("pretrained") or spec.arch.startswith("hf-hub:")) and not local \
+            and not allow_download:
+        raise SpecError(f"model.kwargs.pretrained: {spec.arch}'s pretrained weights come from "
+                        "the network; pass --download to allow it, or name a local file with "
+                        "model.kwargs.pretrained_cfg_overlay={file: PATH}")
     try:
         net = timm.create_model(spec.arch, num_classes=num_classes, in_chans=in_chans,
                                 **spec.kwargs)
-    except (TypeError, ValueError, AssertionError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SpecError(f"model.kwargs: {spec.arch} rejected {dict(spec.kwargs)!r}: {detail}") \
-            from exc
+    except TypeError as exc:
+        bad = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        if bad is not None:
+            raise SpecError(f"model.kwargs.{bad.group(1)}: not an argument of {spec.arch}; "
+                            "remove it (see the architecture's signature in timm)") from exc
+        raise SpecError(f"model.kwargs: {spec.arch} rejected {_short(dict(spec.kwargs))}: "
+                        f"{_first(exc)}") from exc
+    except (ValueError, AssertionError, RuntimeError, KeyError, OSError) as exc:
+        raise SpecError(f"model.kwargs: {spec.arch} rejected {_short(dict(spec.kwargs))}: "
+                        f"{_first(exc)}") from exc
     return NormalizedModel(net, mean, std)
 
 
 # ---------------------------------------------------------------------------------------
 # timm-compatible config
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:119] + "…"
 
 
 def _short_float(value: float) -> float:
@@ -217,3 +247,16 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, was_training in modes:
             module.training = was_training
+
+
+def check_finite_outputs(outputs: Tensor, where: str) -> None:
+    """ModelError naming ``where`` when a model's outputs hold NaN or infinite values: every
+    number measured on them (accuracies, gradients, alignments) would be meaningless.
+    Shape: (N, num_classes)."""
+    from pagctl.errors import ModelError
+
+    bad = ~torch.isfinite(outputs).all(dim=1)
+    if bool(bad.any()):
+        raise ModelError(f"{where}: the model's outputs are NaN or infinite for "
+                         f"{int(bad.sum())} of {outputs.shape[0]} points; its weights are "
+                         "broken (check the run, or retrain with a lower train.lr)")

@@ -64,14 +64,20 @@ class ProgressBar:
 class StopFlag:
     """First Ctrl-C asks the loop to stop after the current step (``requested``); a second
     one raises KeyboardInterrupt. Installed only in the main thread; the previous handler
-    is restored on exit."""
+    is restored on exit.
+
+    A process started with SIGINT ignored (``nohup``, a background job of a non-interactive
+    shell, some schedulers) keeps ignoring it: whoever started it asked for that, and such
+    a run is stopped with SIGTERM or SIGKILL, after which ``--resume`` continues from the
+    last saved state."""
 
     def __init__(self) -> None:
         self.requested = False
         self._previous: Any = None
 
     def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 

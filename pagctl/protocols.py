@@ -46,9 +46,10 @@ if TYPE_CHECKING:
 
 
 class PluginParams(BaseModel):
-    """Base for plugin ``Params``: frozen, unknown keys rejected."""
+    """Base for plugin ``Params``: frozen, unknown keys rejected, every float finite (inf
+    and NaN refused)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 def parse_fraction(value: Any) -> Any:

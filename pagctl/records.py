@@ -15,21 +15,25 @@ models (`parse_record`). Kinds:
 Reading is strict about types (a string is not a number, ``true`` is not a count, no NaN)
 and lenient about presence: the fields a reader cannot do without are required, the others
 may be missing (records written by hand, or by older versions), and unknown fields are kept.
-A line that fails is described in one phrase (`parse_record`) and skipped by the reader.
-Importing this module imports neither torch nor numpy.
+A line that fails is described in one phrase (`parse_record`) and skipped by the reader;
+`split_lines` recovers an intact record that an append continued on a damaged line. Writing
+is `pagctl.checkpoint.append_record` (whole lines, finite numbers). Importing this module
+imports neither torch nor numpy.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import typing
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = ["AlignRecord", "AttackRecord", "KINDS", "PerExample", "Record", "Reliability",
            "ScoreDoneRecord", "ScoreTrainRecord", "StageRecord", "Subset", "TrainEpochRecord",
-           "parse_record"]
+           "non_finite", "parse_record", "split_lines"]
 
 
 class _Expect:
@@ -250,3 +254,64 @@ def parse_record(raw: bytes | str) -> Record | dict[str, Any] | str:
         return model.model_validate_json(text)  # type: ignore[return-value]
     except ValidationError as exc:
         return _described(kind, model, data, exc)
+
+
+_MAX_CANDIDATES = 256
+"""Start positions tried when recovering a record from the end of a damaged line."""
+
+
+def split_lines(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """The non-empty lines of metrics.jsonl with their 1-based numbers. A line that is not
+    valid JSON but ends in an intact JSON object (a partial record, from a full disk or a
+    hand edit, that the next append continued on the same line) is split in two: the
+    damaged part, then the intact record, both with the line's number."""
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        damaged, intact = _recover(raw)
+        if damaged:
+            yield number, damaged
+        if intact:
+            yield number, intact
+
+
+def _loads_object(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), dict)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError
+        return False
+
+
+def _recover(raw: bytes) -> tuple[bytes, bytes]:
+    """(damaged part, intact record) of one line; the whole line is one or the other when
+    it cannot be split."""
+    try:
+        json.loads(raw)
+        return b"", raw
+    except (ValueError, RecursionError):
+        pass
+    start, tried = raw.find(b'{"', 1), 0
+    while start > 0 and tried < _MAX_CANDIDATES:
+        if _loads_object(raw[start:]):
+            return raw[:start], raw[start:]
+        start, tried = raw.find(b'{"', start + 1), tried + 1
+    return raw, b""
+
+
+def non_finite(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first infinite or NaN number in a JSON-ready value, or None.
+    JSON has no such numbers; a record holding one comes from a model whose outputs are not
+    finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "(the record)"
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = non_finite(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None

@@ -219,7 +219,8 @@ class Registry:
         try:
             result: BaseModel = factory.Params.model_validate(params)
         except ValidationError as exc:
-            raise SpecError(format_validation_error(exc, prefix=f"{where}.params")) from None
+            raise SpecError(format_validation_error(exc, prefix=f"{where}.params",
+                                                    schema=f"pagctl plugins {name}")) from None
         return result
 
     def build(self, ref: PluginRef, ctx: BuildContext, where: str) -> Any:
@@ -242,8 +243,10 @@ class Registry:
         factory = self.get(name)
         try:
             built = factory(params, ctx)
-        except PagctlError:
-            raise
+        except PagctlError as exc:
+            if str(exc).startswith(where):
+                raise
+            raise type(exc)(f"{where}: {name}: {exc}") from None  # name the spec field
         except ValueError as exc:
             raise SpecError(f"{where}: {name}: {exc}") from None
         except Exception as exc:

@@ -11,18 +11,33 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pagctl.errors import SpecError
 
 _NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
 
 
+def _a_folder(path: Path) -> Path:
+    if path == Path("."):
+        raise ValueError("give a folder name: '' or '.' is the current folder, which cannot be "
+                         "a run folder")
+    return path
+
+
+RunFolderPath = Annotated[Path, AfterValidator(_a_folder)]
+"""A run folder (``out_dir``, ``--out``): any path but the current folder itself."""
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+"""A seed: 0 <= seed < 2**32 (what every generator and scikit-learn accept)."""
+
+
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    """Frozen, unknown keys refused, every float finite (inf and NaN refused)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class PluginRef(_Frozen):
@@ -56,7 +71,8 @@ class DataSpec(_Frozen):
                      "fashion_mnist", "imagefolder"] = Field(description="dataset name")
     root: Path | None = Field(default=None, description="data directory (--data-dir); "
                               "required for all but digits and toy")
-    download: bool = Field(default=False, description="let torchvision download into root")
+    download: bool = Field(default=False, description="allow the network: torchvision "
+                           "downloads the dataset into root, timm fetches pretrained weights")
     batch_size: int = Field(default=64, ge=1, description="training batch size (images)")
     eval_batch_size: int = Field(default=256, ge=1, description="batch size for evaluation")
     workers: int = Field(default=0, ge=0, description="worker processes reading batches of "
@@ -68,7 +84,7 @@ class DataSpec(_Frozen):
         default=False, description="one crop/flip draw per batch (the official code's "
         "behaviour) instead of one per image")
     crop_padding: int = Field(default=4, ge=0, description="zero padding for random crops")
-    split_seed: int = Field(default=0, description="seed of the stratified train/test split "
+    split_seed: Seed = Field(default=0, description="seed of the stratified train/test split "
                             "(digits, toy)")
     test_fraction: float = Field(default=0.2, gt=0, lt=1,
                                  description="test share of the split (digits)")
@@ -85,7 +101,7 @@ class TrainSpec(_Frozen):
     schedule: Literal["step", "cosine", "constant"] = Field(
         default="cosine", description="step: the paper's drops (x0.1 at 50% and 75% of the "
         "epochs, x0.01 more in the last epoch); cosine: per step to 0; constant")
-    seed: int = Field(default=0, description="seeds data order, class sampling, init, attacks")
+    seed: Seed = Field(default=0, description="seeds data order, class sampling, init, attacks")
     pag_weight: float = Field(
         default=1.0, ge=0, description="lambda, the real weight on mean_k(1 - cos); the "
         "official code's pag_coeff c corresponds to lambda = 10 c")
@@ -128,11 +144,98 @@ class RunSpec(_Frozen):
     train: TrainSpec = Field(default_factory=TrainSpec)
     target_gradients: PluginRef = Field(default_factory=lambda: PluginRef(name="none"))
     eval: EvalSpec = Field(default_factory=EvalSpec)
-    out_dir: Path | None = Field(default=None, description="run folder; null = runs/<name>")
+    out_dir: RunFolderPath | None = Field(default=None,
+                                          description="run folder; null = runs/<name>")
 
     @property
     def run_dir(self) -> Path:
         return self.out_dir if self.out_dir is not None else Path("runs") / self.name
+
+
+# ---------------------------------------------------------------------------------------
+# reading YAML and JSON, bounded
+
+MAX_SPEC_BYTES = 1 << 20
+"""The largest spec file read (1 MiB; the built-ins are under 2 KiB)."""
+MAX_DEPTH = 16
+"""The deepest nesting of sections, lists and mappings a spec may have."""
+
+
+class _Refused(ValueError):
+    """What the bounded readers refuse, with the reason."""
+
+
+class _SpecLoader(yaml.SafeLoader):  # type: ignore[misc]
+    """YAML's safe loader without aliases (a few lines of them expand to gigabytes), with
+    nesting bounded by `MAX_DEPTH` and duplicate keys refused (not silently last-wins)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise _Refused("YAML aliases (*name) are not allowed in a spec; write the value "
+                           "out")
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(f"nested deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _Refused(f"the key {str(key)[:40]!r} appears twice in one mapping; "
+                               "keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Refused(f"the key {key[:40]!r} appears twice in one object; keep one")
+        out[key] = value
+    return out
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def parse_text(text: str, *, json_text: bool = False) -> Any:
+    """YAML (or JSON) as a spec reads it: no aliases, no duplicate keys, at most
+    `MAX_DEPTH` levels. Raises ValueError with the reason (yaml.YAMLError for bad syntax)."""
+    if json_text:
+        try:
+            data = json.loads(text, object_pairs_hook=_no_duplicates)
+        except RecursionError:
+            raise _Refused(f"nested deeper than {MAX_DEPTH} levels") from None
+        if _depth(data) > MAX_DEPTH:
+            raise _Refused(f"nested deeper than {MAX_DEPTH} levels")
+        return data
+    return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def parse_value(raw: str) -> Any:
+    """An option's ``KEY=VALUE`` value (``--set``, ``--param``): YAML as a spec reads it,
+    else the text itself; a refused value (an alias, too deep) is a ValueError."""
+    if not raw.strip():
+        return None
+    try:
+        return parse_text(raw)
+    except _Refused:
+        raise
+    except yaml.YAMLError:
+        return raw
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,15 +270,20 @@ def read_spec_mapping(source: str, *, names: list[str], folder: Any, kind: str =
         if not path.is_file():
             raise SpecError(f"spec: file '{source}' does not exist; pass a {kind} file or a "
                             f"built-in name ({listing})")
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"spec: '{source}' is {path.stat().st_size:,} bytes; a {kind} is "
+                            f"at most {MAX_SPEC_BYTES:,}: is it the right file?")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise SpecError(f"spec: cannot read '{source}': {exc}") from None
         origin = f"'{source}'"
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = parse_text(text, json_text=path.suffix == ".json")
+    except _Refused as exc:
+        raise SpecError(f"spec: {origin}: {exc}") from None
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = str(exc).strip().splitlines()[0][:200]
         raise SpecError(f"spec: {origin} is not valid YAML/JSON ({first}); fix the syntax") \
             from None
     if not isinstance(data, dict):
@@ -197,9 +305,9 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         raise SpecError(f"--set: '{item}' is not KEY=VALUE with a dotted key, "
                         "e.g. --set train.epochs=5")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+        value = parse_value(raw)
+    except ValueError as exc:
+        raise SpecError(f"--set {key}: {exc}") from None
     set_value(data, key, value)
 
 
@@ -219,20 +327,34 @@ def set_value(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """One line per problem: ``dotted.path: message (got value)``."""
+MAX_ERROR_LINES = 20
+"""At most this many problems are listed (the rest are counted)."""
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "",
+                            schema: str = "pagctl train --schema") -> str:
+    """One line per problem: ``dotted.path: message (got value)``, at most
+    `MAX_ERROR_LINES` lines, each path and value shortened (a value may be huge). ``schema``
+    is the command that lists the valid keys, for the unknown-key hint."""
     lines = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:MAX_ERROR_LINES]:
         loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(err["loc"]))
         msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for ValueError
         if err["type"] == "extra_forbidden":
-            msg = "unknown key; remove it or check the spelling (pagctl train --schema)"
+            msg = f"unknown key; remove it or check the spelling ({schema})"
         elif err["type"] == "missing":
             msg = "required field is missing; add it"
         got = err.get("input")
         shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) \
-            else f" (got {got!r})"
-        lines.append(f"{loc or prefix or 'spec'}: {msg}{shown}")
+            else f" (got {_clip(repr(got), 80)})"
+        lines.append(f"{_clip(loc or prefix or 'spec', 120)}: {_clip(msg, 300)}{shown}")
+    if len(errors) > MAX_ERROR_LINES:
+        lines.append(f"({len(errors) - MAX_ERROR_LINES} more problems not shown)")
     return "\n".join(lines)
 
 

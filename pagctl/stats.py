@@ -6,6 +6,7 @@ per-example bits.
 - `mcnemar_exact`: exact two-sided McNemar test of two models on the same points;
 - `pearson`: correlation of alignment and robustness across runs;
 - `indices_digest` / `first_n_digest` / `subset_record`: which test points were used;
+- `tensors_digest`: which weights, or which images, exactly;
 - `pack_bits` / `unpack_bits` / `bits_as_int`: which points were correct, as hex strings.
 
 Importing this module imports neither torch nor numpy (``compare`` reads hundreds of runs
@@ -24,8 +25,8 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 __all__ = ["Z95", "bits_as_int", "first_n_digest", "indices_digest", "mcnemar_exact",
-           "mean_interval", "pack_bits", "pearson", "subset_record", "unpack_bits",
-           "wilson_interval"]
+           "mean_interval", "pack_bits", "pearson", "subset_record", "tensors_digest",
+           "unpack_bits", "wilson_interval"]
 
 Z95 = 1.959963984540054
 """The standard normal quantile of 0.975: a two-sided 95% interval."""
@@ -107,6 +108,20 @@ def first_n_digest(n: int) -> str:
     if n not in _FIRST_N:
         _FIRST_N[n] = _digest(range(n))
     return _FIRST_N[n]
+
+
+def tensors_digest(items: Iterable[tuple[str, Tensor]]) -> str:
+    """sha256 (16 hex digits) over named tensors: each name, dtype, shape and bytes, in the
+    order given. Names a model's weights (its state dict) or the images of a subset."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in items:
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        if t.numel():  # the raw bytes, whatever the dtype (bool, bfloat16 included)
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def subset_record(indices: Tensor) -> dict[str, Any]:

@@ -14,18 +14,17 @@ typical plugin::
         check_attack(MyAttack, params={"eps": 0.5, "norm": "l2"})
 
 Rules checked for both kinds: ``Params`` is a pydantic model that rejects unknown keys and
-whose defaults (merged with ``params``) validate; the factory builds from a BuildContext;
-the call returns a tensor of the promised shape, dtype and device, with finite values;
-the inputs are not modified and get no ``.grad``; the model's parameters get no ``.grad``;
-the model's train/eval flags and BatchNorm buffers are unchanged; the global RNG (CPU and,
-when present, CUDA) is unchanged; two builds with the same seed give the same output.
-Attacks must also stay in [0, 1] and inside their budget (``eps`` in ``norm``, from the
-params or the attack object).
+infinite or NaN floats, and whose defaults (merged with ``params``) validate; the factory
+builds from a BuildContext; the call returns a tensor of the promised shape, dtype and
+device, with finite values; the inputs are not modified and get no ``.grad``; the model's
+parameters get no ``.grad``; the model's train/eval flags and BatchNorm buffers are
+unchanged; the global RNG (CPU and, when present, CUDA) is unchanged; two builds with the
+same seed give the same output. Attacks must also stay in [0, 1] and inside their budget
+(``eps`` in ``norm``, from the params or the attack object).
 
 The rules on outputs, inputs and the model are `pagctl.protocols`' checks, the very ones
 ``pagctl attack`` and training apply to every call at run time; here they raise
-``AssertionError``. The global RNG, ``.grad`` on inputs and determinism are checked here
-only.
+``AssertionError``. The global RNG, the Params rules and determinism are checked here only.
 """
 
 from __future__ import annotations
@@ -117,7 +116,27 @@ def _validated_params(factory: Any, params: dict[str, Any] | None) -> BaseModel:
         raise AssertionError(f"{name}: Params accepted the unknown key "
                              "'surely_not_a_parameter'; set model_config extra='forbid' "
                              "(inherit pagctl.protocols.PluginParams)")
+    for field, info in model_cls.model_fields.items():
+        if not _holds_float(info.annotation):
+            continue
+        for bad in (float("nan"), float("inf")):
+            try:
+                model_cls.model_validate({**given, field: bad})
+            except ValidationError:
+                continue
+            raise AssertionError(f"{name}: Params accepted {field}={bad}; floats must be "
+                                 "finite: set model_config allow_inf_nan=False (inherit "
+                                 "pagctl.protocols.PluginParams)")
     return validated
+
+
+def _holds_float(annotation: Any) -> bool:
+    """Whether a field's annotation is, or includes, float (Optional, Annotated, unions)."""
+    import typing
+
+    if annotation is float:
+        return True
+    return any(_holds_float(arg) for arg in typing.get_args(annotation))
 
 
 def _build(factory: Any, params: BaseModel, ctx: BuildContext) -> Any:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from pagctl.build import Setup, build_context, default_cache_dir, resolve_device, setup
 from pagctl.checkpoint import RunFolder, SavedState, append_record, save_model
-from pagctl.errors import SpecError
+from pagctl.errors import ModelError, SpecError
 from pagctl.records import TrainEpochRecord
 
 if TYPE_CHECKING:
@@ -105,124 +105,137 @@ def train(
     folder = RunFolder(spec, command="train", resume=resume, overwrite=overwrite)
     run_dir = folder.path
 
-    # ---- data, model, target-gradient source, alignment monitor, optimiser
-    dev = resolve_device(device)
-    s = setup(spec, dev, cache_dir=cache_dir)
-    t = spec.train
-    model = s.model.to(dev)
-    channels_last = t.channels_last and dev.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    align_source = _alignment_source(s, cache_dir)
-    opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
-                          weight_decay=t.weight_decay, nesterov=t.nesterov)
-    gen = torch.Generator().manual_seed(t.seed)
-    n_train = len(s.bundle.train)  # type: ignore[arg-type]
-    b = spec.data.batch_size
-    steps = n_train // b if t.drop_last else math.ceil(n_train / b)
-    if steps == 0:
-        raise SpecError(f"data.batch_size: {b} exceeds the {n_train} training images with "
-                        "train.drop_last; lower it")
+    with folder:
+        # ---- data, model, target-gradient source, alignment monitor, optimiser
+        dev = resolve_device(device)
+        s = setup(spec, dev, cache_dir=cache_dir)
+        t = spec.train
+        model = s.model.to(dev)
+        channels_last = t.channels_last and dev.type == "cuda"
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        align_source = _alignment_source(s, cache_dir)
+        opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
+                              weight_decay=t.weight_decay, nesterov=t.nesterov)
+        gen = torch.Generator().manual_seed(t.seed)
+        n_train = len(s.bundle.train)  # type: ignore[arg-type]
+        b = spec.data.batch_size
+        steps = n_train // b if t.drop_last else math.ceil(n_train / b)
+        if steps == 0:
+            raise SpecError(f"data.batch_size: {b} exceeds the {n_train} training images with "
+                            "train.drop_last; lower it")
 
-    # ---- start fresh, or restore the saved state
-    sums = _zero_sums()
-    start_epoch, start_step = 0, 0
-    saved = folder.start()
-    if saved is not None:
-        start_epoch, start_step, sums = _restore(saved, model, opt, gen, dev)
-        folder.trim_metrics(lambda r: r.get("kind") != "train_epoch" or (
-            isinstance(r.get("epoch"), int) and r["epoch"] <= start_epoch))
-    emit = log or (lambda msg: None)
-    emit(f"{spec.name}: {n_train} training images, {steps} steps/epoch, device {dev}, "
-         f"PAG {'on' if s.pag_active else 'off'} (source {spec.target_gradients.name})")
+        # ---- start fresh, or restore the saved state
+        sums = _zero_sums()
+        start_epoch, start_step = 0, 0
+        saved = folder.start()
+        if saved is not None:
+            start_epoch, start_step, sums = _restore(saved, model, opt, gen, dev)
+            folder.trim_metrics(lambda r: r.get("kind") != "train_epoch" or (
+                isinstance(r.get("epoch"), int) and r["epoch"] <= start_epoch))
+        emit = log or (lambda msg: None)
+        emit(f"{spec.name}: {n_train} training images, {steps} steps/epoch, device {dev}, "
+             f"PAG {'on' if s.pag_active else 'off'} (source {spec.target_gradients.name})")
 
-    def save_state(epoch: int, step: int) -> None:
-        folder.save_state({"model": model}, opt, _rng_state(gen),
-                          {"epoch": epoch, "step": step, "sums": sums})
+        def save_state(epoch: int, step: int) -> None:
+            folder.save_state({"model": model}, opt, _rng_state(gen),
+                              {"epoch": epoch, "step": step, "sums": sums})
 
-    # ---- the loop: epochs of steps, then the monitor, the record and the saves
-    amp = t.amp and dev.type == "cuda"
-    last: dict[str, Any] = {}
-    with StopFlag() as stop, ProgressBar("train", t.epochs * steps, enabled=progress) as bar:
-        bar.update(completed=start_epoch * steps + start_step,
-                   description=f"epoch {start_epoch + 1}/{t.epochs}")
-        for epoch in range(start_epoch, t.epochs):
-            perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(
-                t.seed * 1_000_003 + epoch))
-            weight = pag_weight_at(t, epoch)
-            model.train()
-            first = start_step if epoch == start_epoch else 0
-            if first == 0:
+        # ---- the loop: epochs of steps, then the monitor, the record and the saves
+        amp = t.amp and dev.type == "cuda"
+        last: dict[str, Any] = {}
+        with StopFlag() as stop, ProgressBar("train", t.epochs * steps, enabled=progress) as bar:
+            bar.update(completed=start_epoch * steps + start_step,
+                       description=f"epoch {start_epoch + 1}/{t.epochs}")
+            for epoch in range(start_epoch, t.epochs):
+                perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(
+                    t.seed * 1_000_003 + epoch))
+                weight = pag_weight_at(t, epoch)
+                model.train()
+                first = start_step if epoch == start_epoch else 0
+                if first == 0:
+                    sums = _zero_sums()
+                batches = iter_batches(s.bundle.train, perm[first * b: steps * b], b,
+                                       workers=spec.data.workers)
+                tick = time.perf_counter()
+                for step, (idx, x, y) in enumerate(batches, start=first):
+                    # -- one step: augmentation draw, targets, CE (+ λ·PAG), SGD
+                    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    for group in opt.param_groups:
+                        group["lr"] = lr_at(t, epoch, step, steps)
+                    offsets, flips = draw_augmentation(spec.data, len(idx), gen)
+                    net: Any = model if offsets is None and flips is None else \
+                        Augmented(model, offsets, flips, spec.data.crop_padding)
+                    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+                        if s.pag_active:
+                            classes = sample_target_classes(y, s.bundle.num_classes,
+                                                            t.classes_per_image, gen)
+                            with torch.no_grad():
+                                targets = s.source(x, y, classes, index=idx)
+                            logits, grads = logits_and_input_gradients(
+                                net, x, classes, create_graph=True, method=t.grad_method)
+                            ce = F.cross_entropy(logits.float(), y)
+                            pag = pag_loss(grads.float(), targets.float())
+                            loss = ce + weight * pag
+                        else:
+                            logits = net(x)
+                            ce = F.cross_entropy(logits.float(), y)
+                            pag = torch.zeros((), device=dev)
+                            loss = ce
+                    if not torch.isfinite(loss):
+                        raise ModelError(
+                            f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; "
+                            "lower train.lr or train.pag_weight")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()  # type: ignore[no-untyped-call]
+                    opt.step()
+
+                    # -- running sums, progress, Ctrl-C
+                    sums["loss"] += float(loss.detach()) * len(idx)
+                    sums["ce"] += float(ce.detach()) * len(idx)
+                    sums["pag"] += float(pag.detach()) * len(idx)
+                    sums["correct"] += float((logits.argmax(1) == y).sum())
+                    sums["seen"] += len(idx)
+                    sums["seconds"] += time.perf_counter() - tick
+                    tick = time.perf_counter()
+                    bar.update(advance=1, description=f"epoch {epoch + 1}/{t.epochs}",
+                               info=_running(sums))
+                    if on_step is not None:
+                        on_step(epoch, step)
+                    if stop.requested and step + 1 < steps:
+                        save_state(epoch, step + 1)
+                        return TrainResult(run_dir, epoch, True, last)
+
+                # -- end of epoch: monitor, record, weights, state
+                evaluated: dict[str, Any] = {}
+                if (epoch + 1) % spec.eval.every == 0 or epoch + 1 == t.epochs:
+                    tick = time.perf_counter()
+                    evaluated = monitor(s, epoch, align_source)
+                    evaluated["eval_seconds"] = time.perf_counter() - tick
+                record = _epoch_record(s, epoch, steps, weight, sums, evaluated)
+                append_record(run_dir, record)
+                save_model(run_dir, model, s.config, spec)
                 sums = _zero_sums()
-            batches = iter_batches(s.bundle.train, perm[first * b: steps * b], b,
-                                   workers=spec.data.workers)
-            tick = time.perf_counter()
-            for step, (idx, x, y) in enumerate(batches, start=first):
-                # -- one step: augmentation draw, targets, CE (+ λ·PAG), SGD
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(t, epoch, step, steps)
-                offsets, flips = draw_augmentation(spec.data, len(idx), gen)
-                net: Any = model if offsets is None and flips is None else \
-                    Augmented(model, offsets, flips, spec.data.crop_padding)
-                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-                    if s.pag_active:
-                        classes = sample_target_classes(y, s.bundle.num_classes,
-                                                        t.classes_per_image, gen)
-                        with torch.no_grad():
-                            targets = s.source(x, y, classes, index=idx)
-                        logits, grads = logits_and_input_gradients(
-                            net, x, classes, create_graph=True, method=t.grad_method)
-                        ce = F.cross_entropy(logits.float(), y)
-                        pag = pag_loss(grads.float(), targets.float())
-                        loss = ce + weight * pag
-                    else:
-                        logits = net(x)
-                        ce = F.cross_entropy(logits.float(), y)
-                        pag = torch.zeros((), device=dev)
-                        loss = ce
-                if not torch.isfinite(loss):
-                    raise RuntimeError(
-                        f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; "
-                        "lower train.lr or train.pag_weight")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]
-                opt.step()
+                save_state(epoch + 1, 0)
+                last = record.to_json()
+                emit(_epoch_line(last))
+                if stop.requested:
+                    return TrainResult(run_dir, epoch + 1, epoch + 1 < t.epochs, last)
+        return TrainResult(run_dir, t.epochs, False, last)
 
-                # -- running sums, progress, Ctrl-C
-                sums["loss"] += float(loss.detach()) * len(idx)
-                sums["ce"] += float(ce.detach()) * len(idx)
-                sums["pag"] += float(pag.detach()) * len(idx)
-                sums["correct"] += float((logits.argmax(1) == y).sum())
-                sums["seen"] += len(idx)
-                sums["seconds"] += time.perf_counter() - tick
-                tick = time.perf_counter()
-                bar.update(advance=1, description=f"epoch {epoch + 1}/{t.epochs}",
-                           info=_running(sums))
-                if on_step is not None:
-                    on_step(epoch, step)
-                if stop.requested and step + 1 < steps:
-                    save_state(epoch, step + 1)
-                    return TrainResult(run_dir, epoch, True, last)
 
-            # -- end of epoch: monitor, record, weights, state
-            evaluated: dict[str, Any] = {}
-            if (epoch + 1) % spec.eval.every == 0 or epoch + 1 == t.epochs:
-                tick = time.perf_counter()
-                evaluated = monitor(s, epoch, align_source)
-                evaluated["eval_seconds"] = time.perf_counter() - tick
-            record = _epoch_record(s, epoch, steps, weight, sums, evaluated)
-            append_record(run_dir, record)
-            save_model(run_dir, model, s.config, spec)
-            sums = _zero_sums()
-            save_state(epoch + 1, 0)
-            last = record.to_json()
-            emit(_epoch_line(last))
-            if stop.requested:
-                return TrainResult(run_dir, epoch + 1, epoch + 1 < t.epochs, last)
-    return TrainResult(run_dir, t.epochs, False, last)
+def prepare(spec: RunSpec, *, device: str = "auto", resume: bool = False,
+            overwrite: bool = False, cache_dir: Path | None = None) -> Setup:
+    """Everything `train` builds before its first step, without training or writing into
+    the run folder (``pagctl train --dry-run``): the run folder's checks, the data, the
+    model, the target-gradient source and the alignment monitor's source. Raises what
+    `train` would raise for them."""
+    RunFolder(spec, command="train", resume=resume, overwrite=overwrite)
+    s = setup(spec, resolve_device(device), cache_dir=cache_dir)
+    _alignment_source(s, cache_dir)
+    return s
 
 
 # ---------------------------------------------------------------------------------------

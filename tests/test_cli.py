@@ -263,7 +263,9 @@ BAD_INPUT = [
     Case("resume-without-folder", [*TRAIN, "--resume"], ("nothing to resume",
                                                         "without --resume")),
     Case("resume-without-state", ["train", "run", "--resume", "-q"], ("state.safetensors",
-                                                                      "without --resume"),
+                                                                      "again with --overwrite"),
+         _remove("state.safetensors", "state.json")),
+    Case("rerun-without-state", [*TRAIN, "--out", "run"], ("no saved state", "--overwrite"),
          _remove("state.safetensors", "state.json")),
     Case("resume-and-overwrite", [*TRAIN, "--resume", "--overwrite"], ("--resume",
                                                                       "--overwrite", "pick one")),
@@ -287,7 +289,30 @@ BAD_INPUT = [
     Case("attack-zero-steps", ["attack", "nowhere", "--param", "steps=0"],
          ("--param steps", "greater than or equal to 1")),
     Case("attack-unknown-param", ["attack", "nowhere", "--param", "bogus=1"],
-         ("--param bogus", "unknown key")),
+         ("--param bogus", "unknown key", "pagctl plugins pgd_l2")),
+    Case("attack-negative-seed", ["attack", "nowhere", "--seed", "-1"], ("--seed",)),
+    Case("attack-huge-seed", ["attack", "nowhere", "--seed", str(2**64)], ("--seed",)),
+    # what training refuses, the dry run refuses, without the network
+    Case("dry-run-missing-bank", [*PAG_NN, "--set", "target_gradients.name=precomputed",
+                                  "--set", "target_gradients.params={path: nope.safetensors}"],
+         ("target_gradients", "nope.safetensors", "pagctl bank")),
+    Case("dry-run-missing-score-run", [*PAG_NN, "--set", "target_gradients.name=sbg", "--set",
+                                       "target_gradients.params={run: nowhere}"],
+         ("target_gradients", "nowhere")),
+    Case("dry-run-existing-folder", [*PAG_NN, "--out", "run"], ("run", "already exists"),
+         lambda env: env.copy_run()),
+    Case("pretrained-without-download", [*PAG_NN, "--set", "model.arch=resnet18", "--set",
+                                         "model.kwargs.pretrained=true"],
+         ("model.kwargs.pretrained", "--download", "pretrained_cfg_overlay")),
+    Case("unknown-model-kwarg", [*PAG_NN, "--set", "model.kwargs.wdth=2"],
+         ("model.kwargs.wdth", "not an argument of pagctl_small_cnn")),
+    Case("out-is-the-current-folder", [*TRAIN, "--out", ""], ("out_dir", "give a folder name")),
+    Case("spec-with-duplicate-keys", ["train", "dup.yaml"], ("dup.yaml", "'train'", "twice"),
+         _write("dup.yaml", "name: x\nmodel: {arch: pagctl_small_cnn}\ndata: {dataset: "
+                "digits}\ntrain: {epochs: 1}\ntrain: {epochs: 2}\n")),
+    Case("bank-over-a-folder", ["bank", "class_mean", "--spec", "digits-pag-cm", "--out",
+                                "d.safetensors", "--overwrite", "-q"],
+         ("d.safetensors", "is a folder"), lambda env: (env.workdir / "d.safetensors").mkdir()),
     Case("attack-param-without-equals", ["attack", "nowhere", "--param", "eps"],
          ("--param", "key=value", "eps=0.5")),
     Case("attack-zero-limit", ["attack", "nowhere", "--limit", "0"], ("--limit",
@@ -463,6 +488,21 @@ def test_dry_run_creates_nothing(run: RunCLI, workdir: Path) -> None:
     assert list(workdir.iterdir()) == []
 
 
+def test_dry_run_json_says_what_training_would_build(run: RunCLI, workdir: Path) -> None:
+    code, out, err = run("train", "digits-pag-nn", "--dry-run", "-q", "--format", "json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["valid"] and summary["pag"] and summary["source"] == "nearest_neighbor"
+    assert (summary["train_images"], summary["test_images"]) == (1437, 360)
+    assert list(workdir.iterdir()) == []
+
+
+def test_run_files_get_the_usual_file_mode(trained_run: Path) -> None:
+    """Every file of a run folder, safetensors included, is created as open() would."""
+    modes = {p.name: p.stat().st_mode & 0o777 for p in trained_run.iterdir()}
+    assert len(set(modes.values())) == 1, modes
+
+
 @pytest.mark.parametrize("name", ["2024", "yes", "null", "no", "1e3", "~x"])
 def test_out_and_data_dir_are_paths_as_typed(run: RunCLI, workdir: Path, name: str) -> None:
     """--out and --data-dir are paths, never YAML: "2024", "yes", "null" are folder names."""
@@ -614,6 +654,7 @@ def test_attack_state_resumes_and_rejects_another_evaluation(
     assert code == 2 and "--state" in err and "params" in err
 
 
+@pytest.mark.usefixtures("sigint_default")
 def test_attack_ctrl_c_keeps_state_and_resume_equals_an_uninterrupted_run(
     run: RunCLI, trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

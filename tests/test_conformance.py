@@ -91,6 +91,11 @@ class _Open(PluginParams):
     eps: float = 0.1
 
 
+class _Infinite(PluginParams):
+    model_config = {"frozen": True, "extra": "forbid", "allow_inf_nan": True}  # type: ignore[assignment]
+    eps: float | None = 0.1
+
+
 def _in_place(self: Any, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     x.add_(0.0).clamp_(0, 0.5)
     return x.clone()
@@ -133,6 +138,7 @@ CASES = [
         x.shape, generator=torch.Generator().manual_seed(id(s) % 1000))).clamp(0, 1)),
      "different outputs"),
     (_variant("OpenParams", _Good.__call__, _Open), "unknown key"),
+    (_variant("InfiniteParams", _Good.__call__, _Infinite), "eps=nan; floats must be finite"),
 ]
 
 

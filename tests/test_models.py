@@ -138,9 +138,9 @@ def test_build_model_errors_are_one_line_spec_errors() -> None:
         "(any timm name, e.g. pagctl_small_cnn)")
     assert "did you mean 'pagctl_small_cnn'" in _spec_error(ModelSpec(arch="pagctl_smal_cnn"))
     assert _spec_error(ModelSpec(arch="pagctl_small_cnn", kwargs={"depth": 3})).startswith(
-        "model.kwargs: ")
+        "model.kwargs.depth: not an argument of pagctl_small_cnn")
     assert _spec_error(ModelSpec(arch="pagctl_small_cnn", kwargs={"pretrained": True})) \
-        .startswith("model.kwargs: ")
+        .startswith("model.kwargs.pretrained: ")  # the network, not asked for
     assert _spec_error(ModelSpec(arch="pagctl_mlp", kwargs={"num_classes": 3})).startswith(
         "model.kwargs.num_classes: ")
     assert _spec_error(ModelSpec(arch="pagctl_small_cnn", mean=(0.5,))).startswith(

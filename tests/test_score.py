@@ -222,6 +222,7 @@ def test_corrupt_or_missing_files_are_one_line_checkpoint_errors(digits_run: Pat
         load_score_run(tmp_path / "nowhere")
 
 
+@pytest.mark.usefixtures("sigint_default")
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(workdir: Path) -> None:
     spec_a = load_score_spec("score-toy", [*TINY_TOY, "out_dir=a"])
     assert not train_score(spec_a, device="cpu", progress=False).interrupted

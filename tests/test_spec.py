@@ -103,3 +103,127 @@ def test_epsilon_fraction_strings() -> None:
     assert P(eps=0.5).eps == 0.5
     with pytest.raises(Exception, match="exact fraction"):
         P(eps="eight")
+
+
+@pytest.mark.parametrize(("override", "field"), [
+    ("train.lr=.inf", "train.lr"), ("train.pag_weight=.inf", "train.pag_weight"),
+    ("train.lr=.nan", "train.lr"), ("model.mean=[.nan]", "model.mean.0"),
+    ("data.test_fraction=.nan", "data.test_fraction"),
+    ("train.pag_warmup_factor=-.inf", "train.pag_warmup_factor"),
+])
+def test_infinite_and_nan_floats_are_refused_naming_the_field(override: str, field: str) -> None:
+    with pytest.raises(SpecError) as info:
+        load_spec("digits-vanilla", [override])
+    assert str(info.value).startswith(f"{field}: ") and "finite" in str(info.value)
+
+
+def test_every_float_of_every_spec_and_plugin_is_finite() -> None:
+    """The spec sections, score specs and every built-in plugin's Params refuse inf/NaN."""
+    import typing
+
+    from pydantic import ValidationError
+
+    from pagctl import registry
+    from pagctl.score.spec import ScoreSpec
+
+    def holds_float(annotation: object) -> bool:
+        return annotation is float or any(holds_float(a) for a in typing.get_args(annotation))
+
+    models: list[type] = []
+
+    def walk(model: type) -> None:
+        if model in models:
+            return
+        models.append(model)
+        for info in model.model_fields.values():  # type: ignore[attr-defined]
+            for arg in (info.annotation, *getattr(info.annotation, "__args__", ())):
+                if isinstance(arg, type) and hasattr(arg, "model_fields"):
+                    walk(arg)
+
+    walk(RunSpec)
+    walk(ScoreSpec)
+    for reg in registry.REGISTRIES.values():
+        for name in reg.names():
+            walk(reg.get(name).Params)
+    checked = 0
+    for model in models:
+        for field, info in model.model_fields.items():  # type: ignore[attr-defined]
+            if holds_float(info.annotation):
+                sequence = any(typing.get_origin(a) in (tuple, list)
+                               for a in (info.annotation, *typing.get_args(info.annotation)))
+                bad = [float("nan")] if sequence else float("nan")
+                with pytest.raises(ValidationError) as caught:
+                    model.model_validate({field: bad})  # type: ignore[attr-defined]
+                assert any(e["loc"][:1] == (field,) and e["type"] == "finite_number"
+                           for e in caught.value.errors()), (model, field)
+                checked += 1
+    assert checked > 40
+
+
+# ---------------------------------------------------------------------------------------
+# what the loader accepts is bounded, and so is what an error prints
+
+
+def _spec_file(tmp_path: Path, name: str, text: str) -> str:
+    (tmp_path / name).write_text(text)
+    return str(tmp_path / name)
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path: Path) -> None:
+    import time
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    body = "".join(f"    {line}\n" for line in lines)  # 9**9 strings once expanded
+    path = _spec_file(tmp_path, "bomb.yaml", "model:\n  arch: x\n  kwargs:\n" + body)
+    start = time.perf_counter()
+    with pytest.raises(SpecError, match="YAML aliases .* are not allowed"):
+        load_spec(path)
+    assert time.perf_counter() - start < 5
+    with pytest.raises(SpecError, match=r"--set model.kwargs: YAML aliases"):
+        load_spec("digits-vanilla", ["model.kwargs={a: &x [1], b: *x}"])
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("dup.yaml", "model: {arch: a}\nmodel: {arch: b}\n", "'model' appears twice"),
+    ("dup.json", '{"model": {"arch": "a"}, "model": {"arch": "b"}}', "'model' appears twice"),
+    ("deep.yaml", "model: " + "[" * 40 + "]" * 40 + "\n", "nested deeper than 16"),
+    ("deep.json", '{"a": ' + "[" * 3000 + "]" * 3000 + "}", "nested deeper than 16"),
+])
+def test_duplicate_keys_and_deep_nesting_are_refused(tmp_path: Path, name: str, text: str,
+                                                      message: str) -> None:
+    with pytest.raises(SpecError, match=message) as info:
+        load_spec(_spec_file(tmp_path, name, text))
+    assert "\n" not in str(info.value)
+
+
+def test_a_huge_spec_file_is_refused_unread(tmp_path: Path) -> None:
+    path = _spec_file(tmp_path, "big.yaml", "# " + "x" * (2 << 20) + "\nmodel: {arch: a}\n")
+    with pytest.raises(SpecError, match=r"bytes; a spec is at most 1,048,576"):
+        load_spec(path)
+
+
+def test_an_error_never_echoes_a_huge_value(tmp_path: Path) -> None:
+    huge = "[" + ", ".join(["1"] * 20000) + "]"
+    with pytest.raises(SpecError) as info:
+        load_spec("digits-vanilla", [f"train.lr={huge}"])
+    text = str(info.value)
+    assert text.startswith("train.lr: ") and len(text) < 500
+    many = {f"k{i}": i for i in range(100)}
+    with pytest.raises(SpecError) as info:
+        load_spec("digits-vanilla", [f"train={json.dumps(many)}"])
+    lines = str(info.value).splitlines()
+    assert len(lines) == 21 and lines[-1] == "(80 more problems not shown)"
+
+
+@pytest.mark.parametrize("out", ["", "."])
+def test_the_current_folder_is_not_a_run_folder(out: str) -> None:
+    with pytest.raises(SpecError, match="out_dir: give a folder name"):
+        load_spec("digits-vanilla", [], {"out_dir": Path(out)})
+
+
+@pytest.mark.parametrize("override", ["train.seed=-1", f"train.seed={2**32}",
+                                      "data.split_seed=-5"])
+def test_seeds_stay_in_the_range_every_generator_accepts(override: str) -> None:
+    with pytest.raises(SpecError, match="seed"):
+        load_spec("digits-vanilla", [override])

@@ -102,6 +102,7 @@ def _epoch_records(run_dir: Path) -> list[dict[str, object]]:
             for r in checkpoint.read_metrics(run_dir) if r["kind"] == "train_epoch"]
 
 
+@pytest.mark.usefixtures("sigint_default")
 def test_ctrl_c_saves_state_and_resume_is_bit_for_bit(workdir: Path) -> None:
     spec_a = load_spec("digits-pag-cm", [*FAST, "out_dir=a"])
     result = train(spec_a, device="cpu", progress=False)
@@ -128,6 +129,23 @@ def test_ctrl_c_saves_state_and_resume_is_bit_for_bit(workdir: Path) -> None:
         assert torch.equal(wa[key], wb[key]), key
     assert _epoch_records(workdir / "a") == _epoch_records(workdir / "b")
     assert not [p for p in (workdir / "b").iterdir() if p.name.startswith(".")]
+
+
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(workdir: Path) -> None:
+    """Under nohup or a background job SIGINT is ignored: pagctl does not take it over."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        spec = load_spec("digits-vanilla", [*FAST, "out_dir=r", "train.epochs=1"])
+
+        def interrupt(epoch: int, step: int) -> None:
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        result = train(spec, device="cpu", progress=False, on_step=interrupt)
+        assert not result.interrupted and result.epochs_done == 1
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_resume_after_a_finished_epoch_drops_duplicated_metrics(workdir: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -22,6 +22,7 @@ from pagctl.cli.common import (
     print_json,
     print_table,
     read_indices,
+    record_results,
 )
 from pagctl.errors import SpecError
 
@@ -43,8 +44,9 @@ def align_score(
         "--indices", help="File of test-set indices (as for pagctl attack).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1,
                                             help="Images per batch.")] = 256,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the target-class draw and of "
-                                      "the source.")] = 0,
+    seed: Annotated[int, typer.Option(
+        "--seed", min=0, max=2**32 - 1,
+        help="Seed of the target-class draw and of the source.")] = 0,
     save_images: Annotated[Path | None, typer.Option(
         "--save-images", help="Write, for the first 4 images, the model's gradient toward "
         "every class and the source's target gradient to this PNG.")] = None,
@@ -59,45 +61,52 @@ def align_score(
     from pagctl import registry
     from pagctl.align import alignment_report
     from pagctl.build import build_context, default_cache_dir
-    from pagctl.checkpoint import append_record
+    from pagctl.checkpoint import RunLock
     from pagctl.data import select_test_indices
 
     given = parse_params(param, "--param")
     params = plugin_params("target_gradients", source_name, given, "--source")
     check_png("--save-images", save_images)
     indices = read_indices(indices_file) if indices_file is not None else None
-    loaded, bundle, dev = load_run_and_data(run, device, data_dir)
-    k = classes_per_image or min(loaded.spec.train.classes_per_image, bundle.num_classes)
-    if k > bundle.num_classes:
-        raise SpecError(f"--classes-per-image: {k} is more than the {bundle.num_classes} "
-                        "classes of the data")
-    indices = select_test_indices(len(bundle.test), indices, limit)  # type: ignore[arg-type]
-    ctx = build_context(bundle, dev, seed, default_cache_dir())
-    source = registry.target_gradients.instantiate(source_name, params, ctx, "--source")
-    report = alignment_report(loaded.model, bundle.test, indices, source,
-                              num_classes=bundle.num_classes, classes_per_image=k,
-                              batch_size=batch_size, device=dev, seed=seed)
-    record = report.to_record(source_name, params.model_dump(mode="json"), given)
-    if save_images is not None:
-        from pagctl.align import gradient_panels
-        from pagctl.data import get_batch
-        from pagctl.figures import gradient_grid
+    with RunLock(run, exclusive=False, command="align-score"):  # not while being trained
+        loaded, bundle, dev = load_run_and_data(run, device, data_dir)
+        k = classes_per_image or min(loaded.spec.train.classes_per_image, bundle.num_classes)
+        if k > bundle.num_classes:
+            raise SpecError(f"--classes-per-image: {k} is more than the {bundle.num_classes} "
+                            "classes of the data")
+        indices = select_test_indices(len(bundle.test), indices, limit)  # type: ignore[arg-type]
+        ctx = build_context(bundle, dev, seed, default_cache_dir())
+        source = registry.target_gradients.instantiate(source_name, params, ctx, "--source")
+        report = alignment_report(loaded.model, bundle.test, indices, source,
+                                  num_classes=bundle.num_classes, classes_per_image=k,
+                                  batch_size=batch_size, device=dev, seed=seed)
+        record = report.to_record(source_name, params.model_dump(mode="json"), given)
+        # the result first (stdout, figure), then the record: nothing measured is lost
+        if fmt is Format.json:
+            print_json(record.to_json())
+        else:
+            _render(run, source_name, params, report)
+        if save_images is not None:
+            from pagctl.align import gradient_panels
+            from pagctl.data import get_batch
+            from pagctl.figures import gradient_grid
 
-        x, y = get_batch(bundle.test, indices[:4])
-        grads, targets = gradient_panels(loaded.model, x.to(dev), y.to(dev), source,
-                                         bundle.num_classes)
-        gradient_grid(save_images, x, y, grads.cpu(), targets.cpu(), source=source_name,
-                      title=f"{run.name}: ∇ log p(t|x) vs {source_name} (mean cos "
-                      f"{report.mean:.3f})")
-    append_record(run, record)
-    if fmt is Format.json:
-        print_json(record.to_json())
-        return
+            x, y = get_batch(bundle.test, indices[:4])
+            grads, targets = gradient_panels(loaded.model, x.to(dev), y.to(dev), source,
+                                             bundle.num_classes)
+            gradient_grid(save_images, x, y, grads.cpu(), targets.cpu(), source=source_name,
+                          title=f"{run.name}: ∇ log p(t|x) vs {source_name} (mean cos "
+                          f"{report.mean:.3f})")
+        record_results(run, [record])
+
+
+def _render(run: Path, source_name: str, params: Any, report: Any) -> None:
+    """The score as a table on stdout."""
     lo, hi = report.interval
     per_target = report.per_target
     rows = [("source", f"{source_name} {json.dumps(params.model_dump(mode='json'))}"),
             ("n, K", f"{report.n} images (subset {report.subset['indices_sha256']}), "
-             f"K = {k}"),
+             f"K = {report.classes_per_image}"),
             ("mean cosine", f"{report.mean:.4f}  95% CI [{lo:.4f}, {hi:.4f}]"),
             ("aligned above 0", f"{report.fraction_positive:.3f} of images"),
             ("target = true class", cell_text(per_target.get("true"))),

@@ -21,6 +21,7 @@ from pagctl.cli.common import (
     print_json,
     print_table,
     read_indices,
+    record_results,
 )
 from pagctl.errors import SpecError
 
@@ -39,7 +40,8 @@ def attack(
         "spaces, commas or newlines, or a JSON list.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1,
                                             help="Images per attack batch.")] = 256,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for the attack's randomness.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1,
+                                      help="Seed for the attack's randomness.")] = 0,
     eps_sweep: Annotated[str | None, typer.Option(
         "--eps-sweep", help="Comma-separated budgets to attack at in turn, e.g. "
         "0.25,0.5,1,2 or 2/255,4/255,8/255 (replaces the eps parameter).")] = None,
@@ -66,7 +68,7 @@ def attack(
     """Attack a trained run on its test set: clean and robust accuracy with 95% intervals,
     what each stage broke and cost, and a reliability verdict from gradient-masking probes.
     Each result is appended to the run's metrics.jsonl."""
-    from pagctl.checkpoint import append_record
+    from pagctl.checkpoint import RunLock
     from pagctl.robustness.evaluate import evaluate_attack
 
     given = parse_params(param, "--param")
@@ -78,26 +80,43 @@ def attack(
     check_png("--plot", plot)
     check_png("--save-images", save_images)
     indices = read_indices(indices_file) if indices_file is not None else None
-    loaded, bundle, dev = load_run_and_data(run, device, data_dir)
-    try:
-        reports, attacked = evaluate_attack(
-            loaded.model, bundle, attack_name, params, budgets, indices=indices, limit=limit,
-            batch_size=batch_size, seed=seed, device=dev, state=state, probes=probes,
-            probe_size=probe_size, progress=progress,
-            keep_images=8 if save_images is not None else 0)
-    except KeyboardInterrupt:
-        if state is None:
-            raise
-        from pagctl.progress import stderr_console
+    with RunLock(run, exclusive=False, command="attack"):  # not while it is being trained
+        loaded, bundle, dev = load_run_and_data(run, device, data_dir)
+        try:
+            reports, attacked = evaluate_attack(
+                loaded.model, bundle, attack_name, params, budgets, indices=indices,
+                limit=limit, batch_size=batch_size, seed=seed, device=dev, state=state,
+                probes=probes, probe_size=probe_size, progress=progress,
+                keep_images=8 if save_images is not None else 0)
+        except KeyboardInterrupt:
+            if state is None:
+                raise
+            from pagctl.progress import stderr_console
 
-        stderr_console.print(f"interrupted: progress is in {state}; run the same command "
-                             "again to resume", soft_wrap=True)
-        raise typer.Exit(130) from None
-    records = []
-    for report in reports:
-        record = report.to_record(params_given=given)  # e.g. eps "8/255" as typed
-        append_record(run, record)
-        records.append(record.to_json())
+            stderr_console.print(f"interrupted: progress is in {state}; run the same "
+                                 "command again to resume", soft_wrap=True)
+            raise typer.Exit(130) from None
+        records = [report.to_record(params_given=given)  # e.g. eps "8/255" as typed
+                   for report in reports]
+        # the result first (stdout, figures), then the record: a record that cannot be
+        # written loses nothing that was measured
+        _show(fmt, attack_name, run, reports, records, sweep=budgets is not None)
+        _figures(plot, save_images, attack_name, run, loaded.model, bundle, reports, attacked,
+                 dev)
+        record_results(run, records)
+
+
+def _show(fmt: Format, name: str, run: Path, reports: list[Any], records: list[Any], *,
+          sweep: bool) -> None:
+    if fmt is Format.json:
+        data = [r.to_json() for r in records]
+        print_json(data if sweep else data[0])
+    else:
+        _render_attack(name, run, reports)
+
+
+def _figures(plot: Path | None, save_images: Path | None, attack_name: str, run: Path,
+             model: Any, bundle: Any, reports: list[Any], attacked: Any, dev: Any) -> None:
     if plot is not None:
         from pagctl.figures import robustness_curve
 
@@ -107,12 +126,8 @@ def attack(
             "interval": [r.robust_interval for r in reports]}],
             norm=reports[0].norm, title=f"{run.name}: {attack_name}, n = {reports[0].n}")
     if save_images is not None:
-        _save_attack_images(save_images, loaded.model, bundle, reports[-1], attacked,
-                            attack_name, dev)
-    if fmt is Format.json:
-        print_json(records[0] if budgets is None else records)
-        return
-    _render_attack(attack_name, run, reports)
+        _save_attack_images(save_images, model, bundle, reports[-1], attacked, attack_name,
+                            dev)
 
 
 def _render_attack(name: str, run: Path, reports: list[Any]) -> None:

@@ -51,8 +51,8 @@ def bank(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing "
                                             "bank.")] = False,
     seed: Annotated[int | None, typer.Option(
-        "--seed", help="Seed passed to the source (default: the spec's train.seed, as in "
-        "training).")] = None,
+        "--seed", min=0, max=2**32 - 1, help="Seed passed to the source (default: the "
+        "spec's train.seed, as in training).")] = None,
     quiet: QuietOpt = False,
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,

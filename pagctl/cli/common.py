@@ -53,8 +53,8 @@ def cell_text(v: Any) -> str:
 
 def parse_params(items: list[str], where: str) -> dict[str, Any]:
     """``KEY=VALUE`` items (values parsed as YAML, else kept as text) as a mapping;
-    SpecError naming ``where`` (the option) for an item without ``=``."""
-    import yaml
+    SpecError naming ``where`` (the option) for an item without ``=`` or a refused value."""
+    from pagctl.spec import parse_value
 
     params: dict[str, Any] = {}
     for item in items:
@@ -62,9 +62,9 @@ def parse_params(items: list[str], where: str) -> dict[str, Any]:
         if not sep or not key.strip():
             raise SpecError(f"{where}: '{item}' is not KEY=VALUE, e.g. {where} eps=0.5")
         try:
-            params[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            params[key.strip()] = raw
+            params[key.strip()] = parse_value(raw)
+        except ValueError as exc:
+            raise SpecError(f"{where} {key.strip()}: {exc}") from None
     return params
 
 
@@ -127,7 +127,7 @@ def plugin_params(group: str, name: str, given: dict[str, Any], option: str) -> 
     try:
         return factory.Params.model_validate(given)
     except ValidationError as exc:
-        lines = format_validation_error(exc).splitlines()
+        lines = format_validation_error(exc, schema=f"pagctl plugins {name}").splitlines()
         raise SpecError("\n".join(f"--param {line}" for line in lines)) from None
 
 
@@ -159,14 +159,29 @@ def check_png(option: str, path: Path | None) -> None:
 def load_run_and_data(run: Path, device: str, data_dir: Path | None
                       ) -> tuple[LoadedRun, DataBundle, torch.device]:
     """A run folder's model on ``device`` and its dataset (from ``--data-dir`` when given,
-    else the spec's ``data.root``)."""
+    else the spec's ``data.root``); the load's warnings go to stderr."""
     from pagctl import checkpoint
     from pagctl.build import resolve_device
     from pagctl.data import load_data
 
     dev = resolve_device(device)
     loaded = checkpoint.load_run(run, dev)
+    for line in loaded.warnings:
+        typer.echo(line, err=True)
     data_spec = loaded.spec.data
     if data_dir is not None:
         data_spec = data_spec.model_copy(update={"root": data_dir})
     return loaded, load_data(data_spec), dev
+
+
+def record_results(run: Path, records: list[Any]) -> None:
+    """Append the records of a result already shown to the run's metrics.jsonl; when that
+    fails, one error line says the result above was not recorded, and why."""
+    from pagctl.checkpoint import append_record
+    from pagctl.errors import CheckpointError
+
+    for record in records:
+        try:
+            append_record(run, record)
+        except CheckpointError as exc:
+            raise CheckpointError(f"the result above was not recorded: {exc}") from None

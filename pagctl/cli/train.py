@@ -84,13 +84,15 @@ def train(
     set_: SetOpt = [],  # noqa: B006 - typer needs a literal default
     data_dir: DataDirOpt = None,
     download: Annotated[bool, typer.Option(
-        "--download", help="Let torchvision download the dataset into --data-dir.")] = False,
+        "--download", help="Allow the network: torchvision downloads the dataset into "
+        "--data-dir, timm fetches pretrained weights (model.kwargs.pretrained).")] = False,
     out: RunOutOpt = None,
     device: DeviceOpt = "auto",
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate spec, data, model and "
-                                          "plugin params; train nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Build what training builds (run "
+                                          "folder checks, data, model, plugins); train and "
+                                          "write nothing.")] = False,
     list_: Annotated[bool, typer.Option("--list", help="List the built-in specs.")] = False,
     schema: Annotated[bool, typer.Option("--schema", help="Print the spec's JSON schema.")] =
     False,
@@ -109,17 +111,28 @@ def train(
     spec, values = _spec_and_values("train", spec, data_dir=data_dir, out=out,
                                     extra={"data.download": True} if download else None)
     run_spec = specmod.load_spec(spec, set_, values)
-    from pagctl.build import resolve_device, setup
+    from pagctl.train import prepare
     from pagctl.train import train as run_train
 
     if dry_run:
-        s = setup(run_spec, resolve_device(device), build_plugins=False)
+        s = prepare(run_spec, device=device, resume=resume, overwrite=overwrite)
+        summary: dict[str, Any] = {
+            "valid": True, "run_dir": str(run_spec.run_dir), "dataset": s.bundle.name,
+            "train_images": len(s.bundle.train), "test_images": len(s.bundle.test),  # type: ignore[arg-type]
+            "classes": s.bundle.num_classes, "input_shape": list(s.bundle.input_shape),
+            "arch": run_spec.model.arch,
+            "parameters": sum(p.numel() for p in s.model.parameters()),
+            "source": run_spec.target_gradients.name, "pag": s.pag_active,
+            "pag_weight": run_spec.train.pag_weight,
+            "classes_per_image": run_spec.train.classes_per_image}
+        if fmt is Format.json:
+            print_json(summary)
+            return
         print_table(f"dry run: {run_spec.name} (valid)", [
             ("run folder", str(run_spec.run_dir)), ("dataset", s.bundle.name),
-            ("train / test", f"{len(s.bundle.train)} / {len(s.bundle.test)}"),  # type: ignore
+            ("train / test", f"{summary['train_images']} / {summary['test_images']}"),
             ("classes", str(s.bundle.num_classes)), ("input", str(s.bundle.input_shape)),
-            ("arch", run_spec.model.arch),
-            ("parameters", f"{sum(p.numel() for p in s.model.parameters()):,}"),
+            ("arch", run_spec.model.arch), ("parameters", f"{summary['parameters']:,}"),
             ("source", run_spec.target_gradients.name),
             ("lambda / K", f"{run_spec.train.pag_weight} / {run_spec.train.classes_per_image}"),
         ])

@@ -5,15 +5,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pagctl.records import AlignRecord, AttackRecord, Record, TrainEpochRecord, parse_record
+from pagctl.records import (
+    AlignRecord,
+    AttackRecord,
+    Record,
+    TrainEpochRecord,
+    parse_record,
+    split_lines,
+)
 
 Usable = TrainEpochRecord | AttackRecord | AlignRecord
 """The kinds a comparison reads (score-model records and unknown kinds are passed over)."""
 
 
 def read_records(run_dir: Path) -> tuple[list[tuple[int, Usable]], list[str]]:
-    """(line number, record) of every usable line of ``run_dir/metrics.jsonl``, and one
-    warning per skipped line. A missing file is an empty list; nothing raises."""
+    """(line number, record) of every usable record of ``run_dir/metrics.jsonl``, and one
+    warning per skipped line (an intact record after a damaged part of the same line is
+    kept: `pagctl.records.split_lines`). A missing file is an empty list; nothing raises."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return [], []
@@ -24,9 +32,7 @@ def read_records(run_dir: Path) -> tuple[list[tuple[int, Usable]], list[str]]:
                     "skipped"]
     records: list[tuple[int, Usable]] = []
     warnings: list[str] = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
+    for number, raw in split_lines(data):
         rec: Record | dict[str, object] | str = parse_record(raw)
         if isinstance(rec, str):
             warnings.append(f"warning: {path} line {number}: {rec}; skipped")

@@ -12,7 +12,9 @@ contract's checks (`pagctl.protocols`: shape, dtype, device, finite, inside [0, 
 the declared budget, inputs untouched, model mode, parameters and buffers unchanged), and
 its forward and backward passes are counted, one per example. With ``state_path`` the
 progress (`pagctl.robustness.state.AttackState`) is saved after every batch, so an
-interrupted run resumes where it stopped and ends exactly as an uninterrupted one.
+interrupted run resumes where it stopped and ends exactly as an uninterrupted one; a state
+resumes only the evaluation it was saved by (attack, params, seed, batch size, the subset,
+the model's weights and the test images, by digest).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pagctl.protocols import (
 )
 from pagctl.robustness.report import AttackReport
 from pagctl.robustness.state import AttackState
-from pagctl.stats import indices_digest
+from pagctl.stats import indices_digest, tensors_digest
 
 if TYPE_CHECKING:
     import torch
@@ -92,17 +94,19 @@ def clean_correct_mask(model: nn.Module, dataset: Dataset[Any], indices: Tensor,
                        batch_size: int = 256,
                        device: torch.device | str = "cpu") -> Tensor:
     """Which of ``dataset[indices]`` the model classifies correctly, in eval mode.
-    Shape: (n,) -> (n,) bool on the CPU."""
+    ModelError when its outputs are not finite. Shape: (n,) -> (n,) bool on the CPU."""
     import torch
 
     from pagctl.data import get_batch
-    from pagctl.models import eval_mode
+    from pagctl.models import check_finite_outputs, eval_mode
 
     parts = []
     with eval_mode(model), torch.no_grad():
         for lo in range(0, len(indices), batch_size):
             x, y = get_batch(dataset, indices[lo: lo + batch_size])
-            parts.append((model(x.to(device)).argmax(1) == y.to(device)).cpu())
+            logits = model(x.to(device))
+            check_finite_outputs(logits, "clean accuracy")
+            parts.append((logits.argmax(1) == y.to(device)).cpu())
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
 
@@ -144,12 +148,16 @@ def run_attack(
     first = built(0)
     stage_names = [s for s, _ in attack_stages(first, name)]
     norm, eps = declared_budget(first, params)
-    key = {"attack": name, "params": params.model_dump(mode="json"), "n": n,
-           "indices_sha256": indices_digest(indices), "seed": seed, "batch_size": batch_size,
-           "stages": stage_names}
-
-    state = AttackState.load(state_path, key) if state_path is not None and \
-        state_path.exists() else None
+    state = None
+    if state_path is not None:
+        key = {"attack": name, "params": params.model_dump(mode="json"), "n": n,
+               "indices_sha256": indices_digest(indices), "seed": seed,
+               "batch_size": batch_size, "stages": stage_names,
+               "model_sha256": tensors_digest(model.state_dict().items()),
+               "data_sha256": _data_digest(dataset, indices, batch_size)}
+        state = AttackState.load(state_path, key) if state_path.exists() else None
+    else:
+        key = {}
     start = time.perf_counter()
     prior_seconds = float(state.stats["seconds"]) if state is not None else 0.0
     total = len(stage_names) * max(len(starts), 1)
@@ -186,6 +194,19 @@ def run_attack(
     report = AttackReport.from_state(state, name, params, norm, eps, indices, seed)
     report.images = state.images if keep_images else None
     return report
+
+
+def _data_digest(dataset: Dataset[Any], indices: Tensor, batch_size: int) -> str:
+    """`pagctl.stats.tensors_digest` of the attacked images and labels, in order."""
+    from pagctl.data import get_batch
+
+    def batches() -> Any:
+        for lo in range(0, len(indices), batch_size):
+            x, y = get_batch(dataset, indices[lo: lo + batch_size])
+            yield f"x{lo}", x
+            yield f"y{lo}", y
+
+    return tensors_digest(batches())
 
 
 def _empty() -> Tensor:

@@ -3,9 +3,10 @@ batch and loaded to resume where the run stopped.
 
 One safetensors file: the per-point tensors (clean, robust, the stage that broke each point,
 the kept adversarial images) and, in its metadata, the counters, the per-stage reports and
-the run's *key* (attack, params, subset digest, seed, batch size, stages). A state is
-resumed only by the evaluation whose key it holds; anything else is refused, naming what
-differs. Written atomically, so a killed run leaves the previous batch's state.
+the run's *key* (attack, params, seed, batch size, stages, and digests of the subset's
+indices, of its images and labels, and of the model's weights). A state is resumed only by
+the evaluation whose key it holds; anything else is refused, naming what differs. Written
+atomically, so a killed run leaves the previous batch's state.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ if TYPE_CHECKING:
 
 STATE_VERSION = 1
 METADATA_KEY = "pagctl_attack_state"
+_WHAT = {"model_sha256": "model weights", "data_sha256": "test images or labels",
+         "indices_sha256": "test indices", "n": "number of points", "attack": "attack",
+         "params": "params", "seed": "seed", "batch_size": "batch size",
+         "stages": "stages"}
 
 
 @dataclass
@@ -88,10 +93,10 @@ class AttackState:
             raise SpecError(f"--state {path}: not a pagctl attack state file; pass a new path "
                             "or delete the file")
         if meta["key"] != key:
-            differ = sorted(k for k in set(key) | set(meta["key"])
-                            if key.get(k) != meta["key"].get(k))
-            raise SpecError(f"--state {path}: written by a different evaluation "
-                            f"({', '.join(differ)} differ); pass a new path or delete the file")
+            differ = [_WHAT.get(k, k) for k in sorted(set(key) | set(meta["key"]))
+                      if key.get(k) != meta["key"].get(k)]
+            raise SpecError(f"--state {path}: written by a different evaluation (its "
+                            f"{', '.join(differ)} differ); pass a new path or delete the file")
         return cls(key=key, clean=tensors["clean"].to(torch.bool),
                    robust=tensors["robust"].to(torch.bool), broken_by=tensors["broken_by"],
                    images=tensors["images"], stage=int(meta["stage"]),

@@ -62,7 +62,7 @@ CONFIG_KIND = "score_model"
 class ScoreModelConfig(BaseModel):
     """Everything needed to rebuild a score network (``config.json`` of a score run)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     kind: Literal["score_model"] = "score_model"
     format: Literal[1] = 1

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pagctl.errors import SpecError
 from pagctl.spec import (
     DataSpec,
+    RunFolderPath,
+    Seed,
     apply_override,
     format_validation_error,
     read_spec_mapping,
@@ -36,7 +38,9 @@ SPEC_FOLDER = ("specs", "score")
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    """Frozen, unknown keys refused, every float finite (inf and NaN refused)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class ScoreNetSpec(_Frozen):
@@ -73,7 +77,7 @@ class ScoreTrainSpec(_Frozen):
                              "(also where sampling starts)")
     null_prob: float = Field(default=0.1, ge=0, lt=1, description="share of examples trained "
                              "with the null class (the unconditional score)")
-    seed: int = Field(default=0, description="seeds initialisation, batch order, sigma, "
+    seed: Seed = Field(default=0, description="seeds initialisation, batch order, sigma, "
                       "noise, null mask, flips and the samples")
     ema: float | None = Field(default=0.999, gt=0, lt=1, description="EMA decay of the "
                               "weights (warmed up as min(decay, (1+t)/(10+t))); null: no EMA")
@@ -111,7 +115,8 @@ class ScoreSpec(_Frozen):
     model: ScoreNetSpec = Field(default_factory=ScoreNetSpec)
     train: ScoreTrainSpec = Field(default_factory=ScoreTrainSpec)
     sample: ScoreSampleSpec = Field(default_factory=ScoreSampleSpec)
-    out_dir: Path | None = Field(default=None, description="run folder; null = runs/<name>")
+    out_dir: RunFolderPath | None = Field(default=None,
+                                          description="run folder; null = runs/<name>")
 
     @model_validator(mode="after")
     def _unused_data_fields(self) -> ScoreSpec:
@@ -155,8 +160,7 @@ def validate_score_spec(data: dict[str, Any]) -> ScoreSpec:
     try:
         return ScoreSpec.model_validate(data)
     except ValidationError as exc:
-        text = format_validation_error(exc).replace("pagctl train --schema",
-                                                    "pagctl train-score --schema")
+        text = format_validation_error(exc, schema="pagctl train-score --schema")
         # the data.augment check is a model-level validator: its message names the field
         text = text.replace("spec: data.augment:", "data.augment:")
         raise SpecError(text) from None

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from pagctl.checkpoint import RunFolder
-from pagctl.errors import SpecError
+from pagctl.errors import ModelError, SpecError
 from pagctl.records import ScoreDoneRecord, ScoreTrainRecord
 from pagctl.score.figures import SAMPLES_FILE, write_samples_figure
 from pagctl.score.model import ScoreModel, ScoreModelConfig, save_score_model
@@ -132,6 +132,13 @@ def dsm_loss(model: ScoreModel, x: Tensor, y: Tensor, gen: torch.Generator,
     return loss
 
 
+def _before(record: dict[str, Any], step: int) -> bool:
+    """Whether a metrics record was written up to ``step`` (a resumed run keeps those)."""
+    if record.get("kind") == "score_train":
+        return isinstance(record.get("step"), int) and record["step"] <= step
+    return record.get("kind") != "score_done"
+
+
 def _ema_update(ema_params: Sequence[Tensor], params: Sequence[Tensor], decay: float) -> None:
     """ema ← ema + (1 − decay)(θ − ema), for all tensors at once."""
     import torch
@@ -169,113 +176,113 @@ def train_score(
                        folder="score run", what="score spec", files=(SAMPLES_FILE,))
     run_dir = folder.path
 
-    # ---- data, model, EMA copy, optimiser
-    dev = resolve_device(device)
-    t = spec.train
-    bundle = load_data(spec.data)
-    n_train = len(bundle.train)  # type: ignore[arg-type]
-    if n_train == 0:
-        raise SpecError("data: the training set is empty")
-    config = model_config_for(spec, bundle)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(t.seed)
-        model = ScoreModel(config).to(dev)
-    ema = copy.deepcopy(model).requires_grad_(False) if t.ema is not None else None
-    ema_decay = t.ema or 0.0
-    params = list(model.parameters())
-    ema_params = list(ema.parameters()) if ema is not None else []
-    opt = torch.optim.Adam(params, lr=t.lr, foreach=True)
-    gen = torch.Generator().manual_seed(t.seed)
+    with folder:
+        # ---- data, model, EMA copy, optimiser
+        dev = resolve_device(device)
+        t = spec.train
+        bundle = load_data(spec.data)
+        n_train = len(bundle.train)  # type: ignore[arg-type]
+        if n_train == 0:
+            raise SpecError("data: the training set is empty")
+        config = model_config_for(spec, bundle)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(t.seed)
+            model = ScoreModel(config).to(dev)
+        ema = copy.deepcopy(model).requires_grad_(False) if t.ema is not None else None
+        ema_decay = t.ema or 0.0
+        params = list(model.parameters())
+        ema_params = list(ema.parameters()) if ema is not None else []
+        opt = torch.optim.Adam(params, lr=t.lr, foreach=True)
+        gen = torch.Generator().manual_seed(t.seed)
 
-    # ---- start fresh, or restore the saved state
-    start, sums = 0, {"loss": 0.0, "count": 0.0, "seconds": 0.0}
-    saved = folder.start()
-    if saved is not None:
-        model.load_state_dict(saved.module_state("model"))
-        if ema is not None:
-            ema.load_state_dict(saved.module_state("ema"))
-        saved.restore_optimizer(opt, dev)
-        gen.set_state(saved.tensors["rng.train"])
-        start, sums = int(saved.counters["step"]), dict(saved.counters["sums"])
-        folder.trim_metrics(lambda r: r.get("kind") not in ("score_train", "score_done") or (
-            r["kind"] == "score_train" and isinstance(r.get("step"), int) and r["step"] <= start))
-    emit = log or (lambda msg: None)
-    n_params = sum(p.numel() for p in model.parameters())
-    emit(f"{spec.name}: {config.network} score model, {n_params:,} parameters, "
-         f"{n_train} training images of {bundle.num_classes} classes, {t.steps} steps, "
-         f"device {dev}")
-
-    def save(step: int, *, weights: bool) -> None:
-        modules: dict[str, torch.nn.Module] = {"model": model}
-        if ema is not None:
-            modules["ema"] = ema
-        folder.save_state(modules, opt, {"train": gen.get_state()},
-                          {"step": step, "sums": sums})
-        if weights:
-            save_score_model(run_dir, ema if ema is not None else model,
-                             config.model_copy(update={"trained_steps": step}))
-
-    # ---- the loop
-    amp = t.amp and dev.type == "cuda"
-    order_cache: dict[int, Tensor] = {}
-    last: dict[str, Any] = {}
-    model.train()
-    step = start
-    with StopFlag() as stop, ProgressBar("score", t.steps, enabled=progress) as bar:
-        bar.update(completed=start)
-        tick = time.perf_counter()
-        for step in range(start, t.steps):
-            idx = _batch_order(n_train, t.batch_size, t.seed, step, order_cache)
-            x, y = get_batch(bundle.train, idx)
-            if t.hflip:
-                flips = torch.rand(x.shape[0], generator=gen) < 0.5
-                x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(t, step)
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-                loss = dsm_loss(model, x, y, gen, t)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"score training: the loss became {loss.item()} at step "
-                                   f"{step + 1}; lower train.lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            if t.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, t.grad_clip, foreach=True)
-            opt.step()
+        # ---- start fresh, or restore the saved state
+        start, sums = 0, {"loss": 0.0, "count": 0.0, "seconds": 0.0}
+        saved = folder.start()
+        if saved is not None:
+            model.load_state_dict(saved.module_state("model"))
             if ema is not None:
-                _ema_update(ema_params, params, min(ema_decay, (1 + step) / (10 + step)))
-            sums["loss"] += float(loss.detach())
-            sums["count"] += 1
-            now = time.perf_counter()
-            sums["seconds"] += now - tick
-            tick = now
-            done = step + 1
-            if done % t.log_every == 0 or done == t.steps:
-                record = ScoreTrainRecord(
-                    step=done, steps=t.steps, loss=sums["loss"] / max(1.0, sums["count"]),
-                    lr=lr_at(t, step), seconds=sums["seconds"])
-                append_record(run_dir, record)
-                last = record.to_json()
-                sums["loss"], sums["count"] = 0.0, 0.0
-                emit(f"step {done}/{t.steps}  loss {last['loss']:.4f}  "
-                     f"{sums['seconds']:.1f}s")
-            bar.update(completed=done, info=f"loss {last.get('loss', float('nan')):.4f}")
-            if on_step is not None:
-                on_step(step)
-            if done < t.steps and (stop.requested or done % t.save_every == 0):
-                save(done, weights=not stop.requested)
-                tick = time.perf_counter()
-                if stop.requested:
-                    return ScoreTrainResult(run_dir, done, True, last)
+                ema.load_state_dict(saved.module_state("ema"))
+            saved.restore_optimizer(opt, dev)
+            gen.set_state(saved.tensors["rng.train"])
+            start, sums = int(saved.counters["step"]), dict(saved.counters["sums"])
+            folder.trim_metrics(lambda r: _before(r, start))
+        emit = log or (lambda msg: None)
+        n_params = sum(p.numel() for p in model.parameters())
+        emit(f"{spec.name}: {config.network} score model, {n_params:,} parameters, "
+             f"{n_train} training images of {bundle.num_classes} classes, {t.steps} steps, "
+             f"device {dev}")
 
-    # ---- the end: final weights, samples
-    save(t.steps, weights=True)
-    samples_path = None
-    tick = time.perf_counter()
-    if spec.sample.per_class > 0:
-        samples_path = write_samples_figure(run_dir, ema if ema is not None else model,
-                                            bundle, spec, log=emit)
-    append_record(run_dir, ScoreDoneRecord(steps=t.steps, train_seconds=sums["seconds"],
-                                           sample_seconds=time.perf_counter() - tick))
+        def save(step: int, *, weights: bool) -> None:
+            modules: dict[str, torch.nn.Module] = {"model": model}
+            if ema is not None:
+                modules["ema"] = ema
+            folder.save_state(modules, opt, {"train": gen.get_state()},
+                              {"step": step, "sums": sums})
+            if weights:
+                save_score_model(run_dir, ema if ema is not None else model,
+                                 config.model_copy(update={"trained_steps": step}))
+
+        # ---- the loop
+        amp = t.amp and dev.type == "cuda"
+        order_cache: dict[int, Tensor] = {}
+        last: dict[str, Any] = {}
+        model.train()
+        step = start
+        with StopFlag() as stop, ProgressBar("score", t.steps, enabled=progress) as bar:
+            bar.update(completed=start)
+            tick = time.perf_counter()
+            for step in range(start, t.steps):
+                idx = _batch_order(n_train, t.batch_size, t.seed, step, order_cache)
+                x, y = get_batch(bundle.train, idx)
+                if t.hflip:
+                    flips = torch.rand(x.shape[0], generator=gen) < 0.5
+                    x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(t, step)
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = dsm_loss(model, x, y, gen, t)
+                if not torch.isfinite(loss):
+                    raise ModelError(f"score training: the loss became {loss.item()} at step "
+                                       f"{step + 1}; lower train.lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]
+                if t.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, t.grad_clip, foreach=True)
+                opt.step()
+                if ema is not None:
+                    _ema_update(ema_params, params, min(ema_decay, (1 + step) / (10 + step)))
+                sums["loss"] += float(loss.detach())
+                sums["count"] += 1
+                now = time.perf_counter()
+                sums["seconds"] += now - tick
+                tick = now
+                done = step + 1
+                if done % t.log_every == 0 or done == t.steps:
+                    record = ScoreTrainRecord(
+                        step=done, steps=t.steps, loss=sums["loss"] / max(1.0, sums["count"]),
+                        lr=lr_at(t, step), seconds=sums["seconds"])
+                    append_record(run_dir, record)
+                    last = record.to_json()
+                    sums["loss"], sums["count"] = 0.0, 0.0
+                    emit(f"step {done}/{t.steps}  loss {last['loss']:.4f}  "
+                         f"{sums['seconds']:.1f}s")
+                bar.update(completed=done, info=f"loss {last.get('loss', float('nan')):.4f}")
+                if on_step is not None:
+                    on_step(step)
+                if done < t.steps and (stop.requested or done % t.save_every == 0):
+                    save(done, weights=not stop.requested)
+                    tick = time.perf_counter()
+                    if stop.requested:
+                        return ScoreTrainResult(run_dir, done, True, last)
+
+        # ---- the end: final weights, samples
+        save(t.steps, weights=True)
+        samples_path = None
+        tick = time.perf_counter()
+        if spec.sample.per_class > 0:
+            samples_path = write_samples_figure(run_dir, ema if ema is not None else model,
+                                                bundle, spec, log=emit)
+        append_record(run_dir, ScoreDoneRecord(steps=t.steps, train_seconds=sums["seconds"],
+                                               sample_seconds=time.perf_counter() - tick))
     return ScoreTrainResult(run_dir, t.steps, False, last, samples_path)
