@@ -76,7 +76,8 @@ class Subset(_Model):
 
 
 class StageRecord(_Model):
-    """What one stage of an attack did (`pagctl.robustness.report.StageReport`)."""
+    """What one stage of an attack did: points attacked and broken, passes (one per
+    example) and time. The engine counts into it as the stage runs (`pagctl.robustness`)."""
 
     name: str
     attacked: Count = 0

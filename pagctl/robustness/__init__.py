@@ -2,7 +2,7 @@
 
 - `engine`: ``run_attack``, clean and robust accuracy of a model on a test subset, stage by
   stage, every attack call checked against the plugin contract;
-- `report`: ``AttackReport`` (and ``StageReport``), what a run measured, and its record;
+- `report`: ``AttackReport``, what a run measured (per stage: ``records.StageRecord``);
 - `state`: ``AttackState``, a run's progress in the ``--state`` file, for resuming;
 - `evaluate`: ``evaluate_attack``, one evaluation as ``pagctl attack`` runs it (subset,
   probes, ε-sweep, verdict);

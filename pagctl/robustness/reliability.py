@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor, nn
 
-    from pagctl.robustness.report import StageReport
+    from pagctl.records import StageRecord
 
 RANDOM_TOLERANCE = 1e-4
 """Largest allowed difference of L2-normalised outputs between identical forwards."""
@@ -222,7 +222,7 @@ def probe_black_box(model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: floa
                                "mislead it)")
 
 
-def square_stage_check(stages: list[StageReport], n: int, verdict: Verdict) -> None:
+def square_stage_check(stages: list[StageRecord], n: int, verdict: Verdict) -> None:
     """In an ensemble, Square (run after the white-box stages) should break almost nothing."""
     earlier = False
     for stage in stages:

@@ -1,4 +1,5 @@
-"""What an attack run reports: `AttackReport`, with one `StageReport` per stage.
+"""What an attack run reports: `AttackReport`, with one `pagctl.records.StageRecord` per
+stage.
 
 `pagctl.robustness.engine.run_attack` returns it; `AttackReport.to_record` is its line of
 metrics.jsonl (`pagctl.records.AttackRecord`). Accuracies carry Wilson 95% intervals; which
@@ -9,7 +10,7 @@ by a digest of its indices (`pagctl.stats`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pagctl.records import AttackRecord, PerExample, Reliability, StageRecord, Subset
@@ -20,18 +21,6 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from pagctl.robustness.state import AttackState
-
-
-@dataclass
-class StageReport:
-    """What one stage did: points attacked and broken, passes (one per example) and time."""
-
-    name: str
-    attacked: int = 0
-    broke: int = 0
-    forwards: int = 0
-    backwards: int = 0
-    seconds: float = 0.0
 
 
 @dataclass
@@ -64,7 +53,7 @@ class AttackReport:
     seconds: float
     clean_mask: Tensor = field(repr=False)
     robust_mask: Tensor = field(repr=False)
-    stages: list[StageReport] = field(default_factory=list)
+    stages: list[StageRecord] = field(default_factory=list)
     subset: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     per_example: dict[str, str] = field(default_factory=dict)
@@ -108,7 +97,7 @@ class AttackReport:
             norm=self.norm, eps=self.eps, max_l2=self.max_l2, max_linf=self.max_linf,
             pixel_min=self.pixel_min, pixel_max=self.pixel_max, nan_count=self.nan_count,
             forwards=self.forwards, backwards=self.backwards, seconds=self.seconds,
-            stages=[StageRecord(**asdict(s)) for s in self.stages],
+            stages=list(self.stages),
             subset=Subset(**self.subset), seed=self.seed,
             per_example=PerExample(**self.per_example),
             reliability=Reliability(**self.reliability) if self.reliability is not None

@@ -12,12 +12,12 @@ atomically, so a killed run leaves the previous batch's state.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pagctl.errors import SpecError
-from pagctl.robustness.report import StageReport
+from pagctl.records import StageRecord
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -47,7 +47,7 @@ class AttackState:
     images: Tensor
     stage: int = 0
     batch: int = 0
-    stages: list[StageReport] = field(default_factory=list)
+    stages: list[StageRecord] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -59,7 +59,8 @@ class AttackState:
         n = clean.shape[0]
         return cls(key=key, clean=clean, robust=clean.clone(),
                    broken_by=torch.full((n,), -1, dtype=torch.int64), images=images,
-                   stages=[StageReport(s) for s in stage_names],
+                   stages=[StageRecord(name=s, attacked=0, broke=0, forwards=0, backwards=0,
+                                       seconds=0.0) for s in stage_names],
                    stats={"max_l2": 0.0, "max_linf": 0.0, "pixel_min": 1.0, "pixel_max": 0.0,
                           "nan_count": 0, "seconds": 0.0})
 
@@ -69,7 +70,7 @@ class AttackState:
         from pagctl.checkpoint import atomic_save_tensors
 
         meta = {"version": STATE_VERSION, "key": self.key, "stage": self.stage,
-                "batch": self.batch, "stages": [asdict(s) for s in self.stages],
+                "batch": self.batch, "stages": [s.model_dump() for s in self.stages],
                 "stats": self.stats}
         atomic_save_tensors(
             {"clean": self.clean.to(torch.uint8), "robust": self.robust.to(torch.uint8),
@@ -101,4 +102,4 @@ class AttackState:
                    robust=tensors["robust"].to(torch.bool), broken_by=tensors["broken_by"],
                    images=tensors["images"], stage=int(meta["stage"]),
                    batch=int(meta["batch"]),
-                   stages=[StageReport(**s) for s in meta["stages"]], stats=meta["stats"])
+                   stages=[StageRecord(**s) for s in meta["stages"]], stats=meta["stats"])
