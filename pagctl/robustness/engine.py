@@ -160,7 +160,8 @@ def run_attack(
         key = {}
     start = time.perf_counter()
     prior_seconds = float(state.stats["seconds"]) if state is not None else 0.0
-    total = len(stage_names) * max(len(starts), 1)
+    per_stage = max(len(starts), 1)
+    total = len(stage_names) * per_stage
     with eval_mode(model):
         if state is None:
             kept = min(keep_images, n)
@@ -172,7 +173,7 @@ def run_attack(
         with ProgressBar(stage_names[0], total, enabled=progress) as bar:
             while state.stage < len(stage_names):
                 s = state.stage
-                bar.update(completed=s * max(len(starts), 1) + state.batch,
+                bar.update(completed=s * per_stage + state.batch,
                            description=stage_names[s],
                            info=f"robust {int(state.robust.sum())}/{n}")
                 if state.batch < len(starts):
