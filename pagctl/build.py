@@ -66,11 +66,13 @@ def setup(spec: RunSpec, device: torch.device, *, build_plugins: bool = True,
     import torch
 
     from pagctl import registry
-    from pagctl.data import load_data
+    from pagctl.data import load_data, split_validation
     from pagctl.models import build_model, timm_config
     from pagctl.protocols import disables_pag
 
     bundle = load_data(spec.data)
+    if spec.data.validation_size:
+        bundle = split_validation(bundle, spec.data.validation_size, spec.data.split_seed)
     k = spec.train.classes_per_image
     if k > bundle.num_classes:
         raise SpecError(f"train.classes_per_image: K={k} but '{bundle.name}' has "
@@ -83,6 +85,8 @@ def setup(spec: RunSpec, device: torch.device, *, build_plugins: bool = True,
                          bundle.input_shape)
     refs: list[tuple[PluginRef, Any, str]] = [
         (spec.target_gradients, registry.target_gradients, "target_gradients")]
+    if spec.train.inner_attack is not None:
+        refs.append((spec.train.inner_attack, registry.attacks, "train.inner_attack"))
     if spec.eval.attack is not None:
         refs.append((spec.eval.attack, registry.attacks, "eval.attack"))
     if spec.eval.align_source is not None:

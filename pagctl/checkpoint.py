@@ -3,6 +3,8 @@
 ```
 runs/<name>/
   model.safetensors   the weights (a classifier: the timm model's, without normalisation)
+  model-best.safetensors  with a validation split: the weights of the best epoch by
+                      validation robust accuracy (same config.json)
   config.json         how to rebuild them (a classifier: timm-compatible architecture,
                       num_classes, model_args, pretrained_cfg; a score model: its config)
   spec.json           the validated spec
@@ -44,12 +46,17 @@ if TYPE_CHECKING:
 _Model = TypeVar("_Model", bound="BaseModel")
 
 MODEL_FILE = "model.safetensors"
+BEST_MODEL_FILE = "model-best.safetensors"
+WEIGHTS = {"last": MODEL_FILE, "best": BEST_MODEL_FILE}
+"""Which weights of a classifier run (``--weights``): the last epoch's, or the best by
+validation robust accuracy."""
 CONFIG_FILE = "config.json"
 SPEC_FILE = "spec.json"
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "state.safetensors"
 STATE_META_FILE = "state.json"
-RUN_FILES = (MODEL_FILE, CONFIG_FILE, SPEC_FILE, METRICS_FILE, STATE_FILE, STATE_META_FILE)
+RUN_FILES = (MODEL_FILE, BEST_MODEL_FILE, CONFIG_FILE, SPEC_FILE, METRICS_FILE, STATE_FILE,
+             STATE_META_FILE)
 LOCK_FILE = ".pagctl.lock"
 """`RunLock`'s file, present while the folder is in use (the lock is the kernel's)."""
 
@@ -120,10 +127,22 @@ def spec_hash(spec: BaseModel) -> str:
 
 
 def _spec_hashes(spec: BaseModel) -> set[str]:
-    """The digests files written for ``spec`` may carry: `spec_hash`, and the earlier form
-    that also covered ``out_dir`` (files written before it was left out)."""
+    """The digests files written for ``spec`` may carry: `spec_hash`; the earlier form that
+    also covered ``out_dir``; and both as written before the fields of
+    `pagctl.spec.FIELDS_ADDED_LATER` existed (where they hold their defaults)."""
+    from pagctl.spec import without_later_fields
+
+    def digest(data: Any) -> str:
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     legacy = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
-    return {spec_hash(spec), legacy}
+    hashes = {spec_hash(spec), legacy}
+    earlier = without_later_fields(spec)
+    hashes.add(digest(earlier))
+    if "out_dir" in earlier:
+        hashes.add(digest({**earlier, "out_dir": None}))
+    return hashes
 
 
 def load_error_detail(exc: BaseException) -> str:
@@ -488,26 +507,27 @@ class RunFolder:
 
 
 def save_weights(run_dir: Path, tensors: dict[str, torch.Tensor], config: str,
-                 metadata: dict[str, str]) -> None:
-    """model.safetensors (with ``metadata`` and the library versions) and config.json."""
+                 metadata: dict[str, str], *, file: str = MODEL_FILE) -> None:
+    """``file`` (model.safetensors; with ``metadata`` and the library versions) and
+    config.json."""
     import torch
 
     from pagctl import __version__
 
     meta = {"format": "pt", "pagctl_version": __version__, "torch_version": torch.__version__,
             **metadata}
-    atomic_save_tensors(tensors, run_dir / MODEL_FILE, meta)
+    atomic_save_tensors(tensors, run_dir / file, meta)
     atomic_write_text(run_dir / CONFIG_FILE, config)
 
 
 def save_model(run_dir: Path, model: NormalizedModel, config: dict[str, Any],
-               spec: RunSpec) -> None:
-    """A classifier's weights (without the normalisation) and its timm config."""
+               spec: RunSpec, *, file: str = MODEL_FILE) -> None:
+    """A classifier's weights (without the normalisation) as ``file`` and its timm config."""
     import timm
 
     save_weights(run_dir, dict(model.net.state_dict()), json.dumps(config, indent=2) + "\n",
                  {"timm_version": timm.__version__, "spec_hash": spec_hash(spec),
-                  "architecture": str(config["architecture"])})
+                  "architecture": str(config["architecture"])}, file=file)
 
 
 @dataclass
@@ -520,10 +540,13 @@ class LoadedRun:
     config: dict[str, Any]
     model: NormalizedModel
     warnings: list[str] = field(default_factory=list)
+    weights: str = "last"
 
 
-def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
-    """Rebuild a run's model from config.json + model.safetensors (eval mode).
+def load_run(run_dir: Path, device: str | torch.device = "cpu", *,
+             weights: str = "last") -> LoadedRun:
+    """Rebuild a run's model from config.json + model.safetensors (eval mode), or with
+    ``weights="best"`` from model-best.safetensors (`WEIGHTS`).
 
     The global RNG is left as it was (building the network draws initial weights that the
     saved ones then replace)."""
@@ -533,10 +556,18 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
 
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run folder; train one with 'pagctl train'")
+    if weights not in WEIGHTS:
+        raise SpecError(f"--weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
+    model_file = WEIGHTS[weights]
     spec = read_spec(run_dir)
     cfg_path = run_dir / CONFIG_FILE
-    if not (run_dir / MODEL_FILE).is_file():
-        raise CheckpointError(f"{run_dir}: no {MODEL_FILE} (training has not finished an "
+    if weights == "best" and not (run_dir / model_file).is_file():
+        raise CheckpointError(
+            f"{run_dir}: no {model_file}: the best model is kept only for runs with a "
+            "validation split (data.validation_size) once it has been evaluated; use "
+            "--weights last")
+    if not (run_dir / model_file).is_file():
+        raise CheckpointError(f"{run_dir}: no {model_file} (training has not finished an "
                               "epoch); train or resume it first")
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -547,7 +578,7 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
         raise CheckpointError(f"{cfg_path}: architecture {arch!r} but spec.json says "
                               f"{spec.model.arch!r}; the files come from different runs; "
                               "restore config.json")
-    state = load_tensors(run_dir / MODEL_FILE)
+    state = load_tensors(run_dir / model_file)
     try:
         with torch.random.fork_rng(devices=[]):
             model = rebuild_from_config(config, state)
@@ -555,18 +586,18 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu") -> LoadedRun:
         if isinstance(exc, CheckpointError) and not isinstance(exc.__cause__, RuntimeError):
             raise  # a malformed config.json, already explained
         raise CheckpointError(
-            f"{run_dir / MODEL_FILE}: weights do not match config.json/spec "
+            f"{run_dir / model_file}: weights do not match config.json/spec "
             f"({load_error_detail(exc)}); the files come from different runs; restore them "
             "or re-run training"
         ) from None
     model.to(device).eval()
-    found = _metadata(run_dir / MODEL_FILE).get("spec_hash")
+    found = _metadata(run_dir / model_file).get("spec_hash")
     warnings = []
     if found is not None and found not in _spec_hashes(spec):
-        warnings.append(f"warning: {run_dir / MODEL_FILE} was saved by another run than "
+        warnings.append(f"warning: {run_dir / model_file} was saved by another run than "
                         f"{run_dir / SPEC_FILE} describes (spec hash {found} vs "
                         f"{spec_hash(spec)}); results on it belong to that other run")
-    return LoadedRun(run_dir, spec, config, model, warnings)
+    return LoadedRun(run_dir, spec, config, model, warnings, weights)
 
 
 def _metadata(path: Path) -> dict[str, str]:

@@ -103,9 +103,14 @@ class Reliability(_Model):
 
 
 class TrainEpochRecord(_Model):
-    """One training epoch: the loss terms and, when evaluated, the per-epoch monitor on the
-    first ``n_test`` test points (clean accuracy, robust accuracy under ``monitor``, mean
-    alignment with ``eval.align_source``)."""
+    """One training epoch: the loss terms, what its steps cost and, when evaluated, the
+    per-epoch monitor on the first ``n_test`` test points (clean accuracy, robust accuracy
+    under ``monitor``, mean alignment with ``eval.align_source``) and on the ``n_val``
+    validation images. ``best`` marks the epochs whose weights became model-best.
+
+    Cost (`pagctl.train.StepCost`): ``passes_per_image`` maps each phase (attack, pag, step)
+    to its forward and backward passes per training image; ``attack_seconds``,
+    ``pag_seconds`` and ``step_seconds`` are the phases' wall times over the epoch."""
 
     kind: Literal["train_epoch"] = "train_epoch"
     epoch: Count
@@ -115,13 +120,24 @@ class TrainEpochRecord(_Model):
     loss: Number | None = None
     ce: Number | None = None
     pag: Number | None = None
+    objective: str | None = None
+    robust: Number | None = None
     train_accuracy: Prob | None = None
+    train_adv_accuracy: Prob | None = None
     train_seconds: Seconds | None = None
+    passes_per_image: Params | None = None
+    attack_seconds: Seconds | None = None
+    pag_seconds: Seconds | None = None
+    step_seconds: Seconds | None = None
     n_test: Count | None = None
     clean_accuracy: Prob | None = None
     robust_accuracy: Prob | None = None
     monitor: Params | None = None
     alignment: Cos | None = None
+    n_val: Count | None = None
+    val_clean_accuracy: Prob | None = None
+    val_robust_accuracy: Prob | None = None
+    best: bool | None = None
     eval_seconds: Seconds | None = None
 
 
@@ -131,6 +147,7 @@ class AttackRecord(_Model):
 
     kind: Literal["attack"] = "attack"
     attack: str
+    weights: str | None = None
     params: Params | None = None
     params_given: Params | None = None
     n: Count
@@ -163,6 +180,7 @@ class AlignRecord(_Model):
 
     kind: Literal["align"] = "align"
     source: str
+    weights: str | None = None
     source_params: Params | None = None
     params_given: Params | None = None
     n: Count

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pagctl.errors import SpecError
 
@@ -90,6 +98,11 @@ class DataSpec(_Frozen):
                                  description="test share of the split (digits)")
     toy_train_size: int = Field(default=6000, ge=10, description="toy training points")
     toy_test_size: int = Field(default=600, ge=10, description="toy test points")
+    validation_size: int = Field(
+        default=0, ge=0, description="images carved from the training set (stratified, "
+        "seeded by split_seed) for model selection under robust overfitting: the per-epoch "
+        "monitor also evaluates them and the run keeps the best model by their robust "
+        "accuracy (model-best.safetensors); 0 = none. Never the test set")
 
 
 class TrainSpec(_Frozen):
@@ -98,9 +111,14 @@ class TrainSpec(_Frozen):
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=5e-4, ge=0)
     nesterov: bool = False
-    schedule: Literal["step", "cosine", "constant"] = Field(
+    schedule: Literal["step", "cosine", "constant", "multistep"] = Field(
         default="cosine", description="step: the paper's drops (x0.1 at 50% and 75% of the "
-        "epochs, x0.01 more in the last epoch); cosine: per step to 0; constant")
+        "epochs, x0.01 more in the last epoch); cosine: per step to 0; constant; multistep: "
+        "x lr_gamma after each of the milestones (as TRADES and Rice et al. train)")
+    milestones: tuple[int, ...] = Field(
+        default=(), description="multistep: numbers of finished epochs after which the "
+        "learning rate is multiplied by lr_gamma (torch's MultiStepLR), increasing")
+    lr_gamma: float = Field(default=0.1, gt=0, le=1, description="multistep: the factor")
     seed: Seed = Field(default=0, description="seeds data order, class sampling, init, attacks")
     pag_weight: float = Field(
         default=1.0, ge=0, description="lambda, the real weight on mean_k(1 - cos); the "
@@ -111,6 +129,23 @@ class TrainSpec(_Frozen):
     pag_warmup_epochs: int = Field(
         default=0, ge=0, description="epochs (from 1) that use pag_weight * pag_warmup_factor")
     pag_warmup_factor: float = Field(default=1.0, ge=0)
+    objective: Literal["ce", "pgd_at", "trades", "mart", "fast_at"] = Field(
+        default="ce", description="ce: cross-entropy on clean inputs; pgd_at: CE on "
+        "adversarial inputs (Madry et al. 2018); trades: CE(x) + beta KL(p(x) || p(x_adv)) "
+        "(Zhang et al. 2019); mart: boosted CE on x_adv + beta KL weighted by 1 - p_y(x) "
+        "(Wang et al. 2020); fast_at: pgd_at with a one-step inner attack (Wong et al. "
+        "2020); the PAG term adds to any of them (docs/adversarial-training.md)")
+    beta: float = Field(default=6.0, ge=0, description="trades/mart: weight on the robust "
+                        "KL term (both references use 6)")
+    inner_attack: PluginRef | None = Field(
+        default=None, description="the registered attack that makes x_adv for every "
+        "objective but ce, with its params (it must declare a budget: eps)")
+    attack_mode: Literal["auto", "train", "eval"] = Field(
+        default="auto", description="BatchNorm mode while the inner attack runs: auto = each "
+        "objective's reference (train for pgd_at and fast_at, eval for trades and mart)")
+    pag_on: Literal["clean", "adversarial"] = Field(
+        default="clean", description="where the PAG term's input gradients are taken: the "
+        "clean inputs or the inner attack's adversarial inputs")
     drop_last: bool = True
     amp: bool = Field(default=False, description="bfloat16 autocast (CUDA only)")
     channels_last: bool = Field(default=False, description="channels_last memory format (CUDA)")
@@ -119,6 +154,29 @@ class TrainSpec(_Frozen):
         "passes over one forward; least memory, fastest on CPU), repeat (each image repeated "
         "K times, one forward and one reverse pass; K x the activation memory, fastest on a "
         "GPU), batched (one vmapped reverse pass); see benchmarks/README.md")
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(m < 1 for m in v) or any(b <= a for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError("milestones must be increasing epoch counts >= 1, e.g. [75, 90]")
+        return v
+
+    @model_validator(mode="after")
+    def _objective_needs(self) -> TrainSpec:
+        if self.objective == "ce":
+            if self.inner_attack is not None:
+                raise ValueError("inner_attack is set but objective 'ce' makes no adversarial "
+                                 "examples; remove it or choose pgd_at, trades, mart or fast_at")
+            if self.pag_on == "adversarial":
+                raise ValueError("pag_on 'adversarial' needs adversarial inputs, which "
+                                 "objective 'ce' does not make; use pag_on: clean")
+        elif self.inner_attack is None:
+            raise ValueError(f"objective '{self.objective}' needs inner_attack, e.g. "
+                             "{name: pgd_linf, params: {eps: 0.1, steps: 10, keep: last}}")
+        if self.schedule == "multistep" and not self.milestones:
+            raise ValueError("schedule 'multistep' needs milestones, e.g. [75, 90]")
+        return self
 
 
 class EvalSpec(_Frozen):
@@ -150,6 +208,31 @@ class RunSpec(_Frozen):
     @property
     def run_dir(self) -> Path:
         return self.out_dir if self.out_dir is not None else Path("runs") / self.name
+
+
+FIELDS_ADDED_LATER: dict[str, tuple[str, ...]] = {
+    "train": ("milestones", "lr_gamma", "objective", "beta", "inner_attack", "attack_mode",
+              "pag_on"),
+    "data": ("validation_size",),
+}
+"""`RunSpec` fields that run folders written before they existed do not carry (adversarial
+training). `pagctl.checkpoint` recognises those folders' spec digests by leaving these out
+where they hold their defaults."""
+
+
+def without_later_fields(spec: BaseModel) -> dict[str, Any]:
+    """``spec`` dumped as JSON data without the `FIELDS_ADDED_LATER` that hold their
+    defaults: the spec as a run folder written before those fields existed recorded it."""
+    data = spec.model_dump(mode="json")
+    if not isinstance(spec, RunSpec):
+        return data
+    for section, names in FIELDS_ADDED_LATER.items():
+        sub = getattr(spec, section)
+        fields = type(sub).model_fields
+        for name in names:
+            if getattr(sub, name) == fields[name].get_default(call_default_factory=True):
+                data[section].pop(name, None)
+    return data
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,21 +1,30 @@
 """Training with the PAG objective, in one readable loop (``pagctl train``).
 
-    loss = CE(f(x), y) + lambda * mean_{i, k} (1 - cos(grad_x log p(t_ik | x_i), g(x_i, t_ik)))
+    loss = objective(f(x), f(x_adv), y)
+           + lambda * mean_{i, k} (1 - cos(grad_x log p(t_ik | x_i'), g(x_i', t_ik)))
 
 with K target classes t_ik per image sampled without replacement (all classes when K equals
 the number of classes, the paper's setting) and g from a target-gradient source. lambda is the
-real weight; the official code's ``pag_coeff`` c corresponds to lambda = 10 c.
+real weight; the official code's ``pag_coeff`` c corresponds to lambda = 10 c. The objective
+is ``train.objective`` (`pagctl.losses.objective_loss`): cross-entropy (``ce``, the paper's
+PAG training) or an adversarial-training loss whose ``x_adv`` comes from the inner attack
+(`pagctl.objectives.InnerAttack`); x' is x, or x_adv with ``train.pag_on: adversarial``.
 
-One forward pass per step serves both terms: the logits give the cross-entropy and their
-log-softmax is differentiated (with ``create_graph``) for the K input gradients. Augmentation
+One forward pass serves both terms wherever they share an input: the logits give the
+objective's term on that input and their log-softmax is differentiated (with
+``create_graph``) for the K input gradients. Augmentation
 (random crop / flip) is applied inside the model call and differentiated through, so gradients
 are taken with respect to the un-augmented image and compared to targets computed on it.
 
 After every ``eval.every`` epochs (and the last) the per-epoch monitor (`monitor`) measures
 the first ``eval.limit`` test points: clean accuracy, robust accuracy under ``eval.attack``
-and the mean alignment with ``eval.align_source``. Each epoch appends one
-`pagctl.records.TrainEpochRecord` to metrics.jsonl. The run folder's life (refuse or resume,
-create, save state) is `pagctl.checkpoint.RunFolder`, shared with score training.
+and the mean alignment with ``eval.align_source``; with a validation split
+(``data.validation_size``) it also measures the validation images and keeps the model of the
+best validation robust accuracy (clean accuracy without ``eval.attack``) as
+model-best.safetensors, beside the last model (Rice et al. 2020's early stopping). Each epoch
+appends one `pagctl.records.TrainEpochRecord` to metrics.jsonl, with the cost of its steps
+(`StepCost`). The run folder's life (refuse or resume, create, save state) is
+`pagctl.checkpoint.RunFolder`, shared with score training.
 """
 
 from __future__ import annotations
@@ -28,8 +37,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pagctl.build import Setup, build_context, default_cache_dir, resolve_device, setup
-from pagctl.checkpoint import RunFolder, SavedState, append_record, save_model
+from pagctl.checkpoint import (
+    BEST_MODEL_FILE,
+    RunFolder,
+    SavedState,
+    append_record,
+    save_model,
+)
 from pagctl.errors import ModelError, SpecError
+from pagctl.objectives import InnerAttack, step_seed
 from pagctl.records import TrainEpochRecord
 
 if TYPE_CHECKING:
@@ -51,10 +67,13 @@ def lr_at(t: TrainSpec, epoch: int, step: int, steps_per_epoch: int) -> float:
     """Learning rate for 0-based ``epoch`` and ``step`` within it.
 
     step: the official schedule (x0.1 from 50% of the epochs, x0.01 from 75%, x0.001 in the
-    final epoch); cosine: per step from lr down to 0; constant.
+    final epoch); cosine: per step from lr down to 0; constant; multistep: x lr_gamma for
+    each milestone m <= epoch (torch's MultiStepLR: after m finished epochs).
     """
     if t.schedule == "constant":
         return t.lr
+    if t.schedule == "multistep":
+        return t.lr * t.lr_gamma ** sum(1 for m in t.milestones if m <= epoch)
     if t.schedule == "cosine":
         progress = (epoch * steps_per_epoch + step) / max(1, t.epochs * steps_per_epoch)
         return t.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -93,12 +112,11 @@ def train(
     ``on_step(epoch, step)`` is called after every optimiser step (0-based counters).
     """
     import torch
-    import torch.nn.functional as F
 
     from pagctl.data import iter_batches
     from pagctl.data.augment import Augmented, draw_augmentation
     from pagctl.gradients import logits_and_input_gradients
-    from pagctl.losses import pag_loss, sample_target_classes
+    from pagctl.losses import objective_loss, pag_loss, sample_target_classes
     from pagctl.progress import ProgressBar, StopFlag
 
     # ---- the run folder: refuse or check before building anything
@@ -106,7 +124,7 @@ def train(
     run_dir = folder.path
 
     with folder:
-        # ---- data, model, target-gradient source, alignment monitor, optimiser
+        # ---- data, model, target-gradient source, inner attack, monitor, optimiser
         dev = resolve_device(device)
         s = setup(spec, dev, cache_dir=cache_dir)
         t = spec.train
@@ -114,6 +132,7 @@ def train(
         channels_last = t.channels_last and dev.type == "cuda"
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
+        inner = _inner_attack(s, cache_dir)
         align_source = _alignment_source(s, cache_dir)
         opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
                               weight_decay=t.weight_decay, nesterov=t.nesterov)
@@ -124,27 +143,34 @@ def train(
         if steps == 0:
             raise SpecError(f"data.batch_size: {b} exceeds the {n_train} training images with "
                             "train.drop_last; lower it")
+        needs_clean = t.objective in ("ce", "trades", "mart")
+        needs_adv = t.objective != "ce"
 
         # ---- start fresh, or restore the saved state
         sums = _zero_sums()
+        best: dict[str, float] = {}
         start_epoch, start_step = 0, 0
         saved = folder.start()
         if saved is not None:
-            start_epoch, start_step, sums = _restore(saved, model, opt, gen, dev)
+            start_epoch, start_step, sums, best = _restore(saved, model, opt, gen, dev)
             folder.trim_metrics(lambda r: r.get("kind") != "train_epoch" or (
                 isinstance(r.get("epoch"), int) and r["epoch"] <= start_epoch))
         emit = log or (lambda msg: None)
+        adversarial = "" if inner is None else \
+            f", objective {t.objective} (inner attack {inner.name}, {inner.mode} mode)"
         emit(f"{spec.name}: {n_train} training images, {steps} steps/epoch, device {dev}, "
-             f"PAG {'on' if s.pag_active else 'off'} (source {spec.target_gradients.name})")
+             f"PAG {'on' if s.pag_active else 'off'} (source {spec.target_gradients.name})"
+             f"{adversarial}")
 
         def save_state(epoch: int, step: int) -> None:
             folder.save_state({"model": model}, opt, _rng_state(gen),
-                              {"epoch": epoch, "step": step, "sums": sums})
+                              {"epoch": epoch, "step": step, "sums": sums, "best": best})
 
         # ---- the loop: epochs of steps, then the monitor, the record and the saves
         amp = t.amp and dev.type == "cuda"
         last: dict[str, Any] = {}
-        with StopFlag() as stop, ProgressBar("train", t.epochs * steps, enabled=progress) as bar:
+        with StopFlag() as stop, ProgressBar("train", t.epochs * steps, enabled=progress) as bar, \
+                StepCost(model, dev) as cost:
             bar.update(completed=start_epoch * steps + start_step,
                        description=f"epoch {start_epoch + 1}/{t.epochs}")
             for epoch in range(start_epoch, t.epochs):
@@ -159,7 +185,8 @@ def train(
                                        workers=spec.data.workers)
                 tick = time.perf_counter()
                 for step, (idx, x, y) in enumerate(batches, start=first):
-                    # -- one step: augmentation draw, targets, CE (+ λ·PAG), SGD
+                    # -- one step: augmentation draw, x_adv, targets, objective (+ λ·PAG), SGD
+                    cost.begin(sums)
                     x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                     if channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
@@ -168,22 +195,40 @@ def train(
                     offsets, flips = draw_augmentation(spec.data, len(idx), gen)
                     net: Any = model if offsets is None and flips is None else \
                         Augmented(model, offsets, flips, spec.data.crop_padding)
+                    x_adv = None
+                    if inner is not None:
+                        cost.phase("attack")
+                        x_adv = inner(net, model, x, y, step_seed(t.seed, epoch, step))
+                        if channels_last:
+                            x_adv = x_adv.contiguous(memory_format=torch.channels_last)
+                    clean_logits: Tensor | None = None
+                    adv_logits: Tensor | None = None
                     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
                         if s.pag_active:
+                            cost.phase("pag")
+                            pag_x = x if t.pag_on == "clean" or x_adv is None else x_adv
                             classes = sample_target_classes(y, s.bundle.num_classes,
                                                             t.classes_per_image, gen)
                             with torch.no_grad():
-                                targets = s.source(x, y, classes, index=idx)
+                                targets = s.source(pag_x, y, classes, index=idx)
                             logits, grads = logits_and_input_gradients(
-                                net, x, classes, create_graph=True, method=t.grad_method)
-                            ce = F.cross_entropy(logits.float(), y)
+                                net, pag_x, classes, create_graph=True, method=t.grad_method)
                             pag = pag_loss(grads.float(), targets.float())
-                            loss = ce + weight * pag
+                            if pag_x is x:
+                                clean_logits = logits
+                            else:
+                                adv_logits = logits
                         else:
-                            logits = net(x)
-                            ce = F.cross_entropy(logits.float(), y)
                             pag = torch.zeros((), device=dev)
-                            loss = ce
+                        cost.phase("step")
+                        if needs_clean and clean_logits is None:
+                            clean_logits = net(x)
+                        if needs_adv and adv_logits is None:
+                            adv_logits = net(x_adv)
+                        objective, robust = objective_loss(
+                            t.objective, None if clean_logits is None else clean_logits.float(),
+                            None if adv_logits is None else adv_logits.float(), y, t.beta)
+                        loss = objective + weight * pag if s.pag_active else objective
                     if not torch.isfinite(loss):
                         raise ModelError(
                             f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; "
@@ -191,13 +236,22 @@ def train(
                     opt.zero_grad(set_to_none=True)
                     loss.backward()  # type: ignore[no-untyped-call]
                     opt.step()
+                    cost.end()
 
                     # -- running sums, progress, Ctrl-C
-                    sums["loss"] += float(loss.detach()) * len(idx)
-                    sums["ce"] += float(ce.detach()) * len(idx)
-                    sums["pag"] += float(pag.detach()) * len(idx)
-                    sums["correct"] += float((logits.argmax(1) == y).sum())
-                    sums["seen"] += len(idx)
+                    n = len(idx)
+                    sums["loss"] += float(loss.detach()) * n
+                    robust_value = 0.0 if robust is None else float(robust.detach())
+                    sums["ce"] += (float(objective.detach()) - t.beta * robust_value) * n
+                    sums["robust"] += robust_value * n
+                    sums["pag"] += float(pag.detach()) * n
+                    if clean_logits is not None:
+                        sums["correct"] += float((clean_logits.argmax(1) == y).sum())
+                        sums["clean_seen"] += n
+                    if adv_logits is not None:
+                        sums["adv_correct"] += float((adv_logits.argmax(1) == y).sum())
+                        sums["adv_seen"] += n
+                    sums["seen"] += n
                     sums["seconds"] += time.perf_counter() - tick
                     tick = time.perf_counter()
                     bar.update(advance=1, description=f"epoch {epoch + 1}/{t.epochs}",
@@ -208,12 +262,17 @@ def train(
                         save_state(epoch, step + 1)
                         return TrainResult(run_dir, epoch, True, last)
 
-                # -- end of epoch: monitor, record, weights, state
+                # -- end of epoch: monitor, record, weights (last, best), state
                 evaluated: dict[str, Any] = {}
                 if (epoch + 1) % spec.eval.every == 0 or epoch + 1 == t.epochs:
                     tick = time.perf_counter()
                     evaluated = monitor(s, epoch, align_source)
                     evaluated["eval_seconds"] = time.perf_counter() - tick
+                score = _selection_score(evaluated)
+                if score is not None and score > best.get("score", -1.0):
+                    best = {"epoch": float(epoch + 1), "score": score}
+                    save_model(run_dir, model, s.config, spec, file=BEST_MODEL_FILE)
+                    evaluated["best"] = True
                 record = _epoch_record(s, epoch, steps, weight, sums, evaluated)
                 append_record(run_dir, record)
                 save_model(run_dir, model, s.config, spec)
@@ -230,10 +289,12 @@ def prepare(spec: RunSpec, *, device: str = "auto", resume: bool = False,
             overwrite: bool = False, cache_dir: Path | None = None) -> Setup:
     """Everything `train` builds before its first step, without training or writing into
     the run folder (``pagctl train --dry-run``): the run folder's checks, the data, the
-    model, the target-gradient source and the alignment monitor's source. Raises what
+    model, the target-gradient source, the inner attack and the alignment monitor's source.
+    Raises what
     `train` would raise for them."""
     RunFolder(spec, command="train", resume=resume, overwrite=overwrite)
     s = setup(spec, resolve_device(device), cache_dir=cache_dir)
+    _inner_attack(s, cache_dir)
     _alignment_source(s, cache_dir)
     return s
 
@@ -242,17 +303,122 @@ def prepare(spec: RunSpec, *, device: str = "auto", resume: bool = False,
 # the loop's helpers
 
 
+PHASES = ("attack", "pag", "step")
+"""The parts of a training step whose cost an epoch record gives (`StepCost`)."""
+
+
 def _zero_sums() -> dict[str, float]:
-    return {"loss": 0.0, "ce": 0.0, "pag": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0}
+    sums = {"loss": 0.0, "ce": 0.0, "robust": 0.0, "pag": 0.0, "correct": 0.0,
+            "clean_seen": 0.0, "adv_correct": 0.0, "adv_seen": 0.0, "seen": 0.0,
+            "seconds": 0.0}
+    for phase in PHASES:
+        sums.update({f"{phase}_forward": 0.0, f"{phase}_backward": 0.0,
+                     f"{phase}_seconds": 0.0})
+    return sums
+
+
+class StepCost:
+    """What each part of a training step costs, counted into the epoch's running sums.
+
+    Phases (`PHASES`): ``attack`` (the inner attack), ``pag`` (the target-gradient source and
+    the K input gradients with ``create_graph``) and ``step`` (everything else: the
+    objective's forward passes, the loss, the one backward of the total loss including its
+    second-order part through the K gradients, the optimiser). Data loading is in none.
+
+    Passes are counted at the model, not assumed: a forward hook adds the batch's rows to
+    ``<phase>_forward``; a hook on each output that needs a gradient adds its rows to
+    ``<phase>_backward`` each time a reverse pass starts there (so the PAG term's K
+    input-gradient passes count K, the final backward counts one; a ``batched`` vmapped pass
+    counts one; ``repeat`` counts its K·N rows). Seconds are wall time per phase; on a GPU
+    the device is synchronised at each phase change so that work is not booked to the
+    next phase (a small cost, only where the device runs asynchronously).
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self._model = model
+        self._sync = device.type == "cuda"
+        self._sums: dict[str, float] | None = None
+        self._phase = "step"
+        self._tick = 0.0
+        self._handle: Any = None
+
+    def __enter__(self) -> StepCost:
+        self._handle = self._model.register_forward_hook(self._forward)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+    def _now(self) -> float:
+        if self._sync:
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _forward(self, module: Any, args: Any, output: Any) -> None:
+        sums = self._sums
+        if sums is None or not hasattr(output, "shape"):
+            return
+        rows = float(output.shape[0])
+        sums[f"{self._phase}_forward"] += rows
+        if output.requires_grad:
+            output.register_hook(self._backward)
+
+    def _backward(self, grad: Tensor) -> None:
+        if self._sums is not None:
+            self._sums[f"{self._phase}_backward"] += float(grad.shape[0])
+
+    def begin(self, sums: dict[str, float]) -> None:
+        """Start a step, counting into ``sums``, in phase ``step``."""
+        self._sums, self._phase, self._tick = sums, "step", self._now()
+
+    def phase(self, name: str) -> None:
+        """Book the time since the last change to the current phase and enter ``name``."""
+        assert self._sums is not None and name in PHASES
+        now = self._now()
+        self._sums[f"{self._phase}_seconds"] += now - self._tick
+        self._phase, self._tick = name, now
+
+    def end(self) -> None:
+        """Book the rest of the step and stop counting (monitor passes are not a step's)."""
+        self.phase("step")
+        self._sums = None
 
 
 def _running(sums: dict[str, float]) -> str:
     """The progress bar's text: the epoch's running loss terms."""
     seen = max(1.0, sums["seen"])
     info = f"loss {sums['loss'] / seen:.3f} ce {sums['ce'] / seen:.3f}"
+    if sums["robust"]:
+        info += f" robust {sums['robust'] / seen:.3f}"
     if sums["pag"]:
         info += f" pag {sums['pag'] / seen:.3f}"
     return info
+
+
+def _inner_attack(s: Setup, cache_dir: Path | None) -> InnerAttack | None:
+    """The run's inner attack (None for objective ``ce``); with ``pag_on: adversarial`` the
+    target-gradient source must be able to score new images."""
+    from pagctl.protocols import requires_index
+
+    t = s.spec.train
+    inner = InnerAttack.build(t, s.bundle, s.device, cache_dir)
+    if inner is not None and s.pag_active and t.pag_on == "adversarial" and \
+            requires_index(s.source):
+        raise SpecError(f"train.pag_on: '{s.spec.target_gradients.name}' serves stored "
+                        "training images only and cannot give targets for adversarial "
+                        "inputs; use pag_on: clean")
+    return inner
+
+
+def _selection_score(evaluated: dict[str, Any]) -> float | None:
+    """What the best model is chosen by: validation robust accuracy, else validation clean
+    accuracy (no ``eval.attack``); None without a validation split or monitor."""
+    for key in ("val_robust_accuracy", "val_clean_accuracy"):
+        if evaluated.get(key) is not None:
+            return float(evaluated[key])
+    return None
 
 
 def _alignment_source(s: Setup, cache_dir: Path | None) -> Any:
@@ -289,8 +455,10 @@ def _rng_state(gen: torch.Generator) -> dict[str, Tensor]:
 
 def _restore(saved: SavedState, model: torch.nn.Module, opt: torch.optim.Optimizer,
              gen: torch.Generator, device: torch.device
-             ) -> tuple[int, int, dict[str, float]]:
-    """Load the saved model, optimiser and RNG states; (epoch, step, running sums)."""
+             ) -> tuple[int, int, dict[str, float], dict[str, float]]:
+    """Load the saved model, optimiser and RNG states; (epoch, step, running sums, best
+    model so far). A state saved before the sums had a key starts that key at zero (and
+    counts the clean accuracy over every image seen, as that version did)."""
     import torch
 
     model.load_state_dict(saved.module_state("model"))
@@ -301,7 +469,10 @@ def _restore(saved: SavedState, model: torch.nn.Module, opt: torch.optim.Optimiz
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     c = saved.counters
-    return int(c["epoch"]), int(c["step"]), dict(c["sums"])
+    sums = {**_zero_sums(), **dict(c["sums"])}
+    if "clean_seen" not in c["sums"]:
+        sums["clean_seen"] = sums["seen"]
+    return int(c["epoch"]), int(c["step"]), sums, dict(c.get("best") or {})
 
 
 def _epoch_record(s: Setup, epoch: int, steps: int, weight: float, sums: dict[str, float],
@@ -310,17 +481,32 @@ def _epoch_record(s: Setup, epoch: int, steps: int, weight: float, sums: dict[st
     (`monitor`) and how long it took."""
     t = s.spec.train
     seen = max(1.0, sums["seen"])
+    extra: dict[str, Any] = {}
+    if t.objective != "ce":
+        extra["objective"] = t.objective
+        if t.objective in ("trades", "mart"):
+            extra["robust"] = sums["robust"] / seen
+    if sums["clean_seen"]:
+        extra["train_accuracy"] = sums["correct"] / sums["clean_seen"]
+    if sums["adv_seen"]:
+        extra["train_adv_accuracy"] = sums["adv_correct"] / sums["adv_seen"]
+    passes = {phase: {"forward": sums[f"{phase}_forward"] / seen,
+                      "backward": sums[f"{phase}_backward"] / seen} for phase in PHASES}
     return TrainEpochRecord(
         epoch=epoch + 1, epochs=t.epochs, lr=lr_at(t, epoch, steps - 1, steps),
         pag_weight=weight if s.pag_active else 0.0, loss=sums["loss"] / seen,
         ce=sums["ce"] / seen, pag=sums["pag"] / seen if s.pag_active else None,
-        train_accuracy=sums["correct"] / seen, train_seconds=sums["seconds"], **evaluated)
+        train_seconds=sums["seconds"], passes_per_image=passes,
+        attack_seconds=sums["attack_seconds"], pag_seconds=sums["pag_seconds"],
+        step_seconds=sums["step_seconds"], **extra, **evaluated)
 
 
 def monitor(s: Setup, epoch: int, align_source: Any) -> dict[str, Any]:
     """The per-epoch monitor on the first ``eval.limit`` test images after 0-based
     ``epoch``: ``n_test``, ``clean_accuracy``, and with ``eval.attack`` ``robust_accuracy``
-    and ``monitor`` (the attack), with a source ``alignment``.
+    and ``monitor`` (the attack), with a source ``alignment``. With a validation split, the
+    same on every validation image: ``n_val``, ``val_clean_accuracy`` and
+    ``val_robust_accuracy``.
 
     The monitoring attack and the class sampling of the alignment metric are seeded from the
     run seed and the epoch, never from the training RNG, so evaluating does not change what
@@ -328,9 +514,7 @@ def monitor(s: Setup, epoch: int, align_source: Any) -> dict[str, Any]:
     """
     import torch
 
-    from pagctl import registry
     from pagctl.align import mean_alignment
-    from pagctl.robustness.engine import clean_accuracy, run_attack
 
     spec, device = s.spec, s.device
     n_test = len(s.bundle.test)  # type: ignore[arg-type]
@@ -339,18 +523,11 @@ def monitor(s: Setup, epoch: int, align_source: Any) -> dict[str, Any]:
     seed = spec.train.seed + 1000 * (epoch + 1)
     batch = spec.data.eval_batch_size
     out: dict[str, Any] = {"n_test": n}
-    if spec.eval.attack is not None:
-        ref = spec.eval.attack
-        params = registry.attacks.validate_params(ref.name, ref.params, "eval.attack")
-        attack = registry.attacks.instantiate(
-            ref.name, params, build_context(s.bundle, device, seed, None), "eval.attack")
-        rep = run_attack(s.model, attack, s.bundle.test, indices, name=ref.name,
-                         params=params, batch_size=batch, device=device, seed=seed)
-        out.update(clean_accuracy=rep.clean_accuracy, robust_accuracy=rep.robust_accuracy,
-                   monitor={"attack": rep.attack, "params": rep.params})
-    else:
-        out["clean_accuracy"] = clean_accuracy(s.model, s.bundle.test, indices,
-                                               batch_size=batch, device=device)
+    out.update(_accuracies(s, s.bundle.test, indices, seed, ""))
+    if s.bundle.validation is not None:
+        n_val = len(s.bundle.validation)  # type: ignore[arg-type]
+        out["n_val"] = n_val
+        out.update(_accuracies(s, s.bundle.validation, torch.arange(n_val), seed, "val_"))
     if align_source is not None:
         out["alignment"] = mean_alignment(
             s.model, s.bundle.test, indices, align_source, num_classes=s.bundle.num_classes,
@@ -359,13 +536,39 @@ def monitor(s: Setup, epoch: int, align_source: Any) -> dict[str, Any]:
     return out
 
 
+def _accuracies(s: Setup, images: Any, indices: Tensor, seed: int, prefix: str
+                ) -> dict[str, Any]:
+    """``clean_accuracy`` and, with ``eval.attack``, ``robust_accuracy`` and ``monitor`` on
+    ``indices`` of ``images``, each key prefixed with ``prefix`` but ``monitor``."""
+    from pagctl import registry
+    from pagctl.robustness.engine import clean_accuracy, run_attack
+
+    spec, device, batch = s.spec, s.device, s.spec.data.eval_batch_size
+    if spec.eval.attack is None:
+        return {f"{prefix}clean_accuracy": clean_accuracy(
+            s.model, images, indices, batch_size=batch, device=device)}
+    ref = spec.eval.attack
+    params = registry.attacks.validate_params(ref.name, ref.params, "eval.attack")
+    attack = registry.attacks.instantiate(
+        ref.name, params, build_context(s.bundle, device, seed, None), "eval.attack")
+    rep = run_attack(s.model, attack, images, indices, name=ref.name, params=params,
+                     batch_size=batch, device=device, seed=seed)
+    return {f"{prefix}clean_accuracy": rep.clean_accuracy,
+            f"{prefix}robust_accuracy": rep.robust_accuracy,
+            "monitor": {"attack": rep.attack, "params": rep.params}}
+
+
 def _epoch_line(r: dict[str, Any]) -> str:
     parts = [f"epoch {r['epoch']}/{r['epochs']}", f"loss {r['loss']:.4f}", f"ce {r['ce']:.4f}"]
     if r.get("pag") is not None:
         parts.append(f"pag {r['pag']:.4f}")
+    if r.get("robust") is not None:
+        parts.append(f"robust term {r['robust']:.4f}")
     for key, label in (("clean_accuracy", "clean"), ("robust_accuracy", "robust"),
-                       ("alignment", "align")):
+                       ("alignment", "align"), ("val_robust_accuracy", "val robust")):
         if r.get(key) is not None:
             parts.append(f"{label} {r[key]:.3f}")
     parts.append(f"{r['train_seconds'] + r.get('eval_seconds', 0.0):.1f}s")
+    if r.get("best"):
+        parts.append("(best so far)")
     return "  ".join(parts)

@@ -18,7 +18,7 @@ LAYERS: list[list[str]] = [  # lowest first; a room may import from its own laye
     ["checkpoint", "figures", "build"],
     ["banks", "score"],
     ["attacks", "target_gradients", "testing"],
-    ["align", "robustness"],
+    ["align", "robustness", "objectives"],
     ["train", "compare"],
     ["cli", "toy_experiment", "_docgen", "__main__"],
 ]

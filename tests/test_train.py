@@ -97,8 +97,7 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _epoch_records(run_dir: Path) -> list[dict[str, object]]:
-    drop = {"train_seconds", "eval_seconds"}
-    return [{k: v for k, v in r.items() if k not in drop}
+    return [{k: v for k, v in r.items() if not k.endswith("_seconds")}
             for r in checkpoint.read_metrics(run_dir) if r["kind"] == "train_epoch"]
 
 

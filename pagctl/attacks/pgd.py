@@ -1,21 +1,29 @@
-"""Projected gradient descent (Madry et al. 2018), untargeted cross-entropy, L2 and L∞.
+"""Projected gradient descent (Madry et al. 2018), untargeted, L2 and L∞.
 
-One function, :func:`pgd`, does the work; ``PGDL2`` and ``PGDLinf`` are its plugins. The
+One function, :func:`pgd`, does the work; ``PGDL2`` and ``PGDLinf`` are its plugins, and
+adversarial training (`pagctl.objectives`) runs them as its inner attack. The loss ascended is
+the cross-entropy (``loss="ce"``) or, for TRADES (Zhang et al. 2019), the label-free
+KL(p(x) ‖ p(x')) from the model's prediction on the clean input (``loss="kl"``). The start is
+the clean input, a uniform point of the ball, or (``start_std``) the clean input plus a small
+Gaussian, TRADES's ``x + 0.001·N(0, I)``. The
 official PAG code monitors training with a 7-step PGD-L2 whose random start
 is an L∞ box of radius 8/255, outside the ε = 0.5 ball; here the L2 random
 start is uniform in the ball and clipped to [0, 1], and a vanishing gradient gives a zero
 step instead of a division by zero.
 
-Per example, the returned point is the first iterate (over all steps and restarts) that the
-model misclassifies; if none is, the last iterate of the restart with the highest loss. The
-check reuses the logits of the gradient pass, so it costs one extra forward per restart (for
-the last iterate), and none with a single run: there the last iterate is returned wherever no
-earlier one fooled the model, whether it does or not.
+Per example, with ``keep="first_fooled"`` (the default, for evaluation) the returned point is
+the first iterate (over all steps and restarts) that the model misclassifies; if none is, the
+last iterate of the restart with the highest loss. The check reuses the logits of the gradient
+pass, so it costs one extra forward per restart (for the last iterate), and none with a single
+run: there the last iterate is returned wherever no earlier one fooled the model, whether it
+does or not. With ``keep="last"`` (what adversarial training's references use: Madry et al.,
+TRADES, Wong et al.) the point is the last iterate of the restart with the highest loss,
+misclassified or not.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +33,7 @@ from torch import Tensor, nn
 from pagctl.attacks.steps import (
     BestSoFar,
     Norm,
+    loss_per_example,
     fit_to_budget,
     logits_and_gradient,
     normalize_l2,
@@ -52,6 +61,39 @@ def _rows(mask: Tensor, like: Tensor) -> Tensor:
     return mask.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+Keep = Literal["first_fooled", "last"]
+AscentLoss = Literal["ce", "kl"]
+
+
+def kl_from_reference(logits: Tensor, reference: Tensor) -> Tensor:
+    """KL(p ‖ q) per example, p = softmax(``reference``) (the clean prediction), q =
+    softmax(``logits``): TRADES's inner loss (``nn.KLDivLoss(reduction="sum")`` of
+    log q against p, per row). Shape: (N, K), (N, K) -> (N,)."""
+    p_log = F.log_softmax(reference, dim=1)
+    q_log = F.log_softmax(logits, dim=1)
+    return (p_log.exp() * (p_log - q_log)).sum(dim=1)
+
+
+def _ascent_step(model: nn.Module, x: Tensor, y: Tensor, loss: AscentLoss,
+                 reference: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Logits at ``x`` (detached) and the input gradient of the summed loss."""
+    if loss == "ce":
+        return logits_and_gradient(model, x, y)
+    assert reference is not None
+    with torch.enable_grad():
+        x_var = x.detach().requires_grad_(True)
+        logits = model(x_var)
+        (grad,) = torch.autograd.grad(kl_from_reference(logits, reference).sum(), x_var)
+    return logits.detach(), grad.detach()
+
+
+def _loss_at(logits: Tensor, y: Tensor, loss: AscentLoss, reference: Tensor | None) -> Tensor:
+    if loss == "ce":
+        return loss_per_example(logits, y, "ce").detach()
+    assert reference is not None
+    return kl_from_reference(logits, reference).detach()
+
+
 def _single_run(
     model: nn.Module,
     x: Tensor,
@@ -64,14 +106,27 @@ def _single_run(
     random_start: bool,
     generator: torch.Generator,
     check_last: bool = True,
+    loss: AscentLoss = "ce",
+    start_std: float | None = None,
+    keep: Keep = "first_fooled",
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """One PGD run. Returns (points, loss at the points, fooled mask).
 
     ``check_last`` False skips the forward pass on the last iterate: the loss is then None
     and the mask covers only the iterates before it (enough when this is the only run).
+    With ``keep="last"`` the points are the last iterate and the mask is all False.
     Shape: (N, C, H, W), (N,) -> (N, C, H, W), (N,), (N,) bool.
     """
-    if random_start:
+    reference = None
+    if loss == "kl":
+        with torch.no_grad():
+            reference = model(x).detach()
+    if random_start and start_std is not None:
+        noise = torch.randn(x.shape, generator=generator, device=generator.device)
+        delta = project_l2(start_std * noise, eps) if norm == "l2" else \
+            project_linf(start_std * noise, eps)
+        x_k = (x + delta.to(device=x.device, dtype=x.dtype)).clamp(0.0, 1.0)
+    elif random_start:
         draw = random_start_l2 if norm == "l2" else random_start_linf
         delta = draw(x.shape, eps, generator, device=x.device, dtype=x.dtype)
         x_k = (x + delta).clamp(0.0, 1.0)
@@ -80,16 +135,25 @@ def _single_run(
     found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     out = x_k.clone()
     for _ in range(steps):
-        logits, grad = logits_and_gradient(model, x_k, y)
-        newly = (logits.argmax(dim=1) != y) & ~found
-        # torch.where, not out[newly] = ...: boolean indexing waits for the device (it must
-        # count the rows) and would stall a GPU once per step.
-        out = torch.where(_rows(newly, x_k), x_k, out)
-        found |= newly
+        logits, grad = _ascent_step(model, x_k, y, loss, reference)
+        if keep == "first_fooled":
+            newly = (logits.argmax(dim=1) != y) & ~found
+            # torch.where, not out[newly] = ...: boolean indexing waits for the device (it
+            # must count the rows) and would stall a GPU once per step.
+            out = torch.where(_rows(newly, x_k), x_k, out)
+            found |= newly
         step = normalize_l2(grad) if norm == "l2" else grad.sign()
         delta = x_k + step_size * step - x
         delta = project_l2(delta, eps) if norm == "l2" else project_linf(delta, eps)
         x_k = (x + delta).clamp(0.0, 1.0)
+    if keep == "last":
+        finite = torch.isfinite(x_k).flatten(1).all(dim=1)
+        x_k = torch.where(_rows(finite, x_k), x_k, x)
+        if not check_last:
+            return x_k, None, found
+        with torch.no_grad():
+            last_loss = _loss_at(model(x_k), y, loss, reference)
+        return x_k, last_loss, found
     if not check_last:
         # No iterate fooled the model: the last one, or the clean input where the steps went
         # non-finite (what comparing losses across runs would keep).
@@ -98,11 +162,11 @@ def _single_run(
         return out, None, found
     with torch.no_grad():
         logits = model(x_k)
-    loss = F.cross_entropy(logits, y, reduction="none").detach()
+    last_loss = _loss_at(logits, y, loss, reference)
     newly = (logits.argmax(dim=1) != y) & ~found
     found |= newly
     out[~found | newly] = x_k[~found | newly]
-    return out, loss, found
+    return out, last_loss, found
 
 
 def pgd(
@@ -117,12 +181,19 @@ def pgd(
     random_start: bool,
     restarts: int,
     generator: torch.Generator,
+    loss: AscentLoss = "ce",
+    start_std: float | None = None,
+    keep: Keep = "first_fooled",
 ) -> Tensor:
-    """Untargeted PGD on the cross-entropy loss, inside the ``norm`` ball of radius ``eps``
-    around ``x`` and the [0, 1] box.
+    """Untargeted PGD on ``loss`` (cross-entropy, or KL from the clean prediction), inside
+    the ``norm`` ball of radius ``eps`` around ``x`` and the [0, 1] box.
 
-    ``step_size`` None means ``default_step_size(eps, steps)``. Restarts after the first run
-    only on the examples not yet misclassified. Runs in whatever mode the caller left ``model`` in.
+    ``step_size`` None means ``default_step_size(eps, steps)``. ``start_std`` (with
+    ``random_start``) starts from ``x + start_std·N(0, I)`` projected on the ball instead of
+    a uniform point of it. ``keep`` chooses the returned iterate (module docstring). With
+    ``keep="first_fooled"`` restarts after the first run attack only the examples not yet
+    misclassified; with ``"last"`` every restart attacks every example and the one of highest
+    loss is kept. Runs in whatever mode the caller left ``model`` in.
     Shape: inputs (N, C, H, W) in [0, 1], labels (N,) -> (N, C, H, W), same dtype/device,
     ``‖x_adv - x‖ <= eps`` per example.
     """
@@ -130,6 +201,12 @@ def pgd(
         raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    if loss not in ("ce", "kl"):
+        raise ValueError(f"loss must be 'ce' or 'kl', got {loss!r}")
+    if keep not in ("first_fooled", "last"):
+        raise ValueError(f"keep must be 'first_fooled' or 'last', got {keep!r}")
+    if start_std is not None and not start_std > 0:
+        raise ValueError(f"start_std must be > 0, got {start_std}")
     if steps < 1 or restarts < 1:
         raise ValueError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
     x0 = x.detach()
@@ -141,23 +218,20 @@ def pgd(
     y = y.to(x0.device)
     # Without a random start every run is the same deterministic path: one is enough.
     n_runs = restarts if random_start else 1
+    options: dict[str, Any] = {"norm": norm, "eps": eps, "steps": steps, "step_size": alpha,
+                               "random_start": random_start, "generator": generator,
+                               "loss": loss, "start_std": start_std, "keep": keep}
     if n_runs == 1:
-        points = _single_run(
-            model, x0, y, norm=norm, eps=eps, steps=steps, step_size=alpha,
-            random_start=random_start, generator=generator, check_last=False,
-        )[0]
+        points = _single_run(model, x0, y, check_last=False, **options)[0]
         return fit_to_budget(x0, points, norm, eps)
     runs = BestSoFar(x0)
     for _ in range(n_runs):
         active = runs.active()
         if active.numel() == 0:
             break
-        points, loss, found = _single_run(
-            model, x0[active], y[active], norm=norm, eps=eps, steps=steps, step_size=alpha,
-            random_start=random_start, generator=generator,
-        )
-        assert loss is not None
-        runs.update(active, points, loss, found)
+        points, run_loss, found = _single_run(model, x0[active], y[active], **options)
+        assert run_loss is not None
+        runs.update(active, points, run_loss, found)
     return fit_to_budget(x0, runs.points, norm, eps)
 
 
@@ -177,6 +251,20 @@ class _PGDParams(PluginParams):
     )
     seed: int | None = Field(
         default=None, description="seed of the random starts; null = the run's seed",
+    )
+    loss: AscentLoss = Field(
+        default="ce", description="ce: cross-entropy with the label; kl: KL(p(x) || p(x')) "
+        "from the model's clean prediction, label-free (TRADES's inner maximisation)",
+    )
+    start_std: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False,
+        description="with random_start: start from x + start_std * N(0, I) projected on the "
+        "ball (TRADES: 0.001); null = a uniform point of the ball",
+    )
+    keep: Keep = Field(
+        default="first_fooled", description="first_fooled: per example the first "
+        "misclassified iterate (evaluation); last: the last iterate of the best restart, "
+        "as adversarial training's references use",
     )
 
 
@@ -204,6 +292,7 @@ class _PGD:
             model, inputs, labels, norm=self.norm, eps=self.eps, steps=self.params.steps,
             step_size=self.step_size, random_start=self.params.random_start,
             restarts=self.params.restarts, generator=self._generator,
+            loss=self.params.loss, start_std=self.params.start_std, keep=self.params.keep,
         )
 
 

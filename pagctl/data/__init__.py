@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -141,11 +141,46 @@ class DataBundle:
     std: tuple[float, ...]
     name: str
     class_names: tuple[str, ...]
+    validation: Dataset[Item] | None = None
+    """Images carved from the training set for model selection (`split_validation`)."""
 
     @cached_property
     def fingerprint(self) -> str:
         """Content hash of the training set (sha256 hex), for cache keys and run records."""
         return dataset_fingerprint(self.train)
+
+
+def labels_of(ds: Dataset[Item]) -> np.ndarray:
+    """Every label of ``ds`` as an int64 array, without reading images where the dataset
+    keeps its labels apart (in memory, image folders, subsets of them)."""
+    if isinstance(ds, TensorImageDataset):
+        return ds.labels.numpy().astype(np.int64)
+    if isinstance(ds, ImageFolderDataset):
+        return np.asarray([label for _, label in ds.samples], dtype=np.int64)
+    if isinstance(ds, Subset):
+        return labels_of(ds.dataset)[np.asarray(ds.indices, dtype=np.int64)]
+    return np.asarray([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)  # type: ignore[arg-type]
+
+
+def split_validation(bundle: DataBundle, size: int, seed: int) -> DataBundle:
+    """``bundle`` with ``size`` training images moved into ``validation``: a stratified draw
+    seeded by ``seed`` (a uniform one when a class has too few images to stratify), both
+    parts in their original order. The test set is untouched. Raises DataError naming
+    ``data.validation_size`` when ``size`` leaves no training image."""
+    from sklearn.model_selection import train_test_split
+
+    n = len(bundle.train)  # type: ignore[arg-type]
+    if size >= n:
+        raise DataError(f"data.validation_size: {size} is not smaller than the {n:,} "
+                        f"training images of '{bundle.name}'; lower it")
+    labels = labels_of(bundle.train)
+    counts = np.bincount(labels, minlength=bundle.num_classes)
+    stratify = labels if size >= bundle.num_classes and n - size >= bundle.num_classes and \
+        counts[counts > 0].min() >= 2 else None
+    train_idx, val_idx = train_test_split(np.arange(n), test_size=size, stratify=stratify,
+                                          random_state=seed)
+    return replace(bundle, train=Subset(bundle.train, sorted(train_idx.tolist())),
+                   validation=Subset(bundle.train, sorted(val_idx.tolist())))
 
 
 def get_batch(ds: Dataset[Item], indices: Tensor) -> tuple[Tensor, Tensor]:
