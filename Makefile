@@ -81,6 +81,7 @@ docs: install
 bench: install
 	$(PY) benchmarks/bench_pag_step.py
 	$(PY) benchmarks/bench_attacks.py
+	$(PY) benchmarks/bench_at_step.py
 
 lint: install
 	$(PY) -m ruff check pagctl tests benchmarks

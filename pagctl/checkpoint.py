@@ -126,7 +126,7 @@ def spec_hash(spec: BaseModel) -> str:
     return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
 
 
-def _spec_hashes(spec: BaseModel) -> set[str]:
+def accepted_spec_hashes(spec: BaseModel) -> set[str]:
     """The digests files written for ``spec`` may carry: `spec_hash`; the earlier form that
     also covered ``out_dir``; and both as written before the fields of
     `pagctl.spec.FIELDS_ADDED_LATER` existed (where they hold their defaults)."""
@@ -403,7 +403,7 @@ class RunFolder:
                                 "use --overwrite")
             self._counters = self._read_counters()
             found = self._counters.get("spec_hash")
-            if found not in _spec_hashes(saved):
+            if found not in accepted_spec_hashes(saved):
                 raise CheckpointError(
                     f"{run_dir / STATE_FILE} was saved by another run than {run_dir / SPEC_FILE}"
                     f" describes (spec hash {found} vs {spec_hash(saved)}): the files come "
@@ -593,7 +593,7 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", *,
     model.to(device).eval()
     found = _metadata(run_dir / model_file).get("spec_hash")
     warnings = []
-    if found is not None and found not in _spec_hashes(spec):
+    if found is not None and found not in accepted_spec_hashes(spec):
         warnings.append(f"warning: {run_dir / model_file} was saved by another run than "
                         f"{run_dir / SPEC_FILE} describes (spec hash {found} vs "
                         f"{spec_hash(spec)}); results on it belong to that other run")

@@ -104,7 +104,8 @@ class InnerAttack:
         """
         from pagctl import registry
         from pagctl.build import build_context
-        from pagctl.protocols import check_attack_output, check_inputs_untouched
+        from pagctl.errors import PagctlError
+        from pagctl.protocols import check_attack_output, check_inputs_untouched, raised
 
         who = f"{WHERE} '{self.name}'"
         ctx = build_context(self.bundle, self.device, seed, self.cache_dir)
@@ -113,8 +114,13 @@ class InnerAttack:
         model.train(self.mode == "train")
         try:
             x_adv = attack(net, inputs, labels)
+        except (PagctlError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise raised(who, exc) from exc
         finally:
             model.train(True)
         check_inputs_untouched(who, [(inputs, before)])
         check_attack_output(who, inputs, x_adv, self.norm, self.eps)
-        return x_adv.detach()
+        out: Tensor = x_adv.detach()
+        return out

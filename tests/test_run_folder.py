@@ -364,3 +364,21 @@ def test_a_diverging_first_epoch_is_one_line_and_one_way_out(
     assert "pass --overwrite" in capsys.readouterr().err
     assert _cli(*base, "--resume") == 2
     assert "again with --overwrite" in capsys.readouterr().err
+
+
+def test_run_folders_written_before_the_adversarial_training_fields_still_match() -> None:
+    """A spec saved before train.objective & co. existed keeps its digest: the hashes below
+    are what the previous version recorded for these built-in specs."""
+    from pagctl.checkpoint import accepted_spec_hashes, spec_hash
+    from pagctl.spec import load_spec
+
+    recorded = {"digits-vanilla": "297d890e8e3dcbac", "digits-pag-sbg": "cd3357179f50f7ee"}
+    for name, digest in recorded.items():
+        spec = load_spec(name, [])
+        run = Path(f"/nonexistent/{name}")
+        assert spec_hash(spec) != digest  # the new fields are part of the digest now
+        folder_spec = spec.model_copy(update={"out_dir": run})
+        assert digest in accepted_spec_hashes(folder_spec), name
+    # a spec that sets a new field is not mistaken for an old one
+    at = load_spec("digits-pgd-at", [])
+    assert not {"297d890e8e3dcbac"} & accepted_spec_hashes(at)

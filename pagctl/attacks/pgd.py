@@ -33,9 +33,9 @@ from torch import Tensor, nn
 from pagctl.attacks.steps import (
     BestSoFar,
     Norm,
-    loss_per_example,
     fit_to_budget,
     logits_and_gradient,
+    loss_per_example,
     normalize_l2,
     project_l2,
     project_linf,

@@ -13,6 +13,7 @@ from pagctl.cli.common import (
     DataDirOpt,
     DeviceOpt,
     Format,
+    WeightsOpt,
     cell_text,
     check_png,
     complete_plugins,
@@ -50,6 +51,7 @@ def align_score(
     save_images: Annotated[Path | None, typer.Option(
         "--save-images", help="Write, for the first 4 images, the model's gradient toward "
         "every class and the source's target gradient to this PNG.")] = None,
+    weights: WeightsOpt = "last",
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
@@ -69,7 +71,7 @@ def align_score(
     check_png("--save-images", save_images)
     indices = read_indices(indices_file) if indices_file is not None else None
     with RunLock(run, exclusive=False, command="align-score"):  # not while being trained
-        loaded, bundle, dev = load_run_and_data(run, device, data_dir)
+        loaded, bundle, dev = load_run_and_data(run, device, data_dir, weights)
         k = classes_per_image or min(loaded.spec.train.classes_per_image, bundle.num_classes)
         if k > bundle.num_classes:
             raise SpecError(f"--classes-per-image: {k} is more than the {bundle.num_classes} "
@@ -81,11 +83,12 @@ def align_score(
                                   num_classes=bundle.num_classes, classes_per_image=k,
                                   batch_size=batch_size, device=dev, seed=seed)
         record = report.to_record(source_name, params.model_dump(mode="json"), given)
+        record.weights = loaded.weights
         # the result first (stdout, figure), then the record: nothing measured is lost
         if fmt is Format.json:
             print_json(record.to_json())
         else:
-            _render(run, source_name, params, report)
+            _render(run, source_name, params, report, loaded.weights)
         if save_images is not None:
             from pagctl.align import gradient_panels
             from pagctl.data import get_batch
@@ -100,11 +103,12 @@ def align_score(
         record_results(run, [record])
 
 
-def _render(run: Path, source_name: str, params: Any, report: Any) -> None:
+def _render(run: Path, source_name: str, params: Any, report: Any, weights: str) -> None:
     """The score as a table on stdout."""
     lo, hi = report.interval
     per_target = report.per_target
     rows = [("source", f"{source_name} {json.dumps(params.model_dump(mode='json'))}"),
+            ("weights", weights),
             ("n, K", f"{report.n} images (subset {report.subset['indices_sha256']}), "
              f"K = {report.classes_per_image}"),
             ("mean cosine", f"{report.mean:.4f}  95% CI [{lo:.4f}, {hi:.4f}]"),

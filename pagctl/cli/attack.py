@@ -13,6 +13,7 @@ from pagctl.cli.common import (
     DataDirOpt,
     DeviceOpt,
     Format,
+    WeightsOpt,
     check_png,
     complete_plugins,
     load_run_and_data,
@@ -61,6 +62,7 @@ def attack(
         "--probe-size", min=1, help="Test points the probes use.")] = 100,
     progress: Annotated[bool, typer.Option(
         "--progress/--no-progress", help="Progress bar with ETA on stderr.")] = True,
+    weights: WeightsOpt = "last",
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
@@ -81,7 +83,7 @@ def attack(
     check_png("--save-images", save_images)
     indices = read_indices(indices_file) if indices_file is not None else None
     with RunLock(run, exclusive=False, command="attack"):  # not while it is being trained
-        loaded, bundle, dev = load_run_and_data(run, device, data_dir)
+        loaded, bundle, dev = load_run_and_data(run, device, data_dir, weights)
         try:
             reports, attacked = evaluate_attack(
                 loaded.model, bundle, attack_name, params, budgets, indices=indices,
@@ -98,6 +100,8 @@ def attack(
             raise typer.Exit(130) from None
         records = [report.to_record(params_given=given)  # e.g. eps "8/255" as typed
                    for report in reports]
+        for record in records:
+            record.weights = loaded.weights
         # the result first (stdout, figures), then the record: a record that cannot be
         # written loses nothing that was measured
         _show(fmt, attack_name, run, reports, records, sweep=budgets is not None)
@@ -112,7 +116,7 @@ def _show(fmt: Format, name: str, run: Path, reports: list[Any], records: list[A
         data = [r.to_json() for r in records]
         print_json(data if sweep else data[0])
     else:
-        _render_attack(name, run, reports)
+        _render_attack(name, run, reports, records[0].weights)
 
 
 def _figures(plot: Path | None, save_images: Path | None, attack_name: str, run: Path,
@@ -130,14 +134,14 @@ def _figures(plot: Path | None, save_images: Path | None, attack_name: str, run:
                             dev)
 
 
-def _render_attack(name: str, run: Path, reports: list[Any]) -> None:
+def _render_attack(name: str, run: Path, reports: list[Any], weights: str | None) -> None:
     """Summary on stdout: the result (per eps for a sweep), the stages, the verdict."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     first, last = reports[0], reports[-1]
-    rows = [("params", json.dumps(last.params)),
+    rows = [("params", json.dumps(last.params)), ("weights", str(weights)),
             ("n", f"{first.n} (subset {first.subset['indices_sha256']}, seed {first.seed})"),
             ("clean accuracy", f"{first.clean_accuracy:.4f}  95% CI "
              f"[{first.clean_interval[0]:.3f}, {first.clean_interval[1]:.3f}]")]

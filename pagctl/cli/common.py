@@ -79,6 +79,10 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupt
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run "
                                             "folder.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+WeightsOpt = Annotated[str, typer.Option(
+    "--weights", help="Which of the run's weights: last (model.safetensors) or best "
+    "(model-best.safetensors: the best epoch by validation robust accuracy, for runs with "
+    "data.validation_size). Recorded with the result.")]
 
 
 def read_indices(path: Path) -> Any:
@@ -156,16 +160,17 @@ def check_png(option: str, path: Path | None) -> None:
     pyplot(option)
 
 
-def load_run_and_data(run: Path, device: str, data_dir: Path | None
+def load_run_and_data(run: Path, device: str, data_dir: Path | None, weights: str = "last"
                       ) -> tuple[LoadedRun, DataBundle, torch.device]:
-    """A run folder's model on ``device`` and its dataset (from ``--data-dir`` when given,
-    else the spec's ``data.root``); the load's warnings go to stderr."""
+    """A run folder's model (``weights``: last or best) on ``device`` and its dataset (from
+    ``--data-dir`` when given, else the spec's ``data.root``); the load's warnings go to
+    stderr."""
     from pagctl import checkpoint
     from pagctl.build import resolve_device
     from pagctl.data import load_data
 
     dev = resolve_device(device)
-    loaded = checkpoint.load_run(run, dev)
+    loaded = checkpoint.load_run(run, dev, weights=weights)
     for line in loaded.warnings:
         typer.echo(line, err=True)
     data_spec = loaded.spec.data

@@ -29,6 +29,9 @@ def compare(
     force: Annotated[bool, typer.Option(
         "--force", help="Put side by side numbers measured on different subsets, eps or "
         "norms (marked in the output).")] = False,
+    weights: Annotated[str, typer.Option(
+        "--weights", help="Whose results: last (the runs' model.safetensors) or best "
+        "(model-best.safetensors, measured with 'attack --weights best').")] = "last",
 ) -> None:
     """Put runs side by side: spec differences and latest metrics (clean, robust per attack
     and eps, alignment) with n and 95% intervals, and per-example pair tests (reads no
@@ -38,7 +41,7 @@ def compare(
     from pagctl.compare.rendering import render
 
     check_png("--plot", plot)
-    comparison = compare_runs(runs, force=force)
+    comparison = compare_runs(runs, force=force, weights=weights)
     for line in comparison.warnings:
         typer.echo(line, err=True)
     if plot is not None:

@@ -147,8 +147,10 @@ def _choose_clean(data: list[RunData]) -> list[Cell | None]:
     return out
 
 
-def compare_runs(run_dirs: list[Path], *, force: bool = False) -> Comparison:
-    """Read each run's spec.json and metrics.jsonl (never weights) and line them up.
+def compare_runs(run_dirs: list[Path], *, force: bool = False,
+                 weights: str = "last") -> Comparison:
+    """Read each run's spec.json and metrics.jsonl (never weights) and line them up: the
+    results measured on each run's ``weights`` (last, or best by validation).
 
     Raises CheckpointError for a folder without a valid spec.json and SpecError for numbers
     measured on different subsets, ε or norms (see the ``pagctl.compare`` docstring) unless
@@ -161,7 +163,9 @@ def compare_runs(run_dirs: list[Path], *, force: bool = False) -> Comparison:
     specs = [read_spec(Path(d)) for d in run_dirs]
     flats = [flat_spec(s) for s in specs]
     labels = run_labels([(Path(d), s.name) for d, s in zip(run_dirs, specs, strict=True)])
-    data = [read_run(Path(d), label, spec, flat)
+    if weights not in ("last", "best"):
+        raise SpecError(f"--weights: {weights!r} is not one of last, best")
+    data = [read_run(Path(d), label, spec, flat, weights)
             for d, label, spec, flat in zip(run_dirs, labels, specs, flats, strict=True)]
     rows = [d.row for d in data]
     warnings = [w for d in data for w in d.warnings]
@@ -218,4 +222,4 @@ def compare_runs(run_dirs: list[Path], *, force: bool = False) -> Comparison:
 
     return Comparison(rows=rows, spec_columns=differing_fields(flats), columns=columns,
                       pairs=_pairs(rows, columns), warnings=warnings,
-                      mismatches=[text for text, _ in problems])
+                      mismatches=[text for text, _ in problems], weights=weights)

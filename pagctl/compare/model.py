@@ -94,3 +94,5 @@ class Comparison:
     warnings: list[str]
     mismatches: list[str] = field(default_factory=list)
     """What ``force=True`` let through (empty otherwise)."""
+    weights: str = "last"
+    """Whose results: the runs' last weights, or their best by validation (``--weights``)."""

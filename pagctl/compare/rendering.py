@@ -37,6 +37,9 @@ def _header(column: Column) -> str:
 
 def _notes(comparison: Comparison, hidden_spec: list[str]) -> list[str]:
     notes = []
+    if comparison.weights == "best":
+        notes.append("weights: best (model-best.safetensors, by validation robust accuracy); "
+                     "training-monitor numbers are left out, they measured the last weights")
     if hidden_spec:
         notes.append(f"also differing: {', '.join(hidden_spec)} (see --format json)")
     if any(c.reliable is False for r in comparison.rows for c in r.cells.values()):
@@ -138,7 +141,8 @@ def to_json(comparison: Comparison) -> dict[str, Any]:
                for k in comparison.spec_columns] + [c.to_json() for c in comparison.columns]
     return {"runs": runs, "columns": columns,
             "pairs": [p.to_json() for p in comparison.pairs],
-            "mismatches": comparison.mismatches, "warnings": comparison.warnings}
+            "mismatches": comparison.mismatches, "warnings": comparison.warnings,
+            "weights": comparison.weights}
 
 
 def _num(value: float | None) -> str:

@@ -81,9 +81,12 @@ class RunData:
     warnings: list[str]
 
 
-def read_run(run_dir: Path, label: str, spec: Any, flat: dict[str, Any]) -> RunData:
+def read_run(run_dir: Path, label: str, spec: Any, flat: dict[str, Any],
+             weights: str = "last") -> RunData:
     """A run's metrics.jsonl as cells: each key's latest record wins; records written before
-    the last training epoch are marked stale."""
+    the last training epoch are marked stale. Only attack and align records of ``weights``
+    count (a record without the field measured the last weights); with ``"best"`` the
+    training monitor's numbers, which measured the last weights, are left out."""
     records, warnings = read_records(run_dir)
     epochs = [(ln, r) for ln, r in records if isinstance(r, TrainEpochRecord)]
     last_epoch_line = epochs[-1][0] if epochs else 0
@@ -96,6 +99,10 @@ def read_run(run_dir: Path, label: str, spec: Any, flat: dict[str, Any]) -> RunD
     last_clean_epoch: Cell | None = None
     for line, rec in records:
         stale = line < last_epoch_line
+        if isinstance(rec, TrainEpochRecord) and weights != "last":
+            continue
+        if not isinstance(rec, TrainEpochRecord) and (rec.weights or "last") != weights:
+            continue
         if isinstance(rec, TrainEpochRecord):
             cell = _monitor_clean_cell(rec, line)
             last_clean_epoch = cell or last_clean_epoch
