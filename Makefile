@@ -6,7 +6,7 @@ PAGCTL := $(VENV)/bin/pagctl
 DEMO_DIR ?= runs/demo
 STAMP := $(VENV)/.pagctl-installed
 
-.PHONY: install demo toy results test test-slow test-plugins bench lint docs clean
+.PHONY: install demo toy results results-at test test-slow test-plugins bench lint docs clean
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 
 $(STAMP): pyproject.toml
@@ -39,9 +39,21 @@ toy: install
 
 # docs/results.md: a digits score model, then vanilla and PAG with one image, class mean,
 # nearest neighbour and SBG (same spec budget and seed), each attacked with AutoAttack L2 at
-# eps 0.5 and 1 on all 360 test images and scored against SBG targets; compare table + plot.
-# About an hour on 2 quiet cores (AutoAttack's Square stage dominates).
+# eps 0.5 and 1 and L-infinity at eps 0.1 and 0.15 on all 360 test images and scored against
+# SBG targets; compare table + plot. About 1.5 hours on 2 quiet cores (AutoAttack's Square
+# stage dominates).
 RESULTS_DIR ?= runs/results
+# AutoAttack L2 (eps 0.5, 1) and L-infinity (eps 0.1, 0.15) on all 360 digits test images,
+# and the alignment with the SBG targets, for each run folder named in $(1)
+define evaluate_digits
+	for run in $(1); do \
+	  $(PAGCTL) attack $(RESULTS_DIR)/$$run --attack autoattack --param norm=l2 \
+	    --eps-sweep 0.5,1 --format json > /dev/null || exit 1; \
+	  $(PAGCTL) attack $(RESULTS_DIR)/$$run --attack autoattack --param norm=linf \
+	    --eps-sweep 0.1,0.15 --format json > /dev/null || exit 1; \
+	  $(PAGCTL) align-score $(RESULTS_DIR)/$$run --source sbg \
+	    --param run=$(RESULTS_DIR)/score-digits --format json > /dev/null || exit 1; done
+endef
 RESULTS_RUNS := digits-vanilla digits-pag-oi digits-pag-cm digits-pag-nn digits-pag-sbg
 results: install
 	$(PAGCTL) train-score score-digits --out $(RESULTS_DIR)/score-digits --overwrite -q
@@ -50,13 +62,29 @@ results: install
 	    --format json > /dev/null || exit 1; done
 	$(PAGCTL) train digits-pag-sbg --out $(RESULTS_DIR)/digits-pag-sbg --overwrite -q \
 	  --set target_gradients.params.run=$(RESULTS_DIR)/score-digits --format json > /dev/null
-	for run in $(RESULTS_RUNS); do \
-	  $(PAGCTL) attack $(RESULTS_DIR)/$$run --attack autoattack --param norm=l2 \
-	    --eps-sweep 0.5,1 --format json > /dev/null || exit 1; \
-	  $(PAGCTL) align-score $(RESULTS_DIR)/$$run --source sbg \
-	    --param run=$(RESULTS_DIR)/score-digits --format json > /dev/null || exit 1; done
+	$(call evaluate_digits,$(RESULTS_RUNS))
 	$(PAGCTL) compare $(addprefix $(RESULTS_DIR)/,$(RESULTS_RUNS)) --format markdown \
 	  --plot $(RESULTS_DIR)/compare.png | tee $(RESULTS_DIR)/compare.md
+
+# docs/results.md, "Adversarial training": PGD-AT and TRADES (L-infinity eps 0.1) alone and
+# + PAG with nearest-neighbour and SBG targets, next to vanilla, PAG-NN and PAG-SBG from
+# 'make results' (run it first: the score model and those three runs are reused), each
+# attacked with AutoAttack L2 (0.5, 1) and L-infinity (0.1, 0.15) on all 360 test images,
+# scored against SBG targets; compare table and pair tests in runs/results/compare-at.md.
+# About 2.5 hours on 2 quiet cores.
+AT_PLAIN := digits-pgd-at digits-pgd-at-pag-nn digits-trades digits-trades-pag-nn
+AT_SBG := digits-pgd-at-pag-sbg digits-trades-pag-sbg
+results-at: install
+	test -f $(RESULTS_DIR)/score-digits/model.safetensors || $(MAKE) results
+	for run in $(AT_PLAIN); do \
+	  $(PAGCTL) train $$run --out $(RESULTS_DIR)/$$run --overwrite -q \
+	    --format json > /dev/null || exit 1; done
+	for run in $(AT_SBG); do \
+	  $(PAGCTL) train $$run --out $(RESULTS_DIR)/$$run --overwrite -q --format json \
+	    --set target_gradients.params.run=$(RESULTS_DIR)/score-digits > /dev/null || exit 1; done
+	$(call evaluate_digits,$(AT_PLAIN) $(AT_SBG))
+	$(PAGCTL) compare $(addprefix $(RESULTS_DIR)/,digits-vanilla digits-pag-nn digits-pag-sbg \
+	  $(AT_PLAIN) $(AT_SBG)) --format markdown | tee $(RESULTS_DIR)/compare-at.md
 
 # The default suite (no slow/cuda/plugins tests). Exit 5 (nothing collected) is a failure.
 test: install

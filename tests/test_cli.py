@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from pagctl import cli, registry
-from pagctl.checkpoint import RUN_FILES
+from pagctl.checkpoint import BEST_MODEL_FILE, RUN_FILES
 
 RunCLI = Callable[..., tuple[int, str, str]]
 TINY_TRAIN = ["--set", "train.epochs=1", "--set", "eval.limit=40", "-q"]
@@ -547,7 +547,7 @@ def test_train_writes_run_folder(trained: tuple[Path, int, str, str]) -> None:
     summary = json.loads(out)  # results on stdout, logs on stderr
     assert summary["run_dir"] == str(run_dir) and summary["epoch"] == 1
     names = {p.name for p in run_dir.iterdir()}
-    assert names == set(RUN_FILES), f"unexpected files: {sorted(names)}"
+    assert names == set(RUN_FILES) - {BEST_MODEL_FILE}, f"unexpected files: {sorted(names)}"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["train_epoch"]
     assert records[0]["n_test"] == 40
