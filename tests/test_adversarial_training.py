@@ -483,16 +483,16 @@ def test_an_unbudgeted_inner_attack_is_refused_by_the_cli(workdir: Path, pagctl:
 
 
 N_POINTS = 120
-MARGIN = 0.15
+MARGIN = 0.12
 
 
 @pytest.mark.slow
 def test_pgd_at_is_more_robust_than_vanilla_under_autoattack_linf(
         workdir: Path, pagctl: Any) -> None:
-    """The full digits recipes, AutoAttack L-infinity at the training budget on the first
-    N_POINTS test images. docs/results.md measured (all 360 images) vanilla VANILLA_360 and
-    PGD-AT AT_360; the margin asserted is a third of that gap, which the per-point
-    intervals at this n clear by far."""
+    """The full digits recipes, AutoAttack L-infinity at the training budget (eps 0.1) on
+    the first N_POINTS test images. On all 360 (docs/results.md) vanilla kept 0.533
+    [0.482, 0.584] and PGD-AT 0.908 [0.874, 0.934], a gap of 0.375; the margin asserted is
+    a third of it, about 5 standard errors of the difference below the gap at n = 120."""
     quiet = ["--set", "eval.attack=null", "--set", "eval.align_source=null", "-q"]
     robust = {}
     for name in ("digits-vanilla", "digits-pgd-at"):

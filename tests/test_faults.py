@@ -42,8 +42,7 @@ def _same_weights(a: Path, b: Path) -> bool:
 
 
 def _epochs(run_dir: Path) -> list[dict[str, Any]]:
-    drop = {"train_seconds", "eval_seconds"}
-    return [{k: v for k, v in r.items() if k not in drop}
+    return [{k: v for k, v in r.items() if not k.endswith("_seconds")}
             for r in checkpoint.read_metrics(run_dir) if r["kind"] == "train_epoch"]
 
 
