@@ -145,3 +145,57 @@ def test_score_model_trains_on_cuda_and_sbg_targets_match_cpu(workdir: Path, no_
     assert served.device.type == "cuda" and served.shape == (3, 2, 1, 8, 8)
     torch.testing.assert_close(served, sbg(images, labels3, cls, index=idx), rtol=1e-5,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize(("recipe", "amp"), [("digits-pgd-at-pag-nn", False),
+                                             ("digits-trades-pag-nn", True)])
+def test_adversarial_training_with_pag_on_cuda(workdir: Path, no_tf32: None, recipe: str,
+                                               amp: bool) -> None:
+    """Adversarial training + PAG on the GPU: one inner attack agrees with the CPU's (same
+    seeded start, drawn on the CPU; sign steps may flip where a gradient entry is near 0),
+    the cost accounting counts the CPU's passes per image and measures every phase (the
+    device is synchronised at phase changes), and both kept weights load on the GPU."""
+    from pagctl import checkpoint
+    from pagctl.checkpoint import read_metrics
+    from pagctl.data import load_data
+    from pagctl.models import build_model
+    from pagctl.objectives import InnerAttack, step_seed
+    from pagctl.spec import load_spec
+    from pagctl.train import train
+
+    spec = load_spec(recipe, ["train.epochs=2", f"train.amp={amp}", "data.validation_size=100",
+                              "eval.limit=100", "train.classes_per_image=2", "out_dir=g"])
+    bundle = load_data(spec.data)
+    x = torch.stack([bundle.test[i][0] for i in range(64)])
+    y = torch.tensor([bundle.test[i][1] for i in range(64)])
+    torch.manual_seed(0)
+    model = build_model(spec.model, num_classes=10, in_chans=1, default_mean=(0.3,),
+                        default_std=(0.4,), allow_download=False)
+    seed = step_seed(0, 1, 2)
+    out = {}
+    for device in ("cpu", "cuda"):
+        inner = InnerAttack.build(spec.train, bundle, torch.device(device))
+        assert inner is not None
+        m = model.to(device).train()
+        out[device] = inner(m, m, x.to(device), y.to(device), seed)
+        assert out[device].device.type == device
+    differ = (out["cuda"].cpu() - out["cpu"]).abs() > 1e-4
+    assert float(differ.float().mean()) < 0.02
+    assert float((out["cuda"].cpu() - x).abs().max()) <= 0.1 + 1e-6
+
+    result = train(spec, device="cuda", progress=False)
+    assert not result.interrupted
+    records = [r for r in read_metrics(workdir / "g") if r["kind"] == "train_epoch"]
+    assert len(records) == 2 and records[-1]["n_val"] == 100
+    for r in records:
+        assert r["attack_seconds"] > 0 and r["pag_seconds"] > 0 and r["step_seconds"] > 0
+    assert records[-1]["val_robust_accuracy"] is not None
+    on_cpu = load_spec(recipe, ["train.epochs=1", "data.validation_size=100", "eval.limit=20",
+                                "train.classes_per_image=2", "out_dir=c"])
+    train(on_cpu, device="cpu", progress=False)
+    cpu_record = [r for r in read_metrics(workdir / "c") if r["kind"] == "train_epoch"][-1]
+    assert records[-1]["passes_per_image"] == cpu_record["passes_per_image"]
+    for weights in ("last", "best"):
+        run = checkpoint.load_run(workdir / "g", "cuda", weights=weights)
+        assert next(run.model.parameters()).device.type == "cuda"
+        assert run.weights == weights
