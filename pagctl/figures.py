@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pagctl.errors import SpecError
+from pagctl.stats import error_bars
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -61,10 +62,9 @@ def robustness_curve(path: Path, curves: list[dict[str, Any]], *, norm: str | No
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for curve in curves:
         eps, acc = list(curve["eps"]), curve["accuracy"]
-        low = [a - lo for a, (lo, _) in zip(acc, curve["interval"], strict=True)]
-        high = [hi - a for a, (_, hi) in zip(acc, curve["interval"], strict=True)]
         style = {"marker": "o", "capsize": 3, **curve.get("style", {})}
-        ax.errorbar(eps, acc, yerr=[low, high], label=curve["label"], **style)
+        ax.errorbar(eps, acc, yerr=error_bars(acc, curve["interval"]), label=curve["label"],
+                    **style)
     ax.set_xlabel(f"ε ({norm or 'budget'})")
     ax.set_ylabel("robust accuracy")
     ax.set_ylim(-0.02, 1.02)

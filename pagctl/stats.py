@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -36,6 +36,8 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion ``k / n`` (95% by default).
 
     Unlike the normal approximation it stays inside [0, 1] and is not empty at k = 0 or n.
+    It always holds ``k / n`` and is exact at the ends: the lower bound is 0.0 at k = 0 and
+    the upper bound 1.0 at k = n (the formula alone leaves float noise there).
     """
     if n <= 0:
         return (0.0, 1.0)
@@ -43,7 +45,22 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     z2 = z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    low = 0.0 if k <= 0 else min(p, max(0.0, centre - half))
+    high = 1.0 if k >= n else max(p, min(1.0, centre + half))
+    return (low, high)
+
+
+def error_bars(values: Sequence[float],
+               intervals: Sequence[tuple[float, float] | None]) -> list[list[float]]:
+    """matplotlib's ``yerr``/``xerr`` for points with intervals: [below, above] lengths,
+    never negative (an interval that misses its point by float noise gives 0, not a
+    negative bar), and 0 for a point without an interval."""
+    below, above = [], []
+    for value, interval in zip(values, intervals, strict=True):
+        lo, hi = interval if interval is not None else (value, value)
+        below.append(max(0.0, value - lo))
+        above.append(max(0.0, hi - value))
+    return [below, above]
 
 
 def mean_interval(mean: float, sd: float, n: int, *, low: float = -math.inf,

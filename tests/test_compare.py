@@ -406,6 +406,37 @@ def test_plot_single_run_and_no_data(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert "no attack records" in titles[0] and "no run has" in titles[1]
 
 
+@pytest.mark.parametrize("n", [100, 10_000])
+def test_plot_robust_accuracy_of_exactly_0_and_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                n: int) -> None:
+    """Robust accuracies of 0 and 1 plot (their intervals used to miss them by float noise,
+    which matplotlib refuses as negative error bars), and so do records an older version
+    wrote with that noise in them."""
+    pytest.importorskip("matplotlib")
+    noisy = attack_rec(n, n, eps=0.3)
+    noisy["robust_interval"] = [0.96, 1.0 - 1e-16]
+    runs = [make_run(tmp_path, "all", [], [epoch_rec(n_test=n), attack_rec(n, n), noisy]),
+            make_run(tmp_path, "none", [], [epoch_rec(n_test=n), attack_rec(0, n),
+                                            attack_rec(0, n, eps=0.3)])]
+    titles = _plot_titles(compare_runs(runs), tmp_path / "cmp.png", monkeypatch)
+    assert "robust accuracy vs ε" in titles[0]
+
+
+def test_attack_sweep_curve_of_exactly_0_and_1(tmp_path: Path) -> None:
+    """The curve `pagctl attack --eps-sweep --plot` draws, at robust accuracies 1 and 0."""
+    pytest.importorskip("matplotlib")
+    from pagctl.figures import robustness_curve
+
+    for n in (100, 10_000):
+        path = tmp_path / f"curve{n}.png"
+        robustness_curve(path, [{"label": "run", "eps": [0.5, 1.0, 8.0],
+                                 "accuracy": [1.0, 0.5, 0.0],
+                                 "interval": [wilson_interval(n, n), wilson_interval(n // 2, n),
+                                              wilson_interval(0, n)]}],
+                         norm="l2", title="t", option="--plot")
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_plot_without_matplotlib_is_a_clean_error(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)

@@ -11,6 +11,7 @@ import torch
 
 from pagctl.stats import (
     bits_as_int,
+    error_bars,
     first_n_digest,
     indices_digest,
     mcnemar_exact,
@@ -98,3 +99,25 @@ def test_bits_round_trip_and_layout() -> None:
     mask = torch.tensor([True, False, True, True, False, False, True, False, True, True, False])
     assert bits_as_int(pack_bits(mask), 11) == int("10110010110", 2)
     assert bits_as_int("", 0) == 0
+
+
+def test_wilson_interval_holds_its_estimate_and_is_exact_at_the_ends() -> None:
+    """Over every n in 1..10,000 (all k up to n = 300, the ends and a spread of k above):
+    0 <= low <= k/n <= high <= 1, low is exactly 0.0 at k = 0 and high exactly 1.0 at k = n
+    (the formula alone leaves 1 - 1e-16 there, which gave plots negative error bars), and the
+    error bars built from it are never negative."""
+    for n in range(1, 10_001):
+        ks = range(n + 1) if n <= 300 else sorted({0, 1, 2, n // 3, n // 2, n - 2, n - 1, n})
+        for k in ks:
+            lo, hi = wilson_interval(k, n)
+            p = k / n
+            assert 0.0 <= lo <= p <= hi <= 1.0, (k, n, lo, hi)
+            below, above = error_bars([p], [(lo, hi)])
+            assert below[0] >= 0.0 and above[0] >= 0.0
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+
+
+def test_error_bars_clamp_noise_and_treat_missing_intervals_as_zero() -> None:
+    # an interval recorded by an older version can miss its point by float noise
+    assert error_bars([1.0, 0.0, 0.5], [(0.96, 1.0 - 1e-16), (1e-17, 0.04), None]) == [
+        [pytest.approx(0.04), 0.0, 0.0], [0.0, 0.04, 0.0]]

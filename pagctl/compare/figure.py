@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from pagctl.compare.model import Cell, Column, Comparison
-from pagctl.stats import pearson
+from pagctl.stats import error_bars, pearson
 
 
 def scatter_columns(comparison: Comparison) -> tuple[Column | None, Column | None]:
@@ -76,9 +76,8 @@ def _curve_panel(ax: Any, comparison: Comparison) -> None:
         points.sort(key=lambda p: p[0])
         eps = [e for e, _ in points]
         acc = [c.value for _, c in points]
-        low = [c.value - (c.interval or (c.value, c.value))[0] for _, c in points]
-        high = [(c.interval or (c.value, c.value))[1] - c.value for _, c in points]
-        ax.errorbar(eps, acc, yerr=[low, high], marker="o", capsize=3, color=colours[label],
+        yerr = error_bars(acc, [c.interval for _, c in points])
+        ax.errorbar(eps, acc, yerr=yerr, marker="o", capsize=3, color=colours[label],
                     linestyle=styles[(attack, norm or "")],
                     label=f"{label}: {attack}" + (f" {norm}" if norm else ""))
     norms = sorted({norm or "?" for _, _, norm in curves})
@@ -107,10 +106,8 @@ def _scatter_panel(ax: Any, comparison: Comparison) -> None:
                f"'{y_col.id}'")
         return
     for label, cx, cy in points:
-        xerr = None if cx.interval is None else \
-            [[cx.value - cx.interval[0]], [cx.interval[1] - cx.value]]
-        yerr = None if cy.interval is None else \
-            [[cy.value - cy.interval[0]], [cy.interval[1] - cy.value]]
+        xerr = None if cx.interval is None else error_bars([cx.value], [cx.interval])
+        yerr = None if cy.interval is None else error_bars([cy.value], [cy.interval])
         ax.errorbar([cx.value], [cy.value], xerr=xerr, yerr=yerr, marker="o", capsize=3,
                     color="C0")
         if len(points) <= 20:
