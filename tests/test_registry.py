@@ -117,3 +117,18 @@ def test_real_entry_points_api_is_used_by_default() -> None:
     assert reg.names() == []
     assert isinstance(metadata.entry_points(group="pagctl.nonexistent_group"),
                       metadata.EntryPoints)
+
+
+def test_norm_names_are_case_insensitive_in_every_builtin_attack() -> None:
+    """fra31/auto-attack's and torchattacks' spellings ('Linf', 'L2') name the same norms;
+    a name that is no norm is still refused, naming the field."""
+
+    with_norm = [name for name in registry.attacks.names()
+                 if "norm" in registry.attacks.get(name).Params.model_fields]
+    assert {"autoattack", "apgd_ce", "apgd_t", "fab", "fab_t", "square", "fgsm"} <= set(with_norm)
+    for name in with_norm:
+        for given, expected in (("L2", "l2"), ("Linf", "linf"), ("LINF", "linf"), ("l2", "l2")):
+            params = registry.attacks.validate_params(name, {"norm": given}, "--param")
+            assert params.norm == expected, (name, given)  # type: ignore[attr-defined]
+        with pytest.raises(SpecError, match=r"norm: Input should be 'linf' or 'l2' \(got 'L3'\)"):
+            registry.attacks.validate_params(name, {"norm": "L3"}, "--param")

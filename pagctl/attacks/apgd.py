@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from pagctl.attacks.steps import (
     BestSoFar,
     Norm,
+    NormParam,
     fit_to_budget,
     normalize_l2,
     per_example,
@@ -262,7 +263,7 @@ class _APGDParams(PluginParams):
         description="radius of the ball in [0, 1] pixel space, in the attack's norm "
         "(number or fraction string such as \"8/255\")",
     )
-    norm: Norm = Field(default="linf", description="'linf' or 'l2'")
+    norm: NormParam = Field(default="linf", description="'linf' or 'l2' (any case)")
     steps: int = Field(default=100, ge=1, description="gradient steps per run")
     restarts: int = Field(
         default=1, ge=1, description="random restarts; later runs only attack the examples "

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from pagctl.attacks.apgd import APGDCE, APGDDLR, APGDT
 from pagctl.attacks.fab import FAB, FABT
 from pagctl.attacks.square import Square
-from pagctl.attacks.steps import Norm, fit_to_budget
+from pagctl.attacks.steps import Norm, NormParam, fit_to_budget
 from pagctl.protocols import BuildContext, Epsilon, PluginParams
 
 Version = Literal["standard", "plus", "rand"]
@@ -79,7 +79,7 @@ class AutoAttack:
             description="radius in [0, 1] pixel space, in the chosen norm (number or fraction "
             "string such as \"8/255\")",
         )
-        norm: Literal["linf", "l2"] = Field(default="linf", description="'linf' or 'l2'")
+        norm: NormParam = Field(default="linf", description="'linf' or 'l2' (any case)")
         version: Version = Field(
             default="standard", description="'standard' (deterministic models), 'plus' "
             "(more restarts and attacks) or 'rand' (randomised models: EoT over 20 forwards)",

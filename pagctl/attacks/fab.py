@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from pagctl.attacks.steps import (
     Norm,
+    NormParam,
     fit_to_budget,
     l2_norms,
     linf_norms,
@@ -300,7 +301,7 @@ class _FABParams(PluginParams):
         "string such as \"8/255\"); examples broken only by larger perturbations are "
         "returned unchanged",
     )
-    norm: Norm = Field(default="linf", description="'linf' or 'l2'")
+    norm: NormParam = Field(default="linf", description="'linf' or 'l2' (any case)")
     steps: int = Field(default=100, ge=1, description="iterations per run")
     restarts: int = Field(
         default=1, ge=1, description="runs (per target for fab_t): the first starts at the "

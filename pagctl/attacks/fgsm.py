@@ -3,16 +3,14 @@ length ε on the untargeted cross-entropy loss."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 from torch import Tensor, nn
 
-from pagctl.attacks.steps import fit_to_budget, loss_gradient, normalize_l2
+from pagctl.attacks.steps import Norm, NormParam, fit_to_budget, loss_gradient, normalize_l2
 from pagctl.protocols import BuildContext, Epsilon, PluginParams
 
 
-def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, norm: Literal["linf", "l2"],
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, norm: Norm,
          eps: float) -> Tensor:
     """One step of length ``eps``: ``x + eps·sign(∇)`` (L∞) or ``x + eps·∇/‖∇‖₂`` (L2),
     clipped to [0, 1]. Runs in whatever mode the caller left ``model`` in.
@@ -39,8 +37,9 @@ class FGSM:
             default=8 / 255, ge=0, allow_inf_nan=False,
             description="step length = budget in [0, 1] pixel space (number or \"8/255\")",
         )
-        norm: Literal["linf", "l2"] = Field(
-            default="linf", description="linf: signed gradient; l2: L2-normalised gradient",
+        norm: NormParam = Field(
+            default="linf",
+            description="linf: signed gradient; l2: L2-normalised gradient (any case)",
         )
 
     def __init__(self, params: Params, ctx: BuildContext) -> None:

@@ -25,6 +25,7 @@ from pagctl.attacks.steps import (
     BestSoFar,
     Loss,
     Norm,
+    NormParam,
     fit_to_budget,
     loss_per_example,
     seeded_generator,
@@ -313,8 +314,8 @@ class Square:
             description="radius in [0, 1] pixel space, in the chosen norm (number or fraction "
             "string such as \"8/255\")",
         )
-        norm: Literal["linf", "l2"] = Field(
-            default="linf", description="threat model: 'linf' or 'l2'",
+        norm: NormParam = Field(
+            default="linf", description="threat model: 'linf' or 'l2' (any case)",
         )
         queries: int = Field(
             default=5000, ge=1,

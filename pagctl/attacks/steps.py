@@ -11,10 +11,11 @@ are made on the generator's device and moved to the requested one.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
 import torch
 import torch.nn.functional as F
+from pydantic import BeforeValidator
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -22,6 +23,20 @@ if TYPE_CHECKING:
 
 Norm = Literal["linf", "l2"]
 Loss = Literal["ce", "margin"]
+
+
+def norm_name(value: object) -> object:
+    """A norm's name as pagctl spells it: names are case-insensitive, so the reference
+    implementations' ``Linf`` and ``L2`` (fra31/auto-attack, torchattacks) are ``linf`` and
+    ``l2``. Anything else passes through unchanged to the field's own check (whose message
+    then shows what was written)."""
+    if isinstance(value, str) and value.lower() in get_args(Norm):
+        return value.lower()
+    return value
+
+
+NormParam = Annotated[Norm, BeforeValidator(norm_name)]
+"""The type of an attack's ``norm`` Param: ``linf`` or ``l2``, written in any case."""
 
 
 def per_example(values: Tensor, like: Tensor) -> Tensor:

@@ -26,6 +26,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from pagctl.attacks.steps import (
+    Norm,
+    NormParam,
     fit_to_budget,
     normalize_l2,
     random_start_l2,
@@ -53,7 +55,7 @@ class NoiseAttack:
             description="radius of the noise in [0, 1] pixel space, in the chosen norm "
             "(number or fraction string such as \"8/255\")",
         )
-        norm: Literal["linf", "l2"] = Field(
+        norm: NormParam = Field(
             default="linf", description="'linf' (a box of half-width eps around each pixel) "
             "or 'l2' (a ball of radius eps over the whole image)",
         )
@@ -75,7 +77,7 @@ class NoiseAttack:
         # pagctl reads the budget from the params; the attributes serve code that has only
         # the built attack.
         self.eps: float = params.eps
-        self.norm: Literal["linf", "l2"] = params.norm
+        self.norm: Norm = params.norm
         # An explicit generator: the global RNG belongs to the caller.
         self._generator = seeded_generator(params.seed, ctx)
 

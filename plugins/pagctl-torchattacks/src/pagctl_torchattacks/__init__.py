@@ -40,14 +40,13 @@ import torchattacks
 from pydantic import Field
 from torch import Tensor, nn
 
-from pagctl.attacks.steps import fit_to_budget, l2_norms
+from pagctl.attacks.steps import Norm, NormParam, fit_to_budget, l2_norms
 from pagctl.protocols import BuildContext, Epsilon, PluginParams
 
 __all__ = ["TaAutoAttack", "TaCW", "TaDeepFool", "TaPGD", "TaPGDL2", "TorchattacksAdapter",
            "call_seed"]
 __version__ = "0.1.0"
 
-Norm = Literal["linf", "l2"]
 _MASK64 = (1 << 64) - 1
 
 
@@ -319,9 +318,9 @@ class TaAutoAttack(TorchattacksAdapter):
             default=8 / 255, ge=0, allow_inf_nan=False,
             description="torchattacks `eps`: radius in [0, 1] pixel space, in `norm`",
         )
-        norm: Norm = Field(
+        norm: NormParam = Field(
             default="linf", description="torchattacks `norm`: 'linf' (passed as 'Linf') or "
-            "'l2' (passed as 'L2')",
+            "'l2' (passed as 'L2'), in any case",
         )
         version: Literal["standard", "plus", "rand"] = Field(
             default="standard", description="torchattacks `version`: 'standard', 'plus' or "
