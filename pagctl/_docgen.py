@@ -52,7 +52,8 @@ def cli_markdown() -> str:
              f"`pagctl` — {_cell((group.help or '').splitlines()[0])}", "",
              "Global options: `--version`, `--verbose/-v` (tracebacks of runtime errors), "
              "`--install-completion`, `--show-completion`, `--help/-h`. Exit codes: 0 done, 1 "
-             "runtime failure, 2 bad input (one `error:` line per problem), 130 interrupted.",
+             "runtime failure, 2 bad input (one `error:` line per problem), 3 an unreliable "
+             "verdict under `attack --strict`, 130 interrupted.",
              ""]
     commands = getattr(group, "commands", {})
     for name in sorted(commands):

@@ -633,6 +633,37 @@ def test_attack_sweep_plot_and_images(run: RunCLI, trained_run: Path, tmp_path: 
     assert [json.loads(x)["eps"] for x in lines[-3:]] == [0.25, 0.5, 2.0]
 
 
+def test_attack_no_record_and_strict(run: RunCLI, trained_run: Path, tmp_path: Path) -> None:
+    """--no-record leaves metrics.jsonl as it was; --strict exits 3 on an unreliable verdict
+    (a 1-step PGD, which the stronger-attack probe beats), and without it the same result
+    exits 0 and is recorded; --strict without the probes is refused."""
+    run_dir = _copy_run(trained_run, tmp_path / "run")
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    weak = ["attack", run_dir, "--attack", "pgd_l2", "--param", "steps=1", "--param", "eps=1",
+            "--limit", "60", "--probe-size", "60", "--format", "json"]
+    code, out, err = run(*weak, "--no-record", "--strict")
+    assert code == 3, err
+    assert json.loads(out)["reliability"]["reliable"] is False
+    assert "not recorded (--no-record)" in err and "strict: the reliability verdict" in err
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+    code, out, err = run(*weak)  # without --strict: exit 0, recorded
+    assert code == 0, err
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["n"] == 60
+    code, out, err = run("attack", run_dir, "--attack", "pgd_l2", "--param", "steps=1",
+                         "--strict", "--no-probes")
+    assert code == 2 and "--strict" in err and "--no-probes" in err
+
+
+def test_align_score_no_record(run: RunCLI, trained_run: Path, tmp_path: Path) -> None:
+    run_dir = _copy_run(trained_run, tmp_path / "run")
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    code, out, err = run("align-score", run_dir, "--limit", "20", "--no-record",
+                         "--format", "json")
+    assert code == 0, err
+    assert json.loads(out)["kind"] == "align" and "not recorded" in err
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+
 def test_attack_state_resumes_and_rejects_another_evaluation(
     run: RunCLI, trained_run: Path, tmp_path: Path,
 ) -> None:

@@ -172,27 +172,27 @@ def test_clean_prefers_a_subset_all_runs_measured(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# what is refused
+# what is marked, or refused with strict
 
 
-def test_different_subsets_are_refused_unless_forced(tmp_path: Path) -> None:
+def test_different_subsets_are_marked_or_refused_when_strict(tmp_path: Path) -> None:
     a = make_run(tmp_path, "a", [], [attack_rec(200, sha="1a2b" * 4)])
     b = make_run(tmp_path, "b", [], [attack_rec(50, n=100, sha="9f8e" * 4)])
     with pytest.raises(SpecError) as info:
-        compare_runs([a, b])
+        compare_runs([a, b], strict=True)
     msg = str(info.value)
     assert "\n" not in msg
     assert msg.startswith(f"compare: robust accuracy '{ROBUST.removeprefix('robust ')}' was "
                           "measured on different subsets (")
-    assert "different subsets" in msg and "--force" in msg
+    assert "different subsets" in msg and "drop --strict" in msg
     assert "run a: 360 points sha 1a2b1a2b" in msg and "run b: 100 points sha 9f8e9f8e" in msg
 
-    c = compare_runs([a, b], force=True)
+    c = compare_runs([a, b])
     assert c.mismatches and all("different subsets" in m for m in c.mismatches)
     column = next(col for col in c.columns if col.id == ROBUST)
     assert column.mismatch is not None
     assert ROBUST + " ≠" in render(c, "table", width=200)
-    assert "forced" in render(c, "markdown")
+    assert "≠ not comparable: robust accuracy" in render(c, "markdown")
     data = json.loads(render(c, "json"))
     assert any(col.get("mismatch") for col in data["columns"]) and data["mismatches"]
     rows = list(csv.DictReader(io.StringIO(render(c, "csv"))))
@@ -204,11 +204,11 @@ def test_different_eps_or_norms(tmp_path: Path) -> None:
     a = make_run(tmp_path, "a", [], [attack_rec(200, eps=0.03)])
     b = make_run(tmp_path, "b", [], [attack_rec(150, eps=0.031)])
     with pytest.raises(SpecError) as info:
-        compare_runs([a, b])
+        compare_runs([a, b], strict=True)
     msg = str(info.value)
     assert "different ε or norms" in msg and "run a: linf eps=0.03" in msg
-    assert "run b: linf eps=0.031" in msg and "--force" in msg
-    c = compare_runs([a, b], force=True)
+    assert "run b: linf eps=0.031" in msg and "drop --strict" in msg
+    c = compare_runs([a, b])
     assert len([col for col in c.columns if col.kind == "robust"]) == 2
     assert any("different ε or norms" in m for m in c.mismatches)
     assert "different ε or norms" in list(csv.DictReader(io.StringIO(render(c, "csv"))))[0][
@@ -217,16 +217,16 @@ def test_different_eps_or_norms(tmp_path: Path) -> None:
     # a shared budget is enough: extra columns show "-" for the runs that lack them
     b2 = make_run(tmp_path, "b2", [], [attack_rec(150, eps=0.03), attack_rec(90, norm="l2",
                                                                            eps=0.5)])
-    ok = compare_runs([a, b2])
+    ok = compare_runs([a, b2], strict=True)
     assert ok.mismatches == []
     assert "robust autoattack l2 eps=0.5" not in row(ok, "a").cells
     assert "| - |" in render(ok, "markdown")
     # different attacks at the same budget are not a mismatch either
     b3 = make_run(tmp_path, "b3", [], [attack_rec(150, attack="apgd_ce", eps=0.03)])
-    assert compare_runs([a, b3]).mismatches == []
+    assert compare_runs([a, b3], strict=True).mismatches == []
     # a run with no attack at all does not count
-    forced = compare_runs([a, make_run(tmp_path, "c", [], [epoch_rec()])], force=True)
-    assert not any("ε" in m for m in forced.mismatches)
+    marked = compare_runs([a, make_run(tmp_path, "c", [], [epoch_rec()])])
+    assert not any("ε" in m for m in marked.mismatches)
 
 
 # ---------------------------------------------------------------------------------------
@@ -484,3 +484,28 @@ def test_compare_imports_no_torch(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_cli_marks_mismatches_and_refuses_them_with_strict(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pagctl import cli
+
+    a = make_run(tmp_path, "a", [], [attack_rec(200, eps=0.03)])
+    b = make_run(tmp_path, "b", [], [attack_rec(150, eps=0.031)])
+
+    def run(*argv: object) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            cli.main([str(x) for x in argv])
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = run("compare", a, b, "--format", "markdown")
+    assert code == 0, err
+    assert "≠ not comparable: the runs share no robust accuracy budget" in out
+    code, out, err = run("compare", a, b, "--strict")
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "drop --strict" in err

@@ -71,7 +71,8 @@ app.command()(plugins.plugins)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: maps errors to exit codes (2 user, 1 runtime, 130 Ctrl-C)."""
+    """Console entry point: maps errors to exit codes (2 user, 1 runtime, 130 Ctrl-C; a
+    command may exit 3 itself: ``attack --strict`` on an unreliable verdict)."""
     verbose = os.environ.get("PAGCTL_VERBOSE") == "1" or any(
         a in ("--verbose", "-v") for a in (argv if argv is not None else sys.argv[1:]))
     try:

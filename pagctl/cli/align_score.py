@@ -13,6 +13,7 @@ from pagctl.cli.common import (
     DataDirOpt,
     DeviceOpt,
     Format,
+    RecordOpt,
     WeightsOpt,
     cell_text,
     check_png,
@@ -51,6 +52,7 @@ def align_score(
     save_images: Annotated[Path | None, typer.Option(
         "--save-images", help="Write, for the first 4 images, the model's gradient toward "
         "every class and the source's target gradient to this PNG.")] = None,
+    keep_record: RecordOpt = True,
     weights: WeightsOpt = "last",
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
@@ -58,7 +60,8 @@ def align_score(
 ) -> None:
     """Score how well a run's input gradients align with a target-gradient source: mean
     cosine with a 95% interval, per true class and per target (true vs other classes), the
-    fraction of images aligned above 0. Appended to the run's metrics.jsonl."""
+    fraction of images aligned above 0. Appended to the run's metrics.jsonl (unless
+    --no-record)."""
 
     from pagctl import registry
     from pagctl.align import alignment_report
@@ -100,7 +103,10 @@ def align_score(
             gradient_grid(save_images, x, y, grads.cpu(), targets.cpu(), source=source_name,
                           title=f"{run.name}: ∇ log p(t|x) vs {source_name} (mean cos "
                           f"{report.mean:.3f})")
-        record_results(run, [record])
+        if keep_record:
+            record_results(run, [record])
+        else:
+            typer.echo("not recorded (--no-record)", err=True)
 
 
 def _render(run: Path, source_name: str, params: Any, report: Any, weights: str) -> None:

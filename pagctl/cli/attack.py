@@ -13,6 +13,7 @@ from pagctl.cli.common import (
     DataDirOpt,
     DeviceOpt,
     Format,
+    RecordOpt,
     WeightsOpt,
     check_png,
     complete_plugins,
@@ -62,6 +63,10 @@ def attack(
         "--probe-size", min=1, help="Test points the probes use.")] = 100,
     progress: Annotated[bool, typer.Option(
         "--progress/--no-progress", help="Progress bar with ETA on stderr.")] = True,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Exit with code 3 when the reliability verdict is not 'reliable' "
+        "(for CI; the result is still shown and recorded).")] = False,
+    keep_record: RecordOpt = True,
     weights: WeightsOpt = "last",
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
@@ -69,7 +74,7 @@ def attack(
 ) -> None:
     """Attack a trained run on its test set: clean and robust accuracy with 95% intervals,
     what each stage broke and cost, and a reliability verdict from gradient-masking probes.
-    Each result is appended to the run's metrics.jsonl."""
+    Each result is appended to the run's metrics.jsonl (unless --no-record)."""
     from pagctl.checkpoint import RunLock
     from pagctl.robustness.evaluate import evaluate_attack
 
@@ -79,6 +84,9 @@ def attack(
     if plot is not None and budgets is None:
         raise SpecError("--plot: draws robust accuracy against eps; add --eps-sweep "
                         "(e.g. --eps-sweep 0.25,0.5,1)")
+    if strict and not probes:
+        raise SpecError("--strict: exits on the probes' reliability verdict, which "
+                        "--no-probes turns off; drop one of them")
     check_png("--plot", plot)
     check_png("--save-images", save_images)
     indices = read_indices(indices_file) if indices_file is not None else None
@@ -100,14 +108,32 @@ def attack(
             raise typer.Exit(130) from None
         records = [report.to_record(params_given=given)  # e.g. eps "8/255" as typed
                    for report in reports]
-        for record in records:
-            record.weights = loaded.weights
+        for rec in records:
+            rec.weights = loaded.weights
         # the result first (stdout, figures), then the record: a record that cannot be
         # written loses nothing that was measured
         _show(fmt, attack_name, run, reports, records, sweep=budgets is not None)
         _figures(plot, save_images, attack_name, run, loaded.model, bundle, reports, attacked,
                  dev)
-        record_results(run, records)
+        if keep_record:
+            record_results(run, records)
+        else:
+            typer.echo("not recorded (--no-record)", err=True)
+    if strict:
+        _exit_if_unreliable(reports)
+
+
+def _exit_if_unreliable(reports: list[Any]) -> None:
+    """``--strict``: exit code 3, with one line on stderr, when any report's reliability
+    verdict is not 'reliable' (its reasons are in the result shown above)."""
+    bad = [r for r in reports if not (r.reliability or {}).get("reliable", False)]
+    if bad:
+        fired = sum(len((r.reliability or {}).get("reasons", [])) for r in bad)
+        where = ", ".join(f"eps {r.eps:.4g}" if r.eps is not None else "its budget"
+                          for r in bad)
+        typer.echo(f"strict: the reliability verdict is 'unreliable' at {where} ({fired} "
+                   "probe finding(s), listed in the result); exit 3", err=True)
+        raise typer.Exit(3)
 
 
 def _show(fmt: Format, name: str, run: Path, reports: list[Any], records: list[Any], *,

@@ -79,6 +79,9 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupt
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run "
                                             "folder.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+RecordOpt = Annotated[bool, typer.Option(
+    "--record/--no-record", help="Append the result to the run's metrics.jsonl; --no-record "
+    "for a quick look that must not become the run's latest result.")]
 WeightsOpt = Annotated[str, typer.Option(
     "--weights", help="Which of the run's weights: last (model.safetensors) or best "
     "(model-best.safetensors: the best epoch by validation robust accuracy, for runs with "

@@ -26,9 +26,9 @@ def compare(
     plot: Annotated[Path | None, typer.Option(
         "--plot", help="Write a PNG: robust accuracy vs eps per run, and alignment vs robust "
         "accuracy with Pearson's r.")] = None,
-    force: Annotated[bool, typer.Option(
-        "--force", help="Put side by side numbers measured on different subsets, eps or "
-        "norms (marked in the output).")] = False,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Refuse numbers measured on different subsets, eps or norms "
+        "(exit 2) instead of marking them.")] = False,
     weights: Annotated[str, typer.Option(
         "--weights", help="Whose results: last (the runs' model.safetensors) or best "
         "(model-best.safetensors, measured with 'attack --weights best').")] = "last",
@@ -41,7 +41,7 @@ def compare(
     from pagctl.compare.rendering import render
 
     check_png("--plot", plot)
-    comparison = compare_runs(runs, force=force, weights=weights)
+    comparison = compare_runs(runs, strict=strict, weights=weights)
     for line in comparison.warnings:
         typer.echo(line, err=True)
     if plot is not None:

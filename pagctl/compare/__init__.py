@@ -31,8 +31,8 @@ The subset of the training monitor is the first ``n_test`` test points, whose di
 computed the way ``pagctl attack`` computes it, so a ``--limit N`` attack and a monitor on N
 points count as the same subset.
 
-What is refused (``SpecError``) unless ``force=True``
-------------------------------------------------------
+What is marked, or refused with ``strict=True``
+-----------------------------------------------
 
 1. *Different subsets*: two cells of one column whose ``subset.indices_sha256`` differ (a
    cell without a subset digest cannot be checked and is accepted).
@@ -40,12 +40,13 @@ What is refused (``SpecError``) unless ``force=True``
    budget, i.e. no budget at which every one of them was attacked. A run lacking a column
    only shows "-"; different attacks at a shared budget are fine (each has its column).
 
-Without ``force`` the first problem is the error (robust columns are checked first, then
-alignment, clean accuracy and the training monitor; the count of the others is appended).
-With ``force=True`` the comparison is made anyway and every such problem is listed in
+By default the comparison is made and every such problem is listed in
 ``Comparison.mismatches`` and marked in the output (a ``≠`` on the column header in tables,
-``mismatch`` fields in json and csv). The alignment's K (``classes_per_image``) is not
-checked: K classes drawn uniformly without replacement estimate the same all-class mean.
+``mismatch`` fields in json and csv, a warning line on stderr). With ``strict=True``
+(``pagctl compare --strict``) the first problem is the error instead (robust columns are
+checked first, then alignment, clean accuracy and the training monitor; the count of the
+others is appended). The alignment's K (``classes_per_image``) is not checked: K classes
+drawn uniformly without replacement estimate the same all-class mean.
 
 Per-example comparison
 ----------------------

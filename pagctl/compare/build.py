@@ -147,14 +147,15 @@ def _choose_clean(data: list[RunData]) -> list[Cell | None]:
     return out
 
 
-def compare_runs(run_dirs: list[Path], *, force: bool = False,
+def compare_runs(run_dirs: list[Path], *, strict: bool = False,
                  weights: str = "last") -> Comparison:
     """Read each run's spec.json and metrics.jsonl (never weights) and line them up: the
     results measured on each run's ``weights`` (last, or best by validation).
 
-    Raises CheckpointError for a folder without a valid spec.json and SpecError for numbers
-    measured on different subsets, ε or norms (see the ``pagctl.compare`` docstring) unless
-    ``force``.
+    Numbers measured on different subsets, ε or norms (see the ``pagctl.compare``
+    docstring) are put side by side and listed in ``Comparison.mismatches`` (each such column
+    marked); with ``strict`` the first of them is a SpecError instead. A folder without a
+    valid spec.json is a CheckpointError.
     """
     from pagctl.checkpoint import read_spec
 
@@ -214,11 +215,12 @@ def compare_runs(run_dirs: list[Path], *, force: bool = False,
     budget = _budget_problem(rows, columns)
     if budget is not None:
         problems.append((budget, "attack them at a common --param eps (and norm)"))
-    if problems and not force:
+    if problems and strict:
         text, remedy = problems[0]
         more = len(problems) - 1
         more_text = f" ({more} more mismatch{'es' if more > 1 else ''})" if more else ""
-        raise SpecError(f"compare: {text}; {remedy} or pass --force{more_text}")
+        raise SpecError(f"compare: {text}; {remedy}, or drop --strict to see them side by "
+                        f"side, marked{more_text}")
 
     return Comparison(rows=rows, spec_columns=differing_fields(flats), columns=columns,
                       pairs=_pairs(rows, columns), warnings=warnings,

@@ -93,6 +93,7 @@ class Comparison:
     pairs: list[Pair]
     warnings: list[str]
     mismatches: list[str] = field(default_factory=list)
-    """What ``force=True`` let through (empty otherwise)."""
+    """Numbers put side by side although measured on different subsets, ε or norms (each
+    such column is marked; ``strict=True`` refuses them instead)."""
     weights: str = "last"
     """Whose results: the runs' last weights, or their best by validation (``--weights``)."""

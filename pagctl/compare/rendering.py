@@ -44,7 +44,7 @@ def _notes(comparison: Comparison, hidden_spec: list[str]) -> list[str]:
         notes.append(f"also differing: {', '.join(hidden_spec)} (see --format json)")
     if any(c.reliable is False for r in comparison.rows for c in r.cells.values()):
         notes.append("! the attack's reliability checks failed; see its 'reliability' record")
-    notes += [f"≠ forced: {m}" for m in comparison.mismatches]
+    notes += [f"≠ not comparable: {m}" for m in comparison.mismatches]
     if not comparison.columns:
         notes.append("no evaluated metrics in these runs yet")
     return notes
