@@ -1,8 +1,17 @@
-"""Architectures by timm name, wrapped with the input normalisation.
+"""Architectures by name, wrapped with the input normalisation.
 
-Importing this module registers the three small architectures of `pagctl.architectures`
-(``pagctl_small_cnn``, ``pagctl_cifar_resnet18``, ``pagctl_mlp``) in timm's registry, so
-that plain ``timm.create_model(name)`` finds them afterwards.
+An architecture name (``model.arch``) is one of, in this order (`create_network`):
+
+- ``package.module:factory``: any callable returning an ``nn.Module`` (a RobustBench-style
+  class, a function in a script), imported as Python would from the current folder;
+- a model provider of the ``pagctl.models`` entry-point group (`pagctl.registry.models`):
+  pagctl's own ``pagctl_small_cnn``, ``pagctl_cifar_resnet18``, ``pagctl_mlp`` and whatever
+  installed packages provide;
+- a timm name (``resnet18``, ``hf-hub:…``, ``local-dir:…``).
+
+Factories get ``num_classes`` and ``in_chans`` when their signature names them (or takes
+``**kwargs``), and ``model.kwargs``. Importing this module also registers pagctl's three
+architectures in timm's registry, so that plain ``timm.create_model(name)`` finds them.
 
 Inputs are always pixels in [0, 1]; the per-channel normalisation lives inside
 `NormalizedModel`, so attacks and target-gradient sources never see normalised tensors.
@@ -16,8 +25,12 @@ num_classes=cfg["num_classes"], **cfg["model_args"])``; or, with both files in o
 from __future__ import annotations
 
 import difflib
+import importlib
+import inspect
+import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -45,7 +58,10 @@ __all__ = [
     "SmallCNN",
     "build_model",
     "check_finite_outputs",
+    "create_network",
     "eval_mode",
+    "import_factory",
+    "is_import_path",
     "rebuild_from_config",
     "timm_config",
     "pagctl_small_cnn",
@@ -55,6 +71,7 @@ __all__ = [
 
 _SOURCE_PREFIXES = ("hf-hub:", "local-dir:")  # timm model sources; timm resolves those itself
 _RESERVED_KWARGS = ("num_classes", "in_chans")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 # ---------------------------------------------------------------------------------------
@@ -96,10 +113,85 @@ class NormalizedModel(nn.Module):
 
 
 def _unknown_arch_message(arch: str) -> str:
-    close = difflib.get_close_matches(arch, timm.list_models(), n=1)
+    from pagctl import registry
+
+    close = difflib.get_close_matches(arch, registry.models.names() + timm.list_models(), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return (f"model.arch: unknown architecture '{arch}'{hint} "
-            "(any timm name, e.g. pagctl_small_cnn)")
+    return (f"model.arch: unknown architecture '{arch}'{hint} (a timm name, a model provider "
+            "listed by 'pagctl plugins', or package.module:factory)")
+
+
+def is_import_path(arch: str) -> bool:
+    """Whether ``arch`` names a callable by import path (``package.module:factory``)."""
+    return bool(_IMPORT_PATH.match(arch)) and not arch.startswith(_SOURCE_PREFIXES)
+
+
+def import_factory(path: str, where: str = "model.arch") -> Callable[..., Any]:
+    """The callable that ``package.module:attr`` names. The module is imported as ``python``
+    would find it from the current folder (which is appended to ``sys.path``, after the
+    installed packages, so it never shadows them). SpecError naming ``where`` when the
+    module cannot be imported, lacks the name, or the name is not callable."""
+    module_name, _, attr = path.partition(":")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise SpecError(f"{where}: cannot import '{module_name}' ({exc}); install it, or run "
+                        f"from the folder that holds {module_name.replace('.', '/')}.py") from None
+    except Exception as exc:  # the module's own code failed
+        raise SpecError(f"{where}: importing '{module_name}' failed: "
+                        f"{type(exc).__name__}: {_first(exc)}") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise SpecError(f"{where}: '{module_name}' has no '{attr}'; check the name after "
+                            "the colon")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise SpecError(f"{where}: '{path}' is not callable; name a function or class that "
+                        "returns an nn.Module")
+    return obj  # type: ignore[no-any-return]
+
+
+def _accepts(factory: Callable[..., Any], name: str) -> bool:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def create_network(arch: str, *, num_classes: int, in_chans: int,
+                   kwargs: Mapping[str, Any]) -> nn.Module:
+    """The bare network ``arch`` names (see the module docstring for the three routes).
+    Errors are the factory's own (TypeError for a keyword it does not take, ...), except
+    SpecError for a name that is none of the three or a factory that returns no module."""
+    from pagctl import registry
+
+    if is_import_path(arch):
+        factory = import_factory(arch)
+    elif arch in registry.models.names():
+        origin = registry.models.origin(arch)
+        if origin != "built-in" and timm.is_model(arch):
+            raise SpecError(f"model.arch: '{arch}' is both a timm architecture and a model "
+                            f"provider of {origin}; that package must rename its provider")
+        factory = registry.models.get(arch)
+    else:
+        if not arch.startswith(_SOURCE_PREFIXES) and not timm.is_model(arch.split(".", 1)[0]):
+            raise SpecError(_unknown_arch_message(arch))
+        net: nn.Module = timm.create_model(arch, num_classes=num_classes, in_chans=in_chans,
+                                           **kwargs)
+        return net
+    given = dict(kwargs)
+    for key, value in (("num_classes", num_classes), ("in_chans", in_chans)):
+        if _accepts(factory, key):
+            given[key] = value
+    built = factory(**given)
+    if not isinstance(built, nn.Module):
+        raise SpecError(f"model.arch: {arch} returned {type(built).__name__}, not a "
+                        "torch.nn.Module")
+    return built
 
 
 def build_model(spec: ModelSpec, *, num_classes: int, in_chans: int,
@@ -126,9 +218,6 @@ def build_model(spec: ModelSpec, *, num_classes: int, in_chans: int,
         if key in spec.kwargs:
             raise SpecError(f"model.kwargs.{key}: set from the dataset ({num_classes} classes, "
                             f"{in_chans} channels); remove it")
-    base = spec.arch.split(".", 1)[0]
-    if not spec.arch.startswith(_SOURCE_PREFIXES) and not timm.is_model(base):
-        raise SpecError(_unknown_arch_message(spec.arch))
     overlay = spec.kwargs.get("pretrained_cfg_overlay")
     local = isinstance(overlay, dict) and bool(overlay.get("file"))
     if (spec.kwargs.get("pretrained") or spec.arch.startswith("hf-hub:")) and not local \
@@ -137,8 +226,10 @@ def build_model(spec: ModelSpec, *, num_classes: int, in_chans: int,
                         "the network; pass --download to allow it, or name a local file with "
                         "model.kwargs.pretrained_cfg_overlay={file: PATH}")
     try:
-        net = timm.create_model(spec.arch, num_classes=num_classes, in_chans=in_chans,
-                                **spec.kwargs)
+        net = create_network(spec.arch, num_classes=num_classes, in_chans=in_chans,
+                             kwargs=spec.kwargs)
+    except SpecError:
+        raise
     except TypeError as exc:
         bad = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
         if bad is not None:
@@ -223,12 +314,14 @@ def rebuild_from_config(cfg: Mapping[str, Any], state_dict: Mapping[str, Tensor]
         raise CheckpointError(f"config.json: malformed timm config ({exc!r}); "
                               "expected architecture, num_classes, model_args, "
                               "pretrained_cfg.mean/std") from exc
-    if not timm.is_model(arch.split(".", 1)[0]):
-        raise CheckpointError(f"config.json: {_unknown_arch_message(arch)}")
+    in_chans = int(model_args.pop("in_chans", 3))
     try:
-        net = timm.create_model(arch, num_classes=num_classes, **model_args)
+        net = create_network(arch, num_classes=num_classes, in_chans=in_chans,
+                             kwargs=model_args)
         net.load_state_dict(dict(state_dict), strict=True)
         model = NormalizedModel(net, mean, std)
+    except SpecError as exc:  # the architecture cannot be found or built
+        raise CheckpointError(f"config.json: {str(exc).removeprefix('model.arch: ')}") from None
     except (TypeError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"config.json: cannot rebuild {arch} from its weights: {first}") \

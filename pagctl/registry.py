@@ -1,6 +1,9 @@
 """Plugin registry: one loader for built-ins and third-party entry points.
 
-Groups ``pagctl.target_gradients`` and ``pagctl.attacks``. Built-ins are a table of
+Groups ``pagctl.target_gradients`` and ``pagctl.attacks`` (plugin factories with a pydantic
+``Params``, called as ``factory(params, ctx)``) and ``pagctl.models`` (model providers:
+architectures by name, called as ``factory(num_classes=..., in_chans=..., **kwargs)`` and
+returning an ``nn.Module``; see `pagctl.models.create_network`). Built-ins are a table of
 ``"module:attr"`` strings loaded lazily through the same path as entry points, so they work
 from a source checkout and are listed next to third-party plugins. Two providers of one name
 are a conflict, raised only when that name is asked for; a built-in is never silently
@@ -67,6 +70,11 @@ BUILTIN_ATTACKS = {
     "pgd_linf": "pagctl.attacks.pgd:PGDLinf",
     "square": "pagctl.attacks.square:Square",
 }
+BUILTIN_MODELS = {
+    "pagctl_cifar_resnet18": "pagctl.architectures:pagctl_cifar_resnet18",
+    "pagctl_mlp": "pagctl.architectures:pagctl_mlp",
+    "pagctl_small_cnn": "pagctl.architectures:pagctl_small_cnn",
+}
 
 
 @dataclass(frozen=True)
@@ -115,16 +123,36 @@ def _summary(obj: Any) -> str:
     return " ".join(line.strip() for line in first.splitlines())
 
 
+def plugin_factory_problem(factory: Any) -> str | None:
+    """What keeps ``factory`` from being a source or attack plugin (None when it is one)."""
+    params = getattr(factory, "Params", None)
+    if callable(factory) and isinstance(params, type) and issubclass(params, BaseModel):
+        return None
+    return ("is not a plugin factory: it needs a pydantic 'Params' class and must be "
+            "callable as factory(params, ctx).")
+
+
+def model_provider_problem(factory: Any) -> str | None:
+    """What keeps ``factory`` from being a model provider (None when it is one)."""
+    if callable(factory):
+        return None
+    return ("is not a model provider: it must be callable as factory(num_classes=..., "
+            "in_chans=..., **kwargs) and return a torch.nn.Module.")
+
+
 class Registry:
-    """Plugins of one entry-point group, keyed by name."""
+    """Plugins of one entry-point group, keyed by name. ``contract`` says what keeps a
+    loaded object from being one of this group's plugins (None when nothing does)."""
 
     def __init__(
         self,
         group: str,
         builtins: dict[str, str],
         entry_points: Callable[[str], Iterable[metadata.EntryPoint]] | None = None,
+        contract: Callable[[Any], str | None] = plugin_factory_problem,
     ) -> None:
         self.group = group
+        self.contract = contract
         self._builtins = dict(builtins)
         self._entry_points = entry_points or (lambda g: metadata.entry_points(group=g))
         self._entries: dict[str, list[_Entry]] | None = None
@@ -201,13 +229,11 @@ class Registry:
                 f"{self.short_group} plugin '{name}' from '{entry.distribution}' failed to "
                 f"load ({type(exc).__name__}: {exc}); reinstall or fix that package."
             ) from exc
-        params = getattr(factory, "Params", None)
-        if not (callable(factory) and isinstance(params, type) and issubclass(params, BaseModel)):
+        problem = self.contract(factory)
+        if problem is not None:
             raise PluginLoadError(
                 f"{self.short_group} plugin '{name}' from '{entry.distribution}' ({entry.value})"
-                " is not a plugin factory: it needs a pydantic 'Params' class and must be "
-                "callable as factory(params, ctx)."
-            )
+                f" {problem}")
         self._loaded[name] = factory
         return factory
 
@@ -301,4 +327,5 @@ class GuardedSource:
 
 target_gradients = Registry("pagctl.target_gradients", BUILTIN_TARGET_GRADIENTS)
 attacks = Registry("pagctl.attacks", BUILTIN_ATTACKS)
-REGISTRIES = {"target_gradients": target_gradients, "attacks": attacks}
+models = Registry("pagctl.models", BUILTIN_MODELS, contract=model_provider_problem)
+REGISTRIES = {"target_gradients": target_gradients, "attacks": attacks, "models": models}

@@ -56,10 +56,13 @@ class PluginRef(_Frozen):
 
 
 class ModelSpec(_Frozen):
-    arch: str = Field(description="timm model name (pagctl registers pagctl_small_cnn, "
-                      "pagctl_cifar_resnet18, pagctl_mlp)")
+    arch: str = Field(description="architecture: a timm name, a model provider of the "
+                      "pagctl.models group (pagctl_small_cnn, pagctl_cifar_resnet18, pagctl_mlp, "
+                      "and installed packages'), or package.module:factory (any callable "
+                      "returning an nn.Module)")
     kwargs: dict[str, Any] = Field(default_factory=dict,
-                                   description="extra keyword arguments for timm.create_model")
+                                   description="extra keyword arguments for the architecture "
+                                   "(timm.create_model or the factory)")
     mean: tuple[float, ...] | None = Field(
         default=None, description="per-channel normalisation mean inside the model; "
         "null = the dataset's default")

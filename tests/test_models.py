@@ -134,8 +134,8 @@ def _spec_error(spec: ModelSpec, in_chans: int = 3) -> str:
 
 def test_build_model_errors_are_one_line_spec_errors() -> None:
     assert _spec_error(ModelSpec(arch="resnet81")) == (
-        "model.arch: unknown architecture 'resnet81'; did you mean 'resnet18'? "
-        "(any timm name, e.g. pagctl_small_cnn)")
+        "model.arch: unknown architecture 'resnet81'; did you mean 'resnet18'? (a timm "
+        "name, a model provider listed by 'pagctl plugins', or package.module:factory)")
     assert "did you mean 'pagctl_small_cnn'" in _spec_error(ModelSpec(arch="pagctl_smal_cnn"))
     assert _spec_error(ModelSpec(arch="pagctl_small_cnn", kwargs={"depth": 3})).startswith(
         "model.kwargs.depth: not an argument of pagctl_small_cnn")
@@ -249,3 +249,71 @@ def test_rebuild_from_config_errors(tmp_path: Path) -> None:
         rebuild_from_config({"architecture": "pagctl_mlp"}, weights)
     with pytest.raises(CheckpointError, match="unknown architecture 'pagctl_mpl'"):
         rebuild_from_config({**cfg, "architecture": "pagctl_mpl"}, weights)
+
+
+PLAIN_TORCH_MODULE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """A plain-torch classifier taking [0, 1] pixels (no timm, no pagctl)."""
+
+    def __init__(self, hidden: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(),
+                                  nn.Linear(hidden, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def make(num_classes: int, hidden: int = 16) -> nn.Module:
+    return Net(hidden, num_classes)
+
+
+NOT_A_MODEL = 3
+
+
+def returns_a_number() -> int:
+    return 3
+'''
+
+
+def test_an_import_path_builds_any_module_and_rebuilds_from_its_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``model.arch: module:factory`` builds a plain-torch model from the current folder; the
+    factory gets num_classes (it names it) but not in_chans (it does not); the config
+    round-trips through rebuild_from_config."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plain_net_a.py").write_text(PLAIN_TORCH_MODULE)
+    spec = ModelSpec(arch="plain_net_a:make", kwargs={"hidden": 8}, mean=(0.0,), std=(1.0,))
+    model = build_model(spec, num_classes=10, in_chans=1, default_mean=(0.3,),
+                        default_std=(0.4,))
+    net: Any = model.net
+    assert type(net).__name__ == "Net" and net.body[1].out_features == 8
+    cfg = timm_config(model, spec, 10, 1, (1, 8, 8))
+    assert cfg["architecture"] == "plain_net_a:make"
+    again = rebuild_from_config(cfg, model.net.state_dict())
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.equal(again(x), model.eval()(x))
+    # a class works as a factory too
+    cls = build_model(ModelSpec(arch="plain_net_a:Net", kwargs={"classes": 10}),
+                      num_classes=10, in_chans=1, default_mean=(0.0,), default_std=(1.0,))
+    assert cls(x).shape == (3, 10)
+
+
+@pytest.mark.parametrize(("arch", "message"), [
+    ("no_such_module_x:make", "cannot import 'no_such_module_x'"),
+    ("plain_net_b:missing", "'plain_net_b' has no 'missing'"),
+    ("plain_net_b:NOT_A_MODEL", "is not callable"),
+    ("plain_net_b:returns_a_number", "returned int, not a torch.nn.Module"),
+    ("plain_net_b:make", "model.kwargs.depth: not an argument"),
+])
+def test_import_path_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         arch: str, message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plain_net_b.py").write_text(PLAIN_TORCH_MODULE)
+    kwargs = {"depth": 3} if arch.endswith(":make") and "no_such" not in arch else {}
+    got = _spec_error(ModelSpec(arch=arch, kwargs=kwargs, mean=(0.0,), std=(1.0,)), in_chans=1)
+    assert message in got and got.startswith("model.")

@@ -44,7 +44,7 @@ def _registry(eps: list[_EP], monkeypatch: pytest.MonkeyPatch) -> Registry:
 
 
 def test_builtins_load_through_the_same_loader() -> None:
-    for reg in registry.REGISTRIES.values():
+    for reg in (registry.target_gradients, registry.attacks):
         for name in reg.names():
             factory = reg.get(name)
             assert issubclass(factory.Params, BaseModel), name
@@ -54,6 +54,31 @@ def test_builtins_load_through_the_same_loader() -> None:
                 factory.Params()  # defaults validate
             for key in required:  # e.g. sbg's run folder, precomputed's bank path
                 assert fields[key].description, (name, key)
+
+
+def test_builtin_model_providers_build_networks() -> None:
+    """pagctl's architectures are model providers, found by name without ``import
+    pagctl.models``, and called with num_classes and in_chans."""
+    from torch import nn
+
+    assert {"pagctl_small_cnn", "pagctl_cifar_resnet18", "pagctl_mlp"} <= set(
+        registry.models.names())
+    net = registry.models.get("pagctl_small_cnn")(num_classes=7, in_chans=2)
+    assert isinstance(net, nn.Module) and net.num_classes == 7
+
+
+def test_a_model_provider_must_be_callable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pagctl.registry import model_provider_problem
+
+    monkeypatch.delenv("PAGCTL_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    eps = [_EP("not_callable", f"{__name__}:NOT_CALLABLE", "acme-models")]
+    reg = Registry("pagctl.models", {}, entry_points=lambda group: eps,  # type: ignore[arg-type,return-value]
+                   contract=model_provider_problem)
+    with pytest.raises(PluginLoadError, match="is not a model provider"):
+        reg.get("not_callable")
+
+
+NOT_CALLABLE = 3
 
 
 def test_third_party_plugin_is_found_and_listed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,3 +157,21 @@ def test_norm_names_are_case_insensitive_in_every_builtin_attack() -> None:
             assert params.norm == expected, (name, given)  # type: ignore[attr-defined]
         with pytest.raises(SpecError, match=r"norm: Input should be 'linf' or 'l2' \(got 'L3'\)"):
             registry.attacks.validate_params(name, {"norm": "L3"}, "--param")
+
+
+def test_a_third_party_model_provider_may_not_shadow_a_timm_name(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pagctl.models import create_network
+    from pagctl.registry import model_provider_problem
+
+    eps = [_EP("resnet18", "torch.nn:Identity", "acme-models"),
+           _EP("acme_net", "torch.nn:Identity", "acme-models")]
+    reg = Registry("pagctl.models", dict(registry.BUILTIN_MODELS),
+                   entry_points=lambda group: eps,  # type: ignore[arg-type,return-value]
+                   contract=model_provider_problem)
+    monkeypatch.delenv("PAGCTL_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.setattr(registry, "models", reg)
+    with pytest.raises(SpecError, match="both a timm architecture and a model provider"):
+        create_network("resnet18", num_classes=10, in_chans=3, kwargs={})
+    assert type(create_network("acme_net", num_classes=10, in_chans=3, kwargs={})).__name__ \
+        == "Identity"

@@ -1,5 +1,5 @@
-"""``pagctl plugins``: installed target-gradient sources and attacks, or one plugin's
-parameters."""
+"""``pagctl plugins``: installed target-gradient sources, attacks and model providers, or
+one plugin's parameters."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ def plugins(
         autocompletion=complete_plugins(None))] = None,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
 ) -> None:
-    """List target-gradient sources and attacks: name, kind, distribution and version,
-    status (ok, broken with its error, conflict) and what each does; with NAME, its
-    parameters."""
+    """List target-gradient sources, attacks and model providers: name, kind, distribution
+    and version, status (ok, broken with its error, conflict) and what each does; with NAME,
+    its parameters."""
     from dataclasses import asdict
 
     from pagctl.registry import REGISTRIES
@@ -31,7 +31,8 @@ def plugins(
     if fmt is Format.json:
         print_json([asdict(r) for r in rows])
         return
-    kind = {"pagctl.target_gradients": "source", "pagctl.attacks": "attack"}
+    kind = {"pagctl.target_gradients": "source", "pagctl.attacks": "attack",
+            "pagctl.models": "model"}
     header = ("kind", "name", "distribution", "version", "status", "description")
     cells = [(kind.get(r.group, r.group), r.name, r.distribution, r.version, r.status,
               r.summary) for r in rows]
@@ -49,12 +50,13 @@ def _plugin_detail(name: str, fmt: Format) -> None:
     from pagctl.errors import UnknownPluginError
     from pagctl.registry import REGISTRIES
 
-    found = []
+    found: list[dict[str, Any]] = []
     for reg in REGISTRIES.values():
         if name in reg.names():
             factory = reg.get(name)
             doc = (factory.__doc__ or "").strip()
-            schema = factory.Params.model_json_schema()
+            schema = factory.Params.model_json_schema() if hasattr(factory, "Params") else \
+                _signature_schema(factory)
             found.append({"name": name, "group": reg.group, "provided_by": reg.origin(name),
                           "doc": doc, "params": schema})
     if not found:
@@ -73,12 +75,15 @@ def _plugin_detail(name: str, fmt: Format) -> None:
 
     console = Console()
     for item in found:
-        kind = "attack" if item["group"] == "pagctl.attacks" else "target-gradient source"
+        kind = {"pagctl.attacks": "attack", "pagctl.models": "model provider"}.get(
+            item["group"], "target-gradient source")
         console.print(f"[bold]{name}[/bold]: {kind} ({item['provided_by']}), group "
                       f"{item['group']}", soft_wrap=True)
         if item["doc"]:
             console.print(item["doc"], soft_wrap=True, markup=False)
-        table = Table(title="parameters (--param KEY=VALUE, or the spec's params)")
+        title = "keyword arguments (the spec's model.kwargs)" if item["group"] == \
+            "pagctl.models" else "parameters (--param KEY=VALUE, or the spec's params)"
+        table = Table(title=title)
         for col in ("name", "type", "default", "description"):
             table.add_column(col)
         props = item["params"].get("properties", {})
@@ -102,3 +107,21 @@ def _schema_type(prop: dict[str, Any]) -> str:
         return " | ".join(_schema_type(p) for p in prop["anyOf"])
     kind = prop.get("type", "any")
     return str(kind)
+
+
+def _signature_schema(factory: Any) -> dict[str, Any]:
+    """A JSON-schema-like view of a model provider's keyword arguments (its signature)."""
+    import inspect
+
+    props: dict[str, Any] = {}
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return {"properties": props}
+    for pname, param in signature.parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        default = param.default
+        props[pname] = {"default": default if isinstance(default, (int, float, str, bool,
+                                                                   type(None))) else repr(default)}
+    return {"properties": props}
