@@ -11,6 +11,7 @@ models (`parse_record`). Kinds:
 | ``align`` (`AlignRecord`) | ``pagctl align-score`` | alignment score |
 | ``score_train`` (`ScoreTrainRecord`) | ``pagctl train-score`` | ``train.log_every`` steps |
 | ``score_done`` (`ScoreDoneRecord`) | ``pagctl train-score`` | finished score run |
+| ``import`` (`ImportRecord`) | ``pagctl import`` | model brought in from elsewhere |
 
 Reading is strict about types (a string is not a number, ``true`` is not a count, no NaN)
 and lenient about presence: the fields a reader cannot do without are required, the others
@@ -31,7 +32,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-__all__ = ["AlignRecord", "AttackRecord", "KINDS", "PerExample", "Record", "Reliability",
+__all__ = ["AlignRecord", "AttackRecord", "ImportRecord", "KINDS", "PerExample", "Record",
+           "Reliability",
            "ScoreDoneRecord", "ScoreTrainRecord", "StageRecord", "Subset", "TrainEpochRecord",
            "non_finite", "parse_record", "split_lines"]
 
@@ -215,10 +217,33 @@ class ScoreDoneRecord(_Model):
     sample_seconds: Seconds | None = None
 
 
-Record = TrainEpochRecord | AttackRecord | AlignRecord | ScoreTrainRecord | ScoreDoneRecord
+class ImportRecord(_Model):
+    """A model pagctl did not train, brought into the run folder by ``pagctl import``: where
+    its weights came from (``checkpoint`` and its SHA-256, None when the architecture's
+    factory made them), how they were read (``format``: safetensors or pickle, ``container``:
+    the key of a checkpoint dict that held them, ``stripped_prefix``), the normalisation put
+    in front of it (``mean``, ``std``, and where they came from), and a first check on the
+    first ``n_check`` test points (``check_accuracy``)."""
+
+    kind: Literal["import"] = "import"
+    arch: str
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    format: str | None = None
+    container: str | None = None
+    stripped_prefix: str | None = None
+    normalisation: str | None = None
+    mean: list[Number] | None = None
+    std: list[Number] | None = None
+    n_check: Count | None = None
+    check_accuracy: Prob | None = None
+
+
+Record = (TrainEpochRecord | AttackRecord | AlignRecord | ScoreTrainRecord | ScoreDoneRecord
+          | ImportRecord)
 KINDS: dict[str, type[_Model]] = {
     "train_epoch": TrainEpochRecord, "attack": AttackRecord, "align": AlignRecord,
-    "score_train": ScoreTrainRecord, "score_done": ScoreDoneRecord}
+    "score_train": ScoreTrainRecord, "score_done": ScoreDoneRecord, "import": ImportRecord}
 
 
 def _expectation(annotation: Any) -> str | None:

@@ -378,7 +378,9 @@ def read_spec_mapping(source: str, *, names: list[str], folder: Any, kind: str =
     return data, origin
 
 
-def _read_mapping(source: str) -> tuple[dict[str, Any], str]:
+def read_run_spec_mapping(source: str) -> tuple[dict[str, Any], str]:
+    """A run spec file or built-in name as a mapping, not yet validated (with where it came
+    from)."""
     return read_spec_mapping(source, names=builtin_spec_names(),
                              folder=resources.files("pagctl") / "specs")
 
@@ -448,7 +450,7 @@ def load_spec(source: str | Path, overrides: list[str] | tuple[str, ...] = (),
               values: dict[str, Any] | None = None) -> RunSpec:
     """Read a spec file (or built-in name), apply ``a.b=c`` overrides (values parsed as
     YAML), then the typed ``values`` (dotted key: value, set as they are), validate once."""
-    data, _ = _read_mapping(str(source))
+    data, _ = read_run_spec_mapping(str(source))
     for item in overrides:
         apply_override(data, item)
     for key, value in (values or {}).items():

@@ -19,7 +19,7 @@ LAYERS: list[list[str]] = [  # lowest first; a room may import from its own laye
     ["banks", "score"],
     ["attacks", "target_gradients", "testing"],
     ["align", "robustness", "objectives"],
-    ["train", "compare"],
+    ["train", "compare", "importing"],
     ["cli", "toy_experiment", "_docgen", "__main__"],
 ]
 LEVEL = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
@@ -97,5 +97,7 @@ def test_no_private_names_or_reexports_across_modules(path: Path) -> None:
 
 
 def test_the_top_level_stays_small() -> None:
+    """A new top-level room is a new concept (the last: `importing`, a foreign model made a
+    run folder); a family of concepts belongs in a package instead."""
     modules = sorted(p.name for p in PACKAGE.glob("*.py"))
-    assert len(modules) <= 22, modules
+    assert len(modules) <= 23, modules

@@ -23,7 +23,7 @@ except ImportError:  # older typer runs on click itself
     from click.exceptions import ClickException, UsageError  # type: ignore[assignment]
 
 from pagctl import __version__
-from pagctl.cli import align_score, attack, bank, compare, plugins, train
+from pagctl.cli import align_score, attack, bank, compare, importing, plugins, train
 from pagctl.errors import PagctlError
 
 app = typer.Typer(
@@ -63,6 +63,7 @@ app.command()(attack.attack)
 app.command()(bank.bank)
 app.command("align-score")(align_score.align_score)
 app.command()(compare.compare)
+app.command("import")(importing.import_model)
 app.command()(plugins.plugins)
 
 

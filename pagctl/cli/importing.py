@@ -1,0 +1,116 @@
+"""``pagctl import``: a model pagctl did not train, written as a run folder that every other
+command reads."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pagctl.cli.common import (
+    DataDirOpt,
+    DeviceOpt,
+    Format,
+    OverwriteOpt,
+    RunOutOpt,
+    SetOpt,
+    cell_text,
+    print_json,
+    print_table,
+)
+from pagctl.errors import SpecError
+
+
+def _floats(option: str, text: str | None) -> list[float] | None:
+    """``0.5,0.5,0.5`` as floats; SpecError naming ``option`` otherwise."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SpecError(f"{option}: '{text}' is not a comma-separated list of numbers, e.g. "
+                        "0.4914,0.4822,0.4465") from None
+
+
+def import_model(
+    spec: Annotated[str | None, typer.Argument(
+        help="Optional spec (file or built-in name) whose model and data describe the "
+        "model; --model and --dataset replace them.")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Architecture: a timm name, a model provider (pagctl plugins), "
+        "or package.module:factory returning an nn.Module that takes [0, 1] pixels.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        "--checkpoint", "-c", help="Weights: safetensors, or a pickle (.pt/.pth) with "
+        "--trust-pickle. Without it, the factory's own weights.")] = None,
+    trust_pickle: Annotated[bool, typer.Option(
+        "--trust-pickle", help="Allow a pickle checkpoint (unpickling can run code; read "
+        "with torch.load(weights_only=True)).")] = False,
+    dataset: Annotated[str | None, typer.Option(
+        "--dataset", help="Dataset to evaluate on (sets data.dataset), e.g. cifar10, "
+        "digits, imagefolder.")] = None,
+    mean: Annotated[str | None, typer.Option(
+        "--mean", help="Per-channel normalisation mean in front of the network, e.g. "
+        "0.4914,0.4822,0.4465. Default: none for package.module:factory, timm's pretrained "
+        "config for a timm name, else the dataset's.")] = None,
+    std: Annotated[str | None, typer.Option(
+        "--std", help="Per-channel normalisation std (with --mean).")] = None,
+    set_: SetOpt = [],  # noqa: B006 - typer needs a literal default
+    data_dir: DataDirOpt = None,
+    out: RunOutOpt = None,
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "auto",
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
+) -> None:
+    """Bring in a model pagctl did not train: write a run folder (spec, weights, config,
+    an import record) that attack, align-score and compare read like a trained run's."""
+    from pagctl import spec as specmod
+    from pagctl.importing import import_model as run_import
+
+    if spec is None and (model is None or dataset is None):
+        raise SpecError("import: give --model and --dataset (or a spec whose model and data "
+                        "describe the model); see 'pagctl import --help'")
+    if (mean is None) != (std is None):
+        raise SpecError(f"{'--std' if mean is not None else '--mean'}: give --mean and --std "
+                        "together")
+    if spec is not None:
+        data, _ = specmod.read_run_spec_mapping(spec)
+    else:
+        data = {"version": 1, "model": {}, "data": {}}
+    values: dict[str, Any] = {}
+    if model is not None:
+        values["model.arch"] = model
+        data.setdefault("model", {}).pop("kwargs", None)  # the spec's kwargs were for its arch
+    if dataset is not None:
+        values["data.dataset"] = dataset
+    for option, key, text in (("--mean", "model.mean", mean), ("--std", "model.std", std)):
+        parsed = _floats(option, text)
+        if parsed is not None:
+            values[key] = parsed
+    if data_dir is not None:
+        values["data.root"] = data_dir
+    if out is not None:
+        values["out_dir"] = out
+    arch = model or str(data.get("model", {}).get("arch", "model"))
+    name = out.name if out is not None else re.sub(r"[^A-Za-z0-9_.-]+", "-", arch).strip("-.")
+    data["name"] = name or "imported"
+    data["description"] = f"imported: {arch}" + (f" from {checkpoint.name}" if checkpoint
+                                                  else "")
+    for item in set_:
+        specmod.apply_override(data, item)
+    for key, value in values.items():
+        specmod.set_value(data, key, value)
+    run_spec = specmod.validate_spec(data)
+    result = run_import(run_spec, checkpoint, trust_pickle=trust_pickle, overwrite=overwrite,
+                        device=device)
+    summary = {"run_dir": str(result.run_dir), **result.record}
+    if fmt is Format.json:
+        print_json(summary)
+        return
+    rows = [(k, cell_text(summary[k])) for k in (
+        "run_dir", "arch", "checkpoint", "checkpoint_sha256", "format", "container",
+        "stripped_prefix", "normalisation", "mean", "std", "n_check", "check_accuracy")
+        if summary.get(k) is not None]
+    print_table(f"imported {arch}", rows)
+    typer.echo(f"next: pagctl attack {result.run_dir} --attack autoattack", err=True)
