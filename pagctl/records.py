@@ -32,10 +32,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-__all__ = ["AlignRecord", "AttackRecord", "ImportRecord", "KINDS", "PerExample", "Record",
-           "Reliability",
-           "ScoreDoneRecord", "ScoreTrainRecord", "StageRecord", "Subset", "TrainEpochRecord",
-           "non_finite", "parse_record", "split_lines"]
+__all__ = ["AlignRecord", "AttackRecord", "ClassCounts", "ImportRecord", "KINDS",
+           "PerExample", "Record", "Reliability", "ScoreDoneRecord", "ScoreTrainRecord",
+           "StageRecord", "Subset", "TrainEpochRecord", "non_finite", "parse_record",
+           "split_lines"]
 
 
 class _Expect:
@@ -94,6 +94,15 @@ class PerExample(_Model):
 
     clean: str | None = None
     robust: str | None = None
+
+
+class ClassCounts(_Model):
+    """One true class of an attacked subset: its points, and how many were correct clean and
+    under attack."""
+
+    n: Count
+    clean_correct: Count
+    robust_correct: Count
 
 
 class Reliability(_Model):
@@ -173,6 +182,7 @@ class AttackRecord(_Model):
     subset: Subset | None = None
     seed: Integer | None = None
     per_example: PerExample | None = None
+    per_class: dict[str, ClassCounts] | None = None
     reliability: Reliability | None = None
 
 

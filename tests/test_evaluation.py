@@ -478,3 +478,29 @@ def test_sweep_reports_monotone_curve_and_indices_are_validated(
     assert all(r.n == 80 and r.subset["first"] == 50 for r in reports)
     with pytest.raises(SpecError, match="index 300 is outside"):
         evaluate_attack(model, _bundle(x, y), "pgd_l2", params, indices=torch.tensor([1, 300]))
+
+
+def test_per_class_counts_and_per_example_rows_agree_with_the_report(
+    digits: tuple[nn.Module, Tensor, Tensor],
+) -> None:
+    """The per-class counts add up to the report's, each class counts its own points, and
+    the per-example rows carry the test-set index, the true label and the report's bits."""
+    model, x, y = digits
+    params = registry.attacks.validate_params("pgd_l2", {"steps": 10, "eps": 0.5}, "p")
+    reports, idx = evaluate_attack(model, _bundle(x, y), "pgd_l2", params,
+                                   indices=torch.arange(100, 200), probes=False)
+    report = reports[0]
+    per_class = report.per_class()
+    assert sum(c.n for c in per_class.values()) == report.n == 100
+    assert sum(c.clean_correct for c in per_class.values()) == report.clean_correct
+    assert sum(c.robust_correct for c in per_class.values()) == report.robust_correct
+    for label, counts in per_class.items():
+        assert counts.n == int((y[100:200] == int(label)).sum())
+        assert counts.robust_correct <= counts.clean_correct <= counts.n
+    rows = report.to_records()
+    assert [r["index"] for r in rows] == list(range(100, 200))
+    assert [r["label"] for r in rows] == y[100:200].tolist()
+    robust = unpack_bits(report.per_example["robust"], 100)
+    assert [r["robust_correct"] for r in rows] == robust.tolist()
+    record = report.to_record().to_json()
+    assert record["per_class"][str(int(y[100]))]["n"] == per_class[str(int(y[100]))].n

@@ -197,11 +197,33 @@ def _render_attack(name: str, run: Path, reports: list[Any], weights: str | None
         stages.add_row(st.name, str(st.attacked), str(st.broke), str(st.forwards),
                        str(st.backwards), f"{st.seconds:.1f}")
     console.print(stages)
+    per_class = last.per_class()
+    if per_class:
+        names = _class_names(run)
+        classes = Table(title="per true class" + (f" at eps = {last.eps:.4g}"
+                                                  if len(reports) > 1 else ""))
+        for col in ("class", "n", "clean", "robust"):
+            classes.add_column(col, justify="right")
+        for label, c in per_class.items():
+            name = names[int(label)] if int(label) < len(names) else label
+            classes.add_row(name, str(c.n), f"{c.clean_correct / c.n:.3f}",
+                            f"{c.robust_correct / c.n:.3f}")
+        console.print(classes)
     rel = first.reliability
     if rel is not None:
         console.print(f"reliable: {'true' if rel['reliable'] else 'false'}")
         for reason in rel["reasons"]:
             console.print(f"  - {reason}", soft_wrap=True)
+
+
+def _class_names(run: Path) -> list[str]:
+    """The run's class names from config.json (label_names), or none."""
+    try:
+        cfg = json.loads((run / "config.json").read_text(encoding="utf-8"))
+        names = cfg.get("pretrained_cfg", {}).get("label_names") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(n) for n in names]
 
 
 def _parse_sweep(text: str, params: Any) -> list[float]:

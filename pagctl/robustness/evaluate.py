@@ -46,7 +46,7 @@ def evaluate_attack(
 
     from pagctl import registry
     from pagctl.build import build_context
-    from pagctl.data import get_batch, select_test_indices
+    from pagctl.data import get_batch, labels_of, select_test_indices
     from pagctl.robustness.engine import PerBatch, run_attack
     from pagctl.robustness.reliability import (
         attack_probes,
@@ -95,7 +95,9 @@ def evaluate_attack(
     if verdict is not None and len(out) > 1:
         sweep_check([float(r.eps or 0.0) for r in out], [r.robust_accuracy for r in out],
                     out[0].n, verdict)
+    labels = torch.as_tensor(labels_of(bundle.test)[indices.numpy()])
     for report in out:
+        report.indices, report.labels = indices.clone(), labels
         if verdict is not None:
             report.reliability = verdict.to_record()
     return out, indices

@@ -5,7 +5,9 @@ stage.
 metrics.jsonl (`pagctl.records.AttackRecord`). Accuracies carry Wilson 95% intervals; which
 points were correct is kept both as boolean tensors (``clean_mask``, ``robust_mask``, for
 the caller) and as hex bit strings (``per_example``, for the record); the subset is named
-by a digest of its indices (`pagctl.stats`).
+by a digest of its indices (`pagctl.stats`). When the caller attaches the points' test-set
+``indices`` and ``labels`` (`pagctl.robustness.evaluate` does), the report also gives the
+counts per true class (`per_class`, in the record) and one row per point (`to_records`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pagctl.records import AttackRecord, PerExample, Reliability, StageRecord, Subset
+from pagctl.records import (
+    AttackRecord,
+    ClassCounts,
+    PerExample,
+    Reliability,
+    StageRecord,
+    Subset,
+)
 from pagctl.stats import pack_bits, subset_record, wilson_interval
 
 if TYPE_CHECKING:
@@ -60,6 +69,35 @@ class AttackReport:
     reliability: dict[str, Any] | None = None
     images: Tensor | None = field(default=None, repr=False)
     """Adversarial versions of the first ``keep_images`` points (not part of the record)."""
+    indices: Tensor | None = field(default=None, repr=False)
+    """The points' positions in the test set, (n,) int64, when the caller attached them."""
+    labels: Tensor | None = field(default=None, repr=False)
+    """The points' true classes, (n,) int64, when the caller attached them."""
+
+    def per_class(self) -> dict[str, ClassCounts]:
+        """Points, clean-correct and robust-correct counts per true class (by class index,
+        as a string key), in class order; empty without ``labels``."""
+        if self.labels is None:
+            return {}
+        out: dict[str, ClassCounts] = {}
+        for label in sorted(set(self.labels.tolist())):
+            mine = self.labels == label
+            out[str(label)] = ClassCounts(
+                n=int(mine.sum()), clean_correct=int((self.clean_mask & mine).sum()),
+                robust_correct=int((self.robust_mask & mine).sum()))
+        return out
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One row per attacked point, for a table or ``pandas.DataFrame(report.to_records())``:
+        its position (``index`` in the test set when attached, else in the subset), ``label``
+        (None when not attached), and whether it was correct clean and under attack."""
+        positions = self.indices.tolist() if self.indices is not None else list(range(self.n))
+        labels = self.labels.tolist() if self.labels is not None else [None] * self.n
+        return [{"index": int(i), "label": lab, "clean_correct": bool(c),
+                 "robust_correct": bool(r), "attack": self.attack, "eps": self.eps,
+                 "norm": self.norm}
+                for i, lab, c, r in zip(positions, labels, self.clean_mask.tolist(),
+                                        self.robust_mask.tolist(), strict=True)]
 
     @classmethod
     def from_state(cls, state: AttackState, name: str, params: BaseModel, norm: str | None,
@@ -104,4 +142,7 @@ class AttackReport:
             else None)
         if params_given is not None:
             record.params_given = params_given
+        per_class = self.per_class()
+        if per_class:
+            record.per_class = per_class
         return record
