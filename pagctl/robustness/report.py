@@ -74,6 +74,13 @@ class AttackReport:
     labels: Tensor | None = field(default=None, repr=False)
     """The points' true classes, (n,) int64, when the caller attached them."""
 
+    @property
+    def reliable(self) -> bool | None:
+        """The probes' verdict: True when no probe fired, None when they did not run."""
+        if self.reliability is None:
+            return None
+        return bool(self.reliability.get("reliable"))
+
     def per_class(self) -> dict[str, ClassCounts]:
         """Points, clean-correct and robust-correct counts per true class (by class index,
         as a string key), in class order; empty without ``labels``."""

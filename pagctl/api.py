@@ -1,0 +1,271 @@
+"""pagctl's Python API: what the commands do, for notebooks and scripts.
+
+Every function here is what a command runs, called with Python values instead of options;
+errors are the commands' (`pagctl.errors.PagctlError` subclasses, one line each). A model is
+a run folder (a path), a loaded run (`load`), or any ``nn.Module`` that maps [0, 1] pixels
+to logits (`wrap` puts a normalisation in front of one that expects normalised inputs).
+Data is the run's test set (the default for a run), a `pagctl.data.DataBundle`
+(`dataset`), or images and labels as tensors (`tensors`).
+
+    import pagctl.api as pg
+
+    run = pg.load("runs/digits-pag-nn")
+    report = pg.attack(run, attack="autoattack", norm="L2", eps=0.5)
+    report.robust_accuracy, report.robust_interval, report.reliable
+    rows = report.to_records()              # one dict per point: pandas.DataFrame(rows)
+    report.per_class()                      # counts per true class
+    pg.align_score(run, source="nearest_neighbor").mean
+    pg.compare(["runs/digits-vanilla", "runs/digits-pag-nn"]).rows
+
+    my_model = ...                          # any nn.Module taking [0, 1] pixels
+    x, y = ...                              # (N, C, H, W) float in [0, 1], (N,) int64
+    pg.attack(my_model, (x, y), "pgd_linf", eps=8 / 255).robust_accuracy
+
+Results are not written anywhere: `attack` and `align_score` return reports, whose
+``to_record()`` is the line the commands append to a run's metrics.jsonl (`record` does
+that append for a run folder's attack reports).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pagctl.errors import SpecError
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from pagctl.align import AlignReport
+    from pagctl.checkpoint import LoadedRun
+    from pagctl.compare.model import Comparison
+    from pagctl.data import DataBundle
+    from pagctl.importing import ImportResult
+    from pagctl.models import NormalizedModel
+    from pagctl.robustness.report import AttackReport
+    from pagctl.train import TrainResult
+
+__all__ = ["align_score", "attack", "compare", "dataset", "import_model", "load", "record",
+           "tensors", "train", "wrap"]
+
+def load(run: str | Path, *, weights: str = "last", device: str = "cpu") -> LoadedRun:
+    """A run folder's model (eval mode, on ``device``), spec and config; ``weights``: last
+    (model.safetensors) or best (model-best.safetensors)."""
+    from pagctl.build import resolve_device
+    from pagctl.checkpoint import load_run
+
+    return load_run(Path(run), resolve_device(device), weights=weights)
+
+
+def wrap(module: nn.Module, *, mean: Sequence[float] | None = None,
+         std: Sequence[float] | None = None) -> NormalizedModel:
+    """``module`` behind a per-channel normalisation ``(x - mean) / std`` (both or neither;
+    neither: the identity, for a module that takes [0, 1] pixels)."""
+    from pagctl.models import NormalizedModel
+
+    if (mean is None) != (std is None):
+        raise SpecError("wrap: give mean and std together, or neither")
+    if mean is None or std is None:
+        return NormalizedModel(module, [0.0], [1.0])
+    return NormalizedModel(module, list(mean), list(std))
+
+
+def dataset(name: str = "digits", *, root: str | Path | None = None,
+            **fields: Any) -> DataBundle:
+    """A dataset as `pagctl.data.load_data` loads it for a spec's ``data`` section
+    (``name`` is ``data.dataset``; ``fields`` are other ``data`` fields, e.g.
+    ``split_seed``)."""
+    from pagctl.data import load_data
+    from pagctl.spec import DataSpec
+
+    return load_data(DataSpec(dataset=name, root=root, **fields))  # type: ignore[arg-type]
+
+
+def tensors(images: Tensor, labels: Tensor, *, num_classes: int | None = None,
+            name: str = "tensors") -> DataBundle:
+    """Images (N, C, H, W) float32 in [0, 1] (or uint8) and labels (N,) as an evaluation set:
+    the test split is these points, the training split is empty (attacks need none; a
+    target-gradient source that needs training images refuses it). ``num_classes``
+    defaults to the largest label + 1."""
+    import torch
+
+    from pagctl.data import DataBundle, TensorImageDataset
+
+    try:
+        test = TensorImageDataset(images, labels)
+    except ValueError as exc:
+        raise SpecError(f"tensors: {exc}") from None
+    if images.dtype == torch.float32 and images.numel() and (
+            float(images.min()) < 0 or float(images.max()) > 1):
+        raise SpecError("tensors: images must be pixels in [0, 1]; normalisation belongs "
+                        "inside the model (see wrap)")
+    classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise SpecError(f"tensors: labels must lie in 0..{classes - 1}")
+    c = int(images.shape[1])
+    empty = TensorImageDataset(images[:0], labels[:0])
+    return DataBundle(train=empty, test=test, num_classes=classes,
+                      input_shape=test.input_shape, mean=(0.0,) * c, std=(1.0,) * c,
+                      name=name, class_names=tuple(str(i) for i in range(classes)))
+
+
+def _model_and_data(model: Any, data: Any, device: str,
+                    weights: str) -> tuple[Any, DataBundle, Any]:
+    """(the module, the data, the device) for a model given as a path, a loaded run or a
+    module, and data given as None (the run's test set), a bundle or (x, y)."""
+    from pagctl.build import resolve_device
+    from pagctl.checkpoint import LoadedRun
+    from pagctl.data import DataBundle, load_data
+
+    dev = resolve_device(device)
+    if isinstance(model, (str, Path)):
+        model = load(model, weights=weights, device=str(dev))
+    if isinstance(model, LoadedRun):
+        bundle = load_data(model.spec.data) if data is None else None
+        module = model.model
+    else:
+        bundle, module = None, model
+    if data is None and bundle is None:
+        raise SpecError("data: a module has no test set of its own; pass a dataset "
+                        "(pagctl.api.dataset) or images and labels (pagctl.api.tensors)")
+    if bundle is None:
+        if isinstance(data, DataBundle):
+            bundle = data
+        elif isinstance(data, tuple) and len(data) == 2:
+            bundle = tensors(*data)
+        else:
+            raise SpecError(f"data: expected a DataBundle or (images, labels), got "
+                            f"{type(data).__name__}")
+    return module.to(dev), bundle, dev
+
+
+def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
+           eps: float | str | None = None, norm: str | None = None,
+           params: dict[str, Any] | None = None, eps_sweep: Sequence[float] | None = None,
+           indices: Sequence[int] | Tensor | None = None, limit: int | None = None,
+           seed: int = 0, batch_size: int = 256, device: str = "cpu",
+           probes: bool = True, probe_size: int = 100, weights: str = "last",
+           progress: bool = False) -> AttackReport | list[AttackReport]:
+    """Attack ``model`` on ``data`` as ``pagctl attack`` does: clean and robust accuracy with
+    95% intervals, what each stage broke and cost, per-example and per-class results, and
+    the reliability verdict of the gradient-masking probes (``report.reliable``).
+
+    ``attack`` is a registered attack (``pagctl plugins``); ``eps`` (a number or "8/255"),
+    ``norm`` ("linf", "l2", any case) and ``params`` are its parameters. With ``eps_sweep``
+    the result is one report per budget, else one report. ``weights`` chooses a run's
+    weights when ``model`` is a path."""
+    import torch
+
+    from pagctl import registry
+    from pagctl.robustness.evaluate import evaluate_attack
+
+    given = dict(params or {})
+    for key, value in (("eps", eps), ("norm", norm)):
+        if value is not None:
+            given[key] = value
+    validated = registry.attacks.validate_params(attack, given, "params")
+    module, bundle, dev = _model_and_data(model, data, device, weights)
+    chosen = None if indices is None else torch.as_tensor(list(indices) if not isinstance(
+        indices, torch.Tensor) else indices, dtype=torch.int64)
+    budgets = None if eps_sweep is None else [float(e) for e in eps_sweep]
+    reports, _ = evaluate_attack(module, bundle, attack, validated, budgets, indices=chosen,
+                                 limit=limit, batch_size=batch_size, seed=seed, device=dev,
+                                 probes=probes, probe_size=probe_size, progress=progress)
+    return reports if budgets is not None else reports[0]
+
+
+def align_score(model: Any, data: Any = None, source: str = "nearest_neighbor", *,
+                params: dict[str, Any] | None = None, classes_per_image: int | None = None,
+                indices: Sequence[int] | Tensor | None = None, limit: int | None = None,
+                seed: int = 0, batch_size: int = 256, device: str = "cpu",
+                weights: str = "last") -> AlignReport:
+    """How well ``model``'s input gradients align with a target-gradient ``source``, as
+    ``pagctl align-score`` measures it: mean cosine with a 95% interval, per true class and
+    per target. Sources that need training images need a dataset that has them.
+    ``classes_per_image`` defaults to the run's K, or all classes for a module."""
+    import torch
+
+    from pagctl import registry
+    from pagctl.align import alignment_report
+    from pagctl.build import build_context, default_cache_dir
+    from pagctl.checkpoint import LoadedRun
+    from pagctl.data import select_test_indices
+
+    validated = registry.target_gradients.validate_params(source, dict(params or {}),
+                                                          "params")
+    run = load(model, weights=weights, device=device) if isinstance(model, (str, Path)) \
+        else model
+    module, bundle, dev = _model_and_data(run, data, device, weights)
+    if classes_per_image is None:
+        k = run.spec.train.classes_per_image if isinstance(run, LoadedRun) else \
+            bundle.num_classes
+    else:
+        k = classes_per_image
+    k = min(k, bundle.num_classes)
+    chosen = None if indices is None else torch.as_tensor(list(indices) if not isinstance(
+        indices, torch.Tensor) else indices, dtype=torch.int64)
+    picked = select_test_indices(len(bundle.test), chosen, limit)  # type: ignore[arg-type]
+    ctx = build_context(bundle, dev, seed, default_cache_dir())
+    built = registry.target_gradients.instantiate(source, validated, ctx, "source")
+    return alignment_report(module, bundle.test, picked, built,
+                            num_classes=bundle.num_classes, classes_per_image=k,
+                            batch_size=batch_size, device=dev, seed=seed)
+
+
+def record(run: str | Path, reports: AttackReport | list[AttackReport], *,
+           params_given: dict[str, Any] | None = None, weights: str = "last") -> None:
+    """Append attack ``reports`` to the run folder's metrics.jsonl, as ``pagctl attack``
+    does, so that ``compare`` shows them (``weights``: which of the run's weights they
+    measured; ``params_given``: the parameters as typed, e.g. eps "8/255")."""
+    from pagctl.checkpoint import append_record
+
+    for report in reports if isinstance(reports, list) else [reports]:
+        rec = report.to_record(params_given=params_given)
+        rec.weights = weights
+        append_record(Path(run), rec)
+
+
+def compare(runs: Sequence[str | Path], *, strict: bool = False,
+            weights: str = "last") -> Comparison:
+    """Runs side by side as ``pagctl compare`` puts them (reads spec.json and metrics.jsonl,
+    never weights); ``render(comparison, "markdown")`` of `pagctl.compare.rendering` prints
+    it. Mismatched columns are marked; ``strict`` refuses them."""
+    from pagctl.compare.build import compare_runs
+
+    return compare_runs([Path(r) for r in runs], strict=strict, weights=weights)
+
+
+def train(spec: str | Path, *, overrides: Sequence[str] = (), device: str = "auto",
+          resume: bool = False, overwrite: bool = False, progress: bool = False) -> TrainResult:
+    """Train a spec (a file or a built-in name, with ``KEY=VALUE`` overrides as ``--set``
+    takes them) into its run folder, as ``pagctl train`` does."""
+    from pagctl.spec import load_spec
+    from pagctl.train import train as run_train
+
+    return run_train(load_spec(spec, list(overrides)), device=device, resume=resume,
+                     overwrite=overwrite, progress=progress)
+
+
+def import_model(out: str | Path, model: str, dataset: str, *,
+                 checkpoint: str | Path | None = None, trust_pickle: bool = False,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 kwargs: dict[str, Any] | None = None, root: str | Path | None = None,
+                 overwrite: bool = False, device: str = "cpu") -> ImportResult:
+    """Write the run folder ``out`` for a model pagctl did not train, as ``pagctl import``
+    does (docs: own-models.md): ``model`` a timm name, a model provider or
+    ``package.module:factory``; ``dataset`` the data it is evaluated on."""
+    from pagctl.importing import import_model as run_import
+    from pagctl.spec import validate_spec
+
+    data: dict[str, Any] = {
+        "version": 1, "name": Path(out).name, "description": f"imported: {model}",
+        "model": {"arch": model, "kwargs": dict(kwargs or {})},
+        "data": {"dataset": dataset, "root": None if root is None else Path(root)},
+        "out_dir": Path(out)}
+    if mean is not None:
+        data["model"]["mean"] = list(mean)
+    if std is not None:
+        data["model"]["std"] = list(std)
+    return run_import(validate_spec(data), None if checkpoint is None else Path(checkpoint),
+                      trust_pickle=trust_pickle, overwrite=overwrite, device=device)
