@@ -41,7 +41,8 @@ class _Linear(nn.Module):
         self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        out: torch.Tensor = self.body(x)
+        return out
 
 
 def test_api_attack_on_a_module_equals_the_command_on_its_import(
