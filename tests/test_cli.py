@@ -654,6 +654,48 @@ def test_attack_no_record_and_strict(run: RunCLI, trained_run: Path, tmp_path: P
     assert code == 2 and "--strict" in err and "--no-probes" in err
 
 
+def test_attack_exports(run: RunCLI, trained_run: Path, tmp_path: Path) -> None:
+    """--export writes per-example and per-class CSVs and a RobustBench-style JSON that agree
+    with the record; --save-adversarial writes points whose broken ones really are
+    misclassified, inside the budget."""
+    import csv
+
+    import torch
+    from safetensors.torch import load_file
+
+    from pagctl.checkpoint import load_run
+    from pagctl.stats import unpack_bits
+
+    run_dir = _copy_run(trained_run, tmp_path / "run")
+    code, out, err = run("attack", run_dir, "--attack", "pgd_linf", "--param", "eps=8/255",
+                         "--param", "steps=5", "--limit", "40", "--no-probes", "--format",
+                         "json", "--export", tmp_path / "ex", "--save-adversarial",
+                         tmp_path / "adv.safetensors")
+    assert code == 0, err
+    rec = json.loads(out)
+    stem = tmp_path / "ex" / f"pgd_linf-linf-eps{8 / 255:.6g}"
+    rows = list(csv.DictReader((stem.parent / (stem.name + ".per-example.csv")).open()))
+    robust = unpack_bits(rec["per_example"]["robust"], 40).tolist()
+    assert [int(r["robust_correct"]) for r in rows] == [int(b) for b in robust]
+    assert [int(r["index"]) for r in rows] == list(range(40))
+    classes = list(csv.DictReader((stem.parent / (stem.name + ".per-class.csv")).open()))
+    assert sum(int(c["robust_correct"]) for c in classes) == rec["robust_correct"]
+    entry = json.loads((stem.parent / (stem.name + ".robustbench.json")).read_text())
+    assert entry["eps"] == "8/255" and entry["threat_model"] == "Linf" and entry["n"] == 40
+    assert entry["robust_acc"] == f"{100 * rec['robust_accuracy']:.2f}"
+    saved = load_file(str(tmp_path / "adv.safetensors"))
+    assert saved["x_adv"].shape == saved["x"].shape == (40, 1, 8, 8)
+    assert float((saved["x_adv"] - saved["x"]).abs().max()) <= 8 / 255 + 1e-6
+    model = load_run(run_dir).model
+    with torch.no_grad():
+        wrong = model(saved["x_adv"]).argmax(1) != saved["y"]
+    broken = (saved["clean_correct"] == 1) & (saved["robust_correct"] == 0)
+    assert bool(wrong[broken].all()) and int(saved["robust_correct"].sum()) == rec[
+        "robust_correct"]
+    code, _, err = run("attack", run_dir, "--save-adversarial", tmp_path / "adv.pt")
+    assert code == 2 and "--save-adversarial" in err
+
+
 def test_align_score_no_record(run: RunCLI, trained_run: Path, tmp_path: Path) -> None:
     run_dir = _copy_run(trained_run, tmp_path / "run")
     before = (run_dir / "metrics.jsonl").read_bytes()

@@ -53,6 +53,13 @@ def attack(
         "--save-images", help="Write clean | adversarial | perturbation for the first 8 "
         "points to this PNG, and the first 4 images turned toward each class to "
         "<name>-classes.png.")] = None,
+    export: Annotated[Path | None, typer.Option(
+        "--export", help="Write per-example and per-class CSVs and a RobustBench-style "
+        "result JSON into this folder (one set per eps).")] = None,
+    save_adversarial: Annotated[Path | None, typer.Option(
+        "--save-adversarial", help="Write every attacked point's clean and adversarial "
+        "image, label, test-set index and results to this .safetensors file (-eps<i> "
+        "before the suffix with --eps-sweep).")] = None,
     state: Annotated[Path | None, typer.Option(
         "--state", help="Progress file: written after every batch, read to resume an "
         "interrupted run (one file per eps with --eps-sweep).")] = None,
@@ -89,6 +96,11 @@ def attack(
                         "--no-probes turns off; drop one of them")
     check_png("--plot", plot)
     check_png("--save-images", save_images)
+    if save_adversarial is not None and save_adversarial.suffix != ".safetensors":
+        raise SpecError("--save-adversarial: writes safetensors; give a file name ending in "
+                        ".safetensors")
+    if export is not None and export.exists() and not export.is_dir():
+        raise SpecError(f"--export: {export} is a file; give a folder")
     indices = read_indices(indices_file) if indices_file is not None else None
     with RunLock(run, exclusive=False, command="attack"):  # not while it is being trained
         loaded, bundle, dev = load_run_and_data(run, device, data_dir, weights)
@@ -97,7 +109,8 @@ def attack(
                 loaded.model, bundle, attack_name, params, budgets, indices=indices,
                 limit=limit, batch_size=batch_size, seed=seed, device=dev, state=state,
                 probes=probes, probe_size=probe_size, progress=progress,
-                keep_images=8 if save_images is not None else 0)
+                keep_images=len(bundle.test) if save_adversarial is not None  # type: ignore[arg-type]
+                else 8 if save_images is not None else 0)
         except KeyboardInterrupt:
             if state is None:
                 raise
@@ -115,12 +128,39 @@ def attack(
         _show(fmt, attack_name, run, reports, records, sweep=budgets is not None)
         _figures(plot, save_images, attack_name, run, loaded.model, bundle, reports, attacked,
                  dev)
+        _write_exports(export, save_adversarial, run, loaded, bundle, reports, given)
         if keep_record:
             record_results(run, records)
         else:
             typer.echo("not recorded (--no-record)", err=True)
     if strict:
         _exit_if_unreliable(reports)
+
+
+def _write_exports(export: Path | None, save_adversarial: Path | None, run: Path,
+                   loaded: Any, bundle: Any, reports: list[Any], given: dict[str, Any]) -> None:
+    """``--export`` (CSVs, RobustBench JSON) and ``--save-adversarial`` (safetensors)."""
+    if export is not None:
+        from pagctl.robustness.exports import write_exports
+
+        written = write_exports(export, reports, name=loaded.spec.name,
+                                dataset=loaded.spec.data.dataset,
+                                architecture=loaded.spec.model.arch,
+                                class_names=_class_names(run), eps_given=given.get("eps"))
+        typer.echo(f"wrote {len(written)} files to {export}", err=True)
+    if save_adversarial is not None:
+        from pagctl.checkpoint import atomic_save_tensors
+        from pagctl.data import get_batch
+        from pagctl.robustness.exports import adversarial_tensors
+
+        for i, report in enumerate(reports):
+            path = save_adversarial if len(reports) == 1 else save_adversarial.with_name(
+                f"{save_adversarial.stem}-eps{i}{save_adversarial.suffix}")
+            clean, _ = get_batch(bundle.test, report.indices)
+            atomic_save_tensors(adversarial_tensors(report, clean), path,
+                                {"attack": report.attack, "norm": str(report.norm),
+                                 "eps": str(report.eps), "run": str(run)})
+            typer.echo(f"wrote {path}", err=True)
 
 
 def _exit_if_unreliable(reports: list[Any]) -> None:
