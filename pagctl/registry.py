@@ -246,7 +246,8 @@ class Registry:
             result: BaseModel = factory.Params.model_validate(params)
         except ValidationError as exc:
             raise SpecError(format_validation_error(exc, prefix=f"{where}.params",
-                                                    schema=f"pagctl plugins {name}")) from None
+                                                    schema=f"pagctl plugins {name}",
+                                                    model=factory.Params)) from None
         return result
 
     def build(self, ref: PluginRef, ctx: BuildContext, where: str) -> Any:

@@ -9,6 +9,7 @@ against the plugin's own ``Params``. Errors carry full dotted paths.
 from __future__ import annotations
 
 import json
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -423,18 +424,49 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside a field annotation (Optional, unions, containers)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _close_key(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> str | None:
+    """A field name of the model at ``loc[:-1]`` close to the unknown key ``loc[-1]``."""
+    from difflib import get_close_matches
+
+    node = model
+    for part in loc[:-1]:
+        field = node.model_fields.get(str(part)) if node is not None else None
+        if field is None:
+            return None
+        node = _model_in(field.annotation)
+    if node is None or not loc:
+        return None
+    close = get_close_matches(str(loc[-1]), list(node.model_fields), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def format_validation_error(exc: ValidationError, prefix: str = "",
-                            schema: str = "pagctl train --schema") -> str:
+                            schema: str = "pagctl train --schema",
+                            model: type[BaseModel] | None = None) -> str:
     """One line per problem: ``dotted.path: message (got value)``, at most
     `MAX_ERROR_LINES` lines, each path and value shortened (a value may be huge). ``schema``
-    is the command that lists the valid keys, for the unknown-key hint."""
+    is the command that lists the valid keys, for the unknown-key hint; ``model`` (the
+    validated class) lets an unknown key suggest the closest valid one."""
     lines = []
     errors = exc.errors()
     for err in errors[:MAX_ERROR_LINES]:
         loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(err["loc"]))
         msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for ValueError
         if err["type"] == "extra_forbidden":
-            msg = f"unknown key; remove it or check the spelling ({schema})"
+            close = _close_key(model, tuple(err["loc"]))
+            hint = f"did you mean '{close}'? " if close else ""
+            msg = f"unknown key; {hint}remove it or check the spelling ({schema})"
         elif err["type"] == "missing":
             msg = "required field is missing; add it"
         got = err.get("input")
@@ -463,4 +495,4 @@ def validate_spec(data: dict[str, Any]) -> RunSpec:
     try:
         return RunSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(format_validation_error(exc)) from None
+        raise SpecError(format_validation_error(exc, model=RunSpec)) from None

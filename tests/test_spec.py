@@ -59,7 +59,9 @@ def test_spec_is_frozen_and_round_trips_through_json(tmp_path: Path) -> None:
 @pytest.mark.parametrize("override, fragment", [
     ("train.epochs=-1", "train.epochs"),
     ("train.epochs=many", "train.epochs"),
-    ("train.bogus=1", "train.bogus: unknown key"),
+    ("train.bogus=1", "train.bogus: unknown key; remove it"),
+    ("train.epoch=3", "train.epoch: unknown key; did you mean 'epochs'?"),
+    ("modle.arch=x", "modle: unknown key; did you mean 'model'?"),
     ("model.std=[0]", "model.std"),
     ("data.dataset=imagenet21k", "data.dataset"),
     ("train.schedule=linear", "train.schedule"),
@@ -69,6 +71,14 @@ def test_validation_errors_name_the_dotted_path(override: str, fragment: str) ->
     with pytest.raises(SpecError) as info:
         load_spec("digits-pag-nn", [override])
     assert fragment in str(info.value)
+
+
+def test_a_misspelt_plugin_param_gets_a_suggestion() -> None:
+    from pagctl import registry
+
+    with pytest.raises(SpecError, match=r"params\.stesp: unknown key; did you mean 'steps'\? "
+                       r"remove it or check the spelling \(pagctl plugins pgd_linf\)"):
+        registry.attacks.validate_params("pgd_linf", {"stesp": 3}, "eval.attack")
 
 
 def test_bad_override_syntax_and_unknown_builtin() -> None:

@@ -134,7 +134,8 @@ def plugin_params(group: str, name: str, given: dict[str, Any], option: str) -> 
     try:
         return factory.Params.model_validate(given)
     except ValidationError as exc:
-        lines = format_validation_error(exc, schema=f"pagctl plugins {name}").splitlines()
+        lines = format_validation_error(exc, schema=f"pagctl plugins {name}",
+                                        model=factory.Params).splitlines()
         raise SpecError("\n".join(f"--param {line}" for line in lines)) from None
 
 

@@ -160,7 +160,8 @@ def validate_score_spec(data: dict[str, Any]) -> ScoreSpec:
     try:
         return ScoreSpec.model_validate(data)
     except ValidationError as exc:
-        text = format_validation_error(exc, schema="pagctl train-score --schema")
+        text = format_validation_error(exc, schema="pagctl train-score --schema",
+                                       model=ScoreSpec)
         # the data.augment check is a model-level validator: its message names the field
         text = text.replace("spec: data.augment:", "data.augment:")
         raise SpecError(text) from None
