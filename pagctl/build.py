@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pagctl.errors import SpecError, UnknownPluginError
+from pagctl.errors import DataError, SpecError, UnknownPluginError
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +71,9 @@ def setup(spec: RunSpec, device: torch.device, *, build_plugins: bool = True,
     from pagctl.protocols import disables_pag
 
     bundle = load_data(spec.data)
+    if len(bundle.train) == 0:  # type: ignore[arg-type]
+        raise DataError(f"data.root: {spec.data.root} has no training images (an evaluation "
+                        "set: test/ without train/); training needs DIR/train/<class>/<image>")
     if spec.data.validation_size:
         bundle = split_validation(bundle, spec.data.validation_size, spec.data.split_seed)
     k = spec.train.classes_per_image

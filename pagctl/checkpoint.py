@@ -128,9 +128,9 @@ def spec_hash(spec: BaseModel) -> str:
 
 def accepted_spec_hashes(spec: BaseModel) -> set[str]:
     """The digests files written for ``spec`` may carry: `spec_hash`; the earlier form that
-    also covered ``out_dir``; and both as written before the fields of
-    `pagctl.spec.FIELDS_ADDED_LATER` existed (where they hold their defaults)."""
-    from pagctl.spec import without_later_fields
+    also covered ``out_dir``; and both as each earlier version wrote the spec, before the
+    fields of later `pagctl.spec.SPEC_GENERATIONS` existed (`pagctl.spec.earlier_forms`)."""
+    from pagctl.spec import earlier_forms
 
     def digest(data: Any) -> str:
         text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
@@ -138,10 +138,10 @@ def accepted_spec_hashes(spec: BaseModel) -> set[str]:
 
     legacy = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
     hashes = {spec_hash(spec), legacy}
-    earlier = without_later_fields(spec)
-    hashes.add(digest(earlier))
-    if "out_dir" in earlier:
-        hashes.add(digest({**earlier, "out_dir": None}))
+    for earlier in earlier_forms(spec):
+        hashes.add(digest(earlier))
+        if "out_dir" in earlier:
+            hashes.add(digest({**earlier, "out_dir": None}))
     return hashes
 
 

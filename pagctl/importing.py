@@ -25,7 +25,10 @@ The normalisation in front of the network (``model.mean``/``model.std``), when t
 leaves it null, is chosen by `import_normalisation`: none for ``package.module:factory``
 (such a factory returns a model that takes [0, 1] pixels, as RobustBench's do), timm's
 pretrained configuration for a timm name that has one with the data's channel count, and the
-dataset's default otherwise. The spec written to the folder holds the values chosen.
+dataset's default otherwise. An image folder without ``data.image_size`` gets timm's
+pretrained input size, crop share and interpolation for a timm name that has them
+(`timm_data_config`), so its images are resized and centre-cropped as that model expects.
+The spec written to the folder holds the values chosen.
 """
 
 from __future__ import annotations
@@ -164,6 +167,35 @@ def _fit(net: Any, weights: Weights, path: Path) -> None:
     net.load_state_dict(weights.tensors, strict=True)
 
 
+def _pretrained_cfg(arch: str) -> Any:
+    import timm
+
+    if not timm.is_model(arch.split(".", 1)[0]):
+        return None
+    return timm.models.get_pretrained_cfg(arch)
+
+
+def timm_data_config(spec: RunSpec) -> tuple[RunSpec, str | None]:
+    """``spec`` with an image folder's resize filled in from timm's pretrained configuration
+    of ``model.arch`` (input size, crop share, interpolation), and what was set, in words;
+    unchanged (None) for other data, a given ``data.image_size``, or no such config."""
+    data = spec.data
+    if data.dataset != "imagefolder" or data.image_size is not None:
+        return spec, None
+    cfg = _pretrained_cfg(spec.model.arch)
+    size = getattr(cfg, "input_size", None) if cfg is not None else None
+    if not size or len(size) != 3 or size[1] != size[2]:
+        return spec, None
+    crop = float(getattr(cfg, "crop_pct", None) or 1.0)
+    mode = str(getattr(cfg, "interpolation", "") or "bilinear")
+    mode = mode if mode in ("bilinear", "bicubic", "nearest") else "bilinear"
+    updated = data.model_copy(update={"image_size": int(size[1]), "crop_pct": crop,
+                                      "interpolation": mode})
+    return spec.model_copy(update={"data": updated}), (
+        f"{size[1]}x{size[2]}, crop {crop:g}, {mode} (timm's pretrained configuration of "
+        f"{spec.model.arch})")
+
+
 def import_normalisation(spec: RunSpec, bundle: DataBundle) -> tuple[RunSpec, str]:
     """``spec`` with ``model.mean``/``model.std`` filled in where null (see the module
     docstring), and where the values come from, in words."""
@@ -179,14 +211,11 @@ def import_normalisation(spec: RunSpec, bundle: DataBundle) -> tuple[RunSpec, st
     else:
         mean, std = bundle.mean, bundle.std
         origin = f"the dataset's default ({bundle.name})"
-        import timm
-
-        if timm.is_model(model.arch.split(".", 1)[0]):
-            cfg = timm.models.get_pretrained_cfg(model.arch)
-            found = (getattr(cfg, "mean", None), getattr(cfg, "std", None)) if cfg else (None, None)
-            if found[0] is not None and found[1] is not None and len(found[0]) == channels:
-                mean, std = tuple(found[0]), tuple(found[1])
-                origin = f"timm's pretrained configuration of {model.arch}"
+        cfg = _pretrained_cfg(model.arch)
+        found = (getattr(cfg, "mean", None), getattr(cfg, "std", None)) if cfg else (None, None)
+        if found[0] is not None and found[1] is not None and len(found[0]) == channels:
+            mean, std = tuple(found[0]), tuple(found[1])
+            origin = f"timm's pretrained configuration of {model.arch}"
     updated = model.model_copy(update={"mean": model.mean or tuple(mean),
                                        "std": model.std or tuple(std)})
     return spec.model_copy(update={"model": updated}), origin
@@ -206,6 +235,7 @@ def import_model(spec: RunSpec, checkpoint: Path | None, *, trust_pickle: bool =
     from pagctl.models import build_model, check_finite_outputs, timm_config
     from pagctl.records import ImportRecord
 
+    spec, resize = timm_data_config(spec)
     bundle = load_data(spec.data)
     spec, normalisation = import_normalisation(spec, bundle)
     folder = RunFolder(spec, command="import", resume=False, overwrite=overwrite)
@@ -241,7 +271,7 @@ def import_model(spec: RunSpec, checkpoint: Path | None, *, trust_pickle: bool =
             format=None if weights is None else weights.format,
             container=None if weights is None else weights.container,
             stripped_prefix=None if weights is None else weights.stripped_prefix,
-            normalisation=normalisation, mean=list(spec.model.mean or ()),
+            normalisation=normalisation, resize=resize, mean=list(spec.model.mean or ()),
             std=list(spec.model.std or ()), n_check=n, check_accuracy=accuracy)
         folder.start()
         save_model(spec.run_dir, model, config, spec)

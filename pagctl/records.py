@@ -232,8 +232,9 @@ class ImportRecord(_Model):
     its weights came from (``checkpoint`` and its SHA-256, None when the architecture's
     factory made them), how they were read (``format``: safetensors or pickle, ``container``:
     the key of a checkpoint dict that held them, ``stripped_prefix``), the normalisation put
-    in front of it (``mean``, ``std``, and where they came from), and a first check on the
-    first ``n_check`` test points (``check_accuracy``)."""
+    in front of it (``mean``, ``std``, and where they came from), the resize taken from
+    timm's configuration (``resize``, None when none was), and a first check on the first
+    ``n_check`` test points (``check_accuracy``)."""
 
     kind: Literal["import"] = "import"
     arch: str
@@ -243,6 +244,7 @@ class ImportRecord(_Model):
     container: str | None = None
     stripped_prefix: str | None = None
     normalisation: str | None = None
+    resize: str | None = None
     mean: list[Number] | None = None
     std: list[Number] | None = None
     n_check: Count | None = None

@@ -107,6 +107,21 @@ class DataSpec(_Frozen):
         "seeded by split_seed) for model selection under robust overfitting: the per-epoch "
         "monitor also evaluates them and the run keeps the best model by their robust "
         "accuracy (model-best.safetensors); 0 = none. Never the test set")
+    image_size: int | None = Field(
+        default=None, ge=1, description="imagefolder: resize and centre-crop every image to "
+        "image_size x image_size, as timm evaluates (shorter side to image_size / crop_pct, "
+        "then the centre crop); null = the images as they are, all of one size")
+    crop_pct: float = Field(default=1.0, gt=0, le=1, description="imagefolder with "
+                            "image_size: the centre crop's share of the resized image")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = Field(
+        default="bilinear", description="imagefolder with image_size: the resize filter")
+
+    @model_validator(mode="after")
+    def _image_size_is_for_image_folders(self) -> DataSpec:
+        if self.image_size is not None and self.dataset != "imagefolder":
+            raise ValueError(f"data.image_size: resizes image folders only; dataset "
+                             f"'{self.dataset}' has a fixed size, set it to null")
+        return self
 
 
 class TrainSpec(_Frozen):
@@ -214,29 +229,35 @@ class RunSpec(_Frozen):
         return self.out_dir if self.out_dir is not None else Path("runs") / self.name
 
 
-FIELDS_ADDED_LATER: dict[str, tuple[str, ...]] = {
-    "train": ("milestones", "lr_gamma", "objective", "beta", "inner_attack", "attack_mode",
-              "pag_on"),
-    "data": ("validation_size",),
-}
-"""`RunSpec` fields that run folders written before they existed do not carry (adversarial
-training). `pagctl.checkpoint` recognises those folders' spec digests by leaving these out
-where they hold their defaults."""
+SPEC_GENERATIONS: tuple[dict[str, tuple[str, ...]], ...] = (
+    {"train": ("milestones", "lr_gamma", "objective", "beta", "inner_attack", "attack_mode",
+               "pag_on"),
+     "data": ("validation_size",)},                                # adversarial training
+    {"data": ("image_size", "crop_pct", "interpolation")},         # resized image folders
+)
+"""The `RunSpec` fields added since run folders were first written, one mapping (section ->
+field names) per version that added some, oldest first. A folder written before a
+generation does not carry its fields; `pagctl.checkpoint` recognises its spec digest by
+leaving them out where they hold their defaults (`earlier_forms`)."""
 
 
-def without_later_fields(spec: BaseModel) -> dict[str, Any]:
-    """``spec`` dumped as JSON data without the `FIELDS_ADDED_LATER` that hold their
-    defaults: the spec as a run folder written before those fields existed recorded it."""
+def earlier_forms(spec: BaseModel) -> list[dict[str, Any]]:
+    """``spec`` as JSON data the way each earlier version recorded it: without the fields of
+    the last `SPEC_GENERATIONS` entry, then of the last two, and so on, each left out only
+    where it holds its default (a spec that sets a newer field has no earlier form)."""
     data = spec.model_dump(mode="json")
     if not isinstance(spec, RunSpec):
-        return data
-    for section, names in FIELDS_ADDED_LATER.items():
-        sub = getattr(spec, section)
-        fields = type(sub).model_fields
-        for name in names:
-            if getattr(sub, name) == fields[name].get_default(call_default_factory=True):
-                data[section].pop(name, None)
-    return data
+        return []
+    forms = []
+    for generation in reversed(SPEC_GENERATIONS):
+        for section, names in generation.items():
+            sub = getattr(spec, section)
+            fields = type(sub).model_fields
+            for name in names:
+                if getattr(sub, name) == fields[name].get_default(call_default_factory=True):
+                    data[section].pop(name, None)
+        forms.append(json.loads(json.dumps(data)))
+    return forms
 
 
 # ---------------------------------------------------------------------------------------

@@ -471,6 +471,55 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
         load_data(DataSpec(dataset="imagefolder", root=tmp_path))
 
 
+def _write_eval_folder(root: Path) -> None:
+    """test/ only, images of three sizes."""
+    rng = np.random.default_rng(1)
+    for cls, shapes in (("cat", [(20, 30), (31, 17)]), ("dog", [(16, 16), (40, 25)])):
+        for i, (h, w) in enumerate(shapes):
+            _png(root / "test" / cls / f"{i}.png", rng.integers(0, 256, (h, w, 3), np.uint8))
+
+
+def test_an_evaluation_folder_of_mixed_sizes_resizes_as_timm_evaluates(tmp_path: Path) -> None:
+    """test/ without train/: an empty training split; with data.image_size every image is
+    resized and centre-cropped exactly as timm's evaluation transform does it."""
+    timm_data = pytest.importorskip("timm.data")
+    _write_eval_folder(tmp_path)
+    spec = DataSpec(dataset="imagefolder", root=tmp_path, image_size=12, crop_pct=0.875,
+                    interpolation="bicubic")
+    bundle = load_data(spec)
+    assert _len(bundle.train) == 0 and _len(bundle.test) == 4
+    assert bundle.input_shape == (3, 12, 12) and bundle.class_names == ("cat", "dog")
+    reference = timm_data.create_transform(input_size=(3, 12, 12), is_training=False,
+                                           crop_pct=0.875, interpolation="bicubic",
+                                           mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    from PIL import Image
+
+    for i, (path, label) in enumerate(bundle.test.samples):  # type: ignore[attr-defined]
+        image, got_label = bundle.test[i]
+        with Image.open(path) as img:
+            expected = reference(img.convert("RGB"))
+        assert got_label == label and image.shape == (3, 12, 12)
+        torch.testing.assert_close(image, expected, atol=1e-6, rtol=0)
+    with pytest.raises(DataError, match="data.image_size"):  # mixed sizes need it
+        load_data(DataSpec(dataset="imagefolder", root=tmp_path))
+
+
+def test_image_size_is_for_image_folders_and_training_needs_a_train_folder(
+        tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from pagctl.build import setup
+    from pagctl.spec import load_spec
+
+    with pytest.raises(ValidationError, match="resizes image folders only"):
+        DataSpec(dataset="digits", image_size=8)
+    _write_eval_folder(tmp_path)
+    spec = load_spec("digits-vanilla", ["data.dataset=imagefolder", f"data.root={tmp_path}",
+                                        "data.image_size=8"])
+    with pytest.raises(DataError, match="no training images"):
+        setup(spec, torch.device("cpu"))
+
+
 def test_iter_batches_same_batches_with_and_without_workers(tmp_path: Path) -> None:
     from pagctl.data import iter_batches
 

@@ -226,3 +226,36 @@ def test_read_weights_refuses_a_file_without_a_state_dict(tmp_path: Path) -> Non
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "c.pt")
     with pytest.raises(CheckpointError, match="holds no state dict"):
         read_weights(tmp_path / "c.pt", trust_pickle=True)
+
+
+def test_a_timm_model_on_an_evaluation_folder_of_mixed_sizes(
+        pagctl: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image folder with only test/ and images of several sizes: the import takes the
+    resize and the normalisation from timm's pretrained configuration, and attack runs."""
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    for cls, shapes in (("cat", [(50, 70), (90, 40)]), ("dog", [(64, 64), (120, 80)])):
+        for i, (h, w) in enumerate(shapes):
+            path = tmp_path / "data" / "val" / cls / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(path)
+    torch.manual_seed(0)
+    net = timm.create_model("test_resnet", num_classes=2)
+    save_file(net.state_dict(), "r.safetensors")
+    got = pagctl("import", "--model", "test_resnet", "--dataset", "imagefolder", "--data-dir",
+                 "data", "--checkpoint", "r.safetensors", "--out", "runs/r", "--format", "json")
+    assert got.code == 0, got.stderr
+    record = json.loads(got.stdout)
+    assert record["resize"].startswith("160x160, crop 0.95, bilinear (timm's")
+    assert record["normalisation"].startswith("timm's pretrained") and record["mean"] == [
+        0.5, 0.5, 0.5]
+    spec = json.loads(Path("runs/r/spec.json").read_text())
+    assert (spec["data"]["image_size"], spec["data"]["crop_pct"]) == (160, 0.95)
+    attacked = pagctl("attack", "runs/r", "--attack", "fgsm", "--param", "eps=4/255",
+                      "--no-probes", "--no-progress", "--format", "json")
+    assert attacked.code == 0, attacked.stderr
+    assert json.loads(attacked.stdout)["n"] == 4

@@ -382,3 +382,18 @@ def test_run_folders_written_before_the_adversarial_training_fields_still_match(
     # a spec that sets a new field is not mistaken for an old one
     at = load_spec("digits-pgd-at", [])
     assert not {"297d890e8e3dcbac"} & accepted_spec_hashes(at)
+
+
+def test_run_folders_written_before_the_image_size_fields_still_match() -> None:
+    """Folders written by the adversarial-training version (which had validation_size but
+    not data.image_size & co.) keep their digests too: recorded by that version."""
+    from pagctl.checkpoint import accepted_spec_hashes, spec_hash
+    from pagctl.spec import load_spec
+
+    recorded = {"digits-vanilla": "584735e658c66a30", "digits-pgd-at": "2f5b947b096ea9ab"}
+    for name, digest in recorded.items():
+        spec = load_spec(name, [])
+        assert spec_hash(spec) != digest
+        assert digest in accepted_spec_hashes(spec), name
+        assert digest in accepted_spec_hashes(
+            spec.model_copy(update={"out_dir": Path(f"/nonexistent/{name}")})), name

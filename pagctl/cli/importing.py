@@ -110,7 +110,8 @@ def import_model(
         return
     rows = [(k, cell_text(summary[k])) for k in (
         "run_dir", "arch", "checkpoint", "checkpoint_sha256", "format", "container",
-        "stripped_prefix", "normalisation", "mean", "std", "n_check", "check_accuracy")
+        "stripped_prefix", "normalisation", "resize", "mean", "std", "n_check",
+        "check_accuracy")
         if summary.get(k) is not None]
     print_table(f"imported {arch}", rows)
     typer.echo(f"next: pagctl attack {result.run_dir} --attack autoattack", err=True)

@@ -1,8 +1,14 @@
 """Image-folder datasets: ``root/train/<class>/<image>`` and ``root/test`` (or ``root/val``).
 
-Images are read lazily and converted to RGB; all images must have one size (checked when
-the folders are scanned). Class folders are labelled in sorted order, as torchvision's
-``ImageFolder``, which is used to scan them.
+Images are read lazily and converted to RGB. Class folders are labelled in sorted order, as
+torchvision's ``ImageFolder``, which is used to scan them.
+
+- Without ``data.image_size`` every image must have one size (checked when the folders are
+  scanned). With it, each image is resized and centre-cropped as timm evaluates models
+  (shorter side to ``floor(image_size / crop_pct)`` with ``data.interpolation``, then the
+  centre ``image_size`` square), so images of any size mix and no image is opened to scan.
+- A folder with only ``test/`` (or ``val/``) is an evaluation set: its training split is
+  empty (attacks need none; training and sources that read training images refuse it).
 """
 
 from __future__ import annotations
@@ -30,11 +36,15 @@ class ImageFolderDataset(Dataset[Item]):
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str],
-                 root: Path, image_size: tuple[int, int]) -> None:
+                 root: Path, image_size: tuple[int, int], *, resize: int | None = None,
+                 crop_pct: float = 1.0, interpolation: str = "bilinear") -> None:
         self.samples = list(samples)
         self.classes = tuple(classes)
         self.root = root
         self.image_size = image_size  # (H, W)
+        self.resize = resize  # the shorter side before the centre crop; None: as they are
+        self.crop_pct = crop_pct
+        self.interpolation = interpolation
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -44,8 +54,19 @@ class ImageFolderDataset(Dataset[Item]):
         from torchvision.transforms.functional import to_tensor
 
         path, label = self.samples[index]
-        with Image.open(path) as img:
-            tensor = to_tensor(img.convert("RGB"))
+        try:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB")
+        except OSError as exc:
+            raise DataError(f"data.root: cannot read image {path}: {exc}") from exc
+        if self.resize is not None:
+            from torchvision.transforms import InterpolationMode
+            from torchvision.transforms.functional import center_crop, resize
+
+            mode = InterpolationMode(self.interpolation)
+            rgb = center_crop(resize(rgb, self.resize, interpolation=mode),
+                              list(self.image_size))
+        tensor = to_tensor(rgb)
         return tensor, label
 
     @property
@@ -64,8 +85,8 @@ class ImageFolderDataset(Dataset[Item]):
         return digest.hexdigest()
 
 
-def _scan_folder(folder: Path, size: tuple[int, int] | None,
-                 ) -> tuple[list[tuple[str, int]], list[str], tuple[int, int]]:
+def _scan_folder(folder: Path, size: tuple[int, int] | None, *, check_sizes: bool = True,
+                 ) -> tuple[list[tuple[str, int]], list[str], tuple[int, int] | None]:
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
@@ -73,6 +94,10 @@ def _scan_folder(folder: Path, size: tuple[int, int] | None,
         found = ImageFolder(str(folder))
     except (FileNotFoundError, OSError) as exc:
         raise DataError(f"data.root: cannot use {folder} as an image folder: {exc}") from exc
+    if not found.samples:
+        raise DataError(f"data.root: no images in {folder}")
+    if not check_sizes:
+        return list(found.samples), list(found.classes), size
     first = None
     for path, _ in found.samples:
         try:
@@ -85,29 +110,39 @@ def _scan_folder(folder: Path, size: tuple[int, int] | None,
         elif (h, w) != size:
             where = f"{first}" if first else "the training images"
             raise DataError(f"data.root: image {path} is {w}x{h} but {where} is "
-                            f"{size[1]}x{size[0]}; resize all images to one size")
-    if size is None:
-        raise DataError(f"data.root: no images in {folder}")
+                            f"{size[1]}x{size[0]}; resize all images to one size, or set "
+                            "data.image_size to resize and centre-crop them")
     return list(found.samples), list(found.classes), size
 
 
 def find_image_folders(spec: DataSpec) -> tuple[ImageFolderDataset, ImageFolderDataset]:
     """The train and test (or val) folders of ``spec.root``, scanned: same class folders,
-    one image size. Raises `DataError` (one line, with the fix) otherwise."""
-    layout = "DIR/train/<class>/<image> and DIR/test/<class>/<image> (or DIR/val)"
+    one image size (or ``spec.image_size``). Without ``train/`` the training split is
+    empty. Raises `DataError` (one line, with the fix) otherwise."""
+    layout = "DIR/test/<class>/<image> (or DIR/val), and DIR/train/<class>/<image> to train"
     if spec.download:
         raise DataError("data.download: 'imagefolder' cannot be downloaded; set it to false")
     if spec.root is None:
         raise DataError(f"data.root: dataset 'imagefolder' needs --data-dir DIR with {layout}")
     root = Path(spec.root).expanduser()
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-    if not (root / "train").is_dir() or test_dir is None:
+    if test_dir is None:
         raise DataError(f"data.root: dataset 'imagefolder' not found in {root}: expected "
                         f"{layout}")
-    train_samples, classes, size = _scan_folder(root / "train", None)
-    test_samples, test_classes, _ = _scan_folder(test_dir, size)
-    if test_classes != classes:
+    fixed = None if spec.image_size is None else (spec.image_size, spec.image_size)
+    check = fixed is None
+    classes: list[str] | None = None
+    train_samples: list[tuple[str, int]] = []
+    size = fixed
+    if (root / "train").is_dir():
+        train_samples, classes, size = _scan_folder(root / "train", fixed, check_sizes=check)
+    test_samples, test_classes, size = _scan_folder(test_dir, size, check_sizes=check)
+    if classes is not None and test_classes != classes:
         raise DataError(f"data.root: class folders differ: train has {classes}, "
                         f"{test_dir.name} has {test_classes}; use the same class folders")
-    return (ImageFolderDataset(train_samples, classes, root, size),
-            ImageFolderDataset(test_samples, classes, root, size))
+    assert size is not None
+    resize = None if spec.image_size is None else int(spec.image_size / spec.crop_pct)
+    options = {"resize": resize, "crop_pct": spec.crop_pct,
+               "interpolation": spec.interpolation}
+    return (ImageFolderDataset(train_samples, test_classes, root, size, **options),  # type: ignore[arg-type]
+            ImageFolderDataset(test_samples, test_classes, root, size, **options))  # type: ignore[arg-type]
