@@ -153,7 +153,7 @@ class TrainSpec(_Frozen):
         "adversarial inputs (Madry et al. 2018); trades: CE(x) + beta KL(p(x) || p(x_adv)) "
         "(Zhang et al. 2019); mart: boosted CE on x_adv + beta KL weighted by 1 - p_y(x) "
         "(Wang et al. 2020); fast_at: pgd_at with a one-step inner attack (Wong et al. "
-        "2020); the PAG term adds to any of them (docs/adversarial-training.md)")
+        "2020); the PAG term adds to any of them")
     beta: float = Field(default=6.0, ge=0, description="trades/mart: weight on the robust "
                         "KL term (both references use 6)")
     inner_attack: PluginRef | None = Field(

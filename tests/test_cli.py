@@ -958,3 +958,20 @@ def test_plugins_json(run: RunCLI) -> None:
     status = {(r["group"], r["name"]): r["status"] for r in rows}
     for _, group, name in BUILTINS:
         assert status.get((group, name)) == "ok", (group, name, status)
+
+
+def test_command_list_is_one_line_each_at_80_columns_and_names_no_repository_paths() -> None:
+    """`pagctl --help` lists each command on one line of an 80-column terminal; no help text
+    points to a repository path (docs/…), which an installed wheel does not ship."""
+    import typer
+
+    from pagctl.cli import SHORT_HELP, app
+
+    group = typer.main.get_command(app)
+    commands = getattr(group, "commands", {})
+    assert set(commands) == set(SHORT_HELP)
+    for name, cmd in commands.items():
+        assert len(SHORT_HELP[name]) <= 58 and cmd.short_help == SHORT_HELP[name]
+        texts = [cmd.help or ""] + [getattr(p, "help", None) or "" for p in cmd.params]
+        assert not any("docs/" in t for t in texts), name
+    assert "docs/" not in (group.help or "")

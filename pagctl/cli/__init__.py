@@ -29,7 +29,7 @@ from pagctl.errors import PagctlError
 app = typer.Typer(
     name="pagctl",
     help="Train classifiers with perceptually aligned gradients (PAG) and measure their "
-    "robustness. Docs: docs/index.md.",
+    "robustness. Each command's options: pagctl COMMAND --help.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,
@@ -57,14 +57,24 @@ def _root(
 # ---------------------------------------------------------------------------------------
 # commands, in the order `pagctl --help` lists them
 
-app.command()(train.train)
-app.command("train-score")(train.train_score)
-app.command()(attack.attack)
-app.command()(bank.bank)
-app.command("align-score")(align_score.align_score)
-app.command()(compare.compare)
-app.command("import")(importing.import_model)
-app.command()(plugins.plugins)
+SHORT_HELP = {  # one line each in `pagctl --help` (at most 58 characters: 80 columns)
+    "train": "Train a model from a spec into a run folder.",
+    "train-score": "Train a score model for the 'sbg' source.",
+    "attack": "Attack a run: robust accuracy, stages, reliability.",
+    "bank": "Precompute a source's target gradients into a bank.",
+    "align-score": "Score a run's gradient alignment with a source.",
+    "compare": "Put runs side by side, with per-point tests.",
+    "import": "Make a run folder of a model pagctl did not train.",
+    "plugins": "List sources, attacks and model providers.",
+}
+app.command(short_help=SHORT_HELP["train"])(train.train)
+app.command("train-score", short_help=SHORT_HELP["train-score"])(train.train_score)
+app.command(short_help=SHORT_HELP["attack"])(attack.attack)
+app.command(short_help=SHORT_HELP["bank"])(bank.bank)
+app.command("align-score", short_help=SHORT_HELP["align-score"])(align_score.align_score)
+app.command(short_help=SHORT_HELP["compare"])(compare.compare)
+app.command("import", short_help=SHORT_HELP["import"])(importing.import_model)
+app.command(short_help=SHORT_HELP["plugins"])(plugins.plugins)
 
 
 # ---------------------------------------------------------------------------------------

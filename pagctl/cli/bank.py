@@ -59,7 +59,7 @@ def bank(
     fmt: Annotated[Format, typer.Option("--format", help="Summary format.")] = Format.table,
 ) -> None:
     """Precompute a source's target gradients for every training image and class into a
-    safetensors bank, served during training by the 'precomputed' source (docs/banks.md)."""
+    safetensors bank, served during training by the 'precomputed' source."""
     from pagctl import registry
     from pagctl import spec as specmod
     from pagctl.banks import write_bank
