@@ -69,6 +69,7 @@ def alignment_report(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    progress: bool = False,
 ) -> AlignReport:
     """Alignment of ``model`` with ``source`` on ``dataset[indices]`` (see AlignReport).
 
@@ -84,6 +85,7 @@ def alignment_report(
     from pagctl.gradients import logits_and_input_gradients
     from pagctl.losses import cosine_alignment, sample_target_classes
     from pagctl.models import check_finite_outputs, eval_mode
+    from pagctl.progress import ProgressBar
 
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
@@ -91,7 +93,7 @@ def alignment_report(
     labels: list[Tensor] = []
     true_sum = other_sum = 0.0
     true_count = other_count = 0
-    with eval_mode(model):
+    with eval_mode(model), ProgressBar("align", len(indices), enabled=progress) as bar:
         for lo in range(0, len(indices), batch_size):
             x, y = get_batch(dataset, indices[lo: lo + batch_size])
             x, y = x.to(device), y.to(device)
@@ -108,6 +110,7 @@ def alignment_report(
             other_count += int((~is_true).sum())
             per_image.append(cos.mean(dim=1).cpu())
             labels.append(y.cpu())
+            bar.update(advance=len(y), info=f"mean cos {float(torch.cat(per_image).mean()):.3f}")
     images = torch.cat(per_image) if per_image else torch.zeros(0, dtype=torch.float64)
     label = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
     n = int(images.numel())

@@ -1,15 +1,21 @@
 """What a long loop shows and how it is stopped: one progress bar on stderr (so stdout stays
 clean for results) and the Ctrl-C flag of resumable runs.
 
-Training, score training, banks and attacks all use `ProgressBar`; training and score
-training use `StopFlag`, whose first Ctrl-C asks the loop to stop after the current step
-(the loop then saves its state), and whose second aborts at once.
+Training, score training, banks, attacks and alignment scores all use `ProgressBar`;
+training and score training use `StopFlag`, whose first Ctrl-C asks the loop to stop after
+the current step (the loop then saves its state), and whose second aborts at once.
+
+On a terminal the bar redraws in place. Elsewhere (a log file, a SLURM job, a pipe) it
+prints a plain line at most every ``PAGCTL_PROGRESS_SECONDS`` (30) seconds and when the
+loop ends: ``attack: 120/360 (33%) elapsed 0:01:10 eta 0:02:20 robust 45/120``.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import time
 from typing import Any
 
 from rich.console import Console
@@ -22,29 +28,61 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-__all__ = ["ProgressBar", "StopFlag", "stderr_console"]
+__all__ = ["PROGRESS_SECONDS_ENV", "ProgressBar", "StopFlag", "stderr_console"]
 
 stderr_console = Console(stderr=True)
+PROGRESS_SECONDS_ENV = "PAGCTL_PROGRESS_SECONDS"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class ProgressBar:
     """One bar: description, bar, done/total, elapsed, ETA and an info text (running loss,
-    robust count, ...). A context manager; disabled, it prints nothing."""
+    robust count, ...). A context manager; disabled, it prints nothing. Off a terminal it
+    prints periodic plain lines instead (module docstring)."""
 
     def __init__(self, description: str, total: int, *, enabled: bool = True) -> None:
+        self._plain = enabled and not stderr_console.is_terminal
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"), console=stderr_console, disable=not enabled,
-            transient=False)
+            TextColumn("{task.fields[info]}"), console=stderr_console,
+            disable=not enabled or self._plain, transient=False)
         self._task = self._progress.add_task(description, total=total, info="")
+        self._state: dict[str, Any] = {"description": description, "completed": 0,
+                                        "total": total, "info": ""}
+        try:
+            self._interval = float(os.environ.get(PROGRESS_SECONDS_ENV, "30"))
+        except ValueError:
+            self._interval = 30.0
+        self._start = self._last = time.monotonic()
+        self._base = 0  # the count at the start (a resumed loop), for the rate
 
     def __enter__(self) -> ProgressBar:
         self._progress.__enter__()
+        self._start = self._last = time.monotonic()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._progress.__exit__(None, None, None)
+        if self._plain and self._state["completed"] > self._base:
+            self._line()
+
+    def _line(self) -> None:
+        st = self._state
+        elapsed = time.monotonic() - self._start
+        done, total = st["completed"], st["total"]
+        rate = (done - self._base) / elapsed if elapsed > 0 else 0.0
+        eta = _clock((total - done) / rate) if rate > 0 and total else "?"
+        share = f" ({100 * done / total:.0f}%)" if total else ""
+        info = f" {st['info']}" if st["info"] else ""
+        stderr_console.print(f"{st['description']}: {done}/{total}{share} elapsed "
+                             f"{_clock(elapsed)} eta {eta}{info}", markup=False,
+                             highlight=False, soft_wrap=True)
+        self._last = time.monotonic()
 
     def update(self, *, completed: int | None = None, advance: int | None = None,
                description: str | None = None, info: str | None = None) -> None:
@@ -52,13 +90,21 @@ class ProgressBar:
         kw: dict[str, Any] = {}
         if completed is not None:
             kw["completed"] = completed
+            if self._state["completed"] == 0 and advance is None:
+                self._base = completed
+            self._state["completed"] = completed
         if advance is not None:
             kw["advance"] = advance
+            self._state["completed"] += advance
         if description is not None:
             kw["description"] = description
+            self._state["description"] = description
         if info is not None:
             kw["info"] = info
+            self._state["info"] = info
         self._progress.update(self._task, **kw)
+        if self._plain and time.monotonic() - self._last >= self._interval:
+            self._line()
 
 
 class StopFlag:

@@ -975,3 +975,26 @@ def test_command_list_is_one_line_each_at_80_columns_and_names_no_repository_pat
         texts = [cmd.help or ""] + [getattr(p, "help", None) or "" for p in cmd.params]
         assert not any("docs/" in t for t in texts), name
     assert "docs/" not in (group.help or "")
+
+
+def test_progress_off_a_terminal_is_periodic_plain_lines(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a log (stderr not a terminal) the bar becomes plain lines: one per interval and
+    one at the end, with count, share, elapsed, ETA and the info text."""
+    import time
+
+    from pagctl import progress
+
+    monkeypatch.setenv(progress.PROGRESS_SECONDS_ENV, "0.05")
+    monkeypatch.setattr(progress.stderr_console, "file", sys.stderr)
+    assert not progress.stderr_console.is_terminal
+    with progress.ProgressBar("attack", 4) as bar:
+        for i in range(4):
+            time.sleep(0.06)
+            bar.update(advance=1, info=f"robust {i}/4")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("attack:")]
+    assert len(lines) >= 4 and lines[-1].startswith("attack: 4/4 (100%) elapsed 0:00:00 eta")
+    assert lines[-1].endswith("robust 3/4") and "━" not in "".join(lines)
+    with progress.ProgressBar("quiet", 3, enabled=False) as bar:
+        bar.update(advance=3)
+    assert "quiet" not in capsys.readouterr().err

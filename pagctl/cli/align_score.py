@@ -52,6 +52,9 @@ def align_score(
     save_images: Annotated[Path | None, typer.Option(
         "--save-images", help="Write, for the first 4 images, the model's gradient toward "
         "every class and the source's target gradient to this PNG.")] = None,
+    progress: Annotated[bool, typer.Option(
+        "--progress/--no-progress", help="Progress on stderr (a bar on a terminal, periodic "
+        "lines in a log).")] = True,
     keep_record: RecordOpt = True,
     weights: WeightsOpt = "last",
     device: DeviceOpt = "auto",
@@ -84,7 +87,8 @@ def align_score(
         source = registry.target_gradients.instantiate(source_name, params, ctx, "--source")
         report = alignment_report(loaded.model, bundle.test, indices, source,
                                   num_classes=bundle.num_classes, classes_per_image=k,
-                                  batch_size=batch_size, device=dev, seed=seed)
+                                  batch_size=batch_size, device=dev, seed=seed,
+                                  progress=progress)
         record = report.to_record(source_name, params.model_dump(mode="json"), given)
         record.weights = loaded.weights
         # the result first (stdout, figure), then the record: nothing measured is lost
