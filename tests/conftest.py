@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -52,3 +52,29 @@ def sigint_default() -> Iterator[None]:
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+class CliResult:
+    """What one ``pagctl`` call gave: its exit code, stdout, stderr, and both together."""
+
+    def __init__(self, code: int, stdout: str, stderr: str) -> None:
+        self.code, self.stdout, self.stderr = code, stdout, stderr
+        self.output = stdout + stderr
+
+
+@pytest.fixture
+def pagctl(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    """``pagctl(*argv) -> CliResult``: the console entry point, in this process."""
+    from pagctl import cli
+
+    def run(*argv: object) -> CliResult:
+        capsys.readouterr()
+        code = 0
+        try:
+            cli.main([str(a) for a in argv])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return run

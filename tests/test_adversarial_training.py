@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from pagctl import checkpoint, cli, registry
+from pagctl import checkpoint, registry
 from pagctl.attacks.pgd import kl_from_reference, pgd
 from pagctl.build import build_context
 from pagctl.data import load_data, split_validation
@@ -28,34 +28,6 @@ from pagctl.train import lr_at, train
 
 FAST = ["train.epochs=1", "data.batch_size=256", "eval.attack=null", "eval.limit=40",
         "eval.align_source=null"]
-
-
-class Out:
-    def __init__(self, code: int, stdout: str, stderr: str) -> None:
-        self.exit_code, self.stdout, self.output = code, stdout, stdout + stderr
-
-
-@pytest.fixture
-def pagctl(capsys: pytest.CaptureFixture[str]) -> Any:
-    """``pagctl(argv) -> Out``: the console entry point, its exit code and output."""
-
-    def run(argv: list[str]) -> Out:
-        capsys.readouterr()
-        code = 0
-        try:
-            cli.main([str(a) for a in argv])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capsys.readouterr()
-        return Out(code, out, err)
-
-    return run
-
-
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 @pytest.fixture(scope="module")
@@ -420,25 +392,25 @@ def test_best_model_is_kept_loaded_and_reported(workdir: Path, pagctl: Any) -> N
         net.load_state_dict(checkpoint.load_tensors(run / file))
     # attack and align-score say which weights they used; compare picks either
     for weights in ("best", "last"):
-        out = pagctl(["attack", str(run), "--attack", "pgd_linf", "--param",
+        out = pagctl("attack", str(run), "--attack", "pgd_linf", "--param",
                                   "eps=0.1", "--param", "steps=3", "--limit", "50",
-                                  "--weights", weights, "--no-progress", "--format", "json"])
-        assert out.exit_code == 0, out.output
+                                  "--weights", weights, "--no-progress", "--format", "json")
+        assert out.code == 0, out.output
         assert json.loads(out.stdout)["weights"] == weights
-    out = pagctl(["align-score", str(run), "--source", "class_mean", "--limit",
-                              "20", "--weights", "best", "--format", "json"])
-    assert out.exit_code == 0 and json.loads(out.stdout)["weights"] == "best"
+    out = pagctl("align-score", str(run), "--source", "class_mean", "--limit",
+                              "20", "--weights", "best", "--format", "json")
+    assert out.code == 0 and json.loads(out.stdout)["weights"] == "best"
     for weights in ("best", "last"):
-        out = pagctl(["compare", str(run), "--weights", weights, "--format", "json"])
-        assert out.exit_code == 0, out.output
+        out = pagctl("compare", str(run), "--weights", weights, "--format", "json")
+        assert out.code == 0, out.output
         data = json.loads(out.stdout)
         assert data["weights"] == weights
         robust = [c["id"] for c in data["columns"] if c["kind"] == "robust"]
         assert len(robust) == 1
     # a run without a validation split has no best model
     train(_train_spec(["out_dir=plain"]), device="cpu", progress=False)
-    out = pagctl(["attack", "plain", "--attack", "fgsm", "--weights", "best"])
-    assert out.exit_code == 2 and "no model-best.safetensors" in out.output
+    out = pagctl("attack", "plain", "--attack", "fgsm", "--weights", "best")
+    assert out.code == 2 and "no model-best.safetensors" in out.output
 
 
 # ---------------------------------------------------------------------------------------
@@ -462,8 +434,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(
     args = ["train", "digits-pgd-at", "--out", "bad", "-q"]
     for item in sets:
         args += ["--set", item]
-    out = pagctl(args)
-    assert out.exit_code == 2, out.output
+    out = pagctl(*args)
+    assert out.code == 2, out.output
     lines = [ln for ln in out.output.splitlines() if ln.strip()]
     assert len(lines) <= 3 and expected in out.output, out.output
     assert "Traceback" not in out.output
@@ -472,9 +444,9 @@ def test_bad_input_is_one_line_exit_2_nothing_written(
 
 @pytest.mark.usefixtures("test_attacks")
 def test_an_unbudgeted_inner_attack_is_refused_by_the_cli(workdir: Path, pagctl: Any) -> None:
-    out = pagctl(["train", "digits-pgd-at", "--out", "bad", "-q", "--set",
-                              "train.inner_attack={name: no_budget}"])
-    assert out.exit_code == 2 and "declares no budget" in out.output
+    out = pagctl("train", "digits-pgd-at", "--out", "bad", "-q", "--set",
+                              "train.inner_attack={name: no_budget}")
+    assert out.code == 2 and "declares no budget" in out.output
     assert not (workdir / "bad").exists()
 
 
@@ -496,11 +468,11 @@ def test_pgd_at_is_more_robust_than_vanilla_under_autoattack_linf(
     quiet = ["--set", "eval.attack=null", "--set", "eval.align_source=null", "-q"]
     robust = {}
     for name in ("digits-vanilla", "digits-pgd-at"):
-        assert pagctl(["train", name, "--out", name, *quiet]).exit_code == 0
-        out = pagctl(["attack", name, "--attack", "autoattack", "--param", "norm=linf",
+        assert pagctl("train", name, "--out", name, *quiet).code == 0
+        out = pagctl("attack", name, "--attack", "autoattack", "--param", "norm=linf",
                       "--param", "eps=0.1", "--limit", str(N_POINTS), "--no-progress",
-                      "--format", "json"])
-        assert out.exit_code == 0, out.output
+                      "--format", "json")
+        assert out.code == 0, out.output
         report = json.loads(out.stdout)
         assert report["reliability"]["reliable"] is True
         robust[name] = report["robust_accuracy"]

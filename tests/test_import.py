@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pagctl import cli
 from pagctl.checkpoint import load_run, read_metrics
 from pagctl.importing import read_weights
 
@@ -40,26 +39,6 @@ def make(num_classes: int) -> nn.Module:
 def three_classes() -> nn.Module:
     return Plain(3)
 '''
-
-
-class Out:
-    def __init__(self, code: int, stdout: str, stderr: str) -> None:
-        self.code, self.stdout, self.stderr = code, stdout, stderr
-
-
-@pytest.fixture
-def pagctl(capsys: pytest.CaptureFixture[str]) -> Any:
-    def run(*argv: object) -> Out:
-        capsys.readouterr()
-        code = 0
-        try:
-            cli.main([str(a) for a in argv])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capsys.readouterr()
-        return Out(code, out, err)
-
-    return run
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from pagctl.cli.common import (
     DataDirOpt,
     DeviceOpt,
     Format,
+    ProgressOpt,
     RecordOpt,
     WeightsOpt,
     cell_text,
@@ -52,9 +53,7 @@ def align_score(
     save_images: Annotated[Path | None, typer.Option(
         "--save-images", help="Write, for the first 4 images, the model's gradient toward "
         "every class and the source's target gradient to this PNG.")] = None,
-    progress: Annotated[bool, typer.Option(
-        "--progress/--no-progress", help="Progress on stderr (a bar on a terminal, periodic "
-        "lines in a log).")] = True,
+    progress: ProgressOpt = True,
     keep_record: RecordOpt = True,
     weights: WeightsOpt = "last",
     device: DeviceOpt = "auto",

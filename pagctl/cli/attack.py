@@ -13,6 +13,7 @@ from pagctl.cli.common import (
     DataDirOpt,
     DeviceOpt,
     Format,
+    ProgressOpt,
     RecordOpt,
     WeightsOpt,
     check_png,
@@ -68,9 +69,7 @@ def attack(
         "reliability verdict.")] = True,
     probe_size: Annotated[int, typer.Option(
         "--probe-size", min=1, help="Test points the probes use.")] = 100,
-    progress: Annotated[bool, typer.Option(
-        "--progress/--no-progress", help="Progress with ETA on stderr (a bar on a terminal, "
-        "periodic lines in a log).")] = True,
+    progress: ProgressOpt = True,
     strict: Annotated[bool, typer.Option(
         "--strict", help="Exit with code 3 when the reliability verdict is not 'reliable' "
         "(for CI; the result is still shown and recorded).")] = False,

@@ -79,6 +79,9 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupt
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run "
                                             "folder.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+ProgressOpt = Annotated[bool, typer.Option(
+    "--progress/--no-progress", help="Progress with ETA on stderr (a bar on a terminal, "
+    "periodic lines in a log).")]
 RecordOpt = Annotated[bool, typer.Option(
     "--record/--no-record", help="Append the result to the run's metrics.jsonl; --no-record "
     "for a quick look that must not become the run's latest result.")]
