@@ -25,7 +25,6 @@ num_classes=cfg["num_classes"], **cfg["model_args"])``; or, with both files in o
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 import os
 import re
@@ -127,27 +126,28 @@ def is_import_path(arch: str) -> bool:
 
 
 def import_factory(path: str, where: str = "model.arch") -> Callable[..., Any]:
-    """The callable that ``package.module:attr`` names. The module is imported as ``python``
-    would find it from the current folder (which is appended to ``sys.path``, after the
-    installed packages, so it never shadows them). SpecError naming ``where`` when the
-    module cannot be imported, lacks the name, or the name is not callable."""
+    """The callable that ``package.module:attr`` names (`pagctl.registry.load_value`, as
+    entry points are loaded). The module is imported as ``python`` would find it from the
+    current folder (which is appended to ``sys.path``, after the installed packages, so it
+    never shadows them). SpecError naming ``where`` when the module cannot be imported,
+    lacks the name, or the name is not callable."""
+    from pagctl.registry import load_value
+
     module_name, _, attr = path.partition(":")
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.append(cwd)
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj = load_value(path)
     except ModuleNotFoundError as exc:
         raise SpecError(f"{where}: cannot import '{module_name}' ({exc}); install it, or run "
                         f"from the folder that holds {module_name.replace('.', '/')}.py") from None
+    except AttributeError as exc:
+        raise SpecError(f"{where}: '{module_name}' has no '{attr}' ({_first(exc)}); check the "
+                        "name after the colon") from None
     except Exception as exc:  # the module's own code failed
         raise SpecError(f"{where}: importing '{module_name}' failed: "
                         f"{type(exc).__name__}: {_first(exc)}") from exc
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise SpecError(f"{where}: '{module_name}' has no '{attr}'; check the name after "
-                            "the colon")
-        obj = getattr(obj, part)
     if not callable(obj):
         raise SpecError(f"{where}: '{path}' is not callable; name a function or class that "
                         "returns an nn.Module")

@@ -108,7 +108,9 @@ def _pagctl_version() -> str:
     return __version__
 
 
-def _load_value(value: str) -> Any:
+def load_value(value: str) -> Any:
+    """The object an entry-point value ``package.module:attr.sub`` names (imports the
+    module; ImportError or AttributeError when it is not there)."""
     module_name, _, attr = value.partition(":")
     obj: Any = importlib.import_module(module_name)
     for part in attr.split(".") if attr else []:
@@ -223,7 +225,7 @@ class Registry:
             return self._loaded[name]
         entry = self._resolve(name)
         try:
-            factory = _load_value(entry.value)
+            factory = load_value(entry.value)
         except Exception as exc:  # any import-time failure of third-party code
             raise PluginLoadError(
                 f"{self.short_group} plugin '{name}' from '{entry.distribution}' failed to "
