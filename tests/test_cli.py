@@ -986,8 +986,7 @@ def test_progress_off_a_terminal_is_periodic_plain_lines(
     from pagctl import progress
 
     monkeypatch.setenv(progress.PROGRESS_SECONDS_ENV, "0.05")
-    monkeypatch.setattr(progress.stderr_console, "file", sys.stderr)
-    assert not progress.stderr_console.is_terminal
+    assert not progress.stderr_console.is_terminal  # it writes to the captured sys.stderr
     with progress.ProgressBar("attack", 4) as bar:
         for i in range(4):
             time.sleep(0.06)
