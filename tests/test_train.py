@@ -147,6 +147,7 @@ def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(workdir: Path) -> N
         signal.signal(signal.SIGINT, previous)
 
 
+@pytest.mark.usefixtures("sigint_default")
 def test_resume_after_a_finished_epoch_drops_duplicated_metrics(workdir: Path) -> None:
     spec = load_spec("digits-vanilla", [*FAST, "out_dir=r"])
 
