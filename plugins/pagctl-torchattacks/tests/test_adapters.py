@@ -338,11 +338,14 @@ def test_params_reject_bad_values() -> None:
     from pydantic import ValidationError
 
     for cls, bad in ((TaPGD, {"alpha": 0}), (TaPGD, {"eps": -1}), (TaCW, {"c": 0}),
-                     (TaAutoAttack, {"norm": "Linf"}), (TaAutoAttack, {"version": "fast"}),
+                     (TaAutoAttack, {"norm": "L3"}), (TaAutoAttack, {"version": "fast"}),
                      (TaDeepFool, {"steps": 0}), (TaPGDL2, {"bogus": 1})):
         with pytest.raises(ValidationError):
             cls.Params.model_validate(bad)
     assert TaPGD.Params.model_validate({"eps": "8/255"}).eps == pytest.approx(8 / 255)
+    # torchattacks' own spelling of a norm is accepted, in any case
+    assert TaAutoAttack.Params.model_validate({"norm": "Linf"}).norm == "linf"
+    assert TaAutoAttack.Params.model_validate({"norm": "L2"}).norm == "l2"
 
 
 # ---------------------------------------------------------------------------- discovery
