@@ -140,6 +140,16 @@ def _model_and_data(model: Any, data: Any, device: str,
     return module.to(dev), bundle, dev
 
 
+def _index_tensor(indices: Sequence[int] | Tensor | None) -> Tensor | None:
+    """Test-set indices as an int64 tensor (None stays None)."""
+    import torch
+
+    if indices is None:
+        return None
+    return torch.as_tensor(indices if isinstance(indices, torch.Tensor) else list(indices),
+                           dtype=torch.int64)
+
+
 def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
            eps: float | str | None = None, norm: str | None = None,
            params: dict[str, Any] | None = None, eps_sweep: Sequence[float] | None = None,
@@ -155,7 +165,6 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
     ``norm`` ("linf", "l2", any case) and ``params`` are its parameters. With ``eps_sweep``
     the result is one report per budget, else one report. ``weights`` chooses a run's
     weights when ``model`` is a path."""
-    import torch
 
     from pagctl import registry
     from pagctl.robustness.evaluate import evaluate_attack
@@ -166,8 +175,7 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
             given[key] = value
     validated = registry.attacks.validate_params(attack, given, "params")
     module, bundle, dev = _model_and_data(model, data, device, weights)
-    chosen = None if indices is None else torch.as_tensor(list(indices) if not isinstance(
-        indices, torch.Tensor) else indices, dtype=torch.int64)
+    chosen = _index_tensor(indices)
     budgets = None if eps_sweep is None else [float(e) for e in eps_sweep]
     reports, _ = evaluate_attack(module, bundle, attack, validated, budgets, indices=chosen,
                                  limit=limit, batch_size=batch_size, seed=seed, device=dev,
@@ -184,7 +192,6 @@ def align_score(model: Any, data: Any = None, source: str = "nearest_neighbor", 
     ``pagctl align-score`` measures it: mean cosine with a 95% interval, per true class and
     per target. Sources that need training images need a dataset that has them.
     ``classes_per_image`` defaults to the run's K, or all classes for a module."""
-    import torch
 
     from pagctl import registry
     from pagctl.align import alignment_report
@@ -203,8 +210,7 @@ def align_score(model: Any, data: Any = None, source: str = "nearest_neighbor", 
     else:
         k = classes_per_image
     k = min(k, bundle.num_classes)
-    chosen = None if indices is None else torch.as_tensor(list(indices) if not isinstance(
-        indices, torch.Tensor) else indices, dtype=torch.int64)
+    chosen = _index_tensor(indices)
     picked = select_test_indices(len(bundle.test), chosen, limit)  # type: ignore[arg-type]
     ctx = build_context(bundle, dev, seed, default_cache_dir())
     built = registry.target_gradients.instantiate(source, validated, ctx, "source")
