@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pagctl.attacks.steps import l2_norms, linf_norms
+from pagctl.attacks.steps import norms_of
 
 SHAPE = (1, 8, 8)
 
 
 def norms(delta: Tensor, norm: str) -> Tensor:
-    return l2_norms(delta) if norm == "l2" else linf_norms(delta)
+    return norms_of(delta, norm)  # type: ignore[arg-type]
 
 
 def bn_model() -> nn.Module:

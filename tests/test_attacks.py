@@ -15,9 +15,11 @@ from pagctl.attacks.fgsm import FGSM
 from pagctl.attacks.pgd import PGDL2, PGDLinf, pgd
 from pagctl.attacks.steps import (
     fit_to_budget,
+    l1_norms,
     l2_norms,
     loss_gradient,
     normalize_l2,
+    project_l1_box,
     project_l2,
     project_linf,
     random_start_l2,
@@ -71,6 +73,81 @@ def test_project_linf_clips_each_coordinate() -> None:
     delta = torch.tensor([[[[-0.3, 0.01], [0.2, -0.05]]]])
     out = project_linf(delta, 0.1)
     assert torch.equal(out, torch.tensor([[[[-0.1, 0.01], [0.1, -0.05]]]]))
+
+
+def _l1_box_cases(seed: int) -> tuple[Tensor, Tensor, float]:
+    """Random centres (a third on the box's corners), perturbations of random scale and a
+    random radius, in 1 to 80 dimensions."""
+    g = torch.Generator().manual_seed(seed)
+    d = int(torch.randint(1, 81, (1,), generator=g))
+    x = torch.rand(9, d, generator=g)
+    if seed % 3 == 0:
+        x = (x > 0.5).float()
+    delta = torch.randn(9, d, generator=g) * 3 * float(torch.rand(1, generator=g))
+    return x, delta, 5 * float(torch.rand(1, generator=g))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_project_l1_box_satisfies_the_optimality_conditions(seed: int) -> None:
+    """The Euclidean projection onto {‖d‖₁ <= ε} ∩ {0 <= x + d <= 1} is characterised by a
+    level λ >= 0: ``d_i = sign(δ_i) clip(|δ_i| − λ, 0, u_i)`` with ``‖d‖₁ = ε`` when λ > 0
+    (KKT). Check feasibility, then recover λ from a coordinate strictly inside its range and
+    check every coordinate against it."""
+    x, delta, eps = _l1_box_cases(seed)
+    d = project_l1_box(x, delta, eps).double()
+    x, delta = x.double(), delta.double()
+    tol = 1e-4
+    assert bool((l1_norms(d) <= eps + tol).all())
+    assert bool(((x + d) >= -1e-6).all() and ((x + d) <= 1 + 1e-6).all())
+    assert bool((d * delta >= 0).all())  # never against the perturbation's sign
+    room = torch.where(delta > 0, 1 - x, x)
+    for i in range(x.shape[0]):
+        a, r, di = delta[i].abs(), room[i], d[i].abs()
+        if bool(torch.minimum(a, r).sum() <= eps):  # inside already: only the box clips
+            assert torch.allclose(di, torch.minimum(a, r), atol=tol)
+            continue
+        assert float(di.sum()) == pytest.approx(eps, abs=tol)
+        inner = (di > tol) & (di < r - tol)
+        level = float((a - di)[inner].mean()) if bool(inner.any()) else None
+        if level is None:
+            continue
+        assert torch.allclose((a - di)[inner], torch.full_like(a[inner], level), atol=tol)
+        zeroed = (di <= tol) & (r > tol)  # (room 0: pinned to the face, not zeroed)
+        assert bool((a[zeroed] <= level + tol).all())  # zeroed: below the level
+        at_face = (di >= r - tol) & (r > tol)
+        assert bool((a[at_face] - r[at_face] >= level - tol).all())
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_project_l1_box_is_no_farther_than_the_reference(seed: int) -> None:
+    """fra31/auto-attack's ``L1_projection`` (package pyautoattack) solves the same problem
+    by a bisection that is occasionally off; where its answer is feasible, ours is at least
+    as close to the point projected, and both agree on most rows."""
+    reference = pytest.importorskip("pyautoattack.autopgd_base")
+    x, delta, eps = _l1_box_cases(seed)
+    ours = project_l1_box(x, delta, eps)
+    theirs = delta + reference.L1_projection(x, delta, eps)
+    feasible = l1_norms(theirs) <= eps * (1 + 1e-5) + 1e-6
+    closer = (ours - delta).norm(dim=1) <= (theirs - delta).norm(dim=1) + 1e-5
+    assert bool(closer[feasible].all())
+    same = (ours - theirs).abs().amax(dim=1) <= 1e-4
+    assert int(same.sum()) >= x.shape[0] - 2
+
+
+def test_project_l1_box_examples() -> None:
+    x = torch.tensor([[0.5, 0.5, 0.9]])
+    # Inside the ball: only the box clips (0.9 + 0.3 > 1).
+    assert torch.allclose(project_l1_box(x, torch.tensor([[0.1, -0.2, 0.3]]), 1.0),
+                          torch.tensor([[0.1, -0.2, 0.1]]))
+    # Outside: soft-thresholded by λ = 0.25 to unit L1 norm.
+    assert torch.allclose(project_l1_box(x, torch.tensor([[1.0, -0.5, 0.0]]), 0.5),
+                          torch.tensor([[0.5, -0.0, 0.0]]), atol=1e-6)
+    assert torch.allclose(project_l1_box(x, torch.tensor([[0.4, -0.3, 0.0]]), 0.5),
+                          torch.tensor([[0.3, -0.2, 0.0]]), atol=1e-6)
+    # A per-example radius, and a zero radius.
+    two = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
+    out = project_l1_box(two, torch.tensor([[0.4, 0.4], [0.4, 0.4]]), torch.tensor([0.4, 0.0]))
+    assert torch.allclose(out, torch.tensor([[0.2, 0.2], [0.0, 0.0]]), atol=1e-6)
 
 
 def test_normalize_l2_unit_zero_and_tiny() -> None:
@@ -129,14 +206,18 @@ def test_loss_gradient_of_a_linear_model_is_analytic() -> None:
     assert margin.shape == x.shape and torch.isfinite(margin).all()
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_fit_to_budget_survives_rounding_near_one(norm: str) -> None:
     g = torch.Generator().manual_seed(0)
     x = 0.5 + 0.5 * torch.rand(200, 3, 4, 4, generator=g)
-    eps = 0.1 if norm == "linf" else 0.05  # 0.1 rounds up on the float32 grid of [0.5, 1)
+    eps = {"linf": 0.1, "l2": 0.05, "l1": 0.3}[norm]  # 0.1 rounds up on [0.5, 1)'s grid
     step = torch.randn(200, 3, 4, 4, generator=g)
-    delta = project_linf(step.sign() * eps, eps) if norm == "linf" else \
-        project_l2(normalize_l2(step) * eps, eps)
+    if norm == "linf":
+        delta = project_linf(step.sign() * eps, eps)
+    elif norm == "l2":
+        delta = project_l2(normalize_l2(step) * eps, eps)
+    else:
+        delta = step / l1_norms(step)[:, None, None, None] * eps
     raw = (x + delta).clamp(0, 1)
     assert bool((norms(raw - x, norm) > eps).any())  # the problem is real
     fitted = fit_to_budget(x, raw, norm, eps)  # type: ignore[arg-type]

@@ -17,6 +17,22 @@ are its plugins. Each run:
   ``p_{j+1} − p_j = max(p_j − p_{j−1} − 0.03, 0.06)`` from ``p_1 = 0.22``, in whole steps:
   ``ℓ_1 = max(⌊0.22 N⌋, 1)``, ``ℓ_{j+1} = max(ℓ_j − max(⌊0.03 N⌋, 1), max(⌊0.06 N⌋, 1))``.
 
+L1 (Croce & Hein, ICML 2021, "Mind the box") changes the step and the schedule, as the
+reference does:
+
+- the random start is a Gaussian draw projected onto the L1 ball ∩ [0, 1] box
+  (:func:`pagctl.attacks.steps.project_l1_box`, the exact projection);
+- each step moves only the coordinates whose gradient is among the largest ``k`` in
+  magnitude, by ``η · sign(g_i) / k`` each (so one step has L1 length η), then projects;
+  there is no momentum; ``k`` starts at 20% of the coordinates;
+- every ``max(⌊0.04 N⌋, 1)`` steps the sparsity of the best point so far sets ``k`` (its
+  number of changed coordinates / 1.5); if that number fell by more than 5% since the last
+  checkpoint, η goes back to ε and the example restarts from its best point, otherwise η is
+  divided by 1.5, within [ε/10, ε];
+- ``large_eps`` (AutoAttack L1's setting) spends 30% of the steps in the ball of radius 3ε,
+  30% at 2ε and the rest at ε, each phase starting from the previous one's highest-loss
+  point projected into the smaller ball; only the last phase can fool an example.
+
 Per example, the returned point is the first misclassified point found (over the random
 start, the steps, the restarts and, for ``APGDT``, the target classes); if none is, the
 highest-loss point of all runs. Examples the model already misclassifies are returned
@@ -25,21 +41,24 @@ unchanged; restarts and further targets run only on the examples not yet misclas
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from pagctl.attacks.steps import (
+    AnyNorm,
+    AnyNormParam,
     BestSoFar,
     Norm,
-    NormParam,
     fit_to_budget,
     normalize_l2,
     per_example,
+    project_l1_box,
     project_l2,
     project_linf,
     random_start_l2,
@@ -193,13 +212,146 @@ def _single_run(
     return out, best_loss, fooled
 
 
+L1_CHECK_FRACTION = 0.04
+"""L1: steps between checkpoints, as a fraction of the run's steps (at least 1)."""
+L1_TOPK_START = 0.2
+"""L1: fraction of coordinates moved by the first step of a run from a random start."""
+L1_SHRINK = 1.5
+"""L1: divides η at a checkpoint where the sparsity held, and the sparsity for the next k."""
+
+
+def _sparse_sign_step(grad: Tensor, topk: Tensor) -> Tensor:
+    """The L1 step direction: ``sign(g_i) / k`` on the coordinates whose ``|g_i|`` reaches
+    the ``(1 − topk)`` quantile of the example's gradient, zero elsewhere; unit L1 norm
+    (zero where the gradient is). Shape: (N, ...), (N,) fraction -> (N, ...)."""
+    n = grad.shape[0]
+    flat = grad.reshape(n, -1)
+    features = flat.shape[1]
+    ranked = flat.abs().sort(dim=1).values
+    position = ((1.0 - topk) * features).clamp(0, features - 1).long()
+    threshold = ranked.gather(1, position[:, None])
+    signs = flat.sign() * (flat.abs() >= threshold).to(flat.dtype)
+    count = signs.abs().sum(dim=1, keepdim=True)
+    return (signs / (count + 1e-10)).reshape(grad.shape)
+
+
+def _changed(points: Tensor, x: Tensor) -> Tensor:
+    """Per example, how many coordinates differ from ``x``. Shape: (N, ...) twice -> (N,)."""
+    return (points - x).flatten(1).ne(0).sum(dim=1).to(x.dtype)
+
+
+def _single_run_l1(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn,
+    *,
+    eps: float,
+    steps: int,
+    start: Tensor,
+    from_random: bool,
+    eot_iter: int = 1,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One L1 APGD run from ``start`` (inside the budget): sparse steps, adaptive sparsity
+    and step size (see the module docstring). ``from_random`` says whether ``start`` is a
+    fresh random point (then ``k`` starts at 20% of the coordinates) or a previous phase's
+    best point (then at its sparsity / 1.5). Returns (points, loss at the best points,
+    fooled mask, highest-loss points): the first misclassified point where ``fooled``, else
+    the highest-loss one.
+
+    Shape: (N, C, H, W), (N,), (N, C, H, W) -> (N, C, H, W), (N,), (N,) bool, (N, C, H, W).
+    """
+    n = x.shape[0]
+    features = x[0].numel()
+    x_k = start.clone()
+    logits, loss, grad = _evaluate(model, x_k, y, loss_fn, eot_iter)
+    fooled = logits.argmax(dim=1) != y
+    first_fooled = x_k.clone()
+    best_x, best_loss, best_grad = x_k.clone(), loss.clone(), grad.clone()
+    eta = torch.full((n,), eps, dtype=x.dtype, device=x.device)
+    if from_random:
+        topk = torch.full((n,), L1_TOPK_START, dtype=x.dtype, device=x.device)
+        sparsity = torch.full((n,), float(features), dtype=x.dtype, device=x.device)
+    else:
+        sparsity = _changed(x_k, x)
+        topk = sparsity / features / L1_SHRINK
+    check_every = max(int(L1_CHECK_FRACTION * steps), 1)
+    for i in range(steps):
+        moved = x_k + per_example(eta, x_k) * _sparse_sign_step(grad, topk)
+        x_k = (x + project_l1_box(x, moved - x, eps)).clamp(0.0, 1.0)
+        logits, loss, grad = _evaluate(model, x_k, y, loss_fn, eot_iter)
+
+        newly = (logits.argmax(dim=1) != y) & ~fooled
+        first_fooled[newly] = x_k[newly]
+        fooled |= newly
+        better = loss > best_loss
+        best_x[better] = x_k[better]
+        best_loss[better] = loss[better]
+        best_grad[better] = grad[better]
+
+        if (i + 1) % check_every == 0:
+            now = _changed(best_x, x)
+            sparser = now < 0.95 * sparsity
+            topk = now / features / L1_SHRINK
+            eta = torch.where(sparser, torch.full_like(eta, eps), eta / L1_SHRINK)
+            eta = eta.clamp(eps / 10.0, eps)
+            sparsity = now
+            # Where the best point became sparser, continue from it with a full step.
+            x_k = torch.where(per_example(sparser, x_k), best_x, x_k)
+            grad = torch.where(per_example(sparser, grad), best_grad, grad)
+    out = torch.where(per_example(fooled, x), first_fooled, best_x)
+    return out, best_loss, fooled, best_x
+
+
+def large_eps_phases(eps: float, steps: int) -> list[tuple[float, int]]:
+    """AutoAttack L1's schedule: (radius, steps) for 3ε, 2ε and ε, with ⌈0.3 N⌉, ⌈0.3 N⌉
+    and the remaining steps. Under 3 steps there is no room for a phase at ε after the
+    larger ones (the reference would then end at 2ε), so all steps run at ε."""
+    first = math.ceil(0.3 * steps)
+    if steps - 2 * first < 1:
+        return [(eps, steps)]
+    return [(3.0 * eps, first), (2.0 * eps, first), (eps, steps - 2 * first)]
+
+
+def _l1_run(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn,
+    *,
+    eps: float,
+    steps: int,
+    large_eps: bool,
+    generator: torch.Generator,
+    eot_iter: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One L1 run from a Gaussian start projected into the budget (into 3ε with
+    ``large_eps``, whose phases then shrink it to ε). Shape: as :func:`_single_run`."""
+    noise = torch.randn(x.shape, generator=generator, device=generator.device)
+    noise = noise.to(device=x.device, dtype=x.dtype)
+    phases = large_eps_phases(eps, steps) if large_eps else [(eps, steps)]
+    start = (x + project_l1_box(x, noise, phases[0][0])).clamp(0.0, 1.0)
+    # As the reference: a schedule's first phase too sizes k from its start's sparsity.
+    from_random = not large_eps
+    result: tuple[Tensor, Tensor, Tensor] | None = None
+    for radius, count in phases:
+        start = (x + project_l1_box(x, start - x, radius)).clamp(0.0, 1.0)
+        out, loss, fooled, start = _single_run_l1(
+            model, x, y, loss_fn, eps=radius, steps=count, start=start,
+            from_random=from_random, eot_iter=eot_iter)
+        from_random = False
+        result = (out, loss, fooled)
+    assert result is not None
+    return result
+
+
 def apgd(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
     *,
     loss: Literal["ce", "dlr", "dlr-targeted"],
-    norm: Norm,
+    norm: AnyNorm,
     eps: float,
     steps: int,
     restarts: int,
@@ -207,16 +359,20 @@ def apgd(
     generator: torch.Generator,
     n_target_classes: int = 9,
     eot_iter: int = 1,
+    large_eps: bool = False,
 ) -> Tensor:
     """Auto-PGD inside the ``norm`` ball of radius ``eps`` around ``x`` and the [0, 1] box.
 
     ``loss="dlr-targeted"`` runs ``restarts`` runs for each of the ``n_target_classes``
-    highest non-true classes of the clean logits (at most K − 1). Runs in whatever mode the
-    caller left ``model`` in. Shape: inputs (N, C, H, W) in [0, 1], labels (N,) ->
-    (N, C, H, W), same dtype/device, ``‖x_adv − x‖ <= eps`` per example.
+    highest non-true classes of the clean logits (at most K − 1). ``large_eps`` (L1 only)
+    runs each run on the 3ε → 2ε → ε schedule; ``rho`` does not apply to L1. Runs in
+    whatever mode the caller left ``model`` in. Shape: inputs (N, C, H, W) in [0, 1],
+    labels (N,) -> (N, C, H, W), same dtype/device, ``‖x_adv − x‖ <= eps`` per example.
     """
-    if norm not in ("l2", "linf"):
-        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    if norm not in ("l2", "linf", "l1"):
+        raise ValueError(f"norm must be 'l2', 'linf' or 'l1', got {norm!r}")
+    if large_eps and norm != "l1":
+        raise ValueError(f"large_eps is an L1 schedule, the norm is {norm!r}")
     if loss not in ("ce", "dlr", "dlr-targeted"):
         raise ValueError(f"loss must be 'ce', 'dlr' or 'dlr-targeted', got {loss!r}")
     if not eps >= 0:
@@ -250,10 +406,14 @@ def apgd(
                 else dlr_loss if target is None
                 else targeted_dlr_loss(target[active])
             )
-            runs.update(active, *_single_run(
-                model, x0[active], y[active], loss_fn, norm=norm, eps=eps, steps=steps,
-                rho=rho, generator=generator, eot_iter=eot_iter,
-            ))
+            if norm == "l1":
+                found = _l1_run(model, x0[active], y[active], loss_fn, eps=eps, steps=steps,
+                                large_eps=large_eps, generator=generator, eot_iter=eot_iter)
+            else:
+                found = _single_run(model, x0[active], y[active], loss_fn, norm=norm, eps=eps,
+                                    steps=steps, rho=rho, generator=generator,
+                                    eot_iter=eot_iter)
+            runs.update(active, *found)
     return fit_to_budget(x0, runs.points, norm, eps)
 
 
@@ -263,7 +423,7 @@ class _APGDParams(PluginParams):
         description="radius of the ball in [0, 1] pixel space, in the attack's norm "
         "(number or fraction string such as \"8/255\")",
     )
-    norm: NormParam = Field(default="linf", description="'linf' or 'l2' (any case)")
+    norm: AnyNormParam = Field(default="linf", description="'linf', 'l2' or 'l1' (any case)")
     steps: int = Field(default=100, ge=1, description="gradient steps per run")
     restarts: int = Field(
         default=1, ge=1, description="random restarts; later runs only attack the examples "
@@ -281,6 +441,18 @@ class _APGDParams(PluginParams):
         default=1, ge=1, description="forwards averaged per gradient (Expectation over "
         "Transformation); > 1 only for randomised models",
     )
+    large_eps: bool = Field(
+        default=False, description="L1 only: spend 30% of the steps at 3·eps and 30% at "
+        "2·eps before eps, each phase starting from the last one's best point (AutoAttack "
+        "L1's setting)",
+    )
+
+    @model_validator(mode="after")
+    def _large_eps_is_l1(self) -> _APGDParams:
+        if self.large_eps and self.norm != "l1":
+            raise ValueError(f"large_eps needs norm 'l1' (got {self.norm!r}); drop it or "
+                             "attack in l1")
+        return self
 
 
 class _APGD:
@@ -295,7 +467,7 @@ class _APGD:
             raise ValueError(f"{self.name} needs at least {self.min_classes} classes")
         self.params = params
         self.eps: float = params.eps
-        self.norm: Norm = params.norm
+        self.norm: AnyNorm = params.norm
         self._generator = seeded_generator(params.seed, ctx)
 
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
@@ -308,7 +480,7 @@ class _APGD:
             steps=self.params.steps, restarts=self.params.restarts, rho=self.params.rho,
             generator=self._generator,
             n_target_classes=getattr(self.params, "n_target_classes", 9),
-            eot_iter=self.params.eot_iter,
+            eot_iter=self.params.eot_iter, large_eps=self.params.large_eps,
         )
 
 

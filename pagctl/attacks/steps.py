@@ -22,21 +22,26 @@ if TYPE_CHECKING:
     from pagctl.protocols import BuildContext
 
 Norm = Literal["linf", "l2"]
+"""The threat models every built-in attack handles."""
+AnyNorm = Literal["linf", "l2", "l1"]
+"""Every threat model the steps handle; APGD, FAB, Square and AutoAttack also attack in L1."""
 Loss = Literal["ce", "margin"]
 
 
 def norm_name(value: object) -> object:
     """A norm's name as pagctl spells it: names are case-insensitive, so the reference
-    implementations' ``Linf`` and ``L2`` (fra31/auto-attack, torchattacks) are ``linf`` and
-    ``l2``. Anything else passes through unchanged to the field's own check (whose message
-    then shows what was written)."""
-    if isinstance(value, str) and value.lower() in get_args(Norm):
+    implementations' ``Linf``, ``L2`` and ``L1`` (fra31/auto-attack, torchattacks) are
+    ``linf``, ``l2`` and ``l1``. Anything else passes through unchanged to the field's own
+    check (whose message then shows what was written)."""
+    if isinstance(value, str) and value.lower() in get_args(AnyNorm):
         return value.lower()
     return value
 
 
 NormParam = Annotated[Norm, BeforeValidator(norm_name)]
 """The type of an attack's ``norm`` Param: ``linf`` or ``l2``, written in any case."""
+AnyNormParam = Annotated[AnyNorm, BeforeValidator(norm_name)]
+"""The ``norm`` Param of an attack that also handles L1: ``linf``, ``l2`` or ``l1``, any case."""
 
 
 def per_example(values: Tensor, like: Tensor) -> Tensor:
@@ -55,6 +60,18 @@ def linf_norms(delta: Tensor) -> Tensor:
     return delta.flatten(1).abs().amax(dim=1)
 
 
+def l1_norms(delta: Tensor) -> Tensor:
+    """Per-example L1 norm. Shape: (N, ...) -> (N,)."""
+    return delta.flatten(1).abs().sum(dim=1)
+
+
+def norms_of(delta: Tensor, norm: AnyNorm) -> Tensor:
+    """Per-example size of ``delta`` in ``norm``. Shape: (N, ...) -> (N,)."""
+    if norm == "l2":
+        return l2_norms(delta)
+    return l1_norms(delta) if norm == "l1" else linf_norms(delta)
+
+
 def project_l2(delta: Tensor, eps: float) -> Tensor:
     """Scale each example's ``delta`` onto the L2 ball of radius ``eps`` (if outside it).
 
@@ -70,6 +87,50 @@ def project_l2(delta: Tensor, eps: float) -> Tensor:
 def project_linf(delta: Tensor, eps: float) -> Tensor:
     """Clip every coordinate to ``[-eps, eps]``. Shape: (N, ...) -> (N, ...)."""
     return delta.clamp(-eps, eps)
+
+
+def project_l1_box(x: Tensor, delta: Tensor, eps: float | Tensor) -> Tensor:
+    """The Euclidean projection of ``x + delta`` onto the L1 ball of radius ``eps`` around
+    ``x`` intersected with the [0, 1] box, returned as a perturbation of ``x``.
+
+    Scaling ``delta`` down is not the projection here (it ignores the box and spreads the
+    budget over every pixel); the projection soft-thresholds instead. The set is the box
+    ``-room_i <= d_i <= room_i'`` intersected with ``‖d‖₁ <= eps``, so by the KKT conditions
+    ``d_i = sign(delta_i) · clip(|delta_i| − λ, 0, u_i)`` with ``u_i`` the room toward the
+    face ``delta_i`` points at (``1 − x_i`` or ``x_i``) and ``λ >= 0`` the smallest level
+    with ``‖d‖₁ <= eps``. ``g(λ) = Σ clip(|delta_i| − λ, 0, u_i)`` is piecewise linear and
+    non-increasing with kinks at ``|delta_i| − u_i`` (the coordinate leaves its face) and
+    ``|delta_i|`` (it reaches zero); sorting the kinks gives ``g`` at every kink, the kink
+    interval where ``g`` crosses ``eps`` and ``λ`` by linear interpolation there: exact, no
+    iteration. ``x`` must lie in [0, 1]; ``eps`` is a number or a per-example (N,) tensor.
+
+    Shape: (N, ...) twice -> (N, ...), in the dtype of ``delta``.
+    """
+    n = delta.shape[0]
+    flat, base = delta.reshape(n, -1), x.reshape(n, -1).to(delta.dtype)
+    size = flat.abs()
+    room = torch.where(flat > 0, 1.0 - base, base).clamp_min(0.0)
+    clipped = torch.minimum(size, room)
+    budget = torch.as_tensor(eps, dtype=delta.dtype, device=delta.device).expand(n)
+    over = clipped.sum(dim=1) > budget
+    if not bool(over.any()):
+        return (flat.sign() * clipped).reshape(delta.shape)
+    # Kinks: a coordinate starts shrinking at |δ| − u (from 0 if that is negative) and is
+    # zero from |δ| on; `active` after a kink counts the coordinates shrinking past it.
+    kinks = torch.cat(((size - room).clamp_min(0.0), size), dim=1)
+    change = torch.cat((torch.ones_like(size), -torch.ones_like(size)), dim=1)
+    kinks, order = kinks.sort(dim=1)
+    active = change.gather(1, order).cumsum(dim=1)
+    drop = active[:, :-1] * kinks.diff(dim=1)
+    g_at = clipped.sum(dim=1, keepdim=True) - torch.cat(
+        (torch.zeros_like(drop[:, :1]), drop.cumsum(dim=1)), dim=1)
+    # First kink where g <= eps (the last kink has g = 0); λ lies just before it.
+    j = (g_at > budget[:, None]).sum(dim=1).clamp(1, kinks.shape[1] - 1)[:, None] - 1
+    slope = active.gather(1, j).squeeze(1).clamp_min(1.0)
+    level = kinks.gather(1, j).squeeze(1) + (g_at.gather(1, j).squeeze(1) - budget) / slope
+    level = torch.where(over, level.clamp_min(0.0), torch.zeros_like(level))
+    shrunk = torch.minimum((size - level[:, None]).clamp_min(0.0), room)
+    return (flat.sign() * shrunk).reshape(delta.shape)
 
 
 def random_start_l2(
@@ -183,13 +244,13 @@ def loss_gradient(
     return logits_and_gradient(model, x, labels, loss, targeted)[1]
 
 
-def fit_to_budget(x: Tensor, x_adv: Tensor, norm: Norm, eps: float) -> Tensor:
+def fit_to_budget(x: Tensor, x_adv: Tensor, norm: AnyNorm, eps: float) -> Tensor:
     """Make ``x_adv`` satisfy ``‖x_adv - x‖ <= eps`` as the difference is computed in the
     inputs' dtype, and stay in [0, 1].
 
     ``x + delta - x`` need not equal ``delta`` in floating point; at small ε (8/255) the
     rounding of a pixel near 1 is a relative error of ~2e-6, enough to fail a strict budget
-    check. Coordinates (L∞) or examples (L2) that are over are nudged toward ``x``.
+    check. Coordinates (L∞) or examples (L2, L1) that are over are nudged toward ``x``.
     Shape: (N, C, H, W) twice -> (N, C, H, W).
     """
     x_adv = x_adv.clamp(0.0, 1.0)
@@ -204,7 +265,7 @@ def fit_to_budget(x: Tensor, x_adv: Tensor, norm: Norm, eps: float) -> Tensor:
             fitted = torch.where((fitted - x).abs() > eps, torch.nextafter(fitted, x), fitted)
             x_adv = torch.where(over, fitted, x_adv)
         else:
-            norms = l2_norms(delta)
+            norms = l2_norms(delta) if norm == "l2" else l1_norms(delta)
             over = norms > eps
             if not bool(over.any()):
                 return x_adv
