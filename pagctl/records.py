@@ -172,6 +172,7 @@ class AttackRecord(_Model):
     eps: Number | None = None
     max_l2: Number | None = None
     max_linf: Number | None = None
+    max_l1: Number | None = None
     pixel_min: Number | None = None
     pixel_max: Number | None = None
     nan_count: Count | None = None

@@ -131,6 +131,33 @@ def test_stages_run_on_survivors_and_report_contributions() -> None:
     assert rep.pixel_min >= 0 and rep.pixel_max <= 1 and rep.nan_count == 0
 
 
+def test_progress_shows_forward_counts_within_a_batch(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage on one batch can run for minutes: the bar's text carries the stage's running
+    forward count, and off a terminal the periodic plain lines carry it into the log."""
+    from pagctl import progress
+    from pagctl.robustness import engine
+
+    monkeypatch.setenv(progress.PROGRESS_SECONDS_ENV, "0")
+    monkeypatch.setattr(engine, "HEARTBEAT_SECONDS", 0.0)
+    labels = torch.arange(8) % 4
+    fooling = _block_images(torch.tensor([3]))[0]
+    stage = _Scripted(fooling, {0}, forwards=3)
+    run_attack(_identity_model(), _Pair(("a", stage), ("b", _Scripted(fooling, {1}))),
+               _dataset(_block_images(labels), labels), torch.arange(8), name="pair",
+               params=_NoParams(), batch_size=4, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    beats = [line for line in lines if line.startswith("a: ") and "forwards" in line]
+    assert beats, lines
+    assert any("batch 1/2, 4 forwards" in line for line in beats), beats
+    assert any("batch 2/2, 12 forwards" in line for line in beats), beats
+    quiet = _Scripted(fooling, {0}, forwards=3)
+    run_attack(_identity_model(), _Pair(("a", quiet), ("b", quiet)),
+               _dataset(_block_images(labels), labels), torch.arange(8), name="pair",
+               params=_NoParams(), batch_size=4, progress=False)
+    assert "forwards" not in capsys.readouterr().err
+
+
 def test_robust_never_exceeds_clean_per_point() -> None:
     labels = torch.arange(12) % 4
     x = _block_images(labels)

@@ -56,9 +56,11 @@ class PerBatch:
 
 
 class _PassCounter:
-    """Wraps a model to count forward and backward passes, one per example."""
+    """Wraps a model to count forward and backward passes, one per example; ``on_forward``
+    (if given) hears the running forward count after every forward."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module,
+                 on_forward: Callable[[int], None] | None = None) -> None:
         import torch
 
         class Counted(torch.nn.Module):
@@ -71,12 +73,15 @@ class _PassCounter:
                 out: Tensor = self.inner(x)
                 owner, rows = self._owner[0], int(x.shape[0]) if x.dim() else 1
                 owner.forwards += rows
+                if owner.on_forward is not None:
+                    owner.on_forward(owner.forwards)
                 if out.requires_grad:
                     out.register_hook(lambda g: owner._backward(rows))  # type: ignore[no-untyped-call]
                 return out
 
         self.forwards = 0
         self.backwards = 0
+        self.on_forward = on_forward
         self.module = Counted(model, self)
 
     def _backward(self, rows: int) -> None:
@@ -173,13 +178,14 @@ def run_attack(
         with ProgressBar(stage_names[0], total, enabled=progress) as bar:
             while state.stage < len(stage_names):
                 s = state.stage
+                robust = f"robust {int(state.robust.sum())}/{n}"
                 bar.update(completed=s * per_stage + state.batch,
-                           description=stage_names[s],
-                           info=f"robust {int(state.robust.sum())}/{n}")
+                           description=stage_names[s], info=robust)
                 if state.batch < len(starts):
+                    where = f"{robust}, batch {state.batch + 1}/{len(starts)}"
                     _attack_batch(model, built(state.batch), state, s, dataset, indices,
                                   starts[state.batch], batch_size, name, norm, eps, device,
-                                  origin)
+                                  origin, _heartbeat(bar, where) if progress else None)
                     state.batch += 1
                 if state.batch >= len(starts):
                     state.stage, state.batch = state.stage + 1, 0
@@ -195,6 +201,26 @@ def run_attack(
     report = AttackReport.from_state(state, name, params, norm, eps, indices, seed)
     report.images = state.images if keep_images else None
     return report
+
+
+HEARTBEAT_SECONDS = 1.0
+"""Within a batch, the bar's text shows the stage's forward count at most this often."""
+
+
+def _heartbeat(bar: Any, where: str) -> Callable[[int], None]:
+    """A forward-count listener that refreshes ``bar``'s text (at most every
+    HEARTBEAT_SECONDS): a stage on one batch can run for minutes (APGD-T's 9 targets × 100
+    steps), and the count shows it is moving; off a terminal the bar's periodic line
+    carries it into the log."""
+    last = [time.monotonic()]
+
+    def beat(forwards: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= HEARTBEAT_SECONDS:
+            last[0] = now
+            bar.update(info=f"{where}, {forwards:,} forwards")
+
+    return beat
 
 
 def _data_digest(dataset: Dataset[Any], indices: Tensor, batch_size: int) -> str:
@@ -219,8 +245,10 @@ def _empty() -> Tensor:
 def _attack_batch(model: nn.Module, attack: Any, state: AttackState, stage: int,
                   dataset: Dataset[Any], indices: Tensor, lo: int, batch_size: int,
                   name: str, norm: str | None, eps: float | None,
-                  device: torch.device | str, origin: str) -> None:
-    """Run stage ``stage`` on the points of batch ``[lo, lo + batch_size)`` still robust."""
+                  device: torch.device | str, origin: str,
+                  heartbeat: Callable[[int], None] | None = None) -> None:
+    """Run stage ``stage`` on the points of batch ``[lo, lo + batch_size)`` still robust;
+    ``heartbeat`` hears the stage's running forward count."""
     import torch
 
     from pagctl.data import get_batch
@@ -237,7 +265,7 @@ def _attack_batch(model: nn.Module, attack: Any, state: AttackState, stage: int,
     x, y = x.to(device), y.to(device)
     x_before = x.clone()
     snapshot = ModelSnapshot(model)
-    counter = _PassCounter(model)
+    counter = _PassCounter(model, heartbeat)
     t0 = time.perf_counter()
     try:
         x_adv = stage_attack(counter.module, x, y)
@@ -259,6 +287,7 @@ def _attack_batch(model: nn.Module, attack: Any, state: AttackState, stage: int,
     state.broken_by[pos[fooled]] = stage
     delta = (x_adv - x).flatten(1)
     stats = state.stats
+    stats["max_l1"] = max(stats.get("max_l1", 0.0), float(delta.abs().sum(dim=1).max()))
     stats["max_l2"] = max(stats["max_l2"], float(delta.norm(dim=1).max()))
     stats["max_linf"] = max(stats["max_linf"], float(delta.abs().max()))
     stats["pixel_min"] = min(stats["pixel_min"], float(x_adv.min()))
