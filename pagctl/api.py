@@ -162,9 +162,9 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
     the reliability verdict of the gradient-masking probes (``report.reliable``).
 
     ``attack`` is a registered attack (``pagctl plugins``); ``eps`` (a number or "8/255"),
-    ``norm`` ("linf", "l2", any case) and ``params`` are its parameters. With ``eps_sweep``
-    the result is one report per budget, else one report. ``weights`` chooses a run's
-    weights when ``model`` is a path."""
+    ``norm`` ("linf", "l2"; also "l1" for APGD, FAB, Square and AutoAttack; any case) and
+    ``params`` are its parameters. With ``eps_sweep`` the result is one report per budget,
+    else one report. ``weights`` chooses a run's weights when ``model`` is a path."""
 
     from pagctl import registry
     from pagctl.robustness.evaluate import evaluate_attack

@@ -24,15 +24,20 @@ QUICK = {  # keep the built-ins fast; defaults are checked for validity regardle
 }
 
 
+WITH_L1 = {"apgd_ce", "apgd_dlr", "apgd_t", "autoattack", "fab", "fab_t", "square"}
+
+
 @pytest.mark.parametrize("name", sorted(registry.BUILTIN_ATTACKS))
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_builtin_attacks_conform(name: str, norm: str) -> None:
     factory = registry.attacks.get(name)
     params = dict(QUICK.get(name, {}))
     if "norm" in factory.Params.model_fields:
+        if norm == "l1" and name not in WITH_L1:
+            pytest.skip(f"{name} has no L1")
         params["norm"] = norm
-        params["eps"] = 0.5 if norm == "l2" else 0.1
-    elif norm == "linf":
+        params["eps"] = {"l2": 0.5, "linf": 0.1, "l1": 2.0}[norm]
+    elif norm != "l2":
         pytest.skip(f"{name} has one norm")
     check_attack(factory, params=params)
 

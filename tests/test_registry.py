@@ -150,13 +150,21 @@ def test_norm_names_are_case_insensitive_in_every_builtin_attack() -> None:
 
     with_norm = [name for name in registry.attacks.names()
                  if "norm" in registry.attacks.get(name).Params.model_fields]
-    assert {"autoattack", "apgd_ce", "apgd_t", "fab", "fab_t", "square", "fgsm"} <= set(with_norm)
+    with_l1 = {"autoattack", "apgd_ce", "apgd_dlr", "apgd_t", "fab", "fab_t", "square"}
+    assert with_l1 | {"fgsm"} <= set(with_norm)
     for name in with_norm:
-        for given, expected in (("L2", "l2"), ("Linf", "linf"), ("LINF", "linf"), ("l2", "l2")):
+        spellings = [("L2", "l2"), ("Linf", "linf"), ("LINF", "linf"), ("l2", "l2")]
+        if name in with_l1:
+            spellings.append(("L1", "l1"))
+        for given, expected in spellings:
             params = registry.attacks.validate_params(name, {"norm": given}, "--param")
             assert params.norm == expected, (name, given)  # type: ignore[attr-defined]
-        with pytest.raises(SpecError, match=r"norm: Input should be 'linf' or 'l2' \(got 'L3'\)"):
+        allowed = "'linf', 'l2' or 'l1'" if name in with_l1 else "'linf' or 'l2'"
+        with pytest.raises(SpecError, match=rf"norm: Input should be {allowed} \(got 'L3'\)"):
             registry.attacks.validate_params(name, {"norm": "L3"}, "--param")
+        if name not in with_l1:
+            with pytest.raises(SpecError, match=rf"norm: Input should be {allowed}"):
+                registry.attacks.validate_params(name, {"norm": "L1"}, "--param")
 
 
 def test_a_third_party_model_provider_may_not_shadow_a_timm_name(

@@ -2,10 +2,13 @@
 on the points the previous ones left robust, so a point counts as robust only if it
 survives all of them (the per-point worst case).
 
-Versions, as the reference defines them for L∞ and L2:
+Versions, as the reference defines them:
 
 - ``standard``: APGD-CE (1 run) → APGD-T (9 target classes) → FAB-T (9 target classes) →
-  Square (5,000 queries), 100 iterations for the gradient attacks;
+  Square (5,000 queries), 100 iterations for the gradient attacks. In L1 the APGD stages
+  change as the reference's L1 AutoAttack (Croce & Hein, 2021) does: APGD-CE makes 5 runs
+  and APGD-T targets the 5 highest non-true classes, both on the 3ε → 2ε → ε schedule
+  (``large_eps``);
 - ``plus``: APGD-CE and APGD-DLR (5 restarts each) → FAB (5 restarts) → Square →
   APGD-T → FAB-T;
 - ``rand``: APGD-CE and APGD-DLR with Expectation over Transformation (20 forwards per
@@ -26,7 +29,7 @@ from torch import Tensor, nn
 from pagctl.attacks.apgd import APGDCE, APGDDLR, APGDT
 from pagctl.attacks.fab import FAB, FABT
 from pagctl.attacks.square import Square
-from pagctl.attacks.steps import Norm, NormParam, fit_to_budget
+from pagctl.attacks.steps import AnyNorm, AnyNormParam, fit_to_budget
 from pagctl.protocols import BuildContext, Epsilon, PluginParams
 
 Version = Literal["standard", "plus", "rand"]
@@ -37,10 +40,16 @@ _MIN_CLASSES = {"standard": 4, "plus": 4, "rand": 3}
 Plan = list[tuple[str, type[Any], dict[str, Any]]]
 
 
-def _plan(version: Version, steps: int, queries: int) -> Plan:
-    """(stage name, plugin class, params) for each stage of ``version``, in order."""
+def _plan(version: Version, norm: AnyNorm, steps: int, queries: int) -> Plan:
+    """(stage name, plugin class, params) for each stage of ``version`` in ``norm``, in
+    order."""
     targeted = {"steps": steps, "restarts": 1, "n_target_classes": 9}
     square = {"queries": queries, "p_init": 0.8, "restarts": 1, "rescale_schedule": False}
+    if version == "standard" and norm == "l1":
+        return [("apgd_ce", APGDCE, {"steps": steps, "restarts": 5, "large_eps": True}),
+                ("apgd_t", APGDT, {**targeted, "n_target_classes": 5, "large_eps": True}),
+                ("fab_t", FABT, targeted),
+                ("square", Square, square)]
     if version == "standard":
         return [("apgd_ce", APGDCE, {"steps": steps, "restarts": 1}),
                 ("apgd_t", APGDT, targeted),
@@ -63,15 +72,18 @@ def _stage_params(params: Any, num_classes: int) -> tuple[tuple[str, Any, BaseMo
     however many batches build the ensemble (``params`` is frozen, hence a cache key)."""
     common = {"eps": params.eps, "norm": params.norm, "seed": params.seed}
     stages = []
-    for name, cls, extra in _plan(params.version, params.steps, params.square_queries):
+    plan = _plan(params.version, params.norm, params.steps, params.square_queries)
+    for name, cls, extra in plan:
         if "n_target_classes" in extra:
-            extra = {**extra, "n_target_classes": min(9, num_classes - 1)}
+            extra = {**extra,
+                     "n_target_classes": min(extra["n_target_classes"], num_classes - 1)}
         stages.append((name, cls, cls.Params.model_validate({**common, **extra})))
     return tuple(stages)
 
 
 class AutoAttack:
-    """AutoAttack: APGD-CE, APGD-T, FAB-T and Square in turn, per-point worst case."""
+    """AutoAttack: APGD-CE, APGD-T, FAB-T and Square in turn, per-point worst case, in
+    L∞, L2 or L1."""
 
     class Params(PluginParams):
         eps: Epsilon = Field(
@@ -79,7 +91,9 @@ class AutoAttack:
             description="radius in [0, 1] pixel space, in the chosen norm (number or fraction "
             "string such as \"8/255\")",
         )
-        norm: NormParam = Field(default="linf", description="'linf' or 'l2' (any case)")
+        norm: AnyNormParam = Field(
+            default="linf", description="'linf', 'l2' or 'l1' (any case)",
+        )
         version: Version = Field(
             default="standard", description="'standard' (deterministic models), 'plus' "
             "(more restarts and attacks) or 'rand' (randomised models: EoT over 20 forwards)",
@@ -106,7 +120,7 @@ class AutoAttack:
             )
         self.params = params
         self.eps: float = params.eps
-        self.norm: Norm = params.norm
+        self.norm: AnyNorm = params.norm
         self._stages: list[tuple[str, Any]] = [
             (name, cls(stage_params, ctx))
             for name, cls, stage_params in _stage_params(params, ctx.num_classes)]

@@ -1,4 +1,4 @@
-"""FAB, the fast adaptive boundary attack (Croce & Hein, ICML 2020), L∞ and L2.
+"""FAB, the fast adaptive boundary attack (Croce & Hein, ICML 2020), L∞, L2 and L1.
 
 FAB looks for the *smallest* perturbation that changes the prediction. Each iteration, at the
 current point ``x_k`` (the first run of a call starts at the clean input ``x``):
@@ -6,7 +6,8 @@ current point ``x_k`` (the first run of a call starts at the clean input ``x``):
 1. Linearise the decision boundary: for each competing class ``k`` the logit difference
    ``f_k = z_k − z_y`` and its input gradient ``w_k`` give the hyperplane
    ``{z : f_k + w_k·(z − x_k) = 0}``. The class whose hyperplane is nearest in the attack's
-   norm, ``|f_k| / ‖w_k‖_*`` with ``‖·‖_*`` the dual norm (L1 for L∞, L2 for L2), is chosen.
+   norm, ``|f_k| / ‖w_k‖_*`` with ``‖·‖_*`` the dual norm (L1 for L∞, L2 for L2, L∞ for
+   L1), is chosen.
    ``FABT`` has a single competing class, the target.
 2. Project both ``x_k`` and ``x`` onto that hyperplane intersected with the [0, 1] box
    (:func:`boundary_projection`), giving steps ``d_k`` and ``d_0``.
@@ -19,7 +20,8 @@ current point ``x_k`` (the first run of a call starts at the clean input ``x``):
 
 Runs: the untargeted attack makes ``restarts`` runs, the first from ``x`` and the others from
 a random point at distance ``ε/2`` (L∞: ``x + ε/2 · u / ‖u‖_∞`` with ``u`` uniform in
-``[−1, 1]^d``; L2: ``x + ε/2 · g / ‖g‖₂`` with ``g`` standard normal; clipped to [0, 1]).
+``[−1, 1]^d``; L2: ``x + ε/2 · g / ‖g‖₂`` and L1: ``x + ε/2 · g / ‖g‖₁`` with ``g``
+standard normal; clipped to [0, 1]).
 The targeted attack makes ``restarts`` such runs for each of the ``n_target_classes``
 highest non-true classes of the clean logits, in turn. Every run attacks only the examples
 not yet broken.
@@ -39,11 +41,13 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from pagctl.attacks.steps import (
-    Norm,
-    NormParam,
+    AnyNorm,
+    AnyNormParam,
     fit_to_budget,
+    l1_norms,
     l2_norms,
     linf_norms,
+    norms_of,
     per_example,
     seeded_generator,
 )
@@ -51,11 +55,14 @@ from pagctl.protocols import BuildContext, Epsilon, PluginParams
 
 L2_TINY_WEIGHT = 1e-8
 """In the L2 projection, hyperplane coefficients below this in magnitude count as zero."""
+L1_TINY_WEIGHT = 1e-8
+"""In the L1 projection, hyperplane coefficients up to this in magnitude count as zero."""
+_NORMS = ("linf", "l2", "l1")
 
 
-def _norms(delta: Tensor, norm: Norm) -> Tensor:
+def _norms(delta: Tensor, norm: AnyNorm) -> Tensor:
     """Per-example norm. Shape: (N, ...) -> (N,)."""
-    return l2_norms(delta) if norm == "l2" else linf_norms(delta)
+    return norms_of(delta, norm)
 
 
 def _water_level(weight: Tensor, cap: Tensor, target: Tensor) -> Tensor:
@@ -85,7 +92,26 @@ def _water_level(weight: Tensor, cap: Tensor, target: Tensor) -> Tensor:
     return torch.where(reachable, level, torch.full_like(level, float("inf")))
 
 
-def boundary_projection(points: Tensor, w: Tensor, b: Tensor, norm: Norm) -> Tensor:
+def _greedy_steps(weight: Tensor, room: Tensor, gap: Tensor) -> Tensor:
+    """Per row, the amounts ``a_i`` in ``[0, room_i]`` of least ``Σ a_i`` with
+    ``Σ_i weight_i · a_i = gap``: fill the coordinates in order of decreasing weight, each up
+    to its room, until the gap is closed (the last one partially). Coordinate ``j`` (in that
+    order) gets ``clip((gap − Σ_{i<j} weight_i room_i) / weight_j, 0, room_j)``; rows whose
+    gap exceeds ``Σ_i weight_i room_i`` get every coordinate of positive weight at its room.
+    Zero weights get 0. ``weight``, ``room``, ``gap`` >= 0. Shape: (M, D), (M, D), (M,) ->
+    (M, D).
+    """
+    weights, order = weight.sort(dim=1, descending=True)
+    rooms = room.gather(1, order)
+    area = weights * rooms  # how much of the gap each coordinate can close
+    before = area.cumsum(dim=1) - area  # Σ_{i<j} weight_i room_i
+    tiny = torch.finfo(weights.dtype).tiny
+    amount = ((gap[:, None] - before) / weights.clamp_min(tiny)).clamp_min(0.0)
+    amount = torch.where(weights > 0, torch.minimum(amount, rooms), torch.zeros_like(amount))
+    return torch.zeros_like(amount).scatter(1, order, amount)
+
+
+def boundary_projection(points: Tensor, w: Tensor, b: Tensor, norm: AnyNorm) -> Tensor:
     """Smallest step onto a hyperplane inside the [0, 1] box.
 
     Per row, returns the ``d`` of least ``norm`` with ``w·(points + d) + b = 0`` and
@@ -93,19 +119,23 @@ def boundary_projection(points: Tensor, w: Tensor, b: Tensor, norm: Norm) -> Ten
     box corner nearest to it (the one extremising ``w·z`` toward the hyperplane). ``points``
     must lie in the box.
 
-    Both norms share one form. With the sign of ``(w, b)`` chosen so that
+    All norms share one form. With the sign of ``(w, b)`` chosen so that
     ``c = w·points + b >= 0``, every coordinate moves against the sign of ``w_i``, by at most
-    its room ``r_i`` (the distance to the face ``w_i`` points away from), and ``λ`` is the
-    smallest level that closes the gap ``c`` (:func:`_water_level`):
+    its room ``r_i`` (the distance to the face ``w_i`` points away from). For L∞ and L2,
+    ``λ`` is the smallest level that closes the gap ``c`` (:func:`_water_level`):
 
     - L∞: ``d_i = −sign(w_i) · min(λ, r_i)`` with weights ``|w_i|``; ``λ`` is ``‖d‖_∞``;
     - L2: ``d_i = −sign(w_i) · min(λ |w_i|, r_i)``, the KKT solution ``clip(−λ w)`` (caps
-      ``r_i / |w_i|``, weights ``w_i²``); coefficients with ``|w_i| < 1e-8`` are left at 0.
+      ``r_i / |w_i|``, weights ``w_i²``); coefficients with ``|w_i| < 1e-8`` are left at 0;
+    - L1: a linear program whose solution is greedy (:func:`_greedy_steps`): a unit of L1
+      length spent on coordinate ``i`` closes ``|w_i|`` of the gap, so the coordinates with
+      the largest ``|w_i|`` move first, each by its full room, the last one partially;
+      coefficients with ``|w_i| <= 1e-8`` are left at 0 (as in the reference code).
 
     Shape: (M, D), (M, D), (M,) -> (M, D), in the dtype of ``points``.
     """
-    if norm not in ("l2", "linf"):
-        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    if norm not in _NORMS:
+        raise ValueError(f"norm must be 'linf', 'l2' or 'l1', got {norm!r}")
     gap = (w * points).sum(dim=1) + b
     side = torch.where(gap >= 0, 1.0, -1.0).to(points.dtype)
     w = w * side[:, None]
@@ -117,6 +147,9 @@ def boundary_projection(points: Tensor, w: Tensor, b: Tensor, norm: Norm) -> Ten
         used = w != 0
         level = _water_level(size, room, gap)
         step = torch.minimum(level[:, None], room)
+    elif norm == "l1":
+        used = size > L1_TINY_WEIGHT
+        step = _greedy_steps(torch.where(used, size, torch.zeros_like(size)), room, gap)
     else:
         used = size >= L2_TINY_WEIGHT
         size = torch.where(used, size, torch.zeros_like(size))
@@ -129,8 +162,17 @@ def boundary_projection(points: Tensor, w: Tensor, b: Tensor, norm: Norm) -> Ten
     return torch.where(used, d, torch.zeros_like(d))
 
 
+def _dual_norms(w: Tensor, norm: AnyNorm) -> Tensor:
+    """Per-example dual norm of ``norm`` (L1 for L∞, L2 for L2, L∞ for L1), in which the
+    distance to a hyperplane ``w·z + b = 0`` is ``|w·x + b| / ‖w‖_*``. Shape: (M, D) -> (M,).
+    """
+    if norm == "linf":
+        return l1_norms(w)
+    return l2_norms(w) if norm == "l2" else linf_norms(w)
+
+
 def _nearest_boundary(
-    model: nn.Module, x: Tensor, y: Tensor, rivals: list[Tensor], norm: Norm,
+    model: nn.Module, x: Tensor, y: Tensor, rivals: list[Tensor], norm: AnyNorm,
 ) -> tuple[Tensor, Tensor]:
     """Linearise ``z_k − z_y`` at ``x`` for each rival class and keep, per example, the one
     whose hyperplane is nearest in ``norm``: ``|f| / (‖∇f‖_* + 1e-12)``.
@@ -152,7 +194,7 @@ def _nearest_boundary(
             (grad,) = torch.autograd.grad(diff.sum(), x_var, retain_graph=i < len(rivals) - 1)
             grad = grad.detach()
             flat = grad.flatten(1)
-            dual = flat.abs().sum(dim=1) if norm == "linf" else l2_norms(flat)
+            dual = _dual_norms(flat, norm)
             f = diff.detach()
             dist = f.abs() / (dual + 1e-12)
             closer = dist < best_dist
@@ -163,16 +205,16 @@ def _nearest_boundary(
 
 
 def _random_start(
-    x: Tensor, norm: Norm, eps: float, generator: torch.Generator,
+    x: Tensor, norm: AnyNorm, eps: float, generator: torch.Generator,
 ) -> Tensor:
     """A point at distance ``eps / 2`` from each example (uniform cube direction for L∞,
-    Gaussian direction for L2), clipped to [0, 1]. Shape: (M, C, H, W) -> (M, C, H, W)."""
+    Gaussian direction for L2 and L1), clipped to [0, 1]. Shape: (M, C, H, W) ->
+    (M, C, H, W)."""
     if norm == "linf":
         u = 2.0 * torch.rand(x.shape, generator=generator, device=generator.device) - 1.0
-        size = linf_norms(u)
     else:
         u = torch.randn(x.shape, generator=generator, device=generator.device)
-        size = l2_norms(u)
+    size = norms_of(u, norm)
     u = u / per_example(size.clamp_min(torch.finfo(u.dtype).tiny), u)
     return (x + 0.5 * eps * u.to(device=x.device, dtype=x.dtype)).clamp(0.0, 1.0)
 
@@ -184,7 +226,7 @@ def _single_run(
     rivals: list[Tensor],
     start: Tensor,
     *,
-    norm: Norm,
+    norm: AnyNorm,
     steps: int,
     alpha_max: float,
     eta: float,
@@ -231,7 +273,7 @@ def fab(
     x: Tensor,
     y: Tensor,
     *,
-    norm: Norm,
+    norm: AnyNorm,
     eps: float,
     steps: int,
     restarts: int,
@@ -252,8 +294,8 @@ def fab(
     (N, C, H, W), same dtype/device, ``‖x_adv − x‖ <= eps`` per example; examples not broken
     within ``eps`` are returned unchanged.
     """
-    if norm not in ("l2", "linf"):
-        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    if norm not in _NORMS:
+        raise ValueError(f"norm must be 'linf', 'l2' or 'l1', got {norm!r}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if steps < 1 or restarts < 1 or n_target_classes < 1:
@@ -301,7 +343,7 @@ class _FABParams(PluginParams):
         "string such as \"8/255\"); examples broken only by larger perturbations are "
         "returned unchanged",
     )
-    norm: NormParam = Field(default="linf", description="'linf' or 'l2' (any case)")
+    norm: AnyNormParam = Field(default="linf", description="'linf', 'l2' or 'l1' (any case)")
     steps: int = Field(default=100, ge=1, description="iterations per run")
     restarts: int = Field(
         default=1, ge=1, description="runs (per target for fab_t): the first starts at the "
@@ -336,7 +378,7 @@ class _FAB:
             raise ValueError(f"{self.name} needs at least 2 classes")
         self.params = params
         self.eps: float = params.eps
-        self.norm: Norm = params.norm
+        self.norm: AnyNorm = params.norm
         self._generator = seeded_generator(params.seed, ctx)
 
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:

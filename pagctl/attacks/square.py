@@ -1,9 +1,16 @@
-"""Square Attack (Andriushchenko et al., ECCV 2020): a score-based black-box attack, L∞ and L2.
+"""Square Attack (Andriushchenko et al., ECCV 2020): a score-based black-box attack, L∞, L2
+and L1.
 
 The attack only queries the model's logits, under ``torch.no_grad()``; it never asks for a
 gradient, so gradient masking does not stop it. Each iteration proposes a change confined
 to one random square window (shared by the batch, as in the paper; the signs are drawn per
 example and channel) and keeps it for the examples whose loss improves.
+
+L1 (Croce et al., "Mind the box", ICML 2021) follows the reference code's L1 branch: the
+L2 construction with L1 pieces. The patterns' rings weigh ``1/(k+1)⁴`` (not ``1/(k+1)²``)
+and have unit L1 norm; masses are L1 norms; and instead of rescaling, every point is the
+exact projection onto the L1 ball of radius ``ε (1 − 1e-6)`` intersected with the [0, 1]
+box (:func:`pagctl.attacks.steps.project_l1_box`).
 
 Per example, the returned point is the first query the model misclassifies; if none is, the
 best-loss point over all restarts. Query accounting: one clean forward pass for the whole
@@ -22,12 +29,14 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from pagctl.attacks.steps import (
+    AnyNorm,
+    AnyNormParam,
     BestSoFar,
     Loss,
-    Norm,
-    NormParam,
     fit_to_budget,
+    l1_norms,
     loss_per_example,
+    project_l1_box,
     seeded_generator,
 )
 from pagctl.protocols import BuildContext, Epsilon, PluginParams
@@ -63,33 +72,46 @@ def _signs(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> 
     return (2 * draw - 1).to(device=like.device, dtype=like.dtype)
 
 
-def _rectangle_pattern(rows: int, cols: int) -> Tensor:
-    """Concentric rectangles centred in a ``rows × cols`` patch, weight 1/(k+1)² for ring k,
-    unit L2 norm (all zeros for an empty patch). Shape: -> (rows, cols) float64."""
+def _pattern_size(pattern: Tensor, norm: AnyNorm) -> Tensor:
+    """The L2 (``norm="l2"``) or L1 (``norm="l1"``) norm of a whole pattern.
+
+    The reference code's L1 branch writes ``delta.abs().sum(dim=(), keepdim=True)``; in the
+    installed torch (2.x) an empty ``dim`` tuple reduces over *all* dimensions, so that is
+    the L1 norm of the whole 2-D pattern, not the identity. We compute that deliberately.
+    Shape: (rows, cols) -> ().
+    """
+    size: Tensor = torch.linalg.vector_norm(pattern, ord=1 if norm == "l1" else 2)
+    return size
+
+
+def _rectangle_pattern(rows: int, cols: int, norm: AnyNorm = "l2") -> Tensor:
+    """Concentric rectangles centred in a ``rows × cols`` patch: weight 1/(k+1)² for ring k
+    and unit L2 norm (``norm="l2"``), or 1/(k+1)⁴ and unit L1 norm (``norm="l1"``); all
+    zeros for an empty patch. Shape: -> (rows, cols) float64."""
     out = torch.zeros(rows, cols, dtype=torch.float64)
     if rows == 0 or cols == 0:
         return out
+    power = 4 if norm == "l1" else 2
     r0, c0 = rows // 2, cols // 2
     for k in range(max(r0, c0) + 1):
         out[max(r0 - k, 0): min(r0 + k + 1, rows), max(c0 - k, 0): min(c0 + k + 1, cols)] += (
-            1.0 / (k + 1) ** 2
+            1.0 / (k + 1) ** power
         )
-    norm: Tensor = torch.linalg.vector_norm(out)
-    return out / norm
+    return out / _pattern_size(out, norm)
 
 
-def _meta_pattern(s: int, generator: torch.Generator) -> Tensor:
-    """The paper's L2 square pattern: two halves of opposite sign, each a stack of
-    concentric rectangles, unit L2 norm, transposed with probability 1/2.
+def _meta_pattern(s: int, generator: torch.Generator, norm: AnyNorm = "l2") -> Tensor:
+    """The paper's square pattern: two halves of opposite sign, each a stack of concentric
+    rectangles (:func:`_rectangle_pattern` in ``norm``), unit norm in ``norm`` (L2 or L1),
+    transposed with probability 1/2.
 
     Shape: -> (s, s) float64.
     """
     out = torch.zeros(s, s, dtype=torch.float64)
     half = s // 2
-    out[:half] = _rectangle_pattern(half, s)
-    out[half:] = -_rectangle_pattern(s - half, s)
-    norm: Tensor = torch.linalg.vector_norm(out)
-    out = out / norm
+    out[:half] = _rectangle_pattern(half, s, norm)
+    out[half:] = -_rectangle_pattern(s - half, s, norm)
+    out = out / _pattern_size(out, norm)
     if _randint(2, generator) == 1:
         out = out.t().contiguous()
     return out
@@ -101,9 +123,10 @@ def _init_linf(x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
     return (x + eps * _signs((n, c, 1, w), generator, x)).clamp(0.0, 1.0)
 
 
-def _init_l2(x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
-    """A grid of meta-pattern tiles with random sign per example and channel, scaled to L2
-    norm ``eps`` (then clipped to [0, 1]). Shape: like ``x``."""
+def _tiles(x: Tensor, generator: torch.Generator, norm: AnyNorm) -> Tensor:
+    """A grid of ``s × s`` meta-pattern tiles in ``norm`` (L2 or L1), ``s = min(H, W) // 5``,
+    each with a random sign per example and channel; the grid starts where five tiles would
+    be centred and is cut at the border. Shape: like ``x`` (a perturbation)."""
     n, c, h, w = x.shape
     s = max(min(h, w) // 5, 1)
     delta = torch.zeros_like(x)
@@ -111,7 +134,7 @@ def _init_l2(x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
     for _ in range(h // s):
         left = (w - 5 * s) // 2 if w >= 5 * s else 0
         for _ in range(w // s):
-            tile = _meta_pattern(s, generator).to(device=x.device, dtype=x.dtype)
+            tile = _meta_pattern(s, generator, norm).to(device=x.device, dtype=x.dtype)
             rows, cols = min(s, h - top), min(s, w - left)
             if rows > 0 and cols > 0:
                 delta[:, :, top: top + rows, left: left + cols] += (
@@ -119,7 +142,30 @@ def _init_l2(x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
                 )
             left += s
         top += s
-    return (x + _scale_to(delta, eps)).clamp(0.0, 1.0)
+    return delta
+
+
+def _init_l2(x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
+    """L2 meta-pattern tiles (:func:`_tiles`) scaled to L2 norm ``eps``, then clipped to
+    [0, 1]. Shape: like ``x``."""
+    return (x + _scale_to(_tiles(x, generator, "l2"), eps)).clamp(0.0, 1.0)
+
+
+L1_RADIUS_FACTOR = 1.0 - 1e-6
+"""L1 points are projected onto the ball of radius ``eps · L1_RADIUS_FACTOR`` (as the reference)."""
+
+
+def _onto_l1_ball(x: Tensor, delta: Tensor, eps: float) -> Tensor:
+    """``x`` plus the projection of ``delta`` onto the L1 ball of radius ``eps (1 − 1e-6)``
+    ∩ the [0, 1] box. The clamp only removes rounding (it moves toward ``x``).
+    Shape: like ``x``."""
+    return (x + project_l1_box(x, delta, eps * L1_RADIUS_FACTOR)).clamp(0.0, 1.0)
+
+
+def _init_l1(x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
+    """L1 meta-pattern tiles (:func:`_tiles`, unit L1 norm each, not rescaled) projected
+    onto the L1 ball ∩ box, as the reference does. Shape: like ``x``."""
+    return _onto_l1_ball(x, _tiles(x, generator, "l1"), eps)
 
 
 def _l2(delta: Tensor) -> Tensor:
@@ -169,6 +215,30 @@ def _propose_linf(
     return out
 
 
+Window = tuple[slice, slice, slice, slice]
+
+
+def _two_windows(
+    x: Tensor, p: float, generator: torch.Generator,
+) -> tuple[int, Window, Window, Tensor]:
+    """The L2/L1 proposal's two random windows of odd side ``≈ sqrt(p H W)`` (at least 3, at
+    most ``min(H, W)``), shared by the batch: the side, both windows as index tuples, and
+    the (1, 1, H, W) mask of their union. Draws window 1's then window 2's position."""
+    _, _, h, w = x.shape
+    side = max(int(round(math.sqrt(p * h * w))), 3)
+    if side % 2 == 0:
+        side += 1
+    side = min(side, h, w)
+    top1, left1 = _randint(h - side + 1, generator), _randint(w - side + 1, generator)
+    top2, left2 = _randint(h - side + 1, generator), _randint(w - side + 1, generator)
+    win1 = (slice(None), slice(None), slice(top1, top1 + side), slice(left1, left1 + side))
+    win2 = (slice(None), slice(None), slice(top2, top2 + side), slice(left2, left2 + side))
+    mask = torch.zeros((1, 1, h, w), dtype=x.dtype, device=x.device)
+    mask[win1] = 1.0
+    mask[win2] = 1.0
+    return side, win1, win2, mask
+
+
 def _propose_l2(
     x: Tensor, best: Tensor, eps: float, p: float, generator: torch.Generator
 ) -> Tensor:
@@ -178,19 +248,9 @@ def _propose_l2(
 
     Shape: (N, C, H, W) twice -> (N, C, H, W).
     """
-    n, c, h, w = x.shape
-    side = max(int(round(math.sqrt(p * h * w))), 3)
-    if side % 2 == 0:
-        side += 1
-    side = min(side, h, w)
+    n, c, _, _ = x.shape
     delta = best - x
-    top1, left1 = _randint(h - side + 1, generator), _randint(w - side + 1, generator)
-    top2, left2 = _randint(h - side + 1, generator), _randint(w - side + 1, generator)
-    win1 = (slice(None), slice(None), slice(top1, top1 + side), slice(left1, left1 + side))
-    win2 = (slice(None), slice(None), slice(top2, top2 + side), slice(left2, left2 + side))
-    mask = torch.zeros((1, 1, h, w), dtype=x.dtype, device=x.device)
-    mask[win1] = 1.0
-    mask[win2] = 1.0
+    side, win1, win2, mask = _two_windows(x, p, generator)
     norm_win1 = delta[win1].pow(2).sum(dim=(2, 3), keepdim=True).sqrt()  # (N, C, 1, 1)
     norm_both = (delta * mask).pow(2).sum(dim=(2, 3), keepdim=True).sqrt()  # (N, C, 1, 1)
     norm_image = _l2(delta)  # (N, 1, 1, 1)
@@ -205,12 +265,46 @@ def _propose_l2(
     return (x + _scale_to(delta, eps)).clamp(0.0, 1.0)
 
 
+def _propose_l1(
+    x: Tensor, best: Tensor, eps: float, p: float, generator: torch.Generator
+) -> Tensor:
+    """The reference's L1 step: the L2 step with L1 norms. A new L1 meta-pattern in square 1
+    (added to its old content normalised to unit L1 norm per example and channel), square
+    2 emptied, square 1 rescaled to hold the mass of both squares plus the unused budget,
+    and the whole perturbation projected onto the L1 ball ∩ box (radius ``eps (1 − 1e-6)``).
+
+    Per channel the reference gives square 1 the mass ``(unused / C + both) · C``, where
+    ``both`` is that channel's L1 mass in the two squares: ``unused + both`` for one channel,
+    more for several (the projection then trims the excess). Kept as written there.
+    Shape: (N, C, H, W) twice -> (N, C, H, W).
+    """
+    n, c, _, _ = x.shape
+    delta = best - x
+    side, win1, win2, mask = _two_windows(x, p, generator)
+    mass_win1 = delta[win1].abs().sum(dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
+    mass_both = (delta * mask).abs().sum(dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
+    unused = (eps - l1_norms(delta)).clamp_min(0.0).reshape(n, 1, 1, 1)
+    pattern = _meta_pattern(side, generator, "l1").to(device=x.device, dtype=x.dtype)
+    new = pattern.expand(n, c, side, side) * _signs((n, c, 1, 1), generator, x)
+    new = new + delta[win1] / (mass_win1 + 1e-12)
+    mass = (unused / c + mass_both) * c
+    new = new / (new.abs().sum(dim=(2, 3), keepdim=True) + 1e-12) * mass
+    delta = delta.clone()
+    delta[win2] = 0.0
+    delta[win1] = new
+    return _onto_l1_ball(x, delta, eps)
+
+
+_INIT = {"linf": _init_linf, "l2": _init_l2, "l1": _init_l1}
+_PROPOSE = {"linf": _propose_linf, "l2": _propose_l2, "l1": _propose_l1}
+
+
 def _single_run(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
     *,
-    norm: Norm,
+    norm: AnyNorm,
     eps: float,
     queries: int,
     p_init: float,
@@ -224,8 +318,7 @@ def _single_run(
 
     Shape: (N, C, H, W), (N,) -> (N, C, H, W), (N,), (N,) bool.
     """
-    propose = _propose_l2 if norm == "l2" else _propose_linf
-    init = _init_l2 if norm == "l2" else _init_linf
+    propose, init = _PROPOSE[norm], _INIT[norm]
     best = init(x, eps, generator)
     logits = model(best)
     best_loss = loss_per_example(logits, y, loss)
@@ -254,7 +347,7 @@ def square_attack(
     x: Tensor,
     y: Tensor,
     *,
-    norm: Norm,
+    norm: AnyNorm,
     eps: float,
     queries: int,
     p_init: float,
@@ -271,8 +364,8 @@ def square_attack(
     (the clean pass included). Runs in whatever mode the caller left ``model`` in.
     Shape: inputs (N, C, H, W) in [0, 1], labels (N,) -> (N, C, H, W), same dtype/device.
     """
-    if norm not in ("l2", "linf"):
-        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    if norm not in _INIT:
+        raise ValueError(f"norm must be 'linf', 'l2' or 'l1', got {norm!r}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if queries < 1 or restarts < 1:
@@ -306,7 +399,7 @@ def square_attack(
 
 
 class Square:
-    """Square Attack: random-search black-box attack on the model's scores, L∞ or L2."""
+    """Square Attack: random-search black-box attack on the model's scores, L∞, L2 or L1."""
 
     class Params(PluginParams):
         eps: Epsilon = Field(
@@ -314,8 +407,8 @@ class Square:
             description="radius in [0, 1] pixel space, in the chosen norm (number or fraction "
             "string such as \"8/255\")",
         )
-        norm: NormParam = Field(
-            default="linf", description="threat model: 'linf' or 'l2' (any case)",
+        norm: AnyNormParam = Field(
+            default="linf", description="threat model: 'linf', 'l2' or 'l1' (any case)",
         )
         queries: int = Field(
             default=5000, ge=1,
@@ -345,7 +438,7 @@ class Square:
     def __init__(self, params: Params, ctx: BuildContext) -> None:
         self.params = params
         self.eps: float = params.eps
-        self.norm: Norm = params.norm
+        self.norm: AnyNorm = params.norm
         self._generator = seeded_generator(params.seed, ctx)
 
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:

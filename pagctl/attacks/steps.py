@@ -130,6 +130,10 @@ def project_l1_box(x: Tensor, delta: Tensor, eps: float | Tensor) -> Tensor:
     level = kinks.gather(1, j).squeeze(1) + (g_at.gather(1, j).squeeze(1) - budget) / slope
     level = torch.where(over, level.clamp_min(0.0), torch.zeros_like(level))
     shrunk = torch.minimum((size - level[:, None]).clamp_min(0.0), room)
+    # The level's rounding (float32, large |δ|) can leave the sum a hair over ε: scale back.
+    total = shrunk.sum(dim=1)
+    shrunk = shrunk * torch.where(total > budget, budget / total.clamp_min(1e-30),
+                                  torch.ones_like(total))[:, None]
     return (flat.sign() * shrunk).reshape(delta.shape)
 
 

@@ -85,7 +85,7 @@ def evaluate_attack(
                             origin=registry.attacks.origin(name))
         if verdict is not None and i == 0:
             stage_names = [s.name for s in report.stages]
-            if report.norm in ("l2", "linf") and report.eps is not None and report.eps > 0:
+            if report.norm in ("l2", "linf", "l1") and report.eps is not None and report.eps > 0:
                 attack_probes(model, px, py, report.robust_mask[: len(probe_idx)],
                               norm=report.norm, eps=report.eps, seed=seed,
                               white_box_only="square" not in stage_names,

@@ -9,8 +9,9 @@ symptom on a small subset and names it when it appears:
 - **randomness**: identical forwards disagree (a randomised defence needs EoT:
   ``autoattack`` version ``rand``);
 - **gradients**: input gradients of the logit margin that are exactly zero or not finite;
-- **ε-sweep**: a PGD sweep over growing ε is not monotone or does not reach ≈ 0 at the
-  diameter of the input box, where every image is reachable;
+- **ε-sweep**: a PGD sweep over growing ε (APGD-CE in L1, where PGD has no step) is not
+  monotone or does not reach ≈ 0 at the diameter of the input box, where every image is
+  reachable;
 - **more effort**: a stronger white-box attack (APGD-CE with restarts, then APGD-T) breaks
   points the evaluated attack left robust;
 - **black box**: the gradient-free Square attack breaks points the white-box attack left
@@ -60,8 +61,15 @@ class Verdict:
 
 
 def diameter(norm: str, shape: tuple[int, ...]) -> float:
-    """Largest distance between two images in [0, 1]^d in ``norm``: 1 (L∞) or √d (L2)."""
-    return 1.0 if norm == "linf" else math.sqrt(math.prod(shape))
+    """Largest distance between two images in [0, 1]^d in ``norm``: 1 (L∞), √d (L2) or
+    d (L1)."""
+    d = math.prod(shape)
+    return 1.0 if norm == "linf" else float(d) if norm == "l1" else math.sqrt(d)
+
+
+def sweep_attack(norm: str) -> str:
+    """The attack of the ε-sweep probe in ``norm``: PGD, or APGD-CE in L1."""
+    return "APGD-CE" if norm == "l1" else "PGD"
 
 
 def probe_outputs(model: nn.Module, x: Tensor, verdict: Verdict) -> None:
@@ -123,37 +131,44 @@ def probe_gradients(model: nn.Module, x: Tensor, y: Tensor, verdict: Verdict) ->
                                "gradients (shattered gradients)")
 
 
-def _pgd_accuracy(model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float,
-                  seed: int) -> float:
+def _sweep_accuracy(model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float,
+                    seed: int) -> float:
     import torch
 
+    from pagctl.attacks.apgd import apgd
     from pagctl.attacks.pgd import pgd
 
-    adv = pgd(model, x, y, norm=norm, eps=eps, steps=SWEEP_STEPS, step_size=None,  # type: ignore[arg-type]
-              restarts=1, random_start=True,
-              generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    if norm == "l1":
+        adv = apgd(model, x, y, loss="ce", norm="l1", eps=eps, steps=SWEEP_STEPS, restarts=1,
+                   rho=0.75, generator=generator)
+    else:
+        adv = pgd(model, x, y, norm=norm, eps=eps, steps=SWEEP_STEPS, step_size=None,  # type: ignore[arg-type]
+                  restarts=1, random_start=True, generator=generator)
     with torch.no_grad():
         return float((model(adv).argmax(1) == y).float().mean())
 
 
 def probe_sweep(model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float, seed: int,
                 verdict: Verdict) -> None:
-    """PGD accuracy at ε, 2ε, 4ε and the box diameter: must not rise, must reach ≈ 0."""
+    """PGD (APGD-CE in L1) accuracy at ε, 2ε, 4ε and the box diameter: must not rise,
+    must reach ≈ 0."""
     big = diameter(norm, tuple(x.shape[1:]))
     levels = sorted({min(e, big) for e in (eps, 2 * eps, 4 * eps)} | {big})
     levels = [e for e in levels if e > 0]
-    accs = [_pgd_accuracy(model, x, y, norm, e, seed) for e in levels]
+    accs = [_sweep_accuracy(model, x, y, norm, e, seed) for e in levels]
+    who = sweep_attack(norm)
     verdict.measured["sweep"] = {"eps": levels, "accuracy": accs, "steps": SWEEP_STEPS}
     m = max(1, x.shape[0])
     rises = [(a, b, e) for a, b, e in zip(accs, accs[1:], levels[1:], strict=False)
              if _material(round((b - a) * m), m)]
     if rises:
         a, b, e = rises[0]
-        verdict.reasons.append(f"PGD accuracy rises with ε ({a:.3f} → {b:.3f} at ε = {e:.4g}): "
+        verdict.reasons.append(f"{who} accuracy rises with ε ({a:.3f} → {b:.3f} at ε = {e:.4g}): "
                                "larger budgets should never help the model")
     if accs and accs[-1] > SWEEP_LARGE_ACCURACY:
         verdict.reasons.append(
-            f"PGD leaves accuracy {accs[-1]:.3f} at ε = {big:.4g} (the box diameter, where "
+            f"{who} leaves accuracy {accs[-1]:.3f} at ε = {big:.4g} (the box diameter, where "
             "every image is reachable): the gradients do not lead the attack")
 
 
@@ -168,8 +183,8 @@ def _broken(model: nn.Module, adv: Tensor, y: Tensor) -> Tensor:
 def probe_more_effort(model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float,
                       seed: int, verdict: Verdict, probed: int) -> None:
     """``x``: the points (of ``probed``) the evaluated attack left robust. A stronger
-    white-box attack (APGD-CE with 2 restarts, then APGD-T over 3 targets) should break
-    almost none."""
+    white-box attack (APGD-CE with 2 restarts, then APGD-T over 3 targets; in L1 both on
+    the 3ε → 2ε → ε schedule) should break almost none."""
     import torch
 
     from pagctl.attacks.apgd import apgd
@@ -179,15 +194,16 @@ def probe_more_effort(model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: fl
     if m == 0:
         return
     gen = torch.Generator().manual_seed(seed + 1)
+    large_eps = norm == "l1"
     adv = apgd(model, x, y, loss="ce", norm=norm, eps=eps, steps=100,  # type: ignore[arg-type]
-               restarts=2, rho=0.75, generator=gen)
+               restarts=2, rho=0.75, generator=gen, large_eps=large_eps)
     broken = _broken(model, adv, y)
     if model(x[:1]).shape[1] >= 4:
         keep = (~broken).nonzero().squeeze(1)
         if keep.numel():
             adv_t = apgd(model, x[keep], y[keep], loss="dlr-targeted", norm=norm,  # type: ignore[arg-type]
                          eps=eps, steps=100, restarts=1, rho=0.75, generator=gen,
-                         n_target_classes=3)
+                         n_target_classes=3, large_eps=large_eps)
             broken[keep] = _broken(model, adv_t, y[keep])
     k = int(broken.sum())
     verdict.measured["more_effort"]["broke"] = k
