@@ -54,7 +54,7 @@ def cli_markdown() -> str:
              "`--install-completion`, `--show-completion`, `--help/-h`. Exit codes: 0 done, 1 "
              "runtime failure, 2 bad input (one `error:` line per problem), 3 an unreliable "
              "verdict under `attack --strict`, 130 interrupted.",
-             ""]
+             "", *_json_output_section()]
     commands = getattr(group, "commands", {})
     for name in sorted(commands):
         cmd = commands[name]
@@ -85,6 +85,39 @@ def cli_markdown() -> str:
                 lines.append(f"| {names} | {kind} | {default} | {_cell(o.help or '')} |")
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _json_output_section() -> list[str]:
+    """The ``--format json`` envelope, from ``pagctl.cli.common`` (its one description)."""
+    from pagctl.cli.common import ENVELOPE_RECORDS, ENVELOPE_SCHEMA_VERSION
+
+    example = ["```json", "{", '  "kind": "attack",', '  "pagctl_version": "X.Y.Z",',
+               '  "records": [', "    {", '      "clean_accuracy": 0.9833,', '      "eps": 0.5,',
+               '      "kind": "attack",', '      "n": 360,', '      "robust_accuracy": 0.6111',
+               "    }", "  ],", f'  "schema_version": {ENVELOPE_SCHEMA_VERSION}', "}", "```"]
+    return [
+        "## JSON output", "",
+        "Every command's `--format json` prints one JSON object on stdout, the same shape "
+        "whatever the command and its flags: indented 2, keys sorted, ASCII, one trailing "
+        "newline. Logs, progress and warnings go to stderr. For `pagctl attack RUN "
+        "--param eps=0.5 --format json` (the record abbreviated):", "",
+        *example, "",
+        "| key | value |", "|---|---|",
+        "| `kind` | the command as typed: " + ", ".join(f"`{c}`" for c in ENVELOPE_RECORDS)
+        + " |",
+        f"| `schema_version` | `{ENVELOPE_SCHEMA_VERSION}`; raised when a key of the envelope "
+        "or of a command's records is removed or renamed (new keys do not raise it) |",
+        "| `pagctl_version` | the pagctl that wrote it (`pagctl --version`) |",
+        "| `records` | always a list, also when it holds one record (per command below) |", "",
+        "| command | records |", "|---|---|",
+        *[f"| `{c}` | {_cell(what)} |" for c, what in ENVELOPE_RECORDS.items()], "",
+        "A record keeps its own fields; `attack` and `align-score` records carry their own "
+        "`kind` (`attack`, `align`), that of the line metrics.jsonl receives. With jq: "
+        "`pagctl attack RUN --eps-sweep 0.25,0.5,1 --format json | jq '.records[] | "
+        "{eps, robust_accuracy}'`.", "",
+        "`train --schema` and `train-score --schema` print a spec's JSON Schema, a document "
+        "for editors and validators rather than a result: it is printed as it is, without "
+        "the envelope.", ""]
 
 
 def _option_type(option: Any, ctx: Any) -> str:

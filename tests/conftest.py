@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,3 +80,22 @@ def pagctl(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
         return CliResult(code, out, err)
 
     return run
+
+
+def envelope_records(stdout: str, kind: str) -> list[dict[str, Any]]:
+    """The records of a command's ``--format json`` stdout, once it is checked to be the
+    envelope (docs/cli.md, "JSON output"): exactly the keys kind, schema_version,
+    pagctl_version and records, ``kind`` the command as typed, schema_version 1, this
+    pagctl's version, records a list of objects; indented, one trailing newline."""
+    from pagctl import __version__
+
+    assert stdout.endswith("}\n") and not stdout.endswith("\n\n"), stdout[-200:]
+    data = json.loads(stdout)
+    assert isinstance(data, dict), type(data)
+    assert set(data) == {"kind", "schema_version", "pagctl_version", "records"}, sorted(data)
+    assert data["kind"] == kind and data["schema_version"] == 1, (data["kind"], kind)
+    assert data["pagctl_version"] == __version__
+    assert stdout.startswith('{\n  "kind": ')  # indented, keys sorted
+    records = data["records"]
+    assert isinstance(records, list) and all(isinstance(r, dict) for r in records), records
+    return records

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import envelope_records
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -396,14 +397,15 @@ def test_best_model_is_kept_loaded_and_reported(workdir: Path, pagctl: Any) -> N
                                   "eps=0.1", "--param", "steps=3", "--limit", "50",
                                   "--weights", weights, "--no-progress", "--format", "json")
         assert out.code == 0, out.output
-        assert json.loads(out.stdout)["weights"] == weights
+        assert [r["weights"] for r in envelope_records(out.stdout, "attack")] == [weights]
     out = pagctl("align-score", str(run), "--source", "class_mean", "--limit",
                               "20", "--weights", "best", "--format", "json")
-    assert out.code == 0 and json.loads(out.stdout)["weights"] == "best"
+    assert out.code == 0, out.output
+    assert [r["weights"] for r in envelope_records(out.stdout, "align-score")] == ["best"]
     for weights in ("best", "last"):
         out = pagctl("compare", str(run), "--weights", weights, "--format", "json")
         assert out.code == 0, out.output
-        data = json.loads(out.stdout)
+        [data] = envelope_records(out.stdout, "compare")
         assert data["weights"] == weights
         robust = [c["id"] for c in data["columns"] if c["kind"] == "robust"]
         assert len(robust) == 1
@@ -473,7 +475,7 @@ def test_pgd_at_is_more_robust_than_vanilla_under_autoattack_linf(
                       "--param", "eps=0.1", "--limit", str(N_POINTS), "--no-progress",
                       "--format", "json")
         assert out.code == 0, out.output
-        report = json.loads(out.stdout)
+        [report] = envelope_records(out.stdout, "attack")
         assert report["reliability"]["reliable"] is True
         robust[name] = report["robust_accuracy"]
     assert robust["digits-pgd-at"] - robust["digits-vanilla"] >= MARGIN, robust

@@ -3,13 +3,13 @@ gives the per-example results of the command on the same model brought in by imp
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import envelope_records
 from safetensors.torch import save_file
 from torch import nn
 
@@ -75,7 +75,7 @@ def test_api_attack_on_a_module_equals_the_command_on_its_import(
                   "--format", "json"])
     except SystemExit as exc:
         assert not exc.code
-    via_cli = json.loads(capsys.readouterr().out)
+    [via_cli] = envelope_records(capsys.readouterr().out, "attack")
     assert via_cli["per_example"] == via_api.per_example
     via_folder = pg.attack("runs/lin", attack="pgd_linf", eps=0.1, params={"steps": 5},
                            limit=80, probes=False)

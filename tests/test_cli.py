@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import envelope_records
 
 from pagctl import cli, registry
 from pagctl.checkpoint import BEST_MODEL_FILE, RUN_FILES
@@ -321,7 +322,7 @@ BAD_INPUT = [
                                                                            "'xml'")),
     Case("attack-eps-infinite", ["attack", "nowhere", "--param", "eps=inf"],
          ("--param eps", "'inf'")),
-    Case("attack-norm-it-lacks", ["attack", "nowhere", "--attack", "apgd_ce", "--param",
+    Case("attack-norm-it-lacks", ["attack", "nowhere", "--attack", "fgsm", "--param",
                                   "norm=l1"], ("--param norm", "'linf'", "'l2'")),
     Case("attack-l2-only-attack-given-norm", ["attack", "nowhere", "--attack", "cw_l2",
                                               "--param", "norm=linf"],
@@ -477,7 +478,8 @@ def test_list_shows_every_builtin(run: RunCLI) -> None:
 def test_schema_is_json(run: RunCLI) -> None:
     code, out, err = run("train", "--schema")
     assert code == 0, err
-    schema = json.loads(out)
+    schema = json.loads(out)  # the JSON Schema itself, for editors: never an envelope
+    assert "records" not in schema and schema["type"] == "object"
     assert {"model", "data", "train", "target_gradients", "eval"} <= set(schema["properties"])
 
 
@@ -491,7 +493,7 @@ def test_dry_run_creates_nothing(run: RunCLI, workdir: Path) -> None:
 def test_dry_run_json_says_what_training_would_build(run: RunCLI, workdir: Path) -> None:
     code, out, err = run("train", "digits-pag-nn", "--dry-run", "-q", "--format", "json")
     assert code == 0, err
-    summary = json.loads(out)
+    [summary] = envelope_records(out, "train")
     assert summary["valid"] and summary["pag"] and summary["source"] == "nearest_neighbor"
     assert (summary["train_images"], summary["test_images"]) == (1437, 360)
     assert list(workdir.iterdir()) == []
@@ -520,20 +522,20 @@ def test_out_2024_writes_2024(run: RunCLI, workdir: Path) -> None:
     code, out, err = run("train", "digits-vanilla", "--out", "2024", "--set", "train.epochs=1",
                          "--set", "eval.limit=20", "-q", "--format", "json")
     assert code == 0, err
-    assert json.loads(out)["run_dir"] == "2024"
+    assert [r["run_dir"] for r in envelope_records(out, "train")] == ["2024"]
     assert (workdir / "2024" / "model.safetensors").is_file()
     assert json.loads((workdir / "2024" / "spec.json").read_text())["out_dir"] == "2024"
     # the folder given back as SPEC resumes in place: its name is a path too
     code, out, err = run("train", "2024", "--resume", "-q", "--format", "json")
     assert code == 0, err
-    assert json.loads(out)["run_dir"] == "2024"
+    assert [r["run_dir"] for r in envelope_records(out, "train")] == ["2024"]
 
 
 def test_bank_data_dir_is_a_path_as_typed(run: RunCLI, workdir: Path) -> None:
     code, out, err = run("bank", "class_mean", "--spec", "digits-pag-cm", "--out",
                          "b.safetensors", "--data-dir", "no", "--format", "json", "-q")
     assert code == 0, err
-    assert json.loads(out)["num_images"] == 1437
+    assert [r["num_images"] for r in envelope_records(out, "bank")] == [1437]
 
 
 # ---------------------------------------------------------------------------------------
@@ -544,7 +546,7 @@ def test_train_writes_run_folder(trained: tuple[Path, int, str, str]) -> None:
     run_dir, code, out, err = trained
     assert code == 0, err
     assert "Traceback" not in out + err
-    summary = json.loads(out)  # results on stdout, logs on stderr
+    [summary] = envelope_records(out, "train")  # results on stdout, logs on stderr
     assert summary["run_dir"] == str(run_dir) and summary["epoch"] == 1
     names = {p.name for p in run_dir.iterdir()}
     assert names == set(RUN_FILES) - {BEST_MODEL_FILE}, f"unexpected files: {sorted(names)}"
@@ -564,7 +566,7 @@ def test_attack_json_appends_metrics(run: RunCLI, trained_run: Path, tmp_path: P
                          "--param", "steps=5", "--limit", "30", "--format", "json")
 
     assert code == 0, err
-    rec = json.loads(out)
+    [rec] = envelope_records(out, "attack")
     assert rec["kind"] == "attack" and rec["attack"] == "pgd_l2"
     assert rec["n"] == 30
     assert rec["params"]["eps"] == 0.5 and rec["params"]["steps"] == 5
@@ -579,7 +581,7 @@ def test_attack_eps_as_fraction(run: RunCLI, trained_run: Path, tmp_path: Path) 
     code, out, err = run("attack", run_dir, "--attack", "pgd_linf", "--param", "eps=8/255",
                          "--param", "steps=1", "--limit", "5", "--format", "json")
     assert code == 0, err
-    rec = json.loads(out)
+    [rec] = envelope_records(out, "attack")
     assert rec["params"]["eps"] == pytest.approx(8 / 255, rel=1e-12)
     assert rec["max_linf"] <= 8 / 255 + 1e-6
 
@@ -596,7 +598,7 @@ def test_attack_report_fields(run: RunCLI, trained_run: Path, tmp_path: Path) ->
     code, out, err = run("attack", run_dir, "--attack", "pgd_l2", "--param", "steps=5",
                          "--limit", "40", "--probe-size", "20", "--format", "json")
     assert code == 0, err
-    rec = json.loads(out)
+    [rec] = envelope_records(out, "attack")
     lo, hi = rec["robust_interval"]
     assert lo <= rec["robust_accuracy"] <= hi and lo >= 0 and hi <= 1
     assert rec["subset"]["count"] == 40 and len(rec["subset"]["indices_sha256"]) == 16
@@ -622,7 +624,7 @@ def test_attack_sweep_plot_and_images(run: RunCLI, trained_run: Path, tmp_path: 
                          "--plot", tmp_path / "curve.png", "--save-images",
                          tmp_path / "grid.png", "--no-probes", "--format", "json")
     assert code == 0, err
-    recs = json.loads(out)
+    recs = envelope_records(out, "attack")
     assert [r["eps"] for r in recs] == [0.25, 0.5, 2.0]
     assert all(r["subset"]["first"] == 100 and r["n"] == 40 for r in recs)
     assert recs[2]["robust_accuracy"] <= recs[0]["robust_accuracy"]
@@ -643,7 +645,8 @@ def test_attack_no_record_and_strict(run: RunCLI, trained_run: Path, tmp_path: P
             "--limit", "60", "--probe-size", "60", "--format", "json"]
     code, out, err = run(*weak, "--no-record", "--strict")
     assert code == 3, err
-    assert json.loads(out)["reliability"]["reliable"] is False
+    [rec] = envelope_records(out, "attack")
+    assert rec["reliability"]["reliable"] is False
     assert "not recorded (--no-record)" in err and "strict: the reliability verdict" in err
     assert (run_dir / "metrics.jsonl").read_bytes() == before
     code, out, err = run(*weak)  # without --strict: exit 0, recorded
@@ -672,7 +675,7 @@ def test_attack_exports(run: RunCLI, trained_run: Path, tmp_path: Path) -> None:
                          "json", "--export", tmp_path / "ex", "--save-adversarial",
                          tmp_path / "adv.safetensors")
     assert code == 0, err
-    rec = json.loads(out)
+    [rec] = envelope_records(out, "attack")
     stem = tmp_path / "ex" / f"pgd_linf-linf-eps{8 / 255:.6g}"
     rows = list(csv.DictReader((stem.parent / (stem.name + ".per-example.csv")).open()))
     robust = unpack_bits(rec["per_example"]["robust"], 40).tolist()
@@ -702,7 +705,8 @@ def test_align_score_no_record(run: RunCLI, trained_run: Path, tmp_path: Path) -
     code, out, err = run("align-score", run_dir, "--limit", "20", "--no-record",
                          "--format", "json")
     assert code == 0, err
-    assert json.loads(out)["kind"] == "align" and "not recorded" in err
+    [rec] = envelope_records(out, "align-score")
+    assert rec["kind"] == "align" and "not recorded" in err
     assert (run_dir / "metrics.jsonl").read_bytes() == before
 
 
@@ -716,11 +720,11 @@ def test_attack_state_resumes_and_rejects_another_evaluation(
             "--batch-size", "10", "--no-probes", "--format", "json", "--state", state]
     code, out, err = run(*argv)
     assert code == 0, err
-    first = json.loads(out)
+    [first] = envelope_records(out, "attack")
     assert state.exists()
     code, out, err = run(*argv)  # a finished state answers again, identically
     assert code == 0, err
-    again = json.loads(out)
+    [again] = envelope_records(out, "attack")
     assert again["per_example"] == first["per_example"]
     assert again["stages"] == first["stages"]
     code, out, err = run(*[a if a != "eps=0.5" else "eps=0.25" for a in argv])
@@ -742,7 +746,7 @@ def test_attack_ctrl_c_keeps_state_and_resume_equals_an_uninterrupted_run(
             "--batch-size", "10", "--no-probes", "--format", "json"]
     code, out, err = run(*argv)
     assert code == 0, err
-    whole = json.loads(out)
+    [whole] = envelope_records(out, "attack")
 
     state = tmp_path / "aa.state"
     original = AttackState.save
@@ -760,7 +764,7 @@ def test_attack_ctrl_c_keeps_state_and_resume_equals_an_uninterrupted_run(
     monkeypatch.setattr(AttackState, "save", original)
     code, out, err = run(*argv, "--state", state)
     assert code == 0, err
-    resumed = json.loads(out)
+    [resumed] = envelope_records(out, "attack")
     assert resumed["per_example"] == whole["per_example"]
     assert [(s["attacked"], s["broke"]) for s in resumed["stages"]] == \
         [(s["attacked"], s["broke"]) for s in whole["stages"]]
@@ -772,7 +776,7 @@ def test_align_score_json_and_images(run: RunCLI, trained_run: Path, tmp_path: P
     code, out, err = run("align-score", run_dir, "--source", "class_mean", "--limit", "30",
                          "-k", "3", "--save-images", tmp_path / "g.png", "--format", "json")
     assert code == 0, err
-    rec = json.loads(out)
+    [rec] = envelope_records(out, "align-score")
     assert rec["kind"] == "align" and rec["source"] == "class_mean" and rec["n"] == 30
     assert rec["classes_per_image"] == 3 and rec["source_params"] == {"scale": 1.0}
     lo, hi = rec["interval"]
@@ -791,12 +795,12 @@ def test_train_score_and_bank(run: RunCLI, workdir: Path) -> None:
     code, out, err = run("train-score", "score-toy", "--set", "train.steps=5", "--set",
                          "sample.per_class=4", "--out", "score", "-q", "--format", "json")
     assert code == 0, err
-    summary = json.loads(out)
+    [summary] = envelope_records(out, "train-score")
     assert summary["steps"] == 5 and (workdir / "score" / "model.safetensors").exists()
     code, out, err = run("bank", "class_mean", "--spec", "digits-pag-cm", "--out",
                          "cm.safetensors", "-q", "--format", "json")
     assert code == 0, err
-    info = json.loads(out)
+    [info] = envelope_records(out, "bank")
     assert info["num_images"] == 1437 and info["num_classes"] == 10
     assert info["source"] == "class_mean" and (workdir / "cm.safetensors").exists()
     code, out, err = run("bank", "class_mean", "--spec", "digits-pag-cm", "--out",
@@ -813,16 +817,19 @@ def test_bank_of_the_specs_own_source_starts_from_its_params(run: RunCLI, workdi
     code, out, err = run("bank", "toy_score", *spec, "--out", "a.safetensors", "-q",
                          "--format", "json")
     assert code == 0, err
-    assert json.loads(out)["params"]["noise"] == 0.05
+    [info] = envelope_records(out, "bank")
+    assert info["params"]["noise"] == 0.05
     code, out, err = run("bank", "toy_score", *spec, "--param", "kind=conditional",
                          "--out", "b.safetensors", "-q", "--format", "json")
     assert code == 0, err
-    params = json.loads(out)["params"]
+    [info] = envelope_records(out, "bank")
+    params = info["params"]
     assert params["noise"] == 0.05 and params["kind"] == "conditional"
     code, out, err = run("bank", "class_mean", *spec, "--out", "c.safetensors", "-q",
                          "--format", "json")
     assert code == 0, err
-    assert "noise" not in json.loads(out)["params"]
+    [info] = envelope_records(out, "bank")
+    assert "noise" not in info["params"]
 
 
 def test_compare_reads_no_weights(run: RunCLI, trained_run: Path,
@@ -849,7 +856,8 @@ def test_compare_reads_no_weights(run: RunCLI, trained_run: Path,
 
     assert code == 0, err
     assert calls == []
-    rows = json.loads(out)["runs"]
+    [comparison] = envelope_records(out, "compare")
+    rows = comparison["runs"]
     assert len(rows) == 2
     assert all(r["name"] == "digits-vanilla" and r["epochs"] == 1 for r in rows)
 
@@ -954,10 +962,56 @@ def test_plugins_table_lists_every_builtin(run: RunCLI) -> None:
 def test_plugins_json(run: RunCLI) -> None:
     code, out, err = run("plugins", "--format", "json")
     assert code == 0, err
-    rows = json.loads(out)
+    rows = envelope_records(out, "plugins")
     status = {(r["group"], r["name"]): r["status"] for r in rows}
     for _, group, name in BUILTINS:
         assert status.get((group, name)) == "ok", (group, name, status)
+
+
+def test_every_commands_json_is_one_envelope_whatever_its_flags(
+        run: RunCLI, trained_run: Path, workdir: Path) -> None:
+    """`--format json` prints the same envelope for every command (docs/cli.md, "JSON
+    output"): kind the command as typed, records always a list: one per eps with
+    --eps-sweep (also of one eps) and one without; one per plugin listed, and one for
+    `plugins NAME`; one for the rest."""
+    from pagctl.cli import SHORT_HELP
+    from pagctl.cli.common import ENVELOPE_RECORDS
+
+    run_dir = _copy_run(trained_run, workdir / "run")
+    attack = ["attack", run_dir, "--attack", "fgsm", "--limit", "8", "--no-probes",
+              "--no-progress", "--no-record"]
+    plugin_count = sum(len(reg.info()) for reg in registry.REGISTRIES.values())
+    cases: list[tuple[str, list[str | Path], int]] = [
+        ("train", ["train", "digits-vanilla", "--dry-run", "-q"], 1),
+        ("train", ["train", "toy-vanilla", "--out", "toy", "-q", "--set", "train.epochs=1",
+                   "--set", "data.toy_train_size=128", "--set", "data.toy_test_size=16",
+                   "--set", "eval.attack=null", "--set", "eval.align_source=null"], 1),
+        ("train-score", ["train-score", "score-toy", "--set", "train.steps=2", "--set",
+                         "sample.per_class=2", "--out", "score", "-q"], 1),
+        ("attack", attack, 1),
+        ("attack", [*attack, "--eps-sweep", "0.1"], 1),
+        ("attack", [*attack, "--eps-sweep", "0.1,0.2"], 2),
+        ("bank", ["bank", "class_mean", "--spec", "digits-pag-cm", "--out", "b.safetensors",
+                  "-q"], 1),
+        ("align-score", ["align-score", run_dir, "--limit", "8", "--no-record",
+                         "--no-progress"], 1),
+        ("compare", ["compare", run_dir, run_dir], 1),
+        ("import", ["import", "digits-vanilla", "--checkpoint", run_dir / "model.safetensors",
+                    "--out", "imported"], 1),
+        ("plugins", ["plugins"], plugin_count),
+        ("plugins", ["plugins", "pgd_l2"], 1),
+    ]
+    for kind, argv, count in cases:
+        code, out, err = run(*argv, "--format", "json")
+        assert code == 0, (argv, err)
+        records = envelope_records(out, kind)
+        assert len(records) == count, (argv, len(records))
+        assert json.loads(out)["records"] == records and out.count("\n}\n") == 1
+    assert plugin_count > 1
+    sweep = envelope_records(run(*attack, "--eps-sweep", "0.1,0.2", "--format", "json")[1],
+                             "attack")
+    assert [(r["kind"], r["eps"]) for r in sweep] == [("attack", 0.1), ("attack", 0.2)]
+    assert {kind for kind, _, _ in cases} == set(ENVELOPE_RECORDS) == set(SHORT_HELP)
 
 
 def test_command_list_is_one_line_each_at_80_columns_and_names_no_repository_paths() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import envelope_records
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -80,7 +81,8 @@ def _attack(pagctl: Any, run_dir: Path) -> dict[str, Any]:
     got = pagctl("attack", run_dir, "--attack", "pgd_l2", "--param", "steps=5", "--param",
                  "eps=0.5", "--limit", "40", "--no-probes", "--no-progress", "--format", "json")
     assert got.code == 0, got.stderr
-    return json.loads(got.stdout)  # type: ignore[no-any-return]
+    [record] = envelope_records(got.stdout, "attack")
+    return record
 
 
 def test_an_imported_module_gives_the_per_example_results_of_the_module_itself(
@@ -96,7 +98,7 @@ def test_an_imported_module_gives_the_per_example_results_of_the_module_itself(
     got = pagctl("import", "--model", "plain_digits:make", "--dataset", "digits",
                  "--checkpoint", weights, "--out", "runs/plain", "--format", "json")
     assert got.code == 0, got.stderr
-    record = json.loads(got.stdout)
+    [record] = envelope_records(got.stdout, "import")
     assert record["normalisation"].startswith("none") and record["mean"] == [0.0]
     assert record["format"] == "safetensors" and record["n_check"] == 256
     via_cli = _attack(pagctl, Path("runs/plain"))
@@ -130,7 +132,7 @@ def test_a_pickle_needs_the_opt_in_and_reads_containers_and_prefixes(
                  "--checkpoint", "plain.pt", "--trust-pickle", "--out", "runs/p",
                  "--format", "json")
     assert got.code == 0, got.stderr
-    record = json.loads(got.stdout)
+    [record] = envelope_records(got.stdout, "import")
     assert (record["format"], record["container"], record["stripped_prefix"]) == (
         "pickle", "state_dict", "module.")
     saved = load_file("runs/p/model.safetensors")
@@ -188,12 +190,14 @@ def test_a_timm_model_with_a_checkpoint(pagctl: Any, tmp_path: Path,
     got = pagctl("import", "--model", "test_resnet", "--dataset", "digits", "--checkpoint",
                  "r.safetensors", "--out", "runs/r", "--format", "json")
     assert got.code == 0, got.stderr
-    assert json.loads(got.stdout)["normalisation"] == "the dataset's default (digits)"
+    [record] = envelope_records(got.stdout, "import")
+    assert record["normalisation"] == "the dataset's default (digits)"
     given = pagctl("import", "--model", "test_resnet", "--dataset", "digits", "--checkpoint",
                    "r.safetensors", "--mean", "0.5", "--std", "0.25", "--out", "runs/r2",
                    "--format", "json")
     assert given.code == 0, given.stderr
-    assert json.loads(given.stdout)["mean"] == [0.5]
+    [record] = envelope_records(given.stdout, "import")
+    assert record["mean"] == [0.5]
     loaded = load_run(Path("runs/r2"))
     x = torch.rand(4, 1, 8, 8)
     assert torch.allclose(loaded.model(x), net.eval()((x - 0.5) / 0.25), atol=1e-6)
@@ -228,7 +232,7 @@ def test_a_timm_model_on_an_evaluation_folder_of_mixed_sizes(
     got = pagctl("import", "--model", "test_resnet", "--dataset", "imagefolder", "--data-dir",
                  "data", "--checkpoint", "r.safetensors", "--out", "runs/r", "--format", "json")
     assert got.code == 0, got.stderr
-    record = json.loads(got.stdout)
+    [record] = envelope_records(got.stdout, "import")
     assert record["resize"].startswith("160x160, crop 0.95, bilinear (timm's")
     assert record["normalisation"].startswith("timm's pretrained") and record["mean"] == [
         0.5, 0.5, 0.5]
@@ -237,4 +241,4 @@ def test_a_timm_model_on_an_evaluation_folder_of_mixed_sizes(
     attacked = pagctl("attack", "runs/r", "--attack", "fgsm", "--param", "eps=4/255",
                       "--no-probes", "--no-progress", "--format", "json")
     assert attacked.code == 0, attacked.stderr
-    assert json.loads(attacked.stdout)["n"] == 4
+    assert [r["n"] for r in envelope_records(attacked.stdout, "attack")] == [4]

@@ -4,11 +4,11 @@ model's mode; and `pagctl plugins NAME` shows a plugin's parameters."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 import torch
+from conftest import envelope_records
 from torch import Tensor, nn
 
 from pagctl import cli, registry
@@ -179,7 +179,7 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
 def test_plugins_name_shows_the_params_schema(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _cli(["plugins", "pgd_l2", "--format", "json"], capsys)
     assert code == 0, err
-    info = json.loads(out)
+    [info] = envelope_records(out, "plugins")
     assert info["group"] == "pagctl.attacks" and info["provided_by"] == "built-in"
     props = info["params"]["properties"]
     assert props["steps"]["default"] == 10 and "description" in props["steps"]

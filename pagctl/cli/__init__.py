@@ -1,6 +1,7 @@
 """The ``pagctl`` command line: parse, call one library function, render.
 
-Results go to stdout (table or JSON); progress and logs go to stderr. User errors print one
+Results go to stdout (a table, or with ``--format json`` one envelope for every command,
+``common.print_envelope``); progress and logs go to stderr. User errors print one
 line per problem and exit 2; runtime failures exit 1 (traceback with --verbose or
 PAGCTL_VERBOSE=1); Ctrl-C exits 130. torch is imported inside commands only.
 

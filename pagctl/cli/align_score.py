@@ -19,10 +19,11 @@ from pagctl.cli.common import (
     cell_text,
     check_png,
     complete_plugins,
+    format_help,
     load_run_and_data,
     parse_params,
     plugin_params,
-    print_json,
+    print_envelope,
     print_table,
     read_indices,
     record_results,
@@ -58,7 +59,8 @@ def align_score(
     weights: WeightsOpt = "last",
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
-    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
+    fmt: Annotated[Format, typer.Option("--format", help=format_help("align-score"))] = \
+        Format.table,
 ) -> None:
     """Score how well a run's input gradients align with a target-gradient source: mean
     cosine with a 95% interval, per true class and per target (true vs other classes), the
@@ -92,7 +94,7 @@ def align_score(
         record.weights = loaded.weights
         # the result first (stdout, figure), then the record: nothing measured is lost
         if fmt is Format.json:
-            print_json(record.to_json())
+            print_envelope("align-score", [record.to_json()])
         else:
             _render(run, source_name, params, report, loaded.weights)
         if save_images is not None:

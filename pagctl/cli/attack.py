@@ -18,10 +18,11 @@ from pagctl.cli.common import (
     WeightsOpt,
     check_png,
     complete_plugins,
+    format_help,
     load_run_and_data,
     parse_params,
     plugin_params,
-    print_json,
+    print_envelope,
     print_table,
     read_indices,
     record_results,
@@ -77,7 +78,8 @@ def attack(
     weights: WeightsOpt = "last",
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
-    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
+    fmt: Annotated[Format, typer.Option("--format", help=format_help("attack"))] = \
+        Format.table,
 ) -> None:
     """Attack a trained run on its test set: clean and robust accuracy with 95% intervals,
     what each stage broke and cost, and a reliability verdict from gradient-masking probes.
@@ -125,7 +127,7 @@ def attack(
             rec.weights = loaded.weights
         # the result first (stdout, figures), then the record: a record that cannot be
         # written loses nothing that was measured
-        _show(fmt, attack_name, run, reports, records, sweep=budgets is not None)
+        _show(fmt, attack_name, run, reports, records)
         _figures(plot, save_images, attack_name, run, loaded.model, bundle, reports, attacked,
                  dev)
         _write_exports(export, save_adversarial, run, loaded, bundle, reports, given)
@@ -176,11 +178,9 @@ def _exit_if_unreliable(reports: list[Any]) -> None:
         raise typer.Exit(3)
 
 
-def _show(fmt: Format, name: str, run: Path, reports: list[Any], records: list[Any], *,
-          sweep: bool) -> None:
+def _show(fmt: Format, name: str, run: Path, reports: list[Any], records: list[Any]) -> None:
     if fmt is Format.json:
-        data = [r.to_json() for r in records]
-        print_json(data if sweep else data[0])
+        print_envelope("attack", [r.to_json() for r in records])
     else:
         _render_attack(name, run, reports, records[0].weights)
 
@@ -215,7 +215,8 @@ def _render_attack(name: str, run: Path, reports: list[Any], weights: str | None
         lo, hi = first.robust_interval
         rows.append(("robust accuracy", f"{first.robust_accuracy:.4f}  95% CI [{lo:.3f}, "
                      f"{hi:.3f}]"))
-    rows += [("max L2 / Linf", f"{last.max_l2:.4f} / {last.max_linf:.4f}"),
+    rows += [("max L1 / L2 / Linf",
+              f"{last.max_l1:.4f} / {last.max_l2:.4f} / {last.max_linf:.4f}"),
              ("pixel range, NaNs", f"[{last.pixel_min:.4g}, {last.pixel_max:.4g}], "
               f"{last.nan_count}"),
              ("passes fwd / bwd", f"{sum(r.forwards for r in reports)} / "
@@ -302,8 +303,11 @@ def _save_attack_images(path: Path, model: Any, bundle: Any, report: Any, indice
     adversarial_grid(path, x, adv, y, clean_pred, adv_pred,
                      title=f"{name}, eps = {report.eps:.4g} ({report.norm})"
                      if report.eps is not None else name)
-    norm = report.norm if report.norm in ("l2", "linf") else "l2"
-    eps = report.eps if report.eps else 1.0
+    # The class grid is drawn with targeted PGD, which has L∞ and L2 steps; an L1 or
+    # budget-free evaluation draws it in L2.
+    same_norm = report.norm in ("l2", "linf")
+    norm = report.norm if same_norm else "l2"
+    eps = report.eps if report.eps and same_norm else 1.0
     big = max(eps, 2.0 if norm == "l2" else 16 / 255)
     turned = turn_toward_classes(model, x[:4].to(device), num_classes=bundle.num_classes,
                                  norm=norm, eps=big)

@@ -17,9 +17,10 @@ from pagctl.cli.common import (
     SetOpt,
     cell_text,
     complete_plugins,
+    format_help,
     parse_params,
     plugin_params,
-    print_json,
+    print_envelope,
     print_table,
 )
 from pagctl.errors import SpecError
@@ -56,7 +57,8 @@ def bank(
     quiet: QuietOpt = False,
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
-    fmt: Annotated[Format, typer.Option("--format", help="Summary format.")] = Format.table,
+    fmt: Annotated[Format, typer.Option(
+        "--format", help=format_help("bank", "Summary format"))] = Format.table,
 ) -> None:
     """Precompute a source's target gradients for every training image and class into a
     safetensors bank, served during training by the 'precomputed' source."""
@@ -88,7 +90,7 @@ def bank(
                       data_fingerprint=bundle.fingerprint)
     record = info.to_record()
     if fmt is Format.json:
-        print_json(record)
+        print_envelope("bank", [record])
         return
     print_table(f"bank {out}", [(k, cell_text(v) if not isinstance(v, (dict, list))
                                    else json.dumps(v)) for k, v in record.items()])

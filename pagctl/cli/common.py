@@ -26,9 +26,51 @@ class Format(str, Enum):
     json = "json"
 
 
-def print_json(obj: Any) -> None:
-    """A result on stdout as indented JSON with sorted keys (``| jq`` works)."""
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+# ---------------------------------------------------------------------------------------
+# --format json: one envelope for every command
+
+ENVELOPE_SCHEMA_VERSION = 1
+"""The envelope's ``schema_version``: raised when its keys, or a command's records, change
+incompatibly (a field removed or renamed; new fields do not raise it)."""
+
+ENVELOPE_RECORDS = {  # per command as typed: what its envelope's records are
+    "train": "one summary, the run folder and its last epoch's metrics (with --dry-run: what "
+             "training would build)",
+    "train-score": "one summary, the run folder, steps, samples and the last logged step's "
+                   "record",
+    "attack": "one 'attack' record per eps (one without --eps-sweep), as metrics.jsonl "
+              "receives it",
+    "bank": "one summary of the bank written (path, shape, source, params)",
+    "align-score": "one 'align' record, as metrics.jsonl receives it",
+    "compare": "one comparison (runs, columns, pairs, mismatches, warnings, weights)",
+    "import": "one summary, the run folder and its import record",
+    "plugins": "one per plugin listed; with NAME, one per plugin of that name (usually one), "
+               "with its parameters' schema",
+}
+
+
+def format_help(command: str, what: str = "Output format") -> str:
+    """The ``--format`` option's help for ``command``: what its JSON envelope's records are."""
+    return (f"{what}; json: one object {{kind, schema_version, pagctl_version, records}}, "
+            f"records: {ENVELOPE_RECORDS[command]}.")
+
+
+def print_envelope(kind: str, records: list[Any]) -> None:
+    """A command's ``--format json`` result on stdout, one shape whatever its flags::
+
+        {"kind": "<command as typed>", "pagctl_version": "<pagctl.__version__>",
+         "records": [...], "schema_version": 1}
+
+    ``records`` is always a list (see ``ENVELOPE_RECORDS``). Indented 2, keys sorted, ASCII
+    (other characters escaped), one trailing newline, so ``| jq '.records[0]'`` works; logs
+    and progress stay on stderr."""
+    from pagctl import __version__
+
+    if kind not in ENVELOPE_RECORDS:
+        raise ValueError(f"print_envelope: '{kind}' is not a command with --format json")
+    envelope = {"kind": kind, "schema_version": ENVELOPE_SCHEMA_VERSION,
+                "pagctl_version": __version__, "records": list(records)}
+    sys.stdout.write(json.dumps(envelope, indent=2, sort_keys=True) + "\n")
 
 
 def print_table(title: str, rows: list[tuple[str, str]]) -> None:

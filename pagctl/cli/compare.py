@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from pagctl.cli.common import check_png
+from pagctl.cli.common import check_png, format_help, print_envelope
 
 
 class CompareFormat(str, Enum):
@@ -22,7 +22,7 @@ class CompareFormat(str, Enum):
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run folders.")],
     fmt: Annotated[CompareFormat, typer.Option(
-        "--format", help="Output format.")] = CompareFormat.table,
+        "--format", help=format_help("compare"))] = CompareFormat.table,
     plot: Annotated[Path | None, typer.Option(
         "--plot", help="Write a PNG: robust accuracy vs eps per run, and alignment vs robust "
         "accuracy with Pearson's r.")] = None,
@@ -38,7 +38,7 @@ def compare(
     weights)."""
     from pagctl.compare.build import compare_runs
     from pagctl.compare.figure import plot as plot_comparison
-    from pagctl.compare.rendering import render
+    from pagctl.compare.rendering import render, to_json
 
     check_png("--plot", plot)
     comparison = compare_runs(runs, strict=strict, weights=weights)
@@ -46,6 +46,9 @@ def compare(
         typer.echo(line, err=True)
     if plot is not None:
         plot_comparison(comparison, plot)
-    sys.stdout.write(render(comparison, fmt.value))
+    if fmt is CompareFormat.json:
+        print_envelope("compare", [to_json(comparison)])
+    else:
+        sys.stdout.write(render(comparison, fmt.value))
     if plot is not None:
         typer.echo(f"wrote {plot}", err=True)

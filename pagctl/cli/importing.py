@@ -17,7 +17,8 @@ from pagctl.cli.common import (
     RunOutOpt,
     SetOpt,
     cell_text,
-    print_json,
+    format_help,
+    print_envelope,
     print_table,
 )
 from pagctl.errors import SpecError
@@ -61,7 +62,8 @@ def import_model(
     out: RunOutOpt = None,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
-    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
+    fmt: Annotated[Format, typer.Option("--format", help=format_help("import"))] = \
+        Format.table,
 ) -> None:
     """Bring in a model pagctl did not train: write a run folder (spec, weights, config,
     an import record) that attack, align-score and compare read like a trained run's."""
@@ -106,7 +108,7 @@ def import_model(
                         device=device)
     summary = {"run_dir": str(result.run_dir), **result.record}
     if fmt is Format.json:
-        print_json(summary)
+        print_envelope("import", [summary])
         return
     rows = [(k, cell_text(summary[k])) for k in (
         "run_dir", "arch", "checkpoint", "checkpoint_sha256", "format", "container",

@@ -8,14 +8,15 @@ from typing import Annotated, Any
 
 import typer
 
-from pagctl.cli.common import Format, complete_plugins, print_json
+from pagctl.cli.common import Format, complete_plugins, format_help, print_envelope
 
 
 def plugins(
     name: Annotated[str | None, typer.Argument(
         help="Show this plugin's parameters (schema, defaults, descriptions).",
         autocompletion=complete_plugins(None))] = None,
-    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
+    fmt: Annotated[Format, typer.Option("--format", help=format_help("plugins"))] = \
+        Format.table,
 ) -> None:
     """List target-gradient sources, attacks and model providers: name, kind, distribution
     and version, status (ok, broken with its error, conflict) and what each does; with NAME,
@@ -29,7 +30,7 @@ def plugins(
         return
     rows = [info for reg in REGISTRIES.values() for info in reg.info()]
     if fmt is Format.json:
-        print_json([asdict(r) for r in rows])
+        print_envelope("plugins", [asdict(r) for r in rows])
         return
     kind = {"pagctl.target_gradients": "source", "pagctl.attacks": "attack",
             "pagctl.models": "model"}
@@ -68,7 +69,7 @@ def _plugin_detail(name: str, fmt: Format) -> None:
         raise UnknownPluginError(f"NAME: no plugin named '{name}'.{hint} Run 'pagctl plugins' "
                                  "to list them.")
     if fmt is Format.json:
-        print_json(found[0] if len(found) == 1 else found)
+        print_envelope("plugins", found)
         return
     from rich.console import Console
     from rich.table import Table

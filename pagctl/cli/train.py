@@ -20,7 +20,8 @@ from pagctl.cli.common import (
     RunOutOpt,
     SetOpt,
     cell_text,
-    print_json,
+    format_help,
+    print_envelope,
     print_table,
 )
 from pagctl.errors import SpecError
@@ -33,13 +34,15 @@ ScoreSetOpt = Annotated[list[str], typer.Option(
 def _listed(list_: bool, schema: bool, names: Callable[[], list[str]],
             describe: Callable[[str], str], model: Any) -> bool:
     """``--list`` (built-in names with their descriptions) or ``--schema`` (the spec's JSON
-    schema): print it and return True, the command is done; otherwise False."""
+    Schema, raw: a document for editors and validators, not a result, so never wrapped in
+    the ``--format json`` envelope): print it and return True, the command is done;
+    otherwise False."""
     if list_:
         for name in names():
             typer.echo(f"{name:24s} {describe(name)}")
         return True
     if schema:
-        print_json(model.model_json_schema())
+        typer.echo(json.dumps(model.model_json_schema(), indent=2, sort_keys=True))
         return True
     return False
 
@@ -94,11 +97,12 @@ def train(
                                           "folder checks, data, model, plugins); train and "
                                           "write nothing.")] = False,
     list_: Annotated[bool, typer.Option("--list", help="List the built-in specs.")] = False,
-    schema: Annotated[bool, typer.Option("--schema", help="Print the spec's JSON schema.")] =
-    False,
+    schema: Annotated[bool, typer.Option(
+        "--schema", help="Print the spec's JSON Schema, for editors and validators (the "
+        "schema itself, not wrapped like --format json results).")] = False,
     quiet: QuietOpt = False,
-    fmt: Annotated[Format, typer.Option("--format", help="Final summary format.")] =
-    Format.table,
+    fmt: Annotated[Format, typer.Option(
+        "--format", help=format_help("train", "Final summary format"))] = Format.table,
 ) -> None:
     """Train a model from a spec; writes a run folder (weights, spec, metrics)."""
     from pagctl import spec as specmod
@@ -126,7 +130,7 @@ def train(
             "pag_weight": run_spec.train.pag_weight,
             "classes_per_image": run_spec.train.classes_per_image}
         if fmt is Format.json:
-            print_json(summary)
+            print_envelope("train", [summary])
             return
         print_table(f"dry run: {run_spec.name} (valid)", [
             ("run folder", str(run_spec.run_dir)), ("dataset", s.bundle.name),
@@ -143,7 +147,7 @@ def train(
         _stopped("train", f"epoch {result.epochs_done}", result.run_dir)
     summary = {"run_dir": str(result.run_dir), **result.last}
     if fmt is Format.json:
-        print_json(summary)
+        print_envelope("train", [summary])
         return
     keys = ("run_dir", "epoch", "loss", "ce", "pag", "train_accuracy", "clean_accuracy",
             "robust_accuracy", "alignment", "n_test", "train_seconds")
@@ -165,11 +169,12 @@ def train_score(
     overwrite: OverwriteOpt = False,
     list_: Annotated[bool, typer.Option("--list", help="List the built-in score specs.")] =
     False,
-    schema: Annotated[bool, typer.Option("--schema", help="Print the score spec's JSON "
-                                         "schema.")] = False,
+    schema: Annotated[bool, typer.Option(
+        "--schema", help="Print the score spec's JSON Schema, for editors and validators "
+        "(the schema itself, not wrapped like --format json results).")] = False,
     quiet: QuietOpt = False,
-    fmt: Annotated[Format, typer.Option("--format", help="Final summary format.")] =
-    Format.table,
+    fmt: Annotated[Format, typer.Option(
+        "--format", help=format_help("train-score", "Final summary format"))] = Format.table,
 ) -> None:
     """Train a class-conditional score model (denoising score matching over a range of noise
     levels) for the 'sbg' target-gradient source; writes a run folder with samples.png."""
@@ -192,7 +197,7 @@ def train_score(
     summary = {"run_dir": str(result.run_dir), "steps": result.steps_done,
                "samples": str(result.samples) if result.samples else None, **result.last}
     if fmt is Format.json:
-        print_json(summary)
+        print_envelope("train-score", [summary])
         return
     print_table(f"trained score model {score_spec.name}",
                 [(k, cell_text(v)) for k, v in summary.items()])

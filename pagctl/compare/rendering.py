@@ -191,8 +191,10 @@ FORMATS = ("table", "json", "csv", "markdown")
 
 def render(comparison: Comparison, fmt: str, *, width: int | None = None) -> str:
     """The comparison as text: ``table`` (rich, plain text ``width`` wide, default the
-    terminal's), ``json``, ``csv`` or ``markdown``. Warnings are not included (except in
-    json): print ``comparison.warnings`` on stderr."""
+    terminal's), ``json`` (the ``to_json`` object alone; ``pagctl compare --format json``
+    prints that object as the one record of the CLI's JSON envelope instead), ``csv`` or
+    ``markdown``. Warnings are not included (except in json): print ``comparison.warnings``
+    on stderr."""
     if fmt == "table":
         return render_text_table(comparison, width)
     if fmt == "json":
