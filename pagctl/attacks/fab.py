@@ -60,11 +60,6 @@ L1_TINY_WEIGHT = 1e-8
 _NORMS = ("linf", "l2", "l1")
 
 
-def _norms(delta: Tensor, norm: AnyNorm) -> Tensor:
-    """Per-example norm. Shape: (N, ...) -> (N,)."""
-    return norms_of(delta, norm)
-
-
 def _water_level(weight: Tensor, cap: Tensor, target: Tensor) -> Tensor:
     """Per row, the smallest ``λ >= 0`` with ``Σ_i weight_i · min(λ, cap_i) = target``.
 
@@ -251,7 +246,7 @@ def _single_run(
             torch.cat((b, b)), norm,
         )
         d_k, d_0 = both[:m].reshape(x.shape), both[m:].reshape(x.shape)
-        size = _norms(both, norm).clamp_min(1e-8)
+        size = norms_of(both, norm).clamp_min(1e-8)
         size_k, size_0 = size[:m], size[m:]
         alpha = (size_k / (size_k + size_0)).clamp(0.0, alpha_max)
         alpha = per_example(alpha, x)
@@ -259,7 +254,7 @@ def _single_run(
 
         with torch.no_grad():
             fooled = model(x_k).argmax(dim=1) != y
-        dist = _norms(x_k - x, norm)
+        dist = norms_of(x_k - x, norm)
         closer = fooled & (dist < best_dist)
         best = torch.where(per_example(closer, x), x_k, best)
         best_dist = torch.where(closer, dist, best_dist)
