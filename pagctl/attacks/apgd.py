@@ -134,6 +134,35 @@ def _evaluate(
     return logits.detach(), loss_sum / eot_iter, grad_sum / eot_iter
 
 
+class _RunBest:
+    """What one run keeps per example over its iterates: whether one was misclassified, the
+    first that was, and the highest-loss iterate with its loss and gradient.
+    Shape: points (N, C, H, W), loss (N,), fooled (N,) bool."""
+
+    def __init__(self, x_k: Tensor, y: Tensor, logits: Tensor, loss: Tensor,
+                 grad: Tensor) -> None:
+        self.fooled = logits.argmax(dim=1) != y
+        self.first_fooled = x_k.clone()
+        self.x, self.loss, self.grad = x_k.clone(), loss.clone(), grad.clone()
+
+    def update(self, x_k: Tensor, y: Tensor, logits: Tensor, loss: Tensor,
+               grad: Tensor) -> None:
+        """Take in the iterate ``x_k`` with its logits, loss and gradient."""
+        newly = (logits.argmax(dim=1) != y) & ~self.fooled
+        self.first_fooled[newly] = x_k[newly]
+        self.fooled |= newly
+        better = loss > self.loss
+        self.x[better] = x_k[better]
+        self.loss[better] = loss[better]
+        self.grad[better] = grad[better]
+
+    def result(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(points, loss at the best points, fooled): the first misclassified iterate where
+        fooled, else the highest-loss one."""
+        return torch.where(per_example(self.fooled, x), self.first_fooled, self.x), \
+            self.loss, self.fooled
+
+
 def _project(x: Tensor, point: Tensor, norm: Norm, eps: float) -> Tensor:
     """Nearest point of the ``norm`` ball around ``x`` (then clipped to [0, 1])."""
     delta = point - x
@@ -162,9 +191,7 @@ def _single_run(
     draw = random_start_l2 if norm == "l2" else random_start_linf
     x_k = (x + draw(x.shape, eps, generator, device=x.device, dtype=x.dtype)).clamp(0.0, 1.0)
     logits, loss, grad = _evaluate(model, x_k, y, loss_fn, eot_iter)
-    fooled = logits.argmax(dim=1) != y
-    first_fooled = x_k.clone()
-    best_x, best_loss, best_grad = x_k.clone(), loss.clone(), grad.clone()
+    best = _RunBest(x_k, y, logits, loss, grad)
     x_prev = x_k
     prev_loss = loss
     eta = torch.full((x.shape[0],), 2.0 * eps, dtype=x.dtype, device=x.device)
@@ -172,7 +199,7 @@ def _single_run(
     length = next(lengths, 0)
     since = 0
     increases = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-    best_at_check = best_loss.clone()
+    best_at_check = best.loss.clone()
     halved_at_check = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for i in range(steps):
         direction = normalize_l2(grad) if norm == "l2" else grad.sign()
@@ -181,35 +208,27 @@ def _single_run(
         x_next = _project(x, x_k + a * (z - x_k) + (1.0 - a) * (x_k - x_prev), norm, eps)
         x_prev, x_k = x_k, x_next
         logits, loss, grad = _evaluate(model, x_k, y, loss_fn, eot_iter)
-
-        newly = (logits.argmax(dim=1) != y) & ~fooled
-        first_fooled[newly] = x_k[newly]
-        fooled |= newly
+        best.update(x_k, y, logits, loss, grad)
         increases += (loss > prev_loss).long()
         prev_loss = loss
-        better = loss > best_loss
-        best_x[better] = x_k[better]
-        best_loss[better] = loss[better]
-        best_grad[better] = grad[better]
 
         since += 1
         if since == length:
             oscillating = increases.to(x.dtype) < rho * length
-            stalled = ~halved_at_check & (best_loss <= best_at_check)
+            stalled = ~halved_at_check & (best.loss <= best_at_check)
             halve = oscillating | stalled
             eta = torch.where(halve, eta / 2.0, eta)
             # Restart the halving examples from their best point, with no momentum.
-            x_k = torch.where(per_example(halve, x_k), best_x, x_k)
+            x_k = torch.where(per_example(halve, x_k), best.x, x_k)
             x_prev = x_k
-            grad = torch.where(per_example(halve, grad), best_grad, grad)
-            prev_loss = torch.where(halve, best_loss, prev_loss)
+            grad = torch.where(per_example(halve, grad), best.grad, grad)
+            prev_loss = torch.where(halve, best.loss, prev_loss)
             halved_at_check = halve
-            best_at_check = best_loss.clone()
+            best_at_check = best.loss.clone()
             increases.zero_()
             since = 0
             length = next(lengths, 0)
-    out = torch.where(per_example(fooled, x), first_fooled, best_x)
-    return out, best_loss, fooled
+    return best.result(x)
 
 
 L1_CHECK_FRACTION = 0.04
@@ -265,9 +284,7 @@ def _single_run_l1(
     features = x[0].numel()
     x_k = start.clone()
     logits, loss, grad = _evaluate(model, x_k, y, loss_fn, eot_iter)
-    fooled = logits.argmax(dim=1) != y
-    first_fooled = x_k.clone()
-    best_x, best_loss, best_grad = x_k.clone(), loss.clone(), grad.clone()
+    best = _RunBest(x_k, y, logits, loss, grad)
     eta = torch.full((n,), eps, dtype=x.dtype, device=x.device)
     if from_random:
         topk = torch.full((n,), L1_TOPK_START, dtype=x.dtype, device=x.device)
@@ -280,27 +297,19 @@ def _single_run_l1(
         moved = x_k + per_example(eta, x_k) * _sparse_sign_step(grad, topk)
         x_k = (x + project_l1_box(x, moved - x, eps)).clamp(0.0, 1.0)
         logits, loss, grad = _evaluate(model, x_k, y, loss_fn, eot_iter)
-
-        newly = (logits.argmax(dim=1) != y) & ~fooled
-        first_fooled[newly] = x_k[newly]
-        fooled |= newly
-        better = loss > best_loss
-        best_x[better] = x_k[better]
-        best_loss[better] = loss[better]
-        best_grad[better] = grad[better]
+        best.update(x_k, y, logits, loss, grad)
 
         if (i + 1) % check_every == 0:
-            now = _changed(best_x, x)
+            now = _changed(best.x, x)
             sparser = now < 0.95 * sparsity
             topk = now / features / L1_SHRINK
             eta = torch.where(sparser, torch.full_like(eta, eps), eta / L1_SHRINK)
             eta = eta.clamp(eps / 10.0, eps)
             sparsity = now
             # Where the best point became sparser, continue from it with a full step.
-            x_k = torch.where(per_example(sparser, x_k), best_x, x_k)
-            grad = torch.where(per_example(sparser, grad), best_grad, grad)
-    out = torch.where(per_example(fooled, x), first_fooled, best_x)
-    return out, best_loss, fooled, best_x
+            x_k = torch.where(per_example(sparser, x_k), best.x, x_k)
+            grad = torch.where(per_example(sparser, grad), best.grad, grad)
+    return (*best.result(x), best.x)
 
 
 def large_eps_phases(eps: float, steps: int) -> list[tuple[float, int]]:
