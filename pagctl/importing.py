@@ -235,6 +235,10 @@ def import_model(spec: RunSpec, checkpoint: Path | None, *, trust_pickle: bool =
     from pagctl.models import build_model, check_finite_outputs, timm_config
     from pagctl.records import ImportRecord
 
+    # The checkpoint first: a pickle without the opt-in, or a file with no state dict, is
+    # refused before anything loads the data or builds the network.
+    weights = None if checkpoint is None else read_weights(checkpoint,
+                                                           trust_pickle=trust_pickle)
     spec, resize = timm_data_config(spec)
     bundle = load_data(spec.data)
     spec, normalisation = import_normalisation(spec, bundle)
@@ -245,9 +249,7 @@ def import_model(spec: RunSpec, checkpoint: Path | None, *, trust_pickle: bool =
             model = build_model(spec.model, num_classes=bundle.num_classes,
                                 in_chans=bundle.input_shape[0], default_mean=bundle.mean,
                                 default_std=bundle.std, allow_download=spec.data.download)
-        weights = None
-        if checkpoint is not None:
-            weights = read_weights(checkpoint, trust_pickle=trust_pickle)
+        if checkpoint is not None and weights is not None:
             _fit(model.net, weights, checkpoint)
         dev = resolve_device(device)
         model.to(dev).eval()
