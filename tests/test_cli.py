@@ -322,6 +322,16 @@ BAD_INPUT = [
                                                                            "'xml'")),
     Case("attack-eps-infinite", ["attack", "nowhere", "--param", "eps=inf"],
          ("--param eps", "'inf'")),
+    Case("attack-shard-out-of-range", ["attack", "nowhere", "--shard", "2/2"],
+         ("--shard", "0 <= I < N", "'2/2'")),
+    Case("attack-shard-not-a-fraction", ["attack", "nowhere", "--shard", "half"],
+         ("--shard", "I/N", "'half'")),
+    Case("attack-shard-and-merge", ["attack", "nowhere", "--shard", "0/2", "--merge-shards",
+                                    "2"], ("--shard, --merge-shards", "not both")),
+    Case("attack-shard-with-plot", ["attack", "nowhere", "--shard", "0/2", "--eps-sweep",
+                                    "0.5,1", "--plot", "p.png"], ("--plot", "--merge-shards")),
+    Case("attack-shard-with-state", ["attack", "nowhere", "--shard", "0/2", "--state", "s"],
+         ("--state", "RUN/shards/")),
     Case("attack-norm-it-lacks", ["attack", "nowhere", "--attack", "fgsm", "--param",
                                   "norm=l1"], ("--param norm", "'linf'", "'l2'")),
     Case("attack-l2-only-attack-given-norm", ["attack", "nowhere", "--attack", "cw_l2",
@@ -729,6 +739,43 @@ def test_attack_state_resumes_and_rejects_another_evaluation(
     assert again["stages"] == first["stages"]
     code, out, err = run(*[a if a != "eps=0.5" else "eps=0.25" for a in argv])
     assert code == 2 and "--state" in err and "params" in err
+
+
+def test_attack_shards_merge_into_the_unsharded_result(
+    run: RunCLI, trained_run: Path, tmp_path: Path,
+) -> None:
+    """Two shards run as independent jobs, then --merge-shards: the record equals the
+    unsharded command's (seconds aside); shards record nothing; a missing shard is refused."""
+    run_dir = _copy_run(trained_run, tmp_path / "run")
+    argv = ["attack", run_dir, "--attack", "autoattack", "--param", "eps=0.5", "--param",
+            "norm=l2", "--param", "steps=5", "--param", "square_queries=20", "--limit", "30",
+            "--batch-size", "10", "--probe-size", "10", "--format", "json"]
+    code, out, err = run(*argv, "--no-record")
+    assert code == 0, err
+    [whole] = envelope_records(out, "attack")
+    before = (run_dir / "metrics.jsonl").read_text()
+    code, out, err = run(*argv, "--merge-shards", "2")
+    assert code == 2 and "shard 0/2 of this evaluation has not run" in err
+    assert "--shard 0/2" in err and "Traceback" not in err
+    for i in range(2):
+        code, out, err = run(*argv, "--shard", f"{i}/2")
+        assert code == 0, err
+        assert out == "" and f"shard {i}/2 done" in err and "--merge-shards 2" in err
+    assert (run_dir / "metrics.jsonl").read_text() == before  # shards record nothing
+    assert len(list((run_dir / "shards").iterdir())) == 2
+    code, out, err = run(*argv, "--merge-shards", "2")
+    assert code == 0, err
+    [merged] = envelope_records(out, "attack")
+    drop = {"seconds", "stages"}
+    assert {k: v for k, v in merged.items() if k not in drop} == \
+        {k: v for k, v in whole.items() if k not in drop}
+    assert [dict(s, seconds=0) for s in merged["stages"]] == \
+        [dict(s, seconds=0) for s in whole["stages"]]
+    after = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(after[-1]) == merged  # the merge records like an unsharded run
+    code, out, err = run(*argv, "--seed", "1",
+                         "--merge-shards", "2")
+    assert code == 2 and "has not run" in err  # another seed is another evaluation
 
 
 @pytest.mark.usefixtures("sigint_default")

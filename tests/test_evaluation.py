@@ -533,3 +533,101 @@ def test_per_class_counts_and_per_example_rows_agree_with_the_report(
     assert [r["robust_correct"] for r in rows] == robust.tolist()
     record = report.to_record().to_json()
     assert record["per_class"][str(int(y[100]))]["n"] == per_class[str(int(y[100]))].n
+
+
+# ------------------------------------------------------------------------------ shards
+
+
+def _aa_quick(eps: float = 0.5) -> BaseModel:
+    return registry.attacks.validate_params(
+        "autoattack", {"eps": eps, "norm": "l2", "steps": 10, "square_queries": 50}, "p")
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_shards_merge_to_exactly_the_unsharded_evaluation(
+    digits: tuple[nn.Module, Tensor, Tensor], tmp_path: Path, count: int,
+) -> None:
+    """AutoAttack over 5 batches, split into 2 and 3 shards run one after another as
+    independent jobs would: the merged report has the unsharded run's per-point bits,
+    counts per stage, perturbation extremes and reliability verdict (only seconds differ)."""
+    model, x, y = digits
+    bundle = _bundle(x[:150], y[:150])
+    params = _aa_quick()
+    common: dict[str, Any] = {"batch_size": 32, "seed": 3, "probe_size": 40}
+    [whole], _ = evaluate_attack(model, bundle, "autoattack", params, **common)
+    for i in range(count):
+        [part], _ = evaluate_attack(model, bundle, "autoattack", params, shard=(i, count),
+                                    shard_dir=tmp_path, **common)
+        assert part.reliability is None  # a part has no verdict
+    assert len(list(tmp_path.iterdir())) == count
+    [merged], _ = evaluate_attack(model, bundle, "autoattack", params, merge_shards=count,
+                                  shard_dir=tmp_path, **common)
+    assert merged.per_example == whole.per_example
+    assert torch.equal(merged.robust_mask, whole.robust_mask)
+    assert 0 < merged.robust_correct < merged.clean_correct  # a real, mid-range case
+    strip = [{k: v for k, v in s.model_dump().items() if k != "seconds"}
+             for s in merged.stages]
+    assert strip == [{k: v for k, v in s.model_dump().items() if k != "seconds"}
+                     for s in whole.stages]
+    assert (merged.max_l2, merged.max_linf, merged.max_l1, merged.pixel_min,
+            merged.pixel_max) == (whole.max_l2, whole.max_linf, whole.max_l1,
+                                  whole.pixel_min, whole.pixel_max)
+    assert merged.reliability == whole.reliability and merged.reliability is not None
+    whole_record = whole.to_record().model_dump(exclude={"seconds", "stages"})
+    assert merged.to_record().model_dump(exclude={"seconds", "stages"}) == whole_record
+
+
+def test_merging_refuses_missing_unfinished_and_foreign_shards(
+    digits: tuple[nn.Module, Tensor, Tensor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, x, y = digits
+    bundle = _bundle(x[:80], y[:80])
+    params = _aa_quick()
+    common: dict[str, Any] = {"batch_size": 32, "probes": False}
+    evaluate_attack(model, bundle, "autoattack", params, shard=(0, 2), shard_dir=tmp_path,
+                    seed=0, **common)
+    with pytest.raises(SpecError, match=r"shard 1/2 of this evaluation has not run .*"
+                       r"--shard 1/2"):
+        evaluate_attack(model, bundle, "autoattack", params, merge_shards=2,
+                        shard_dir=tmp_path, seed=0, **common)
+    # shard 1 of another seed is another evaluation: still missing for seed 0
+    evaluate_attack(model, bundle, "autoattack", params, shard=(1, 2), shard_dir=tmp_path,
+                    seed=1, **common)
+    with pytest.raises(SpecError, match="shard 1/2 of this evaluation has not run"):
+        evaluate_attack(model, bundle, "autoattack", params, merge_shards=2,
+                        shard_dir=tmp_path, seed=0, **common)
+    # an interrupted shard is reported as unfinished, naming the command that finishes it
+    from pagctl.robustness import engine
+
+    original, calls = engine.run_attack, []
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        def stop_at_the_second_save() -> None:
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        return original(*args, **kwargs, on_batch=stop_at_the_second_save)
+
+    monkeypatch.setattr(engine, "run_attack", interrupted)  # evaluate imports it per call
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_attack(model, bundle, "autoattack", params, shard=(1, 2),
+                        shard_dir=tmp_path, seed=0, **common)
+    monkeypatch.setattr(engine, "run_attack", original)
+    with pytest.raises(SpecError, match=r"shard 1/2 stopped before the end .* --shard 1/2"):
+        evaluate_attack(model, bundle, "autoattack", params, merge_shards=2,
+                        shard_dir=tmp_path, seed=0, **common)
+    # finishing it makes the merge work
+    evaluate_attack(model, bundle, "autoattack", params, shard=(1, 2), shard_dir=tmp_path,
+                    seed=0, **common)
+    [merged], _ = evaluate_attack(model, bundle, "autoattack", params, merge_shards=2,
+                                  shard_dir=tmp_path, seed=0, **common)
+    assert merged.n == 80
+
+
+def test_a_shard_index_out_of_range_is_refused() -> None:
+    model = _identity_model()
+    labels = torch.arange(4) % 4
+    with pytest.raises(ValueError, match=r"shard 2/2: the index must be in \[0, 2\)"):
+        run_attack(model, _Pair(("a", _Scripted(_block_images(labels)[0], set()))),
+                   _dataset(_block_images(labels), labels), torch.arange(4), name="pair",
+                   params=_NoParams(), shard=(2, 2))

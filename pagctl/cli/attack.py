@@ -65,6 +65,14 @@ def attack(
     state: Annotated[Path | None, typer.Option(
         "--state", help="Progress file: written after every batch, read to resume an "
         "interrupted run (one file per eps with --eps-sweep).")] = None,
+    shard: Annotated[str | None, typer.Option(
+        "--shard", metavar="I/N", help="Run shard I of N (0 <= I < N) as an independent "
+        "job: every N-th batch, progress kept in RUN/shards/ (rerun to resume); shows and "
+        "records nothing. Then --merge-shards N.")] = None,
+    merge_shards: Annotated[int | None, typer.Option(
+        "--merge-shards", min=1, metavar="N", help="Merge the N finished shards of this "
+        "evaluation (same options, without --shard) into the unsharded run's result, probe "
+        "it, show and record it.")] = None,
     probes: Annotated[bool, typer.Option(
         "--probes/--no-probes", help="Run the gradient-masking probes and give a "
         "reliability verdict.")] = True,
@@ -96,6 +104,10 @@ def attack(
     if strict and not probes:
         raise SpecError("--strict: exits on the probes' reliability verdict, which "
                         "--no-probes turns off; drop one of them")
+    shard_of = _parse_shard(shard) if shard is not None else None
+    _check_shard_options(shard_of, merge_shards, state=state, plot=plot, export=export,
+                         strict=strict, save_images=save_images,
+                         save_adversarial=save_adversarial)
     check_png("--plot", plot)
     check_png("--save-images", save_images)
     if save_adversarial is not None and save_adversarial.suffix != ".safetensors":
@@ -112,15 +124,22 @@ def attack(
                 limit=limit, batch_size=batch_size, seed=seed, device=dev, state=state,
                 probes=probes, probe_size=probe_size, progress=progress,
                 keep_images=len(bundle.test) if save_adversarial is not None  # type: ignore[arg-type]
-                else 8 if save_images is not None else 0)
+                else 8 if save_images is not None else 0,
+                shard=shard_of, merge_shards=merge_shards, shard_dir=run / "shards")
         except KeyboardInterrupt:
-            if state is None:
+            if state is None and shard_of is None:
                 raise
             from pagctl.progress import stderr_console
 
-            stderr_console.print(f"interrupted: progress is in {state}; run the same "
+            where = state if state is not None else run / "shards"
+            stderr_console.print(f"interrupted: progress is in {where}; run the same "
                                  "command again to resume", soft_wrap=True)
             raise typer.Exit(130) from None
+        if shard_of is not None:
+            typer.echo(f"shard {shard_of[0]}/{shard_of[1]} done ({run / 'shards'}); when all "
+                       f"{shard_of[1]} are, run the same command with --merge-shards "
+                       f"{shard_of[1]} instead of --shard", err=True)
+            return
         records = [report.to_record(params_given=given)  # e.g. eps "8/255" as typed
                    for report in reports]
         for rec in records:
@@ -265,6 +284,39 @@ def _class_names(run: Path) -> list[str]:
     except (OSError, ValueError, AttributeError):
         return []
     return [str(n) for n in names]
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    """``--shard I/N`` as (I, N); SpecError unless 0 <= I < N."""
+    index, _, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise SpecError(f"--shard: expected I/N with 0 <= I < N, shards being numbered from "
+                        f"0 (e.g. --shard 0/4 … --shard 3/4), got '{text}'")
+    return i, n
+
+
+def _check_shard_options(shard: tuple[int, int] | None, merge: int | None, *,
+                         state: Path | None, plot: Path | None, export: Path | None,
+                         strict: bool, save_images: Path | None,
+                         save_adversarial: Path | None) -> None:
+    """What a shard or a merge cannot take, each refused with the way out."""
+    if shard is not None and merge is not None:
+        raise SpecError("--shard, --merge-shards: run one shard, or merge them all; not both")
+    if (shard is not None or merge is not None) and state is not None:
+        raise SpecError("--state: shards keep their progress in RUN/shards/ themselves; "
+                        "drop --state")
+    if shard is not None:
+        for flag, given in (("--plot", plot), ("--export", export), ("--strict", strict)):
+            if given:
+                raise SpecError(f"{flag}: applies to the whole result; give it with "
+                                "--merge-shards")
+    if (shard is not None or merge is not None) and (save_images or save_adversarial):
+        flag = "--save-images" if save_images else "--save-adversarial"
+        raise SpecError(f"{flag}: shards keep no images yet; attack unsharded to save them")
 
 
 def _parse_sweep(text: str, params: Any) -> list[float]:

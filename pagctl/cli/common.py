@@ -39,7 +39,7 @@ ENVELOPE_RECORDS = {  # per command as typed: what its envelope's records are
     "train-score": "one summary, the run folder, steps, samples and the last logged step's "
                    "record",
     "attack": "one 'attack' record per eps (one without --eps-sweep), as metrics.jsonl "
-              "receives it",
+              "receives it; a --shard run prints none",
     "bank": "one summary of the bank written (path, shape, source, params)",
     "align-score": "one 'align' record, as metrics.jsonl receives it",
     "compare": "one comparison (runs, columns, pairs, mismatches, warnings, weights)",

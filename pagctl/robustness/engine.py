@@ -15,6 +15,11 @@ progress (`pagctl.robustness.state.AttackState`) is saved after every batch, so 
 interrupted run resumes where it stopped and ends exactly as an uninterrupted one; a state
 resumes only the evaluation it was saved by (attack, params, seed, batch size, the subset,
 the model's weights and the test images, by digest).
+
+**Shards.** With ``shard=(i, N)`` a run attacks only the batches ``b`` with ``b % N == i``
+(every stage), each with the attack its batch number builds, so the union of the N shards
+is the unsharded run batch for batch: the same seeds, the same per-point results.
+`merge_shards` combines the N finished shard states into the state of the whole run.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pagctl.protocols import (
     declared_budget,
     raised,
 )
+from pagctl.records import StageRecord
 from pagctl.robustness.report import AttackReport
 from pagctl.robustness.state import AttackState
 from pagctl.stats import indices_digest, tensors_digest
@@ -131,13 +137,16 @@ def run_attack(
     keep_images: int = 0,
     on_batch: Callable[[], None] | None = None,
     origin: str = "built-in",
+    shard: tuple[int, int] | None = None,
 ) -> AttackReport:
     """Attack ``dataset[indices]`` stage by stage, in batches, in eval mode.
 
     ``attack`` is an Attack, an Ensemble, or a :class:`PerBatch` that builds one per batch.
     ``state_path``: read to resume, rewritten after every batch. ``keep_images``: keep the
     adversarial versions of the first that many points (``AttackReport.images``).
-    ``origin`` names the plugin's distribution in error messages.
+    ``origin`` names the plugin's distribution in error messages. ``shard=(i, N)``: attack
+    only the batches ``b % N == i`` (module docstring); the report then counts the other
+    points as not attacked (robust when clean-correct) and is only a part of the whole.
     Shape: indices (n,) int64 positions in ``dataset``.
     """
     from pagctl.data import get_batch
@@ -153,19 +162,21 @@ def run_attack(
     first = built(0)
     stage_names = [s for s, _ in attack_stages(first, name)]
     norm, eps = declared_budget(first, params)
+    if shard is not None and not 0 <= shard[0] < shard[1]:
+        raise ValueError(f"shard {shard[0]}/{shard[1]}: the index must be in [0, {shard[1]})")
+    mine = [b for b in range(len(starts)) if shard is None or b % shard[1] == shard[0]]
     state = None
     if state_path is not None:
-        key = {"attack": name, "params": params.model_dump(mode="json"), "n": n,
-               "indices_sha256": indices_digest(indices), "seed": seed,
-               "batch_size": batch_size, "stages": stage_names,
-               "model_sha256": tensors_digest(model.state_dict().items()),
-               "data_sha256": _data_digest(dataset, indices, batch_size)}
+        key = evaluation_key(model, dataset, indices, name=name, params=params, seed=seed,
+                             batch_size=batch_size, stages=stage_names)
+        if shard is not None:
+            key["shard"] = list(shard)
         state = AttackState.load(state_path, key) if state_path.exists() else None
     else:
         key = {}
     start = time.perf_counter()
     prior_seconds = float(state.stats["seconds"]) if state is not None else 0.0
-    per_stage = max(len(starts), 1)
+    per_stage = max(len(mine), 1)
     total = len(stage_names) * per_stage
     with eval_mode(model):
         if state is None:
@@ -179,10 +190,15 @@ def run_attack(
             while state.stage < len(stage_names):
                 s = state.stage
                 robust = f"robust {int(state.robust.sum())}/{n}"
-                bar.update(completed=s * per_stage + state.batch,
+                done = sum(1 for b in mine if b < state.batch)
+                bar.update(completed=s * per_stage + done,
                            description=stage_names[s], info=robust)
-                if state.batch < len(starts):
-                    where = f"{robust}, batch {state.batch + 1}/{len(starts)}"
+                if state.batch < len(starts) and state.batch not in mine:
+                    state.batch += 1  # another shard's batch
+                    if state.batch < len(starts):
+                        continue
+                elif state.batch < len(starts):
+                    where = f"{robust}, batch {done + 1}/{len(mine)}"
                     _attack_batch(model, built(state.batch), state, s, dataset, indices,
                                   starts[state.batch], batch_size, name, norm, eps, device,
                                   origin, _heartbeat(bar, where) if progress else None)
@@ -221,6 +237,72 @@ def _heartbeat(bar: Any, where: str) -> Callable[[int], None]:
             bar.update(info=f"{where}, {forwards:,} forwards")
 
     return beat
+
+
+def evaluation_key(model: nn.Module, dataset: Dataset[Any], indices: Tensor, *, name: str,
+                   params: BaseModel, seed: int, batch_size: int,
+                   stages: list[str]) -> dict[str, Any]:
+    """What identifies one evaluation, for its resumable state and its shards: the attack,
+    its params and stages, the seed and batch size (they fix every batch's randomness), and
+    digests of the subset's indices, of its images and labels, and of the model's weights."""
+    return {"attack": name, "params": params.model_dump(mode="json"), "n": len(indices),
+            "indices_sha256": indices_digest(indices), "seed": seed,
+            "batch_size": batch_size, "stages": stages,
+            "model_sha256": tensors_digest(model.state_dict().items()),
+            "data_sha256": _data_digest(dataset, indices, batch_size)}
+
+
+def merge_shards(states: list[AttackState], batch_size: int) -> AttackState:
+    """The state of the whole run from its N finished shards (``states[i]`` is shard i/N,
+    each keyed like the whole run plus ``shard: [i, N]``).
+
+    Per point the owner of its batch decides: a shard leaves the points of other shards as
+    clean-correct-and-unattacked, so robust is the AND over shards, the breaking stage the
+    largest; stage counters and seconds add up, the perturbation and pixel extremes take
+    the extreme, and each kept image comes from its batch's shard. ValueError when the
+    states are not the N shards of one finished evaluation."""
+    import torch
+
+    count = len(states)
+    keys = [dict(st.key) for st in states]
+    shards = [key.pop("shard", None) for key in keys]
+    if shards != [[i, count] for i in range(count)]:
+        raise ValueError(f"expected shards 0/{count} … {count - 1}/{count} in order, got "
+                         f"{shards}")
+    if any(key != keys[0] for key in keys[1:]):
+        raise ValueError("the shards come from different evaluations")
+    for i, st in enumerate(states):
+        if st.stage < len(st.stages):
+            raise ValueError(f"shard {i}/{count} is not finished (stage {st.stage + 1} of "
+                             f"{len(st.stages)})")
+    first = states[0]
+    robust = first.robust.clone()
+    broken_by = first.broken_by.clone()
+    for st in states[1:]:
+        if not torch.equal(st.clean, first.clean):
+            raise ValueError("the shards disagree on which points are classified correctly")
+        robust &= st.robust
+        broken_by = torch.maximum(broken_by, st.broken_by)
+    images = first.images.clone()
+    for pos in range(len(images)):
+        images[pos] = states[(pos // batch_size) % count].images[pos]
+    stages = [StageRecord(
+        name=rec.name,
+        attacked=sum(st.stages[j].attacked for st in states),
+        broke=sum(st.stages[j].broke for st in states),
+        forwards=sum(st.stages[j].forwards for st in states),
+        backwards=sum(st.stages[j].backwards for st in states),
+        seconds=sum(st.stages[j].seconds for st in states))
+        for j, rec in enumerate(first.stages)]
+    stats: dict[str, float] = {}
+    for field_name in first.stats:
+        values = [float(st.stats.get(field_name, 0.0)) for st in states]
+        stats[field_name] = (min(values) if field_name == "pixel_min"
+                             else sum(values) if field_name in ("nan_count", "seconds")
+                             else max(values))
+    return AttackState(key=keys[0], clean=first.clean.clone(), robust=robust,
+                       broken_by=broken_by, images=images, stage=len(stages), batch=0,
+                       stages=stages, stats=stats)
 
 
 def _data_digest(dataset: Dataset[Any], indices: Tensor, batch_size: int) -> str:

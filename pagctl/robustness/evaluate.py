@@ -1,9 +1,16 @@
 """One evaluation as ``pagctl attack`` runs it: pick the subset, probe the model, run the
 attack (once or over an ε-sweep) with the engine (`pagctl.robustness.engine`) and attach
-the reliability verdict (`pagctl.robustness.reliability`) to every report."""
+the reliability verdict (`pagctl.robustness.reliability`) to every report.
+
+A long evaluation can be split into N shards run as independent jobs (``shard=(i, N)``),
+each attacking every N-th batch and keeping its progress in a shard file named by the
+evaluation's key; ``merge_shards=N`` then combines the N finished shards into the report of
+the unsharded run — the same per-point results and counts — and runs the probes on it."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,19 +42,27 @@ def evaluate_attack(
     probe_size: int = 100,
     progress: bool = False,
     keep_images: int = 0,
+    shard: tuple[int, int] | None = None,
+    merge_shards: int | None = None,
+    shard_dir: Path | None = None,
 ) -> tuple[list[AttackReport], Tensor]:
     """Attack ``bundle.test[indices]`` (first ``limit``) with the registered attack ``name``
     (once, or at each budget of ``budgets``) and attach the reliability verdict.
 
+    ``shard=(i, N)`` runs shard i of N into ``shard_dir`` (resuming it if it stopped) and
+    returns its partial reports, without probes' verdict; ``merge_shards=N`` runs nothing
+    but merges the N shards found in ``shard_dir`` (module docstring). Neither keeps images.
     Returns the reports (one per budget) and the attacked indices. Raises SpecError when
-    the indices are out of range or AutoAttack standard/plus meets a randomised model.
+    the indices are out of range, AutoAttack standard/plus meets a randomised model, or a
+    shard to merge is missing or unfinished.
     """
     import torch
 
     from pagctl import registry
     from pagctl.build import build_context
     from pagctl.data import get_batch, labels_of, select_test_indices
-    from pagctl.robustness.engine import PerBatch, run_attack
+    from pagctl.protocols import attack_stages, declared_budget
+    from pagctl.robustness.engine import PerBatch, evaluation_key, run_attack
     from pagctl.robustness.reliability import (
         attack_probes,
         quick_probes,
@@ -55,6 +70,12 @@ def evaluate_attack(
         sweep_check,
     )
 
+    if (shard is not None or merge_shards is not None) and shard_dir is None:
+        raise ValueError("shard and merge_shards need shard_dir")
+    if shard is not None and merge_shards is not None:
+        raise ValueError("run a shard or merge shards, not both")
+    if shard is not None or merge_shards is not None:
+        keep_images = 0
     indices = select_test_indices(len(bundle.test), indices, limit)  # type: ignore[arg-type]
     probe_idx = indices[:probe_size]
     px, py = get_batch(bundle.test, probe_idx)
@@ -68,6 +89,8 @@ def evaluate_attack(
                 f"(spread {verdict.measured['output_spread']:.3g}); AutoAttack "
                 f"'{getattr(params, 'version', '')}' assumes a deterministic model; use "
                 "--param version=rand")
+        if shard is not None:
+            verdict = None  # a shard is a part: the merge runs the probes on the whole
     out: list[AttackReport] = []
     for i, eps in enumerate(budgets if budgets is not None else [None]):
         p = params if eps is None else params.model_copy(update={"eps": eps})
@@ -79,10 +102,26 @@ def evaluate_attack(
         path = state
         if state is not None and budgets is not None:
             path = state.with_name(f"{state.stem}-eps{i}{state.suffix}")
-        report = run_attack(model, PerBatch(build), bundle.test, indices, name=name, params=p,
-                            batch_size=batch_size, device=device, seed=seed, state_path=path,
-                            progress=progress, keep_images=keep_images,
-                            origin=registry.attacks.origin(name))
+        files: list[Path] = []
+        key: dict[str, Any] = {}
+        count = shard[1] if shard is not None else merge_shards
+        if count is not None and shard_dir is not None:
+            stages = [s for s, _ in attack_stages(build(0), name)]
+            key = evaluation_key(model, bundle.test, indices, name=name, params=p, seed=seed,
+                                 batch_size=batch_size, stages=stages)
+            files = shard_files(shard_dir, key, count)
+        if merge_shards is not None:
+            norm, declared_eps = declared_budget(build(0), p)
+            report = _merged(files, key, name=name, params=p, norm=norm, eps=declared_eps,
+                             indices=indices, seed=seed, batch_size=batch_size)
+        else:
+            if shard is not None:
+                path = files[shard[0]]
+                path.parent.mkdir(parents=True, exist_ok=True)
+            report = run_attack(model, PerBatch(build), bundle.test, indices, name=name,
+                                params=p, batch_size=batch_size, device=device, seed=seed,
+                                state_path=path, progress=progress, keep_images=keep_images,
+                                origin=registry.attacks.origin(name), shard=shard)
         if verdict is not None and i == 0:
             stage_names = [s.name for s in report.stages]
             if report.norm in ("l2", "linf", "l1") and report.eps is not None and report.eps > 0:
@@ -101,3 +140,40 @@ def evaluate_attack(
         if verdict is not None:
             report.reliability = verdict.to_record()
     return out, indices
+
+
+def shard_files(folder: Path, key: dict[str, Any], count: int) -> list[Path]:
+    """The N shard files of the evaluation ``key`` (`pagctl.robustness.engine
+    .evaluation_key`) in ``folder``: ``<attack>-<digest of the key>-shard<i>of<N>``, so
+    shards of another evaluation (seed, params, subset, weights) never mix."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return [folder / f"{key['attack']}-{digest}-shard{i}of{count}.safetensors"
+            for i in range(count)]
+
+
+def _merged(files: list[Path], key: dict[str, Any], *, name: str, params: BaseModel,
+            norm: str | None, eps: float | None, indices: Tensor, seed: int,
+            batch_size: int) -> AttackReport:
+    """The report of the whole evaluation from its finished shard files."""
+    from pagctl.robustness.engine import merge_shards
+    from pagctl.robustness.report import AttackReport
+    from pagctl.robustness.state import AttackState
+
+    count = len(files)
+    states = []
+    for i, path in enumerate(files):
+        if not path.exists():
+            raise SpecError(f"--merge-shards: shard {i}/{count} of this evaluation has not "
+                            f"run ({path} is missing); run the same command with --shard "
+                            f"{i}/{count} (same attack, params, seed, subset and weights)")
+        states.append(AttackState.load(path, {**key, "shard": [i, count]}))
+    for i, st in enumerate(states):
+        if st.stage < len(st.stages):
+            raise SpecError(f"--merge-shards: shard {i}/{count} stopped before the end "
+                            f"(stage {st.stage + 1} of {len(st.stages)}); run the same "
+                            f"command with --shard {i}/{count} again to finish it")
+    try:
+        merged = merge_shards(states, batch_size)
+    except ValueError as exc:
+        raise SpecError(f"--merge-shards: {exc}") from None
+    return AttackReport.from_state(merged, name, params, norm, eps, indices, seed)
