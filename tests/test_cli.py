@@ -778,6 +778,54 @@ def test_attack_shards_merge_into_the_unsharded_result(
     assert code == 2 and "has not run" in err  # another seed is another evaluation
 
 
+def test_attack_shards_under_torchrun_merge_on_rank_0(
+    run: RunCLI, trained_run: Path, tmp_path: Path,
+) -> None:
+    """``torchrun --nproc-per-node 2 -m pagctl attack ... --shard torchrun`` (gloo, CPU):
+    each rank runs its shard, rank 0 merges and prints the one result, equal to the
+    unsharded command's but for the seconds."""
+    import os
+
+    run_dir = _copy_run(trained_run, tmp_path / "run")
+    argv = ["attack", str(run_dir), "--attack", "autoattack", "--param", "eps=0.5",
+            "--param", "norm=l2", "--param", "steps=5", "--param", "square_queries=20",
+            "--limit", "30", "--batch-size", "10", "--probe-size", "10", "--format", "json",
+            "--no-record", "--no-progress"]
+    code, out, err = run(*argv)
+    assert code == 0, err
+    [whole] = envelope_records(out, "attack")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PAGCTL_DISABLE_PLUGIN_AUTOLOAD="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         "2", "-m", "pagctl", *argv, "--shard", "torchrun"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+        stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [merged] = envelope_records(proc.stdout, "attack")  # one result: rank 0's
+    drop = {"seconds", "stages"}
+    assert {k: v for k, v in merged.items() if k not in drop} == \
+        {k: v for k, v in whole.items() if k not in drop}
+    assert [dict(s, seconds=0) for s in merged["stages"]] == \
+        [dict(s, seconds=0) for s in whole["stages"]]
+    assert len(list((run_dir / "shards").iterdir())) == 2
+
+
+def test_attack_shard_torchrun_outside_torchrun_is_refused(
+    run: RunCLI, trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    code, _, err = run("attack", tmp_path / "nowhere", "--shard", "torchrun")
+    assert code == 2 and "--shard torchrun" in err and "torchrun --nproc-per-node" in err
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    code, _, err = run("attack", tmp_path / "nowhere", "--shard", "torchrun")
+    assert code == 2 and "RANK 2 of WORLD_SIZE 2" in err
+
+
 @pytest.mark.usefixtures("sigint_default")
 def test_attack_ctrl_c_keeps_state_and_resume_equals_an_uninterrupted_run(
     run: RunCLI, trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -68,7 +68,8 @@ def attack(
     shard: Annotated[str | None, typer.Option(
         "--shard", metavar="I/N", help="Run shard I of N (0 <= I < N) as an independent "
         "job: every N-th batch, progress kept in RUN/shards/ (rerun to resume); shows and "
-        "records nothing. Then --merge-shards N.")] = None,
+        "records nothing. Then --merge-shards N. 'torchrun': under torchrun each rank runs "
+        "its shard and rank 0 merges.")] = None,
     merge_shards: Annotated[int | None, typer.Option(
         "--merge-shards", min=1, metavar="N", help="Merge the N finished shards of this "
         "evaluation (same options, without --shard) into the unsharded run's result, probe "
@@ -104,10 +105,21 @@ def attack(
     if strict and not probes:
         raise SpecError("--strict: exits on the probes' reliability verdict, which "
                         "--no-probes turns off; drop one of them")
-    shard_of = _parse_shard(shard) if shard is not None else None
-    _check_shard_options(shard_of, merge_shards, state=state, plot=plot, export=export,
-                         strict=strict, save_images=save_images,
-                         save_adversarial=save_adversarial)
+    launch = None
+    if shard == "torchrun":
+        from pagctl.distributed import torchrun_launch
+
+        if merge_shards is not None:
+            raise SpecError("--merge-shards: under --shard torchrun rank 0 merges the shards "
+                            "itself; drop --merge-shards")
+        launch = torchrun_launch("--shard torchrun")
+    shard_of = ((launch.rank, launch.world_size) if launch is not None
+                else _parse_shard(shard) if shard is not None else None)
+    # Under torchrun rank 0 merges, so the options are those of a merge.
+    _check_shard_options(None if launch is not None else shard_of,
+                         launch.world_size if launch is not None else merge_shards,
+                         state=state, plot=plot, export=export, strict=strict,
+                         save_images=save_images, save_adversarial=save_adversarial)
     check_png("--plot", plot)
     check_png("--save-images", save_images)
     if save_adversarial is not None and save_adversarial.suffix != ".safetensors":
@@ -117,15 +129,30 @@ def attack(
         raise SpecError(f"--export: {export} is a file; give a folder")
     indices = read_indices(indices_file) if indices_file is not None else None
     with RunLock(run, exclusive=False, command="attack"):  # not while it is being trained
+        if launch is not None and device == "auto":
+            device = _rank_device(launch.local_rank)
         loaded, bundle, dev = load_run_and_data(run, device, data_dir, weights)
-        try:
-            reports, attacked = evaluate_attack(
+
+        def evaluate(part: tuple[int, int] | None, merge: int | None) -> Any:
+            return evaluate_attack(
                 loaded.model, bundle, attack_name, params, budgets, indices=indices,
                 limit=limit, batch_size=batch_size, seed=seed, device=dev, state=state,
                 probes=probes, probe_size=probe_size, progress=progress,
                 keep_images=len(bundle.test) if save_adversarial is not None  # type: ignore[arg-type]
                 else 8 if save_images is not None else 0,
-                shard=shard_of, merge_shards=merge_shards, shard_dir=run / "shards")
+                shard=part, merge_shards=merge, shard_dir=run / "shards")
+
+        try:
+            if launch is not None:
+                from pagctl.distributed import barrier, process_group
+
+                with process_group(launch):
+                    evaluate(shard_of, None)
+                    barrier()  # every shard finished: rank 0 merges
+                if not launch.leader:
+                    return
+                shard_of, merge_shards = None, launch.world_size
+            reports, attacked = evaluate(shard_of, merge_shards)
         except KeyboardInterrupt:
             if state is None and shard_of is None:
                 raise
@@ -286,6 +313,13 @@ def _class_names(run: Path) -> list[str]:
     return [str(n) for n in names]
 
 
+def _rank_device(local_rank: int) -> str:
+    """``--device auto`` under torchrun: this rank's GPU on its machine, else the CPU."""
+    import torch
+
+    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+
+
 def _parse_shard(text: str) -> tuple[int, int]:
     """``--shard I/N`` as (I, N); SpecError unless 0 <= I < N."""
     index, _, count = text.partition("/")
@@ -295,7 +329,7 @@ def _parse_shard(text: str) -> tuple[int, int]:
         i, n = -1, 0
     if not 0 <= i < n:
         raise SpecError(f"--shard: expected I/N with 0 <= I < N, shards being numbered from "
-                        f"0 (e.g. --shard 0/4 … --shard 3/4), got '{text}'")
+                        f"0 (e.g. --shard 0/4 … --shard 3/4), or 'torchrun', got '{text}'")
     return i, n
 
 
