@@ -156,7 +156,9 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
            indices: Sequence[int] | Tensor | None = None, limit: int | None = None,
            seed: int = 0, batch_size: int = 256, device: str = "cpu",
            probes: bool = True, probe_size: int = 100, weights: str = "last",
-           progress: bool = False) -> AttackReport | list[AttackReport]:
+           progress: bool = False, shard: tuple[int, int] | None = None,
+           merge_shards: int | None = None,
+           shard_dir: str | Path | None = None) -> AttackReport | list[AttackReport]:
     """Attack ``model`` on ``data`` as ``pagctl attack`` does: clean and robust accuracy with
     95% intervals, what each stage broke and cost, per-example and per-class results, and
     the reliability verdict of the gradient-masking probes (``report.reliable``).
@@ -164,7 +166,11 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
     ``attack`` is a registered attack (``pagctl plugins``); ``eps`` (a number or "8/255"),
     ``norm`` ("linf", "l2"; also "l1" for APGD, FAB, Square and AutoAttack; any case) and
     ``params`` are its parameters. With ``eps_sweep`` the result is one report per budget,
-    else one report. ``weights`` chooses a run's weights when ``model`` is a path."""
+    else one report. ``weights`` chooses a run's weights when ``model`` is a path.
+    ``shard=(i, N)`` runs shard i of N only (a partial report, no verdict) and
+    ``merge_shards=N`` merges N finished shards into the whole evaluation's report, as
+    ``--shard`` / ``--merge-shards`` do; the shards live in ``shard_dir`` (default: the
+    run folder's ``shards/`` when ``model`` is a path)."""
 
     from pagctl import registry
     from pagctl.robustness.evaluate import evaluate_attack
@@ -174,12 +180,21 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
         if value is not None:
             given[key] = value
     validated = registry.attacks.validate_params(attack, given, "params")
+    folder = None
+    if shard is not None or merge_shards is not None:
+        if shard_dir is None and not isinstance(model, (str, Path)):
+            raise SpecError("shard_dir: the shards need a folder when the model is not a run "
+                            "folder; give shard_dir=...")
+        folder = Path(shard_dir) if shard_dir is not None else Path(model) / "shards"
+        if shard is not None and not 0 <= shard[0] < shard[1]:
+            raise SpecError(f"shard: expected (i, N) with 0 <= i < N, got {shard}")
     module, bundle, dev = _model_and_data(model, data, device, weights)
     chosen = _index_tensor(indices)
     budgets = None if eps_sweep is None else [float(e) for e in eps_sweep]
     reports, _ = evaluate_attack(module, bundle, attack, validated, budgets, indices=chosen,
                                  limit=limit, batch_size=batch_size, seed=seed, device=dev,
-                                 probes=probes, probe_size=probe_size, progress=progress)
+                                 probes=probes, probe_size=probe_size, progress=progress,
+                                 shard=shard, merge_shards=merge_shards, shard_dir=folder)
     return reports if budgets is not None else reports[0]
 
 

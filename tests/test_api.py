@@ -81,6 +81,22 @@ def test_api_attack_on_a_module_equals_the_command_on_its_import(
                            limit=80, probes=False)
     assert not isinstance(via_folder, list)
     assert via_folder.per_example == via_api.per_example
+    # the same evaluation in 3 shards (run folder: RUN/shards), merged
+    common: dict[str, Any] = {"attack": "pgd_linf", "eps": 0.1, "params": {"steps": 5},
+                              "limit": 80, "batch_size": 16, "probes": False}
+    whole = pg.attack("runs/lin", **common)
+    for i in range(3):
+        pg.attack("runs/lin", shard=(i, 3), **common)
+    merged = pg.attack("runs/lin", merge_shards=3, **common)
+    assert not isinstance(merged, list) and not isinstance(whole, list)
+    assert merged.per_example == whole.per_example
+    # a module has no run folder: its shards go where shard_dir says
+    with pytest.raises(SpecError, match="shard_dir"):
+        pg.attack(module, digits, shard=(0, 2), **common)
+    for i in range(2):
+        pg.attack(module, digits, shard=(i, 2), shard_dir=workdir / "mine", **common)
+    again = pg.attack(module, digits, merge_shards=2, shard_dir=workdir / "mine", **common)
+    assert not isinstance(again, list) and again.per_example == whole.per_example
 
 
 def test_api_errors_are_one_line(workdir: Path) -> None:
