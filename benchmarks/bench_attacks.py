@@ -20,7 +20,7 @@ Two measurements, on the same models, the same points and the same machine, in o
    returns the last iterate.
 2. **AutoAttack standard, end to end.** pagctl's `AutoAttack` plugin (APGD-CE → APGD-T →
    FAB-T → Square, each on the points still robust) against pyautoattack's
-   ``run_standard_evaluation``, on the trained digits model, L2 and L∞. Both get one untimed
+   ``run_standard_evaluation``, on the trained digits model, L2, L∞ and L1. Both get one untimed
    warm-up on a few points with a tiny budget. Per stage, the table gives the time and the
    forward passes (one per example; "grad" = forwards whose graph is kept for a backward),
    counted by a forward hook on the model.
@@ -58,7 +58,7 @@ PGD_BUDGETS = {
     "digits": {"l2": (0.5, 0.125), "linf": (0.1, 0.025)},
     "resnet18": {"l2": (0.5, 0.125), "linf": (8 / 255, 2 / 255)},
 }
-AA_EPS = {"l2": 0.5, "linf": 0.1}
+AA_EPS = {"l2": 0.5, "linf": 0.1, "l1": 1.5}
 AA_STAGES = ("apgd_ce", "apgd_t", "fab_t", "square")
 
 
@@ -123,8 +123,9 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 def _max_norm(x: Tensor, x_adv: Tensor, norm: str) -> float:
-    delta = (x_adv - x).flatten(1)
-    per = delta.norm(dim=1) if norm == "l2" else delta.abs().amax(dim=1)
+    from pagctl.attacks.steps import norms_of
+
+    per = norms_of(x_adv - x, norm)  # type: ignore[arg-type]
     return float(per.max()) if per.numel() else 0.0
 
 
@@ -268,11 +269,13 @@ def _reference_autoattack(model: nn.Module, norm: str, eps: float, device: torch
                           steps: int = 100, queries: int = 5000) -> Any:
     from pyautoattack import AutoAttack
 
-    ref = AutoAttack(model, norm={"l2": "L2", "linf": "Linf"}[norm], eps=eps,
+    ref = AutoAttack(model, norm={"l2": "L2", "linf": "Linf", "l1": "L1"}[norm], eps=eps,
                      version="standard", seed=0, device=device)
     ref.verbose = False
     if steps != 100 or queries != 5000:  # the warm-up's tiny budget
         ref.apgd.n_iter = ref.apgd_targeted.n_iter = ref.fab.n_iter = steps
+        # L1's 3ε → 2ε → ε schedule splits the iterations it was built with
+        ref.apgd.n_iter_orig = ref.apgd_targeted.n_iter_orig = steps
         ref.square.n_queries = queries
     return ref
 
@@ -353,7 +356,7 @@ def bench_autoattack(model: nn.Module, x: Tensor, y: Tensor, args: argparse.Name
     counter = PassCounter(model)
     rows, stage_rows = [], []
     try:
-        for norm in ("l2", "linf"):
+        for norm in ("l2", "linf", "l1"):
             eps = AA_EPS[norm]
             for run in runners.values():  # warm-up: tiny budget on a few points
                 run(model, x[:8], y[:8], norm, eps, device, steps=2, queries=10)
