@@ -138,6 +138,7 @@ def run_attack(
     on_batch: Callable[[], None] | None = None,
     origin: str = "built-in",
     shard: tuple[int, int] | None = None,
+    key: dict[str, Any] | None = None,
 ) -> AttackReport:
     """Attack ``dataset[indices]`` stage by stage, in batches, in eval mode.
 
@@ -147,7 +148,8 @@ def run_attack(
     ``origin`` names the plugin's distribution in error messages. ``shard=(i, N)``: attack
     only the batches ``b % N == i`` (module docstring); the report then counts the other
     points as not attacked (robust when clean-correct) and is only a part of the whole.
-    Shape: indices (n,) int64 positions in ``dataset``.
+    ``key``: the `evaluation_key` when the caller has computed it already (it hashes the
+    weights and every attacked image). Shape: indices (n,) int64 positions in ``dataset``.
     """
     from pagctl.data import get_batch
     from pagctl.models import eval_mode
@@ -167,8 +169,9 @@ def run_attack(
     mine = [b for b in range(len(starts)) if shard is None or b % shard[1] == shard[0]]
     state = None
     if state_path is not None:
-        key = evaluation_key(model, dataset, indices, name=name, params=params, seed=seed,
-                             batch_size=batch_size, stages=stage_names)
+        key = dict(key) if key is not None else evaluation_key(
+            model, dataset, indices, name=name, params=params, seed=seed,
+            batch_size=batch_size, stages=stage_names)
         if shard is not None:
             key["shard"] = list(shard)
         state = AttackState.load(state_path, key) if state_path.exists() else None
@@ -252,15 +255,15 @@ def evaluation_key(model: nn.Module, dataset: Dataset[Any], indices: Tensor, *, 
             "data_sha256": _data_digest(dataset, indices, batch_size)}
 
 
-def merge_shards(states: list[AttackState], batch_size: int) -> AttackState:
+def merge_shards(states: list[AttackState]) -> AttackState:
     """The state of the whole run from its N finished shards (``states[i]`` is shard i/N,
     each keyed like the whole run plus ``shard: [i, N]``).
 
     Per point the owner of its batch decides: a shard leaves the points of other shards as
     clean-correct-and-unattacked, so robust is the AND over shards, the breaking stage the
     largest; stage counters and seconds add up, the perturbation and pixel extremes take
-    the extreme, and each kept image comes from its batch's shard. ValueError when the
-    states are not the N shards of one finished evaluation."""
+    the extreme. Shards keep no images, nor does the merge. ValueError when the states are
+    not the N shards of one finished evaluation."""
     import torch
 
     count = len(states)
@@ -283,9 +286,6 @@ def merge_shards(states: list[AttackState], batch_size: int) -> AttackState:
             raise ValueError("the shards disagree on which points are classified correctly")
         robust &= st.robust
         broken_by = torch.maximum(broken_by, st.broken_by)
-    images = first.images.clone()
-    for pos in range(len(images)):
-        images[pos] = states[(pos // batch_size) % count].images[pos]
     stages = [StageRecord(
         name=rec.name,
         attacked=sum(st.stages[j].attacked for st in states),
@@ -301,7 +301,7 @@ def merge_shards(states: list[AttackState], batch_size: int) -> AttackState:
                              else sum(values) if field_name in ("nan_count", "seconds")
                              else max(values))
     return AttackState(key=keys[0], clean=first.clean.clone(), robust=robust,
-                       broken_by=broken_by, images=images, stage=len(stages), batch=0,
+                       broken_by=broken_by, images=_empty(), stage=len(stages), batch=0,
                        stages=stages, stats=stats)
 
 

@@ -113,7 +113,7 @@ def evaluate_attack(
         if merge_shards is not None:
             norm, declared_eps = declared_budget(build(0), p)
             report = _merged(files, key, name=name, params=p, norm=norm, eps=declared_eps,
-                             indices=indices, seed=seed, batch_size=batch_size)
+                             indices=indices, seed=seed)
         else:
             if shard is not None:
                 path = files[shard[0]]
@@ -121,7 +121,8 @@ def evaluate_attack(
             report = run_attack(model, PerBatch(build), bundle.test, indices, name=name,
                                 params=p, batch_size=batch_size, device=device, seed=seed,
                                 state_path=path, progress=progress, keep_images=keep_images,
-                                origin=registry.attacks.origin(name), shard=shard)
+                                origin=registry.attacks.origin(name), shard=shard,
+                                key=key or None)
         if verdict is not None and i == 0:
             stage_names = [s.name for s in report.stages]
             if report.norm in ("l2", "linf", "l1") and report.eps is not None and report.eps > 0:
@@ -152,8 +153,8 @@ def shard_files(folder: Path, key: dict[str, Any], count: int) -> list[Path]:
 
 
 def _merged(files: list[Path], key: dict[str, Any], *, name: str, params: BaseModel,
-            norm: str | None, eps: float | None, indices: Tensor, seed: int,
-            batch_size: int) -> AttackReport:
+            norm: str | None, eps: float | None, indices: Tensor,
+            seed: int) -> AttackReport:
     """The report of the whole evaluation from its finished shard files."""
     from pagctl.robustness.engine import merge_shards
     from pagctl.robustness.report import AttackReport
@@ -173,7 +174,7 @@ def _merged(files: list[Path], key: dict[str, Any], *, name: str, params: BaseMo
                             f"(stage {st.stage + 1} of {len(st.stages)}); run the same "
                             f"command with --shard {i}/{count} again to finish it")
     try:
-        merged = merge_shards(states, batch_size)
+        merged = merge_shards(states)
     except ValueError as exc:
         raise SpecError(f"--merge-shards: {exc}") from None
     return AttackReport.from_state(merged, name, params, norm, eps, indices, seed)
