@@ -344,6 +344,37 @@ class SavedState:
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+STATE_KEY = "pagctl_state"
+"""The metadata key of state.safetensors that holds the counters."""
+
+
+def read_state_counters(run_dir: Path) -> dict[str, Any]:
+    """The counters in ``run_dir``'s state.safetensors metadata (no tensor is read);
+    CheckpointError for a file that is not a readable pagctl training state."""
+    from safetensors import SafetensorError, safe_open
+
+    path = run_dir / STATE_FILE
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            text = (fh.metadata() or {}).get(STATE_KEY)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file "
+                              f"({str(exc).splitlines()[0]}); the file is truncated or "
+                              "foreign; start again with --overwrite") from None
+    counters = json.loads(text) if text is not None else None
+    if not isinstance(counters, dict):
+        raise CheckpointError(f"{path}: not a pagctl training state; start again with "
+                              "--overwrite")
+    return counters
+
+
+def read_saved_state(run_dir: Path) -> SavedState:
+    """``run_dir``'s saved state as `RunFolder.start` gives it when resuming, read without
+    the folder's checks or lock: for the other ranks of a data-parallel run, once rank 0
+    (which holds the lock) has checked it."""
+    return SavedState(load_tensors(run_dir / STATE_FILE), read_state_counters(run_dir))
+
+
 class RunFolder:
     """The life of a training run's folder, the same for ``pagctl train`` and
     ``pagctl train-score``:
@@ -363,9 +394,6 @@ class RunFolder:
     its spec (`read_run_spec`); ``files``: what a replaced run's folder holds besides the
     usual files.
     """
-
-    STATE_KEY = "pagctl_state"
-    """The metadata key of state.safetensors that holds the counters."""
 
     def __init__(self, spec: Any, *, command: str, resume: bool, overwrite: bool,
                  folder: str = "pagctl run", what: str = "spec",
@@ -401,7 +429,7 @@ class RunFolder:
                 raise SpecError(f"--resume: the spec differs from {run_dir}/{SPEC_FILE}; "
                                 f"resume with 'pagctl {self.command} {run_dir} --resume' or "
                                 "use --overwrite")
-            self._counters = self._read_counters()
+            self._counters = read_state_counters(self.path)
             found = self._counters.get("spec_hash")
             if found not in accepted_spec_hashes(saved):
                 raise CheckpointError(
@@ -434,24 +462,6 @@ class RunFolder:
 
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
-
-    def _read_counters(self) -> dict[str, Any]:
-        """The counters in state.safetensors' metadata (no tensor is read)."""
-        from safetensors import SafetensorError, safe_open
-
-        path = self.path / STATE_FILE
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                text = (fh.metadata() or {}).get(self.STATE_KEY)
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file "
-                                  f"({str(exc).splitlines()[0]}); the file is truncated or "
-                                  "foreign; start again with --overwrite") from None
-        counters = json.loads(text) if text is not None else None
-        if not isinstance(counters, dict):
-            raise CheckpointError(f"{path}: not a pagctl training state; start again with "
-                                  "--overwrite")
-        return counters
 
     def start(self) -> SavedState | None:
         """The saved state when resuming; otherwise create the folder and write spec.json."""
@@ -488,7 +498,7 @@ class RunFolder:
         meta = {**counters, "spec_hash": spec_hash(self.spec),
                 "optimizer": {"param_groups": sd["param_groups"], "scalars": scalars}}
         full = json.dumps(meta, indent=2)
-        atomic_save_tensors(tensors, self.path / STATE_FILE, {self.STATE_KEY: full})
+        atomic_save_tensors(tensors, self.path / STATE_FILE, {STATE_KEY: full})
         atomic_write_text(self.path / STATE_META_FILE, full + "\n")
 
     def trim_metrics(self, keep: Callable[[dict[str, Any]], bool]) -> None:

@@ -47,3 +47,8 @@ class DataError(PagctlError):
 class ModelError(PagctlError):
     """A model that cannot be trained or evaluated: its loss or outputs are not finite (NaN
     or infinite), from a too large learning rate or broken weights."""
+
+
+class LeaderFailed(PagctlError):
+    """On a rank of a torchrun launch other than 0: rank 0 met a user error in a step only it
+    takes (the run folder's checks). That rank reports it; this one exits like it, silently."""

@@ -17,7 +17,9 @@ the PAG term is `pagctl.train`. Here:
   `step_seed` (run seed, epoch, step), so a resumed run draws the same random starts as an
   uninterrupted one, and the same batch and seed give the same ``x_adv`` as
   ``pagctl attack`` with that ``--seed`` (the parity test). An explicit ``seed`` in the
-  attack's params overrides it (then every step reuses that seed).
+  attack's params overrides it (then every step reuses that seed). When data-parallel
+  training or gradient accumulation cuts the batch into slices, each slice has its own seed
+  (`step_seed`'s ``part``), so the random starts depend on how the batch is cut.
 - **Which checks.** Every output is checked like the engine checks it
   (`pagctl.protocols`): the inputs untouched, a finite tensor of the inputs' shape in
   [0, 1], within the declared budget.
@@ -48,9 +50,12 @@ REFERENCE_MODE: dict[str, Literal["train", "eval"]] = {
 WHERE = "train.inner_attack"
 
 
-def step_seed(seed: int, epoch: int, step: int) -> int:
-    """The inner attack's seed for 0-based ``epoch`` and ``step`` of a run seeded ``seed``."""
-    return ((seed * 1_000_003 + epoch) * 1_000_033 + step) % (2**63)
+def step_seed(seed: int, epoch: int, step: int, part: int = 0) -> int:
+    """The inner attack's seed for 0-based ``epoch`` and ``step`` of a run seeded ``seed``;
+    ``part``: which slice of the step's batch (`pagctl.distributed.replicas`; 0 for a whole
+    batch, whose seed is the step's)."""
+    base = ((seed * 1_000_003 + epoch) * 1_000_033 + step) % (2**63)
+    return base if part == 0 else (base * 1_000_037 + part) % (2**63)
 
 
 @dataclass

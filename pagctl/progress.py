@@ -108,30 +108,45 @@ class ProgressBar:
 
 
 class StopFlag:
-    """First Ctrl-C asks the loop to stop after the current step (``requested``); a second
-    one raises KeyboardInterrupt. Installed only in the main thread; the previous handler
-    is restored on exit.
+    """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step
+    (``requested``); another one, a second or more later, raises KeyboardInterrupt. Installed
+    only in the main thread; the previous handlers are restored on exit.
 
-    A process started with SIGINT ignored (``nohup``, a background job of a non-interactive
-    shell, some schedulers) keeps ignoring it: whoever started it asked for that, and such
-    a run is stopped with SIGTERM or SIGKILL, after which ``--resume`` continues from the
-    last saved state."""
+    A repeat within `REPEAT_SECONDS` counts as the same request: one Ctrl-C in a terminal
+    reaches a torchrun worker twice, from the terminal and forwarded by torchrun, and a
+    scheduler may send SIGTERM to every process of a job at once. SIGTERM is how schedulers
+    (SLURM, Kubernetes) and torchrun stop a job, so a run stopped that way saves its state
+    like one stopped with Ctrl-C.
+
+    A process started with a signal ignored (``nohup``, a background job of a
+    non-interactive shell, some schedulers) keeps ignoring it: whoever started it asked for
+    that, and such a run is stopped with the other signal or SIGKILL, after which
+    ``--resume`` continues from the last saved state."""
+
+    REPEAT_SECONDS = 1.0
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._first = 0.0
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
         if self.requested:
-            raise KeyboardInterrupt
+            if now - self._first >= self.REPEAT_SECONDS:
+                raise KeyboardInterrupt
+            return
         self.requested = True
+        self._first = now
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}

@@ -121,7 +121,9 @@ class TrainEpochRecord(_Model):
 
     Cost (`pagctl.train.StepCost`): ``passes_per_image`` maps each phase (attack, pag, step)
     to its forward and backward passes per training image; ``attack_seconds``,
-    ``pag_seconds`` and ``step_seconds`` are the phases' wall times over the epoch."""
+    ``pag_seconds`` and ``step_seconds`` are the phases' wall times over the epoch (the
+    slowest process's, under torchrun). ``processes``: how many processes trained the epoch
+    (torchrun's world size; absent for one)."""
 
     kind: Literal["train_epoch"] = "train_epoch"
     epoch: Count
@@ -150,6 +152,7 @@ class TrainEpochRecord(_Model):
     val_robust_accuracy: Prob | None = None
     best: bool | None = None
     eval_seconds: Seconds | None = None
+    processes: Count | None = None
 
 
 class AttackRecord(_Model):

@@ -173,6 +173,15 @@ class TrainSpec(_Frozen):
         "passes over one forward; least memory, fastest on CPU), repeat (each image repeated "
         "K times, one forward and one reverse pass; K x the activation memory, fastest on a "
         "GPU), batched (one vmapped reverse pass); see benchmarks/README.md")
+    accumulation_steps: int = Field(
+        default=1, ge=1, description="micro-batches per optimiser step: data.batch_size (the "
+        "global batch) is cut into processes x accumulation_steps slices whose gradients add "
+        "up to the whole batch's; BatchNorm then normalises each micro-batch on its own")
+    sync_batchnorm: bool = Field(
+        default=True, description="under torchrun: BatchNorm statistics over the micro-batch "
+        "of every process, so the result does not depend on the process count (false: each "
+        "process normalises by its own slice, as DDP without SyncBatchNorm); no effect on "
+        "one process")
 
     @field_validator("milestones")
     @classmethod
@@ -234,6 +243,7 @@ SPEC_GENERATIONS: tuple[dict[str, tuple[str, ...]], ...] = (
                "pag_on"),
      "data": ("validation_size",)},                                # adversarial training
     {"data": ("image_size", "crop_pct", "interpolation")},         # resized image folders
+    {"train": ("accumulation_steps", "sync_batchnorm")},          # data-parallel training
 )
 """The `RunSpec` fields added since run folders were first written, one mapping (section ->
 field names) per version that added some, oldest first. A folder written before a

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,7 @@ from pagctl.checkpoint import (
     append_record,
     save_model,
 )
-from pagctl.errors import ModelError, SpecError
+from pagctl.errors import LeaderFailed, ModelError, PagctlError, SpecError
 from pagctl.objectives import InnerAttack, step_seed
 from pagctl.records import TrainEpochRecord
 
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
+    from pagctl.distributed.launch import Launch
+    from pagctl.distributed.replicas import Replicas
     from pagctl.spec import RunSpec, TrainSpec
 
 
@@ -106,34 +109,75 @@ def train(
     on_step: Callable[[int, int], None] | None = None,
     cache_dir: Path | None = None,
     log: Callable[[str], None] | None = None,
+    launch: Launch | None = None,
 ) -> TrainResult:
-    """Train ``spec`` into its run folder. Returns when done or after a Ctrl-C (state saved).
+    """Train ``spec`` into its run folder. Returns when done or after a Ctrl-C or SIGTERM
+    (state saved).
 
     ``on_step(epoch, step)`` is called after every optimiser step (0-based counters).
+    ``launch``: this process's place in a torchrun launch: data-parallel training
+    (`pagctl.distributed.replicas`), rank 0 writing the run folder; None: one process.
     """
+    from pagctl.distributed.launch import process_group, rank_device
+    from pagctl.distributed.replicas import Replicas
+
+    t = spec.train
+    if launch is None:
+        replicas = Replicas(accumulation=t.accumulation_steps)
+        dev = resolve_device(device)
+        return _train(spec, replicas, dev, resume=resume, overwrite=overwrite,
+                      progress=progress, on_step=on_step, cache_dir=cache_dir, log=log)
+    replicas = Replicas(launch.rank, launch.world_size, t.accumulation_steps)
+    dev = resolve_device(rank_device(device, launch))
+    replicas.check(spec.data.batch_size, None, t.drop_last)  # every rank alike, before joining
+    with process_group(launch, "nccl" if dev.type == "cuda" else "gloo"):
+        return _train(spec, replicas, dev, resume=resume, overwrite=overwrite,
+                      progress=progress and launch.leader, on_step=on_step,
+                      cache_dir=cache_dir, log=log if launch.leader else None)
+
+
+def _train(spec: RunSpec, replicas: Replicas, dev: torch.device, *, resume: bool,
+           overwrite: bool, progress: bool, on_step: Callable[[int, int], None] | None,
+           cache_dir: Path | None, log: Callable[[str], None] | None) -> TrainResult:
+    """`train` as one replica (the only one, or one rank of a launch)."""
     import torch
 
-    from pagctl.data import iter_batches
+    from pagctl.checkpoint import read_saved_state
+    from pagctl.data import iter_chunks
     from pagctl.data.augment import Augmented, draw_augmentation
+    from pagctl.distributed.replicas import local_statistics, synchronise_batchnorm
     from pagctl.gradients import logits_and_input_gradients
     from pagctl.losses import objective_loss, pag_loss, sample_target_classes
     from pagctl.progress import ProgressBar, StopFlag
 
-    # ---- the run folder: refuse or check before building anything
-    folder = RunFolder(spec, command="train", resume=resume, overwrite=overwrite)
-    run_dir = folder.path
+    # ---- the run folder: rank 0 refuses or checks it before anything is built
+    with ExitStack() as stack:
+        folder: RunFolder | None = None
+        refused: PagctlError | None = None
+        if replicas.leader:
+            try:
+                folder = RunFolder(spec, command="train", resume=resume, overwrite=overwrite)
+                stack.enter_context(folder)
+            except PagctlError as exc:
+                refused = exc
+        _follow_leader(replicas, refused)
+        run_dir = spec.run_dir
 
-    with folder:
         # ---- data, model, target-gradient source, inner attack, monitor, optimiser
-        dev = resolve_device(device)
         s = setup(spec, dev, cache_dir=cache_dir)
         t = spec.train
         model = s.model.to(dev)
         channels_last = t.channels_last and dev.type == "cuda"
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
+        synced = synchronise_batchnorm(model) \
+            if replicas.distributed and t.sync_batchnorm else 0
+        if synced and t.grad_method == "batched":
+            raise SpecError("train.grad_method: 'batched' (a vmapped reverse pass) cannot run "
+                            "through BatchNorm synchronised across processes; use loop or "
+                            "repeat, or train.sync_batchnorm: false")
         inner = _inner_attack(s, cache_dir)
-        align_source = _alignment_source(s, cache_dir)
+        align_source = _alignment_source(s, cache_dir) if replicas.leader else None
         opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
                               weight_decay=t.weight_decay, nesterov=t.nesterov)
         gen = torch.Generator().manual_seed(t.seed)
@@ -143,28 +187,46 @@ def train(
         if steps == 0:
             raise SpecError(f"data.batch_size: {b} exceeds the {n_train} training images with "
                             "train.drop_last; lower it")
+        replicas.check(b, n_train, t.drop_last)
         needs_clean = t.objective in ("ce", "trades", "mart")
         needs_adv = t.objective != "ce"
 
-        # ---- start fresh, or restore the saved state
+        # ---- start fresh, or restore the saved state (every rank reads it; rank 0 checked)
         sums = _zero_sums()
         best: dict[str, float] = {}
         start_epoch, start_step = 0, 0
-        saved = folder.start()
+        saved: SavedState | None = None
+        failed: PagctlError | None = None
+        if folder is not None:
+            try:
+                saved = folder.start()
+            except PagctlError as exc:
+                failed = exc
+        _follow_leader(replicas, failed)
+        if resume and not replicas.leader:
+            saved = read_saved_state(run_dir)
         if saved is not None:
             start_epoch, start_step, sums, best = _restore(saved, model, opt, gen, dev)
-            folder.trim_metrics(lambda r: r.get("kind") != "train_epoch" or (
-                isinstance(r.get("epoch"), int) and r["epoch"] <= start_epoch))
+            if folder is not None:
+                folder.trim_metrics(lambda r: r.get("kind") != "train_epoch" or (
+                    isinstance(r.get("epoch"), int) and r["epoch"] <= start_epoch))
+            else:
+                sums = _zero_sums()  # rank 0 carries the saved running sums, for all
+        replicas.start(model)
         emit = log or (lambda msg: None)
         adversarial = "" if inner is None else \
             f", objective {t.objective} (inner attack {inner.name}, {inner.mode} mode)"
+        parallel = "" if replicas.parts == 1 else \
+            (f", {replicas.world_size} processes x {replicas.accumulation} micro-batches of "
+             f"{b // replicas.parts} ({synced} BatchNorm layers synchronised)")
         emit(f"{spec.name}: {n_train} training images, {steps} steps/epoch, device {dev}, "
              f"PAG {'on' if s.pag_active else 'off'} (source {spec.target_gradients.name})"
-             f"{adversarial}")
+             f"{adversarial}{parallel}")
 
-        def save_state(epoch: int, step: int) -> None:
-            folder.save_state({"model": model}, opt, _rng_state(gen),
-                              {"epoch": epoch, "step": step, "sums": sums, "best": best})
+        def save_state(epoch: int, step: int, sums: dict[str, float]) -> None:
+            if folder is not None:
+                folder.save_state({"model": model}, opt, _rng_state(gen),
+                                  {"epoch": epoch, "step": step, "sums": sums, "best": best})
 
         # ---- the loop: epochs of steps, then the monitor, the record and the saves
         amp = t.amp and dev.type == "cuda"
@@ -181,108 +243,148 @@ def train(
                 first = start_step if epoch == start_epoch else 0
                 if first == 0:
                     sums = _zero_sums()
-                batches = iter_batches(s.bundle.train, perm[first * b: steps * b], b,
-                                       workers=spec.data.workers)
+                # every step's global batch, cut into this replica's micro-batches
+                blocks = [perm[i * b: min((i + 1) * b, n_train)] for i in range(first, steps)]
+                batches = iter_chunks(s.bundle.train, [
+                    block[part] for block in blocks for part in replicas.micro_slices(len(block))],
+                    workers=spec.data.workers)
                 tick = time.perf_counter()
-                for step, (idx, x, y) in enumerate(batches, start=first):
-                    # -- one step: augmentation draw, x_adv, targets, objective (+ λ·PAG), SGD
+                for step, block in enumerate(blocks, start=first):
+                    # -- one step: the global batch's draws, then per micro-batch x_adv,
+                    #    targets, objective (+ λ·PAG) and backward; the gradients summed; SGD
                     cost.begin(sums)
-                    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                    if channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
                     for group in opt.param_groups:
                         group["lr"] = lr_at(t, epoch, step, steps)
-                    offsets, flips = draw_augmentation(spec.data, len(idx), gen)
-                    net: Any = model if offsets is None and flips is None else \
-                        Augmented(model, offsets, flips, spec.data.crop_padding)
-                    x_adv = None
-                    if inner is not None:
-                        cost.phase("attack")
-                        x_adv = inner(net, model, x, y, step_seed(t.seed, epoch, step))
-                        if channels_last:
-                            x_adv = x_adv.contiguous(memory_format=torch.channels_last)
-                    clean_logits: Tensor | None = None
-                    adv_logits: Tensor | None = None
-                    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-                        if s.pag_active:
-                            cost.phase("pag")
-                            pag_x = x if t.pag_on == "clean" or x_adv is None else x_adv
-                            classes = sample_target_classes(y, s.bundle.num_classes,
-                                                            t.classes_per_image, gen)
-                            with torch.no_grad():
-                                targets = s.source(pag_x, y, classes, index=idx)
-                            logits, grads = logits_and_input_gradients(
-                                net, pag_x, classes, create_graph=True, method=t.grad_method)
-                            pag = pag_loss(grads.float(), targets.float())
-                            if pag_x is x:
-                                clean_logits = logits
-                            else:
-                                adv_logits = logits
-                        else:
-                            pag = torch.zeros((), device=dev)
-                        cost.phase("step")
-                        if needs_clean and clean_logits is None:
-                            clean_logits = net(x)
-                        if needs_adv and adv_logits is None:
-                            adv_logits = net(x_adv)
-                        objective, robust = objective_loss(
-                            t.objective, None if clean_logits is None else clean_logits.float(),
-                            None if adv_logits is None else adv_logits.float(), y, t.beta)
-                        loss = objective + weight * pag if s.pag_active else objective
-                    if not torch.isfinite(loss):
-                        raise ModelError(
-                            f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; "
-                            "lower train.lr or train.pag_weight")
+                    n_step = len(block)
+                    offsets, flips = draw_augmentation(spec.data, n_step, gen)
+                    step_classes = sample_target_classes(
+                        torch.zeros(n_step, dtype=torch.int64), s.bundle.num_classes,
+                        t.classes_per_image, gen) if s.pag_active else None
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()  # type: ignore[no-untyped-call]
+                    loss_sum = 0.0
+                    for micro, rows in enumerate(replicas.micro_slices(n_step)):
+                        idx, x, y = next(batches)
+                        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                        if channels_last:
+                            x = x.contiguous(memory_format=torch.channels_last)
+                        net: Any = model if offsets is None and flips is None else Augmented(
+                            model, None if offsets is None else offsets[rows],
+                            None if flips is None else flips[rows], spec.data.crop_padding)
+                        x_adv = None
+                        if inner is not None:
+                            cost.phase("attack")
+                            with local_statistics(model):
+                                x_adv = inner(net, model, x, y, step_seed(
+                                    t.seed, epoch, step, replicas.part(micro)))
+                            if channels_last:
+                                x_adv = x_adv.contiguous(memory_format=torch.channels_last)
+                        clean_logits: Tensor | None = None
+                        adv_logits: Tensor | None = None
+                        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16,
+                                            enabled=amp):
+                            if step_classes is not None:
+                                cost.phase("pag")
+                                pag_x = x if t.pag_on == "clean" or x_adv is None else x_adv
+                                classes = step_classes[rows].to(dev)
+                                with torch.no_grad():
+                                    targets = s.source(pag_x, y, classes, index=idx)
+                                logits, grads = logits_and_input_gradients(
+                                    net, pag_x, classes, create_graph=True,
+                                    method=t.grad_method)
+                                pag = pag_loss(grads.float(), targets.float())
+                                if pag_x is x:
+                                    clean_logits = logits
+                                else:
+                                    adv_logits = logits
+                            else:
+                                pag = torch.zeros((), device=dev)
+                            cost.phase("step")
+                            if needs_clean and clean_logits is None:
+                                clean_logits = net(x)
+                            if needs_adv and adv_logits is None:
+                                adv_logits = net(x_adv)
+                            objective, robust = objective_loss(
+                                t.objective,
+                                None if clean_logits is None else clean_logits.float(),
+                                None if adv_logits is None else adv_logits.float(), y, t.beta)
+                            loss = objective + weight * pag if s.pag_active else objective
+                        n = len(idx)
+                        share = n / n_step  # the micro-batch's part of the global mean
+                        (loss if share == 1.0 else loss * share).backward()  # type: ignore[no-untyped-call]
+
+                        # -- running sums
+                        loss_value = float(loss.detach())
+                        loss_sum += loss_value * n
+                        sums["loss"] += loss_value * n
+                        robust_value = 0.0 if robust is None else float(robust.detach())
+                        sums["ce"] += (float(objective.detach()) - t.beta * robust_value) * n
+                        sums["robust"] += robust_value * n
+                        sums["pag"] += float(pag.detach()) * n
+                        if clean_logits is not None:
+                            sums["correct"] += float((clean_logits.argmax(1) == y).sum())
+                            sums["clean_seen"] += n
+                        if adv_logits is not None:
+                            sums["adv_correct"] += float((adv_logits.argmax(1) == y).sum())
+                            sums["adv_seen"] += n
+                        sums["seen"] += n
+                    stopping, total = replicas.finish_step(model, stop.requested, loss_sum)
+                    if not math.isfinite(total):
+                        raise ModelError(
+                            f"loss became {total / n_step} at epoch {epoch + 1} step "
+                            f"{step + 1}; lower train.lr or train.pag_weight")
                     opt.step()
+                    replicas.sync_buffers(model)
                     cost.end()
 
-                    # -- running sums, progress, Ctrl-C
-                    n = len(idx)
-                    sums["loss"] += float(loss.detach()) * n
-                    robust_value = 0.0 if robust is None else float(robust.detach())
-                    sums["ce"] += (float(objective.detach()) - t.beta * robust_value) * n
-                    sums["robust"] += robust_value * n
-                    sums["pag"] += float(pag.detach()) * n
-                    if clean_logits is not None:
-                        sums["correct"] += float((clean_logits.argmax(1) == y).sum())
-                        sums["clean_seen"] += n
-                    if adv_logits is not None:
-                        sums["adv_correct"] += float((adv_logits.argmax(1) == y).sum())
-                        sums["adv_seen"] += n
-                    sums["seen"] += n
+                    # -- progress, Ctrl-C / SIGTERM (on any rank: every rank stops here)
                     sums["seconds"] += time.perf_counter() - tick
                     tick = time.perf_counter()
                     bar.update(advance=1, description=f"epoch {epoch + 1}/{t.epochs}",
                                info=_running(sums))
                     if on_step is not None:
                         on_step(epoch, step)
-                    if stop.requested and step + 1 < steps:
-                        save_state(epoch, step + 1)
+                    if not replicas.distributed:  # alone, a request made until now counts
+                        stopping = stop.requested
+                    if stopping and step + 1 < steps:
+                        save_state(epoch, step + 1, replicas.reduce_sums(sums))
                         return TrainResult(run_dir, epoch, True, last)
 
-                # -- end of epoch: monitor, record, weights (last, best), state
-                evaluated: dict[str, Any] = {}
-                if (epoch + 1) % spec.eval.every == 0 or epoch + 1 == t.epochs:
-                    tick = time.perf_counter()
-                    evaluated = monitor(s, epoch, align_source)
-                    evaluated["eval_seconds"] = time.perf_counter() - tick
-                score = _selection_score(evaluated)
-                if score is not None and score > best.get("score", -1.0):
-                    best = {"epoch": float(epoch + 1), "score": score}
-                    save_model(run_dir, model, s.config, spec, file=BEST_MODEL_FILE)
-                    evaluated["best"] = True
-                record = _epoch_record(s, epoch, steps, weight, sums, evaluated)
-                append_record(run_dir, record)
-                save_model(run_dir, model, s.config, spec)
+                # -- end of epoch: monitor, record, weights (last, best), state (rank 0)
+                sums = replicas.reduce_sums(sums)
+                if folder is not None:
+                    evaluated: dict[str, Any] = {}
+                    if (epoch + 1) % spec.eval.every == 0 or epoch + 1 == t.epochs:
+                        tick = time.perf_counter()
+                        evaluated = monitor(s, epoch, align_source)
+                        evaluated["eval_seconds"] = time.perf_counter() - tick
+                    score = _selection_score(evaluated)
+                    if score is not None and score > best.get("score", -1.0):
+                        best = {"epoch": float(epoch + 1), "score": score}
+                        save_model(run_dir, model, s.config, spec, file=BEST_MODEL_FILE)
+                        evaluated["best"] = True
+                    if replicas.distributed:
+                        evaluated["processes"] = replicas.world_size
+                    record = _epoch_record(s, epoch, steps, weight, sums, evaluated)
+                    append_record(run_dir, record)
+                    save_model(run_dir, model, s.config, spec)
+                    save_state(epoch + 1, 0, _zero_sums())
+                    last = record.to_json()
+                    emit(_epoch_line(last))
                 sums = _zero_sums()
-                save_state(epoch + 1, 0)
-                last = record.to_json()
-                emit(_epoch_line(last))
-                if stop.requested:
+                if replicas.agree(stop.requested):  # every rank waits for rank 0's saves
                     return TrainResult(run_dir, epoch + 1, epoch + 1 < t.epochs, last)
         return TrainResult(run_dir, t.epochs, False, last)
+
+
+def _follow_leader(replicas: Replicas, error: PagctlError | None) -> None:
+    """Share rank 0's outcome of a step only it takes (the run folder's checks, its start):
+    rank 0 raises its error; the other ranks raise `LeaderFailed` with its message (they
+    exit like it, and rank 0 alone reports it)."""
+    message = replicas.leader_outcome(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise LeaderFailed(message)
 
 
 def prepare(spec: RunSpec, *, device: str = "auto", resume: bool = False,

@@ -98,7 +98,7 @@ def test_no_private_names_or_reexports_across_modules(path: Path) -> None:
 
 def test_the_top_level_stays_small() -> None:
     """A new top-level room is a new concept (the last: `importing`, a foreign model made a
-    run folder; `api`, the Python shell beside the command line; `distributed`, the process
-    group torchrun launches pagctl into); a family of concepts belongs in a package."""
+    run folder; `api`, the Python shell beside the command line); a family of concepts
+    belongs in a package (`distributed/`: the torchrun launch, data-parallel replicas)."""
     modules = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert len(modules) <= 25, modules

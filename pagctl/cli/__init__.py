@@ -3,7 +3,9 @@
 Results go to stdout (a table, or with ``--format json`` one envelope for every command,
 ``common.print_envelope``); progress and logs go to stderr. User errors print one
 line per problem and exit 2; runtime failures exit 1 (traceback with --verbose or
-PAGCTL_VERBOSE=1); Ctrl-C exits 130. torch is imported inside commands only.
+PAGCTL_VERBOSE=1); Ctrl-C exits 130. torch is imported inside commands only. Under
+torchrun every process runs the command: a user error is printed once per machine (by
+LOCAL_RANK 0), a runtime failure by every rank, named.
 
 This module holds the app, its root options, the command table and the error mapping; each
 command group has its module here (``train``, ``attack``, ``bank``, ``align_score``,
@@ -25,7 +27,7 @@ except ImportError:  # older typer runs on click itself
 
 from pagctl import __version__
 from pagctl.cli import align_score, attack, bank, compare, importing, plugins, train
-from pagctl.errors import PagctlError
+from pagctl.errors import LeaderFailed, PagctlError
 
 app = typer.Typer(
     name="pagctl",
@@ -87,17 +89,21 @@ def main(argv: list[str] | None = None) -> None:
     command may exit 3 itself: ``attack --strict`` on an unreliable verdict)."""
     verbose = os.environ.get("PAGCTL_VERBOSE") == "1" or any(
         a in ("--verbose", "-v") for a in (argv if argv is not None else sys.argv[1:]))
+    reports = os.environ.get("LOCAL_RANK", "0") == "0"  # user errors, under torchrun: once
     try:
         code = app(args=argv, prog_name="pagctl", standalone_mode=False)
+    except LeaderFailed:  # rank 0 of the launch reports it
+        sys.exit(2)
     except PagctlError as exc:
-        for line in str(exc).splitlines() or [type(exc).__name__]:
-            sys.stderr.write(f"error: {line}\n")
+        if reports:
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                sys.stderr.write(f"error: {line}\n")
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except UsageError as exc:  # bad option or argument: one line, with where to find help
         msg = exc.format_message().strip()
-        if msg:  # empty when no_args_is_help has already printed the help
+        if msg and reports:  # empty when no_args_is_help has already printed the help
             where = exc.ctx.command_path if exc.ctx is not None else "pagctl"
             first = msg.splitlines()[0]
             sys.stderr.write(f"error: {first} (see '{where} --help')\n")
@@ -112,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         if verbose:
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        sys.stderr.write(f"error: {type(exc).__name__}: {msg} (rerun with --verbose for the "
+        rank = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
+        sys.stderr.write(f"error: {rank}{type(exc).__name__}: {msg} (rerun with --verbose for the "
                          "traceback)\n")
         sys.exit(1)
     # standalone_mode=False returns typer.Exit's code (e.g. 130 after an interrupted train)

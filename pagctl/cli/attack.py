@@ -107,7 +107,7 @@ def attack(
                         "--no-probes turns off; drop one of them")
     launch = None
     if shard == "torchrun":
-        from pagctl.distributed import torchrun_launch
+        from pagctl.distributed.launch import torchrun_launch
 
         if merge_shards is not None:
             raise SpecError("--merge-shards: under --shard torchrun rank 0 merges the shards "
@@ -129,8 +129,10 @@ def attack(
         raise SpecError(f"--export: {export} is a file; give a folder")
     indices = read_indices(indices_file) if indices_file is not None else None
     with RunLock(run, exclusive=False, command="attack"):  # not while it is being trained
-        if launch is not None and device == "auto":
-            device = _rank_device(launch.local_rank)
+        if launch is not None:
+            from pagctl.distributed.launch import rank_device
+
+            device = rank_device(device, launch)
         loaded, bundle, dev = load_run_and_data(run, device, data_dir, weights)
 
         def evaluate(part: tuple[int, int] | None, merge: int | None) -> Any:
@@ -144,7 +146,7 @@ def attack(
 
         try:
             if launch is not None:
-                from pagctl.distributed import barrier, process_group
+                from pagctl.distributed.launch import barrier, process_group
 
                 with process_group(launch):
                     evaluate(shard_of, None)
@@ -311,13 +313,6 @@ def _class_names(run: Path) -> list[str]:
     except (OSError, ValueError, AttributeError):
         return []
     return [str(n) for n in names]
-
-
-def _rank_device(local_rank: int) -> str:
-    """``--device auto`` under torchrun: this rank's GPU on its machine, else the CPU."""
-    import torch
-
-    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
 
 
 def _parse_shard(text: str) -> tuple[int, int]:

@@ -54,10 +54,10 @@ def _log(message: str) -> None:
     stderr_console.print(message, soft_wrap=True)
 
 
-def _stopped(command: str, after: str, run_dir: Path) -> None:
-    """After a Ctrl-C: how to continue, on stderr, and exit 130."""
-    _log(f"interrupted after {after}; state saved. Continue with: pagctl {command} {run_dir} "
-         "--resume")
+def _stopped(command: str, after: str, run_dir: Path, launcher: str = "") -> None:
+    """After a Ctrl-C or SIGTERM: how to continue, on stderr, and exit 130."""
+    _log(f"interrupted after {after}; state saved. Continue with: {launcher}pagctl {command} "
+         f"{run_dir} --resume")
     raise typer.Exit(130)
 
 
@@ -104,7 +104,8 @@ def train(
     fmt: Annotated[Format, typer.Option(
         "--format", help=format_help("train", "Final summary format"))] = Format.table,
 ) -> None:
-    """Train a model from a spec; writes a run folder (weights, spec, metrics)."""
+    """Train a model from a spec; writes a run folder (weights, spec, metrics). Under
+    torchrun, data-parallel over its processes (see the distributed guide)."""
     from pagctl import spec as specmod
 
     if _listed(list_, schema, specmod.builtin_spec_names,
@@ -141,10 +142,17 @@ def train(
             ("lambda / K", f"{run_spec.train.pag_weight} / {run_spec.train.classes_per_image}"),
         ])
         return
+    from pagctl.distributed.launch import launched, torchrun_launch
+
+    launch = torchrun_launch(
+        "train", "unset WORLD_SIZE to train in one process") if launched() else None
     result = run_train(run_spec, device=device, resume=resume, overwrite=overwrite,
-                       progress=not quiet, log=_log)
+                       progress=not quiet, log=_log, launch=launch)
+    if launch is not None and not launch.leader:  # rank 0 reports
+        raise typer.Exit(130 if result.interrupted else 0)
     if result.interrupted:
-        _stopped("train", f"epoch {result.epochs_done}", result.run_dir)
+        _stopped("train", f"epoch {result.epochs_done}", result.run_dir,
+                 launcher="torchrun --nproc-per-node N -m " if launch is not None else "")
     summary = {"run_dir": str(result.run_dir), **result.last}
     if fmt is Format.json:
         print_envelope("train", [summary])

@@ -58,6 +58,7 @@ __all__ = [
     "dataset_fingerprint",
     "get_batch",
     "iter_batches",
+    "iter_chunks",
     "load_data",
     "select_test_indices",
     "validate_tensors",
@@ -225,12 +226,20 @@ def iter_batches(ds: Dataset[Item], order: Tensor, batch_size: int, *,
     way. A trailing partial batch is yielded as is. Shape: order (M,) int64 positions.
     """
     order = order.detach().to("cpu", torch.int64).reshape(-1)
-    chunks = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    return iter_chunks(ds, [order[i: i + batch_size] for i in range(0, len(order), batch_size)],
+                       workers=workers)
+
+
+def iter_chunks(ds: Dataset[Item], chunks: list[Tensor], *,
+                workers: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """`iter_batches` with the batches given: one (indices, images, labels) per chunk of
+    positions, the chunks of any sizes (a data-parallel rank's micro-batches)."""
+    chunks = [c.detach().to("cpu", torch.int64).reshape(-1) for c in chunks]
     if workers == 0 or isinstance(ds, (TensorImageDataset, Subset)):
         for idx in chunks:
             yield (idx, *get_batch(ds, idx))
         return
-    loader = DataLoader(ds, batch_size=batch_size, sampler=order.tolist(), num_workers=workers,
+    loader = DataLoader(ds, batch_sampler=[c.tolist() for c in chunks], num_workers=workers,
                         persistent_workers=False)
     for idx, (x, y) in zip(chunks, loader, strict=True):
         yield idx, x, torch.as_tensor(y, dtype=torch.int64)
