@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CliResult
 from torch import nn
 
-from conftest import CliResult
 from pagctl import checkpoint
 from pagctl.distributed.replicas import (
     Replicas,
