@@ -168,11 +168,12 @@ class TrainSpec(_Frozen):
     drop_last: bool = True
     amp: bool = Field(default=False, description="bfloat16 autocast (CUDA only)")
     channels_last: bool = Field(default=False, description="channels_last memory format (CUDA)")
-    grad_method: Literal["loop", "batched", "repeat"] = Field(
-        default="loop", description="how the K input gradients are computed: loop (K reverse "
-        "passes over one forward; least memory, fastest on CPU), repeat (each image repeated "
-        "K times, one forward and one reverse pass; K x the activation memory, fastest on a "
-        "GPU), batched (one vmapped reverse pass); see benchmarks/README.md")
+    grad_method: Literal["auto", "loop", "batched", "repeat"] = Field(
+        default="auto", description="how the K input gradients are computed: auto (repeat on "
+        "a GPU, loop elsewhere), loop (K reverse passes over one forward; least memory, "
+        "fastest on CPU), repeat (each image repeated K times, one forward and one reverse "
+        "pass; K x the activation memory, fastest on a GPU), batched (one vmapped reverse "
+        "pass); see benchmarks/README.md")
     accumulation_steps: int = Field(
         default=1, ge=1, description="micro-batches per optimiser step: data.batch_size (the "
         "global batch) is cut into processes x accumulation_steps slices whose gradients add "

@@ -146,7 +146,7 @@ def _train(spec: RunSpec, replicas: Replicas, dev: torch.device, *, resume: bool
     from pagctl.data import iter_chunks
     from pagctl.data.augment import Augmented, draw_augmentation
     from pagctl.distributed.replicas import local_statistics, synchronise_batchnorm
-    from pagctl.gradients import logits_and_input_gradients
+    from pagctl.gradients import logits_and_input_gradients, method_for
     from pagctl.losses import objective_loss, pag_loss, sample_target_classes
     from pagctl.progress import ProgressBar, StopFlag
 
@@ -172,7 +172,8 @@ def _train(spec: RunSpec, replicas: Replicas, dev: torch.device, *, resume: bool
             model = model.to(memory_format=torch.channels_last)
         synced = synchronise_batchnorm(model) \
             if replicas.distributed and t.sync_batchnorm else 0
-        if synced and t.grad_method == "batched":
+        grad_method = method_for(t.grad_method, dev)
+        if synced and grad_method == "batched":
             raise SpecError("train.grad_method: 'batched' (a vmapped reverse pass) cannot run "
                             "through BatchNorm synchronised across processes; use loop or "
                             "repeat, or train.sync_batchnorm: false")
@@ -219,9 +220,10 @@ def _train(spec: RunSpec, replicas: Replicas, dev: torch.device, *, resume: bool
         parallel = "" if replicas.parts == 1 else \
             (f", {replicas.world_size} processes x {replicas.accumulation} micro-batches of "
              f"{b // replicas.parts} ({synced} BatchNorm layers synchronised)")
+        pag_text = f"on (source {spec.target_gradients.name}, gradients by {grad_method})" \
+            if s.pag_active else "off"
         emit(f"{spec.name}: {n_train} training images, {steps} steps/epoch, device {dev}, "
-             f"PAG {'on' if s.pag_active else 'off'} (source {spec.target_gradients.name})"
-             f"{adversarial}{parallel}")
+             f"PAG {pag_text}{adversarial}{parallel}")
 
         def save_state(epoch: int, step: int, sums: dict[str, float]) -> None:
             if folder is not None:
@@ -290,7 +292,7 @@ def _train(spec: RunSpec, replicas: Replicas, dev: torch.device, *, resume: bool
                                     targets = s.source(pag_x, y, classes, index=idx)
                                 logits, grads = logits_and_input_gradients(
                                     net, pag_x, classes, create_graph=True,
-                                    method=t.grad_method)
+                                    method=grad_method)
                                 pag = pag_loss(grads.float(), targets.float())
                                 if pag_x is x:
                                     clean_logits = logits

@@ -12,6 +12,7 @@ from pagctl.gradients import (
     METHODS,
     input_gradients,
     logits_and_input_gradients,
+    method_for,
     official_input_gradients,
 )
 from pagctl.losses import pag_loss
@@ -283,9 +284,18 @@ def test_rejects_bad_arguments() -> None:
 
 def test_the_spec_offers_exactly_the_methods() -> None:
     """train.grad_method spells its choices out (pagctl.spec imports no torch); they must
-    stay the methods pagctl.gradients implements."""
+    stay the methods pagctl.gradients implements, and ``auto``, which picks one of them."""
     from typing import get_args
 
     from pagctl.spec import TrainSpec
 
-    assert get_args(TrainSpec.model_fields["grad_method"].annotation) == METHODS
+    assert get_args(TrainSpec.model_fields["grad_method"].annotation) == ("auto", *METHODS)
+
+
+def test_auto_is_repeat_on_a_gpu_and_loop_elsewhere() -> None:
+    assert method_for("auto", torch.device("cpu")) == "loop"
+    assert method_for("auto", torch.device("cuda", 1)) == "repeat"
+    for method in METHODS:
+        assert method_for(method, torch.device("cuda")) == method
+    with pytest.raises(ValueError, match="auto or one of loop, batched, repeat"):
+        method_for("vmap", torch.device("cpu"))

@@ -6,10 +6,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import CliResult
 
 from pagctl import checkpoint
 from pagctl.data.augment import Augmented
@@ -236,3 +238,16 @@ def test_pag_training_makes_the_digits_model_more_robust(workdir: Path) -> None:
         assert rep.clean_accuracy > 0.95
         robust[name] = rep.robust_accuracy
     assert robust["digits-pag-nn"] > robust["digits-vanilla"] + 0.10, robust
+
+
+def test_the_default_monitor_is_cheap_and_the_full_one_is_a_flag_away(
+        workdir: Path, pagctl: Callable[..., CliResult]) -> None:
+    """digits-vanilla monitors 100 test images every 5 epochs (and the last); --full-monitor:
+    every image, every epoch. (What each costs is measured, not tested: docs/specs.md.)"""
+    argv = ["train", "digits-vanilla", "--set", "train.epochs=6", "--device", "cpu", "-q",
+            "--format", "json"]
+    assert pagctl(*argv, "--out", "cheap").code == 0
+    records = _epoch_records(workdir / "cheap")
+    assert [r.get("n_test") for r in records] == [None, None, None, None, 100, 100]
+    assert pagctl(*argv, "--out", "full", "--full-monitor").code == 0
+    assert [r.get("n_test") for r in _epoch_records(workdir / "full")] == [360] * 6

@@ -93,6 +93,9 @@ def train(
     device: DeviceOpt = "auto",
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
+    full_monitor: Annotated[bool, typer.Option(
+        "--full-monitor", help="Run the per-epoch monitor after every epoch on every test "
+        "image (eval.every=1, eval.limit=null) instead of the spec's cheaper one.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Build what training builds (run "
                                           "folder checks, data, model, plugins); train and "
                                           "write nothing.")] = False,
@@ -113,8 +116,10 @@ def train(
         return
     if spec is None:
         raise SpecError("train: give a spec file or built-in name (pagctl train --list)")
-    spec, values = _spec_and_values("train", spec, data_dir=data_dir, out=out,
-                                    extra={"data.download": True} if download else None)
+    extra: dict[str, Any] = {"data.download": True} if download else {}
+    if full_monitor:
+        extra.update({"eval.every": 1, "eval.limit": None})
+    spec, values = _spec_and_values("train", spec, data_dir=data_dir, out=out, extra=extra)
     run_spec = specmod.load_spec(spec, set_, values)
     from pagctl.train import prepare
     from pagctl.train import train as run_train
