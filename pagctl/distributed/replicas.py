@@ -313,12 +313,21 @@ class SyncedBatchNorm(nn.Module):
         dims = [0, *range(2, x.dim())]
         view = [1, c] + [1] * (x.dim() - 2)
         xf = x.float()
-        totals = sum_over_ranks(torch.cat([xf.sum(dims), xf.new_tensor([x.numel() // c])]))
+        # One all-reduce (in the forward; one in each backward through it): every rank's
+        # count, sum and sum of squares, the latter as its own centred sum plus n·mean²
+        # (Chan et al.'s merge), so nothing large cancels in float32; the C-sized merge is
+        # float64.
+        rows = x.numel() // c
+        local_mean = xf.mean(dims)
+        local_m2 = ((xf - local_mean.view(view)) ** 2).sum(dims)
+        totals = sum_over_ranks(torch.cat([
+            (rows * local_mean).double(), (local_m2 + rows * local_mean ** 2).double(),
+            local_mean.new_tensor([rows], dtype=torch.float64)]))
         count = totals[-1].detach()
-        mean = totals[:-1] / count
+        mean64 = totals[:c] / count
+        var = (totals[c: 2 * c] / count - mean64 * mean64).clamp_min(0).float()
+        mean = mean64.float()
         centred = xf - mean.view(view)
-        squares = (centred * centred).sum(dims)
-        var = sum_over_ranks(squares) / count
         out = centred * torch.rsqrt(var + self.eps).view(view)
         if self.weight is not None and self.bias is not None:
             out = out * self.weight.view(view) + self.bias.view(view)
