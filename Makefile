@@ -107,7 +107,8 @@ docs: install
 	$(PY) -m pagctl._docgen
 
 bench: install
-	$(PY) benchmarks/bench_pag_step.py
+	$(PY) benchmarks/bench_pag_step.py --variants
+	$(PY) benchmarks/bench_data_parallel.py --procs 1,2
 	$(PY) benchmarks/bench_attacks.py
 	$(PY) benchmarks/bench_at_step.py
 

@@ -40,6 +40,10 @@ from typing import Any
 
 ARCHS = {"small_cnn": "pagctl_small_cnn", "resnet18": "pagctl_cifar_resnet18"}
 FORMULATIONS = ("pagctl", "official", "vanilla")
+VARIANTS = ("pagctl-amp", "pagctl-cl", "pagctl-amp-cl")
+"""pagctl's step with bfloat16 autocast through the double backward (``amp``, as
+``train.amp``), the channels_last memory format (``cl``, as ``train.channels_last``), or
+both; ``--variants`` adds them."""
 LAMBDA = 15.0  # the official ResNet-18 pag_coeff 1.5, as a pagctl weight (λ = 10·c)
 
 
@@ -85,12 +89,18 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = _build_model(args.arch, args.num_classes).to(device).train()
+    amp = args.formulation in ("pagctl-amp", "pagctl-amp-cl")
+    channels_last = args.formulation.endswith("-cl")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(0)
     b, k, c = args.batch_size, args.k, args.num_classes
     x = torch.rand(b, 3, 32, 32, generator=gen).to(device)
     y = torch.randint(0, c, (b,), generator=gen).to(device)
     targets = torch.randn(b, k, 3, 32, 32, generator=gen).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -98,14 +108,16 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
             loss = F.cross_entropy(model(x), y)
         else:
             classes = sample_target_classes(y, c, k, gen)
-            if args.formulation == "pagctl":
-                logits, grads = logits_and_input_gradients(
-                    model, x, classes, create_graph=True, method=args.method
-                )
-            else:
-                logits = model(x)
-                grads = official_input_gradients(model, x, classes, create_graph=True)
-            loss = F.cross_entropy(logits, y) + LAMBDA * pag_loss(grads, targets)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                if args.formulation == "official":
+                    logits = model(x)
+                    grads = official_input_gradients(model, x, classes, create_graph=True)
+                else:
+                    logits, grads = logits_and_input_gradients(
+                        model, x, classes, create_graph=True, method=args.method
+                    )
+                loss = F.cross_entropy(logits.float(), y) + LAMBDA * pag_loss(
+                    grads.float(), targets)
         torch.autograd.backward(loss)
         opt.step()
         if device.type == "cuda":
@@ -172,7 +184,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
     header = f"{'arch':<10} {'formulation':<11} {'wall ms':>8} {'×official':>9} {'×vanilla':>8}"
     if on_cpu:
         header += f" {'cpu ms':>8} {'×official':>9}"
-    header += f" {'peak MiB':>8} {'×official':>9}"
+    header += f" {'peak MiB':>8} {'×official':>9} {'×pagctl':>8}"
     lines = [header]
     by_key = {(r["arch"], r["formulation"]): r for r in rows}
     for r in rows:
@@ -184,7 +196,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
             line += (f" {r['median_cpu_ms']:>8.0f} "
                      f"{_ratio(r, off, 'median_cpu_ms', 2):>9}")
         line += (f" {r['peak_bytes'] / 2**20:>8.0f} "
-                 f"{_ratio(r, off, 'peak_bytes', 2):>9}")
+                 f"{_ratio(r, off, 'peak_bytes', 2):>9} "
+                 f"{_ratio(r, by_key.get((r['arch'], 'pagctl')), 'median_ms', 2):>8}")
         lines.append(line)
     return "\n".join(lines)
 
@@ -208,7 +221,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print JSON rows, not a table")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--arch", help=argparse.SUPPRESS)
-    parser.add_argument("--formulation", choices=FORMULATIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--variants", action="store_true",
+                        help="also pagctl's step with bf16 autocast, channels_last, and both "
+                        f"({', '.join(VARIANTS)})")
+    parser.add_argument("--formulation", choices=FORMULATIONS + VARIANTS,
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup = 1, 1
@@ -233,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = []
     for arch in args.archs.split(","):
-        for formulation in FORMULATIONS:
+        for formulation in FORMULATIONS + (VARIANTS if args.variants else ()):
             print(f"running {arch}/{formulation} ...", file=sys.stderr, flush=True)
             rows.append(_run_one(args, arch, formulation))
     if args.json:

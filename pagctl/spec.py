@@ -166,8 +166,11 @@ class TrainSpec(_Frozen):
         default="clean", description="where the PAG term's input gradients are taken: the "
         "clean inputs or the inner attack's adversarial inputs")
     drop_last: bool = True
-    amp: bool = Field(default=False, description="bfloat16 autocast (CUDA only)")
-    channels_last: bool = Field(default=False, description="channels_last memory format (CUDA)")
+    amp: bool = Field(default=False, description="bfloat16 autocast of the training step, "
+                      "through the PAG double backward (GPU, or a CPU with bfloat16 units; "
+                      "attacks and the monitor stay float32)")
+    channels_last: bool = Field(default=False, description="channels_last memory format "
+                                "(CUDA only: slower on the CPU)")
     grad_method: Literal["auto", "loop", "batched", "repeat"] = Field(
         default="auto", description="how the K input gradients are computed: auto (repeat on "
         "a GPU, loop elsewhere), loop (K reverse passes over one forward; least memory, "

@@ -231,7 +231,7 @@ def _train(spec: RunSpec, replicas: Replicas, dev: torch.device, *, resume: bool
                                   {"epoch": epoch, "step": step, "sums": sums, "best": best})
 
         # ---- the loop: epochs of steps, then the monitor, the record and the saves
-        amp = t.amp and dev.type == "cuda"
+        amp = t.amp  # bfloat16 autocast, through the double backward, on any device
         last: dict[str, Any] = {}
         with StopFlag() as stop, ProgressBar("train", t.epochs * steps, enabled=progress) as bar, \
                 StepCost(model, dev) as cost:

@@ -199,3 +199,35 @@ def test_adversarial_training_with_pag_on_cuda(workdir: Path, no_tf32: None, rec
         run = checkpoint.load_run(workdir / "g", "cuda", weights=weights)
         assert next(run.model.parameters()).device.type == "cuda"
         assert run.weights == weights
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_data_parallel_training_on_two_gpus_follows_one(workdir: Path) -> None:
+    """torchrun with 2 processes, one GPU each (NCCL), BatchNorm synchronised: the per-epoch
+    records follow one GPU's closely (cuDNN's TF32 convolutions round more than the CPU, so
+    the comparison is of the losses, not the weights)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from pagctl import checkpoint
+
+    argv = ["train", "digits-pag-nn", "--device", "cuda", "-q", "--set", "train.epochs=2",
+            "--set", "data.batch_size=128", "--set", "eval.attack=null"]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    one = subprocess.run([sys.executable, "-m", "pagctl", *argv, "--out", "one"],
+                         capture_output=True, text=True, cwd=workdir, env=env, check=False)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "pagctl", *argv, "--out", "two"],
+                         capture_output=True, text=True, cwd=workdir, env=env, check=False)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "device cuda:0" in two.stderr and "3 BatchNorm layers synchronised" in two.stderr
+    records = [[r for r in checkpoint.read_metrics(workdir / name) if r["kind"] == "train_epoch"]
+               for name in ("one", "two")]
+    for a, b in zip(*records, strict=True):
+        assert b["processes"] == 2
+        for key in ("loss", "pag", "train_accuracy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3), (key, json.dumps(b))

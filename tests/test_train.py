@@ -251,3 +251,19 @@ def test_the_default_monitor_is_cheap_and_the_full_one_is_a_flag_away(
     assert [r.get("n_test") for r in records] == [None, None, None, None, 100, 100]
     assert pagctl(*argv, "--out", "full", "--full-monitor").code == 0
     assert [r.get("n_test") for r in _epoch_records(workdir / "full")] == [360] * 6
+
+
+def test_bfloat16_autocast_trains_through_the_pag_double_backward(workdir: Path) -> None:
+    """train.amp on the CPU: the K input gradients and their double backward run under
+    bfloat16 autocast; the step stays finite and learns like float32 (the same first-epoch
+    loss to bfloat16's precision), and the weights stay float32."""
+    base = [*FAST, "train.epochs=1", "eval.attack=null"]
+    fp32 = train(load_spec("digits-pag-nn", [*base, "out_dir=f"]), device="cpu",
+                 progress=False)
+    bf16 = train(load_spec("digits-pag-nn", [*base, "out_dir=b", "train.amp=true"]),
+                 device="cpu", progress=False)
+    assert bf16.last["loss"] == pytest.approx(fp32.last["loss"], rel=0.05)
+    assert bf16.last["pag"] == pytest.approx(fp32.last["pag"], rel=0.05)
+    assert bf16.last["train_accuracy"] > 0.5
+    weights = _final_weights(workdir / "b")
+    assert {w.dtype for w in weights.values() if w.is_floating_point()} == {torch.float32}
