@@ -52,3 +52,8 @@ class ModelError(PagctlError):
 class LeaderFailed(PagctlError):
     """On a rank of a torchrun launch other than 0: rank 0 met a user error in a step only it
     takes (the run folder's checks). That rank reports it; this one exits like it, silently."""
+
+
+class RankError(PagctlError):
+    """A user error one rank of a torchrun launch met in its own part of the work (a plugin
+    failing on its slice of the batch): every rank reports its own, named by rank."""

@@ -112,9 +112,9 @@ class StopFlag:
     (``requested``); another one, a second or more later, raises KeyboardInterrupt. Installed
     only in the main thread; the previous handlers are restored on exit.
 
-    A repeat within `REPEAT_SECONDS` counts as the same request: one Ctrl-C in a terminal
-    reaches a torchrun worker twice, from the terminal and forwarded by torchrun, and a
-    scheduler may send SIGTERM to every process of a job at once. SIGTERM is how schedulers
+    A repeat within `REPEAT_SECONDS` counts as the same request: a scheduler stopping a job
+    (SLURM's scancel) sends SIGTERM to every process of it, torchrun's agent included, which
+    forwards it to its workers, so a worker receives it twice. SIGTERM is how schedulers
     (SLURM, Kubernetes) and torchrun stop a job, so a run stopped that way saves its state
     like one stopped with Ctrl-C.
 

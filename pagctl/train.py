@@ -45,7 +45,7 @@ from pagctl.checkpoint import (
     append_record,
     save_model,
 )
-from pagctl.errors import LeaderFailed, ModelError, PagctlError, SpecError
+from pagctl.errors import LeaderFailed, ModelError, PagctlError, RankError, SpecError
 from pagctl.objectives import InnerAttack, step_seed
 from pagctl.records import TrainEpochRecord
 
@@ -127,6 +127,10 @@ def train(
         dev = resolve_device(device)
         return _train(spec, replicas, dev, resume=resume, overwrite=overwrite,
                       progress=progress, on_step=on_step, cache_dir=cache_dir, log=log)
+    if spec.data.download:
+        raise SpecError("data.download: under torchrun every process would download at once; "
+                        "download first in one process ('pagctl train SPEC --download "
+                        "--dry-run'), then launch without --download")
     replicas = Replicas(launch.rank, launch.world_size, t.accumulation_steps)
     dev = resolve_device(rank_device(device, launch))
     replicas.check(spec.data.batch_size, None, t.drop_last)  # every rank alike, before joining
@@ -145,7 +149,7 @@ def _train(spec: RunSpec, replicas: Replicas, dev: torch.device, *, resume: bool
     from pagctl.checkpoint import read_saved_state
     from pagctl.data import iter_chunks
     from pagctl.data.augment import Augmented, draw_augmentation
-    from pagctl.distributed.replicas import local_statistics, synchronise_batchnorm
+    from pagctl.distributed.replicas import synchronise_batchnorm
     from pagctl.gradients import logits_and_input_gradients, method_for
     from pagctl.losses import objective_loss, pag_loss, sample_target_classes
     from pagctl.progress import ProgressBar, StopFlag
@@ -266,6 +270,8 @@ def _train(spec: RunSpec, replicas: Replicas, dev: torch.device, *, resume: bool
                     loss_sum = 0.0
                     for micro, rows in enumerate(replicas.micro_slices(n_step)):
                         idx, x, y = next(batches)
+                        if replicas.parts > 1:  # layers that draw (dropout): per slice
+                            torch.manual_seed(step_seed(t.seed, epoch, step, replicas.part(micro)))
                         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                         if channels_last:
                             x = x.contiguous(memory_format=torch.channels_last)
@@ -275,9 +281,8 @@ def _train(spec: RunSpec, replicas: Replicas, dev: torch.device, *, resume: bool
                         x_adv = None
                         if inner is not None:
                             cost.phase("attack")
-                            with local_statistics(model):
-                                x_adv = inner(net, model, x, y, step_seed(
-                                    t.seed, epoch, step, replicas.part(micro)))
+                            x_adv = _attack_slice(inner, replicas, net, model, x, y, step_seed(
+                                t.seed, epoch, step, replicas.part(micro)))
                             if channels_last:
                                 x_adv = x_adv.contiguous(memory_format=torch.channels_last)
                         clean_logits: Tensor | None = None
@@ -378,6 +383,22 @@ def _train(spec: RunSpec, replicas: Replicas, dev: torch.device, *, resume: bool
         return TrainResult(run_dir, t.epochs, False, last)
 
 
+def _attack_slice(inner: InnerAttack, replicas: Replicas, net: Any, model: torch.nn.Module,
+                  x: Tensor, y: Tensor, seed: int) -> Tensor:
+    """The inner attack on this replica's slice, BatchNorm by the slice's own statistics
+    (an attack may stop early on one rank; it must not wait for the others). A user error
+    it raises is this rank's alone: `RankError`, which every rank reports."""
+    from pagctl.distributed.replicas import local_statistics
+
+    try:
+        with local_statistics(model):
+            return inner(net, model, x, y, seed)
+    except PagctlError as exc:
+        if not replicas.distributed:
+            raise
+        raise RankError(f"rank {replicas.rank}: {exc}") from exc
+
+
 def _follow_leader(replicas: Replicas, error: PagctlError | None) -> None:
     """Share rank 0's outcome of a step only it takes (the run folder's checks, its start):
     rank 0 raises its error; the other ranks raise `LeaderFailed` with its message (they
@@ -396,8 +417,12 @@ def prepare(spec: RunSpec, *, device: str = "auto", resume: bool = False,
     model, the target-gradient source, the inner attack and the alignment monitor's source.
     Raises what
     `train` would raise for them."""
+    from pagctl.distributed.replicas import Replicas
+
     RunFolder(spec, command="train", resume=resume, overwrite=overwrite)
     s = setup(spec, resolve_device(device), cache_dir=cache_dir)
+    Replicas(accumulation=spec.train.accumulation_steps).check(
+        spec.data.batch_size, len(s.bundle.train), spec.train.drop_last)  # type: ignore[arg-type]
     _inner_attack(s, cache_dir)
     _alignment_source(s, cache_dir)
     return s
@@ -573,7 +598,8 @@ def _restore(saved: SavedState, model: torch.nn.Module, opt: torch.optim.Optimiz
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     c = saved.counters
-    sums = {**_zero_sums(), **dict(c["sums"])}
+    zero = _zero_sums()
+    sums = {**zero, **{k: float(v) for k, v in dict(c["sums"]).items() if k in zero}}
     if "clean_seen" not in c["sums"]:
         sums["clean_seen"] = sums["seen"]
     return int(c["epoch"]), int(c["step"]), sums, dict(c.get("best") or {})

@@ -360,3 +360,49 @@ def test_a_world_size_that_does_not_divide_the_batch_is_refused_before_anything(
     monkeypatch.setenv("RANK", "1")
     result = pagctl(*_train_argv("r", 1))
     assert result.code == 2 and result.stderr == ""
+
+
+@pytest.mark.usefixtures("group_of_one")
+def test_synced_batchnorm_keeps_the_variance_of_a_channel_far_from_zero() -> None:
+    """A channel whose mean is 1000 times its spread: the merge subtracts mean² in float64,
+    so the statistics stay as good as torch's BatchNorm (float32 there would lose them)."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 4, 4) + torch.tensor([0.0, 1e3, -1e4])[None, :, None, None]
+    plain = nn.BatchNorm2d(3)
+    synced = nn.Sequential(nn.BatchNorm2d(3))
+    synchronise_batchnorm(synced)
+    exact = nn.functional.batch_norm(x.double(), None, None, training=True, eps=1e-5)
+    for bn in (plain, synced):
+        out = bn.train()(x)
+        assert (out.double() - exact).abs().max() < 2e-3
+    torch.testing.assert_close(synced[0].running_var, plain.running_var, rtol=1e-4, atol=0)
+
+
+def test_a_rank_reports_a_user_error_it_met_alone(
+        pagctl: Callable[..., CliResult], workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Errors alike on every rank are printed once per machine; one a rank met in its own
+    slice (RankError) is printed by that rank, named."""
+    from pagctl import train as train_mod
+    from pagctl.errors import RankError
+
+    def fails(spec: object, **kwargs: object) -> None:
+        raise RankError("rank 1: train.inner_attack 'pgd_linf' returned NaN")
+
+    monkeypatch.setattr(train_mod, "train", fails)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    result = pagctl(*_train_argv("r", 1))
+    assert result.code == 2
+    assert result.stderr.splitlines() == [
+        "error: rank 1: train.inner_attack 'pgd_linf' returned NaN"]
+
+
+def test_download_under_torchrun_is_refused(
+        pagctl: Callable[..., CliResult], workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    result = pagctl(*_train_argv("r", 1), "--download", "--data-dir", "data")
+    assert result.code == 2 and "data.download: under torchrun every process" in result.stderr
+    assert not (workdir / "r").exists() and not (workdir / "data").exists()

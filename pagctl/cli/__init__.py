@@ -5,7 +5,8 @@ Results go to stdout (a table, or with ``--format json`` one envelope for every 
 line per problem and exit 2; runtime failures exit 1 (traceback with --verbose or
 PAGCTL_VERBOSE=1); Ctrl-C exits 130. torch is imported inside commands only. Under
 torchrun every process runs the command: a user error is printed once per machine (by
-LOCAL_RANK 0), a runtime failure by every rank, named.
+LOCAL_RANK 0), unless one rank met it alone in its own work (`RankError`); a runtime failure
+is printed by every rank, named.
 
 This module holds the app, its root options, the command table and the error mapping; each
 command group has its module here (``train``, ``attack``, ``bank``, ``align_score``,
@@ -27,7 +28,7 @@ except ImportError:  # older typer runs on click itself
 
 from pagctl import __version__
 from pagctl.cli import align_score, attack, bank, compare, importing, plugins, train
-from pagctl.errors import LeaderFailed, PagctlError
+from pagctl.errors import LeaderFailed, PagctlError, RankError
 
 app = typer.Typer(
     name="pagctl",
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     except LeaderFailed:  # rank 0 of the launch reports it
         sys.exit(2)
     except PagctlError as exc:
-        if reports:
+        if reports or isinstance(exc, RankError):
             for line in str(exc).splitlines() or [type(exc).__name__]:
                 sys.stderr.write(f"error: {line}\n")
         sys.exit(2)

@@ -314,15 +314,17 @@ class SyncedBatchNorm(nn.Module):
         view = [1, c] + [1] * (x.dim() - 2)
         xf = x.float()
         # One all-reduce (in the forward; one in each backward through it): every rank's
-        # count, sum and sum of squares, the latter as its own centred sum plus n·mean²
-        # (Chan et al.'s merge), so nothing large cancels in float32; the C-sized merge is
-        # float64.
+        # count, sum, and sum of squares as its own centred sum plus n·mean² (Chan et al.'s
+        # merge). The centred sums are float32 (nothing large cancels in them); the merge,
+        # where mean² is subtracted again, is float64 on C-sized vectors, so a channel whose
+        # mean is far larger than its spread keeps its variance.
         rows = x.numel() // c
         local_mean = xf.mean(dims)
         local_m2 = ((xf - local_mean.view(view)) ** 2).sum(dims)
+        mean_r = local_mean.double()
         totals = sum_over_ranks(torch.cat([
-            (rows * local_mean).double(), (local_m2 + rows * local_mean ** 2).double(),
-            local_mean.new_tensor([rows], dtype=torch.float64)]))
+            rows * mean_r, local_m2.double() + rows * mean_r * mean_r,
+            mean_r.new_tensor([rows])]))
         count = totals[-1].detach()
         mean64 = totals[:c] / count
         var = (totals[c: 2 * c] / count - mean64 * mean64).clamp_min(0).float()
@@ -333,10 +335,9 @@ class SyncedBatchNorm(nn.Module):
             out = out * self.weight.view(view) + self.bias.view(view)
         if tracking and self.running_mean is not None and self.running_var is not None:
             factor = self._factor()
-            n = float(count)
-            with torch.no_grad():
+            with torch.no_grad():  # tensor arithmetic throughout: no wait on the device
                 self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
-                unbiased = var.detach() * (n / max(n - 1.0, 1.0))
+                unbiased = var.detach() * (count / (count - 1).clamp_min(1)).float()
                 self.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
         return out.to(x.dtype)
 
