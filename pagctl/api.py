@@ -157,8 +157,8 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
            seed: int = 0, batch_size: int = 256, device: str = "cpu",
            probes: bool = True, probe_size: int = 100, weights: str = "last",
            progress: bool = False, shard: tuple[int, int] | None = None,
-           merge_shards: int | None = None,
-           shard_dir: str | Path | None = None) -> AttackReport | list[AttackReport]:
+           merge_shards: int | None = None, shard_dir: str | Path | None = None,
+           precision: str = "float32") -> AttackReport | list[AttackReport]:
     """Attack ``model`` on ``data`` as ``pagctl attack`` does: clean and robust accuracy with
     95% intervals, what each stage broke and cost, per-example and per-class results, and
     the reliability verdict of the gradient-masking probes (``report.reliable``).
@@ -170,7 +170,8 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
     ``shard=(i, N)`` runs shard i of N only (a partial report, no verdict) and
     ``merge_shards=N`` merges N finished shards into the whole evaluation's report, as
     ``--shard`` / ``--merge-shards`` do; the shards live in ``shard_dir`` (default: the
-    run folder's ``shards/`` when ``model`` is a path)."""
+    run folder's ``shards/`` when ``model`` is a path). ``precision="bfloat16"`` runs the
+    model's forward under bfloat16 autocast (opt-in; marked in the report)."""
 
     from pagctl import registry
     from pagctl.robustness.evaluate import evaluate_attack
@@ -194,7 +195,8 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
     reports, _ = evaluate_attack(module, bundle, attack, validated, budgets, indices=chosen,
                                  limit=limit, batch_size=batch_size, seed=seed, device=dev,
                                  probes=probes, probe_size=probe_size, progress=progress,
-                                 shard=shard, merge_shards=merge_shards, shard_dir=folder)
+                                 shard=shard, merge_shards=merge_shards, shard_dir=folder,
+                                 precision=precision)
     return reports if budgets is not None else reports[0]
 
 

@@ -51,7 +51,9 @@ from pagctl.spec import ModelSpec
 
 # the pagctl_* entry points are listed last, where timm's register_model used to append them
 __all__ = [
+    "PRECISIONS",
     "CifarResNet",
+    "LowPrecision",
     "MLP",
     "NormalizedModel",
     "SmallCNN",
@@ -109,6 +111,30 @@ class NormalizedModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         logits: Tensor = self.net((x - self.mean) / self.std)
         return logits
+
+
+PRECISIONS = ("float32", "bfloat16")
+"""What an evaluation computes the model's forward in: float32 (the default), or bfloat16
+autocast (`LowPrecision`, opt-in, marked in the record)."""
+
+
+class LowPrecision(nn.Module):
+    """``model`` run under bfloat16 autocast, its logits returned as float32: opt-in
+    mixed-precision evaluation (``pagctl attack --precision bfloat16``). The attacks, their
+    steps and the budget checks stay float32; only the model's forward (and the backward
+    through it) is in bfloat16.
+
+    Shape: (N, C, H, W) -> (N, num_classes) float32.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+            logits: Tensor = self.model(x)
+        return logits.float()
 
 
 def _unknown_arch_message(arch: str) -> str:

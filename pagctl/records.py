@@ -188,6 +188,8 @@ class AttackRecord(_Model):
     per_example: PerExample | None = None
     per_class: dict[str, ClassCounts] | None = None
     reliability: Reliability | None = None
+    precision: str | None = None
+    """``bfloat16`` when the model ran under bfloat16 autocast (opt-in); absent: float32."""
 
 
 class AlignRecord(_Model):

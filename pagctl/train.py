@@ -182,7 +182,6 @@ def _train(spec: RunSpec, replicas: Replicas, dev: torch.device, *, resume: bool
                             "through BatchNorm synchronised across processes; use loop or "
                             "repeat, or train.sync_batchnorm: false")
         inner = _inner_attack(s, cache_dir)
-        align_source = _alignment_source(s, cache_dir) if replicas.leader else None
         opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
                               weight_decay=t.weight_decay, nesterov=t.nesterov)
         gen = torch.Generator().manual_seed(t.seed)
@@ -201,9 +200,11 @@ def _train(spec: RunSpec, replicas: Replicas, dev: torch.device, *, resume: bool
         best: dict[str, float] = {}
         start_epoch, start_step = 0, 0
         saved: SavedState | None = None
+        align_source: Any = None  # the monitor's, on rank 0 (which alone runs it)
         failed: PagctlError | None = None
         if folder is not None:
             try:
+                align_source = _alignment_source(s, cache_dir)
                 saved = folder.start()
             except PagctlError as exc:
                 failed = exc

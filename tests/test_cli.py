@@ -23,7 +23,7 @@ import pytest
 from conftest import envelope_records
 
 from pagctl import cli, registry
-from pagctl.checkpoint import BEST_MODEL_FILE, RUN_FILES
+from pagctl.checkpoint import BEST_MODEL_FILE, RUN_FILES, read_metrics
 
 RunCLI = Callable[..., tuple[int, str, str]]
 TINY_TRAIN = ["--set", "train.epochs=1", "--set", "eval.limit=40", "-q"]
@@ -1146,3 +1146,33 @@ def test_progress_off_a_terminal_is_periodic_plain_lines(
     with progress.ProgressBar("quiet", 3, enabled=False) as bar:
         bar.update(advance=3)
     assert "quiet" not in capsys.readouterr().err
+
+
+def test_mixed_precision_evaluation_is_opt_in_and_marked(
+    run: RunCLI, trained_run: Path, tmp_path: Path,
+) -> None:
+    """--precision bfloat16 runs the model's forward under bfloat16 autocast: the result
+    says so on screen and in the record, compare keeps it apart from float32's, and a
+    float32 record carries no mark."""
+    run_dir = _copy_run(trained_run, tmp_path / "run")
+    argv = ["attack", str(run_dir), "--attack", "pgd_l2", "--param", "eps=0.5", "--param",
+            "steps=3", "--limit", "40", "--no-probes", "--no-progress"]
+    code, out, err = run(*argv, "--format", "json")
+    assert code == 0, err
+    [fp32] = envelope_records(out, "attack")
+    code, out, err = run(*argv, "--format", "json", "--precision", "bfloat16")
+    assert code == 0, err
+    [bf16] = envelope_records(out, "attack")
+    assert "precision" not in fp32 and bf16["precision"] == "bfloat16"
+    assert bf16["n"] == fp32["n"] == 40
+    assert abs(bf16["clean_accuracy"] - fp32["clean_accuracy"]) <= 0.1  # bf16 rounding
+    assert bf16["max_l2"] <= 0.5 * (1 + 1e-6)  # the budget is checked in float32
+    code, out, _ = run(*argv, "--precision", "bfloat16", "--no-record")
+    assert code == 0 and "bfloat16 autocast (opt-in, not float32)" in out
+    recorded = [r for r in read_metrics(run_dir) if r["kind"] == "attack"]
+    assert [r.get("precision") for r in recorded] == [None, "bfloat16"]
+    code, out, _ = run("compare", str(run_dir), "--format", "csv")
+    assert code == 0 and "pgd_l2 (bfloat16)" in out
+    code, _, err = run(*argv, "--precision", "float16")
+    assert code == 2 and err.splitlines() == [
+        "error: --precision: 'float16' is not one of float32, bfloat16"]

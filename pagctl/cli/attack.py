@@ -79,6 +79,9 @@ def attack(
         "reliability verdict.")] = True,
     probe_size: Annotated[int, typer.Option(
         "--probe-size", min=1, help="Test points the probes use.")] = 100,
+    precision: Annotated[str, typer.Option(
+        "--precision", help="The model's forward: float32, or bfloat16 autocast (faster on "
+        "GPUs; opt-in, and marked in the result and the record).")] = "float32",
     progress: ProgressOpt = True,
     strict: Annotated[bool, typer.Option(
         "--strict", help="Exit with code 3 when the reliability verdict is not 'reliable' "
@@ -142,7 +145,8 @@ def attack(
                 probes=probes, probe_size=probe_size, progress=progress,
                 keep_images=len(bundle.test) if save_adversarial is not None  # type: ignore[arg-type]
                 else 8 if save_images is not None else 0,
-                shard=part, merge_shards=merge, shard_dir=run / "shards")
+                shard=part, merge_shards=merge, shard_dir=run / "shards",
+                precision=precision)
 
         try:
             if launch is not None:
@@ -270,6 +274,8 @@ def _render_attack(name: str, run: Path, reports: list[Any], weights: str | None
              ("passes fwd / bwd", f"{sum(r.forwards for r in reports)} / "
               f"{sum(r.backwards for r in reports)}"),
              ("seconds", f"{sum(r.seconds for r in reports):.1f}")]
+    if first.precision != "float32":
+        rows.insert(0, ("precision", f"{first.precision} autocast (opt-in, not float32)"))
     print_table(f"{name} on {run}", rows)
     if len(reports) > 1:
         sweep = Table(title=f"robust accuracy vs eps ({first.norm or 'budget'})")

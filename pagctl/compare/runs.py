@@ -115,7 +115,9 @@ def read_run(run_dir: Path, label: str, spec: Any, flat: dict[str, Any],
                     subset_sha=first_n_digest(n) if n is not None else None, subset_count=n,
                     line=line, record_kind="train_epoch", extra={"epoch": rec.epoch}))
         elif isinstance(rec, AttackRecord):
-            key = (rec.attack, rec.norm, _eps_key(rec.eps))
+            # a mixed-precision evaluation is its own column, never taken for float32's
+            attack = rec.attack if rec.precision is None else f"{rec.attack} ({rec.precision})"
+            key = (attack, rec.norm, _eps_key(rec.eps))
             robust[key] = _attack_cell(rec, line, stale, "robust")
             if rec.clean_accuracy is not None and not stale:
                 clean.append(_attack_cell(rec, line, stale, "clean"))

@@ -45,6 +45,7 @@ def evaluate_attack(
     shard: tuple[int, int] | None = None,
     merge_shards: int | None = None,
     shard_dir: Path | None = None,
+    precision: str = "float32",
 ) -> tuple[list[AttackReport], Tensor]:
     """Attack ``bundle.test[indices]`` (first ``limit``) with the registered attack ``name``
     (once, or at each budget of ``budgets``) and attach the reliability verdict.
@@ -52,15 +53,19 @@ def evaluate_attack(
     ``shard=(i, N)`` runs shard i of N into ``shard_dir`` (resuming it if it stopped) and
     returns its partial reports, without probes' verdict; ``merge_shards=N`` runs nothing
     but merges the N shards found in ``shard_dir`` (module docstring). Neither keeps images.
-    Returns the reports (one per budget) and the attacked indices. Raises SpecError when
-    the indices are out of range, AutoAttack standard/plus meets a randomised model, or a
-    shard to merge is missing or unfinished.
+    ``precision="bfloat16"`` runs the model's forward under bfloat16 autocast
+    (`pagctl.models.LowPrecision`; opt-in, marked in every report; its resumable states and
+    shards are another evaluation's than float32's, as the wrapped model's weights digest
+    differs). Returns the reports (one per budget) and the attacked indices. Raises
+    SpecError when the indices are out of range, AutoAttack standard/plus meets a randomised
+    model, or a shard to merge is missing or unfinished.
     """
     import torch
 
     from pagctl import registry
     from pagctl.build import build_context
     from pagctl.data import get_batch, labels_of, select_test_indices
+    from pagctl.models import PRECISIONS, LowPrecision
     from pagctl.protocols import attack_stages, declared_budget
     from pagctl.robustness.engine import PerBatch, evaluation_key, run_attack
     from pagctl.robustness.reliability import (
@@ -72,6 +77,10 @@ def evaluate_attack(
 
     if (shard is not None or merge_shards is not None) and shard_dir is None:
         raise ValueError("shard and merge_shards need shard_dir")
+    if precision not in PRECISIONS:
+        raise SpecError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "bfloat16":
+        model = LowPrecision(model)
     if shard is not None and merge_shards is not None:
         raise ValueError("run a shard or merge shards, not both")
     if shard is not None or merge_shards is not None:
@@ -138,6 +147,7 @@ def evaluate_attack(
     labels = torch.as_tensor(labels_of(bundle.test)[indices.numpy()])
     for report in out:
         report.indices, report.labels = indices.clone(), labels
+        report.precision = precision
         if verdict is not None:
             report.reliability = verdict.to_record()
     return out, indices

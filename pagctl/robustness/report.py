@@ -68,6 +68,8 @@ class AttackReport:
     seed: int = 0
     per_example: dict[str, str] = field(default_factory=dict)
     reliability: dict[str, Any] | None = None
+    precision: str = "float32"
+    """The model's forward: float32, or bfloat16 autocast (opt-in, marked in the record)."""
     images: Tensor | None = field(default=None, repr=False)
     """Adversarial versions of the first ``keep_images`` points (not part of the record)."""
     indices: Tensor | None = field(default=None, repr=False)
@@ -152,6 +154,8 @@ class AttackReport:
             else None)
         if params_given is not None:
             record.params_given = params_given
+        if self.precision != "float32":
+            record.precision = self.precision
         per_class = self.per_class()
         if per_class:
             record.per_class = per_class
