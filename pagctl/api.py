@@ -264,14 +264,12 @@ def train(spec: str | Path, *, overrides: Sequence[str] = (), device: str = "aut
     """Train a spec (a file or a built-in name, with ``KEY=VALUE`` overrides as ``--set``
     takes them) into its run folder, as ``pagctl train`` does; in a script that torchrun
     launched, data-parallel over its processes as well (docs: distributed.md)."""
-    from pagctl.distributed.launch import launched, torchrun_launch
+    from pagctl.distributed.launch import training_launch
     from pagctl.spec import load_spec
     from pagctl.train import train as run_train
 
-    launch = torchrun_launch("train", "unset WORLD_SIZE to train in one process") \
-        if launched() else None
     return run_train(load_spec(spec, list(overrides)), device=device, resume=resume,
-                     overwrite=overwrite, progress=progress, launch=launch)
+                     overwrite=overwrite, progress=progress, launch=training_launch())
 
 
 def import_model(out: str | Path, model: str, dataset: str, *,

@@ -147,10 +147,9 @@ def train(
             ("lambda / K", f"{run_spec.train.pag_weight} / {run_spec.train.classes_per_image}"),
         ])
         return
-    from pagctl.distributed.launch import launched, torchrun_launch
+    from pagctl.distributed.launch import training_launch
 
-    launch = torchrun_launch(
-        "train", "unset WORLD_SIZE to train in one process") if launched() else None
+    launch = training_launch()
     result = run_train(run_spec, device=device, resume=resume, overwrite=overwrite,
                        progress=not quiet, log=_log, launch=launch)
     if launch is not None and not launch.leader:  # rank 0 reports

@@ -4,7 +4,7 @@ pagctl does not start processes itself; it uses the engine PyTorch users already
 ``torchrun --nproc-per-node N [--nnodes M ...] -m pagctl COMMAND ...`` starts N × M copies
 and tells each, through environment variables, who it is: ``RANK`` (0 … world − 1),
 ``WORLD_SIZE``, ``LOCAL_RANK`` (its index on its machine), and where to meet
-(``MASTER_ADDR``, ``MASTER_PORT``). `torchrun_launch` reads them (`launched` says whether
+(``MASTER_ADDR``, ``MASTER_PORT``). `torchrun_launch` reads them (`training_launch`: if
 they are there at all); `process_group` joins the group for the length of a command and
 leaves it, so a command that ends (or fails) never leaves a half-open group behind.
 
@@ -33,8 +33,8 @@ from typing import Literal
 
 from pagctl.errors import SpecError
 
-__all__ = ["GROUP_TIMEOUT", "Launch", "barrier", "launched", "process_group", "rank_device",
-           "torchrun_launch"]
+__all__ = ["GROUP_TIMEOUT", "Launch", "barrier", "process_group", "rank_device",
+           "torchrun_launch", "training_launch"]
 
 _VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -56,9 +56,13 @@ class Launch:
         return self.rank == 0
 
 
-def launched() -> bool:
-    """Whether this process was started by torchrun (its ``WORLD_SIZE`` is set)."""
-    return "WORLD_SIZE" in os.environ
+def training_launch() -> Launch | None:
+    """The launch ``pagctl train`` (or ``pagctl.api.train``) runs in: torchrun's, when this
+    process was started by torchrun (its ``WORLD_SIZE`` is set), else None (one process).
+    SpecError when torchrun's variables are incomplete or inconsistent."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    return torchrun_launch("train", "unset WORLD_SIZE to train in one process")
 
 
 def torchrun_launch(option: str, otherwise: str = "give the shard by hand (I/N)") -> Launch:
