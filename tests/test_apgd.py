@@ -22,6 +22,7 @@ from pagctl.attacks.apgd import (
     targeted_dlr_loss,
 )
 from pagctl.attacks.pgd import PGDL2, PGDLinf
+from pagctl.attacks.steps import group_size
 from pagctl.protocols import Attack, BuildContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -345,3 +346,40 @@ def test_apgd_l1_matches_the_reference_implementation(
     mean_theirs, mean_ours = sum(theirs) / 3, sum(ours) / 3
     assert 0.3 <= mean_theirs <= 0.8, theirs
     assert math.isclose(mean_ours, mean_theirs, abs_tol=0.015 + 1e-9), (ours, theirs)
+
+
+@pytest.mark.parametrize(("norm", "eps", "large"), [("linf", 0.07, False), ("l2", 0.5, False),
+                                                    ("l1", 1.0, True)])
+@pytest.mark.parametrize(("loss", "restarts"), [("dlr-targeted", 2), ("ce", 3)])
+def test_runs_together_do_not_change_the_result(
+    digits_model: tuple[nn.Module, Tensor, Tensor], norm: str, eps: float, large: bool,
+    loss: str, restarts: int,
+) -> None:
+    """The target × restart runs stacked along the batch, in groups of 1 (the reference's
+    order), 2, 4 or all: the same points bit for bit, and the generator left in the same
+    state (a plugin's next call continues the same stream)."""
+    model, x, y = digits_model
+    x, y = x[:60], y[:60]
+    results = {}
+    for together in (1, 2, 4, 0):
+        generator = torch.Generator().manual_seed(5)
+        out = apgd(model, x, y, loss=loss, norm=norm, eps=eps, steps=20,  # type: ignore[arg-type]
+                   restarts=restarts, rho=0.75, generator=generator, n_target_classes=3,
+                   large_eps=large, runs_together=together)
+        results[together] = (out, torch.rand(3, generator=generator))
+    base, after = results[1]
+    broken = int((model(base).argmax(1) != y).sum())
+    assert 0 < broken < 60  # the later runs had something left to attack
+    for together, (out, draw) in results.items():
+        assert torch.equal(out, base), together
+        assert torch.equal(draw, after), together
+
+
+def test_runs_together_default_depends_on_the_device() -> None:
+    """All runs at once on a CUDA device, one at a time on the CPU; an explicit number wins;
+    a negative one is refused."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert group_size(None, 9, cuda) == 9 and group_size(None, 9, cpu) == 1
+    assert group_size(0, 9, cpu) == 9 and group_size(3, 9, cuda) == 3
+    with pytest.raises(ValueError, match="runs_together"):
+        group_size(-1, 9, cpu)

@@ -545,3 +545,29 @@ def test_smallest_perturbations_match_the_reference_point_by_point(
     rel = (ours - theirs).abs() / theirs
     assert float(rel.median()) < 1e-5, float(rel.median())
     assert float((rel < 1e-3).float().mean()) >= 0.98, rel.max()
+
+
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 0.1), ("l2", 0.4), ("l1", 1.2)])
+@pytest.mark.parametrize(("targeted", "restarts"), [(True, 2), (False, 3)])
+def test_runs_together_do_not_change_the_result(
+    digits_model: tuple[nn.Module, Tensor, Tensor], norm: AnyNorm, eps: float,
+    targeted: bool, restarts: int,
+) -> None:
+    """The target × restart runs stacked along the batch, in groups of 1 (the reference's
+    order), 2, 4 or all: the same points bit for bit, and the generator left in the same
+    state (a plugin's next call continues the same stream)."""
+    model, x, y = digits_model
+    x, y = x[:60], y[:60]
+    results = {}
+    for together in (1, 2, 4, 0):
+        generator = torch.Generator().manual_seed(5)
+        out = fab(model, x, y, norm=norm, eps=eps, steps=15, restarts=restarts,
+                  n_target_classes=3, targeted=targeted, alpha_max=0.1, eta=1.05, beta=0.9,
+                  generator=generator, runs_together=together)
+        results[together] = (out, torch.rand(3, generator=generator))
+    base, after = results[1]
+    broken = int((model(base).argmax(1) != y).sum())
+    assert 0 < broken < 60  # the later runs had something left to attack
+    for together, (out, draw) in results.items():
+        assert torch.equal(out, base), together
+        assert torch.equal(draw, after), together

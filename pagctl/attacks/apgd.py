@@ -36,7 +36,11 @@ reference does:
 Per example, the returned point is the first misclassified point found (over the random
 start, the steps, the restarts and, for ``APGDT``, the target classes); if none is, the
 highest-loss point of all runs. Examples the model already misclassifies are returned
-unchanged; restarts and further targets run only on the examples not yet misclassified.
+unchanged. The runs (targets × restarts) can go through the model together, stacked along
+the batch (``runs_together``; by default all of them on a GPU, one at a time on the CPU).
+Each run's random start is drawn for every example in run order, so grouping the runs
+differently gives the same result; runs in a later group attack only the examples not yet
+misclassified.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from pagctl.attacks.steps import (
     BestSoFar,
     Norm,
     fit_to_budget,
+    group_size,
     normalize_l2,
     per_example,
     project_l1_box,
@@ -180,16 +185,16 @@ def _single_run(
     eps: float,
     steps: int,
     rho: float,
-    generator: torch.Generator,
+    start: Tensor,
     eot_iter: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One APGD run. Returns (points, loss at the points, fooled mask): the first
-    misclassified point where ``fooled``, else the highest-loss point.
+    """One APGD run from ``start`` (inside the budget). Returns (points, loss at the points,
+    fooled mask): the first misclassified point where ``fooled``, else the highest-loss
+    point.
 
-    Shape: (N, C, H, W), (N,) -> (N, C, H, W), (N,), (N,) bool.
+    Shape: (N, C, H, W), (N,), (N, C, H, W) -> (N, C, H, W), (N,), (N,) bool.
     """
-    draw = random_start_l2 if norm == "l2" else random_start_linf
-    x_k = (x + draw(x.shape, eps, generator, device=x.device, dtype=x.dtype)).clamp(0.0, 1.0)
+    x_k = start
     logits, loss, grad = _evaluate(model, x_k, y, loss_fn, eot_iter)
     best = _RunBest(x_k, y, logits, loss, grad)
     x_prev = x_k
@@ -331,13 +336,11 @@ def _l1_run(
     eps: float,
     steps: int,
     large_eps: bool,
-    generator: torch.Generator,
+    noise: Tensor,
     eot_iter: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One L1 run from a Gaussian start projected into the budget (into 3ε with
+    """One L1 run from the Gaussian ``noise`` projected into the budget (into 3ε with
     ``large_eps``, whose phases then shrink it to ε). Shape: as :func:`_single_run`."""
-    noise = torch.randn(x.shape, generator=generator, device=generator.device)
-    noise = noise.to(device=x.device, dtype=x.dtype)
     phases = large_eps_phases(eps, steps) if large_eps else [(eps, steps)]
     start = (x + project_l1_box(x, noise, phases[0][0])).clamp(0.0, 1.0)
     # As the reference: a schedule's first phase too sizes k from its start's sparsity.
@@ -352,6 +355,20 @@ def _l1_run(
         result = (out, loss, fooled)
     assert result is not None
     return result
+
+
+def start_offsets(norm: AnyNorm, shape: torch.Size, eps: float,
+                  generator: torch.Generator, like: Tensor) -> Tensor:
+    """One run's random draw for every example of a call, on ``like``'s device and dtype:
+    L∞ uniform in the cube of radius ``eps``, L2 uniform in the ball, L1 standard Gaussian
+    noise (projected into the budget by the run). Drawn for all examples, attacked or not, so
+    that an example's start depends on its position and the run, not on which other
+    examples a run attacks. Shape: ``shape`` = (N, C, H, W) -> (N, C, H, W)."""
+    if norm == "l1":
+        noise = torch.randn(shape, generator=generator, device=generator.device)
+        return noise.to(device=like.device, dtype=like.dtype)
+    draw = random_start_l2 if norm == "l2" else random_start_linf
+    return draw(shape, eps, generator, device=like.device, dtype=like.dtype)
 
 
 def apgd(
@@ -369,6 +386,7 @@ def apgd(
     n_target_classes: int = 9,
     eot_iter: int = 1,
     large_eps: bool = False,
+    runs_together: int | None = None,
 ) -> Tensor:
     """Auto-PGD inside the ``norm`` ball of radius ``eps`` around ``x`` and the [0, 1] box.
 
@@ -377,6 +395,18 @@ def apgd(
     runs each run on the 3ε → 2ε → ε schedule; ``rho`` does not apply to L1. Runs in
     whatever mode the caller left ``model`` in. Shape: inputs (N, C, H, W) in [0, 1],
     labels (N,) -> (N, C, H, W), same dtype/device, ``‖x_adv − x‖ <= eps`` per example.
+
+    **Runs together.** The runs (target × restart, in that order) go through the model in
+    groups of ``runs_together`` (0: all in one group; None: all on a CUDA device, one at a
+    time elsewhere, :func:`pagctl.attacks.steps.group_size`), stacked along the batch: one
+    loop of ``steps`` iterations over ``runs_together ×`` the examples instead of one loop
+    per run.
+    A group attacks the examples no earlier group fooled. Every run's random start is drawn
+    for every example in run order whatever the grouping, each example's run depends on
+    that example alone (in eval mode), and the runs are merged in run order (an example
+    keeps the first run's misclassified point, else the highest-loss point), so the result
+    does not depend on the grouping; larger groups make fewer, larger model calls and spend
+    forwards on examples an earlier run of the same group has already fooled.
     """
     if norm not in ("l2", "linf", "l1"):
         raise ValueError(f"norm must be 'l2', 'linf' or 'l1', got {norm!r}")
@@ -405,24 +435,34 @@ def apgd(
         targets: list[Tensor | None] = list(ranked.T)
     else:
         targets = [None]
-    for target in targets:
-        for _ in range(restarts):
-            active = runs.active()
-            if active.numel() == 0:
-                break
-            loss_fn: LossFn = (
-                ce_loss if loss == "ce"
-                else dlr_loss if target is None
-                else targeted_dlr_loss(target[active])
-            )
-            if norm == "l1":
-                found = _l1_run(model, x0[active], y[active], loss_fn, eps=eps, steps=steps,
-                                large_eps=large_eps, generator=generator, eot_iter=eot_iter)
-            else:
-                found = _single_run(model, x0[active], y[active], loss_fn, norm=norm, eps=eps,
-                                    steps=steps, rho=rho, generator=generator,
-                                    eot_iter=eot_iter)
-            runs.update(active, *found)
+    plan = [target for target in targets for _ in range(restarts)]
+    size = group_size(runs_together, len(plan), x0.device)
+    for lo in range(0, len(plan), size):
+        group = plan[lo: lo + size]
+        # Drawn whether or not anything is left to attack: the stream does not depend on
+        # the grouping (the plugin's next call continues it).
+        offsets = [start_offsets(norm, x0.shape, eps, generator, x0) for _ in group]
+        active = runs.active()
+        if active.numel() == 0:
+            continue
+        m = active.numel()
+        xs, ys = x0[active].repeat(len(group), 1, 1, 1), y[active].repeat(len(group))
+        loss_fn: LossFn = (
+            ce_loss if loss == "ce"
+            else dlr_loss if loss == "dlr"
+            else targeted_dlr_loss(torch.cat([t[active] for t in group if t is not None]))
+        )
+        if norm == "l1":
+            found = _l1_run(model, xs, ys, loss_fn, eps=eps, steps=steps,
+                            large_eps=large_eps, eot_iter=eot_iter,
+                            noise=torch.cat([offset[active] for offset in offsets]))
+        else:
+            start = (xs + torch.cat([offset[active] for offset in offsets])).clamp(0.0, 1.0)
+            found = _single_run(model, xs, ys, loss_fn, norm=norm, eps=eps, steps=steps,
+                                rho=rho, start=start, eot_iter=eot_iter)
+        for j in range(len(group)):
+            rows = slice(j * m, (j + 1) * m)
+            runs.update(active, *(part[rows] for part in found))
     return fit_to_budget(x0, runs.points, norm, eps)
 
 
@@ -449,6 +489,12 @@ class _APGDParams(PluginParams):
     eot_iter: int = Field(
         default=1, ge=1, description="forwards averaged per gradient (Expectation over "
         "Transformation); > 1 only for randomised models",
+    )
+    runs_together: int | None = Field(
+        default=None, ge=0, description="how many runs (restarts, and target classes for "
+        "apgd_t) go through the model together, stacked along the batch: 0 = all of them, "
+        "1 = one after another as the reference; null = all on a CUDA device, one at a "
+        "time elsewhere. Memory grows with the number. Does not change the result",
     )
     large_eps: bool = Field(
         default=False, description="L1 only: spend 30% of the steps at 3·eps and 30% at "
@@ -490,6 +536,7 @@ class _APGD:
             generator=self._generator,
             n_target_classes=getattr(self.params, "n_target_classes", 9),
             eot_iter=self.params.eot_iter, large_eps=self.params.large_eps,
+            runs_together=self.params.runs_together,
         )
 
 

@@ -77,6 +77,8 @@ def _stage_params(params: Any, num_classes: int) -> tuple[tuple[str, Any, BaseMo
         if "n_target_classes" in extra:
             extra = {**extra,
                      "n_target_classes": min(extra["n_target_classes"], num_classes - 1)}
+        if cls is not Square:
+            extra = {**extra, "runs_together": params.runs_together}
         stages.append((name, cls, cls.Params.model_validate({**common, **extra})))
     return tuple(stages)
 
@@ -104,6 +106,13 @@ class AutoAttack:
         steps: int = Field(
             default=100, ge=1, description="iterations of the gradient attacks (the reference "
             "uses 100; fewer gives a weaker, non-standard evaluation)",
+        )
+        runs_together: int | None = Field(
+            default=None, ge=0, description="how many runs (target classes, restarts) of the "
+            "APGD and FAB stages go through the model together, stacked along the batch: 0 "
+            "= all of them, 1 = one after another as the reference; null = all on a CUDA "
+            "device, one at a time elsewhere. Memory grows with the number. Does not change "
+            "the result",
         )
         square_queries: int = Field(
             default=5000, ge=1, description="queries of the Square stage (the reference uses "

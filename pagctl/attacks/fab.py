@@ -23,8 +23,10 @@ a random point at distance ``ε/2`` (L∞: ``x + ε/2 · u / ‖u‖_∞`` with 
 ``[−1, 1]^d``; L2: ``x + ε/2 · g / ‖g‖₂`` and L1: ``x + ε/2 · g / ‖g‖₁`` with ``g``
 standard normal; clipped to [0, 1]).
 The targeted attack makes ``restarts`` such runs for each of the ``n_target_classes``
-highest non-true classes of the clean logits, in turn. Every run attacks only the examples
-not yet broken.
+highest non-true classes of the clean logits. The runs can go through the model together,
+stacked along the batch (``runs_together``; by default all of them on a GPU, one at a time
+on the CPU); an example takes the first run, in target-then-restart order, that broke it,
+so the grouping does not change the result.
 
 Budget: a run breaks an example when its smallest adversarial perturbation has norm
 ``<= eps``; that point is returned. Examples with no adversarial point within ``eps`` (none
@@ -44,6 +46,7 @@ from pagctl.attacks.steps import (
     AnyNorm,
     AnyNormParam,
     fit_to_budget,
+    group_size,
     l1_norms,
     l2_norms,
     linf_norms,
@@ -199,19 +202,20 @@ def _nearest_boundary(
     return best_f, best_w
 
 
-def _random_start(
+def _start_offsets(
     x: Tensor, norm: AnyNorm, eps: float, generator: torch.Generator,
 ) -> Tensor:
-    """A point at distance ``eps / 2`` from each example (uniform cube direction for L∞,
-    Gaussian direction for L2 and L1), clipped to [0, 1]. Shape: (M, C, H, W) ->
-    (M, C, H, W)."""
+    """One restart's offsets of norm ``eps / 2`` for every example of the call (uniform cube
+    direction for L∞, Gaussian direction for L2 and L1), drawn for all examples so that an
+    example's start does not depend on which others a run attacks. Shape: (N, C, H, W) ->
+    (N, C, H, W)."""
     if norm == "linf":
         u = 2.0 * torch.rand(x.shape, generator=generator, device=generator.device) - 1.0
     else:
         u = torch.randn(x.shape, generator=generator, device=generator.device)
     size = norms_of(u, norm)
     u = u / per_example(size.clamp_min(torch.finfo(u.dtype).tiny), u)
-    return (x + 0.5 * eps * u.to(device=x.device, dtype=x.dtype)).clamp(0.0, 1.0)
+    return 0.5 * eps * u.to(device=x.device, dtype=x.dtype)
 
 
 def _single_run(
@@ -278,6 +282,7 @@ def fab(
     eta: float,
     beta: float,
     generator: torch.Generator,
+    runs_together: int | None = None,
 ) -> Tensor:
     """FAB (``targeted=False``) or FAB-T (``targeted=True``) with budget ``eps`` in ``norm``.
 
@@ -288,6 +293,13 @@ def fab(
     caller left ``model`` in. Shape: inputs (N, C, H, W) in [0, 1], labels (N,) ->
     (N, C, H, W), same dtype/device, ``‖x_adv − x‖ <= eps`` per example; examples not broken
     within ``eps`` are returned unchanged.
+
+    **Runs together.** The runs (target × restart, in that order) go through the model in
+    groups of ``runs_together`` (0: all in one group; None: all on a CUDA device, one at a
+    time elsewhere, :func:`pagctl.attacks.steps.group_size`), stacked along the batch; a group
+    attacks the examples no earlier group broke, every random start is drawn for every
+    example in run order whatever the grouping, and an example takes the first run (in run
+    order) that broke it, so the result does not depend on the grouping (in eval mode).
     """
     if norm not in _NORMS:
         raise ValueError(f"norm must be 'linf', 'l2' or 'l1', got {norm!r}")
@@ -314,19 +326,31 @@ def fab(
     else:
         shifts = torch.arange(1, classes, device=y.device)
         rival_sets = [(y[:, None] + shifts[None, :]) % classes]
-    for rivals in rival_sets:
-        for restart in range(restarts):
-            active = (~done).nonzero().squeeze(1)
-            if active.numel() == 0:
-                return fit_to_budget(x0, out, norm, eps)
-            xa, ya = x0[active], y[active]
-            start = xa if restart == 0 else _random_start(xa, norm, eps, generator)
-            points, dist = _single_run(
-                model, xa, ya, list(rivals[active].T), start, norm=norm, steps=steps,
-                alpha_max=alpha_max, eta=eta, beta=beta,
-            )
-            within = dist <= eps
-            out[active[within]] = points[within]
+    plan = [(rivals, restart) for rivals in rival_sets for restart in range(restarts)]
+    size = group_size(runs_together, len(plan), x0.device)
+    for lo in range(0, len(plan), size):
+        group = plan[lo: lo + size]
+        # Drawn whether or not anything is left to attack: the stream does not depend on
+        # the grouping (the plugin's next call continues it).
+        offsets = [None if restart == 0 else _start_offsets(x0, norm, eps, generator)
+                   for _, restart in group]
+        active = (~done).nonzero().squeeze(1)
+        if active.numel() == 0:
+            continue
+        m = active.numel()
+        xa = x0[active]
+        start = torch.cat([xa if offset is None else (xa + offset[active]).clamp(0.0, 1.0)
+                           for offset in offsets])
+        rivals = torch.cat([rival_set[active] for rival_set, _ in group])
+        xs = xa.repeat(len(group), 1, 1, 1)
+        points, dist = _single_run(
+            model, xs, y[active].repeat(len(group)), list(rivals.T), start, norm=norm,
+            steps=steps, alpha_max=alpha_max, eta=eta, beta=beta,
+        )
+        for j in range(len(group)):
+            rows = slice(j * m, (j + 1) * m)
+            within = (dist[rows] <= eps) & ~done[active]
+            out[active[within]] = points[rows][within]
             done[active[within]] = True
     return fit_to_budget(x0, out, norm, eps)
 
@@ -360,6 +384,12 @@ class _FABParams(PluginParams):
         default=0.9, gt=0, le=1, allow_inf_nan=False,
         description="after a misclassified iterate, shrink its perturbation by this factor",
     )
+    runs_together: int | None = Field(
+        default=None, ge=0, description="how many runs (restarts, and target classes for "
+        "fab_t) go through the model together, stacked along the batch: 0 = all of them, "
+        "1 = one after another as the reference; null = all on a CUDA device, one at a "
+        "time elsewhere. Memory grows with the number. Does not change the result",
+    )
 
 
 class _FAB:
@@ -386,7 +416,7 @@ class _FAB:
             model, inputs, labels, norm=self.norm, eps=self.eps, steps=p.steps,
             restarts=p.restarts, n_target_classes=getattr(p, "n_target_classes", 9),
             targeted=self.targeted, alpha_max=p.alpha_max, eta=p.eta, beta=p.beta,
-            generator=self._generator,
+            generator=self._generator, runs_together=p.runs_together,
         )
 
 

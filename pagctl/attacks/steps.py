@@ -286,6 +286,20 @@ def seeded_generator(seed: int | None, ctx: BuildContext) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(ctx.seed if seed is None else seed)
 
 
+def group_size(runs_together: int | None, runs: int, device: torch.device) -> int:
+    """How many of an attack's ``runs`` (restarts, target classes) go through the model
+    together: ``runs_together`` when given (0: all of them); by default (None) all of them on
+    a CUDA device, where one call of the stacked batch costs about what one run's call does,
+    and one at a time elsewhere: on the CPU the arithmetic, not the per-call overhead, is the
+    cost, and stacking measured 1.15–1.4× slower (the digits CNN, 40 robust points)."""
+    if runs_together is None:
+        return runs if device.type == "cuda" else 1
+    if runs_together < 0:
+        raise ValueError(f"runs_together must be >= 0 (0: all runs together), got "
+                         f"{runs_together}")
+    return runs if runs_together == 0 else runs_together
+
+
 class BestSoFar:
     """The per-example worst case over several runs (restarts, targets).
 
@@ -306,8 +320,10 @@ class BestSoFar:
         return (~self.fooled).nonzero().squeeze(1)
 
     def update(self, active: Tensor, points: Tensor, loss: Tensor, found: Tensor) -> None:
-        """Merge one run over ``active``: its points, their loss, and which are fooled."""
-        take = found | (loss.to(self.loss.dtype) > self.loss[active])
+        """Merge one run over ``active``: its points, their loss, and which are fooled. An
+        example an earlier run fooled keeps that run's point (runs batched together may
+        cover it too)."""
+        take = ~self.fooled[active] & (found | (loss.to(self.loss.dtype) > self.loss[active]))
         self.points[active[take]] = points[take]
         self.loss[active[take]] = loss[take].to(self.loss.dtype)
         self.fooled[active[found]] = True
