@@ -9,13 +9,16 @@ whatever the model was trained with.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pagctl.errors import SpecError
 from pagctl.records import AlignRecord, Subset
 from pagctl.stats import mean_interval, subset_record
 
 if TYPE_CHECKING:
     import torch
+    from pydantic import BaseModel
     from torch import Tensor, nn
     from torch.utils.data import Dataset
 
@@ -58,6 +61,12 @@ class AlignReport:
             seconds=self.seconds)
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of batch ``batch``'s draws (its target classes, and a source's noise for
+    unseen images), so a batch's draws do not depend on the batches scored before it."""
+    return seed * 1_000_003 + batch
+
+
 def alignment_report(
     model: nn.Module,
     dataset: Dataset[Any],
@@ -73,59 +82,292 @@ def alignment_report(
 ) -> AlignReport:
     """Alignment of ``model`` with ``source`` on ``dataset[indices]`` (see AlignReport).
 
-    Evaluated in eval mode (restored afterwards); K classes per image drawn without
-    replacement from a generator seeded with ``seed``. The source is called with
-    ``index=None`` (the images are treated as unseen test images).
+    Evaluated in eval mode (restored afterwards), in batches of ``batch_size``. Batch b
+    draws its K classes per image without replacement from a generator seeded with
+    ``batch_seed(seed, b)``, and restarts the source's own randomness from that seed
+    (`pagctl.protocols.reseed_source`), so every batch is scored the same way whether the
+    others are scored in the same process, before it, or at all (`score_batches` with a
+    shard). The source is called with ``index=None`` (the images are treated as unseen test
+    images).
     """
+    progress_ = score_batches(model, dataset, indices, source, num_classes=num_classes,
+                              classes_per_image=classes_per_image, batch_size=batch_size,
+                              device=device, seed=seed, progress=progress)
+    return progress_.report(dataset, indices, classes_per_image=classes_per_image, seed=seed)
+
+
+def score_batches(
+    model: nn.Module,
+    dataset: Dataset[Any],
+    indices: Tensor,
+    source: TargetGradientSource,
+    *,
+    num_classes: int,
+    classes_per_image: int,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    progress: bool = False,
+    shard: tuple[int, int] | None = None,
+    state_path: Path | None = None,
+    key: dict[str, Any] | None = None,
+) -> AlignProgress:
+    """Score the batches of ``dataset[indices]`` (those ``b % N == i`` with ``shard=(i,
+    N)``), as `alignment_report` does, and return their per-image and per-batch results.
+    With ``state_path`` the progress is read from it to resume (it must have been written
+    for ``key``) and rewritten after every batch."""
     import time
 
     import torch
 
     from pagctl.data import get_batch
+    from pagctl.distributed.shards import owned_batches
     from pagctl.gradients import logits_and_input_gradients
     from pagctl.losses import cosine_alignment, sample_target_classes
     from pagctl.models import check_finite_outputs, eval_mode
     from pagctl.progress import ProgressBar
+    from pagctl.protocols import reseed_source
 
+    n = len(indices)
+    batches = -(-n // batch_size)
+    mine = owned_batches(batches, shard)
+    key = dict(key or {})
+    state = (AlignProgress.load(state_path, key)
+             if state_path is not None and state_path.exists()
+             else AlignProgress.start(key, n, batch_size))
     start = time.perf_counter()
-    gen = torch.Generator().manual_seed(seed)
-    per_image: list[Tensor] = []
-    labels: list[Tensor] = []
-    true_sum = other_sum = 0.0
-    true_count = other_count = 0
-    with eval_mode(model), ProgressBar("align", len(indices), enabled=progress) as bar:
-        for lo in range(0, len(indices), batch_size):
+    prior = state.seconds
+    todo = [b for b in mine if not bool(state.done[b])]
+    scored = sum(min(batch_size, n - b * batch_size) for b in mine if bool(state.done[b]))
+    with eval_mode(model), ProgressBar("align", sum(
+            min(batch_size, n - b * batch_size) for b in mine), enabled=progress) as bar:
+        bar.update(completed=scored)
+        for b in todo:
+            lo = b * batch_size
             x, y = get_batch(dataset, indices[lo: lo + batch_size])
             x, y = x.to(device), y.to(device)
-            classes = sample_target_classes(y, num_classes, classes_per_image, gen)
+            generator = torch.Generator().manual_seed(batch_seed(seed, b))
+            reseed_source(source, batch_seed(seed, b))
+            classes = sample_target_classes(y, num_classes, classes_per_image, generator)
             with torch.no_grad():
                 targets = source(x, y, classes)
             logits, grads = logits_and_input_gradients(model, x, classes)
             check_finite_outputs(logits, "alignment")
-            cos = cosine_alignment(grads, targets).double()
-            is_true = classes == y[:, None]
-            true_sum += float(cos[is_true].sum())
-            other_sum += float(cos[~is_true].sum())
-            true_count += int(is_true.sum())
-            other_count += int((~is_true).sum())
-            per_image.append(cos.mean(dim=1).cpu())
-            labels.append(y.cpu())
-            bar.update(advance=len(y), info=f"mean cos {float(torch.cat(per_image).mean()):.3f}")
-    images = torch.cat(per_image) if per_image else torch.zeros(0, dtype=torch.float64)
-    label = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
-    n = int(images.numel())
-    mean = float(images.mean()) if n else 0.0
-    sd = float(images.std()) if n > 1 else 0.0
-    return AlignReport(
-        n=n, classes_per_image=classes_per_image, mean=mean,
-        interval=mean_interval(mean, sd, n, low=-1.0, high=1.0),
-        fraction_positive=float((images > 0).double().mean()) if n else 0.0,
-        per_true_class={str(int(c)): float(images[label == c].mean())
-                        for c in torch.unique(label)},
-        per_target={"true": true_sum / true_count if true_count else None,
-                    "other": other_sum / other_count if other_count else None},
-        subset=subset_record(indices), seed=seed, seconds=time.perf_counter() - start,
-    )
+            cos = cosine_alignment(grads, targets).double().cpu()
+            is_true = (classes == y[:, None]).cpu()
+            state.cosines[lo: lo + len(y)] = cos.mean(dim=1)
+            state.sums[b] = torch.tensor([float(cos[is_true].sum()), float(is_true.sum()),
+                                          float(cos[~is_true].sum()), float((~is_true).sum())],
+                                         dtype=torch.float64)
+            state.done[b] = True
+            state.seconds = prior + time.perf_counter() - start
+            if state_path is not None:
+                state.save(state_path)
+            scored_so_far = state.cosines[~state.cosines.isnan()]
+            bar.update(advance=len(y), info=f"mean cos {float(scored_so_far.mean()):.3f}")
+    state.seconds = prior + time.perf_counter() - start
+    return state
+
+
+def alignment_key(model: nn.Module, dataset: Dataset[Any], indices: Tensor, *, source: str,
+                  params: BaseModel, seed: int, classes_per_image: int,
+                  batch_size: int) -> dict[str, Any]:
+    """What identifies one alignment score, for its shards: the source and its params, the
+    seed, K and batch size (they fix every batch's draws), and digests of the subset's
+    indices, of its images and labels, and of the model's weights."""
+    from pagctl.data import subset_digest
+    from pagctl.stats import indices_digest, tensors_digest
+
+    return {"source": source, "params": params.model_dump(mode="json"), "n": len(indices),
+            "indices_sha256": indices_digest(indices), "seed": seed,
+            "classes_per_image": classes_per_image, "batch_size": batch_size,
+            "model_sha256": tensors_digest(model.state_dict().items()),
+            "data_sha256": subset_digest(dataset, indices, batch_size)}
+
+
+def sharded_alignment(
+    model: nn.Module,
+    dataset: Dataset[Any],
+    indices: Tensor,
+    source: TargetGradientSource,
+    *,
+    source_name: str,
+    params: BaseModel,
+    num_classes: int,
+    classes_per_image: int,
+    shard_dir: Path,
+    shard: tuple[int, int] | None = None,
+    merge_shards: int | None = None,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    progress: bool = False,
+) -> AlignReport | None:
+    """Score shard ``(i, N)`` into its file in ``shard_dir`` (resuming it; returns None), or
+    merge the ``merge_shards`` finished shards there into the report of the unsharded score
+    (the same per-image cosines and the same numbers, to the bit). SpecError when a shard is
+    missing or unfinished."""
+    from pagctl.distributed.shards import shard_files
+
+    if (shard is None) == (merge_shards is None):
+        raise ValueError("give one of shard and merge_shards")
+    count = shard[1] if shard is not None else merge_shards
+    assert count is not None
+    key = alignment_key(model, dataset, indices, source=source_name, params=params, seed=seed,
+                        classes_per_image=classes_per_image, batch_size=batch_size)
+    files = shard_files(shard_dir, f"align-{source_name}", key, count)
+    if shard is not None:
+        files[shard[0]].parent.mkdir(parents=True, exist_ok=True)
+        score_batches(model, dataset, indices, source, num_classes=num_classes,
+                      classes_per_image=classes_per_image, batch_size=batch_size,
+                      device=device, seed=seed, progress=progress, shard=shard,
+                      state_path=files[shard[0]], key={**key, "shard": list(shard)})
+        return None
+    parts = []
+    for i, path in enumerate(files):
+        if not path.exists():
+            raise SpecError(f"--merge-shards: shard {i}/{count} of this score has not run "
+                            f"({path} is missing); run the same command with --shard "
+                            f"{i}/{count} (same source, params, seed, K, subset and weights)")
+        parts.append(AlignProgress.load(path, {**key, "shard": [i, count]}))
+    try:
+        merged = AlignProgress.merge(parts)
+    except ValueError as exc:
+        raise SpecError(f"--merge-shards: {exc}; run the same command with that --shard "
+                        "again to finish it") from None
+    return merged.report(dataset, indices, classes_per_image=classes_per_image, seed=seed)
+
+
+ALIGN_STATE_VERSION = 1
+ALIGN_STATE_KEY = "pagctl_align_state"
+
+
+@dataclass
+class AlignProgress:
+    """The per-image and per-batch results of an alignment score as it runs: what a shard
+    file or an interrupted score keeps, and what shards merge from.
+
+    Shape: cosines (n,) float64, each image's mean cosine over its K targets (NaN: not
+    scored yet); sums (B, 4) float64, per batch the sum and count of the cosines whose
+    target is the image's true class, then of the others; done (B,) bool. ``key`` names the
+    score (source, params, seed, K, batch size, subset, images, weights);
+    ``seconds``: time spent scoring.
+    """
+
+    key: dict[str, Any]
+    batch_size: int
+    cosines: Tensor
+    sums: Tensor
+    done: Tensor
+    seconds: float = 0.0
+
+    @classmethod
+    def start(cls, key: dict[str, Any], n: int, batch_size: int) -> AlignProgress:
+        """Nothing scored yet."""
+        import torch
+
+        batches = -(-n // batch_size)
+        return cls(key=key, batch_size=batch_size,
+                   cosines=torch.full((n,), float("nan"), dtype=torch.float64),
+                   sums=torch.zeros((batches, 4), dtype=torch.float64),
+                   done=torch.zeros(batches, dtype=torch.bool))
+
+    @property
+    def finished(self) -> bool:
+        """Whether every batch is scored."""
+        return bool(self.done.all())
+
+    def save(self, path: Path) -> None:
+        """Write atomically (a killed write leaves the previous batch's progress)."""
+        import json
+
+        import torch
+
+        from pagctl.checkpoint import atomic_save_tensors
+
+        meta = {"version": ALIGN_STATE_VERSION, "key": self.key, "seconds": self.seconds,
+                "batch_size": self.batch_size}
+        atomic_save_tensors({"cosines": self.cosines, "sums": self.sums,
+                             "done": self.done.to(torch.uint8)},
+                            path, metadata={ALIGN_STATE_KEY: json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: Path, key: dict[str, Any]) -> AlignProgress:
+        """The progress at ``path``, which must have been written for ``key``; SpecError
+        (one line naming the file and what differs) otherwise."""
+        import json
+
+        import torch
+        from safetensors import safe_open
+
+        from pagctl.checkpoint import load_tensors
+
+        tensors = load_tensors(path)
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(ALIGN_STATE_KEY)
+        meta = json.loads(raw) if raw else None
+        if not isinstance(meta, dict) or meta.get("version") != ALIGN_STATE_VERSION:
+            raise SpecError(f"{path}: not a pagctl alignment shard; delete the file")
+        if meta["key"] != key:
+            differ = sorted(k for k in set(key) | set(meta["key"])
+                            if key.get(k) != meta["key"].get(k))
+            raise SpecError(f"{path}: written by a different alignment score (its "
+                            f"{', '.join(differ)} differ); delete the file")
+        return cls(key=key, batch_size=int(meta["batch_size"]), cosines=tensors["cosines"],
+                   sums=tensors["sums"],
+                   done=tensors["done"].to(torch.bool), seconds=float(meta["seconds"]))
+
+    @classmethod
+    def merge(cls, parts: list[AlignProgress]) -> AlignProgress:
+        """The whole score from its N finished shards (``parts[i]`` is shard i/N: its
+        batches ``b % N == i``). ValueError when a part lacks one of its batches."""
+        import torch
+
+        first, count = parts[0], len(parts)
+        out = cls.start(first.key, first.cosines.numel(), first.batch_size)
+        size = first.batch_size
+        for i, part in enumerate(parts):
+            for b in range(i, first.done.numel(), count):
+                if not bool(part.done[b]):
+                    raise ValueError(f"shard {i}/{count} has not scored its batch {b}")
+                rows = slice(b * size, (b + 1) * size)
+                out.cosines[rows] = part.cosines[rows]
+                out.sums[b] = part.sums[b]
+                out.done[b] = True
+        out.seconds = sum(part.seconds for part in parts)
+        assert bool(torch.isfinite(out.cosines).all())
+        return out
+
+    def report(self, dataset: Dataset[Any], indices: Tensor, *, classes_per_image: int,
+               seed: int) -> AlignReport:
+        """The AlignReport of the finished score (the per-batch sums added in batch order,
+        so a merged score equals the unsharded one to the bit)."""
+        import torch
+
+        from pagctl.data import labels_of
+
+        images = self.cosines
+        label = torch.as_tensor(labels_of(dataset)[indices.numpy()], dtype=torch.int64)
+        true_sum = other_sum = 0.0
+        true_count = other_count = 0
+        for row in self.sums.tolist():
+            true_sum += row[0]
+            true_count += int(row[1])
+            other_sum += row[2]
+            other_count += int(row[3])
+        n = int(images.numel())
+        mean = float(images.mean()) if n else 0.0
+        sd = float(images.std()) if n > 1 else 0.0
+        return AlignReport(
+            n=n, classes_per_image=classes_per_image, mean=mean,
+            interval=mean_interval(mean, sd, n, low=-1.0, high=1.0),
+            fraction_positive=float((images > 0).double().mean()) if n else 0.0,
+            per_true_class={str(int(c)): float(images[label == c].mean())
+                            for c in torch.unique(label)},
+            per_target={"true": true_sum / true_count if true_count else None,
+                        "other": other_sum / other_count if other_count else None},
+            subset=subset_record(indices), seed=seed, seconds=self.seconds,
+        )
 
 
 def mean_alignment(

@@ -181,14 +181,7 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
         if value is not None:
             given[key] = value
     validated = registry.attacks.validate_params(attack, given, "params")
-    folder = None
-    if shard is not None or merge_shards is not None:
-        if shard_dir is None and not isinstance(model, (str, Path)):
-            raise SpecError("shard_dir: the shards need a folder when the model is not a run "
-                            "folder; give shard_dir=...")
-        folder = Path(shard_dir) if shard_dir is not None else Path(model) / "shards"
-        if shard is not None and not 0 <= shard[0] < shard[1]:
-            raise SpecError(f"shard: expected (i, N) with 0 <= i < N, got {shard}")
+    folder = _shard_folder(model, shard, merge_shards, shard_dir)
     module, bundle, dev = _model_and_data(model, data, device, weights)
     chosen = _index_tensor(indices)
     budgets = None if eps_sweep is None else [float(e) for e in eps_sweep]
@@ -204,20 +197,27 @@ def align_score(model: Any, data: Any = None, source: str = "nearest_neighbor", 
                 params: dict[str, Any] | None = None, classes_per_image: int | None = None,
                 indices: Sequence[int] | Tensor | None = None, limit: int | None = None,
                 seed: int = 0, batch_size: int = 256, device: str = "cpu",
-                weights: str = "last") -> AlignReport:
+                weights: str = "last", shard: tuple[int, int] | None = None,
+                merge_shards: int | None = None,
+                shard_dir: str | Path | None = None) -> AlignReport | None:
     """How well ``model``'s input gradients align with a target-gradient ``source``, as
     ``pagctl align-score`` measures it: mean cosine with a 95% interval, per true class and
     per target. Sources that need training images need a dataset that has them.
-    ``classes_per_image`` defaults to the run's K, or all classes for a module."""
+    ``classes_per_image`` defaults to the run's K, or all classes for a module.
+    ``shard=(i, N)`` scores shard i of N only (returns None) and ``merge_shards=N`` merges N
+    finished shards into the whole score's report, as ``--shard`` / ``--merge-shards`` do;
+    the shards live in ``shard_dir`` (default: the run folder's ``shards/`` when ``model``
+    is a path)."""
 
     from pagctl import registry
-    from pagctl.align import alignment_report
+    from pagctl.align import alignment_report, sharded_alignment
     from pagctl.build import build_context, default_cache_dir
     from pagctl.checkpoint import LoadedRun
     from pagctl.data import select_test_indices
 
     validated = registry.target_gradients.validate_params(source, dict(params or {}),
                                                           "params")
+    folder = _shard_folder(model, shard, merge_shards, shard_dir)
     run = load(model, weights=weights, device=device) if isinstance(model, (str, Path)) \
         else model
     module, bundle, dev = _model_and_data(run, data, device, weights)
@@ -231,9 +231,31 @@ def align_score(model: Any, data: Any = None, source: str = "nearest_neighbor", 
     picked = select_test_indices(len(bundle.test), chosen, limit)  # type: ignore[arg-type]
     ctx = build_context(bundle, dev, seed, default_cache_dir())
     built = registry.target_gradients.instantiate(source, validated, ctx, "source")
+    if folder is not None:
+        return sharded_alignment(module, bundle.test, picked, built, source_name=source,
+                                 params=validated, num_classes=bundle.num_classes,
+                                 classes_per_image=k, shard_dir=folder, shard=shard,
+                                 merge_shards=merge_shards, batch_size=batch_size,
+                                 device=dev, seed=seed)
     return alignment_report(module, bundle.test, picked, built,
                             num_classes=bundle.num_classes, classes_per_image=k,
                             batch_size=batch_size, device=dev, seed=seed)
+
+
+def _shard_folder(model: Any, shard: tuple[int, int] | None, merge_shards: int | None,
+                  shard_dir: str | Path | None) -> Path | None:
+    """Where the shards of an evaluation live (None when it is not sharded); SpecError for
+    a bad shard or a missing folder."""
+    if shard is None and merge_shards is None:
+        return None
+    if shard is not None and merge_shards is not None:
+        raise SpecError("shard, merge_shards: run one shard, or merge them all; not both")
+    if shard_dir is None and not isinstance(model, (str, Path)):
+        raise SpecError("shard_dir: the shards need a folder when the model is not a run "
+                        "folder; give shard_dir=...")
+    if shard is not None and not 0 <= shard[0] < shard[1]:
+        raise SpecError(f"shard: expected (i, N) with 0 <= i < N, got {shard}")
+    return Path(shard_dir) if shard_dir is not None else Path(model) / "shards"
 
 
 def record(run: str | Path, reports: AttackReport | list[AttackReport], *,

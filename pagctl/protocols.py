@@ -17,6 +17,10 @@ Optional attributes a plugin may declare (read only through the functions here):
 - a source's ``requires_index = True``: it serves indexed training images only (a bank), so
   it cannot score test images (`requires_index`);
 - a source's ``disables_pag = True``: training skips the PAG term (`disables_pag`);
+- a source's ``reseed(seed)``: restarts the randomness it draws for inputs without an index
+  from ``seed``. A source that draws any must declare it: align-score reseeds it per batch
+  (`reseed_source`), so a batch's targets do not depend on the batches before it and
+  sharded scores merge exactly;
 - an attack's ``eps`` / ``norm``: its budget when its ``Params`` do not hold them
   (`declared_budget`);
 - an attack's ``stages()``: an ensemble run stage by stage (`Ensemble`, `attack_stages`).
@@ -146,6 +150,16 @@ def requires_index(source: Any) -> bool:
 def disables_pag(source: Any) -> bool:
     """Whether training with this source skips the PAG term (the ``none`` source)."""
     return bool(getattr(source, "disables_pag", False))
+
+
+def reseed_source(source: Any, seed: int) -> bool:
+    """Restart the source's own randomness (for inputs without an index) from ``seed`` when
+    it declares ``reseed``; whether it did (a source without it is deterministic)."""
+    reseed = getattr(source, "reseed", None)
+    if not callable(reseed):
+        return False
+    reseed(seed)
+    return True
 
 
 def attack_stages(attack: Any, name: str) -> list[tuple[str, Attack]]:

@@ -36,6 +36,7 @@ from pagctl.protocols import (
     first_line,
     raised,
     requires_index,
+    reseed_source,
 )
 
 if TYPE_CHECKING:
@@ -308,8 +309,8 @@ class Registry:
 class GuardedSource:
     """A target-gradient source whose every call is checked against the contract
     (`pagctl.protocols.check_source_output`): an exception or a broken rule becomes one
-    error naming the plugin and its distribution. ``requires_index`` and ``disables_pag``
-    are the wrapped source's (`pagctl.protocols`)."""
+    error naming the plugin and its distribution. ``requires_index``, ``disables_pag`` and
+    ``reseed`` are the wrapped source's (`pagctl.protocols`)."""
 
     def __init__(self, inner: Any, name: str, origin: str) -> None:
         self._inner = inner
@@ -326,6 +327,15 @@ class GuardedSource:
             raise raised(self._who, exc) from exc
         check_source_output(self._who, inputs, classes, out)
         return out
+
+    def reseed(self, seed: int) -> None:
+        """The wrapped source's ``reseed``, if it has one (`pagctl.protocols.reseed_source`)."""
+        try:
+            reseed_source(self._inner, seed)
+        except PagctlError:
+            raise
+        except Exception as exc:
+            raise raised(self._who, exc) from exc
 
 
 target_gradients = Registry("pagctl.target_gradients", BUILTIN_TARGET_GRADIENTS)

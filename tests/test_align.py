@@ -3,14 +3,26 @@ against its weight rows), the report's parts, and its agreement with the trainin
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from pydantic import BaseModel
 from torch import Tensor, nn
 
-from pagctl.align import alignment_report, gradient_panels, mean_alignment
+from pagctl.align import (
+    AlignProgress,
+    AlignReport,
+    alignment_key,
+    alignment_report,
+    gradient_panels,
+    mean_alignment,
+    sharded_alignment,
+)
 from pagctl.data import TensorImageDataset
+from pagctl.errors import SpecError
 from pagctl.gradients import input_gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,3 +113,98 @@ def test_gradient_panels_cover_every_class() -> None:
     grads, targets = gradient_panels(model, x, y, OwnGradients(model), 5)
     assert grads.shape == targets.shape == (3, 5, 1, 4, 4)
     assert torch.allclose(grads, targets, atol=1e-6)
+
+
+class NoisyTargets:
+    """A source that draws noise for unseen images from its own generator, as SBG does, and
+    declares ``reseed``; ``calls`` counts its calls, ``fail_at`` interrupts one."""
+
+    def __init__(self, seed: int, reseed: bool = True, fail_at: int | None = None) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.calls = 0
+        self.fail_at = fail_at
+        if reseed:
+            self.reseed = lambda s: self.generator.manual_seed(s)
+
+    def __call__(self, x: Tensor, y: Tensor, classes: Tensor, *, index: Any = None) -> Tensor:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt
+        noise = torch.randn((*classes.shape, *x.shape[1:]), generator=self.generator)
+        return noise + x[:, None]
+
+
+def _shard_scores(tmp_path: Path, source: Any, count: int, *, batch_size: int = 7,
+                  seed: int = 3) -> AlignReport:
+    """Score ``count`` shards, each with a fresh source (as independent jobs), then merge."""
+    model, data = _mlp(), _data()
+    indices = torch.arange(len(data))
+    common: dict[str, Any] = {"source_name": "noisy", "params": _Params(),
+                              "num_classes": 5, "classes_per_image": 3,
+                              "batch_size": batch_size, "seed": seed, "shard_dir": tmp_path}
+    for i in range(count):
+        assert sharded_alignment(model, data, indices, source(), shard=(i, count),
+                                 **common) is None
+    merged = sharded_alignment(model, data, indices, source(), merge_shards=count, **common)
+    assert merged is not None
+    return merged
+
+
+class _Params(BaseModel):
+    scale: float = 1.0
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_shards_merge_into_the_unsharded_report(tmp_path: Path, count: int) -> None:
+    """Shards scored by fresh sources merge into exactly the unsharded report (every number
+    but the seconds), because each batch draws its classes and reseeds the source from the
+    batch's own seed."""
+    model, data = _mlp(), _data()
+    whole = alignment_report(model, data, torch.arange(len(data)), NoisyTargets(0),
+                             num_classes=5, classes_per_image=3, batch_size=7, seed=3)
+    merged = _shard_scores(tmp_path / str(count), lambda: NoisyTargets(0), count)
+    assert replace(merged, seconds=0.0) == replace(whole, seconds=0.0)
+    assert whole.n == 40 and whole.per_target["true"] is not None
+
+
+def test_a_source_without_reseed_makes_shards_differ(tmp_path: Path) -> None:
+    """Fault injection: a random source that cannot be reseeded continues one stream across
+    batches, so the shards (fresh streams) no longer reproduce the unsharded score: the
+    reseed is what makes the merge exact."""
+    model, data = _mlp(), _data()
+    whole = alignment_report(model, data, torch.arange(len(data)),
+                             NoisyTargets(0, reseed=False), num_classes=5,
+                             classes_per_image=3, batch_size=7, seed=3)
+    merged = _shard_scores(tmp_path, lambda: NoisyTargets(0, reseed=False), 2)
+    assert merged.mean != whole.mean
+
+
+def test_a_stopped_shard_resumes_and_a_foreign_file_is_refused(tmp_path: Path) -> None:
+    """A shard interrupted after its first batch keeps it in its file; rerunning scores only
+    the rest, and the merge equals the unsharded score. A shard file of another score (here
+    another K) is refused, naming what differs."""
+    model, data = _mlp(), _data()
+    indices = torch.arange(len(data))
+    whole = alignment_report(model, data, indices, NoisyTargets(0), num_classes=5,
+                             classes_per_image=3, batch_size=7, seed=3)
+    common: dict[str, Any] = {"source_name": "noisy", "params": _Params(), "num_classes": 5,
+                              "classes_per_image": 3, "batch_size": 7, "seed": 3,
+                              "shard_dir": tmp_path}
+    with pytest.raises(KeyboardInterrupt):
+        sharded_alignment(model, data, indices, NoisyTargets(0, fail_at=2), shard=(0, 1),
+                          **common)
+    [path] = list(tmp_path.iterdir())
+    key = alignment_key(model, data, indices, source="noisy", params=_Params(), seed=3,
+                        classes_per_image=3, batch_size=7)
+    saved = AlignProgress.load(path, {**key, "shard": [0, 1]})
+    assert saved.done.tolist() == [True] + [False] * 5
+    with pytest.raises(SpecError, match="--merge-shards: shard 0/1 has not scored its batch 1"):
+        sharded_alignment(model, data, indices, NoisyTargets(0), merge_shards=1, **common)
+    rest = NoisyTargets(0)
+    sharded_alignment(model, data, indices, rest, shard=(0, 1), **common)
+    assert rest.calls == 5  # the first batch was not scored again
+    merged = sharded_alignment(model, data, indices, NoisyTargets(0), merge_shards=1, **common)
+    assert merged is not None
+    assert replace(merged, seconds=0.0) == replace(whole, seconds=0.0)
+    with pytest.raises(SpecError, match="classes_per_image"):
+        AlignProgress.load(path, {**key, "classes_per_image": 2, "shard": [0, 1]})

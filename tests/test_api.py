@@ -97,6 +97,20 @@ def test_api_attack_on_a_module_equals_the_command_on_its_import(
         pg.attack(module, digits, shard=(i, 2), shard_dir=workdir / "mine", **common)
     again = pg.attack(module, digits, merge_shards=2, shard_dir=workdir / "mine", **common)
     assert not isinstance(again, list) and again.per_example == whole.per_example
+    # align-score likewise: 2 shards of a module's score, merged, equal the whole score
+    scored: dict[str, Any] = {"source": "class_mean", "classes_per_image": 3, "limit": 60,
+                              "batch_size": 16}
+    whole_score = pg.align_score(module, digits, **scored)
+    for i in range(2):
+        assert pg.align_score(module, digits, shard=(i, 2), shard_dir=workdir / "aligned",
+                              **scored) is None
+    merged_score = pg.align_score(module, digits, merge_shards=2,
+                                  shard_dir=workdir / "aligned", **scored)
+    assert merged_score is not None and whole_score is not None
+    assert merged_score.mean == whole_score.mean
+    assert merged_score.per_true_class == whole_score.per_true_class
+    with pytest.raises(SpecError, match="shard_dir"):
+        pg.align_score(module, digits, shard=(0, 2), **scored)
 
 
 def test_api_errors_are_one_line(workdir: Path) -> None:

@@ -826,6 +826,71 @@ def test_attack_shard_torchrun_outside_torchrun_is_refused(
     assert code == 2 and "RANK 2 of WORLD_SIZE 2" in err
 
 
+def test_align_score_shards_merge_into_the_unsharded_result(
+    run: RunCLI, trained_run: Path, tmp_path: Path,
+) -> None:
+    """align-score in two shards run as independent jobs, then --merge-shards: the record
+    equals the unsharded command's but for the seconds; shards record nothing; a missing
+    shard, or a merge of another seed's shards, is refused with one line."""
+    run_dir = _copy_run(trained_run, tmp_path / "run")
+    argv = ["align-score", run_dir, "--source", "class_mean", "-k", "3", "--limit", "50",
+            "--batch-size", "12", "--format", "json", "--no-progress"]
+    code, out, err = run(*argv, "--no-record")
+    assert code == 0, err
+    [whole] = envelope_records(out, "align-score")
+    before = (run_dir / "metrics.jsonl").read_text()
+    code, out, err = run(*argv, "--merge-shards", "2")
+    assert code == 2 and "shard 0/2 of this score has not run" in err
+    assert "Traceback" not in err
+    for i in range(2):
+        code, out, err = run(*argv, "--shard", f"{i}/2")
+        assert code == 0, err
+        assert out == "" and f"shard {i}/2 done" in err and "--merge-shards 2" in err
+    assert (run_dir / "metrics.jsonl").read_text() == before  # shards record nothing
+    assert len(list((run_dir / "shards").glob("align-class_mean-*"))) == 2
+    code, out, err = run(*argv, "--merge-shards", "2")
+    assert code == 0, err
+    [merged] = envelope_records(out, "align-score")
+    assert merged["seconds"] > 0
+    assert dict(merged, seconds=0) == dict(whole, seconds=0)
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1]) == merged
+    code, out, err = run(*argv, "--seed", "1", "--merge-shards", "2")
+    assert code == 2 and "has not run" in err  # another seed is another score
+    code, out, err = run(*argv, "--shard", "2/2")
+    assert code == 2 and "--shard" in err and "0 <= I < N" in err
+    code, out, err = run(*argv, "--shard", "0/2", "--save-images", tmp_path / "g.png")
+    assert code == 2 and "--save-images" in err and "--merge-shards" in err
+
+
+@pytest.mark.usefixtures("one_thread")  # as the ranks (OMP_NUM_THREADS=1): the same rounding
+def test_align_score_shards_under_torchrun_merge_on_rank_0(
+    run: RunCLI, trained_run: Path, tmp_path: Path,
+) -> None:
+    """``torchrun --nproc-per-node 2 -m pagctl align-score ... --shard torchrun`` (gloo,
+    CPU): rank 0 prints the one result, equal to the unsharded command's but for the
+    seconds."""
+    import os
+
+    run_dir = _copy_run(trained_run, tmp_path / "run")
+    argv = ["align-score", str(run_dir), "--source", "class_mean", "-k", "3", "--limit", "40",
+            "--batch-size", "10", "--format", "json", "--no-progress", "--no-record"]
+    code, out, err = run(*argv)
+    assert code == 0, err
+    [whole] = envelope_records(out, "align-score")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PAGCTL_DISABLE_PLUGIN_AUTOLOAD="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         "2", "-m", "pagctl", *argv, "--shard", "torchrun"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+        stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [merged] = envelope_records(proc.stdout, "align-score")  # one result: rank 0's
+    assert dict(merged, seconds=0) == dict(whole, seconds=0)
+    assert len(list((run_dir / "shards").iterdir())) == 2
+
+
 @pytest.mark.usefixtures("sigint_default")
 def test_attack_ctrl_c_keeps_state_and_resume_equals_an_uninterrupted_run(
     run: RunCLI, trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

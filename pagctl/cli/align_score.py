@@ -28,6 +28,7 @@ from pagctl.cli.common import (
     read_indices,
     record_results,
 )
+from pagctl.distributed.shards import parse_shard
 from pagctl.errors import SpecError
 
 
@@ -54,6 +55,14 @@ def align_score(
     save_images: Annotated[Path | None, typer.Option(
         "--save-images", help="Write, for the first 4 images, the model's gradient toward "
         "every class and the source's target gradient to this PNG.")] = None,
+    shard: Annotated[str | None, typer.Option(
+        "--shard", metavar="I/N", help="Score shard I of N (0 <= I < N) as an independent "
+        "job: every N-th batch, progress kept in RUN/shards/ (rerun to resume); shows and "
+        "records nothing. Then --merge-shards N. 'torchrun': under torchrun each rank scores "
+        "its shard and rank 0 merges.")] = None,
+    merge_shards: Annotated[int | None, typer.Option(
+        "--merge-shards", min=1, metavar="N", help="Merge the N finished shards of this "
+        "score (same options, without --shard) into the unsharded score's result.")] = None,
     progress: ProgressOpt = True,
     keep_record: RecordOpt = True,
     weights: WeightsOpt = "last",
@@ -65,10 +74,11 @@ def align_score(
     """Score how well a run's input gradients align with a target-gradient source: mean
     cosine with a 95% interval, per true class and per target (true vs other classes), the
     fraction of images aligned above 0. Appended to the run's metrics.jsonl (unless
-    --no-record)."""
+    --no-record). Long scores split into shards (--shard, --merge-shards) that merge into
+    the unsharded result."""
 
     from pagctl import registry
-    from pagctl.align import alignment_report
+    from pagctl.align import alignment_report, sharded_alignment
     from pagctl.build import build_context, default_cache_dir
     from pagctl.checkpoint import RunLock
     from pagctl.data import select_test_indices
@@ -76,8 +86,27 @@ def align_score(
     given = parse_params(param, "--param")
     params = plugin_params("target_gradients", source_name, given, "--source")
     check_png("--save-images", save_images)
+    launch = None
+    if shard == "torchrun":
+        from pagctl.distributed.launch import torchrun_launch
+
+        if merge_shards is not None:
+            raise SpecError("--merge-shards: under --shard torchrun rank 0 merges the shards "
+                            "itself; drop --merge-shards")
+        launch = torchrun_launch("--shard torchrun")
+    shard_of = ((launch.rank, launch.world_size) if launch is not None
+                else parse_shard(shard) if shard is not None else None)
+    if shard_of is not None and merge_shards is not None:
+        raise SpecError("--shard, --merge-shards: score one shard, or merge them all; not both")
+    if shard_of is not None and launch is None and save_images is not None:
+        raise SpecError("--save-images: applies to the whole result; give it with "
+                        "--merge-shards")
     indices = read_indices(indices_file) if indices_file is not None else None
     with RunLock(run, exclusive=False, command="align-score"):  # not while being trained
+        if launch is not None:
+            from pagctl.distributed.launch import rank_device
+
+            device = rank_device(device, launch)
         loaded, bundle, dev = load_run_and_data(run, device, data_dir, weights)
         k = classes_per_image or min(loaded.spec.train.classes_per_image, bundle.num_classes)
         if k > bundle.num_classes:
@@ -86,10 +115,43 @@ def align_score(
         indices = select_test_indices(len(bundle.test), indices, limit)  # type: ignore[arg-type]
         ctx = build_context(bundle, dev, seed, default_cache_dir())
         source = registry.target_gradients.instantiate(source_name, params, ctx, "--source")
-        report = alignment_report(loaded.model, bundle.test, indices, source,
-                                  num_classes=bundle.num_classes, classes_per_image=k,
-                                  batch_size=batch_size, device=dev, seed=seed,
-                                  progress=progress)
+
+        def score(part: tuple[int, int] | None, merge: int | None) -> Any:
+            if part is None and merge is None:
+                return alignment_report(loaded.model, bundle.test, indices, source,
+                                        num_classes=bundle.num_classes, classes_per_image=k,
+                                        batch_size=batch_size, device=dev, seed=seed,
+                                        progress=progress)
+            return sharded_alignment(
+                loaded.model, bundle.test, indices, source, source_name=source_name,
+                params=params, num_classes=bundle.num_classes, classes_per_image=k,
+                shard_dir=run / "shards", shard=part, merge_shards=merge,
+                batch_size=batch_size, device=dev, seed=seed, progress=progress)
+
+        try:
+            if launch is not None:
+                from pagctl.distributed.launch import barrier, process_group
+
+                with process_group(launch):
+                    score(shard_of, None)
+                    barrier()  # every shard finished: rank 0 merges
+                if not launch.leader:
+                    return
+                shard_of, merge_shards = None, launch.world_size
+            report = score(shard_of, merge_shards)
+        except KeyboardInterrupt:
+            if shard_of is None:
+                raise
+            from pagctl.progress import stderr_console
+
+            stderr_console.print(f"interrupted: progress is in {run / 'shards'}; run the same "
+                                 "command again to resume", soft_wrap=True)
+            raise typer.Exit(130) from None
+        if shard_of is not None:
+            typer.echo(f"shard {shard_of[0]}/{shard_of[1]} done ({run / 'shards'}); when all "
+                       f"{shard_of[1]} are, run the same command with --merge-shards "
+                       f"{shard_of[1]} instead of --shard", err=True)
+            return
         record = report.to_record(source_name, params.model_dump(mode="json"), given)
         record.weights = loaded.weights
         # the result first (stdout, figure), then the record: nothing measured is lost

@@ -27,6 +27,7 @@ from pagctl.cli.common import (
     read_indices,
     record_results,
 )
+from pagctl.distributed.shards import parse_shard
 from pagctl.errors import SpecError
 
 
@@ -117,7 +118,7 @@ def attack(
                             "itself; drop --merge-shards")
         launch = torchrun_launch("--shard torchrun")
     shard_of = ((launch.rank, launch.world_size) if launch is not None
-                else _parse_shard(shard) if shard is not None else None)
+                else parse_shard(shard) if shard is not None else None)
     # Under torchrun rank 0 merges, so the options are those of a merge.
     _check_shard_options(None if launch is not None else shard_of,
                          launch.world_size if launch is not None else merge_shards,
@@ -319,19 +320,6 @@ def _class_names(run: Path) -> list[str]:
     except (OSError, ValueError, AttributeError):
         return []
     return [str(n) for n in names]
-
-
-def _parse_shard(text: str) -> tuple[int, int]:
-    """``--shard I/N`` as (I, N); SpecError unless 0 <= I < N."""
-    index, _, count = text.partition("/")
-    try:
-        i, n = int(index), int(count)
-    except ValueError:
-        i, n = -1, 0
-    if not 0 <= i < n:
-        raise SpecError(f"--shard: expected I/N with 0 <= I < N, shards being numbered from "
-                        f"0 (e.g. --shard 0/4 … --shard 3/4), or 'torchrun', got '{text}'")
-    return i, n
 
 
 def _check_shard_options(shard: tuple[int, int] | None, merge: int | None, *,

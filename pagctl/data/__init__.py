@@ -203,6 +203,21 @@ def get_batch(ds: Dataset[Item], indices: Tensor) -> tuple[Tensor, Tensor]:
                                                             dtype=torch.int64)
 
 
+def subset_digest(ds: Dataset[Item], indices: Tensor, batch_size: int) -> str:
+    """`pagctl.stats.tensors_digest` of the images and labels of ``ds[indices]``, read in
+    batches of ``batch_size``, in order: names what an evaluation (an attack, an alignment
+    score) measured, for its resumable state and its shards."""
+    from pagctl.stats import tensors_digest
+
+    def batches() -> Iterator[tuple[str, Tensor]]:
+        for lo in range(0, len(indices), batch_size):
+            x, y = get_batch(ds, indices[lo: lo + batch_size])
+            yield f"x{lo}", x
+            yield f"y{lo}", y
+
+    return tensors_digest(batches())
+
+
 def select_test_indices(num_test: int, indices: Tensor | None, limit: int | None) -> Tensor:
     """The test images an evaluation runs on: ``indices`` (all ``num_test`` when None), checked
     to lie in the test set, then the first ``limit``. Raises SpecError naming ``--indices``

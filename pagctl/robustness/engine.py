@@ -152,6 +152,7 @@ def run_attack(
     weights and every attacked image). Shape: indices (n,) int64 positions in ``dataset``.
     """
     from pagctl.data import get_batch
+    from pagctl.distributed.shards import owned_batches
     from pagctl.models import eval_mode
     from pagctl.progress import ProgressBar
 
@@ -164,9 +165,7 @@ def run_attack(
     first = built(0)
     stage_names = [s for s, _ in attack_stages(first, name)]
     norm, eps = declared_budget(first, params)
-    if shard is not None and not 0 <= shard[0] < shard[1]:
-        raise ValueError(f"shard {shard[0]}/{shard[1]}: the index must be in [0, {shard[1]})")
-    mine = [b for b in range(len(starts)) if shard is None or b % shard[1] == shard[0]]
+    mine = owned_batches(len(starts), shard)
     state = None
     if state_path is not None:
         key = dict(key) if key is not None else evaluation_key(
@@ -248,11 +247,13 @@ def evaluation_key(model: nn.Module, dataset: Dataset[Any], indices: Tensor, *, 
     """What identifies one evaluation, for its resumable state and its shards: the attack,
     its params and stages, the seed and batch size (they fix every batch's randomness), and
     digests of the subset's indices, of its images and labels, and of the model's weights."""
+    from pagctl.data import subset_digest
+
     return {"attack": name, "params": params.model_dump(mode="json"), "n": len(indices),
             "indices_sha256": indices_digest(indices), "seed": seed,
             "batch_size": batch_size, "stages": stages,
             "model_sha256": tensors_digest(model.state_dict().items()),
-            "data_sha256": _data_digest(dataset, indices, batch_size)}
+            "data_sha256": subset_digest(dataset, indices, batch_size)}
 
 
 def merge_shards(states: list[AttackState]) -> AttackState:
@@ -303,19 +304,6 @@ def merge_shards(states: list[AttackState]) -> AttackState:
     return AttackState(key=keys[0], clean=first.clean.clone(), robust=robust,
                        broken_by=broken_by, images=_empty(), stage=len(stages), batch=0,
                        stages=stages, stats=stats)
-
-
-def _data_digest(dataset: Dataset[Any], indices: Tensor, batch_size: int) -> str:
-    """`pagctl.stats.tensors_digest` of the attacked images and labels, in order."""
-    from pagctl.data import get_batch
-
-    def batches() -> Any:
-        for lo in range(0, len(indices), batch_size):
-            x, y = get_batch(dataset, indices[lo: lo + batch_size])
-            yield f"x{lo}", x
-            yield f"y{lo}", y
-
-    return tensors_digest(batches())
 
 
 def _empty() -> Tensor:

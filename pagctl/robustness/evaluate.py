@@ -9,11 +9,10 @@ the unsharded run — the same per-point results and counts — and runs the pro
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pagctl.distributed.shards import shard_files
 from pagctl.errors import SpecError
 
 if TYPE_CHECKING:
@@ -118,7 +117,7 @@ def evaluate_attack(
             stages = [s for s, _ in attack_stages(build(0), name)]
             key = evaluation_key(model, bundle.test, indices, name=name, params=p, seed=seed,
                                  batch_size=batch_size, stages=stages)
-            files = shard_files(shard_dir, key, count)
+            files = shard_files(shard_dir, name, key, count)
         if merge_shards is not None:
             norm, declared_eps = declared_budget(build(0), p)
             report = _merged(files, key, name=name, params=p, norm=norm, eps=declared_eps,
@@ -151,15 +150,6 @@ def evaluate_attack(
         if verdict is not None:
             report.reliability = verdict.to_record()
     return out, indices
-
-
-def shard_files(folder: Path, key: dict[str, Any], count: int) -> list[Path]:
-    """The N shard files of the evaluation ``key`` (`pagctl.robustness.engine
-    .evaluation_key`) in ``folder``: ``<attack>-<digest of the key>-shard<i>of<N>``, so
-    shards of another evaluation (seed, params, subset, weights) never mix."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return [folder / f"{key['attack']}-{digest}-shard{i}of{count}.safetensors"
-            for i in range(count)]
 
 
 def _merged(files: list[Path], key: dict[str, Any], *, name: str, params: BaseModel,

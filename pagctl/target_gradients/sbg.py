@@ -14,7 +14,8 @@ Noise draws are reproducible. For training images (``index`` given) the noise of
 comes from a generator seeded by a hash of (seed, i) — and, with ``shared_noise`` false, of
 the target class as well — so every training image keeps the same targets all run long, as
 a precomputed bank of targets would. Other inputs (``index`` None) draw from the source's
-own generator, seeded once at build time. The global RNG is never used.
+own generator, seeded at build time and again by ``reseed`` (align-score reseeds it per
+batch, so its shards merge exactly). The global RNG is never used.
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ class SBG:
         self._device = next(self.model.parameters()).device
         self._seed = ctx.seed if params.seed is None else params.seed
         self._generator = torch.Generator().manual_seed(self._seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the noise of inputs without an index from ``seed`` (align-score does, per
+        batch)."""
+        self._generator.manual_seed(seed)
 
     def _noise(self, n: int, k: int, classes: Tensor, index: Tensor | None) -> Tensor:
         """ε for every (draw, image[, class]). Shape: -> (D, N, 1 or K, C, H, W) on the CPU."""
