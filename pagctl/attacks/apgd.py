@@ -152,14 +152,16 @@ class _RunBest:
 
     def update(self, x_k: Tensor, y: Tensor, logits: Tensor, loss: Tensor,
                grad: Tensor) -> None:
-        """Take in the iterate ``x_k`` with its logits, loss and gradient."""
+        """Take in the iterate ``x_k`` with its logits, loss and gradient. ``torch.where``,
+        not boolean-mask assignment, which waits for the device (it must count the rows)
+        and would stall a GPU once per step."""
         newly = (logits.argmax(dim=1) != y) & ~self.fooled
-        self.first_fooled[newly] = x_k[newly]
-        self.fooled |= newly
+        self.first_fooled = torch.where(per_example(newly, x_k), x_k, self.first_fooled)
+        self.fooled = self.fooled | newly
         better = loss > self.loss
-        self.x[better] = x_k[better]
-        self.loss[better] = loss[better]
-        self.grad[better] = grad[better]
+        self.x = torch.where(per_example(better, x_k), x_k, self.x)
+        self.loss = torch.where(better, loss, self.loss)
+        self.grad = torch.where(per_example(better, grad), grad, self.grad)
 
     def result(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(points, loss at the best points, fooled): the first misclassified iterate where
