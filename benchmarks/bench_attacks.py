@@ -254,13 +254,17 @@ def bench_pgd(model: nn.Module, model_name: str, x: Tensor, y: Tensor, args: arg
 # AutoAttack
 
 
+RUNS_TOGETHER: list[int | None] = [None]
+"""The pagctl AutoAttack's ``runs_together`` (``--runs-together``; None: its default)."""
+
+
 def _pagctl_autoattack(norm: str, eps: float, device: torch.device, *, steps: int = 100,
                        queries: int = 5000) -> Any:
     from pagctl.attacks.autoattack import AutoAttack
     from pagctl.protocols import BuildContext
 
     params = AutoAttack.Params(eps=eps, norm=norm, version="standard", seed=0, steps=steps,
-                               square_queries=queries)
+                               square_queries=queries, runs_together=RUNS_TOGETHER[0])
     return AutoAttack(params, BuildContext(num_classes=10, input_shape=(1, 8, 8),
                                            device=device, seed=0))
 
@@ -406,6 +410,36 @@ def bench_autoattack(model: nn.Module, x: Tensor, y: Tensor, args: argparse.Name
 # output
 
 
+def bench_model_share(model: nn.Module, x: Tensor, y: Tensor, args: argparse.Namespace
+                      ) -> list[dict[str, Any]]:
+    """Per norm and implementation, one AutoAttack run under cProfile: the seconds spent in
+    the model's forward (the digits CNN's ``forward``) and in autograd's backward, and their
+    share of the run. No implementation that makes the same forward and backward passes can
+    take less than that share of the reference's time (cProfile slows the Python between
+    the passes, so the shares are lower bounds of the unprofiled ones)."""
+    import cProfile
+    import pstats
+
+    device = torch.device(args.device)
+    runners = {"pagctl": _run_pagctl_aa, "pyautoattack": _run_reference_aa}
+    rows = []
+    for norm in ("l2", "linf", "l1"):
+        for name, run in runners.items():
+            profile = cProfile.Profile()
+            clock = Clock(device)
+            with clock.measure():
+                profile.enable()
+                run(model, x, y, norm, AA_EPS[norm], device)
+                profile.disable()
+            stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+            forward = sum(v[3] for k, v in stats.items()
+                          if k[2] == "forward" and k[0].endswith("architectures.py"))
+            backward = sum(v[3] for k, v in stats.items() if k[2] == "_engine_run_backward")
+            rows.append({"norm": norm, "impl": name, "wall": clock.wall, "forward": forward,
+                         "backward": backward, "share": (forward + backward) / clock.wall})
+    return rows
+
+
 def _pct(v: float) -> str:
     return f"{100 * v:.1f}%"
 
@@ -476,6 +510,12 @@ def _tables(res: dict[str, Any]) -> str:
             out.append(line)
         out.append("('other': outside the stages: clean and final checks, the reference's "
                    "model checks)")
+    if res.get("model_share"):
+        out += ["", "AutoAttack under cProfile: seconds in the model's forward and backward "
+                "passes, and their share of the run (a floor for the same passes)",
+                f"{'norm':<5} {'impl':<13} {'wall s':>7} {'fwd s':>7} {'bwd s':>7} {'share':>6}"]
+        out += [f"{r['norm']:<5} {r['impl']:<13} {r['wall']:>7.2f} {r['forward']:>7.2f} "
+                f"{r['backward']:>7.2f} {r['share']:>6.2f}" for r in res["model_share"]]
     return "\n".join(out)
 
 
@@ -495,6 +535,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--aa-repeats", type=int, default=1,
                         help="timed AutoAttack runs per implementation and norm (median "
                         "reported; default 1)")
+    parser.add_argument("--model-share", action="store_true",
+                        help="also run AutoAttack once per implementation and norm under "
+                        "cProfile and report the share of its time spent in the model's "
+                        "forward and backward passes (needs the autoattack part)")
+    parser.add_argument("--runs-together", type=int, default=None,
+                        help="pagctl AutoAttack's runs_together: APGD-T/FAB-T runs stacked "
+                        "along the batch (0 = all; default: all on CUDA, 1 on the CPU)")
     parser.add_argument("--steps", type=int, default=10, help="PGD steps per run")
     parser.add_argument("--points", type=int, default=None,
                         help="digits test points for PGD and AutoAttack (default 300, 100 "
@@ -514,6 +561,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.batch_size is None:
         args.batch_size = 16 if args.quick else 64
     parts = {"pgd-digits", "pgd-resnet18", "autoattack"}
+    RUNS_TOGETHER[0] = args.runs_together
     args.skip = {s for s in args.skip.split(",") if s}
     if args.skip - parts:
         parser.error(f"unknown --skip {sorted(args.skip - parts)}; choose from {sorted(parts)}")
@@ -567,6 +615,9 @@ def main(argv: list[str] | None = None) -> None:
     if "autoattack" not in args.skip:
         log("AutoAttack on the digits CNN ...")
         res["autoattack"], res["autoattack_stages"] = bench_autoattack(digits, x_te, y_te, args)
+    if args.model_share:
+        log("AutoAttack under cProfile: time in the model ...")
+        res["model_share"] = bench_model_share(digits, x_te, y_te, args)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
