@@ -15,7 +15,7 @@ LAYERS: list[list[str]] = [  # lowest first; a room may import from its own laye
     ["__init__", "errors"],
     ["spec", "protocols", "records", "stats", "progress", "distributed"],
     ["registry", "data", "models", "architectures", "gradients", "losses"],
-    ["checkpoint", "figures", "build"],
+    ["checkpoint", "figures", "build", "grid"],
     ["banks", "score"],
     ["attacks", "target_gradients", "testing"],
     ["align", "robustness", "objectives"],

@@ -103,12 +103,25 @@ def train(
     schema: Annotated[bool, typer.Option(
         "--schema", help="Print the spec's JSON Schema, for editors and validators (the "
         "schema itself, not wrapped like --format json results).")] = False,
+    grid: Annotated[list[str], typer.Option(
+        "--grid", help="Sweep a spec field over values, KEY=V1,V2,… (values parsed as YAML); "
+        "repeatable: every combination is a run of its own, in --out (default "
+        "runs/<name>-grid)/<key>=<value>__…; finished runs are skipped, interrupted ones "
+        "resumed.")] = [],  # noqa: B006
+    grid_point: Annotated[int | None, typer.Option(
+        "--grid-point", min=0, metavar="I", help="Run only point I of the --grid (numbered "
+        "from 0 in the order --print-commands lists them), e.g. a scheduler's array index.")]
+    = None,
+    print_commands: Annotated[bool, typer.Option(
+        "--print-commands", help="With --grid: print one command per point (each with "
+        "--grid-point) for a scheduler or torchrun, and run nothing.")] = False,
     quiet: QuietOpt = False,
     fmt: Annotated[Format, typer.Option(
         "--format", help=format_help("train", "Final summary format"))] = Format.table,
 ) -> None:
     """Train a model from a spec; writes a run folder (weights, spec, metrics). Under
-    torchrun, data-parallel over its processes (see the distributed guide)."""
+    torchrun, data-parallel over its processes (see the distributed guide). With --grid, a
+    grid of runs, one per combination of values."""
     from pagctl import spec as specmod
 
     if _listed(list_, schema, specmod.builtin_spec_names,
@@ -119,6 +132,19 @@ def train(
     extra: dict[str, Any] = {"data.download": True} if download else {}
     if full_monitor:
         extra.update({"eval.every": 1, "eval.limit": None})
+    if not grid and (grid_point is not None or print_commands):
+        flag = "--grid-point" if grid_point is not None else "--print-commands"
+        raise SpecError(f"{flag}: applies to a grid; add --grid KEY=V1,V2,…")
+    if grid:
+        _train_grid(spec, set_, grid, data_dir=data_dir, out=out, extra=extra, device=device,
+                    resume=resume, overwrite=overwrite, dry_run=dry_run, point=grid_point,
+                    print_commands=print_commands, quiet=quiet, fmt=fmt,
+                    flags=[*(["--download"] if download else []),
+                           *(["--full-monitor"] if full_monitor else []),
+                           *(["--device", device] if device != "auto" else []),
+                           *(["--overwrite"] if overwrite else []),
+                           *(["--quiet"] if quiet else [])])
+        return
     spec, values = _spec_and_values("train", spec, data_dir=data_dir, out=out, extra=extra)
     run_spec = specmod.load_spec(spec, set_, values)
     from pagctl.train import prepare
@@ -167,6 +193,92 @@ def train(
     if "monitor" in summary:
         rows.append(("monitor", json.dumps(summary["monitor"])))
     print_table(f"trained {run_spec.name}", rows)
+
+
+def _train_grid(spec: str, set_: list[str], grid: list[str], *, data_dir: Path | None,
+                out: Path | None, extra: dict[str, Any], device: str, resume: bool,
+                overwrite: bool, dry_run: bool, point: int | None, print_commands: bool,
+                quiet: bool, fmt: Format, flags: list[str]) -> None:
+    """``pagctl train SPEC --grid …``: every point checked first, then run in turn (or the
+    one ``--grid-point``), finished points skipped, interrupted ones resumed
+    (`pagctl.grid`); or, with ``--print-commands``, one command per point."""
+    import shlex
+
+    from pagctl import grid as gridmod
+    from pagctl.checkpoint import read_metrics
+    from pagctl.distributed.launch import training_launch
+    from pagctl.train import prepare
+    from pagctl.train import train as run_train
+
+    if Path(spec).is_dir():
+        raise SpecError(f"--grid: '{spec}' is a run folder; give the spec file or built-in "
+                        "name the grid sweeps")
+    if resume:
+        raise SpecError("--resume: a grid resumes its interrupted runs and skips finished "
+                        "ones by itself; drop --resume")
+    _, values = _spec_and_values("train", spec, data_dir=data_dir, out=None, extra=extra)
+    points = gridmod.expand(spec, list(set_), values, list(grid), out, overwrite=overwrite)
+    if point is not None and point >= len(points):
+        raise SpecError(f"--grid-point: {point} is not a point of this grid (0 … "
+                        f"{len(points) - 1})")
+    launch = training_launch()
+    if launch is not None and point is None and not (dry_run or print_commands):
+        raise SpecError("--grid under torchrun: launch one point per torchrun with "
+                        "--grid-point I (--print-commands lists them)")
+    if print_commands:
+        base = ["pagctl", "train", spec, *(a for s in set_ for a in ("--set", s)),
+                *(a for g in grid for a in ("--grid", g)),
+                *(["--data-dir", str(data_dir)] if data_dir is not None else []),
+                *(["--out", str(out)] if out is not None else []), *flags]
+        for p in points:
+            typer.echo(shlex.join([*base, "--grid-point", str(p.index)]))
+        return
+    chosen = points if point is None else [points[point]]
+    plan = [(p, "new" if overwrite else gridmod.status(p)) for p in chosen]
+    if dry_run:
+        for p, _ in plan:
+            prepare(p.spec, device=device, resume=False, overwrite=True)
+        rows = [{"point": p.index, "values": dict(p.values), "run_dir": str(p.run_dir),
+                 "status": st} for p, st in plan]
+        if fmt is Format.json:
+            print_envelope("train", rows)
+            return
+        print_table(f"dry run: grid of {len(points)} runs (valid)",
+                    [(f"{r['point']}: {p.label}", f"{r['status']:9s} {r['run_dir']}")
+                     for r, (p, _) in zip(rows, plan, strict=True)])
+        return
+    summaries: list[dict[str, Any]] = []
+    for p, st in plan:
+        head = f"grid point {p.index + 1}/{len(points)} ({p.label})"
+        if st == "finished":
+            _log(f"{head}: finished before, skipped ({p.run_dir})")
+            epochs = [r for r in read_metrics(p.run_dir) if r.get("kind") == "train_epoch"]
+            summaries.append({"point": p.index, "values": dict(p.values),
+                              "run_dir": str(p.run_dir), "status": "skipped",
+                              **(epochs[-1] if epochs else {})})
+            continue
+        _log(f"{head}: {'resuming' if st == 'partial' else 'starting'} in {p.run_dir}")
+        result = run_train(p.spec, device=device, resume=st == "partial",
+                           overwrite=overwrite or st == "unsaved", progress=not quiet,
+                           log=_log, launch=launch)
+        if launch is not None and not launch.leader:
+            raise typer.Exit(130 if result.interrupted else 0)
+        if result.interrupted:
+            _log(f"interrupted in {head}, epoch {result.epochs_done}; state saved. Run the "
+                 "same command again: it skips the finished runs and resumes this one")
+            raise typer.Exit(130)
+        summaries.append({"point": p.index, "values": dict(p.values),
+                          "run_dir": str(result.run_dir), "status": "trained", **result.last})
+    if fmt is Format.json:
+        print_envelope("train", summaries)
+        return
+    root = points[0].run_dir.parent
+    print_table(f"grid of {len(points)} runs in {root}", [
+        (f"{s['point']}: {' '.join(f'{k}={v}' for k, v in s['values'].items())}",
+         "  ".join([s["status"], *(f"{label} {cell_text(s[key])}" for key, label in (
+             ("clean_accuracy", "clean"), ("robust_accuracy", "robust"),
+             ("alignment", "alignment")) if s.get(key) is not None)]))
+        for s in summaries])
 
 
 def train_score(
