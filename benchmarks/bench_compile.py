@@ -1,6 +1,7 @@
-"""What ``torch.compile`` gives pagctl's steps: a plain cross-entropy step (the forward and
-backward of an attack step costs the same) and the PAG step, whose input gradients are
-differentiated again (double backward), eager against compiled, in one process.
+"""What ``torch.compile`` gives pagctl's steps: a plain cross-entropy step, the PAG step,
+whose input gradients are differentiated again (double backward), and a 10-step PGD attack
+(`pagctl.attacks.pgd.pgd`, eval mode: a forward and an input gradient per step), eager
+against the compiled model, in one process.
 
     python benchmarks/bench_compile.py --threads 1
     python benchmarks/bench_compile.py --device cuda --arch resnet18
@@ -63,9 +64,21 @@ def main(argv: list[str] | None = None) -> None:
             times.append(time.perf_counter() - start)
         return first, sorted(times)[len(times) // 2] * 1000
 
+    from pagctl.attacks.pgd import pgd
+
+    adversarial: dict[str, Any] = {}
+
+    def attack(net: Any) -> None:
+        model.eval()
+        adversarial[id(net)] = pgd(
+            net, x, y, norm="linf", eps=8 / 255, steps=10, step_size=2 / 255,
+            random_start=True, restarts=1, generator=torch.Generator().manual_seed(0))
+        model.train()
+
     compiled = torch.compile(model)
     print(f"{args.arch} on {dev}, B = 64, K = 10, 32×32×3, median of {args.repeats}")
-    for label, step in (("cross-entropy step", plain), ("PAG step", pag)):
+    for label, step in (("cross-entropy step", plain), ("PAG step", pag),
+                        ("PGD, 10 steps", attack)):
         _, eager_ms = timed(step, model)
         try:
             first, compiled_ms = timed(step, compiled)
@@ -75,6 +88,14 @@ def main(argv: list[str] | None = None) -> None:
             continue
         print(f"{label:<19} eager {eager_ms:8.1f} ms   compiled {compiled_ms:8.1f} ms "
               f"({compiled_ms / eager_ms:.2f}×, first call {first:.0f} s)")
+    if len(adversarial) == 2:
+        eager_adv, compiled_adv = adversarial[id(model)], adversarial[id(compiled)]
+        with torch.no_grad():
+            model.eval()
+            same = (model(eager_adv).argmax(1) == model(compiled_adv).argmax(1)).float().mean()
+        print(f"PGD eager vs compiled: largest pixel difference "
+              f"{float((eager_adv - compiled_adv).abs().max()):.2e}, same prediction on "
+              f"{float(same):.1%} of the points")
 
 
 if __name__ == "__main__":
