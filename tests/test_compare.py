@@ -14,7 +14,7 @@ import pytest
 
 from pagctl.checkpoint import write_spec
 from pagctl.compare.build import compare_runs
-from pagctl.compare.figure import plot, scatter_columns
+from pagctl.compare.figure import check_against, plot, scatter_columns
 from pagctl.compare.model import Comparison, Row
 from pagctl.compare.rendering import render
 from pagctl.errors import SpecError
@@ -361,8 +361,8 @@ def test_markdown_is_a_pipe_table(tmp_path: Path) -> None:
 # figure
 
 
-def _plot_titles(comparison: Comparison, path: Path,
-                 monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def _plot_titles(comparison: Comparison, path: Path, monkeypatch: pytest.MonkeyPatch,
+                 against: str | None = None) -> list[str]:
     from pagctl import figures
 
     titles: list[str] = []
@@ -374,7 +374,7 @@ def _plot_titles(comparison: Comparison, path: Path,
         save(fig, target)
 
     monkeypatch.setattr(figures, "save_png", capture)
-    plot(comparison, path)
+    plot(comparison, path, against)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return titles
 
@@ -509,3 +509,26 @@ def test_cli_marks_mismatches_and_refuses_them_with_strict(
     code, out, err = run("compare", a, b, "--strict")
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and "drop --strict" in err
+
+
+def test_plot_against_a_swept_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--against train.pag_weight: two more panels, robust accuracy and alignment against λ,
+    one line per source (the other differing field); a field that does not differ, or is
+    not a number, is refused naming the fields that do."""
+    pytest.importorskip("matplotlib")
+    runs = [make_run(tmp_path, f"{source}-{lam}", [f"train.pag_weight={lam}",
+                                                   f"target_gradients.name={source}"],
+                     [epoch_rec(), attack_rec(100 + 40 * lam + (20 if source == "class_mean"
+                                                                else 0)),
+                      align_rec(0.1 * lam)])
+            for source in ("class_mean", "nearest_neighbor") for lam in (0, 1, 2)]
+    c = compare_runs(runs)
+    check_against(c, "train.pag_weight")
+    titles = _plot_titles(c, tmp_path / "grid.png", monkeypatch, against="train.pag_weight")
+    assert len(titles) == 4
+    assert titles[2] == "robust accuracy vs λ (95% intervals)"
+    assert titles[3] == "alignment vs λ (95% intervals)"
+    with pytest.raises(SpecError, match=r"train\.lr.*differs across these runs.*pag_weight"):
+        check_against(c, "train.lr")
+    with pytest.raises(SpecError, match="not a number"):
+        check_against(c, "target_gradients.name")

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from pagctl.cli.common import check_png, format_help, print_envelope
+from pagctl.errors import SpecError
 
 
 class CompareFormat(str, Enum):
@@ -29,6 +30,10 @@ def compare(
     strict: Annotated[bool, typer.Option(
         "--strict", help="Refuse numbers measured on different subsets, eps or norms "
         "(exit 2) instead of marking them.")] = False,
+    against: Annotated[str | None, typer.Option(
+        "--against", metavar="KEY", help="With --plot: also plot robust accuracy and "
+        "alignment against this spec field (one that differs across the runs, e.g. a grid's "
+        "train.pag_weight), a line per combination of the other differing fields.")] = None,
     weights: Annotated[str, typer.Option(
         "--weights", help="Whose results: last (the runs' model.safetensors) or best "
         "(model-best.safetensors, measured with 'attack --weights best').")] = "last",
@@ -37,15 +42,20 @@ def compare(
     and eps, alignment) with n and 95% intervals, and per-example pair tests (reads no
     weights)."""
     from pagctl.compare.build import compare_runs
+    from pagctl.compare.figure import check_against
     from pagctl.compare.figure import plot as plot_comparison
     from pagctl.compare.rendering import render, to_json
 
     check_png("--plot", plot)
+    if against is not None and plot is None:
+        raise SpecError("--against: draws on the --plot figure; add --plot FILE.png")
     comparison = compare_runs(runs, strict=strict, weights=weights)
+    if against is not None:
+        check_against(comparison, against)
     for line in comparison.warnings:
         typer.echo(line, err=True)
     if plot is not None:
-        plot_comparison(comparison, plot)
+        plot_comparison(comparison, plot, against)
     if fmt is CompareFormat.json:
         print_envelope("compare", [to_json(comparison)])
     else:

@@ -1,4 +1,6 @@
-"""The figure: robust accuracy vs ε, and alignment vs robust accuracy (:func:`plot`)."""
+"""The figure: robust accuracy vs ε, and alignment vs robust accuracy (:func:`plot`); with a
+swept spec field (``against``, e.g. a grid's ``train.pag_weight``), robust accuracy and
+alignment against that field too."""
 
 from __future__ import annotations
 
@@ -32,22 +34,81 @@ def scatter_columns(comparison: Comparison) -> tuple[Column | None, Column | Non
     return x, y
 
 
-def plot(comparison: Comparison, path: Path) -> None:
+def plot(comparison: Comparison, path: Path, against: str | None = None) -> None:
     """Two panels: robust accuracy vs ε (a line per run and (attack, norm): one colour per
     run, one line style per (attack, norm); 95% Wilson intervals as error bars), and
     alignment vs robust accuracy (a point per run, the columns of :func:`scatter_columns`)
-    with Pearson's r in the title. A panel without enough data says so instead."""
+    with Pearson's r in the title. With ``against`` (a spec field, checked by
+    :func:`check_against`) two more below: robust accuracy and alignment against that
+    field, a line per combination of the other differing fields. A panel without enough data
+    says so instead."""
     from pagctl.figures import pyplot, save_png
 
     plt = pyplot("--plot")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    rows = 1 if against is None else 2
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 4.5 * rows), squeeze=False)
     try:
-        _curve_panel(left, comparison)
-        _scatter_panel(right, comparison)
+        _curve_panel(axes[0][0], comparison)
+        _scatter_panel(axes[0][1], comparison)
+        if against is not None:
+            x_col, y_col = scatter_columns(comparison)
+            _against_panel(axes[1][0], comparison, against, y_col, "robust accuracy")
+            _against_panel(axes[1][1], comparison, against, x_col, "alignment")
         fig.tight_layout()
         save_png(fig, Path(path))
     finally:
         plt.close(fig)
+
+
+def check_against(comparison: Comparison, key: str) -> None:
+    """SpecError unless ``key`` is a spec field that differs across the runs and is a number
+    in every one of them (what ``--against`` can put on an axis)."""
+    from pagctl.errors import SpecError
+
+    fields = ", ".join(comparison.spec_columns) or "none"
+    if key not in comparison.spec_columns:
+        raise SpecError(f"--against: '{key}' is not a spec field that differs across these "
+                        f"runs (those that do: {fields})")
+    bad = [r.label for r in comparison.rows if isinstance(r.spec.get(key), bool)
+           or not isinstance(r.spec.get(key), (int, float))]
+    if bad:
+        raise SpecError(f"--against: '{key}' is not a number in {', '.join(bad[:3])}; give a "
+                        f"numeric field (differing here: {fields})")
+
+
+def _against_panel(ax: Any, comparison: Comparison, key: str, column: Column | None,
+                   what: str) -> None:
+    """``what`` (the column's values, 95% intervals) against the spec field ``key``: one
+    line per combination of the other differing spec fields."""
+    from pagctl.compare.spec_columns import spec_cell, spec_header
+
+    if column is None:
+        _empty(ax, f"{what} vs {key}: no run has {what} records")
+        return
+    others = [k for k in comparison.spec_columns if k != key]
+    lines: dict[str, list[tuple[float, Cell]]] = {}
+    for row in comparison.rows:
+        cell = row.cells.get(column.id)
+        if cell is None:
+            continue
+        label = ", ".join(f"{spec_header(k)}={spec_cell(row.spec, k)}" for k in others)
+        lines.setdefault(label, []).append((float(row.spec[key]), cell))
+    if not lines:
+        _empty(ax, f"{what} vs {key}: no run has '{column.id}'")
+        return
+    for i, (label, points) in enumerate(sorted(lines.items())):
+        points.sort(key=lambda p: p[0])
+        values = [c.value for _, c in points]
+        intervals = [c.interval for _, c in points]
+        yerr = error_bars(values, intervals)
+        ax.errorbar([x for x, _ in points], values, yerr=yerr, marker="o", capsize=3,
+                    color=f"C{i % 10}", label=label or None)
+    ax.set_xlabel(f"{spec_header(key)} ({key})" if spec_header(key) != key else key)
+    ax.set_ylabel(column.id)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{what} vs {spec_header(key)} (95% intervals)", fontsize=10)
+    if 1 < len(lines) <= 12:
+        ax.legend(fontsize=7)
 
 
 def _empty(ax: Any, text: str) -> None:
