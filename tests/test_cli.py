@@ -322,6 +322,17 @@ BAD_INPUT = [
                                                                            "'xml'")),
     Case("attack-eps-infinite", ["attack", "nowhere", "--param", "eps=inf"],
          ("--param eps", "'inf'")),
+    # several run folders: refused before anything runs
+    Case("attack-two-runs-with-state", ["attack", "a", "b", "--state", "s"],
+         ("--state", "one run folder"),
+         prepare=lambda env: (env.copy_run("a"), env.copy_run("b"))),
+    Case("attack-two-runs-one-not-a-run", ["attack", "a", "nowhere"], ("nowhere",),
+         prepare=lambda env: env.copy_run("a")),
+    Case("attack-same-run-twice", ["attack", "a", "./a"], ("given twice",),
+         prepare=lambda env: env.copy_run("a")),
+    Case("align-two-runs-with-images", ["align-score", "a", "b", "--save-images", "g.png"],
+         ("--save-images", "one run folder"),
+         prepare=lambda env: (env.copy_run("a"), env.copy_run("b"))),
     # grids of runs: refused before anything runs, naming the point
     Case("grid-not-key-value", [*TRAIN, "--grid", "train.lr"], ("--grid", "KEY=V1,V2")),
     Case("grid-empty-list", [*TRAIN, "--grid", "train.lr="], ("--grid train.lr", "non-empty")),
@@ -849,6 +860,39 @@ def test_attack_shard_torchrun_outside_torchrun_is_refused(
     monkeypatch.setenv("LOCAL_RANK", "0")
     code, _, err = run("attack", tmp_path / "nowhere", "--shard", "torchrun")
     assert code == 2 and "RANK 2 of WORLD_SIZE 2" in err
+
+
+def test_several_runs_are_attacked_and_scored_in_turn(
+    run: RunCLI, trained_run: Path, tmp_path: Path,
+) -> None:
+    """attack and align-score over two run folders: one envelope with a record per run
+    (each naming its run), each run's metrics.jsonl receiving its own record, the same as
+    the single-run command's; --plot draws one curve per run."""
+    a, b = _copy_run(trained_run, tmp_path / "a"), _copy_run(trained_run, tmp_path / "b")
+    argv = ["--attack", "fgsm", "--param", "eps=0.1", "--limit", "30", "--no-probes",
+            "--format", "json", "--no-progress"]
+    code, out, err = run("attack", a, b, *argv, "--eps-sweep", "0.05,0.1", "--plot",
+                         tmp_path / "curves.png")
+    assert code == 0, err
+    records = envelope_records(out, "attack")
+    assert [r["run"] for r in records] == [str(a), str(a), str(b), str(b)]
+    assert "run 2/2" in err
+    for folder in (a, b):
+        saved = [json.loads(line) for line in
+                 (folder / "metrics.jsonl").read_text().splitlines()][-2:]
+        assert saved == [{k: v for k, v in r.items() if k != "run"}
+                         for r in records if r["run"] == str(folder)]
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    code, out, err = run("attack", a, *argv, "--no-record")
+    assert code == 0, err
+    [single] = envelope_records(out, "attack")
+    assert "run" not in single and single["per_example"] == records[1]["per_example"]
+    code, out, err = run("align-score", a, b, "--source", "class_mean", "-k", "2", "--limit",
+                         "20", "--format", "json", "--no-progress", "--no-record")
+    assert code == 0, err
+    scores = envelope_records(out, "align-score")
+    assert [r["run"] for r in scores] == [str(a), str(b)]
+    assert scores[0]["mean"] == scores[1]["mean"]  # two copies of one run
 
 
 def test_align_score_shards_merge_into_the_unsharded_result(

@@ -18,6 +18,7 @@ from pagctl.cli.common import (
     WeightsOpt,
     cell_text,
     check_png,
+    check_run_folders,
     complete_plugins,
     format_help,
     load_run_and_data,
@@ -27,13 +28,17 @@ from pagctl.cli.common import (
     print_table,
     read_indices,
     record_results,
+    run_heading,
 )
 from pagctl.distributed.shards import parse_shard
 from pagctl.errors import SpecError
 
 
 def align_score(
-    run: Annotated[Path, typer.Argument(help="Run folder written by 'pagctl train'.")],
+    runs: Annotated[list[Path], typer.Argument(
+        help="Run folder(s) written by 'pagctl train' or 'pagctl import'; several (e.g. a "
+        "grid's, runs/grid/*) are scored in turn, each recording its own result.",
+        metavar="RUN...")],
     source_name: Annotated[str, typer.Option(
         "--source", "-s", help="Target-gradient source to compare against (pagctl plugins); "
         "any source, whatever the run was trained with.",
@@ -75,13 +80,7 @@ def align_score(
     cosine with a 95% interval, per true class and per target (true vs other classes), the
     fraction of images aligned above 0. Appended to the run's metrics.jsonl (unless
     --no-record). Long scores split into shards (--shard, --merge-shards) that merge into
-    the unsharded result."""
-
-    from pagctl import registry
-    from pagctl.align import alignment_report, sharded_alignment
-    from pagctl.build import build_context, default_cache_dir
-    from pagctl.checkpoint import RunLock
-    from pagctl.data import select_test_indices
+    the unsharded result. Several runs are scored in turn, with the same options."""
 
     given = parse_params(param, "--param")
     params = plugin_params("target_gradients", source_name, given, "--source")
@@ -101,7 +100,40 @@ def align_score(
     if shard_of is not None and launch is None and save_images is not None:
         raise SpecError("--save-images: applies to the whole result; give it with "
                         "--merge-shards")
-    indices = read_indices(indices_file) if indices_file is not None else None
+    check_run_folders(runs, {"--save-images": save_images,
+                             "--shard torchrun": launch is not None})
+    wanted = read_indices(indices_file) if indices_file is not None else None
+    printed: list[dict[str, Any]] = []
+    for position, run in enumerate(runs):
+        run_heading(position, runs)
+        record = _score_run(
+            run, several=len(runs) > 1, launch=launch, shard_of=shard_of,
+            merge_shards=merge_shards, device=device, data_dir=data_dir, weights=weights,
+            source_name=source_name, params=params, given=given,
+            classes_per_image=classes_per_image, wanted=wanted, limit=limit,
+            batch_size=batch_size, seed=seed, progress=progress, save_images=save_images,
+            keep_record=keep_record, fmt=fmt)
+        if record is not None:
+            printed.append(record)
+    if fmt is Format.json and len(runs) > 1 and printed:
+        print_envelope("align-score", printed)
+
+
+def _score_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, int] | None,
+               merge_shards: int | None, device: str, data_dir: Path | None, weights: str,
+               source_name: str, params: Any, given: dict[str, Any],
+               classes_per_image: int | None, wanted: Any, limit: int | None,
+               batch_size: int, seed: int, progress: bool, save_images: Path | None,
+               keep_record: bool, fmt: Format) -> dict[str, Any] | None:
+    """Score one run folder (or its shard, or merge its shards), show the result (its JSON
+    record is returned instead when ``several``), write the figure, record it. Returns the
+    record as printed, or None for a shard or a follower rank."""
+    from pagctl import registry
+    from pagctl.align import alignment_report, sharded_alignment
+    from pagctl.build import build_context, default_cache_dir
+    from pagctl.checkpoint import RunLock
+    from pagctl.data import select_test_indices
+
     with RunLock(run, exclusive=False, command="align-score"):  # not while being trained
         if launch is not None:
             from pagctl.distributed.launch import rank_device
@@ -112,7 +144,7 @@ def align_score(
         if k > bundle.num_classes:
             raise SpecError(f"--classes-per-image: {k} is more than the {bundle.num_classes} "
                             "classes of the data")
-        indices = select_test_indices(len(bundle.test), indices, limit)  # type: ignore[arg-type]
+        indices = select_test_indices(len(bundle.test), wanted, limit)  # type: ignore[arg-type]
         ctx = build_context(bundle, dev, seed, default_cache_dir())
         source = registry.target_gradients.instantiate(source_name, params, ctx, "--source")
 
@@ -136,7 +168,7 @@ def align_score(
                     score(shard_of, None)
                     barrier()  # every shard finished: rank 0 merges
                 if not launch.leader:
-                    return
+                    return None
                 shard_of, merge_shards = None, launch.world_size
             report = score(shard_of, merge_shards)
         except KeyboardInterrupt:
@@ -151,13 +183,15 @@ def align_score(
             typer.echo(f"shard {shard_of[0]}/{shard_of[1]} done ({run / 'shards'}); when all "
                        f"{shard_of[1]} are, run the same command with --merge-shards "
                        f"{shard_of[1]} instead of --shard", err=True)
-            return
+            return None
         record = report.to_record(source_name, params.model_dump(mode="json"), given)
         record.weights = loaded.weights
-        # the result first (stdout, figure), then the record: nothing measured is lost
-        if fmt is Format.json:
-            print_envelope("align-score", [record.to_json()])
-        else:
+        printed = {**record.to_json(), "run": str(run)} if several else record.to_json()
+        # the result first (stdout, figure), then the record: nothing measured is lost (with
+        # several runs and --format json, the one envelope of all comes after the last)
+        if fmt is Format.json and not several:
+            print_envelope("align-score", [printed])
+        elif fmt is not Format.json:
             _render(run, source_name, params, report, loaded.weights)
         if save_images is not None:
             from pagctl.align import gradient_panels
@@ -174,6 +208,7 @@ def align_score(
             record_results(run, [record])
         else:
             typer.echo("not recorded (--no-record)", err=True)
+    return printed
 
 
 def _render(run: Path, source_name: str, params: Any, report: Any, weights: str) -> None:

@@ -17,6 +17,7 @@ from pagctl.cli.common import (
     RecordOpt,
     WeightsOpt,
     check_png,
+    check_run_folders,
     complete_plugins,
     format_help,
     load_run_and_data,
@@ -26,13 +27,17 @@ from pagctl.cli.common import (
     print_table,
     read_indices,
     record_results,
+    run_heading,
 )
 from pagctl.distributed.shards import parse_shard
 from pagctl.errors import SpecError
 
 
 def attack(
-    run: Annotated[Path, typer.Argument(help="Run folder written by 'pagctl train'.")],
+    runs: Annotated[list[Path], typer.Argument(
+        help="Run folder(s) written by 'pagctl train' or 'pagctl import'; several (e.g. a "
+        "grid's, runs/grid/*) are attacked in turn, each recording its own result.",
+        metavar="RUN...")],
     attack_name: Annotated[str, typer.Option(
         "--attack", "-a", help="Attack plugin name (pagctl plugins).",
         autocompletion=complete_plugins("attacks"))] = "pgd_l2",
@@ -96,9 +101,8 @@ def attack(
 ) -> None:
     """Attack a trained run on its test set: clean and robust accuracy with 95% intervals,
     what each stage broke and cost, and a reliability verdict from gradient-masking probes.
-    Each result is appended to the run's metrics.jsonl (unless --no-record)."""
-    from pagctl.checkpoint import RunLock
-    from pagctl.robustness.evaluate import evaluate_attack
+    Each result is appended to the run's metrics.jsonl (unless --no-record). Several runs
+    are attacked in turn, with the same options."""
 
     given = parse_params(param, "--param")
     params = plugin_params("attacks", attack_name, given, "--attack")
@@ -131,7 +135,50 @@ def attack(
                         ".safetensors")
     if export is not None and export.exists() and not export.is_dir():
         raise SpecError(f"--export: {export} is a file; give a folder")
+    check_run_folders(runs, {"--state": state, "--save-images": save_images,
+                             "--save-adversarial": save_adversarial, "--export": export,
+                             "--shard torchrun": launch is not None})
     indices = read_indices(indices_file) if indices_file is not None else None
+    curves: list[tuple[Path, list[Any]]] = []
+    printed: list[dict[str, Any]] = []
+    for position, run in enumerate(runs):
+        run_heading(position, runs)
+        done = _attack_run(
+            run, several=len(runs) > 1, launch=launch, shard_of=shard_of,
+            merge_shards=merge_shards, device=device, data_dir=data_dir, weights=weights,
+            attack_name=attack_name, params=params, given=given, budgets=budgets,
+            indices=indices, limit=limit, batch_size=batch_size, seed=seed, state=state,
+            probes=probes, probe_size=probe_size, progress=progress, precision=precision,
+            save_images=save_images, save_adversarial=save_adversarial, export=export,
+            keep_record=keep_record, fmt=fmt)
+        if done is not None:
+            curves.append((run, done[0]))
+            printed.extend(done[1])
+    if not curves:
+        return  # shards: nothing to show
+    if fmt is Format.json and len(runs) > 1:
+        print_envelope("attack", printed)
+    if plot is not None:
+        _plot_curves(plot, attack_name, curves)
+    if strict:
+        _exit_if_unreliable([r for _, reports in curves for r in reports])
+
+
+def _attack_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, int] | None,
+                merge_shards: int | None, device: str, data_dir: Path | None, weights: str,
+                attack_name: str, params: Any, given: dict[str, Any],
+                budgets: list[float] | None, indices: Any, limit: int | None,
+                batch_size: int, seed: int, state: Path | None, probes: bool,
+                probe_size: int, progress: bool, precision: str, save_images: Path | None,
+                save_adversarial: Path | None, export: Path | None, keep_record: bool,
+                fmt: Format) -> tuple[list[Any], list[dict[str, Any]]] | None:
+    """Attack one run folder: evaluate (or its shard, or merge its shards), show the result
+    (its JSON records are returned instead when ``several``), write the figures and exports,
+    record it. Returns (reports, the records as printed), or None for a shard or a
+    follower rank."""
+    from pagctl.checkpoint import RunLock
+    from pagctl.robustness.evaluate import evaluate_attack
+
     with RunLock(run, exclusive=False, command="attack"):  # not while it is being trained
         if launch is not None:
             from pagctl.distributed.launch import rank_device
@@ -157,7 +204,7 @@ def attack(
                     evaluate(shard_of, None)
                     barrier()  # every shard finished: rank 0 merges
                 if not launch.leader:
-                    return
+                    return None
                 shard_of, merge_shards = None, launch.world_size
             reports, attacked = evaluate(shard_of, merge_shards)
         except KeyboardInterrupt:
@@ -173,23 +220,29 @@ def attack(
             typer.echo(f"shard {shard_of[0]}/{shard_of[1]} done ({run / 'shards'}); when all "
                        f"{shard_of[1]} are, run the same command with --merge-shards "
                        f"{shard_of[1]} instead of --shard", err=True)
-            return
+            return None
         records = [report.to_record(params_given=given)  # e.g. eps "8/255" as typed
                    for report in reports]
         for rec in records:
             rec.weights = loaded.weights
+        printed = [{**rec.to_json(), "run": str(run)} if several else rec.to_json()
+                   for rec in records]
         # the result first (stdout, figures), then the record: a record that cannot be
-        # written loses nothing that was measured
-        _show(fmt, attack_name, run, reports, records)
-        _figures(plot, save_images, attack_name, run, loaded.model, bundle, reports, attacked,
-                 dev)
+        # written loses nothing that was measured (with several runs and --format json, the
+        # one envelope of all of them comes after the last)
+        if fmt is Format.json and not several:
+            print_envelope("attack", printed)
+        elif fmt is not Format.json:
+            _render_attack(attack_name, run, reports, loaded.weights)
+        if save_images is not None:
+            _save_attack_images(save_images, loaded.model, bundle, reports[-1], attacked,
+                                attack_name, dev)
         _write_exports(export, save_adversarial, run, loaded, bundle, reports, given)
         if keep_record:
             record_results(run, records)
         else:
             typer.echo("not recorded (--no-record)", err=True)
-    if strict:
-        _exit_if_unreliable(reports)
+    return reports, printed
 
 
 def _write_exports(export: Path | None, save_adversarial: Path | None, run: Path,
@@ -231,26 +284,18 @@ def _exit_if_unreliable(reports: list[Any]) -> None:
         raise typer.Exit(3)
 
 
-def _show(fmt: Format, name: str, run: Path, reports: list[Any], records: list[Any]) -> None:
-    if fmt is Format.json:
-        print_envelope("attack", [r.to_json() for r in records])
-    else:
-        _render_attack(name, run, reports, records[0].weights)
+def _plot_curves(plot: Path, attack_name: str, curves: list[tuple[Path, list[Any]]]) -> None:
+    """``--plot``: robust accuracy against eps, one curve per run."""
+    from pagctl.figures import robustness_curve
 
-
-def _figures(plot: Path | None, save_images: Path | None, attack_name: str, run: Path,
-             model: Any, bundle: Any, reports: list[Any], attacked: Any, dev: Any) -> None:
-    if plot is not None:
-        from pagctl.figures import robustness_curve
-
-        robustness_curve(plot, [{
-            "label": f"{attack_name} on {run.name}", "eps": [r.eps for r in reports],
-            "accuracy": [r.robust_accuracy for r in reports],
-            "interval": [r.robust_interval for r in reports]}],
-            norm=reports[0].norm, title=f"{run.name}: {attack_name}, n = {reports[0].n}")
-    if save_images is not None:
-        _save_attack_images(save_images, model, bundle, reports[-1], attacked, attack_name,
-                            dev)
+    first = curves[0][1][0]
+    title = (f"{curves[0][0].name}: {attack_name}, n = {first.n}" if len(curves) == 1
+             else f"{attack_name}, {len(curves)} runs, n = {first.n}")
+    robustness_curve(plot, [{
+        "label": f"{attack_name} on {run.name}", "eps": [r.eps for r in reports],
+        "accuracy": [r.robust_accuracy for r in reports],
+        "interval": [r.robust_interval for r in reports]} for run, reports in curves],
+        norm=first.norm, title=title)
 
 
 def _render_attack(name: str, run: Path, reports: list[Any], weights: str | None) -> None:

@@ -35,13 +35,15 @@ incompatibly (a field removed or renamed; new fields do not raise it)."""
 
 ENVELOPE_RECORDS = {  # per command as typed: what its envelope's records are
     "train": "one summary, the run folder and its last epoch's metrics (with --dry-run: what "
-             "training would build)",
+             "training would build); with --grid, one per point, with its values and status",
     "train-score": "one summary, the run folder, steps, samples and the last logged step's "
                    "record",
     "attack": "one 'attack' record per eps (one without --eps-sweep), as metrics.jsonl "
-              "receives it; a --shard run prints none",
+              "receives it; with several run folders, those of each in turn, each with a "
+              "'run' key naming its folder; a --shard run prints none",
     "bank": "one summary of the bank written (path, shape, source, params)",
-    "align-score": "one 'align' record, as metrics.jsonl receives it",
+    "align-score": "one 'align' record, as metrics.jsonl receives it; with several run "
+                   "folders, one per run, each with a 'run' key naming its folder",
     "compare": "one comparison (runs, columns, pairs, mismatches, warnings, weights)",
     "import": "one summary, the run folder and its import record",
     "plugins": "one per plugin listed; with NAME, one per plugin of that name (usually one), "
@@ -226,6 +228,36 @@ def load_run_and_data(run: Path, device: str, data_dir: Path | None, weights: st
     if data_dir is not None:
         data_spec = data_spec.model_copy(update={"root": data_dir})
     return loaded, load_data(data_spec), dev
+
+
+def check_run_folders(runs: list[Path], options: dict[str, object]) -> None:
+    """Before anything runs on several run folders: each one a readable pagctl run folder,
+    none given twice, and none of ``options`` (flag: value) that apply to one run only set;
+    one line naming the folder or the flag otherwise."""
+    from pagctl.checkpoint import read_run_spec
+    from pagctl.spec import RunSpec
+
+    if len(runs) < 2:
+        return
+    for flag, value in options.items():
+        if value:
+            raise SpecError(f"{flag}: applies to one run folder; give one run, or run the "
+                            "command once per run")
+    seen: set[Path] = set()
+    for run in runs:
+        resolved = run.resolve()
+        if resolved in seen:
+            raise SpecError(f"{run}: given twice; list each run folder once")
+        seen.add(resolved)
+        read_run_spec(run, RunSpec)
+
+
+def run_heading(position: int, runs: list[Path]) -> None:
+    """With several run folders, which one the command is on now (stderr)."""
+    if len(runs) > 1:
+        from pagctl.progress import stderr_console
+
+        stderr_console.rule(f"run {position + 1}/{len(runs)}: {runs[position]}")
 
 
 def record_results(run: Path, records: list[Any]) -> None:
