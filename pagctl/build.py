@@ -67,7 +67,7 @@ def setup(spec: RunSpec, device: torch.device, *, build_plugins: bool = True,
 
     from pagctl import registry
     from pagctl.data import load_data, split_validation
-    from pagctl.models import build_model, timm_config
+    from pagctl.models import build_model, timm_config, twice_differentiable
     from pagctl.protocols import disables_pag
 
     bundle = load_data(spec.data)
@@ -106,4 +106,6 @@ def setup(spec: RunSpec, device: torch.device, *, build_plugins: bool = True,
                                                  "target_gradients")
     pag_active = spec.train.pag_weight > 0 and not disables_pag(source) \
         and spec.target_gradients.name != "none"
+    if pag_active:
+        twice_differentiable(model)  # the PAG loss differentiates input gradients
     return Setup(spec, device, bundle, model, config, source, pag_active)

@@ -355,6 +355,21 @@ def rebuild_from_config(cfg: Mapping[str, Any], state_dict: Mapping[str, Tensor]
     return model.eval()
 
 
+def twice_differentiable(model: nn.Module) -> int:
+    """Switch off fused attention (timm's ``fused_attn``, torch's
+    ``scaled_dot_product_attention``) in every module that has the switch, and return how
+    many were switched. The fused CPU and flash kernels have no second derivative, which the
+    PAG loss needs (it differentiates input gradients); the unfused path computes the same
+    softmax(QKᵀ/√d)·V step by step. Nothing else changes: not the weights, not the saved
+    model."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, "fused_attn", None) is True:
+            setattr(module, "fused_attn", False)  # noqa: B010 - a plain attribute, not a Module
+            count += 1
+    return count
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Put every module in eval mode; restore each module's own flag afterwards (attacks,

@@ -79,10 +79,10 @@ class ModelSpec(_Frozen):
 
 
 class DataSpec(_Frozen):
-    dataset: Literal["digits", "toy", "cifar10", "cifar100", "stl10", "svhn", "mnist",
-                     "fashion_mnist", "imagefolder"] = Field(description="dataset name")
+    dataset: Literal["digits", "mnist5k", "toy", "cifar10", "cifar100", "stl10", "svhn",
+                     "mnist", "fashion_mnist", "imagefolder"] = Field(description="dataset name")
     root: Path | None = Field(default=None, description="data directory (--data-dir); "
-                              "required for all but digits and toy")
+                              "required for all but digits, mnist5k and toy")
     download: bool = Field(default=False, description="allow the network: torchvision "
                            "downloads the dataset into root, timm fetches pretrained weights")
     batch_size: int = Field(default=64, ge=1, description="training batch size (images)")
@@ -97,9 +97,9 @@ class DataSpec(_Frozen):
         "behaviour) instead of one per image")
     crop_padding: int = Field(default=4, ge=0, description="zero padding for random crops")
     split_seed: Seed = Field(default=0, description="seed of the stratified train/test split "
-                            "(digits, toy)")
+                            "(digits, mnist5k, toy)")
     test_fraction: float = Field(default=0.2, gt=0, lt=1,
-                                 description="test share of the split (digits)")
+                                 description="test share of the split (digits, mnist5k)")
     toy_train_size: int = Field(default=6000, ge=10, description="toy training points")
     toy_test_size: int = Field(default=600, ge=10, description="toy test points")
     validation_size: int = Field(

