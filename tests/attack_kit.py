@@ -3,6 +3,8 @@ perturbation norms, and accuracy."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -64,3 +66,22 @@ def train_digits_mlp(num_test: int = 300) -> tuple[nn.Module, Tensor, Tensor]:
     for p in model.parameters():
         p.grad = None
     return model, x[test], y[test]
+
+
+def assert_grouping_does_not_matter(attack: Callable[[int, torch.Generator], Tensor],
+                                    model: nn.Module, y: Tensor) -> None:
+    """``attack(runs_together, generator)`` with its runs in groups of 1 (the reference's
+    order), 2, 4 and all: the same points bit for bit, and the generator left in the same
+    state (a plugin's next call continues the same stream); the later runs had something
+    left to attack."""
+    results = {}
+    for together in (1, 2, 4, 0):
+        generator = torch.Generator().manual_seed(5)
+        out = attack(together, generator)
+        results[together] = (out, torch.rand(3, generator=generator))
+    base, after = results[1]
+    broken = int((model(base).argmax(1) != y).sum())
+    assert 0 < broken < len(y)
+    for together, (out, draw) in results.items():
+        assert torch.equal(out, base), together
+        assert torch.equal(draw, after), together

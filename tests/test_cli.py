@@ -814,13 +814,29 @@ def test_attack_shards_merge_into_the_unsharded_result(
     assert code == 2 and "has not run" in err  # another seed is another evaluation
 
 
+def _torchrun_two(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc-per-node 2 -m pagctl ARGV --shard torchrun`` (gloo,
+    one thread per rank), checked to exit 0."""
+    import os
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PAGCTL_DISABLE_PLUGIN_AUTOLOAD="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         "2", "-m", "pagctl", *argv, "--shard", "torchrun"],
+        capture_output=True, text=True, cwd=cwd, env=env, timeout=300,
+        stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 def test_attack_shards_under_torchrun_merge_on_rank_0(
     run: RunCLI, trained_run: Path, tmp_path: Path,
 ) -> None:
     """``torchrun --nproc-per-node 2 -m pagctl attack ... --shard torchrun`` (gloo, CPU):
     each rank runs its shard, rank 0 merges and prints the one result, equal to the
     unsharded command's but for the seconds."""
-    import os
 
     run_dir = _copy_run(trained_run, tmp_path / "run")
     argv = ["attack", str(run_dir), "--attack", "autoattack", "--param", "eps=0.5",
@@ -830,15 +846,7 @@ def test_attack_shards_under_torchrun_merge_on_rank_0(
     code, out, err = run(*argv)
     assert code == 0, err
     [whole] = envelope_records(out, "attack")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PAGCTL_DISABLE_PLUGIN_AUTOLOAD="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-         "2", "-m", "pagctl", *argv, "--shard", "torchrun"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
-        stdin=subprocess.DEVNULL, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _torchrun_two(argv, tmp_path)
     [merged] = envelope_records(proc.stdout, "attack")  # one result: rank 0's
     drop = {"seconds", "stages"}
     assert {k: v for k, v in merged.items() if k not in drop} == \
@@ -938,7 +946,6 @@ def test_align_score_shards_under_torchrun_merge_on_rank_0(
     """``torchrun --nproc-per-node 2 -m pagctl align-score ... --shard torchrun`` (gloo,
     CPU): rank 0 prints the one result, equal to the unsharded command's but for the
     seconds."""
-    import os
 
     run_dir = _copy_run(trained_run, tmp_path / "run")
     argv = ["align-score", str(run_dir), "--source", "class_mean", "-k", "3", "--limit", "40",
@@ -946,15 +953,7 @@ def test_align_score_shards_under_torchrun_merge_on_rank_0(
     code, out, err = run(*argv)
     assert code == 0, err
     [whole] = envelope_records(out, "align-score")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PAGCTL_DISABLE_PLUGIN_AUTOLOAD="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-         "2", "-m", "pagctl", *argv, "--shard", "torchrun"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
-        stdin=subprocess.DEVNULL, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _torchrun_two(argv, tmp_path)
     [merged] = envelope_records(proc.stdout, "align-score")  # one result: rank 0's
     assert dict(merged, seconds=0) == dict(whole, seconds=0)
     assert len(list((run_dir / "shards").iterdir())) == 2

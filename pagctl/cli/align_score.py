@@ -20,6 +20,7 @@ from pagctl.cli.common import (
     check_png,
     check_run_folders,
     complete_plugins,
+    evaluate_sharded,
     format_help,
     load_run_and_data,
     parse_params,
@@ -29,8 +30,8 @@ from pagctl.cli.common import (
     read_indices,
     record_results,
     run_heading,
+    shard_request,
 )
-from pagctl.distributed.shards import parse_shard
 from pagctl.errors import SpecError
 
 
@@ -85,18 +86,7 @@ def align_score(
     given = parse_params(param, "--param")
     params = plugin_params("target_gradients", source_name, given, "--source")
     check_png("--save-images", save_images)
-    launch = None
-    if shard == "torchrun":
-        from pagctl.distributed.launch import torchrun_launch
-
-        if merge_shards is not None:
-            raise SpecError("--merge-shards: under --shard torchrun rank 0 merges the shards "
-                            "itself; drop --merge-shards")
-        launch = torchrun_launch("--shard torchrun")
-    shard_of = ((launch.rank, launch.world_size) if launch is not None
-                else parse_shard(shard) if shard is not None else None)
-    if shard_of is not None and merge_shards is not None:
-        raise SpecError("--shard, --merge-shards: score one shard, or merge them all; not both")
+    launch, shard_of = shard_request(shard, merge_shards)
     if shard_of is not None and launch is None and save_images is not None:
         raise SpecError("--save-images: applies to the whole result; give it with "
                         "--merge-shards")
@@ -160,29 +150,9 @@ def _score_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, in
                 shard_dir=run / "shards", shard=part, merge_shards=merge,
                 batch_size=batch_size, device=dev, seed=seed, progress=progress)
 
-        try:
-            if launch is not None:
-                from pagctl.distributed.launch import barrier, process_group
-
-                with process_group(launch):
-                    score(shard_of, None)
-                    barrier()  # every shard finished: rank 0 merges
-                if not launch.leader:
-                    return None
-                shard_of, merge_shards = None, launch.world_size
-            report = score(shard_of, merge_shards)
-        except KeyboardInterrupt:
-            if shard_of is None:
-                raise
-            from pagctl.progress import stderr_console
-
-            stderr_console.print(f"interrupted: progress is in {run / 'shards'}; run the same "
-                                 "command again to resume", soft_wrap=True)
-            raise typer.Exit(130) from None
-        if shard_of is not None:
-            typer.echo(f"shard {shard_of[0]}/{shard_of[1]} done ({run / 'shards'}); when all "
-                       f"{shard_of[1]} are, run the same command with --merge-shards "
-                       f"{shard_of[1]} instead of --shard", err=True)
+        report = evaluate_sharded(score, run=run, launch=launch, shard_of=shard_of,
+                                  merge_shards=merge_shards)
+        if report is None:
             return None
         record = report.to_record(source_name, params.model_dump(mode="json"), given)
         record.weights = loaded.weights

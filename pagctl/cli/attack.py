@@ -19,6 +19,7 @@ from pagctl.cli.common import (
     check_png,
     check_run_folders,
     complete_plugins,
+    evaluate_sharded,
     format_help,
     load_run_and_data,
     parse_params,
@@ -28,8 +29,8 @@ from pagctl.cli.common import (
     read_indices,
     record_results,
     run_heading,
+    shard_request,
 )
-from pagctl.distributed.shards import parse_shard
 from pagctl.errors import SpecError
 
 
@@ -113,16 +114,7 @@ def attack(
     if strict and not probes:
         raise SpecError("--strict: exits on the probes' reliability verdict, which "
                         "--no-probes turns off; drop one of them")
-    launch = None
-    if shard == "torchrun":
-        from pagctl.distributed.launch import torchrun_launch
-
-        if merge_shards is not None:
-            raise SpecError("--merge-shards: under --shard torchrun rank 0 merges the shards "
-                            "itself; drop --merge-shards")
-        launch = torchrun_launch("--shard torchrun")
-    shard_of = ((launch.rank, launch.world_size) if launch is not None
-                else parse_shard(shard) if shard is not None else None)
+    launch, shard_of = shard_request(shard, merge_shards)
     # Under torchrun rank 0 merges, so the options are those of a merge.
     _check_shard_options(None if launch is not None else shard_of,
                          launch.world_size if launch is not None else merge_shards,
@@ -196,31 +188,11 @@ def _attack_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, i
                 shard=part, merge_shards=merge, shard_dir=run / "shards",
                 precision=precision)
 
-        try:
-            if launch is not None:
-                from pagctl.distributed.launch import barrier, process_group
-
-                with process_group(launch):
-                    evaluate(shard_of, None)
-                    barrier()  # every shard finished: rank 0 merges
-                if not launch.leader:
-                    return None
-                shard_of, merge_shards = None, launch.world_size
-            reports, attacked = evaluate(shard_of, merge_shards)
-        except KeyboardInterrupt:
-            if state is None and shard_of is None:
-                raise
-            from pagctl.progress import stderr_console
-
-            where = state if state is not None else run / "shards"
-            stderr_console.print(f"interrupted: progress is in {where}; run the same "
-                                 "command again to resume", soft_wrap=True)
-            raise typer.Exit(130) from None
-        if shard_of is not None:
-            typer.echo(f"shard {shard_of[0]}/{shard_of[1]} done ({run / 'shards'}); when all "
-                       f"{shard_of[1]} are, run the same command with --merge-shards "
-                       f"{shard_of[1]} instead of --shard", err=True)
+        done = evaluate_sharded(evaluate, run=run, launch=launch, shard_of=shard_of,
+                                merge_shards=merge_shards, state=state)
+        if done is None:
             return None
+        reports, attacked = done
         records = [report.to_record(params_given=given)  # e.g. eps "8/255" as typed
                    for report in reports]
         for rec in records:
@@ -372,8 +344,6 @@ def _check_shard_options(shard: tuple[int, int] | None, merge: int | None, *,
                          strict: bool, save_images: Path | None,
                          save_adversarial: Path | None) -> None:
     """What a shard or a merge cannot take, each refused with the way out."""
-    if shard is not None and merge is not None:
-        raise SpecError("--shard, --merge-shards: run one shard, or merge them all; not both")
     if (shard is not None or merge is not None) and state is not None:
         raise SpecError("--state: shards keep their progress in RUN/shards/ themselves; "
                         "drop --state")

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -250,6 +251,65 @@ def check_run_folders(runs: list[Path], options: dict[str, object]) -> None:
             raise SpecError(f"{run}: given twice; list each run folder once")
         seen.add(resolved)
         read_run_spec(run, RunSpec)
+
+
+def shard_request(shard: str | None, merge_shards: int | None) -> tuple[Any, Any]:
+    """``--shard I/N|torchrun`` and ``--merge-shards N`` as (the torchrun launch or None,
+    this process's shard ``(i, N)`` or None); SpecError for a bad shard, for both options,
+    or for ``--shard torchrun`` outside torchrun."""
+    from pagctl.distributed.shards import parse_shard
+
+    launch = None
+    if shard == "torchrun":
+        from pagctl.distributed.launch import torchrun_launch
+
+        if merge_shards is not None:
+            raise SpecError("--merge-shards: under --shard torchrun rank 0 merges the shards "
+                            "itself; drop --merge-shards")
+        launch = torchrun_launch("--shard torchrun")
+    shard_of = ((launch.rank, launch.world_size) if launch is not None
+                else parse_shard(shard) if shard is not None else None)
+    if shard_of is not None and merge_shards is not None and launch is None:
+        raise SpecError("--shard, --merge-shards: run one shard, or merge them all; not both")
+    return launch, shard_of
+
+
+T = TypeVar("T")
+
+
+def evaluate_sharded(evaluate: Callable[[Any, int | None], T], *, run: Path, launch: Any,
+                     shard_of: tuple[int, int] | None, merge_shards: int | None,
+                     state: Path | None = None) -> T | None:
+    """Run ``evaluate(shard, merge_shards)`` as the options ask: whole, one shard (None,
+    after saying how to merge), a merge, or under torchrun (every rank its shard, a barrier,
+    then rank 0 merges; None on the other ranks). A Ctrl-C in a shard, or with a progress
+    ``state`` file, says where the progress is and exits 130."""
+    try:
+        if launch is not None:
+            from pagctl.distributed.launch import barrier, process_group
+
+            with process_group(launch):
+                evaluate(shard_of, None)
+                barrier()  # every shard finished: rank 0 merges
+            if not launch.leader:
+                return None
+            shard_of, merge_shards = None, launch.world_size
+        result = evaluate(shard_of, merge_shards)
+    except KeyboardInterrupt:
+        if state is None and shard_of is None:
+            raise
+        from pagctl.progress import stderr_console
+
+        where = state if state is not None else run / "shards"
+        stderr_console.print(f"interrupted: progress is in {where}; run the same command "
+                             "again to resume", soft_wrap=True)
+        raise typer.Exit(130) from None
+    if shard_of is not None:
+        typer.echo(f"shard {shard_of[0]}/{shard_of[1]} done ({run / 'shards'}); when all "
+                   f"{shard_of[1]} are, run the same command with --merge-shards "
+                   f"{shard_of[1]} instead of --shard", err=True)
+        return None
+    return result
 
 
 def run_heading(position: int, runs: list[Path]) -> None:

