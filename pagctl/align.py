@@ -48,6 +48,8 @@ class AlignReport:
     subset: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     seconds: float = 0.0
+    per_image: list[float] = field(default_factory=list)
+    """Each image's mean cosine over its K targets, in the subset's order."""
 
     def to_record(self, source: str, source_params: dict[str, Any],
                   params_given: dict[str, Any]) -> AlignRecord:
@@ -58,7 +60,7 @@ class AlignReport:
             classes_per_image=self.classes_per_image, mean=self.mean, interval=self.interval,
             fraction_positive=self.fraction_positive, per_true_class=self.per_true_class,
             per_target=self.per_target, subset=Subset(**self.subset), seed=self.seed,
-            seconds=self.seconds)
+            seconds=self.seconds, per_image=[round(v, 6) for v in self.per_image])
 
 
 def batch_seed(seed: int, batch: int) -> int:
@@ -367,6 +369,7 @@ class AlignProgress:
             per_target={"true": true_sum / true_count if true_count else None,
                         "other": other_sum / other_count if other_count else None},
             subset=subset_record(indices), seed=seed, seconds=self.seconds,
+            per_image=images.tolist(),
         )
 
 

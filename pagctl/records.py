@@ -211,6 +211,9 @@ class AlignRecord(_Model):
     subset: Subset | None = None
     seed: Integer | None = None
     seconds: Seconds | None = None
+    per_image: list[Cos] | None = None
+    """Each scored image's mean cosine over its K targets, in subset order (6 decimals):
+    what a bootstrap over test points resamples."""
 
 
 class ScoreTrainRecord(_Model):

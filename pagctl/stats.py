@@ -103,6 +103,73 @@ def pearson(xs: list[float], ys: list[float]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / math.sqrt(sxx * syy)
 
 
+def ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties given their average rank (what Spearman's correlation uses)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation (Pearson's on average ranks); None as `pearson`."""
+    return pearson(ranks(xs), ranks(ys))
+
+
+def bootstrap_correlations(
+    x_per_run: Sequence[Sequence[float]], y_per_run: Sequence[Sequence[float]], *,
+    resamples: int = 2000, seed: int = 0, level: float = 0.95,
+) -> dict[str, tuple[float | None, tuple[float, float] | None]]:
+    """Pearson's and Spearman's correlation across runs of the runs' mean x and mean y (e.g.
+    alignment and robust accuracy), with percentile intervals from a bootstrap over test
+    points.
+
+    Every run was measured on the same n points: ``x_per_run[r][i]`` and
+    ``y_per_run[r][i]`` belong to point i. A resample draws n points with replacement (the
+    same points for every run), recomputes each run's means and the correlations; the
+    interval holds the central ``level`` of the resampled correlations (resamples where one
+    is undefined, without variation, are left out). Returns ``{"pearson": (r, interval),
+    "spearman": (rho, interval)}``; a correlation is None with fewer than 3 runs or without
+    variation, and its interval None when it is or when fewer than half the resamples
+    define it."""
+    import numpy as np
+
+    xs, ys = np.asarray(x_per_run, dtype=np.float64), np.asarray(y_per_run, dtype=np.float64)
+    if xs.ndim != 2 or xs.shape != ys.shape:
+        raise ValueError(f"x and y must be (runs, points) of one shape, got {xs.shape} and "
+                         f"{ys.shape}")
+    runs, points = xs.shape
+    estimate = {"pearson": pearson(xs.mean(axis=1).tolist(), ys.mean(axis=1).tolist()),
+                "spearman": spearman(xs.mean(axis=1).tolist(), ys.mean(axis=1).tolist())}
+    draws: dict[str, list[float]] = {"pearson": [], "spearman": []}
+    if runs >= 3 and points > 0:
+        rng = np.random.default_rng(seed)
+        for _ in range(resamples):
+            pick = rng.integers(0, points, size=points)
+            mx, my = xs[:, pick].mean(axis=1).tolist(), ys[:, pick].mean(axis=1).tolist()
+            for name, fn in (("pearson", pearson), ("spearman", spearman)):
+                value = fn(mx, my)
+                if value is not None:
+                    draws[name].append(value)
+    out: dict[str, tuple[float | None, tuple[float, float] | None]] = {}
+    tail = (1 - level) / 2 * 100
+    for name, r in estimate.items():
+        got = draws[name]
+        interval = None
+        if r is not None and len(got) >= resamples / 2:
+            lo, hi = np.percentile(got, [tail, 100 - tail])
+            interval = (float(lo), float(hi))
+        out[name] = (r, interval)
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # which points: subset digests
 

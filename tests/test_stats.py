@@ -11,6 +11,7 @@ import torch
 
 from pagctl.stats import (
     bits_as_int,
+    bootstrap_correlations,
     error_bars,
     first_n_digest,
     indices_digest,
@@ -18,6 +19,8 @@ from pagctl.stats import (
     mean_interval,
     pack_bits,
     pearson,
+    ranks,
+    spearman,
     subset_record,
     unpack_bits,
     wilson_interval,
@@ -121,3 +124,47 @@ def test_error_bars_clamp_noise_and_treat_missing_intervals_as_zero() -> None:
     # an interval recorded by an older version can miss its point by float noise
     assert error_bars([1.0, 0.0, 0.5], [(0.96, 1.0 - 1e-16), (1e-17, 0.04), None]) == [
         [pytest.approx(0.04), 0.0, 0.0], [0.0, 0.04, 0.0]]
+
+
+def test_spearman_and_ranks_known_values() -> None:
+    """Ranks average ties; Spearman is 1 for any increasing relation, where Pearson is not,
+    and matches scipy's."""
+    assert ranks([10.0, 20.0, 20.0, 5.0]) == [2.0, 3.5, 3.5, 1.0]
+    xs = [1.0, 2.0, 3.0, 4.0, 5.0]
+    cubes = [x ** 3 for x in xs]
+    assert spearman(xs, cubes) == pytest.approx(1.0)
+    assert (pearson(xs, cubes) or 1.0) < 0.99
+    scipy_stats = pytest.importorskip("scipy.stats")
+    a, b = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0], [2.0, 7.0, 1.0, 8.0, 2.0, 8.0, 1.0]
+    assert spearman(a, b) == pytest.approx(scipy_stats.spearmanr(a, b).statistic)
+    assert spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None
+
+
+def test_bootstrap_correlations_of_run_means() -> None:
+    """The estimates are the correlations of the runs' means; the intervals hold them, are
+    reproducible with the seed, shrink with more points, and are (1, 1) when y is a fixed
+    increasing function of x point by point in every resample."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    runs, points = 6, 300
+    x_level = np.linspace(0.0, 1.0, runs)[:, None]
+    y_level = np.array([0.0, 0.6, 0.2, 1.0, 0.4, 0.8])[:, None]  # correlated about 0.66
+    x = (x_level + rng.normal(0, 0.5, (runs, points))).tolist()
+    y = (y_level + rng.normal(0, 0.5, (runs, points))).tolist()
+    out = bootstrap_correlations(x, y, resamples=400, seed=1)
+    r, interval = out["pearson"]
+    assert r == pytest.approx(pearson([sum(v) / points for v in x], [sum(v) / points for v in y]))
+    assert interval is not None and interval[0] <= r <= interval[1]
+    assert bootstrap_correlations(x, y, resamples=400, seed=1) == out
+    wider = bootstrap_correlations([v[:30] for v in x], [v[:30] for v in y], resamples=400,
+                                   seed=1)["pearson"][1]
+    assert wider is not None and wider[1] - wider[0] > interval[1] - interval[0]
+    same = [[i + 0.01 * j for j in range(points)] for i in range(runs)]
+    exact = bootstrap_correlations(same, same, resamples=200)
+    assert exact["pearson"] == (pytest.approx(1.0), (pytest.approx(1.0), pytest.approx(1.0)))
+    assert exact["spearman"][0] == pytest.approx(1.0)
+    two = bootstrap_correlations(x[:2], y[:2])
+    assert two == {"pearson": (None, None), "spearman": (None, None)}
+    with pytest.raises(ValueError, match="one shape"):
+        bootstrap_correlations(x, y[:3])
