@@ -124,13 +124,21 @@ def expand(source: str, overrides: list[str], values: dict[str, Any],
 
 def status(point: GridPoint) -> Status:
     """What the point's folder holds (module docstring)."""
-    run_dir = point.run_dir
+    return run_status(point.spec)
+
+
+def run_status(spec: RunSpec) -> Status:
+    """What the run folder of ``spec`` holds: nothing (``new``), a run stopped before its
+    first saved state (``unsaved``), an interrupted one (``partial``) or one trained for
+    all of ``spec.train.epochs`` (``finished``); whose spec it is is not checked here
+    (`check_folder`)."""
+    run_dir = spec.run_dir
     if not run_dir.is_dir() or not any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         return "new"
     if not (run_dir / STATE_FILE).is_file():
         return "unsaved"
     counters = read_state_counters(run_dir)
-    epochs = point.spec.train.epochs
+    epochs = spec.train.epochs
     done = int(counters.get("epoch", 0)) >= epochs and int(counters.get("step", 0)) == 0
     return "finished" if done else "partial"
 

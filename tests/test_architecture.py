@@ -20,7 +20,7 @@ LAYERS: list[list[str]] = [  # lowest first; a room may import from its own laye
     ["attacks", "target_gradients", "testing"],
     ["align", "robustness", "objectives"],
     ["train", "compare", "importing"],
-    ["cli", "api", "toy_experiment", "_docgen", "__main__"],
+    ["cli", "api", "toy_experiment", "study", "_docgen", "__main__"],
 ]
 LEVEL = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
 

@@ -1,0 +1,403 @@
+"""The study's report (`write_report`): read every run folder back and write markdown.
+
+Every number comes from a run folder's records: clean and robust accuracy from the attack
+records (n and the Wilson 95% interval beside each), alignment from the align records (mean
+and its 95% interval). Comparisons between two runs are the exact McNemar test on the
+points one run defends and the other does not (both were attacked on the same points); the
+correlation between alignment and robustness is taken across runs, with 95% intervals from a
+bootstrap over test points (`pagctl.stats.bootstrap_correlations`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from pagctl.stats import bits_as_int, bootstrap_correlations, mcnemar_exact
+from pagctl.study.plan import Measure, Study, StudyRun
+from pagctl.study.run import attack_params, latest
+
+SIGNIFICANCE = 0.05
+"""A McNemar p-value below this makes a difference significant in the verdicts."""
+
+PAPER_FIGURE_1 = {  # CIFAR-10, robust accuracy (%), the paper's Figure 1
+    "Vanilla (CE only)": (0.00, 0.00), "PAG, One Image": (46.63, 13.50),
+    "PAG, Class Mean": (47.25, 11.24), "PAG, Nearest Neighbor": (42.12, 7.51),
+    "PAG, Score-Based Gradients": (55.39, 23.97),
+}
+
+
+@dataclass
+class Measured:
+    """One run's measurement under one attack: counts, interval, per-point robust bits."""
+
+    n: int
+    clean: int
+    robust: int
+    interval: tuple[float, float]
+    bits: int  # robust per point, point 0 in the highest of n bits
+    seconds: float
+    reliable: bool | None
+
+    @property
+    def accuracy(self) -> float:
+        return self.robust / self.n if self.n else 0.0
+
+
+@dataclass
+class RunResults:
+    """What the report reads of one run folder."""
+
+    run: StudyRun
+    measured: dict[Measure, Measured]
+    alignment: tuple[float, tuple[float, float] | None, list[float]] | None
+    train_seconds: float
+    align_seconds: float
+
+
+def read_results(study: Study, out: Path) -> dict[str, RunResults]:
+    """Every run's measurements, as recorded in its folder; KeyError naming a run and a
+    measurement the folder lacks (run the study first)."""
+    from pagctl.checkpoint import read_metrics
+
+    results = {}
+    for name, run in study.runs.items():
+        records = read_metrics(study.run_dir(out, name))
+        measured = {}
+        for measure in study.measures:
+            rec = latest(records, "attack", attack="autoattack",
+                         params=attack_params(study, measure.norm, measure.eps))
+            if rec is None:
+                raise KeyError(f"{name}: no {measure.label} record; run the study first")
+            n = int(rec["n"])
+            measured[measure] = Measured(
+                n, int(rec["clean_correct"]), int(rec["robust_correct"]),
+                (float(rec["robust_interval"][0]), float(rec["robust_interval"][1])),
+                bits_as_int(rec["per_example"]["robust"], n), float(rec.get("seconds") or 0),
+                (rec.get("reliability") or {}).get("reliable"))
+        align = latest(records, "align", source=study.align_source)
+        alignment: tuple[float, tuple[float, float] | None, list[float]] | None = None
+        if align is not None:
+            interval = align.get("interval")
+            alignment = (float(align["mean"]),
+                         (float(interval[0]), float(interval[1])) if interval else None,
+                         [float(v) for v in align.get("per_image") or []])
+        epochs = [r for r in records if r.get("kind") == "train_epoch"]
+        results[name] = RunResults(
+            run, measured, alignment,
+            sum(float(r.get("train_seconds") or 0) for r in epochs),
+            float(align.get("seconds") or 0) if align else 0.0)
+    return results
+
+
+def compare_runs(a: Measured, b: Measured) -> tuple[int, int, float]:
+    """(points a defends and b does not, the reverse, McNemar's exact p-value)."""
+    full = (1 << a.n) - 1
+    only_a = bin(a.bits & ~b.bits & full).count("1")
+    only_b = bin(b.bits & ~a.bits & full).count("1")
+    return only_a, only_b, mcnemar_exact(only_a, only_b)
+
+
+def verdict(a: Measured, b: Measured, what_a: str, what_b: str) -> str:
+    """Which of two runs is more robust on the same points, by McNemar's test."""
+    only_a, only_b, p = compare_runs(a, b)
+    test = f"McNemar p = {p:.2g} ({only_a} vs {only_b} points)"
+    if p >= SIGNIFICANCE:
+        return f"no significant difference; {test}"
+    winner = what_a if only_a > only_b else what_b
+    return f"{winner} more robust; {test}"
+
+
+def _cell(m: Measured) -> str:
+    lo, hi = m.interval
+    flag = "" if m.reliable in (True, None) else " (unreliable)"
+    return f"{m.accuracy:.3f} [{lo:.2f}, {hi:.2f}]{flag}"
+
+
+def _align_cell(r: RunResults) -> str:
+    if r.alignment is None:
+        return "-"
+    mean, interval, _ = r.alignment
+    return f"{mean:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+
+def _clean(r: RunResults, study: Study) -> str:
+    m = r.measured[study.measures[0]]
+    return f"{m.clean / m.n:.3f}" if m.n else "-"
+
+
+def _label(run: StudyRun) -> str:
+    if run.source == "none":
+        return "vanilla"
+    return f"PAG {'NN' if run.source == 'nearest_neighbor' else 'SBG'} λ={run.pag_weight:g}"
+
+
+def _provenance() -> str:
+    """pagctl's version and, in a git checkout, its commit."""
+    from pagctl import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True, cwd=Path(__file__).parent,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True,
+                               text=True, check=True, cwd=Path(__file__).parent,
+                               timeout=10).stdout.strip()
+        commit += " (uncommitted changes)" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = "not a git checkout"
+    return f"pagctl {__version__}, commit {commit}"
+
+
+def write_report(study: Study, out: Path, path: Path, *, seconds: float | None = None,
+                 figure: Path | None = None) -> str:
+    """Write the report to ``path`` (and return it); ``figure``: a PNG of robust accuracy
+    and alignment against λ (needs matplotlib)."""
+    results = read_results(study, out)
+    main = study.measures[0]
+    header = "| recipe | clean | " + " | ".join(m.label for m in study.measures) + \
+        " | alignment |"
+    rule = "|---|---:|" + "---:|" * len(study.measures) + "---:|"
+    n = next(iter(results.values())).measured[main].n
+    lines = ["# Results: the paper's claims on the embedded digits", "",
+             "Generated by `python -m pagctl.study` (`make study`); do not edit by hand.", ""]
+    if study.quick:
+        lines += [f"**{note}.**" for note in study.notes] + [""]
+    settings = ", ".join(f"{k}={v}" for k, v in study.attack_params.items())
+    total = sum(r.train_seconds for r in results.values())
+    measure_seconds = sum(m.seconds for r in results.values() for m in r.measured.values())
+    lines += [
+        "## How it was measured", "",
+        f"- {_provenance()}; {datetime.date.today().isoformat()}; "
+        f"{platform.machine()}, Python {platform.python_version()}.",
+        f"- Data: scikit-learn's 8×8 digits, the built-in split; every run measured on the "
+        f"same {n} test points.",
+        f"- Attacks: pagctl's AutoAttack ({settings}), "
+        f"{', '.join(m.label for m in study.measures)}; robust accuracy with its Wilson 95% "
+        "interval.",
+        f"- Alignment: `align-score` against `{study.align_source}` targets (mean cosine "
+        "over images and all classes, 95% interval).",
+        f"- {len(results)} runs; training {total / 60:.1f} min, attacks "
+        f"{measure_seconds / 60:.1f} min" + (f", {seconds / 60:.1f} min in all (this "
+                                             "invocation)" if seconds is not None else "")
+        + ".", ""]
+    lines += _claims(study, results) + _sweep(study, results, header, rule) + \
+        _correlation(study, results) + _seeds(study, results) + \
+        _arches(study, results, header, rule) + _paper(study, results) + _runs(results)
+    if figure is not None:
+        _figure(study, results, figure)
+        lines += ["## Figure", "", f"![robust accuracy and alignment against λ]({figure.name})",
+                  ""]
+    text = "\n".join(lines).rstrip() + "\n"
+    from pagctl.checkpoint import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+    return text
+
+
+def _claims(study: Study, results: dict[str, RunResults]) -> list[str]:
+    main = study.measures[0]
+    vanilla = results[study.arches["small_cnn"]["vanilla"]].measured[main]
+    rows = []
+    for source, label in (("nearest_neighbor", "NN"), ("sbg", "SBG")):
+        pag = results[study.arches["small_cnn"][source]].measured[main]
+        v = verdict(pag, vanilla, f"PAG {label}", "vanilla")
+        agrees = v.startswith(f"PAG {label} more robust")
+        rows.append(f"| PAG makes a model robust without adversarial examples ({label}, λ = 1) "
+                    f"| {pag.accuracy:.3f} vs vanilla {vanilla.accuracy:.3f} | "
+                    f"{'agrees' if agrees else 'does not agree'} | {v} |")
+    corr = _correlations(study, results)[main]["spearman"]
+    rho, interval = corr
+    agrees = interval is not None and interval[0] > 0
+    rows.append(f"| better alignment, more robustness (across all {len(results)} runs) | "
+                f"Spearman ρ = {_num(rho)} {_interval(interval)} | "
+                f"{'agrees' if agrees else 'not shown'} | bootstrap over test points |")
+    nn = results[study.arches["small_cnn"]["nearest_neighbor"]].measured[main]
+    sbg = results[study.arches["small_cnn"]["sbg"]].measured[main]
+    v = verdict(sbg, nn, "SBG", "NN")
+    order = ("agrees" if v.startswith("SBG more") else "opposite" if v.startswith("NN more")
+             else "no difference shown")
+    rows.append(f"| SBG is the best source (CIFAR-10 L2: SBG 55.39% vs NN 42.12%) | SBG "
+                f"{sbg.accuracy:.3f} vs NN {nn.accuracy:.3f} | {order} | {v} |")
+    for arch, recipes in study.arches.items():
+        base = results[recipes["vanilla"]].measured[main]
+        verdicts = [verdict(results[recipes[s]].measured[main], base, f"PAG {lab}", "vanilla")
+                    for s, lab in (("nearest_neighbor", "NN"), ("sbg", "SBG"))]
+        helped = all(v.startswith("PAG") for v in verdicts)
+        rows.append(f"| PAG helps on every architecture: {arch} | NN "
+                    f"{results[recipes['nearest_neighbor']].measured[main].accuracy:.3f}, SBG "
+                    f"{results[recipes['sbg']].measured[main].accuracy:.3f} vs vanilla "
+                    f"{base.accuracy:.3f} | {'agrees' if helped else 'not shown'} | "
+                    f"{'; '.join(verdicts)} |")
+    return ["## The claims", "",
+            f"Each at {main.label} on the same points; a verdict needs McNemar p < "
+            f"{SIGNIFICANCE} (or a correlation interval above 0).", "",
+            "| claim (paper) | digits | verdict | test |", "|---|---|---|---|", *rows, ""]
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _interval(interval: tuple[float, float] | None) -> str:
+    return "" if interval is None else f"[{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def _row(label: str, r: RunResults, study: Study) -> str:
+    return (f"| {label} | {_clean(r, study)} | "
+            + " | ".join(_cell(r.measured[m]) for m in study.measures)
+            + f" | {_align_cell(r)} |")
+
+
+def _sweep(study: Study, results: dict[str, RunResults], header: str,
+           rule: str) -> list[str]:
+    lines = ["## λ sweep (small CNN, seed 0)", "", header.replace("recipe", "source, λ"), rule]
+    for source, names in study.lambda_sweep.items():
+        label = "NN" if source == "nearest_neighbor" else "SBG"
+        for name in names:
+            r = results[name]
+            lines.append(_row(f"{label}, λ = {r.run.pag_weight:g}"
+                              + (" (vanilla)" if r.run.source == "none" else ""), r, study))
+    return [*lines, ""]
+
+
+Correlations = dict[str, tuple[float | None, tuple[float, float] | None]]
+
+
+def _correlations(study: Study, results: dict[str, RunResults]
+                  ) -> dict[Measure, Correlations]:
+    runs = [r for r in results.values() if r.alignment is not None and r.alignment[2]]
+    out: dict[Measure, Correlations] = {}
+    for measure in study.measures:
+        n = runs[0].measured[measure].n if runs else 0
+        xs = [r.alignment[2][:n] for r in runs if r.alignment is not None]
+        ys = [[float(b) for b in unpack_bits_int(r.measured[measure].bits, n)] for r in runs]
+        none: Correlations = {"pearson": (None, None), "spearman": (None, None)}
+        out[measure] = bootstrap_correlations(xs, ys, resamples=1000) if runs else none
+    return out
+
+
+def unpack_bits_int(bits: int, n: int) -> list[int]:
+    """Per-point bits of `bits_as_int`'s integer, point 0 first."""
+    return [(bits >> (n - 1 - i)) & 1 for i in range(n)]
+
+
+def _correlation(study: Study, results: dict[str, RunResults]) -> list[str]:
+    corr = _correlations(study, results)
+    lines = ["## Alignment and robustness", "",
+             f"Across all {len(results)} runs (every λ, seed and architecture): the runs' mean "
+             "alignment against their robust accuracy; 95% intervals from 1,000 bootstrap "
+             "resamples of the test points.", "",
+             "| attack | Pearson r | Spearman ρ |", "|---|---|---|"]
+    for measure, values in corr.items():
+        (r, ri), (rho, rhoi) = values["pearson"], values["spearman"]
+        lines.append(f"| {measure.label} | {_num(r)} {_interval(ri)} | "
+                     f"{_num(rho)} {_interval(rhoi)} |")
+    return [*lines, ""]
+
+
+def _seeds(study: Study, results: dict[str, RunResults]) -> list[str]:
+    main = study.measures[0]
+    seeds = len(next(iter(study.seeds.values())))
+    lines = ["## Seeds (small CNN, λ = 1)", "",
+             f"{main.label}, one run per training seed; the spread is what a single run's "
+             "difference must exceed.", "",
+             "| recipe | " + " | ".join(f"seed {i}" for i in range(seeds))
+             + " | mean | sd | range |", "|---|" + "---:|" * (seeds + 3)]
+    for kind, names in study.seeds.items():
+        values = [results[n].measured[main].accuracy for n in names]
+        mean = sum(values) / len(values)
+        sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 \
+            if len(values) > 1 else 0.0
+        label = {"vanilla": "vanilla", "nearest_neighbor": "PAG NN", "sbg": "PAG SBG"}[kind]
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values)
+                     + f" | {mean:.3f} | {sd:.3f} | {max(values) - min(values):.3f} |")
+    return [*lines, ""]
+
+
+def _arches(study: Study, results: dict[str, RunResults], header: str,
+            rule: str) -> list[str]:
+    main = study.measures[0]
+    lines = ["## Architectures (λ = 1, seed 0)", "",
+             header.replace("recipe", "architecture, recipe") + " verdict vs vanilla |",
+             rule + "---|"]
+    for arch, recipes in study.arches.items():
+        base = results[recipes["vanilla"]]
+        for kind, name in recipes.items():
+            r = results[name]
+            v = "" if kind == "vanilla" else verdict(r.measured[main], base.measured[main],
+                                                     "PAG", "vanilla")
+            lines.append(_row(f"{arch}, {_label(r.run)}", r, study) + f" {v} |")
+    return [*lines, ""]
+
+
+def _paper(study: Study, results: dict[str, RunResults]) -> list[str]:
+    l2 = next((m for m in study.measures if m.norm == "l2"), study.measures[0])
+    li = next((m for m in study.measures if m.norm == "linf"), study.measures[-1])
+    digits = {"Vanilla (CE only)": study.arches["small_cnn"]["vanilla"],
+              "PAG, Nearest Neighbor": study.arches["small_cnn"]["nearest_neighbor"],
+              "PAG, Score-Based Gradients": study.arches["small_cnn"]["sbg"]}
+    lines = ["## Beside the paper's Figure 1 (CIFAR-10: a different dataset)", "",
+             "The paper's robust accuracies are CIFAR-10 ResNet-18 numbers at ε it does not "
+             "print; the digits numbers are another dataset, model and budget. Compare the "
+             "direction and the order, not the values.", "",
+             f"| method | CIFAR-10 L2 (paper) | CIFAR-10 L∞ (paper) | digits {l2.label} | "
+             f"digits {li.label} |", "|---|---:|---:|---:|---:|"]
+    for method, (pl2, pli) in PAPER_FIGURE_1.items():
+        name = digits.get(method)
+        d2 = f"{results[name].measured[l2].accuracy:.3f}" if name else "not run"
+        di = f"{results[name].measured[li].accuracy:.3f}" if name else "not run"
+        lines.append(f"| {method} | {pl2:.2f}% | {pli:.2f}% | {d2} | {di} |")
+    return [*lines, ""]
+
+
+def _runs(results: dict[str, RunResults]) -> list[str]:
+    lines = ["## Runs", "", "| run | spec | overrides | train s | attacks s | alignment s |",
+             "|---|---|---|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r.run.spec} | {' '.join(r.run.overrides)} | "
+                     f"{r.train_seconds:.1f} | "
+                     f"{sum(m.seconds for m in r.measured.values()):.1f} | "
+                     f"{r.align_seconds:.1f} |")
+    return [*lines, ""]
+
+
+def _figure(study: Study, results: dict[str, RunResults], path: Path) -> None:
+    """Robust accuracy (each measure) and alignment against λ, one line per source."""
+    from pagctl.figures import pyplot, save_png
+    from pagctl.stats import error_bars
+
+    plt = pyplot("--figure")
+    fig, axes = plt.subplots(1, len(study.measures) + 1,
+                             figsize=(3.6 * (len(study.measures) + 1), 3.4), squeeze=False)
+    try:
+        for j, measure in enumerate([*study.measures, None]):
+            ax = axes[0][j]
+            for i, (source, names) in enumerate(study.lambda_sweep.items()):
+                runs = [results[n] for n in names]
+                lams = [r.run.pag_weight for r in runs]
+                if measure is None:
+                    values = [r.alignment[0] if r.alignment else float("nan") for r in runs]
+                    intervals = [r.alignment[1] if r.alignment else None for r in runs]
+                else:
+                    values = [r.measured[measure].accuracy for r in runs]
+                    intervals = [r.measured[measure].interval for r in runs]
+                ax.errorbar(lams, values, yerr=error_bars(values, intervals), marker="o",
+                            capsize=3, color=f"C{i}",
+                            label="NN" if source == "nearest_neighbor" else "SBG")
+            ax.set_xlabel("λ")
+            ax.set_title(measure.label if measure else "alignment", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("robust accuracy (95% interval)")
+        axes[0][-1].set_ylabel("mean cosine (95% interval)")
+        fig.tight_layout()
+        save_png(fig, path)
+    finally:
+        plt.close(fig)
+
+

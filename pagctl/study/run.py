@@ -1,0 +1,137 @@
+"""Train and measure what a study is missing (`run_study`).
+
+In order: the score model (when SBG runs are planned), every run (finished ones skipped,
+interrupted ones resumed, `pagctl.grid.run_status`), then for every run each planned
+AutoAttack and the alignment score, each skipped when the run's metrics.jsonl already holds
+it for the same attack, parameters, points and weights. So the same command, run again,
+finishes an interrupted study, and a finished study costs nothing but the report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pagctl.study.plan import Study, StudyRun
+
+
+def run_spec(study: Study, out: Path, run: StudyRun) -> Any:
+    """The run's validated RunSpec, its folder under ``out``."""
+    from pagctl.spec import load_spec
+
+    return load_spec(run.spec, [*run.overrides, *study.overrides],
+                     {"out_dir": study.run_dir(out, run.name)})
+
+
+def attack_params(study: Study, norm: str, eps: float) -> dict[str, Any]:
+    """The AutoAttack params of one measurement (what its record carries)."""
+    return {**study.attack_params, "norm": norm, "eps": eps}
+
+
+def run_study(study: Study, out: Path, *, device: str = "cpu",
+              log: Callable[[str], None] = print) -> float:
+    """Train and measure what is missing under ``out``; returns the seconds spent."""
+    start = time.perf_counter()
+    if any(run.source == "sbg" for run in study.runs.values()):
+        _score_model(study, out, device, log)
+    total = len(study.runs)
+    for i, run in enumerate(study.runs.values(), 1):
+        _train(study, out, run, device, f"[{i}/{total}] {run.name}", log)
+    for i, run in enumerate(study.runs.values(), 1):
+        _measure(study, out, run, device, f"[{i}/{total}] {run.name}", log)
+    return time.perf_counter() - start
+
+
+def _score_model(study: Study, out: Path, device: str, log: Callable[[str], None]) -> None:
+    from pagctl.checkpoint import read_metrics
+    from pagctl.score.spec import load_score_spec
+    from pagctl.score.train import train_score
+
+    folder = out / "score-digits"
+    if any(r.get("kind") == "score_done" for r in read_metrics(folder)) \
+            if folder.is_dir() else False:
+        log(f"score model: done before ({folder})")
+        return
+    spec = load_score_spec("score-digits", list(study.score_overrides), {"out_dir": folder})
+    resume = (folder / "state.safetensors").is_file()
+    log(f"score model: {'resuming' if resume else 'training'} {folder}")
+    result = train_score(spec, device=device, progress=False, resume=resume,
+                         overwrite=not resume)
+    if result.interrupted:
+        raise KeyboardInterrupt
+
+
+def _train(study: Study, out: Path, run: StudyRun, device: str, head: str,
+           log: Callable[[str], None]) -> None:
+    from pagctl.grid import run_status
+    from pagctl.train import train
+
+    spec = run_spec(study, out, run)
+    status = run_status(spec)
+    if status == "finished":
+        log(f"{head}: trained before")
+        return
+    log(f"{head}: {'resuming' if status == 'partial' else 'training'}")
+    result = train(spec, device=device, resume=status == "partial",
+                   overwrite=status == "unsaved", progress=False)
+    if result.interrupted:
+        raise KeyboardInterrupt
+
+
+def latest(records: list[dict[str, Any]], kind: str, **match: Any) -> dict[str, Any] | None:
+    """The last record of ``kind`` whose fields equal ``match`` (``params`` compared as a
+    subset: the record holds every param, defaults included)."""
+    for record in reversed(records):
+        if record.get("kind") != kind:
+            continue
+        ok = True
+        for key, value in match.items():
+            got = record.get(key)
+            if key == "params" and isinstance(got, dict):
+                ok &= all(got.get(k) == v for k, v in value.items())
+            else:
+                ok &= got == value
+        if ok:
+            found: dict[str, Any] = record
+            return found
+    return None
+
+
+def _measure(study: Study, out: Path, run: StudyRun, device: str, head: str,
+             log: Callable[[str], None]) -> None:
+    from pagctl import api
+    from pagctl.checkpoint import append_record, read_metrics
+
+    folder = study.run_dir(out, run.name)
+    n = _points(study, out, run)
+    for measure in study.measures:
+        params = attack_params(study, measure.norm, measure.eps)
+        if latest(read_metrics(folder), "attack", attack="autoattack", params=params, n=n):
+            continue
+        log(f"{head}: {measure.label}")
+        report = api.attack(str(folder), attack="autoattack", params=params,
+                            limit=study.limit, device=device, probes=not study.quick)
+        api.record(folder, report)
+    if latest(read_metrics(folder), "align", source=study.align_source, n=n) is None:
+        log(f"{head}: alignment with {study.align_source}")
+        score = api.align_score(str(folder), source=study.align_source, limit=study.limit,
+                                device=device)
+        assert score is not None
+        append_record(folder, score.to_record(study.align_source, {}, {}))
+
+
+_TEST_SIZES: dict[str, int] = {}
+
+
+def _points(study: Study, out: Path, run: StudyRun) -> int:
+    """How many test points the study measures a run on: its test set, or ``limit`` of it."""
+    from pagctl.data import load_data
+
+    data = run_spec(study, out, run).data
+    key = data.model_dump_json()
+    if key not in _TEST_SIZES:
+        _TEST_SIZES[key] = len(load_data(data).test)  # type: ignore[arg-type]
+    total = _TEST_SIZES[key]
+    return min(total, study.limit) if study.limit is not None else total

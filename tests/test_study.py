@@ -1,0 +1,82 @@
+"""The digits study (`pagctl.study`): its plan, the report's tests and verdicts, and the quick
+pipeline end to end (slow suite): trained, measured, reported, and a second invocation that
+trains and measures nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pagctl.stats import mcnemar_exact
+from pagctl.study.plan import digits_study
+from pagctl.study.report import Measured, compare_runs, unpack_bits_int, verdict
+
+
+def _measured(bits: list[int]) -> Measured:
+    n = len(bits)
+    return Measured(n=n, clean=n, robust=sum(bits), interval=(0.0, 1.0),
+                    bits=int("".join(map(str, bits)), 2), seconds=0.0, reliable=True)
+
+
+def test_the_plan_shares_runs_and_covers_every_part(tmp_path: Path) -> None:
+    """Full: 6 λ × 2 sources, 3 seeds × 3 recipes, 4 architectures × 3 recipes, with the
+    shared runs trained once; every named run exists; SBG runs read the study's score
+    model; 4 AutoAttack budgets."""
+    study = digits_study(tmp_path)
+    assert [study.runs[n].pag_weight for n in study.lambda_sweep["sbg"]] == \
+        [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
+    assert study.lambda_sweep["sbg"][0] == study.lambda_sweep["nearest_neighbor"][0] == \
+        "digits-vanilla-s0" == study.seeds["vanilla"][0] == study.arches["small_cnn"]["vanilla"]
+    named = {n for names in study.lambda_sweep.values() for n in names} | \
+        {n for names in study.seeds.values() for n in names} | \
+        {n for recipes in study.arches.values() for n in recipes.values()}
+    assert named == set(study.runs)
+    assert len(study.runs) == 11 + 6 + 9  # the sweeps, two more seeds each, three families
+    sbg = study.runs["digits-vit-pag-sbg-l1-s0"]
+    assert f"target_gradients.params.run={tmp_path / 'score-digits'}" in sbg.overrides
+    assert [(m.norm, m.eps) for m in study.measures] == \
+        [("l2", 0.5), ("l2", 1.0), ("linf", 0.1), ("linf", 0.15)]
+    quick = digits_study(tmp_path, quick=True)
+    assert len(quick.runs) == 9 and quick.limit == 60 and quick.quick
+
+
+def test_verdicts_are_mcnemar_on_the_points_one_run_alone_defends() -> None:
+    a = _measured([1] * 12 + [0] * 2 + [1] * 6)  # defends 12 points b does not
+    b = _measured([0] * 12 + [1] * 2 + [1] * 6)
+    only_a, only_b, p = compare_runs(a, b)
+    assert (only_a, only_b) == (12, 2) and p == pytest.approx(mcnemar_exact(12, 2))
+    assert verdict(a, b, "PAG", "vanilla").startswith("PAG more robust; McNemar p = 0.013")
+    assert verdict(b, a, "vanilla", "PAG").startswith("PAG more robust")
+    even = _measured([1, 0] * 10)
+    assert verdict(even, _measured([0, 1] * 10), "x", "y") == \
+        "no significant difference; McNemar p = 1 (10 vs 10 points)"
+    assert unpack_bits_int(a.bits, a.n) == [1] * 12 + [0] * 2 + [1] * 6
+
+
+@pytest.mark.slow
+def test_the_quick_study_trains_measures_reports_and_resumes(tmp_path: Path) -> None:
+    """`python -m pagctl.study --quick` (about a minute on one core): the report has every
+    section, every run a number; run again, it trains and attacks nothing."""
+    pytest.importorskip("matplotlib")
+    command = [sys.executable, "-m", "pagctl.study", "--quick", "--out", str(tmp_path / "s")]
+    env = {"OMP_NUM_THREADS": "1", "PAGCTL_DISABLE_PLUGIN_AUTOLOAD": "1",
+           "PATH": "/usr/bin:/bin"}
+    first = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env,
+                           timeout=900, check=False, stdin=subprocess.DEVNULL)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = (tmp_path / "s" / "results.md").read_text()
+    for section in ("## The claims", "## λ sweep", "## Alignment and robustness", "## Seeds",
+                    "## Architectures", "## Beside the paper's Figure 1", "## Runs"):
+        assert section in report
+    assert "quick variant" in report and "Spearman ρ = " in report
+    runs_table = report[report.index("## Runs"):]
+    assert sum(line.startswith("| digits-") for line in runs_table.splitlines()) == 9
+    assert (tmp_path / "s" / "results-lambda.png").read_bytes()[:4] == b"\x89PNG"
+    again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env,
+                           timeout=900, check=False, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("trained before") == 9 and "AA " not in again.stderr
+    assert "score model: done before" in again.stderr
