@@ -146,15 +146,21 @@ def run_status(spec: RunSpec) -> Status:
 def check_folder(point: GridPoint) -> None:
     """SpecError when the point's folder holds a run of another spec (a grid run before with
     other ``--set`` values, or another grid under the same root)."""
-    run_dir = point.run_dir
+    problem = folder_problem(point.spec)
+    if problem is not None:
+        raise SpecError(f"--grid point {point.index} ({point.label}): {problem}; give "
+                        "another --out, or --overwrite to replace the grid's runs")
+
+
+def folder_problem(spec: RunSpec) -> str | None:
+    """Why the run folder of ``spec`` cannot be resumed or skipped as a run of ``spec``: it
+    is a file, or holds a run of another spec; None when it can (or is new)."""
+    run_dir = spec.run_dir
     if run_dir.exists() and not run_dir.is_dir():
-        raise SpecError(f"--grid point {point.index} ({point.label}): {run_dir} is a file; "
-                        "choose another --out")
-    if status(point) in ("new", "unsaved") or not (run_dir / "spec.json").is_file():
-        return
+        return f"{run_dir} is a file"
+    if run_status(spec) in ("new", "unsaved") or not (run_dir / "spec.json").is_file():
+        return None
     saved = read_run_spec(run_dir, RunSpec)
-    if saved.model_copy(update={"out_dir": None}) != \
-            point.spec.model_copy(update={"out_dir": None}):
-        raise SpecError(f"--grid point {point.index} ({point.label}): {run_dir} holds a run "
-                        "of another spec (other --set values?); give another --out, or "
-                        "--overwrite to replace the grid's runs")
+    if saved.model_copy(update={"out_dir": None}) != spec.model_copy(update={"out_dir": None}):
+        return f"{run_dir} holds a run of another spec (other --set values?)"
+    return None

@@ -65,10 +65,14 @@ def _score_model(study: Study, out: Path, device: str, log: Callable[[str], None
 
 def _train(study: Study, out: Path, run: StudyRun, device: str, head: str,
            log: Callable[[str], None]) -> None:
-    from pagctl.grid import run_status
+    from pagctl.errors import SpecError
+    from pagctl.grid import folder_problem, run_status
     from pagctl.train import train
 
     spec = run_spec(study, out, run)
+    problem = folder_problem(spec)
+    if problem is not None:
+        raise SpecError(f"study run {run.name}: {problem}; delete it, or give another --out")
     status = run_status(spec)
     if status == "finished":
         log(f"{head}: trained before")
