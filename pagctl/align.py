@@ -168,6 +168,8 @@ def score_batches(
             scored_so_far = state.cosines[~state.cosines.isnan()]
             bar.update(advance=len(y), info=f"mean cos {float(scored_so_far.mean()):.3f}")
     state.seconds = prior + time.perf_counter() - start
+    if state_path is not None:  # also a shard that owns no batch: its file says it is done
+        state.save(state_path)
     return state
 
 
@@ -230,7 +232,8 @@ def sharded_alignment(
         if not path.exists():
             raise SpecError(f"--merge-shards: shard {i}/{count} of this score has not run "
                             f"({path} is missing); run the same command with --shard "
-                            f"{i}/{count} (same source, params, seed, K, subset and weights)")
+                            f"{i}/{count} (same source, params, seed, K, batch size, subset and "
+                            "weights)")
         parts.append(AlignProgress.load(path, {**key, "shard": [i, count]}))
     try:
         merged = AlignProgress.merge(parts)

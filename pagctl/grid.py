@@ -88,6 +88,13 @@ def expand(source: str, overrides: list[str], values: dict[str, Any],
     for anything that would stop one of them (module docstring). ``overwrite``: the runs
     will be replaced, so a folder holding another spec's run is no obstacle."""
     axes = parse_axes(items)
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        clash = next((k for k, _ in axes if k == key or k.startswith(f"{key}.")
+                      or key.startswith(f"{k}.")), None)
+        if clash is not None:
+            raise SpecError(f"--set {key}, --grid {clash}: the grid sets it for every point; "
+                            "drop one of them")
     base = load_spec(source, overrides, values)
     root = root if root is not None else Path("runs") / f"{base.name}-grid"
     points: list[GridPoint] = []
@@ -95,6 +102,11 @@ def expand(source: str, overrides: list[str], values: dict[str, Any],
     for index, combo in enumerate(itertools.product(*(vals for _, vals in axes))):
         pairs = tuple(zip((key for key, _ in axes), combo, strict=True))
         name = folder_name(pairs)
+        if len(name.encode()) > 255:
+            label = " ".join(f"{k}={v}" for k, v in pairs)
+            raise SpecError(f"--grid point {index} ({label}): its folder name would have "
+                            f"{len(name.encode())} characters, more than a file system "
+                            "takes (255); use shorter values")
         try:
             spec = load_spec(source, [*overrides, *(f"{k}={v}" for k, v in pairs)],
                              {**values, "out_dir": root / name})
@@ -153,12 +165,13 @@ def check_folder(point: GridPoint) -> None:
 
 
 def folder_problem(spec: RunSpec) -> str | None:
-    """Why the run folder of ``spec`` cannot be resumed or skipped as a run of ``spec``: it
-    is a file, or holds a run of another spec; None when it can (or is new)."""
+    """Why the run folder of ``spec`` cannot be resumed, restarted or skipped as a run of
+    ``spec``: it is a file, or holds a run of another spec (even one stopped before its
+    first state); None when it can (or is new)."""
     run_dir = spec.run_dir
     if run_dir.exists() and not run_dir.is_dir():
         return f"{run_dir} is a file"
-    if run_status(spec) in ("new", "unsaved") or not (run_dir / "spec.json").is_file():
+    if run_status(spec) == "new" or not (run_dir / "spec.json").is_file():
         return None
     saved = read_run_spec(run_dir, RunSpec)
     if saved.model_copy(update={"out_dir": None}) != spec.model_copy(update={"out_dir": None}):

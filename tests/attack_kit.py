@@ -71,7 +71,9 @@ def train_digits_mlp(num_test: int = 300) -> tuple[nn.Module, Tensor, Tensor]:
 def assert_grouping_does_not_matter(attack: Callable[[int, torch.Generator], Tensor],
                                     model: nn.Module, y: Tensor) -> None:
     """``attack(runs_together, generator)`` with its runs in groups of 1 (the reference's
-    order), 2, 4 and all: the same points bit for bit, and the generator left in the same
+    order), 2, 4 and all: the same verdict for every point, the same points up to the
+    rounding of the model's arithmetic on batches of other sizes (within 1e-3; a wrong
+    start or merge order moves points by far more), and the generator left in the same
     state (a plugin's next call continues the same stream); the later runs had something
     left to attack."""
     results = {}
@@ -80,8 +82,9 @@ def assert_grouping_does_not_matter(attack: Callable[[int, torch.Generator], Ten
         out = attack(together, generator)
         results[together] = (out, torch.rand(3, generator=generator))
     base, after = results[1]
-    broken = int((model(base).argmax(1) != y).sum())
-    assert 0 < broken < len(y)
+    fooled = model(base).argmax(1) != y
+    assert 0 < int(fooled.sum()) < len(y)
     for together, (out, draw) in results.items():
-        assert torch.equal(out, base), together
+        assert torch.equal(model(out).argmax(1) != y, fooled), together
+        torch.testing.assert_close(out, base, rtol=0, atol=1e-3, msg=f"groups of {together}")
         assert torch.equal(draw, after), together

@@ -154,7 +154,7 @@ class _Params(BaseModel):
     scale: float = 1.0
 
 
-@pytest.mark.parametrize("count", [2, 3])
+@pytest.mark.parametrize("count", [2, 3, 7])
 def test_shards_merge_into_the_unsharded_report(tmp_path: Path, count: int) -> None:
     """Shards scored by fresh sources merge into exactly the unsharded report (every number
     but the seconds), because each batch draws its classes and reseeds the source from the
@@ -164,6 +164,9 @@ def test_shards_merge_into_the_unsharded_report(tmp_path: Path, count: int) -> N
                              num_classes=5, classes_per_image=3, batch_size=7, seed=3)
     merged = _shard_scores(tmp_path / str(count), lambda: NoisyTargets(0), count)
     assert replace(merged, seconds=0.0) == replace(whole, seconds=0.0)
+    # 40 images in batches of 7 are 6 batches: with 7 shards, shard 6 owns none, and its file
+    # still says it is done
+    assert len(list((tmp_path / str(count)).iterdir())) == count
     assert whole.n == 40 and whole.per_target["true"] is not None
 
 

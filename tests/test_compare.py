@@ -528,7 +528,7 @@ def test_plot_against_a_swept_field(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert len(titles) == 4
     assert titles[2] == "robust accuracy vs λ (95% intervals)"
     assert titles[3] == "alignment vs λ (95% intervals)"
-    with pytest.raises(SpecError, match=r"train\.lr.*differs across these runs.*pag_weight"):
+    with pytest.raises(SpecError, match=r"train\.lr.*numeric ones that do: train\.pag_weight\)"):
         check_against(c, "train.lr")
     with pytest.raises(SpecError, match="not a number"):
         check_against(c, "target_gradients.name")

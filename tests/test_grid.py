@@ -35,16 +35,16 @@ def _main(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, s
 
 
 def test_the_points_are_the_product_in_order_with_their_values_applied(workdir: Path) -> None:
-    """The last key varies fastest; each point's spec has --set, then its grid values; the
+    """The last key varies fastest; each point's spec has --set and its grid values; the
     folders sit under runs/<name>-grid by default, named by the values."""
-    points = expand("digits-vanilla", ["train.lr=0.3", "train.epochs=1"], {},
+    points = expand("digits-vanilla", ["train.momentum=0.5", "train.epochs=1"], {},
                     ["train.lr=0.05,0.1", "train.seed=1,2,3"], None)
     assert [p.label for p in points][:4] == [
         "train.lr=0.05 train.seed=1", "train.lr=0.05 train.seed=2",
         "train.lr=0.05 train.seed=3", "train.lr=0.1 train.seed=1"]
     assert [p.index for p in points] == list(range(6))
-    assert [(p.spec.train.lr, p.spec.train.seed, p.spec.train.epochs) for p in points][-1] == \
-        (0.1, 3, 1)  # the grid's value wins over --set, --set applies elsewhere
+    assert [(p.spec.train.lr, p.spec.train.seed, p.spec.train.momentum) for p in points][-1] \
+        == (0.1, 3, 0.5)  # the grid's values and --set, together
     assert points[0].run_dir == Path("runs/digits-vanilla-grid/train.lr=0.05__train.seed=1")
     assert all(status(p) == "new" for p in points)
     assert not Path("runs").exists()  # expanding writes nothing
@@ -127,3 +127,26 @@ def test_a_whole_grid_under_torchrun_is_refused(
     code, _, err = _main(capsys, "train", "digits-vanilla", "--grid", "train.lr=0.1,0.2")
     assert code == 2 and "--grid-point" in err and "Traceback" not in err
     assert not Path("runs").exists()
+
+
+def test_a_failing_point_stops_no_other(
+    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A point whose training fails (a diverging λ or learning rate) is reported, the
+    others are trained, the summary marks it, and the command exits 1."""
+    real_train = train_mod.train
+
+    def diverging(spec: Any, **kwargs: Any) -> Any:
+        if spec.train.lr == 0.1:
+            raise RuntimeError("loss became nan at epoch 1 step 5")
+        return real_train(spec, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train", diverging)
+    code, out, err = _main(capsys, "train", "digits-vanilla", *SETS, "--set", "train.epochs=1",
+                           "--grid", "train.lr=0.1,0.05", "-q", "--format", "json")
+    assert code == 1
+    assert "grid point 1/2 (train.lr=0.1) failed: loss became nan" in " ".join(err.split())
+    assert "1 of the grid's runs failed (points 0)" in err
+    assert '"status": "failed"' in out and '"status": "trained"' in out
+    assert (workdir / "runs" / "digits-vanilla-grid" / "train.lr=0.05" /
+            checkpoint.MODEL_FILE).is_file()

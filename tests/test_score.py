@@ -381,6 +381,8 @@ def test_sbg_align_score_shards_merge_exactly(digits_run: Path, tmp_path: Path) 
     assert replace(merged, seconds=0.0) == replace(whole, seconds=0.0)
     again = alignment_report(model, data, indices, SBG(params, ctx), **common)  # type: ignore[arg-type]
     assert again.mean == whole.mean  # and the score is reproducible
+    other = SBG(SBG.Params(run=digits_run, sigma=0.3, seed=12345), ctx)
+    assert alignment_report(model, data, indices, other, **common).mean != whole.mean  # type: ignore[arg-type]
 
 
 def test_sbg_rejects_a_score_model_of_other_data(digits_run: Path) -> None:

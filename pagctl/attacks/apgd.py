@@ -39,8 +39,9 @@ highest-loss point of all runs. Examples the model already misclassifies are ret
 unchanged. The runs (targets × restarts) can go through the model together, stacked along
 the batch (``runs_together``; by default all of them on a GPU, one at a time on the CPU).
 Each run's random start is drawn for every example in run order, so grouping the runs
-differently gives the same result; runs in a later group attack only the examples not yet
-misclassified.
+differently runs the same algorithm (the results agree up to the rounding of the model's
+arithmetic on batches of other sizes); runs in a later group attack only the examples not
+yet misclassified.
 """
 
 from __future__ import annotations
@@ -406,9 +407,12 @@ def apgd(
     A group attacks the examples no earlier group fooled. Every run's random start is drawn
     for every example in run order whatever the grouping, each example's run depends on
     that example alone (in eval mode), and the runs are merged in run order (an example
-    keeps the first run's misclassified point, else the highest-loss point), so the result
-    does not depend on the grouping; larger groups make fewer, larger model calls and spend
-    forwards on examples an earlier run of the same group has already fooled.
+    keeps the first run's misclassified point, else the highest-loss point), so every
+    grouping runs the same algorithm. Their results agree up to rounding: the model's
+    arithmetic on a batch of another size may round differently (BLAS picks its path by
+    shape), which the sign steps can carry to about 1e-4 in a pixel. Larger groups make
+    fewer, larger model calls and spend forwards on examples an earlier run of the same
+    group has already fooled.
     """
     if norm not in ("l2", "linf", "l1"):
         raise ValueError(f"norm must be 'l2', 'linf' or 'l1', got {norm!r}")
@@ -496,7 +500,8 @@ class _APGDParams(PluginParams):
         default=None, ge=0, description="how many runs (restarts, and target classes for "
         "apgd_t) go through the model together, stacked along the batch: 0 = all of them, "
         "1 = one after another as the reference; null = all on a CUDA device, one at a "
-        "time elsewhere. Memory grows with the number. Does not change the result",
+        "time elsewhere. Memory grows with the number. The same algorithm whatever the "
+        "number (results agree up to floating-point rounding)",
     )
     large_eps: bool = Field(
         default=False, description="L1 only: spend 30% of the steps at 3·eps and 30% at "

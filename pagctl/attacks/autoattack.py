@@ -111,8 +111,8 @@ class AutoAttack:
             default=None, ge=0, description="how many runs (target classes, restarts) of the "
             "APGD and FAB stages go through the model together, stacked along the batch: 0 "
             "= all of them, 1 = one after another as the reference; null = all on a CUDA "
-            "device, one at a time elsewhere. Memory grows with the number. Does not change "
-            "the result",
+            "device, one at a time elsewhere. Memory grows with the number. The same "
+            "algorithm whatever the number (results agree up to floating-point rounding)",
         )
         square_queries: int = Field(
             default=5000, ge=1, description="queries of the Square stage (the reference uses "

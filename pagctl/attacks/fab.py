@@ -26,7 +26,8 @@ The targeted attack makes ``restarts`` such runs for each of the ``n_target_clas
 highest non-true classes of the clean logits. The runs can go through the model together,
 stacked along the batch (``runs_together``; by default all of them on a GPU, one at a time
 on the CPU); an example takes the first run, in target-then-restart order, that broke it,
-so the grouping does not change the result.
+so every grouping runs the same algorithm (the results agree up to the rounding of the
+model's arithmetic on batches of other sizes).
 
 Budget: a run breaks an example when its smallest adversarial perturbation has norm
 ``<= eps``; that point is returned. Examples with no adversarial point within ``eps`` (none
@@ -299,7 +300,8 @@ def fab(
     time elsewhere, :func:`pagctl.attacks.steps.group_size`), stacked along the batch; a group
     attacks the examples no earlier group broke, every random start is drawn for every
     example in run order whatever the grouping, and an example takes the first run (in run
-    order) that broke it, so the result does not depend on the grouping (in eval mode).
+    order) that broke it, so every grouping runs the same algorithm (in eval mode); the
+    results agree up to the rounding of the model's arithmetic on batches of other sizes.
     """
     if norm not in _NORMS:
         raise ValueError(f"norm must be 'linf', 'l2' or 'l1', got {norm!r}")
@@ -388,7 +390,8 @@ class _FABParams(PluginParams):
         default=None, ge=0, description="how many runs (restarts, and target classes for "
         "fab_t) go through the model together, stacked along the batch: 0 = all of them, "
         "1 = one after another as the reference; null = all on a CUDA device, one at a "
-        "time elsewhere. Memory grows with the number. Does not change the result",
+        "time elsewhere. Memory grows with the number. The same algorithm whatever the "
+        "number (results agree up to floating-point rounding)",
     )
 
 

@@ -25,6 +25,7 @@ from pagctl.cli.common import (
     load_run_and_data,
     parse_params,
     plugin_params,
+    print_collected,
     print_envelope,
     print_table,
     read_indices,
@@ -91,20 +92,25 @@ def align_score(
         raise SpecError("--save-images: applies to the whole result; give it with "
                         "--merge-shards")
     check_run_folders(runs, {"--save-images": save_images,
-                             "--shard torchrun": launch is not None})
+                             "--shard torchrun": launch is not None}, weights)
     wanted = read_indices(indices_file) if indices_file is not None else None
     printed: list[dict[str, Any]] = []
-    for position, run in enumerate(runs):
-        run_heading(position, runs)
-        record = _score_run(
-            run, several=len(runs) > 1, launch=launch, shard_of=shard_of,
-            merge_shards=merge_shards, device=device, data_dir=data_dir, weights=weights,
-            source_name=source_name, params=params, given=given,
-            classes_per_image=classes_per_image, wanted=wanted, limit=limit,
-            batch_size=batch_size, seed=seed, progress=progress, save_images=save_images,
-            keep_record=keep_record, fmt=fmt)
-        if record is not None:
-            printed.append(record)
+    try:
+        for position, run in enumerate(runs):
+            run_heading(position, runs)
+            record = _score_run(
+                run, several=len(runs) > 1, launch=launch, shard_of=shard_of,
+                merge_shards=merge_shards, device=device, data_dir=data_dir, weights=weights,
+                source_name=source_name, params=params, given=given,
+                classes_per_image=classes_per_image, wanted=wanted, limit=limit,
+                batch_size=batch_size, seed=seed, progress=progress, save_images=save_images,
+                keep_record=keep_record, fmt=fmt)
+            if record is not None:
+                printed.append(record)
+    except BaseException:
+        if fmt is Format.json and len(runs) > 1:
+            print_collected("align-score", printed)
+        raise
     if fmt is Format.json and len(runs) > 1 and printed:
         print_envelope("align-score", printed)
 

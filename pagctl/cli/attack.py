@@ -24,6 +24,7 @@ from pagctl.cli.common import (
     load_run_and_data,
     parse_params,
     plugin_params,
+    print_collected,
     print_envelope,
     print_table,
     read_indices,
@@ -129,23 +130,28 @@ def attack(
         raise SpecError(f"--export: {export} is a file; give a folder")
     check_run_folders(runs, {"--state": state, "--save-images": save_images,
                              "--save-adversarial": save_adversarial, "--export": export,
-                             "--shard torchrun": launch is not None})
+                             "--shard torchrun": launch is not None}, weights)
     indices = read_indices(indices_file) if indices_file is not None else None
     curves: list[tuple[Path, list[Any]]] = []
     printed: list[dict[str, Any]] = []
-    for position, run in enumerate(runs):
-        run_heading(position, runs)
-        done = _attack_run(
-            run, several=len(runs) > 1, launch=launch, shard_of=shard_of,
-            merge_shards=merge_shards, device=device, data_dir=data_dir, weights=weights,
-            attack_name=attack_name, params=params, given=given, budgets=budgets,
-            indices=indices, limit=limit, batch_size=batch_size, seed=seed, state=state,
-            probes=probes, probe_size=probe_size, progress=progress, precision=precision,
-            save_images=save_images, save_adversarial=save_adversarial, export=export,
-            keep_record=keep_record, fmt=fmt)
-        if done is not None:
-            curves.append((run, done[0]))
-            printed.extend(done[1])
+    try:
+        for position, run in enumerate(runs):
+            run_heading(position, runs)
+            done = _attack_run(
+                run, several=len(runs) > 1, launch=launch, shard_of=shard_of,
+                merge_shards=merge_shards, device=device, data_dir=data_dir, weights=weights,
+                attack_name=attack_name, params=params, given=given, budgets=budgets,
+                indices=indices, limit=limit, batch_size=batch_size, seed=seed, state=state,
+                probes=probes, probe_size=probe_size, progress=progress, precision=precision,
+                save_images=save_images, save_adversarial=save_adversarial, export=export,
+                keep_record=keep_record, fmt=fmt)
+            if done is not None:
+                curves.append((run, done[0]))
+                printed.extend(done[1])
+    except BaseException:
+        if fmt is Format.json and len(runs) > 1:
+            print_collected("attack", printed)
+        raise
     if not curves:
         return  # shards: nothing to show
     if fmt is Format.json and len(runs) > 1:

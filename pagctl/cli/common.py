@@ -231,11 +231,13 @@ def load_run_and_data(run: Path, device: str, data_dir: Path | None, weights: st
     return loaded, load_data(data_spec), dev
 
 
-def check_run_folders(runs: list[Path], options: dict[str, object]) -> None:
-    """Before anything runs on several run folders: each one a readable pagctl run folder,
-    none given twice, and none of ``options`` (flag: value) that apply to one run only set;
-    one line naming the folder or the flag otherwise."""
-    from pagctl.checkpoint import read_run_spec
+def check_run_folders(runs: list[Path], options: dict[str, object],
+                      weights: str = "last") -> None:
+    """Before anything runs on several run folders: each one a readable pagctl run folder
+    with the ``weights`` asked for, none given twice, and none of ``options`` (flag: value)
+    that apply to one run only set; one line naming the folder or the flag otherwise."""
+    from pagctl.checkpoint import BEST_MODEL_FILE, MODEL_FILE, read_run_spec
+    from pagctl.errors import CheckpointError
     from pagctl.spec import RunSpec
 
     if len(runs) < 2:
@@ -251,6 +253,17 @@ def check_run_folders(runs: list[Path], options: dict[str, object]) -> None:
             raise SpecError(f"{run}: given twice; list each run folder once")
         seen.add(resolved)
         read_run_spec(run, RunSpec)
+        file = BEST_MODEL_FILE if weights == "best" else MODEL_FILE
+        if not (run / file).is_file():
+            raise CheckpointError(f"{run}: no {file} (training has not finished an epoch, "
+                                  "or is still running); leave it out, or wait for it")
+
+
+def print_collected(kind: str, records: list[dict[str, Any]]) -> None:
+    """After a failure on a later run folder: the JSON envelope of the runs already done
+    (they are recorded; what was measured is not lost)."""
+    if records:
+        print_envelope(kind, records)
 
 
 def shard_request(shard: str | None, merge_shards: int | None) -> tuple[Any, Any]:

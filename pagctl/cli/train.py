@@ -142,7 +142,6 @@ def train(
                     flags=[*(["--download"] if download else []),
                            *(["--full-monitor"] if full_monitor else []),
                            *(["--device", device] if device != "auto" else []),
-                           *(["--overwrite"] if overwrite else []),
                            *(["--quiet"] if quiet else [])])
         return
     spec, values = _spec_and_values("train", spec, data_dir=data_dir, out=out, extra=extra)
@@ -225,6 +224,10 @@ def _train_grid(spec: str, set_: list[str], grid: list[str], *, data_dir: Path |
     if launch is not None and point is None and not (dry_run or print_commands):
         raise SpecError("--grid under torchrun: launch one point per torchrun with "
                         "--grid-point I (--print-commands lists them)")
+    if print_commands and overwrite:
+        raise SpecError("--overwrite: every printed command would retrain its point from "
+                        "scratch each time it runs (a resubmitted job too); drop it, and delete "
+                        "the grid's folders to start over")
     if print_commands:
         base = ["pagctl", "train", spec, *(a for s in set_ for a in ("--set", s)),
                 *(a for g in grid for a in ("--grid", g)),
@@ -258,9 +261,18 @@ def _train_grid(spec: str, set_: list[str], grid: list[str], *, data_dir: Path |
                               **(epochs[-1] if epochs else {})})
             continue
         _log(f"{head}: {'resuming' if st == 'partial' else 'starting'} in {p.run_dir}")
-        result = run_train(p.spec, device=device, resume=st == "partial",
-                           overwrite=overwrite or st == "unsaved", progress=not quiet,
-                           log=_log, launch=launch)
+        try:
+            result = run_train(p.spec, device=device, resume=st == "partial",
+                               overwrite=overwrite or st == "unsaved", progress=not quiet,
+                               log=_log, launch=launch)
+        except Exception as exc:  # one point failing (a diverging λ, say) stops no other
+            if launch is not None:
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            _log(f"{head} failed: {first}")
+            summaries.append({"point": p.index, "values": dict(p.values),
+                              "run_dir": str(p.run_dir), "status": "failed", "error": first})
+            continue
         if launch is not None and not launch.leader:
             raise typer.Exit(130 if result.interrupted else 0)
         if result.interrupted:
@@ -271,14 +283,20 @@ def _train_grid(spec: str, set_: list[str], grid: list[str], *, data_dir: Path |
                           "run_dir": str(result.run_dir), "status": "trained", **result.last})
     if fmt is Format.json:
         print_envelope("train", summaries)
-        return
-    root = points[0].run_dir.parent
-    print_table(f"grid of {len(points)} runs in {root}", [
-        (f"{s['point']}: {' '.join(f'{k}={v}' for k, v in s['values'].items())}",
-         "  ".join([s["status"], *(f"{label} {cell_text(s[key])}" for key, label in (
-             ("clean_accuracy", "clean"), ("robust_accuracy", "robust"),
-             ("alignment", "alignment")) if s.get(key) is not None)]))
-        for s in summaries])
+    else:
+        root = points[0].run_dir.parent
+        print_table(f"grid of {len(points)} runs in {root}", [
+            (f"{s['point']}: {' '.join(f'{k}={v}' for k, v in s['values'].items())}",
+             "  ".join([s["status"], *(f"{label} {cell_text(s[key])}" for key, label in (
+                 ("clean_accuracy", "clean"), ("robust_accuracy", "robust"),
+                 ("alignment", "alignment")) if s.get(key) is not None),
+                 *([s["error"]] if "error" in s else [])]))
+            for s in summaries])
+    failed = [s for s in summaries if s["status"] == "failed"]
+    if failed:
+        typer.echo(f"error: {len(failed)} of the grid's runs failed (points "
+                   f"{', '.join(str(s['point']) for s in failed)}); the others are done", err=True)
+        raise typer.Exit(1)
 
 
 def train_score(

@@ -65,15 +65,19 @@ def check_against(comparison: Comparison, key: str) -> None:
     in every one of them (what ``--against`` can put on an axis)."""
     from pagctl.errors import SpecError
 
-    fields = ", ".join(comparison.spec_columns) or "none"
+    def numeric(field: str) -> bool:
+        return all(isinstance(r.spec.get(field), (int, float))
+                   and not isinstance(r.spec.get(field), bool) for r in comparison.rows)
+
+    usable = ", ".join(f for f in comparison.spec_columns if numeric(f)) or "none"
     if key not in comparison.spec_columns:
         raise SpecError(f"--against: '{key}' is not a spec field that differs across these "
-                        f"runs (those that do: {fields})")
-    bad = [r.label for r in comparison.rows if isinstance(r.spec.get(key), bool)
-           or not isinstance(r.spec.get(key), (int, float))]
-    if bad:
+                        f"runs (numeric ones that do: {usable})")
+    if not numeric(key):
+        bad = [r.label for r in comparison.rows if isinstance(r.spec.get(key), bool)
+               or not isinstance(r.spec.get(key), (int, float))]
         raise SpecError(f"--against: '{key}' is not a number in {', '.join(bad[:3])}; give a "
-                        f"numeric field (differing here: {fields})")
+                        f"numeric field (here: {usable})")
 
 
 def _against_panel(ax: Any, comparison: Comparison, key: str, column: Column | None,

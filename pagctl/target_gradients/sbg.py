@@ -90,9 +90,9 @@ class SBG:
         self._generator = torch.Generator().manual_seed(self._seed)
 
     def reseed(self, seed: int) -> None:
-        """Restart the noise of inputs without an index from ``seed`` (align-score does, per
-        batch)."""
-        self._generator.manual_seed(seed)
+        """Restart the noise of inputs without an index from ``seed`` combined with the
+        source's own seed (align-score reseeds per batch; the ``seed`` param still counts)."""
+        self._generator.manual_seed(noise_seed(self._seed, seed))
 
     def _noise(self, n: int, k: int, classes: Tensor, index: Tensor | None) -> Tensor:
         """ε for every (draw, image[, class]). Shape: -> (D, N, 1 or K, C, H, W) on the CPU."""
