@@ -22,9 +22,9 @@ def _measured(bits: list[int]) -> Measured:
 
 
 def test_the_plan_shares_runs_and_covers_every_part(tmp_path: Path) -> None:
-    """Full: 6 λ × 2 sources, 3 seeds × 3 recipes, 4 architectures × 3 recipes, with the
-    shared runs trained once; every named run exists; SBG runs read the study's score
-    model; 4 AutoAttack budgets."""
+    """Full: 6 λ × 2 sources, 3 seeds × 3 recipes, 4 architectures × 3 recipes and the
+    four sources of the paper's Figure 1, with the shared runs trained once; every named run
+    exists; SBG runs read the study's score model; 4 AutoAttack budgets."""
     study = digits_study(tmp_path)
     assert [study.runs[n].pag_weight for n in study.lambda_sweep["sbg"]] == \
         [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
@@ -32,15 +32,18 @@ def test_the_plan_shares_runs_and_covers_every_part(tmp_path: Path) -> None:
         "digits-vanilla-s0" == study.seeds["vanilla"][0] == study.arches["small_cnn"]["vanilla"]
     named = {n for names in study.lambda_sweep.values() for n in names} | \
         {n for names in study.seeds.values() for n in names} | \
-        {n for recipes in study.arches.values() for n in recipes.values()}
+        {n for recipes in study.arches.values() for n in recipes.values()} | \
+        set(study.sources.values())
     assert named == set(study.runs)
-    assert len(study.runs) == 11 + 6 + 9  # the sweeps, two more seeds each, three families
+    # the sweeps, two more seeds each, three more families, one image and class mean
+    assert len(study.runs) == 11 + 6 + 9 + 2
+    assert study.sources["class_mean"] == "digits-pag-cm-l1-s0"
     sbg = study.runs["digits-vit-pag-sbg-l1-s0"]
     assert f"target_gradients.params.run={tmp_path / 'score-digits'}" in sbg.overrides
     assert [(m.norm, m.eps) for m in study.measures] == \
         [("l2", 0.5), ("l2", 1.0), ("linf", 0.1), ("linf", 0.15)]
     quick = digits_study(tmp_path, quick=True)
-    assert len(quick.runs) == 9 and quick.limit == 60 and quick.quick
+    assert len(quick.runs) == 11 and quick.limit == 60 and quick.quick
 
 
 def test_verdicts_are_mcnemar_on_the_points_one_run_alone_defends() -> None:
@@ -68,15 +71,16 @@ def test_the_quick_study_trains_measures_reports_and_resumes(tmp_path: Path) -> 
                            timeout=900, check=False, stdin=subprocess.DEVNULL)
     assert first.returncode == 0, first.stderr[-3000:]
     report = (tmp_path / "s" / "results.md").read_text()
-    for section in ("## The claims", "## λ sweep", "## Alignment and robustness", "## Seeds",
-                    "## Architectures", "## Beside the paper's Figure 1", "## Runs"):
+    for section in ("## The claims", "## Sources", "## λ sweep", "## Alignment and robustness",
+                    "## Seeds", "## Architectures", "## Beside the paper's Figure 1",
+                    "## Runs"):
         assert section in report
     assert "quick variant" in report and "Spearman ρ = " in report
     runs_table = report[report.index("## Runs"):]
-    assert sum(line.startswith("| digits-") for line in runs_table.splitlines()) == 9
+    assert sum(line.startswith("| digits-") for line in runs_table.splitlines()) == 11
     assert (tmp_path / "s" / "results-lambda.png").read_bytes()[:4] == b"\x89PNG"
     again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env,
                            timeout=900, check=False, stdin=subprocess.DEVNULL)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("trained before") == 9 and "AA " not in again.stderr
+    assert again.stderr.count("trained before") == 11 and "AA " not in again.stderr
     assert "score model: done before" in again.stderr

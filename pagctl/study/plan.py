@@ -16,6 +16,9 @@ ARCHES = ("small_cnn", "mlp", "vit", "resnet")
 _ARCH_SPEC = {"small_cnn": "digits", "mlp": "digits-mlp", "vit": "digits-vit",
               "resnet": "digits-resnet"}
 SOURCES = {"nearest_neighbor": "nn", "sbg": "sbg"}
+"""The sources swept over λ, across seeds and architectures (spec suffixes)."""
+ALL_SOURCES = {"one_image": "oi", "class_mean": "cm", **SOURCES}
+"""Every source of the paper's Figure 1, compared once at λ = 1 on the small CNN."""
 BUDGETS = {"l2": (0.5, 1.0), "linf": (0.1, 0.15)}
 
 
@@ -51,6 +54,7 @@ class Study:
     runs: dict[str, StudyRun]
     lambda_sweep: dict[str, list[str]]  # source -> run names, λ ascending (λ = 0: vanilla)
     seeds: dict[str, list[str]]  # "vanilla" / source -> run names, one per seed
+    sources: dict[str, str]  # "vanilla" / every source -> its run at λ = 1 (small CNN, seed 0)
     arches: dict[str, dict[str, str]]  # arch -> {"vanilla" / source: run name}
     measures: list[Measure]
     attack_params: dict[str, object]  # AutoAttack params besides norm and eps
@@ -71,7 +75,7 @@ def _run(arch: str, source: str, pag_weight: float, seed: int,
     if source == "none" or pag_weight == 0:
         spec, source, pag_weight = f"{base}-vanilla", "none", 0.0
     else:
-        spec = f"{base}-pag-{SOURCES[source]}"
+        spec = f"{base}-pag-{ALL_SOURCES[source]}"
     overrides = [f"train.seed={seed}"]
     if source != "none":
         overrides.append(f"train.pag_weight={pag_weight:g}")
@@ -103,11 +107,15 @@ def digits_study(out: Path, *, quick: bool = False) -> Study:
                for kind in ("none", *SOURCES)}
     families = {arch: {kind: add(_run(arch, kind, 1.0, 0, score_dir))
                        for kind in ("none", *SOURCES)} for arch in arches}
+    sources = {("vanilla" if kind == "none" else kind): add(_run("small_cnn", kind, 1.0, 0,
+                                                                 score_dir))
+               for kind in ("none", *ALL_SOURCES)}
     measures = [Measure(norm, eps) for norm, budgets in BUDGETS.items()
                 for eps in (budgets[:1] if quick else budgets)]
     if quick:
         return Study(
             runs, sweep, {("vanilla" if k == "none" else k): v for k, v in by_seed.items()},
+            sources,
             {a: {("vanilla" if k == "none" else k): v for k, v in f.items()}
              for a, f in families.items()},
             measures, {"version": "standard", "steps": 5, "square_queries": 20}, 60,
@@ -119,6 +127,7 @@ def digits_study(out: Path, *, quick: bool = False) -> Study:
                                "not the paper"])
     return Study(
         runs, sweep, {("vanilla" if k == "none" else k): v for k, v in by_seed.items()},
+        sources,
         {a: {("vanilla" if k == "none" else k): v for k, v in f.items()}
          for a, f in families.items()},
         measures, {"version": "standard"}, None)

@@ -184,7 +184,8 @@ def write_report(study: Study, out: Path, path: Path, *, seconds: float | None =
         f"{measure_seconds / 60:.1f} min" + (f", {seconds / 60:.1f} min in all (this "
                                              "invocation)" if seconds is not None else "")
         + ".", ""]
-    lines += _claims(study, results) + _sweep(study, results, header, rule) + \
+    lines += _claims(study, results) + _sources(study, results, header, rule) + \
+        _sweep(study, results, header, rule) + \
         _correlation(study, results) + _seeds(study, results) + \
         _arches(study, results, header, rule) + _paper(study, results) + _runs(results)
     if figure is not None:
@@ -199,12 +200,20 @@ def write_report(study: Study, out: Path, path: Path, *, seconds: float | None =
     return text
 
 
+SOURCE_LABELS = {"vanilla": "vanilla", "one_image": "OI", "class_mean": "CM",
+                 "nearest_neighbor": "NN", "sbg": "SBG"}
+PAPER_L2 = {"one_image": 46.63, "class_mean": 47.25, "nearest_neighbor": 42.12, "sbg": 55.39}
+"""The paper's Figure 1 robust accuracy (CIFAR-10, L2, %) of each source."""
+
+
 def _claims(study: Study, results: dict[str, RunResults]) -> list[str]:
     main = study.measures[0]
-    vanilla = results[study.arches["small_cnn"]["vanilla"]].measured[main]
+    vanilla = results[study.sources["vanilla"]].measured[main]
     rows = []
-    for source, label in (("nearest_neighbor", "NN"), ("sbg", "SBG")):
-        pag = results[study.arches["small_cnn"][source]].measured[main]
+    for source, label in SOURCE_LABELS.items():
+        if source == "vanilla":
+            continue
+        pag = results[study.sources[source]].measured[main]
         v = verdict(pag, vanilla, f"PAG {label}", "vanilla")
         agrees = v.startswith(f"PAG {label} more robust")
         rows.append(f"| PAG makes a model robust without adversarial examples ({label}, λ = 1) "
@@ -216,13 +225,24 @@ def _claims(study: Study, results: dict[str, RunResults]) -> list[str]:
     rows.append(f"| better alignment, more robustness (across all {len(results)} runs) | "
                 f"Spearman ρ = {_num(rho)} {_interval(interval)} | "
                 f"{'agrees' if agrees else 'not shown'} | bootstrap over test points |")
-    nn = results[study.arches["small_cnn"]["nearest_neighbor"]].measured[main]
-    sbg = results[study.arches["small_cnn"]["sbg"]].measured[main]
-    v = verdict(sbg, nn, "SBG", "NN")
-    order = ("agrees" if v.startswith("SBG more") else "opposite" if v.startswith("NN more")
-             else "no difference shown")
-    rows.append(f"| SBG is the best source (CIFAR-10 L2: SBG 55.39% vs NN 42.12%) | SBG "
-                f"{sbg.accuracy:.3f} vs NN {nn.accuracy:.3f} | {order} | {v} |")
+    sbg = results[study.sources["sbg"]].measured[main]
+    against = {s: verdict(sbg, results[study.sources[s]].measured[main], "SBG",
+                          SOURCE_LABELS[s]) for s in ("one_image", "class_mean",
+                                                      "nearest_neighbor")}
+    if all(v.startswith("SBG more") for v in against.values()):
+        order = "agrees"
+    elif any(not v.startswith(("SBG more", "no significant")) for v in against.values()):
+        order = "opposite for " + ", ".join(SOURCE_LABELS[s] for s, v in against.items()
+                                            if not v.startswith(("SBG more",
+                                                                 "no significant")))
+    else:
+        order = "no difference shown"
+    rows.append("| SBG is the best source (CIFAR-10 L2: SBG 55.39%, CM 47.25%, OI 46.63%, NN "
+                f"42.12%) | SBG {sbg.accuracy:.3f}; "
+                + ", ".join(f"{SOURCE_LABELS[s]} "
+                            f"{results[study.sources[s]].measured[main].accuracy:.3f}"
+                            for s in against) + f" | {order} | "
+                + "; ".join(f"vs {SOURCE_LABELS[s]}: {v}" for s, v in against.items()) + " |")
     for arch, recipes in study.arches.items():
         base = results[recipes["vanilla"]].measured[main]
         verdicts = [verdict(results[recipes[s]].measured[main], base, f"PAG {lab}", "vanilla")
@@ -237,6 +257,16 @@ def _claims(study: Study, results: dict[str, RunResults]) -> list[str]:
             f"Each at {main.label} on the same points; a verdict needs McNemar p < "
             f"{SIGNIFICANCE} (or a correlation interval above 0).", "",
             "| claim (paper) | digits | verdict | test |", "|---|---|---|---|", *rows, ""]
+
+
+def _sources(study: Study, results: dict[str, RunResults], header: str,
+             rule: str) -> list[str]:
+    """Every source of the paper's Figure 1 at λ = 1 (small CNN, seed 0), beside vanilla."""
+    lines = ["## Sources (small CNN, λ = 1, seed 0)", "",
+             header.replace("recipe", "source"), rule]
+    for source, name in study.sources.items():
+        lines.append(_row(SOURCE_LABELS[source], results[name], study))
+    return [*lines, ""]
 
 
 def _num(value: float | None) -> str:
@@ -338,9 +368,11 @@ def _arches(study: Study, results: dict[str, RunResults], header: str,
 def _paper(study: Study, results: dict[str, RunResults]) -> list[str]:
     l2 = next((m for m in study.measures if m.norm == "l2"), study.measures[0])
     li = next((m for m in study.measures if m.norm == "linf"), study.measures[-1])
-    digits = {"Vanilla (CE only)": study.arches["small_cnn"]["vanilla"],
-              "PAG, Nearest Neighbor": study.arches["small_cnn"]["nearest_neighbor"],
-              "PAG, Score-Based Gradients": study.arches["small_cnn"]["sbg"]}
+    digits = {"Vanilla (CE only)": study.sources["vanilla"],
+              "PAG, One Image": study.sources["one_image"],
+              "PAG, Class Mean": study.sources["class_mean"],
+              "PAG, Nearest Neighbor": study.sources["nearest_neighbor"],
+              "PAG, Score-Based Gradients": study.sources["sbg"]}
     lines = ["## Beside the paper's Figure 1 (CIFAR-10: a different dataset)", "",
              "The paper's robust accuracies are CIFAR-10 ResNet-18 numbers at ε it does not "
              "print; the digits numbers are another dataset, model and budget. Compare the "
