@@ -69,6 +69,7 @@ from pagctl.attacks.steps import (
     project_linf,
     random_start_l2,
     random_start_linf,
+    runs_together_field,
     seeded_generator,
 )
 from pagctl.protocols import BuildContext, Epsilon, PluginParams
@@ -496,13 +497,8 @@ class _APGDParams(PluginParams):
         default=1, ge=1, description="forwards averaged per gradient (Expectation over "
         "Transformation); > 1 only for randomised models",
     )
-    runs_together: int | None = Field(
-        default=None, ge=0, description="how many runs (restarts, and target classes for "
-        "apgd_t) go through the model together, stacked along the batch: 0 = all of them, "
-        "1 = one after another as the reference; null = all on a CUDA device, one at a "
-        "time elsewhere. Memory grows with the number. The same algorithm whatever the "
-        "number (results agree up to floating-point rounding)",
-    )
+    runs_together: int | None = runs_together_field(
+        "restarts, and target classes for apgd_t")
     large_eps: bool = Field(
         default=False, description="L1 only: spend 30% of the steps at 3·eps and 30% at "
         "2·eps before eps, each phase starting from the last one's best point (AutoAttack "

@@ -29,7 +29,12 @@ from torch import Tensor, nn
 from pagctl.attacks.apgd import APGDCE, APGDDLR, APGDT
 from pagctl.attacks.fab import FAB, FABT
 from pagctl.attacks.square import Square
-from pagctl.attacks.steps import AnyNorm, AnyNormParam, fit_to_budget
+from pagctl.attacks.steps import (
+    AnyNorm,
+    AnyNormParam,
+    fit_to_budget,
+    runs_together_field,
+)
 from pagctl.protocols import BuildContext, Epsilon, PluginParams
 
 Version = Literal["standard", "plus", "rand"]
@@ -107,13 +112,8 @@ class AutoAttack:
             default=100, ge=1, description="iterations of the gradient attacks (the reference "
             "uses 100; fewer gives a weaker, non-standard evaluation)",
         )
-        runs_together: int | None = Field(
-            default=None, ge=0, description="how many runs (target classes, restarts) of the "
-            "APGD and FAB stages go through the model together, stacked along the batch: 0 "
-            "= all of them, 1 = one after another as the reference; null = all on a CUDA "
-            "device, one at a time elsewhere. Memory grows with the number. The same "
-            "algorithm whatever the number (results agree up to floating-point rounding)",
-        )
+        runs_together: int | None = runs_together_field(
+            "target classes and restarts of the APGD and FAB stages")
         square_queries: int = Field(
             default=5000, ge=1, description="queries of the Square stage (the reference uses "
             "5,000; fewer gives a weaker, non-standard evaluation)",

@@ -53,6 +53,7 @@ from pagctl.attacks.steps import (
     linf_norms,
     norms_of,
     per_example,
+    runs_together_field,
     seeded_generator,
 )
 from pagctl.protocols import BuildContext, Epsilon, PluginParams
@@ -386,13 +387,8 @@ class _FABParams(PluginParams):
         default=0.9, gt=0, le=1, allow_inf_nan=False,
         description="after a misclassified iterate, shrink its perturbation by this factor",
     )
-    runs_together: int | None = Field(
-        default=None, ge=0, description="how many runs (restarts, and target classes for "
-        "fab_t) go through the model together, stacked along the batch: 0 = all of them, "
-        "1 = one after another as the reference; null = all on a CUDA device, one at a "
-        "time elsewhere. Memory grows with the number. The same algorithm whatever the "
-        "number (results agree up to floating-point rounding)",
-    )
+    runs_together: int | None = runs_together_field(
+        "restarts, and target classes for fab_t")
 
 
 class _FAB:

@@ -11,7 +11,7 @@ are made on the generator's device and moved to the requested one.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -284,6 +284,19 @@ def fit_to_budget(x: Tensor, x_adv: Tensor, norm: AnyNorm, eps: float) -> Tensor
 def seeded_generator(seed: int | None, ctx: BuildContext) -> torch.Generator:
     """A CPU generator seeded with ``seed``, or with the run's seed when it is None."""
     return torch.Generator(device="cpu").manual_seed(ctx.seed if seed is None else seed)
+
+
+def runs_together_field(runs: str) -> Any:
+    """The ``runs_together`` parameter of an attack whose ``runs`` (e.g. "restarts, and
+    target classes for apgd_t") can be stacked along the batch (`group_size`)."""
+    from pydantic import Field
+
+    return Field(
+        default=None, ge=0, description=f"how many runs ({runs}) go through the model "
+        "together, stacked along the batch: 0 = all of them, 1 = one after another as the "
+        "reference; null = all on a CUDA device, one at a time elsewhere. Memory grows with "
+        "the number. The same algorithm whatever the number (results agree up to "
+        "floating-point rounding)")
 
 
 def group_size(runs_together: int | None, runs: int, device: torch.device) -> int:

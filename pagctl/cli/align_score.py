@@ -13,8 +13,10 @@ from pagctl.cli.common import (
     DataDirOpt,
     DeviceOpt,
     Format,
+    MergeShardsOpt,
     ProgressOpt,
     RecordOpt,
+    ShardOpt,
     WeightsOpt,
     cell_text,
     check_png,
@@ -62,14 +64,8 @@ def align_score(
     save_images: Annotated[Path | None, typer.Option(
         "--save-images", help="Write, for the first 4 images, the model's gradient toward "
         "every class and the source's target gradient to this PNG.")] = None,
-    shard: Annotated[str | None, typer.Option(
-        "--shard", metavar="I/N", help="Score shard I of N (0 <= I < N) as an independent "
-        "job: every N-th batch, progress kept in RUN/shards/ (rerun to resume); shows and "
-        "records nothing. Then --merge-shards N. 'torchrun': under torchrun each rank scores "
-        "its shard and rank 0 merges.")] = None,
-    merge_shards: Annotated[int | None, typer.Option(
-        "--merge-shards", min=1, metavar="N", help="Merge the N finished shards of this "
-        "score (same options, without --shard) into the unsharded score's result.")] = None,
+    shard: ShardOpt = None,
+    merge_shards: MergeShardsOpt = None,
     progress: ProgressOpt = True,
     keep_record: RecordOpt = True,
     weights: WeightsOpt = "last",

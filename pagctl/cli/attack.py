@@ -13,8 +13,10 @@ from pagctl.cli.common import (
     DataDirOpt,
     DeviceOpt,
     Format,
+    MergeShardsOpt,
     ProgressOpt,
     RecordOpt,
+    ShardOpt,
     WeightsOpt,
     check_png,
     check_run_folders,
@@ -73,15 +75,8 @@ def attack(
     state: Annotated[Path | None, typer.Option(
         "--state", help="Progress file: written after every batch, read to resume an "
         "interrupted run (one file per eps with --eps-sweep).")] = None,
-    shard: Annotated[str | None, typer.Option(
-        "--shard", metavar="I/N", help="Run shard I of N (0 <= I < N) as an independent "
-        "job: every N-th batch, progress kept in RUN/shards/ (rerun to resume); shows and "
-        "records nothing. Then --merge-shards N. 'torchrun': under torchrun each rank runs "
-        "its shard and rank 0 merges.")] = None,
-    merge_shards: Annotated[int | None, typer.Option(
-        "--merge-shards", min=1, metavar="N", help="Merge the N finished shards of this "
-        "evaluation (same options, without --shard) into the unsharded run's result, probe "
-        "it, show and record it.")] = None,
+    shard: ShardOpt = None,
+    merge_shards: MergeShardsOpt = None,
     probes: Annotated[bool, typer.Option(
         "--probes/--no-probes", help="Run the gradient-masking probes and give a "
         "reliability verdict.")] = True,

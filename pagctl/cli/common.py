@@ -130,6 +130,15 @@ ProgressOpt = Annotated[bool, typer.Option(
 RecordOpt = Annotated[bool, typer.Option(
     "--record/--no-record", help="Append the result to the run's metrics.jsonl; --no-record "
     "for a quick look that must not become the run's latest result.")]
+ShardOpt = Annotated[str | None, typer.Option(
+    "--shard", metavar="I/N", help="Evaluate shard I of N (0 <= I < N) as an independent job: "
+    "every N-th batch, progress kept in RUN/shards/ (rerun to resume); shows and records "
+    "nothing. Then --merge-shards N. 'torchrun': under torchrun each rank evaluates its shard "
+    "and rank 0 merges.")]
+MergeShardsOpt = Annotated[int | None, typer.Option(
+    "--merge-shards", min=1, metavar="N", help="Merge the N finished shards of this evaluation "
+    "(same options, without --shard) into the unsharded result (attack: probed as well), show "
+    "and record it.")]
 WeightsOpt = Annotated[str, typer.Option(
     "--weights", help="Which of the run's weights: last (model.safetensors) or best "
     "(model-best.safetensors: the best epoch by validation robust accuracy, for runs with "
