@@ -146,7 +146,7 @@ def test_a_failing_point_stops_no_other(
                            "--grid", "train.lr=0.1,0.05", "-q", "--format", "json")
     assert code == 1
     assert "grid point 1/2 (train.lr=0.1) failed: loss became nan" in " ".join(err.split())
-    assert "1 of the grid's runs failed (points 0)" in err
+    assert "1 of the grid's runs failed (--grid-point 0: train.lr=0.1)" in err
     assert '"status": "failed"' in out and '"status": "trained"' in out
     assert (workdir / "runs" / "digits-vanilla-grid" / "train.lr=0.05" /
             checkpoint.MODEL_FILE).is_file()

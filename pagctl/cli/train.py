@@ -294,8 +294,10 @@ def _train_grid(spec: str, set_: list[str], grid: list[str], *, data_dir: Path |
             for s in summaries])
     failed = [s for s in summaries if s["status"] == "failed"]
     if failed:
-        typer.echo(f"error: {len(failed)} of the grid's runs failed (points "
-                   f"{', '.join(str(s['point']) for s in failed)}); the others are done", err=True)
+        which = "; ".join(f"--grid-point {s['point']}: "
+                          + " ".join(f"{k}={v}" for k, v in s["values"].items()) for s in failed)
+        typer.echo(f"error: {len(failed)} of the grid's runs failed ({which}); the others are "
+                   "done", err=True)
         raise typer.Exit(1)
 
 
