@@ -61,14 +61,16 @@ def test_verdicts_are_mcnemar_on_the_points_one_run_alone_defends() -> None:
 
 @pytest.mark.slow
 def test_the_quick_study_trains_measures_reports_and_resumes(tmp_path: Path) -> None:
-    """`python -m pagctl.study --quick` (about a minute on one core): the report has every
-    section, every run a number; run again, it trains and attacks nothing."""
+    """`python -m pagctl.study --quick --jobs 2` (two worker processes; about a minute): the
+    report has every section, every run a number; run again (one process), it trains and
+    attacks nothing."""
     pytest.importorskip("matplotlib")
     command = [sys.executable, "-m", "pagctl.study", "--quick", "--out", str(tmp_path / "s")]
     env = {"OMP_NUM_THREADS": "1", "PAGCTL_DISABLE_PLUGIN_AUTOLOAD": "1",
            "PATH": "/usr/bin:/bin"}
-    first = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env,
-                           timeout=900, check=False, stdin=subprocess.DEVNULL)
+    first = subprocess.run([*command, "--jobs", "2"], capture_output=True, text=True,
+                           cwd=tmp_path, env=env, timeout=900, check=False,
+                           stdin=subprocess.DEVNULL)
     assert first.returncode == 0, first.stderr[-3000:]
     report = (tmp_path / "s" / "results.md").read_text()
     for section in ("## The claims", "## Sources", "## λ sweep", "## Alignment and robustness",

@@ -11,5 +11,6 @@ docs/results.md.
   and intervals, the correlation between alignment and robustness with bootstrap intervals,
   the seeds' spread, and each of the paper's claims with the per-point McNemar test behind
   the verdict;
-- ``python -m pagctl.study`` (``make study``, ``make study-quick``) runs all three.
+- ``python -m pagctl.study`` (``make study``, ``make study-quick``) runs all three,
+  ``--jobs N`` in N worker processes of one thread each.
 """

@@ -22,14 +22,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="the same shape on a tiny budget (2 epochs, a weakened "
                         "AutoAttack on 60 points): tests the pipeline, not the paper")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="train and measure in this many processes of one thread each "
+                        "(default 1; 2 on two cores)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # I/N, internal
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the runs as they are; train nothing")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
     from pagctl.errors import PagctlError
     from pagctl.study.plan import digits_study
     from pagctl.study.report import write_report
-    from pagctl.study.run import run_study
+    from pagctl.study.run import run_parallel, run_study
 
     study = digits_study(args.out, quick=args.quick)
     report = args.report or args.out / "results.md"
@@ -39,14 +45,22 @@ def main(argv: list[str] | None = None) -> int:
             print(message, file=sys.stderr, flush=True)
 
     try:
-        seconds = None if args.report_only else run_study(study, args.out, device=args.device,
-                                                          log=log)
+        if args.worker is not None:  # one of run_parallel's processes: no report
+            index, count = (int(v) for v in args.worker.split("/"))
+            run_study(study, args.out, device=args.device, log=log, part=(index, count))
+            return 0
+        if args.report_only:
+            seconds = None
+        elif args.jobs > 1:
+            seconds = run_parallel(study, args.out, args.jobs, device=args.device, log=log)
+        else:
+            seconds = run_study(study, args.out, device=args.device, log=log)
         figure = report.with_name(f"{report.stem}-lambda.png")
         write_report(study, args.out, report, seconds=seconds, figure=figure)
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue", file=sys.stderr)
         return 130
-    except (PagctlError, KeyError) as exc:
+    except (PagctlError, KeyError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     log(f"wrote {report} and {figure}")

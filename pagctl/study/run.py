@@ -31,16 +31,62 @@ def attack_params(study: Study, norm: str, eps: float) -> dict[str, Any]:
 
 
 def run_study(study: Study, out: Path, *, device: str = "cpu",
-              log: Callable[[str], None] = print) -> float:
-    """Train and measure what is missing under ``out``; returns the seconds spent."""
+              log: Callable[[str], None] = print,
+              part: tuple[int, int] | None = None) -> float:
+    """Train and measure what is missing under ``out``; returns the seconds spent. ``part=(i,
+    N)``: only the runs at positions ``k % N == i`` (a worker of `run_parallel`; the score
+    model must exist)."""
+    start = time.perf_counter()
+    if part is None and any(run.source == "sbg" for run in study.runs.values()):
+        _score_model(study, out, device, log)
+    total = len(study.runs)
+    mine = [(i, run) for i, run in enumerate(study.runs.values(), 1)
+            if part is None or (i - 1) % part[1] == part[0]]
+    for i, run in mine:
+        _train(study, out, run, device, f"[{i}/{total}] {run.name}", log)
+    for i, run in mine:
+        _measure(study, out, run, device, f"[{i}/{total}] {run.name}", log)
+    return time.perf_counter() - start
+
+
+def run_parallel(study: Study, out: Path, jobs: int, *, device: str = "cpu",
+                 log: Callable[[str], None] = print) -> float:
+    """`run_study` in ``jobs`` worker processes of one thread each (after the score model,
+    which they share): worker i takes the runs ``k % jobs == i``. A Ctrl-C or SIGTERM stops
+    them all (each saves its state); RuntimeError when a worker fails."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
     start = time.perf_counter()
     if any(run.source == "sbg" for run in study.runs.values()):
         _score_model(study, out, device, log)
-    total = len(study.runs)
-    for i, run in enumerate(study.runs.values(), 1):
-        _train(study, out, run, device, f"[{i}/{total}] {run.name}", log)
-    for i, run in enumerate(study.runs.values(), 1):
-        _measure(study, out, run, device, f"[{i}/{total}] {run.name}", log)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen(
+        [sys.executable, "-m", "pagctl.study", "--out", str(out), "--device", device,
+         "--worker", f"{i}/{jobs}", *(["--quick"] if study.quick else [])], env=env)
+        for i in range(jobs)]
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)  # a scheduler's stop reaches the workers
+    try:
+        codes = [w.wait() for w in workers]
+    except BaseException:
+        for w in workers:
+            w.terminate()  # SIGTERM: each saves its state and stops
+        for w in workers:
+            w.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if any(code == 130 for code in codes):
+        raise KeyboardInterrupt
+    failed = [i for i, code in enumerate(codes) if code != 0]
+    if failed:
+        raise RuntimeError(f"study worker(s) {', '.join(map(str, failed))} of {jobs} failed "
+                           "(their errors are above); run the same command again to go on")
     return time.perf_counter() - start
 
 
