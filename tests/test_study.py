@@ -12,7 +12,13 @@ import pytest
 
 from pagctl.stats import mcnemar_exact
 from pagctl.study.plan import digits_study
-from pagctl.study.report import Measured, compare_runs, unpack_bits_int, verdict
+from pagctl.study.report import (
+    Measured,
+    against_vanilla,
+    compare_runs,
+    unpack_bits_int,
+    verdict,
+)
 
 
 def _measured(bits: list[int]) -> Measured:
@@ -59,6 +65,15 @@ def test_verdicts_are_mcnemar_on_the_points_one_run_alone_defends() -> None:
     assert unpack_bits_int(a.bits, a.n) == [1] * 12 + [0] * 2 + [1] * 6
 
 
+def test_a_claim_against_vanilla_agrees_only_when_pag_wins_every_comparison() -> None:
+    win = verdict(_measured([1] * 12 + [0] * 8), _measured([0] * 20), "PAG NN", "vanilla")
+    loss = verdict(_measured([0] * 20), _measured([1] * 12 + [0] * 8), "PAG SBG", "vanilla")
+    level = verdict(_measured([1, 0] * 10), _measured([0, 1] * 10), "PAG SBG", "vanilla")
+    assert against_vanilla([win]) == against_vanilla([win, win]) == "agrees"
+    assert against_vanilla([win, level]) == "not shown"
+    assert against_vanilla([win, loss]) == against_vanilla([level, loss]) == "opposite"
+
+
 @pytest.mark.slow
 def test_the_quick_study_trains_measures_reports_and_resumes(tmp_path: Path) -> None:
     """`python -m pagctl.study --quick --jobs 2` (two worker processes; about a minute): the
@@ -78,6 +93,7 @@ def test_the_quick_study_trains_measures_reports_and_resumes(tmp_path: Path) -> 
                     "## Runs"):
         assert section in report
     assert "quick variant" in report and "Spearman ρ = " in report
+    assert "**Where the digits agree with the paper**" in report
     runs_table = report[report.index("## Runs"):]
     assert sum(line.startswith("| digits-") for line in runs_table.splitlines()) == 11
     assert (tmp_path / "s" / "results-lambda.png").read_bytes()[:4] == b"\x89PNG"
