@@ -93,8 +93,8 @@ def mcnemar_exact(b: int, c: int) -> float:
 def pearson(xs: list[float], ys: list[float]) -> float | None:
     """Pearson correlation; None with fewer than 3 points or without variation."""
     n = len(xs)
-    if n < 3:
-        return None
+    if n < 3 or max(xs) == min(xs) or max(ys) == min(ys):
+        return None  # (tested exactly: a mean's rounding must not pass for variation)
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mx) ** 2 for x in xs)
     syy = sum((y - my) ** 2 for y in ys)

@@ -464,7 +464,7 @@ MARGIN = 0.12
 def test_pgd_at_is_more_robust_than_vanilla_under_autoattack_linf(
         workdir: Path, pagctl: Any) -> None:
     """The full digits recipes, AutoAttack L-infinity at the training budget (eps 0.1) on
-    the first N_POINTS test images. On all 360 (docs/results.md) vanilla kept 0.533
+    the first N_POINTS test images. On all 360 (docs/results-at.md) vanilla kept 0.533
     [0.482, 0.584] and PGD-AT 0.908 [0.874, 0.934], a gap of 0.375; the margin asserted is
     a third of it, about 5 standard errors of the difference below the gap at n = 120."""
     quiet = ["--set", "eval.attack=null", "--set", "eval.align_source=null", "-q"]

@@ -65,6 +65,7 @@ def test_pearson_known_values() -> None:
     assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert pearson([1, 2], [1, 2]) is None  # too few points
     assert pearson([1, 1, 1], [1, 2, 3]) is None  # no variation
+    assert pearson([0.1] * 3, [1, 2, 3]) is None  # whose mean rounds to 0.10000000000000002
     xs, ys = [0.1, 0.4, 0.35, 0.8], [0.2, 0.3, 0.5, 0.9]
     mx, my = sum(xs) / 4, sum(ys) / 4
     num = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))

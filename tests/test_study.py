@@ -10,14 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from pagctl.stats import mcnemar_exact
-from pagctl.study.plan import digits_study
+from pagctl.stats import first_n_digest, mcnemar_exact
+from pagctl.study.plan import Measure, Study, digits_study
 from pagctl.study.report import (
     Measured,
+    RunResults,
     against_vanilla,
+    claims,
     compare_runs,
+    correlations,
     unpack_bits_int,
     verdict,
+)
+from pagctl.study.run import (
+    find_alignment,
+    find_measurement,
+    study_align_params,
+    study_attack_params,
 )
 
 
@@ -102,3 +111,90 @@ def test_the_quick_study_trains_measures_reports_and_resumes(tmp_path: Path) -> 
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("trained before") == 11 and "AA " not in again.stderr
     assert "score model: done before" in again.stderr
+
+
+def _attack_record(study: Study, measure: Measure, n: int, **change: object) -> dict:
+    record = {"kind": "attack", "attack": "autoattack", "n": n, "seed": 0, "weights": "last",
+              "params": {**study_attack_params(study, measure), "runs_together": None},
+              "subset": {"indices_sha256": first_n_digest(n)}}
+    record.update(change)
+    return record
+
+
+def test_a_measurement_is_reused_only_when_it_is_the_studys_exactly(tmp_path: Path) -> None:
+    """An AutoAttack record at the same norm and ε made any other way (fewer steps, other
+    points or seed, the best weights, bfloat16) is never taken for the study's; the number
+    of runs stacked together does not matter."""
+    study = digits_study(tmp_path)
+    measure = study.measures[0]
+    exact = _attack_record(study, measure, 360)
+    assert find_measurement([exact], study, measure, 360) is exact
+    grouped = _attack_record(study, measure, 360, params={**exact["params"],
+                                                          "runs_together": 4})
+    assert find_measurement([grouped], study, measure, 360) is grouped
+    weaker = {**exact["params"], "steps": 5}
+    for other in (_attack_record(study, measure, 360, params=weaker),
+                  _attack_record(study, measure, 100),
+                  _attack_record(study, measure, 360, subset={"indices_sha256": "0" * 16}),
+                  _attack_record(study, measure, 360, seed=1),
+                  _attack_record(study, measure, 360, weights="best"),
+                  _attack_record(study, measure, 360, precision="bfloat16"),
+                  _attack_record(study, study.measures[1], 360)):
+        assert find_measurement([exact, other], study, measure, 360) is exact
+        assert find_measurement([other], study, measure, 360) is None
+
+
+def test_an_alignment_is_reused_only_when_it_is_the_studys_exactly(tmp_path: Path) -> None:
+    study = digits_study(tmp_path)
+    exact = {"kind": "align", "source": study.align_source, "n": 360, "seed": 0,
+             "source_params": study_align_params(study), "classes_per_image": 10,
+             "subset": {"indices_sha256": first_n_digest(360)}, "per_image": [0.5] * 360}
+    assert find_alignment([exact], study, 360, 10) is exact
+    for change in ({"classes_per_image": 1}, {"seed": 3}, {"n": 100}, {"weights": "best"},
+                   {"source_params": {**exact["source_params"], "pool_size": 1}},
+                   {"source": "sbg"}, {"per_image": []}):
+        assert find_alignment([exact, {**exact, **change}], study, 360, 10) is exact
+        assert find_alignment([{**exact, **change}], study, 360, 10) is None
+
+
+def test_runs_measured_on_different_points_are_not_paired() -> None:
+    with pytest.raises(ValueError, match="cannot pair 8 points with 16"):
+        compare_runs(_measured([1] * 8), _measured([1] * 16))
+
+
+def test_an_unreliable_evaluation_gives_no_verdict() -> None:
+    a, b = _measured([1] * 12 + [0] * 8), _measured([0] * 20)
+    b.reliable = False
+    assert verdict(a, b, "PAG", "vanilla").startswith("no verdict: an evaluation was judged "
+                                                      "unreliable; McNemar p = 0.00049")
+    assert against_vanilla([verdict(a, b, "PAG", "vanilla")]) == "not shown"
+
+
+@pytest.mark.parametrize(("robust", "order"), [
+    ({"one_image": 30, "class_mean": 30, "nearest_neighbor": 60, "sbg": 60},
+     "partly (SBG beats OI, CM only)"),
+    ({"one_image": 30, "class_mean": 30, "nearest_neighbor": 60, "sbg": 40},
+     "opposite for NN"),
+    ({"one_image": 30, "class_mean": 30, "nearest_neighbor": 30, "sbg": 60}, "agrees"),
+])
+def test_the_source_order_claim_follows_sbgs_mcnemar_tests(
+        tmp_path: Path, robust: dict[str, int], order: str) -> None:
+    """Synthetic results (vanilla defends 10 of 60 points, each source the first k): the
+    "SBG is the best source" verdict follows from SBG's tests against each other source,
+    and the other claims from theirs; every run aligned as robust."""
+    study = digits_study(tmp_path, quick=True)
+    robust = {"vanilla": 10, **robust}
+    kind = {name: source for source, name in study.sources.items()}
+    results = {}
+    for name, run in study.runs.items():
+        k = robust[kind.get(name, "vanilla" if run.source == "none" else run.source)]
+        bits = [1] * k + [0] * (60 - k)
+        results[name] = RunResults(
+            run, {m: _measured(bits) for m in study.measures},
+            (k / 60, (0.0, 1.0), [float(b) + 0.01 * i for i, b in enumerate(bits)]), 1.0, 1.0)
+    found = {c.short: c for c in claims(study, results, correlations(study, results))}
+    assert found["SBG is the best source"].verdict == order
+    assert found["robustness without adversarial examples with OI targets"].verdict == \
+        "agrees"
+    assert found["better alignment goes with more robustness"].verdict == "agrees"
+    assert found["PAG (NN and SBG) helps the small_cnn"].verdict == "agrees"

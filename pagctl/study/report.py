@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pagctl.stats import bits_as_int, bootstrap_correlations, mcnemar_exact
 from pagctl.study.plan import Measure, Study, StudyRun
-from pagctl.study.run import attack_params, latest
+from pagctl.study.run import find_alignment, find_measurement, points
 
 SIGNIFICANCE = 0.05
 """A McNemar p-value below this makes a difference significant in the verdicts."""
@@ -66,10 +66,10 @@ def read_results(study: Study, out: Path) -> dict[str, RunResults]:
     results = {}
     for name, run in study.runs.items():
         records = read_metrics(study.run_dir(out, name))
+        n_points, classes = points(study, out, run)
         measured = {}
         for measure in study.measures:
-            rec = latest(records, "attack", attack="autoattack",
-                         params=attack_params(study, measure.norm, measure.eps))
+            rec = find_measurement(records, study, measure, n_points)
             if rec is None:
                 raise KeyError(f"{name}: no {measure.label} record; run the study first")
             n = int(rec["n"])
@@ -78,7 +78,7 @@ def read_results(study: Study, out: Path) -> dict[str, RunResults]:
                 (float(rec["robust_interval"][0]), float(rec["robust_interval"][1])),
                 bits_as_int(rec["per_example"]["robust"], n), float(rec.get("seconds") or 0),
                 (rec.get("reliability") or {}).get("reliable"))
-        align = latest(records, "align", source=study.align_source)
+        align = find_alignment(records, study, n_points, classes)
         alignment: tuple[float, tuple[float, float] | None, list[float]] | None = None
         if align is not None:
             interval = align.get("interval")
@@ -94,7 +94,10 @@ def read_results(study: Study, out: Path) -> dict[str, RunResults]:
 
 
 def compare_runs(a: Measured, b: Measured) -> tuple[int, int, float]:
-    """(points a defends and b does not, the reverse, McNemar's exact p-value)."""
+    """(points a defends and b does not, the reverse, McNemar's exact p-value); ValueError
+    when the two were measured on different numbers of points."""
+    if a.n != b.n:
+        raise ValueError(f"cannot pair {a.n} points with {b.n}: measure both on the same points")
     full = (1 << a.n) - 1
     only_a = bin(a.bits & ~b.bits & full).count("1")
     only_b = bin(b.bits & ~a.bits & full).count("1")
@@ -102,9 +105,12 @@ def compare_runs(a: Measured, b: Measured) -> tuple[int, int, float]:
 
 
 def verdict(a: Measured, b: Measured, what_a: str, what_b: str) -> str:
-    """Which of two runs is more robust on the same points, by McNemar's test."""
+    """Which of two runs is more robust on the same points, by McNemar's test; none when
+    either evaluation was judged unreliable (a gradient-masking probe fired)."""
     only_a, only_b, p = compare_runs(a, b)
     test = f"McNemar p = {p:.2g} ({only_a} vs {only_b} points)"
+    if a.reliable is False or b.reliable is False:
+        return f"no verdict: an evaluation was judged unreliable; {test}"
     if p >= SIGNIFICANCE:
         return f"no significant difference; {test}"
     winner = what_a if only_a > only_b else what_b
@@ -189,9 +195,10 @@ def write_report(study: Study, out: Path, path: Path, *, seconds: float | None =
         f"{measure_seconds / 60:.1f} min" + (f", {seconds / 60:.1f} min in all (this "
                                              "invocation)" if seconds is not None else "")
         + ".", ""]
-    lines += _claims(study, results) + _sources(study, results, header, rule) + \
+    corr = correlations(study, results)
+    lines += _claims(study, results, corr) + _sources(study, results, header, rule) + \
         _sweep(study, results, header, rule) + \
-        _correlation(study, results) + _seeds(study, results) + \
+        _correlation(study, results, corr) + _seeds(study, results) + \
         _arches(study, results, header, rule) + _paper(study, results) + _runs(results)
     if figure is not None:
         _figure(study, results, figure)
@@ -229,9 +236,10 @@ class Claim:
     short: str  # the claim in a few words, for the summary
 
 
-def claims(study: Study, results: dict[str, RunResults]) -> list[Claim]:
+def claims(study: Study, results: dict[str, RunResults],
+           corr: dict[Measure, Correlations]) -> list[Claim]:
     """Every claim's verdict at the study's first measure (McNemar p < SIGNIFICANCE, or a
-    correlation interval above 0)."""
+    correlation interval above 0); ``corr``: `correlations`."""
     main = study.measures[0]
     vanilla = results[study.sources["vanilla"]].measured[main]
     out = []
@@ -244,9 +252,10 @@ def claims(study: Study, results: dict[str, RunResults]) -> list[Claim]:
             f"PAG makes a model robust without adversarial examples ({label}, λ = 1)",
             f"{pag.accuracy:.3f} vs vanilla {vanilla.accuracy:.3f}", against_vanilla([v]), v,
             f"robustness without adversarial examples with {label} targets"))
-    rho, interval = _correlations(study, results)[main]["spearman"]
+    rho, interval = corr[main]["spearman"]
     agrees = interval is not None and interval[0] > 0
-    out.append(Claim(f"better alignment, more robustness (across all {len(results)} runs)",
+    out.append(Claim(f"better alignment, more robustness (across the {correlated(results)} "
+                     "runs with an alignment)",
                      f"Spearman ρ = {_num(rho)} {_interval(interval)}",
                      "agrees" if agrees else "not shown", "bootstrap over test points",
                      "better alignment goes with more robustness"))
@@ -254,12 +263,15 @@ def claims(study: Study, results: dict[str, RunResults]) -> list[Claim]:
     against = {s: verdict(sbg, results[study.sources[s]].measured[main], "SBG",
                           SOURCE_LABELS[s]) for s in ("one_image", "class_mean",
                                                       "nearest_neighbor")}
-    if all(v.startswith("SBG more") for v in against.values()):
+    beaten = [SOURCE_LABELS[s] for s, v in against.items() if v.startswith("SBG more")]
+    beating = [SOURCE_LABELS[s] for s, v in against.items()
+               if v.startswith(f"{SOURCE_LABELS[s]} more")]
+    if beating:
+        order = "opposite for " + ", ".join(beating)
+    elif len(beaten) == len(against):
         order = "agrees"
-    elif any(not v.startswith(("SBG more", "no significant")) for v in against.values()):
-        order = "opposite for " + ", ".join(SOURCE_LABELS[s] for s, v in against.items()
-                                            if not v.startswith(("SBG more",
-                                                                 "no significant")))
+    elif beaten:
+        order = f"partly (SBG beats {', '.join(beaten)} only)"
     else:
         order = "no difference shown"
     out.append(Claim(
@@ -290,9 +302,10 @@ def against_vanilla(verdicts: list[str]) -> str:
     return "agrees" if all(v.startswith("PAG") for v in verdicts) else "not shown"
 
 
-def _claims(study: Study, results: dict[str, RunResults]) -> list[str]:
+def _claims(study: Study, results: dict[str, RunResults],
+            corr: dict[Measure, Correlations]) -> list[str]:
     main = study.measures[0]
-    found = claims(study, results)
+    found = claims(study, results, corr)
     agree = [c.short for c in found if c.verdict == "agrees"]
     other = [f"{c.short} ({c.verdict})" for c in found if c.verdict != "agrees"]
     summary = [f"**Where the digits agree with the paper** ({main.label}): "
@@ -345,9 +358,20 @@ def _sweep(study: Study, results: dict[str, RunResults], header: str,
 Correlations = dict[str, tuple[float | None, tuple[float, float] | None]]
 
 
-def _correlations(study: Study, results: dict[str, RunResults]
-                  ) -> dict[Measure, Correlations]:
-    runs = [r for r in results.values() if r.alignment is not None and r.alignment[2]]
+def _correlated(r: RunResults) -> bool:
+    return r.alignment is not None and bool(r.alignment[2])
+
+
+def correlated(results: dict[str, RunResults]) -> int:
+    """How many runs the correlation is taken across (those with a per-point alignment)."""
+    return sum(_correlated(r) for r in results.values())
+
+
+def correlations(study: Study, results: dict[str, RunResults]
+                 ) -> dict[Measure, Correlations]:
+    """Pearson and Spearman between the runs' mean alignment and robust accuracy, for each
+    measure, with 95% intervals from 1,000 bootstrap resamples of the test points."""
+    runs = [r for r in results.values() if _correlated(r)]
     out: dict[Measure, Correlations] = {}
     for measure in study.measures:
         n = runs[0].measured[measure].n if runs else 0
@@ -363,10 +387,13 @@ def unpack_bits_int(bits: int, n: int) -> list[int]:
     return [(bits >> (n - 1 - i)) & 1 for i in range(n)]
 
 
-def _correlation(study: Study, results: dict[str, RunResults]) -> list[str]:
-    corr = _correlations(study, results)
+def _correlation(study: Study, results: dict[str, RunResults],
+                 corr: dict[Measure, Correlations]) -> list[str]:
+    missing = len(results) - correlated(results)
     lines = ["## Alignment and robustness", "",
-             f"Across all {len(results)} runs (every λ, seed and architecture): the runs' mean "
+             f"Across the {correlated(results)} runs with an alignment (every λ, seed and "
+             "architecture" + (f"; {missing} without one left out" if missing else "")
+             + "): the runs' mean "
              "alignment against their robust accuracy; 95% intervals from 1,000 bootstrap "
              "resamples of the test points.", "",
              "| attack | Pearson r | Spearman ρ |", "|---|---|---|"]
@@ -427,9 +454,9 @@ def _paper(study: Study, results: dict[str, RunResults]) -> list[str]:
              f"| method | CIFAR-10 L2 (paper) | CIFAR-10 L∞ (paper) | digits {l2.label} | "
              f"digits {li.label} |", "|---|---:|---:|---:|---:|"]
     for method, (pl2, pli) in PAPER_FIGURE_1.items():
-        name = digits.get(method)
-        d2 = f"{results[name].measured[l2].accuracy:.3f}" if name else "not run"
-        di = f"{results[name].measured[li].accuracy:.3f}" if name else "not run"
+        name = digits[method]
+        d2 = f"{results[name].measured[l2].accuracy:.3f}"
+        di = f"{results[name].measured[li].accuracy:.3f}"
         lines.append(f"| {method} | {pl2:.2f}% | {pli:.2f}% | {d2} | {di} |")
     return [*lines, ""]
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pagctl.study.plan import Study, StudyRun
+from pagctl.study.plan import Measure, Study, StudyRun
 
 
 def run_spec(study: Study, out: Path, run: StudyRun) -> Any:
@@ -130,20 +130,68 @@ def _train(study: Study, out: Path, run: StudyRun, device: str, head: str,
         raise KeyboardInterrupt
 
 
-def latest(records: list[dict[str, Any]], kind: str, **match: Any) -> dict[str, Any] | None:
-    """The last record of ``kind`` whose fields equal ``match`` (``params`` compared as a
-    subset: the record holds every param, defaults included)."""
+def _without_grouping(params: dict[str, Any]) -> dict[str, Any]:
+    """Attack params less ``runs_together``, which changes the cost, not the algorithm."""
+    return {k: v for k, v in params.items() if k != "runs_together"}
+
+
+def study_attack_params(study: Study, measure: Measure) -> dict[str, Any]:
+    """Every validated AutoAttack param of one measurement, defaults included, as its record
+    holds them (less ``runs_together``)."""
+    from pagctl import registry
+
+    validated = registry.attacks.validate_params(
+        "autoattack", attack_params(study, measure.norm, measure.eps), "attack")
+    return _without_grouping(validated.model_dump(mode="json"))
+
+
+def find_measurement(records: list[dict[str, Any]], study: Study, measure: Measure,
+                     n: int) -> dict[str, Any] | None:
+    """The last attack record that is this measurement exactly: AutoAttack with the same
+    params (every one, defaults included), seed 0, the run's last weights in float32, on the
+    first ``n`` test points. A record of the same norm and ε made any other way (fewer
+    steps, other points, the best weights) is not the study's and is never reused."""
+    from pagctl.stats import first_n_digest
+
+    params = study_attack_params(study, measure)
+    digest = first_n_digest(n)
     for record in reversed(records):
-        if record.get("kind") != kind:
-            continue
-        ok = True
-        for key, value in match.items():
-            got = record.get(key)
-            if key == "params" and isinstance(got, dict):
-                ok &= all(got.get(k) == v for k, v in value.items())
-            else:
-                ok &= got == value
-        if ok:
+        if (record.get("kind") == "attack" and record.get("attack") == "autoattack"
+                and isinstance(record.get("params"), dict)
+                and _without_grouping(record["params"]) == params
+                and record.get("n") == n and record.get("seed") == 0
+                and (record.get("subset") or {}).get("indices_sha256") == digest
+                and record.get("weights") in (None, "last")
+                and record.get("precision") in (None, "float32")):
+            found: dict[str, Any] = record
+            return found
+    return None
+
+
+def study_align_params(study: Study) -> dict[str, Any]:
+    """The alignment source's validated params (all defaults), as its record holds them."""
+    from pagctl import registry
+
+    return registry.target_gradients.validate_params(
+        study.align_source, {}, "source").model_dump(mode="json")
+
+
+def find_alignment(records: list[dict[str, Any]], study: Study, n: int,
+                   classes: int) -> dict[str, Any] | None:
+    """The last align record that is the study's alignment: its source with default params,
+    all ``classes`` target classes, seed 0, on the first ``n`` test points, with a score
+    per point."""
+    from pagctl.stats import first_n_digest
+
+    params = study_align_params(study)
+    digest = first_n_digest(n)
+    for record in reversed(records):
+        if (record.get("kind") == "align" and record.get("source") == study.align_source
+                and record.get("source_params") == params and record.get("n") == n
+                and record.get("classes_per_image") == classes and record.get("seed") == 0
+                and (record.get("subset") or {}).get("indices_sha256") == digest
+                and record.get("weights") in (None, "last")
+                and len(record.get("per_image") or []) == n):
             found: dict[str, Any] = record
             return found
     return None
@@ -155,33 +203,36 @@ def _measure(study: Study, out: Path, run: StudyRun, device: str, head: str,
     from pagctl.checkpoint import append_record, read_metrics
 
     folder = study.run_dir(out, run.name)
-    n = _points(study, out, run)
+    n, classes = points(study, out, run)
     for measure in study.measures:
-        params = attack_params(study, measure.norm, measure.eps)
-        if latest(read_metrics(folder), "attack", attack="autoattack", params=params, n=n):
+        if find_measurement(read_metrics(folder), study, measure, n) is not None:
             continue
         log(f"{head}: {measure.label}")
-        report = api.attack(str(folder), attack="autoattack", params=params,
+        report = api.attack(str(folder), attack="autoattack",
+                            params=attack_params(study, measure.norm, measure.eps),
                             limit=study.limit, device=device, probes=not study.quick)
         api.record(folder, report)
-    if latest(read_metrics(folder), "align", source=study.align_source, n=n) is None:
+    if find_alignment(read_metrics(folder), study, n, classes) is None:
         log(f"{head}: alignment with {study.align_source}")
         score = api.align_score(str(folder), source=study.align_source, limit=study.limit,
-                                device=device)
+                                classes_per_image=classes, device=device)
         assert score is not None
-        append_record(folder, score.to_record(study.align_source, {}, {}))
+        append_record(folder, score.to_record(study.align_source, study_align_params(study),
+                                              {}))
 
 
-_TEST_SIZES: dict[str, int] = {}
+_TEST_SIZES: dict[str, tuple[int, int]] = {}
 
 
-def _points(study: Study, out: Path, run: StudyRun) -> int:
-    """How many test points the study measures a run on: its test set, or ``limit`` of it."""
+def points(study: Study, out: Path, run: StudyRun) -> tuple[int, int]:
+    """(how many test points the study measures a run on: its test set, or ``limit`` of it;
+    how many classes its data has)."""
     from pagctl.data import load_data
 
     data = run_spec(study, out, run).data
     key = data.model_dump_json()
     if key not in _TEST_SIZES:
-        _TEST_SIZES[key] = len(load_data(data).test)  # type: ignore[arg-type]
-    total = _TEST_SIZES[key]
-    return min(total, study.limit) if study.limit is not None else total
+        bundle = load_data(data)
+        _TEST_SIZES[key] = (len(bundle.test), bundle.num_classes)  # type: ignore[arg-type]
+    total, classes = _TEST_SIZES[key]
+    return (min(total, study.limit) if study.limit is not None else total), classes
