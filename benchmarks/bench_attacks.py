@@ -360,7 +360,7 @@ def bench_autoattack(model: nn.Module, x: Tensor, y: Tensor, args: argparse.Name
     counter = PassCounter(model)
     rows, stage_rows = [], []
     try:
-        for norm in ("l2", "linf", "l1"):
+        for norm in args.norms:
             eps = AA_EPS[norm]
             for run in runners.values():  # warm-up: tiny budget on a few points
                 run(model, x[:8], y[:8], norm, eps, device, steps=2, queries=10)
@@ -423,7 +423,7 @@ def bench_model_share(model: nn.Module, x: Tensor, y: Tensor, args: argparse.Nam
     device = torch.device(args.device)
     runners = {"pagctl": _run_pagctl_aa, "pyautoattack": _run_reference_aa}
     rows = []
-    for norm in ("l2", "linf", "l1"):
+    for norm in args.norms:
         for name, run in runners.items():
             profile = cProfile.Profile()
             clock = Clock(device)
@@ -552,8 +552,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip", default="",
                         help="comma-separated parts to leave out: pgd-digits, pgd-resnet18, "
                         "autoattack")
+    parser.add_argument("--norms", default="l2,linf,l1",
+                        help="AutoAttack's norms, comma-separated (default l2,linf,l1)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
+    args.norms = [n for n in args.norms.split(",") if n]
+    if not args.norms or set(args.norms) - set(AA_EPS):
+        parser.error(f"--norms: choose from {', '.join(AA_EPS)}")
     if args.repeats is None:
         args.repeats = 1 if args.quick else 5
     if args.points is None:

@@ -153,7 +153,8 @@ def test_adversarial_training_with_pag_on_cuda(workdir: Path, no_tf32: None, rec
                                                amp: bool) -> None:
     """Adversarial training + PAG on the GPU: one inner attack agrees with the CPU's (same
     seeded start, drawn on the CPU; sign steps may flip where a gradient entry is near 0),
-    the cost accounting counts the CPU's passes per image and measures every phase (the
+    the cost accounting counts the CPU's passes per image (for the same
+    grad_method) and measures every phase (the
     device is synchronised at phase changes), and both kept weights load on the GPU."""
     from pagctl import checkpoint
     from pagctl.checkpoint import read_metrics
@@ -190,8 +191,10 @@ def test_adversarial_training_with_pag_on_cuda(workdir: Path, no_tf32: None, rec
     for r in records:
         assert r["attack_seconds"] > 0 and r["pag_seconds"] > 0 and r["step_seconds"] > 0
     assert records[-1]["val_robust_accuracy"] is not None
+    # grad_method auto is repeat on the GPU and loop on the CPU: count the same method
     on_cpu = load_spec(recipe, ["train.epochs=1", "data.validation_size=100", "eval.limit=20",
-                                "train.classes_per_image=2", "out_dir=c"])
+                                "train.classes_per_image=2", "train.grad_method=repeat",
+                                "out_dir=c"])
     train(on_cpu, device="cpu", progress=False)
     cpu_record = [r for r in read_metrics(workdir / "c") if r["kind"] == "train_epoch"][-1]
     assert records[-1]["passes_per_image"] == cpu_record["passes_per_image"]
