@@ -153,9 +153,9 @@ def test_adversarial_training_with_pag_on_cuda(workdir: Path, no_tf32: None, rec
                                                amp: bool) -> None:
     """Adversarial training + PAG on the GPU: one inner attack agrees with the CPU's (same
     seeded start, drawn on the CPU; sign steps may flip where a gradient entry is near 0),
-    the cost accounting counts the CPU's passes per image (for the same
-    grad_method) and measures every phase (the
-    device is synchronised at phase changes), and both kept weights load on the GPU."""
+    the cost accounting counts the CPU's passes per image for the same grad_method and
+    measures every phase (the device is synchronised at phase changes), and both kept
+    weights load on the GPU."""
     from pagctl import checkpoint
     from pagctl.checkpoint import read_metrics
     from pagctl.data import load_data
