@@ -37,7 +37,7 @@ demo: install
 toy: install
 	$(PY) -m pagctl.toy_experiment --out runs/toy
 
-# docs/results.md: a digits score model, then vanilla and PAG with one image, class mean,
+# docs/results-sources.md: a digits score model, then vanilla and PAG with one image, class mean,
 # nearest neighbour and SBG (same spec budget and seed), each attacked with AutoAttack L2 at
 # eps 0.5 and 1 and L-infinity at eps 0.1 and 0.15 on all 360 test images and scored against
 # SBG targets; compare table + plot. About 1.5 hours on 2 quiet cores (AutoAttack's Square
@@ -66,7 +66,7 @@ results: install
 	$(PAGCTL) compare $(addprefix $(RESULTS_DIR)/,$(RESULTS_RUNS)) --format markdown \
 	  --plot $(RESULTS_DIR)/compare.png | tee $(RESULTS_DIR)/compare.md
 
-# docs/results.md, "Adversarial training": PGD-AT and TRADES (L-infinity eps 0.1) alone and
+# docs/results-at.md: PGD-AT and TRADES (L-infinity eps 0.1) alone and
 # + PAG with nearest-neighbour and SBG targets, next to vanilla, PAG-NN and PAG-SBG from
 # 'make results' (run it first: the score model and those three runs are reused), each
 # attacked with AutoAttack L2 (0.5, 1) and L-infinity (0.1, 0.15) on all 360 test images,
