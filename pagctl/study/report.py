@@ -93,6 +93,17 @@ def read_results(study: Study, out: Path) -> dict[str, RunResults]:
     return results
 
 
+def score_seconds(out: Path) -> float:
+    """The study's score model's recorded training and sampling seconds (0 without one)."""
+    from pagctl.checkpoint import read_metrics
+
+    folder = out / "score-digits"
+    done = [r for r in read_metrics(folder) if r.get("kind") == "score_done"] \
+        if folder.is_dir() else []
+    return sum(float(done[-1].get(k) or 0) for k in ("train_seconds", "sample_seconds")) \
+        if done else 0.0
+
+
 def compare_runs(a: Measured, b: Measured) -> tuple[int, int, float]:
     """(points a defends and b does not, the reverse, McNemar's exact p-value); ValueError
     when the two were measured on different numbers of points."""
@@ -180,6 +191,12 @@ def write_report(study: Study, out: Path, path: Path, *, seconds: float | None =
     settings = ", ".join(f"{k}={v}" for k, v in study.attack_params.items())
     total = sum(r.train_seconds for r in results.values())
     measure_seconds = sum(m.seconds for r in results.values() for m in r.measured.values())
+    align_seconds = sum(r.align_seconds for r in results.values())
+    score = score_seconds(out)
+    compute = score + total + measure_seconds + align_seconds
+    per_run = [r.train_seconds + r.align_seconds + sum(m.seconds for m in r.measured.values())
+               for r in results.values()]
+    wall_two = score + max(sum(per_run[0::2]), sum(per_run[1::2]))  # run_parallel's split
     lines += [
         "## How it was measured", "",
         f"- {_provenance()}; {datetime.date.today().isoformat()}; "
@@ -191,10 +208,14 @@ def write_report(study: Study, out: Path, path: Path, *, seconds: float | None =
         "interval.",
         f"- Alignment: `align-score` against `{study.align_source}` targets (mean cosine "
         "over images and all classes, 95% interval).",
-        f"- {len(results)} runs; training {total / 60:.1f} min, attacks "
-        f"{measure_seconds / 60:.1f} min" + (f", {seconds / 60:.1f} min in all (this "
-                                             "invocation)" if seconds is not None else "")
-        + ".", ""]
+        f"- Compute, as recorded in the run folders: score model {score / 60:.1f} min, "
+        f"training {total / 60:.1f} min ({len(results)} runs), attacks "
+        f"{measure_seconds / 60:.1f} min, alignment {align_seconds / 60:.1f} min; "
+        f"{compute / 60:.0f} min in all. With `--jobs 2` (the score model, then two "
+        f"workers taking alternate runs) that is about {wall_two / 60:.0f} min of wall time "
+        "from nothing on 2 cores, the slower worker's sum (each run's seconds were measured "
+        "beside the other worker's)" + (f"; this invocation took {seconds / 60:.1f} min"
+                                        if seconds is not None else "") + ".", ""]
     corr = correlations(study, results)
     lines += _claims(study, results, corr) + _sources(study, results, header, rule) + \
         _sweep(study, results, header, rule) + \
