@@ -214,7 +214,8 @@ def write_report(study: Study, out: Path, path: Path, *, seconds: float | None =
         f"{compute / 60:.0f} min in all. With `--jobs 2` (the score model, then two "
         f"workers taking alternate runs) that is about {wall_two / 60:.0f} min of wall time "
         "from nothing on 2 cores, the slower worker's sum (each run's seconds were measured "
-        "beside the other worker's)" + (f"; this invocation took {seconds / 60:.1f} min"
+        "beside the other worker's; start-up and data loading, which the records do not "
+        "count, come on top)" + (f"; this invocation took {seconds / 60:.1f} min"
                                         if seconds is not None else "") + ".", ""]
     corr = correlations(study, results)
     lines += _claims(study, results, corr) + _sources(study, results, header, rule) + \
