@@ -517,7 +517,12 @@ def _figure(study: Study, results: dict[str, RunResults], path: Path) -> None:
                 ax.errorbar(lams, values, yerr=error_bars(values, intervals), marker="o",
                             capsize=3, color=f"C{i}",
                             label="NN" if source == "nearest_neighbor" else "SBG")
-            ax.set_xlabel("λ")
+            lams_all = sorted({results[n].run.pag_weight for names in
+                               study.lambda_sweep.values() for n in names})
+            ax.set_xscale("symlog", linthresh=0.25)  # λ = 0, 0.25, 0.5 apart; 4 in view
+            ax.set_xticks(lams_all, [f"{v:g}" for v in lams_all])
+            ax.minorticks_off()
+            ax.set_xlabel("λ (symmetric log scale)")
             ax.set_title(measure.label if measure else "alignment", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
