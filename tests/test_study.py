@@ -198,3 +198,26 @@ def test_the_source_order_claim_follows_sbgs_mcnemar_tests(
         "agrees"
     assert found["better alignment goes with more robustness"].verdict == "agrees"
     assert found["PAG (NN and SBG) helps the small_cnn"].verdict == "agrees"
+
+
+def test_bad_study_arguments_get_one_line_and_exit_2(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A file as --out, a folder as --report, --jobs 0, and a report of a study not run:
+    one line naming the option or the missing run, exit 2, nothing written."""
+    from pagctl.study.__main__ import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for argv, needle in ((["--out", str(afile)], "--out"),
+                         (["--out", str(tmp_path / "s"), "--report", str(tmp_path)],
+                          "--report"),
+                         (["--jobs", "0", "--out", str(tmp_path / "s")], "--jobs")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--quick", "--report-only", *argv])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert needle in err[-1] and "Traceback" not in "".join(err)
+    assert main(["--quick", "--report-only", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: digits-vanilla-s0: no AA L2 ε=0.5 record; run the study first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; give the study's folder")
+    if args.report is not None and args.report.is_dir():
+        parser.error(f"--report {args.report} is a folder; give a file, e.g. "
+                     f"{args.report / 'results.md'}")
     from pagctl.errors import PagctlError
     from pagctl.study.plan import digits_study
     from pagctl.study.report import write_report
@@ -61,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: run the same command again to continue", file=sys.stderr)
         return 130
     except (PagctlError, KeyError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {message}", file=sys.stderr)
         return 2
     log(f"wrote {report} and {figure}")
     return 0
