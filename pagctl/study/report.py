@@ -207,7 +207,9 @@ def write_report(study: Study, out: Path, path: Path, *, seconds: float | None =
         f"{', '.join(m.label for m in study.measures)}; robust accuracy with its Wilson 95% "
         "interval.",
         f"- Alignment: `align-score` against `{study.align_source}` targets (mean cosine "
-        "over images and all classes, 95% interval).",
+        "over images and all classes, 95% interval). The runs trained toward these very "
+        "targets are partly circular in that column (their score says the objective was "
+        "met); for every other run it is an independent yardstick.",
         f"- Compute, as recorded in the run folders: score model {score / 60:.1f} min, "
         f"training {total / 60:.1f} min ({len(results)} runs), attacks "
         f"{measure_seconds / 60:.1f} min, alignment {align_seconds / 60:.1f} min; "
