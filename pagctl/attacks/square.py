@@ -329,15 +329,18 @@ def _single_run(
         if active.numel() == 0:
             break
         p = p_schedule(p_init, iteration, queries, rescale)
-        x_act, y_act = x[active], y[active]
-        candidate = propose(x_act, best[active], eps, p, generator)
+        x_act, y_act, x_best_act = x[active], y[active], best[active]
+        candidate = propose(x_act, x_best_act, eps, p, generator)
         logits = model(candidate)
         cand_loss = loss_per_example(logits, y_act, loss)
         hit = logits.argmax(dim=1) != y_act
         take = hit | (cand_loss > best_loss[active])
-        best[active[take]] = candidate[take]
-        best_loss[active[take]] = cand_loss[take]
-        fooled[active[hit]] = True
+        # Written back through the integer index ``active`` with torch.where, not through
+        # boolean masks: a mask index waits for the device to count its rows, four waits per
+        # query on a GPU; the one left is ``nonzero`` above.
+        best[active] = torch.where(take.reshape(-1, 1, 1, 1), candidate, x_best_act)
+        best_loss[active] = torch.where(take, cand_loss, best_loss[active])
+        fooled[active] = fooled[active] | hit
         counts[active] += 1
     return best, best_loss, fooled
 
