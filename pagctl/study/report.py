@@ -152,6 +152,12 @@ def _label(run: StudyRun) -> str:
     return f"PAG {'NN' if run.source == 'nearest_neighbor' else 'SBG'} λ={run.pag_weight:g}"
 
 
+def _torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)
+
+
 def _provenance() -> str:
     """pagctl's version and, in a git checkout, its commit."""
     from pagctl import __version__
@@ -199,8 +205,8 @@ def write_report(study: Study, out: Path, path: Path, *, seconds: float | None =
     wall_two = score + max(sum(per_run[0::2]), sum(per_run[1::2]))  # run_parallel's split
     lines += [
         "## How it was measured", "",
-        f"- {_provenance()}; {datetime.date.today().isoformat()}; "
-        f"{platform.machine()}, Python {platform.python_version()}.",
+        f"- Report written by {_provenance()}; {datetime.date.today().isoformat()}; "
+        f"{platform.machine()}, Python {platform.python_version()}, torch {_torch_version()}.",
         f"- Data: scikit-learn's 8×8 digits, the built-in split; every run measured on the "
         f"same {n} test points.",
         f"- Attacks: pagctl's AutoAttack ({settings}), "
