@@ -229,7 +229,7 @@ def write_report(study: Study, out: Path, path: Path, *, seconds: float | None =
     lines += _claims(study, results, corr) + _sources(study, results, header, rule) + \
         _sweep(study, results, header, rule) + \
         _correlation(study, results, corr) + _seeds(study, results) + \
-        _arches(study, results, header, rule) + _paper(study, results) + _runs(results)
+        _arches(study, results, header, rule) + _paper(study, results) + _runs(results, out)
     if figure is not None:
         _figure(study, results, figure)
         lines += ["## Figure", "", f"![robust accuracy and alignment against λ]({figure.name})",
@@ -491,11 +491,14 @@ def _paper(study: Study, results: dict[str, RunResults]) -> list[str]:
     return [*lines, ""]
 
 
-def _runs(results: dict[str, RunResults]) -> list[str]:
-    lines = ["## Runs", "", "| run | spec | overrides | train s | attacks s | alignment s |",
+def _runs(results: dict[str, RunResults], out: Path) -> list[str]:
+    lines = ["## Runs", "", f"OUT is the study's folder (`--out`, here `{out.name}`); every run "
+             "lives in OUT/runs/<run>.", "",
+             "| run | spec | overrides | train s | attacks s | alignment s |",
              "|---|---|---|---:|---:|---:|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r.run.spec} | {' '.join(r.run.overrides)} | "
+        overrides = " ".join(o.replace(str(out), "OUT") for o in r.run.overrides)
+        lines.append(f"| {name} | {r.run.spec} | {overrides} | "
                      f"{r.train_seconds:.1f} | "
                      f"{sum(m.seconds for m in r.measured.values()):.1f} | "
                      f"{r.align_seconds:.1f} |")
