@@ -166,7 +166,8 @@ def _provenance() -> str:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True, cwd=Path(__file__).parent,
                                 timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True,
                                text=True, check=True, cwd=Path(__file__).parent,
                                timeout=10).stdout.strip()
         commit += " (uncommitted changes)" if dirty else ""
