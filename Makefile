@@ -90,8 +90,9 @@ results-at: install
 # SBG, three seeds, four architecture families, AutoAttack L2 (0.5, 1) and Linf (0.1, 0.15) on
 # all 360 test points, alignment; trains and measures only what $(STUDY_DIR) lacks, then
 # writes docs/results.md and docs/results-lambda.png, in two processes of one thread each.
-# About 3 hours on 2 CPU cores (an estimate: AutoAttack on the robust models takes most of
-# it); rerun after an interruption to continue.
+# About 2 hours on 2 CPU cores: the report's 2026-12 run recorded 244 min of one-worker
+# compute (score model 1.5, training 68, AutoAttack 175, alignment 0.1), 126 min for the slower
+# of the two workers; rerun after an interruption to continue.
 STUDY_DIR ?= runs/study
 study: install
 	$(PY) -m pagctl.study --out $(STUDY_DIR) --report docs/results.md --jobs 2
