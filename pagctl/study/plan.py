@@ -68,6 +68,11 @@ class Study:
     def run_dir(self, out: Path, name: str) -> Path:
         return out / "runs" / name
 
+    @staticmethod
+    def score_dir(out: Path) -> Path:
+        """The study's score model (trained when SBG runs are planned)."""
+        return out / "score-digits"
+
 
 def _run(arch: str, source: str, pag_weight: float, seed: int,
          score_dir: Path) -> StudyRun:
@@ -91,7 +96,7 @@ def digits_study(out: Path, *, quick: bool = False) -> Study:
     ``out/score-digits``. ``quick``: the same shape on a budget a test can afford (2 λ per
     source, 2 seeds, 2 architectures, 2 epochs, a weakened AutoAttack on 60 points) — its
     numbers say nothing about the paper."""
-    score_dir = out / "score-digits"
+    score_dir = Study.score_dir(out)
     lambdas = (0.0, 1.0) if quick else LAMBDAS
     seeds = SEEDS[:2] if quick else SEEDS
     arches = ARCHES[:2] if quick else ARCHES

@@ -93,11 +93,11 @@ def read_results(study: Study, out: Path) -> dict[str, RunResults]:
     return results
 
 
-def score_seconds(out: Path) -> float:
+def score_seconds(study: Study, out: Path) -> float:
     """The study's score model's recorded training and sampling seconds (0 without one)."""
     from pagctl.checkpoint import read_metrics
 
-    folder = out / "score-digits"
+    folder = study.score_dir(out)
     done = [r for r in read_metrics(folder) if r.get("kind") == "score_done"] \
         if folder.is_dir() else []
     return sum(float(done[-1].get(k) or 0) for k in ("train_seconds", "sample_seconds")) \
@@ -199,10 +199,10 @@ def write_report(study: Study, out: Path, path: Path, *, seconds: float | None =
     total = sum(r.train_seconds for r in results.values())
     measure_seconds = sum(m.seconds for r in results.values() for m in r.measured.values())
     align_seconds = sum(r.align_seconds for r in results.values())
-    score = score_seconds(out)
-    compute = score + total + measure_seconds + align_seconds
+    score = score_seconds(study, out)
     per_run = [r.train_seconds + r.align_seconds + sum(m.seconds for m in r.measured.values())
                for r in results.values()]
+    compute = score + sum(per_run)
     wall_two = score + max(sum(per_run[0::2]), sum(per_run[1::2]))  # run_parallel's split
     lines += [
         "## How it was measured", "",

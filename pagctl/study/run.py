@@ -95,7 +95,7 @@ def _score_model(study: Study, out: Path, device: str, log: Callable[[str], None
     from pagctl.score.spec import load_score_spec
     from pagctl.score.train import train_score
 
-    folder = out / "score-digits"
+    folder = study.score_dir(out)
     if any(r.get("kind") == "score_done" for r in read_metrics(folder)) \
             if folder.is_dir() else False:
         log(f"score model: done before ({folder})")
