@@ -49,13 +49,18 @@ if TYPE_CHECKING:
 __all__ = ["align_score", "attack", "compare", "dataset", "import_model", "load", "record",
            "tensors", "train", "wrap"]
 
-def load(run: str | Path, *, weights: str = "last", device: str = "cpu") -> LoadedRun:
+def load(run: str | Path, *, weights: str = "last", device: str = "cpu",
+         trust_code: bool = False) -> LoadedRun:
     """A run folder's model (eval mode, on ``device``), spec and config; ``weights``: last
-    (model.safetensors) or best (model-best.safetensors)."""
+    (model.safetensors) or best (model-best.safetensors). ``trust_code``: allow an
+    architecture the folder names as ``package.module:factory`` to be imported and run (a
+    run folder is data; docs: run-folder.md#trust)."""
     from pagctl.build import resolve_device
     from pagctl.checkpoint import load_run
+    from pagctl.trust import CodeTrust
 
-    return load_run(Path(run), resolve_device(device), weights=weights)
+    return load_run(Path(run), resolve_device(device), weights=weights,
+                    trust=CodeTrust.of(trust_code))
 
 
 def wrap(module: nn.Module, *, mean: Sequence[float] | None = None,
@@ -110,8 +115,8 @@ def tensors(images: Tensor, labels: Tensor, *, num_classes: int | None = None,
                       name=name, class_names=tuple(str(i) for i in range(classes)))
 
 
-def _model_and_data(model: Any, data: Any, device: str,
-                    weights: str) -> tuple[Any, DataBundle, Any]:
+def _model_and_data(model: Any, data: Any, device: str, weights: str,
+                    trust_code: bool) -> tuple[Any, DataBundle, Any]:
     """(the module, the data, the device) for a model given as a path, a loaded run or a
     module, and data given as None (the run's test set), a bundle or (x, y)."""
     from pagctl.build import resolve_device
@@ -120,7 +125,7 @@ def _model_and_data(model: Any, data: Any, device: str,
 
     dev = resolve_device(device)
     if isinstance(model, (str, Path)):
-        model = load(model, weights=weights, device=str(dev))
+        model = load(model, weights=weights, device=str(dev), trust_code=trust_code)
     if isinstance(model, LoadedRun):
         bundle = load_data(model.spec.data) if data is None else None
         module = model.model
@@ -158,7 +163,8 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
            probes: bool = True, probe_size: int = 100, weights: str = "last",
            progress: bool = False, shard: tuple[int, int] | None = None,
            merge_shards: int | None = None, shard_dir: str | Path | None = None,
-           precision: str = "float32") -> AttackReport | list[AttackReport]:
+           precision: str = "float32",
+           trust_code: bool = False) -> AttackReport | list[AttackReport]:
     """Attack ``model`` on ``data`` as ``pagctl attack`` does: clean and robust accuracy with
     95% intervals, what each stage broke and cost, per-example and per-class results, and
     the reliability verdict of the gradient-masking probes (``report.reliable``).
@@ -171,7 +177,8 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
     ``merge_shards=N`` merges N finished shards into the whole evaluation's report, as
     ``--shard`` / ``--merge-shards`` do; the shards live in ``shard_dir`` (default: the
     run folder's ``shards/`` when ``model`` is a path). ``precision="bfloat16"`` runs the
-    model's forward under bfloat16 autocast (opt-in; marked in the report)."""
+    model's forward under bfloat16 autocast (opt-in; marked in the report).
+    ``trust_code``: as for `load`."""
 
     from pagctl import registry
     from pagctl.robustness.evaluate import evaluate_attack
@@ -182,7 +189,7 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
             given[key] = value
     validated = registry.attacks.validate_params(attack, given, "params")
     folder = _shard_folder(model, shard, merge_shards, shard_dir)
-    module, bundle, dev = _model_and_data(model, data, device, weights)
+    module, bundle, dev = _model_and_data(model, data, device, weights, trust_code)
     chosen = _index_tensor(indices)
     budgets = None if eps_sweep is None else [float(e) for e in eps_sweep]
     reports, _ = evaluate_attack(module, bundle, attack, validated, budgets, indices=chosen,
@@ -198,8 +205,8 @@ def align_score(model: Any, data: Any = None, source: str = "nearest_neighbor", 
                 indices: Sequence[int] | Tensor | None = None, limit: int | None = None,
                 seed: int = 0, batch_size: int = 256, device: str = "cpu",
                 weights: str = "last", shard: tuple[int, int] | None = None,
-                merge_shards: int | None = None,
-                shard_dir: str | Path | None = None) -> AlignReport | None:
+                merge_shards: int | None = None, shard_dir: str | Path | None = None,
+                trust_code: bool = False) -> AlignReport | None:
     """How well ``model``'s input gradients align with a target-gradient ``source``, as
     ``pagctl align-score`` measures it: mean cosine with a 95% interval, per true class and
     per target. Sources that need training images need a dataset that has them.
@@ -207,7 +214,7 @@ def align_score(model: Any, data: Any = None, source: str = "nearest_neighbor", 
     ``shard=(i, N)`` scores shard i of N only (returns None) and ``merge_shards=N`` merges N
     finished shards into the whole score's report, as ``--shard`` / ``--merge-shards`` do;
     the shards live in ``shard_dir`` (default: the run folder's ``shards/`` when ``model``
-    is a path)."""
+    is a path). ``trust_code``: as for `load`."""
 
     from pagctl import registry
     from pagctl.align import alignment_report, sharded_alignment
@@ -218,9 +225,9 @@ def align_score(model: Any, data: Any = None, source: str = "nearest_neighbor", 
     validated = registry.target_gradients.validate_params(source, dict(params or {}),
                                                           "params")
     folder = _shard_folder(model, shard, merge_shards, shard_dir)
-    run = load(model, weights=weights, device=device) if isinstance(model, (str, Path)) \
-        else model
-    module, bundle, dev = _model_and_data(run, data, device, weights)
+    run = load(model, weights=weights, device=device, trust_code=trust_code) \
+        if isinstance(model, (str, Path)) else model
+    module, bundle, dev = _model_and_data(run, data, device, weights, trust_code)
     if classes_per_image is None:
         k = run.spec.train.classes_per_image if isinstance(run, LoadedRun) else \
             bundle.num_classes
@@ -282,16 +289,21 @@ def compare(runs: Sequence[str | Path], *, strict: bool = False,
 
 
 def train(spec: str | Path, *, overrides: Sequence[str] = (), device: str = "auto",
-          resume: bool = False, overwrite: bool = False, progress: bool = False) -> TrainResult:
+          resume: bool = False, overwrite: bool = False, progress: bool = False,
+          trust_code: bool = False) -> TrainResult:
     """Train a spec (a file or a built-in name, with ``KEY=VALUE`` overrides as ``--set``
     takes them) into its run folder, as ``pagctl train`` does; in a script that torchrun
-    launched, data-parallel over its processes as well (docs: distributed.md)."""
+    launched, data-parallel over its processes as well (docs: distributed.md). An
+    architecture named ``package.module:factory`` runs when given in ``overrides``
+    (``"model.arch=pkg.mod:make"``), or, named in the spec file, with ``trust_code``."""
     from pagctl.distributed.launch import training_launch
     from pagctl.spec import load_spec
     from pagctl.train import train as run_train
+    from pagctl.trust import CodeTrust, named_architectures
 
     return run_train(load_spec(spec, list(overrides)), device=device, resume=resume,
-                     overwrite=overwrite, progress=progress, launch=training_launch())
+                     overwrite=overwrite, progress=progress, launch=training_launch(),
+                     trust=CodeTrust.of(trust_code, named_architectures(overrides)))
 
 
 def import_model(out: str | Path, model: str, dataset: str, *,
@@ -304,6 +316,7 @@ def import_model(out: str | Path, model: str, dataset: str, *,
     ``package.module:factory``; ``dataset`` the data it is evaluated on."""
     from pagctl.importing import import_model as run_import
     from pagctl.spec import validate_spec
+    from pagctl.trust import CodeTrust
 
     data: dict[str, Any] = {
         "version": 1, "name": Path(out).name, "description": f"imported: {model}",
@@ -315,4 +328,5 @@ def import_model(out: str | Path, model: str, dataset: str, *,
     if std is not None:
         data["model"]["std"] = list(std)
     return run_import(validate_spec(data), None if checkpoint is None else Path(checkpoint),
-                      trust_pickle=trust_pickle, overwrite=overwrite, device=device)
+                      trust_pickle=trust_pickle, overwrite=overwrite, device=device,
+                      trust=CodeTrust.of(named=[model]))

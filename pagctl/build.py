@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pagctl.errors import DataError, SpecError, UnknownPluginError
+from pagctl.trust import UNTRUSTED, CodeTrust
 
 if TYPE_CHECKING:
     import torch
@@ -61,8 +62,9 @@ def default_cache_dir() -> Path:
 
 
 def setup(spec: RunSpec, device: torch.device, *, build_plugins: bool = True,
-          cache_dir: Path | None = None) -> Setup:
-    """Load data, build the model and validate (and optionally build) the plugins."""
+          cache_dir: Path | None = None, trust: CodeTrust = UNTRUSTED) -> Setup:
+    """Load data, build the model and validate (and optionally build) the plugins.
+    ``trust``: whether ``model.arch`` may name code to import (`pagctl.trust`)."""
     import torch
 
     from pagctl import registry
@@ -83,7 +85,8 @@ def setup(spec: RunSpec, device: torch.device, *, build_plugins: bool = True,
     torch.manual_seed(spec.train.seed)
     model = build_model(spec.model, num_classes=bundle.num_classes,
                         in_chans=bundle.input_shape[0], default_mean=bundle.mean,
-                        default_std=bundle.std, allow_download=spec.data.download)
+                        default_std=bundle.std, trust=trust,
+                        allow_download=spec.data.download)
     config = timm_config(model, spec.model, bundle.num_classes, bundle.input_shape[0],
                          bundle.input_shape)
     refs: list[tuple[PluginRef, Any, str]] = [

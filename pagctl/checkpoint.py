@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pagctl.errors import CheckpointError, SpecError
+from pagctl.trust import UNTRUSTED, CodeTrust
 
 if TYPE_CHECKING:
     import torch
@@ -554,9 +555,11 @@ class LoadedRun:
 
 
 def load_run(run_dir: Path, device: str | torch.device = "cpu", *,
-             weights: str = "last") -> LoadedRun:
+             weights: str = "last", trust: CodeTrust = UNTRUSTED) -> LoadedRun:
     """Rebuild a run's model from config.json + model.safetensors (eval mode), or with
-    ``weights="best"`` from model-best.safetensors (`WEIGHTS`).
+    ``weights="best"`` from model-best.safetensors (`WEIGHTS`). An architecture named
+    ``package.module:factory`` is imported only when ``trust`` allows it (`pagctl.trust`:
+    a run folder is data; by default nothing it names is run).
 
     The global RNG is left as it was (building the network draws initial weights that the
     saved ones then replace)."""
@@ -591,7 +594,8 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", *,
     state = load_tensors(run_dir / model_file)
     try:
         with torch.random.fork_rng(devices=[]):
-            model = rebuild_from_config(config, state)
+            model = rebuild_from_config(config, state, trust=trust,
+                                        folder=str(run_dir))
     except (CheckpointError, RuntimeError, KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, CheckpointError) and not isinstance(exc.__cause__, RuntimeError):
             raise  # a malformed config.json, already explained

@@ -12,6 +12,11 @@ class SpecError(PagctlError):
     """An invalid run spec, override, or plugin parameter."""
 
 
+class UntrustedCodeError(SpecError):
+    """A file (spec, run folder) names Python code to import, and the user has not trusted it
+    (`pagctl.trust`)."""
+
+
 class PluginError(PagctlError):
     """Base class for registry failures."""
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pagctl.errors import CheckpointError, SpecError
+from pagctl.trust import UNTRUSTED, CodeTrust
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -199,7 +200,7 @@ def timm_data_config(spec: RunSpec) -> tuple[RunSpec, str | None]:
 def import_normalisation(spec: RunSpec, bundle: DataBundle) -> tuple[RunSpec, str]:
     """``spec`` with ``model.mean``/``model.std`` filled in where null (see the module
     docstring), and where the values come from, in words."""
-    from pagctl.models import is_import_path
+    from pagctl.trust import is_import_path
 
     model = spec.model
     if model.mean is not None and model.std is not None:
@@ -222,11 +223,14 @@ def import_normalisation(spec: RunSpec, bundle: DataBundle) -> tuple[RunSpec, st
 
 
 def import_model(spec: RunSpec, checkpoint: Path | None, *, trust_pickle: bool = False,
-                 overwrite: bool = False, device: str = "cpu") -> ImportResult:
+                 overwrite: bool = False, device: str = "cpu",
+                 trust: CodeTrust = UNTRUSTED) -> ImportResult:
     """Write ``spec.run_dir`` for the model ``spec.model`` describes, with the weights of
     ``checkpoint`` (see the module docstring). The folder is refused when it exists unless
     ``overwrite``; nothing is written until the weights fit and the model has been checked
-    on the data."""
+    on the data. ``trust``: whether ``model.arch`` may name code to import
+    (`pagctl.trust`); the folder records that name, and whoever reads the folder later
+    needs to trust it in turn."""
     import torch
 
     from pagctl.build import resolve_device
@@ -248,7 +252,8 @@ def import_model(spec: RunSpec, checkpoint: Path | None, *, trust_pickle: bool =
             torch.manual_seed(0)
             model = build_model(spec.model, num_classes=bundle.num_classes,
                                 in_chans=bundle.input_shape[0], default_mean=bundle.mean,
-                                default_std=bundle.std, allow_download=spec.data.download)
+                                default_std=bundle.std, trust=trust,
+                                allow_download=spec.data.download)
         if checkpoint is not None and weights is not None:
             _fit(model.net, weights, checkpoint)
         dev = resolve_device(device)

@@ -46,8 +46,9 @@ from pagctl.architectures import (
     pagctl_mlp,
     pagctl_small_cnn,
 )
-from pagctl.errors import CheckpointError, SpecError
+from pagctl.errors import CheckpointError, SpecError, UntrustedCodeError
 from pagctl.spec import ModelSpec
+from pagctl.trust import TIMM_SOURCES, UNTRUSTED, CodeTrust, is_import_path
 
 # the pagctl_* entry points are listed last, where timm's register_model used to append them
 __all__ = [
@@ -62,7 +63,6 @@ __all__ = [
     "create_network",
     "eval_mode",
     "import_factory",
-    "is_import_path",
     "rebuild_from_config",
     "timm_config",
     "pagctl_small_cnn",
@@ -70,9 +70,11 @@ __all__ = [
     "pagctl_mlp",
 ]
 
-_SOURCE_PREFIXES = ("hf-hub:", "local-dir:")  # timm model sources; timm resolves those itself
 _RESERVED_KWARGS = ("num_classes", "in_chans")
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_WEIGHT_LOADING_KWARGS = ("pretrained", "pretrained_cfg_overlay", "checkpoint_path",
+                          "cache_dir")
+"""timm keywords that fetch or read weights: left out when a run folder's network is rebuilt,
+whose weights come from its own safetensors file."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,11 +148,6 @@ def _unknown_arch_message(arch: str) -> str:
             "listed by 'pagctl plugins', or package.module:factory)")
 
 
-def is_import_path(arch: str) -> bool:
-    """Whether ``arch`` names a callable by import path (``package.module:factory``)."""
-    return bool(_IMPORT_PATH.match(arch)) and not arch.startswith(_SOURCE_PREFIXES)
-
-
 def import_factory(path: str, where: str = "model.arch") -> Callable[..., Any]:
     """The callable that ``package.module:attr`` names (`pagctl.registry.load_value`, as
     entry points are loaded). The module is imported as ``python`` would find it from the
@@ -189,13 +186,19 @@ def _accepts(factory: Callable[..., Any], name: str) -> bool:
 
 
 def create_network(arch: str, *, num_classes: int, in_chans: int,
-                   kwargs: Mapping[str, Any]) -> nn.Module:
+                   kwargs: Mapping[str, Any], trust: CodeTrust = UNTRUSTED,
+                   where: str = "model.arch",
+                   folder: str | None = None) -> nn.Module:
     """The bare network ``arch`` names (see the module docstring for the three routes).
-    Errors are the factory's own (TypeError for a keyword it does not take, ...), except
-    SpecError for a name that is none of the three or a factory that returns no module."""
+    A ``package.module:factory`` is imported only when ``trust`` allows it
+    (`pagctl.trust`; UntrustedCodeError naming ``where``, and ``folder`` when the name was
+    read from a run folder). Errors are the factory's own (TypeError for a keyword it does
+    not take, ...), except SpecError for a name that is none of the three or a factory that
+    returns no module."""
     from pagctl import registry
 
     if is_import_path(arch):
+        trust.require(arch, where, folder=folder)
         factory = import_factory(arch)
     elif arch in registry.models.names():
         origin = registry.models.origin(arch)
@@ -204,7 +207,7 @@ def create_network(arch: str, *, num_classes: int, in_chans: int,
                             f"provider of {origin}; that package must rename its provider")
         factory = registry.models.get(arch)
     else:
-        if not arch.startswith(_SOURCE_PREFIXES) and not timm.is_model(arch.split(".", 1)[0]):
+        if not arch.startswith(TIMM_SOURCES) and not timm.is_model(arch.split(".", 1)[0]):
             raise SpecError(_unknown_arch_message(arch))
         net: nn.Module = timm.create_model(arch, num_classes=num_classes, in_chans=in_chans,
                                            **kwargs)
@@ -222,7 +225,8 @@ def create_network(arch: str, *, num_classes: int, in_chans: int,
 
 def build_model(spec: ModelSpec, *, num_classes: int, in_chans: int,
                 default_mean: Sequence[float], default_std: Sequence[float],
-                allow_download: bool = False) -> NormalizedModel:
+                trust: CodeTrust = UNTRUSTED, allow_download: bool = False,
+                ) -> NormalizedModel:
     """Create ``spec.arch`` with timm for the data's classes and channels, wrapped with the
     normalisation ``spec.mean``/``spec.std`` (or the dataset's defaults when null).
 
@@ -230,8 +234,10 @@ def build_model(spec: ModelSpec, *, num_classes: int, in_chans: int,
     ``kwargs.pretrained_cfg_overlay`` names a local ``file``; nothing reaches the network
     unless ``allow_download`` (``--download``) says so.
 
-    Raises `SpecError` (one line, dotted path) for an unknown architecture, bad kwargs, a
-    download not allowed, or mean/std whose length does not match the data's channels.
+    ``trust``: whether a ``package.module:factory`` architecture may be imported
+    (`pagctl.trust`). Raises `SpecError` (one line, dotted path) for an unknown or untrusted
+    architecture, bad kwargs, a download not allowed, or mean/std whose length does not
+    match the data's channels.
     """
     mean = tuple(spec.mean) if spec.mean is not None else tuple(default_mean)
     std = tuple(spec.std) if spec.std is not None else tuple(default_std)
@@ -253,7 +259,7 @@ def build_model(spec: ModelSpec, *, num_classes: int, in_chans: int,
                         "model.kwargs.pretrained_cfg_overlay={file: PATH}")
     try:
         net = create_network(spec.arch, num_classes=num_classes, in_chans=in_chans,
-                             kwargs=spec.kwargs)
+                             kwargs=spec.kwargs, trust=trust)
     except SpecError:
         raise
     except TypeError as exc:
@@ -326,10 +332,15 @@ def timm_config(model: NormalizedModel, spec: ModelSpec, num_classes: int, in_ch
     return cfg
 
 
-def rebuild_from_config(cfg: Mapping[str, Any], state_dict: Mapping[str, Tensor],
+def rebuild_from_config(cfg: Mapping[str, Any], state_dict: Mapping[str, Tensor], *,
+                        trust: CodeTrust = UNTRUSTED, folder: str = "the run folder",
                         ) -> NormalizedModel:
-    """Rebuild a `NormalizedModel` from `timm_config`'s dict and ``net``'s weights, in eval
-    mode. Raises `CheckpointError` when the config is malformed or the weights do not fit."""
+    """Rebuild a `NormalizedModel` from `timm_config`'s dict (read from the run folder
+    ``folder``) and ``net``'s weights, in eval mode. The weights are these: timm keywords
+    that would fetch or read others (``pretrained``, ``checkpoint_path``, ...) are left
+    out. A ``package.module:factory`` architecture is imported only when ``trust`` allows
+    it. Raises `CheckpointError` when the config is malformed or the weights do not fit,
+    UntrustedCodeError for code the user has not trusted."""
     try:
         arch = str(cfg["architecture"])
         num_classes = int(cfg["num_classes"])
@@ -341,11 +352,16 @@ def rebuild_from_config(cfg: Mapping[str, Any], state_dict: Mapping[str, Tensor]
                               "expected architecture, num_classes, model_args, "
                               "pretrained_cfg.mean/std") from exc
     in_chans = int(model_args.pop("in_chans", 3))
+    for key in _WEIGHT_LOADING_KWARGS:
+        model_args.pop(key, None)
     try:
         net = create_network(arch, num_classes=num_classes, in_chans=in_chans,
-                             kwargs=model_args)
+                             kwargs=model_args, trust=trust,
+                             where=f"{folder}/config.json: architecture", folder=folder)
         net.load_state_dict(dict(state_dict), strict=True)
         model = NormalizedModel(net, mean, std)
+    except UntrustedCodeError:
+        raise
     except SpecError as exc:  # the architecture cannot be found or built
         raise CheckpointError(f"config.json: {str(exc).removeprefix('model.arch: ')}") from None
     except (TypeError, ValueError, RuntimeError) as exc:

@@ -48,6 +48,7 @@ from pagctl.checkpoint import (
 from pagctl.errors import LeaderFailed, ModelError, PagctlError, RankError, SpecError
 from pagctl.objectives import InnerAttack, step_seed
 from pagctl.records import TrainEpochRecord
+from pagctl.trust import UNTRUSTED, CodeTrust
 
 if TYPE_CHECKING:
     import torch
@@ -110,9 +111,13 @@ def train(
     cache_dir: Path | None = None,
     log: Callable[[str], None] | None = None,
     launch: Launch | None = None,
+    trust: CodeTrust = UNTRUSTED,
 ) -> TrainResult:
     """Train ``spec`` into its run folder. Returns when done or after a Ctrl-C or SIGTERM
     (state saved).
+
+    ``trust``: whether a ``package.module:factory`` in ``model.arch`` may be imported
+    (`pagctl.trust`; by default not: the spec came from a file).
 
     ``on_step(epoch, step)`` is called after every optimiser step (0-based counters).
     ``launch``: this process's place in a torchrun launch: data-parallel training
@@ -126,7 +131,8 @@ def train(
         replicas = Replicas(accumulation=t.accumulation_steps)
         dev = resolve_device(device)
         return _train(spec, replicas, dev, resume=resume, overwrite=overwrite,
-                      progress=progress, on_step=on_step, cache_dir=cache_dir, log=log)
+                      progress=progress, on_step=on_step, cache_dir=cache_dir, log=log,
+                      trust=trust)
     if spec.data.download:
         raise SpecError("data.download: under torchrun every process would download at once; "
                         "download first in one process ('pagctl train SPEC --download "
@@ -137,12 +143,13 @@ def train(
     with process_group(launch, "nccl" if dev.type == "cuda" else "gloo"):
         return _train(spec, replicas, dev, resume=resume, overwrite=overwrite,
                       progress=progress and launch.leader, on_step=on_step,
-                      cache_dir=cache_dir, log=log if launch.leader else None)
+                      cache_dir=cache_dir, log=log if launch.leader else None, trust=trust)
 
 
 def _train(spec: RunSpec, replicas: Replicas, dev: torch.device, *, resume: bool,
            overwrite: bool, progress: bool, on_step: Callable[[int, int], None] | None,
-           cache_dir: Path | None, log: Callable[[str], None] | None) -> TrainResult:
+           cache_dir: Path | None, log: Callable[[str], None] | None,
+           trust: CodeTrust) -> TrainResult:
     """`train` as one replica (the only one, or one rank of a launch)."""
     import torch
 
@@ -168,7 +175,7 @@ def _train(spec: RunSpec, replicas: Replicas, dev: torch.device, *, resume: bool
         run_dir = spec.run_dir
 
         # ---- data, model, target-gradient source, inner attack, monitor, optimiser
-        s = setup(spec, dev, cache_dir=cache_dir)
+        s = setup(spec, dev, cache_dir=cache_dir, trust=trust)
         t = spec.train
         model = s.model.to(dev)
         channels_last = t.channels_last and dev.type == "cuda"
@@ -412,7 +419,8 @@ def _follow_leader(replicas: Replicas, error: PagctlError | None) -> None:
 
 
 def prepare(spec: RunSpec, *, device: str = "auto", resume: bool = False,
-            overwrite: bool = False, cache_dir: Path | None = None) -> Setup:
+            overwrite: bool = False, cache_dir: Path | None = None,
+            trust: CodeTrust = UNTRUSTED) -> Setup:
     """Everything `train` builds before its first step, without training or writing into
     the run folder (``pagctl train --dry-run``): the run folder's checks, the data, the
     model, the target-gradient source, the inner attack and the alignment monitor's source.
@@ -421,7 +429,7 @@ def prepare(spec: RunSpec, *, device: str = "auto", resume: bool = False,
     from pagctl.distributed.replicas import Replicas
 
     RunFolder(spec, command="train", resume=resume, overwrite=overwrite)
-    s = setup(spec, resolve_device(device), cache_dir=cache_dir)
+    s = setup(spec, resolve_device(device), cache_dir=cache_dir, trust=trust)
     Replicas(accumulation=spec.train.accumulation_steps).check(
         spec.data.batch_size, len(s.bundle.train), spec.train.drop_last)  # type: ignore[arg-type]
     _inner_attack(s, cache_dir)

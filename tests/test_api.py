@@ -72,18 +72,19 @@ def test_api_attack_on_a_module_equals_the_command_on_its_import(
     try:
         cli.main(["attack", "runs/lin", "--attack", "pgd_linf", "--param", "eps=0.1",
                   "--param", "steps=5", "--limit", "80", "--no-probes", "--no-progress",
-                  "--format", "json"])
+                  "--format", "json", "--trust-code"])
     except SystemExit as exc:
         assert not exc.code
     [via_cli] = envelope_records(capsys.readouterr().out, "attack")
     assert via_cli["per_example"] == via_api.per_example
     via_folder = pg.attack("runs/lin", attack="pgd_linf", eps=0.1, params={"steps": 5},
-                           limit=80, probes=False)
+                           limit=80, probes=False, trust_code=True)
     assert not isinstance(via_folder, list)
     assert via_folder.per_example == via_api.per_example
     # the same evaluation in 3 shards (run folder: RUN/shards), merged
     common: dict[str, Any] = {"attack": "pgd_linf", "eps": 0.1, "params": {"steps": 5},
-                              "limit": 80, "batch_size": 16, "probes": False}
+                              "limit": 80, "batch_size": 16, "probes": False,
+                              "trust_code": True}
     whole = pg.attack("runs/lin", **common)
     for i in range(3):
         pg.attack("runs/lin", shard=(i, 3), **common)

@@ -15,6 +15,7 @@ from torch import nn
 
 from pagctl.checkpoint import load_run, read_metrics
 from pagctl.importing import read_weights
+from pagctl.trust import CodeTrust
 
 PLAIN_MODULE = '''
 import torch
@@ -77,9 +78,10 @@ def _digits_train() -> tuple[torch.Tensor, torch.Tensor]:
     return get_batch(train, torch.arange(len(train)))  # type: ignore[arg-type]
 
 
-def _attack(pagctl: Any, run_dir: Path) -> dict[str, Any]:
+def _attack(pagctl: Any, run_dir: Path, *extra: str) -> dict[str, Any]:
     got = pagctl("attack", run_dir, "--attack", "pgd_l2", "--param", "steps=5", "--param",
-                 "eps=0.5", "--limit", "40", "--no-probes", "--no-progress", "--format", "json")
+                 "eps=0.5", "--limit", "40", "--no-probes", "--no-progress", "--format", "json",
+                 *extra)
     assert got.code == 0, got.stderr
     [record] = envelope_records(got.stdout, "attack")
     return record
@@ -88,7 +90,8 @@ def _attack(pagctl: Any, run_dir: Path) -> dict[str, Any]:
 def test_an_imported_module_gives_the_per_example_results_of_the_module_itself(
         pagctl: Any, plain: tuple[nn.Module, Path]) -> None:
     """``pagctl import --model plain_digits:make`` then ``attack`` equals the engine run on the
-    module as it is (same seed, same points), bit for bit per example."""
+    module as it is (same seed, same points), bit for bit per example. The folder names code,
+    so whoever reads it must trust it (``--trust-code``)."""
     from pagctl import registry
     from pagctl.data import load_data
     from pagctl.robustness.evaluate import evaluate_attack
@@ -101,7 +104,11 @@ def test_an_imported_module_gives_the_per_example_results_of_the_module_itself(
     [record] = envelope_records(got.stdout, "import")
     assert record["normalisation"].startswith("none") and record["mean"] == [0.0]
     assert record["format"] == "safetensors" and record["n_check"] == 256
-    via_cli = _attack(pagctl, Path("runs/plain"))
+    refused = pagctl("attack", "runs/plain", "--limit", "4", "--no-probes")
+    assert refused.code == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "'plain_digits:make' names Python code" in refused.stderr
+    assert "--trust-code" in refused.stderr
+    via_cli = _attack(pagctl, Path("runs/plain"), "--trust-code")
     assert via_cli["clean_accuracy"] > 0.8 and 0 < via_cli["robust_correct"] < 40
 
     bundle = load_data(load_spec("digits-vanilla", []).data)
@@ -112,7 +119,7 @@ def test_an_imported_module_gives_the_per_example_results_of_the_module_itself(
     # the folder is a run folder: its records, its weights, compare
     kinds = [r["kind"] for r in read_metrics(Path("runs/plain"))]
     assert kinds == ["import", "attack"]
-    loaded = load_run(Path("runs/plain"))
+    loaded = load_run(Path("runs/plain"), trust=CodeTrust.of(True))
     assert torch.equal(loaded.model.net.body[1].weight, net.body[1].weight)  # type: ignore[index,union-attr]
     table = pagctl("compare", "runs/plain", "--format", "markdown")
     assert table.code == 0 and "robust pgd_l2 l2 eps=0.5" in table.stdout

@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pagctl.errors import CheckpointError, SpecError
+from pagctl.errors import CheckpointError, SpecError, UntrustedCodeError
 from pagctl.models import NormalizedModel, build_model, rebuild_from_config, timm_config
 from pagctl.spec import ModelSpec
+from pagctl.trust import CodeTrust
 
 PAGCTL_ARCHS = ("pagctl_small_cnn", "pagctl_cifar_resnet18", "pagctl_mlp")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -165,7 +166,7 @@ def test_build_model_uses_data_shape_and_defaults() -> None:
 def _spec_error(spec: ModelSpec, in_chans: int = 3) -> str:
     with pytest.raises(SpecError) as err:
         build_model(spec, num_classes=10, in_chans=in_chans, default_mean=CIFAR_MEAN,
-                    default_std=CIFAR_STD)
+                    default_std=CIFAR_STD, trust=CodeTrust.of(True))
     message = str(err.value)
     assert "\n" not in message
     return message
@@ -323,22 +324,32 @@ def test_an_import_path_builds_any_module_and_rebuilds_from_its_config(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``model.arch: module:factory`` builds a plain-torch model from the current folder; the
     factory gets num_classes (it names it) but not in_chans (it does not); the config
-    round-trips through rebuild_from_config."""
+    round-trips through rebuild_from_config. Each import needs the user's trust
+    (`pagctl.trust`), which names the callable or trusts everything."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "plain_net_a.py").write_text(PLAIN_TORCH_MODULE)
     spec = ModelSpec(arch="plain_net_a:make", kwargs={"hidden": 8}, mean=(0.0,), std=(1.0,))
+    with pytest.raises(UntrustedCodeError, match="'plain_net_a:make' names Python code"):
+        build_model(spec, num_classes=10, in_chans=1, default_mean=(0.3,), default_std=(0.4,))
+    with pytest.raises(UntrustedCodeError):
+        build_model(spec, num_classes=10, in_chans=1, default_mean=(0.3,), default_std=(0.4,),
+                    trust=CodeTrust.of(named=["plain_net_a:Net"]))
+    assert "plain_net_a" not in sys.modules  # refused before anything was imported
     model = build_model(spec, num_classes=10, in_chans=1, default_mean=(0.3,),
-                        default_std=(0.4,))
+                        default_std=(0.4,), trust=CodeTrust.of(named=["plain_net_a:make"]))
     net: Any = model.net
     assert type(net).__name__ == "Net" and net.body[1].out_features == 8
     cfg = timm_config(model, spec, 10, 1, (1, 8, 8))
     assert cfg["architecture"] == "plain_net_a:make"
-    again = rebuild_from_config(cfg, model.net.state_dict())
+    with pytest.raises(UntrustedCodeError, match="read from RUN; .* --trust-code"):
+        rebuild_from_config(cfg, model.net.state_dict(), folder="RUN")
+    again = rebuild_from_config(cfg, model.net.state_dict(), trust=CodeTrust.of(True))
     x = torch.rand(3, 1, 8, 8)
     assert torch.equal(again(x), model.eval()(x))
     # a class works as a factory too
     cls = build_model(ModelSpec(arch="plain_net_a:Net", kwargs={"classes": 10}),
-                      num_classes=10, in_chans=1, default_mean=(0.0,), default_std=(1.0,))
+                      num_classes=10, in_chans=1, default_mean=(0.0,), default_std=(1.0,),
+                      trust=CodeTrust.of(True))
     assert cls(x).shape == (3, 10)
 
 

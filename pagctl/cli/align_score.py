@@ -17,6 +17,7 @@ from pagctl.cli.common import (
     ProgressOpt,
     RecordOpt,
     ShardOpt,
+    TrustCodeOpt,
     WeightsOpt,
     cell_text,
     check_png,
@@ -69,6 +70,7 @@ def align_score(
     progress: ProgressOpt = True,
     keep_record: RecordOpt = True,
     weights: WeightsOpt = "last",
+    trust_code: TrustCodeOpt = False,
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
     fmt: Annotated[Format, typer.Option("--format", help=format_help("align-score"))] = \
@@ -97,6 +99,7 @@ def align_score(
             record = _score_run(
                 run, several=len(runs) > 1, launch=launch, shard_of=shard_of,
                 merge_shards=merge_shards, device=device, data_dir=data_dir, weights=weights,
+                trust_code=trust_code,
                 source_name=source_name, params=params, given=given,
                 classes_per_image=classes_per_image, wanted=wanted, limit=limit,
                 batch_size=batch_size, seed=seed, progress=progress, save_images=save_images,
@@ -113,6 +116,7 @@ def align_score(
 
 def _score_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, int] | None,
                merge_shards: int | None, device: str, data_dir: Path | None, weights: str,
+               trust_code: bool,
                source_name: str, params: Any, given: dict[str, Any],
                classes_per_image: int | None, wanted: Any, limit: int | None,
                batch_size: int, seed: int, progress: bool, save_images: Path | None,
@@ -131,7 +135,7 @@ def _score_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, in
             from pagctl.distributed.launch import rank_device
 
             device = rank_device(device, launch)
-        loaded, bundle, dev = load_run_and_data(run, device, data_dir, weights)
+        loaded, bundle, dev = load_run_and_data(run, device, data_dir, weights, trust_code)
         k = classes_per_image or min(loaded.spec.train.classes_per_image, bundle.num_classes)
         if k > bundle.num_classes:
             raise SpecError(f"--classes-per-image: {k} is more than the {bundle.num_classes} "

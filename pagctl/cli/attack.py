@@ -17,6 +17,7 @@ from pagctl.cli.common import (
     ProgressOpt,
     RecordOpt,
     ShardOpt,
+    TrustCodeOpt,
     WeightsOpt,
     check_png,
     check_run_folders,
@@ -91,6 +92,7 @@ def attack(
         "(for CI; the result is still shown and recorded).")] = False,
     keep_record: RecordOpt = True,
     weights: WeightsOpt = "last",
+    trust_code: TrustCodeOpt = False,
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
     fmt: Annotated[Format, typer.Option("--format", help=format_help("attack"))] = \
@@ -135,6 +137,7 @@ def attack(
             done = _attack_run(
                 run, several=len(runs) > 1, launch=launch, shard_of=shard_of,
                 merge_shards=merge_shards, device=device, data_dir=data_dir, weights=weights,
+                trust_code=trust_code,
                 attack_name=attack_name, params=params, given=given, budgets=budgets,
                 indices=indices, limit=limit, batch_size=batch_size, seed=seed, state=state,
                 probes=probes, probe_size=probe_size, progress=progress, precision=precision,
@@ -159,6 +162,7 @@ def attack(
 
 def _attack_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, int] | None,
                 merge_shards: int | None, device: str, data_dir: Path | None, weights: str,
+                trust_code: bool,
                 attack_name: str, params: Any, given: dict[str, Any],
                 budgets: list[float] | None, indices: Any, limit: int | None,
                 batch_size: int, seed: int, state: Path | None, probes: bool,
@@ -177,7 +181,7 @@ def _attack_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, i
             from pagctl.distributed.launch import rank_device
 
             device = rank_device(device, launch)
-        loaded, bundle, dev = load_run_and_data(run, device, data_dir, weights)
+        loaded, bundle, dev = load_run_and_data(run, device, data_dir, weights, trust_code)
 
         def evaluate(part: tuple[int, int] | None, merge: int | None) -> Any:
             return evaluate_attack(

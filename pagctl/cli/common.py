@@ -139,6 +139,11 @@ MergeShardsOpt = Annotated[int | None, typer.Option(
     "--merge-shards", min=1, metavar="N", help="Merge the N finished shards of this evaluation "
     "(same options, without --shard) into the unsharded result (attack: probed as well), show "
     "and record it.")]
+TrustCodeOpt = Annotated[bool, typer.Option(
+    "--trust-code", help="Allow an architecture that the spec or run folder names as "
+    "package.module:factory to be imported and run. A spec or run folder is data: without "
+    "this flag pagctl runs only code named on the command line (and installed plugins and "
+    "timm models).")]
 WeightsOpt = Annotated[str, typer.Option(
     "--weights", help="Which of the run's weights: last (model.safetensors) or best "
     "(model-best.safetensors: the best epoch by validation robust accuracy, for runs with "
@@ -221,17 +226,19 @@ def check_png(option: str, path: Path | None) -> None:
     pyplot(option)
 
 
-def load_run_and_data(run: Path, device: str, data_dir: Path | None, weights: str = "last"
-                      ) -> tuple[LoadedRun, DataBundle, torch.device]:
+def load_run_and_data(run: Path, device: str, data_dir: Path | None, weights: str = "last",
+                      trust_code: bool = False) -> tuple[LoadedRun, DataBundle, torch.device]:
     """A run folder's model (``weights``: last or best) on ``device`` and its dataset (from
     ``--data-dir`` when given, else the spec's ``data.root``); the load's warnings go to
-    stderr."""
+    stderr. ``trust_code``: ``--trust-code`` (`pagctl.trust`)."""
     from pagctl import checkpoint
     from pagctl.build import resolve_device
     from pagctl.data import load_data
+    from pagctl.trust import CodeTrust
 
     dev = resolve_device(device)
-    loaded = checkpoint.load_run(run, dev, weights=weights)
+    loaded = checkpoint.load_run(run, dev, weights=weights,
+                                 trust=CodeTrust.of(trust_code))
     for line in loaded.warnings:
         typer.echo(line, err=True)
     data_spec = loaded.spec.data

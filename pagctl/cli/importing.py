@@ -16,6 +16,7 @@ from pagctl.cli.common import (
     OverwriteOpt,
     RunOutOpt,
     SetOpt,
+    TrustCodeOpt,
     cell_text,
     format_help,
     print_envelope,
@@ -61,6 +62,7 @@ def import_model(
     data_dir: DataDirOpt = None,
     out: RunOutOpt = None,
     overwrite: OverwriteOpt = False,
+    trust_code: TrustCodeOpt = False,
     device: DeviceOpt = "auto",
     fmt: Annotated[Format, typer.Option("--format", help=format_help("import"))] = \
         Format.table,
@@ -69,6 +71,7 @@ def import_model(
     an import record) that attack, align-score and compare read like a trained run's."""
     from pagctl import spec as specmod
     from pagctl.importing import import_model as run_import
+    from pagctl.trust import CodeTrust, named_architectures
 
     if spec is None and (model is None or dataset is None):
         raise SpecError("import: give --model and --dataset (or a spec whose model and data "
@@ -104,8 +107,9 @@ def import_model(
     for key, value in values.items():
         specmod.set_value(data, key, value)
     run_spec = specmod.validate_spec(data)
+    named = named_architectures(set_) | ({model} if model is not None else set())
     result = run_import(run_spec, checkpoint, trust_pickle=trust_pickle, overwrite=overwrite,
-                        device=device)
+                        device=device, trust=CodeTrust.of(trust_code, named))
     summary = {"run_dir": str(result.run_dir), **result.record}
     if fmt is Format.json:
         print_envelope("import", [summary])

@@ -19,6 +19,7 @@ from pagctl.cli.common import (
     ResumeOpt,
     RunOutOpt,
     SetOpt,
+    TrustCodeOpt,
     cell_text,
     format_help,
     print_envelope,
@@ -115,6 +116,7 @@ def train(
     print_commands: Annotated[bool, typer.Option(
         "--print-commands", help="With --grid: print one command per point (each with "
         "--grid-point) for a scheduler or torchrun, and run nothing.")] = False,
+    trust_code: TrustCodeOpt = False,
     quiet: QuietOpt = False,
     fmt: Annotated[Format, typer.Option(
         "--format", help=format_help("train", "Final summary format"))] = Format.table,
@@ -123,10 +125,12 @@ def train(
     torchrun, data-parallel over its processes (see the distributed guide). With --grid, a
     grid of runs, one per combination of values."""
     from pagctl import spec as specmod
+    from pagctl.trust import CodeTrust, named_architectures
 
     if _listed(list_, schema, specmod.builtin_spec_names,
                lambda name: specmod.load_spec(name).description, specmod.RunSpec):
         return
+    trust = CodeTrust.of(trust_code, named_architectures([*set_, *grid]))
     if spec is None:
         raise SpecError("train: give a spec file or built-in name (pagctl train --list)")
     extra: dict[str, Any] = {"data.download": True} if download else {}
@@ -138,8 +142,9 @@ def train(
     if grid:
         _train_grid(spec, set_, grid, data_dir=data_dir, out=out, extra=extra, device=device,
                     resume=resume, overwrite=overwrite, dry_run=dry_run, point=grid_point,
-                    print_commands=print_commands, quiet=quiet, fmt=fmt,
+                    print_commands=print_commands, quiet=quiet, fmt=fmt, trust=trust,
                     flags=[*(["--download"] if download else []),
+                           *(["--trust-code"] if trust_code else []),
                            *(["--full-monitor"] if full_monitor else []),
                            *(["--device", device] if device != "auto" else []),
                            *(["--quiet"] if quiet else [])])
@@ -150,7 +155,7 @@ def train(
     from pagctl.train import train as run_train
 
     if dry_run:
-        s = prepare(run_spec, device=device, resume=resume, overwrite=overwrite)
+        s = prepare(run_spec, device=device, resume=resume, overwrite=overwrite, trust=trust)
         summary: dict[str, Any] = {
             "valid": True, "run_dir": str(run_spec.run_dir), "dataset": s.bundle.name,
             "train_images": len(s.bundle.train), "test_images": len(s.bundle.test),  # type: ignore[arg-type]
@@ -176,7 +181,7 @@ def train(
 
     launch = training_launch()
     result = run_train(run_spec, device=device, resume=resume, overwrite=overwrite,
-                       progress=not quiet, log=_log, launch=launch)
+                       progress=not quiet, log=_log, launch=launch, trust=trust)
     if launch is not None and not launch.leader:  # rank 0 reports
         raise typer.Exit(130 if result.interrupted else 0)
     if result.interrupted:
@@ -197,7 +202,7 @@ def train(
 def _train_grid(spec: str, set_: list[str], grid: list[str], *, data_dir: Path | None,
                 out: Path | None, extra: dict[str, Any], device: str, resume: bool,
                 overwrite: bool, dry_run: bool, point: int | None, print_commands: bool,
-                quiet: bool, fmt: Format, flags: list[str]) -> None:
+                quiet: bool, fmt: Format, trust: Any, flags: list[str]) -> None:
     """``pagctl train SPEC --grid …``: every point checked first, then run in turn (or the
     one ``--grid-point``), finished points skipped, interrupted ones resumed
     (`pagctl.grid`); or, with ``--print-commands``, one command per point."""
@@ -240,7 +245,7 @@ def _train_grid(spec: str, set_: list[str], grid: list[str], *, data_dir: Path |
     plan = [(p, "new" if overwrite else gridmod.status(p)) for p in chosen]
     if dry_run:
         for p, _ in plan:
-            prepare(p.spec, device=device, resume=False, overwrite=True)
+            prepare(p.spec, device=device, resume=False, overwrite=True, trust=trust)
         rows = [{"point": p.index, "values": dict(p.values), "run_dir": str(p.run_dir),
                  "status": st} for p, st in plan]
         if fmt is Format.json:
@@ -264,7 +269,7 @@ def _train_grid(spec: str, set_: list[str], grid: list[str], *, data_dir: Path |
         try:
             result = run_train(p.spec, device=device, resume=st == "partial",
                                overwrite=overwrite or st == "unsaved", progress=not quiet,
-                               log=_log, launch=launch)
+                               log=_log, launch=launch, trust=trust)
         except Exception as exc:  # one point failing (a diverging λ, say) stops no other
             if launch is not None:
                 raise
