@@ -30,7 +30,7 @@ import typing
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = ["AlignRecord", "AttackRecord", "ClassCounts", "ImportRecord", "KINDS",
            "PerExample", "Record", "Reliability", "ScoreDoneRecord", "ScoreTrainRecord",
@@ -68,11 +68,14 @@ class _Model(BaseModel):
 
 
 class Subset(_Model):
-    """Which test points: their count and the digest of their indices
-    (`pagctl.stats.subset_record`)."""
+    """Which test points: their count, the digest of their indices
+    (`pagctl.stats.subset_record`) and the digest of their images and labels
+    (``data_sha256``, `pagctl.data.subset_digest`; absent in records of earlier versions).
+    Two measurements are of the same points only when both digests agree."""
 
     count: Count | None = None
     indices_sha256: str = ""
+    data_sha256: str | None = None
     first: Integer | None = None
     last: Integer | None = None
 
@@ -143,6 +146,9 @@ class TrainEpochRecord(_Model):
     pag_seconds: Seconds | None = None
     step_seconds: Seconds | None = None
     n_test: Count | None = None
+    data_sha256: str | None = None
+    """The digest of the ``n_test`` test images and labels the monitor measured
+    (`pagctl.data.subset_digest`)."""
     clean_accuracy: Prob | None = None
     robust_accuracy: Prob | None = None
     monitor: Params | None = None
@@ -190,6 +196,46 @@ class AttackRecord(_Model):
     reliability: Reliability | None = None
     precision: str | None = None
     """``bfloat16`` when the model ran under bfloat16 autocast (opt-in); absent: float32."""
+    model_sha256: str | None = None
+    """The digest of the weights (and normalisation) measured (`pagctl.stats.model_digest`):
+    a record enters only the run folder whose weights have it."""
+
+    @model_validator(mode="after")
+    def _summary_matches_the_bits(self) -> AttackRecord:
+        """The counts, accuracies and stage tallies agree with the per-point bits: a
+        hand-edited summary beside unedited bits (or the reverse) is not a measurement."""
+        n = self.n
+        if self.subset is not None and self.subset.count is not None and self.subset.count != n:
+            raise ValueError(f"its subset has {self.subset.count} points but n is {n}")
+        clean = _bits("clean", self.per_example.clean if self.per_example else None, n)
+        robust = _bits("robust", self.per_example.robust if self.per_example else None, n)
+        if clean is not None and robust is not None and robust & ~clean:
+            raise ValueError("a point is robust but not classified correctly clean")
+        for what, bits, count in (("clean", clean, self.clean_correct),
+                                  ("robust", robust, self.robust_correct)):
+            if bits is not None and count is not None and bits.bit_count() != count:
+                raise ValueError(f"{what}_correct is {count} but its per-example bits count "
+                                 f"{bits.bit_count()}")
+        for what, count, value in (("clean", self.clean_correct, self.clean_accuracy),
+                                   ("robust", self.robust_correct, self.robust_accuracy)):
+            if count is not None and value is not None and n and abs(count / n - value) > 1e-9:
+                raise ValueError(f"{what}_accuracy is {value} but {what}_correct / n is "
+                                 f"{count}/{n}")
+        if self.clean_correct is not None and self.robust_correct is not None:
+            if not self.robust_correct <= self.clean_correct <= n:
+                raise ValueError("expected robust_correct <= clean_correct <= n")
+            if self.stages and sum(st.broke for st in self.stages) != \
+                    self.clean_correct - self.robust_correct:
+                raise ValueError("its stages broke another number of points than clean_correct "
+                                 "- robust_correct")
+        if self.per_class is not None and self.clean_correct is not None \
+                and self.robust_correct is not None:
+            totals = [sum(getattr(c, k) for c in self.per_class.values())
+                      for k in ("n", "clean_correct", "robust_correct")]
+            if totals != [n, self.clean_correct, self.robust_correct]:
+                raise ValueError("its per-class counts do not add up to n, clean_correct and "
+                                 "robust_correct")
+        return self
 
 
 class AlignRecord(_Model):
@@ -214,6 +260,23 @@ class AlignRecord(_Model):
     per_image: list[Cos] | None = None
     """Each scored image's mean cosine over its K targets, in subset order (6 decimals):
     what a bootstrap over test points resamples."""
+    model_sha256: str | None = None
+    """As `AttackRecord.model_sha256`."""
+
+    @model_validator(mode="after")
+    def _summary_matches_the_images(self) -> AlignRecord:
+        """The mean agrees with the per-image cosines it summarises."""
+        if self.subset is not None and self.subset.count is not None \
+                and self.subset.count != self.n:
+            raise ValueError(f"its subset has {self.subset.count} points but n is {self.n}")
+        if self.per_image is not None:
+            if len(self.per_image) != self.n:
+                raise ValueError(f"per_image holds {len(self.per_image)} values but n is "
+                                 f"{self.n}")
+            if self.n and abs(sum(self.per_image) / self.n - self.mean) > 1e-5:
+                raise ValueError(f"mean is {self.mean} but its per-image cosines average "
+                                 f"{sum(self.per_image) / self.n:.6f}")
+        return self
 
 
 class ScoreTrainRecord(_Model):
@@ -260,6 +323,24 @@ class ImportRecord(_Model):
     check_accuracy: Prob | None = None
 
 
+def _bits(what: str, text: str | None, n: int) -> int | None:
+    """A per-example bit string (`pagctl.stats.pack_bits`) as an int; ValueError when it is
+    not n points' worth of hex with zero padding."""
+    if text is None:
+        return None
+    if len(text) != 2 * (-(-n // 8)):
+        raise ValueError(f"per_example.{what} holds {len(text)} hex digits, not the "
+                         f"{2 * (-(-n // 8))} of {n} points")
+    try:
+        value = int(text, 16) if text else 0
+    except ValueError:
+        raise ValueError(f"per_example.{what} is not hexadecimal") from None
+    pad = 4 * len(text) - n
+    if value & ((1 << pad) - 1):
+        raise ValueError(f"per_example.{what} sets bits past its {n} points")
+    return value >> pad
+
+
 Record = (TrainEpochRecord | AttackRecord | AlignRecord | ScoreTrainRecord | ScoreDoneRecord
           | ImportRecord)
 KINDS: dict[str, type[_Model]] = {
@@ -282,7 +363,10 @@ def _expectation(annotation: Any) -> str | None:
 def _described(kind: str, model: type[_Model], data: dict[str, Any],
                exc: ValidationError) -> str:
     err = exc.errors()[0]
-    name = str(err["loc"][0]) if err["loc"] else "?"
+    if not err["loc"]:  # a check of the whole record (`AttackRecord._summary_matches_the_bits`)
+        return f"{kind} record that contradicts itself: " + \
+            str(err["msg"]).removeprefix("Value error, ")
+    name = str(err["loc"][0])
     if err["type"] == "missing" and len(err["loc"]) == 1:
         return f"{kind} record without '{name}'"
     info = model.model_fields.get(name)

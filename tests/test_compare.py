@@ -283,13 +283,28 @@ def test_corrupt_metrics_lines_are_skipped_with_warnings(tmp_path: Path) -> None
     assert "warning" not in render(c, "table")
 
 
-def test_bad_per_example_bits_keep_the_record(tmp_path: Path) -> None:
-    rec = attack_rec(10, n=20, bits=[1] * 10 + [0] * 10)
-    rec["per_example"]["robust"] = "zz"
-    run = make_run(tmp_path, "x", [], [rec])
+@pytest.mark.parametrize(("edit", "why"), [
+    ({"per_example": {"clean": "fffff0", "robust": "zzzzzz"}},
+     "per_example.robust is not hexadecimal"),
+    ({"per_example": {"clean": "fffff0", "robust": "ffc"}}, "holds 3 hex digits"),
+    ({"per_example": {"clean": "fffff0", "robust": "ffc001"}}, "sets bits past its 20 points"),
+    ({"robust_correct": 12, "robust_accuracy": 0.6}, "robust_correct is 12 but its "
+     "per-example bits count 10"),
+    ({"robust_accuracy": 0.9}, "robust_accuracy is 0.9 but robust_correct / n is 10/20"),
+    ({"per_example": {"clean": "0ffc00", "robust": "ffc000"}, "clean_correct": 10,
+      "clean_accuracy": 0.5}, "a point is robust but not classified correctly clean"),
+    ({"subset": {"count": 19, "indices_sha256": "a" * 16}}, "its subset has 19 points"),
+])
+def test_a_record_that_contradicts_itself_is_skipped(tmp_path: Path, edit: dict[str, Any],
+                                                     why: str) -> None:
+    """Damaged bits, or a summary the bits do not bear out (a hand-edited record), are not a
+    measurement: the line is skipped with a warning naming the contradiction."""
+    rec = {**attack_rec(10, n=20, bits=[1] * 10 + [0] * 10), **edit}
+    run = make_run(tmp_path, "x", [], [attack_rec(10, n=20, bits=[1] * 10 + [0] * 10), rec])
     c = compare_runs([run])
-    assert c.rows[0].cells[ROBUST].value == 0.5 and c.rows[0].cells[ROBUST].bits is None
-    assert len(c.warnings) == 1 and "line 1: per_example.robust" in c.warnings[0]
+    assert c.rows[0].cells[ROBUST].line == 1  # the intact record, not the edited one
+    assert len(c.warnings) == 1 and "line 2: attack record" in c.warnings[0]
+    assert why in c.warnings[0], c.warnings
 
 
 def test_unreliable_attack_is_marked(tmp_path: Path) -> None:

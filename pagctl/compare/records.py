@@ -20,8 +20,10 @@ Usable = TrainEpochRecord | AttackRecord | AlignRecord
 
 def read_records(run_dir: Path) -> tuple[list[tuple[int, Usable]], list[str]]:
     """(line number, record) of every usable record of ``run_dir/metrics.jsonl``, and one
-    warning per skipped line (an intact record after a damaged part of the same line is
-    kept: `pagctl.records.split_lines`). A missing file is an empty list; nothing raises."""
+    warning per skipped line: damaged, of the wrong types, or contradicting itself (a summary
+    that its per-point bits do not bear out; an intact record after a damaged part of the
+    same line is kept: `pagctl.records.split_lines`). A missing file is an empty list;
+    nothing raises."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return [], []
@@ -37,25 +39,7 @@ def read_records(run_dir: Path) -> tuple[list[tuple[int, Usable]], list[str]]:
         if isinstance(rec, str):
             warnings.append(f"warning: {path} line {number}: {rec}; skipped")
             continue
-        if isinstance(rec, AttackRecord):
-            _check_bits(rec, path, number, warnings)
         if isinstance(rec, (TrainEpochRecord, AttackRecord, AlignRecord)):
             records.append((number, rec))
     return records, warnings
 
-
-def _check_bits(rec: AttackRecord, path: Path, number: int, warnings: list[str]) -> None:
-    """Drop ``per_example`` (keeping the record) unless its robust bits are n bits of hex."""
-    if rec.per_example is None:
-        return
-    text = rec.per_example.robust
-    ok = isinstance(text, str) and len(text) == 2 * ((rec.n + 7) // 8)
-    if ok and text:
-        try:
-            int(text, 16)
-        except ValueError:
-            ok = False
-    if not ok:
-        warnings.append(f"warning: {path} line {number}: per_example.robust is not "
-                        f"{rec.n} bits of hex; per-example comparison skipped")
-        rec.per_example = None
