@@ -186,7 +186,7 @@ def alignment_key(model: nn.Module, dataset: Dataset[Any], indices: Tensor, *, s
             "indices_sha256": indices_digest(indices), "seed": seed,
             "classes_per_image": classes_per_image, "batch_size": batch_size,
             "model_sha256": tensors_digest(model.state_dict().items()),
-            "data_sha256": subset_digest(dataset, indices, batch_size)}
+            "data_sha256": subset_digest(dataset, indices)}
 
 
 def sharded_alignment(

@@ -204,19 +204,26 @@ def get_batch(ds: Dataset[Item], indices: Tensor) -> tuple[Tensor, Tensor]:
                                                             dtype=torch.int64)
 
 
-def subset_digest(ds: Dataset[Item], indices: Tensor, batch_size: int) -> str:
-    """`pagctl.stats.tensors_digest` of the images and labels of ``ds[indices]``, read in
-    batches of ``batch_size``, in order: names what an evaluation (an attack, an alignment
-    score) measured, for its resumable state and its shards."""
+def subset_digest(ds: Dataset[Item], indices: Tensor) -> str:
+    """`pagctl.stats.tensors_digest` of the images and labels of ``ds[indices]``, in order,
+    read in chunks of `DIGEST_CHUNK` points whatever the evaluation's batch size: names the
+    points a measurement (an attack, an alignment score, the training monitor) was made on.
+    Two measurements are of the same points when this digest and the indices' agree,
+    whatever split, folder or file the images were read from."""
     from pagctl.stats import tensors_digest
 
-    def batches() -> Iterator[tuple[str, Tensor]]:
-        for lo in range(0, len(indices), batch_size):
-            x, y = get_batch(ds, indices[lo: lo + batch_size])
-            yield f"x{lo}", x
-            yield f"y{lo}", y
+    def chunks() -> Iterator[tuple[str, Tensor]]:
+        for lo in range(0, len(indices), DIGEST_CHUNK):
+            x, y = get_batch(ds, indices[lo: lo + DIGEST_CHUNK])
+            yield "x", x.float()
+            yield "y", y.long()
 
-    return tensors_digest(batches())
+    return tensors_digest(chunks())
+
+
+DIGEST_CHUNK = 512
+"""Points per chunk read by `subset_digest` (fixed: the digest does not depend on an
+evaluation's batch size)."""
 
 
 def select_test_indices(num_test: int, indices: Tensor | None, limit: int | None) -> Tensor:

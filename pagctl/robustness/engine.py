@@ -253,7 +253,7 @@ def evaluation_key(model: nn.Module, dataset: Dataset[Any], indices: Tensor, *, 
             "indices_sha256": indices_digest(indices), "seed": seed,
             "batch_size": batch_size, "stages": stages,
             "model_sha256": tensors_digest(model.state_dict().items()),
-            "data_sha256": subset_digest(dataset, indices, batch_size)}
+            "data_sha256": subset_digest(dataset, indices)}
 
 
 def merge_shards(states: list[AttackState]) -> AttackState:
