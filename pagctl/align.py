@@ -50,17 +50,30 @@ class AlignReport:
     seconds: float = 0.0
     per_image: list[float] = field(default_factory=list)
     """Each image's mean cosine over its K targets, in the subset's order."""
+    source: str = ""
+    """The source's registered name, and its validated params (set by whoever built it)."""
+    source_params: dict[str, Any] = field(default_factory=dict)
+    model_sha256: str | None = None
+    """Which model was scored (`pagctl.provenance.model_digest`); the subset's
+    ``data_sha256`` names the images."""
+    indices: Tensor | None = field(default=None, repr=False, compare=False)
+    """The scored points' positions in the test set, (n,) int64 (the subset's digests
+    compare them)."""
 
-    def to_record(self, source: str, source_params: dict[str, Any],
-                  params_given: dict[str, Any]) -> AlignRecord:
-        """The metrics.jsonl record of this score against ``source`` (its validated params,
-        and the params as the user typed them)."""
-        return AlignRecord(
-            source=source, source_params=source_params, params_given=params_given, n=self.n,
+    def to_record(self, params_given: dict[str, Any] | None = None) -> AlignRecord:
+        """The metrics.jsonl record of this score (``params_given``: the source's params as
+        the user typed them)."""
+        record = AlignRecord(
+            source=self.source, source_params=self.source_params, n=self.n,
             classes_per_image=self.classes_per_image, mean=self.mean, interval=self.interval,
             fraction_positive=self.fraction_positive, per_true_class=self.per_true_class,
             per_target=self.per_target, subset=Subset(**self.subset), seed=self.seed,
             seconds=self.seconds, per_image=[round(v, 6) for v in self.per_image])
+        if params_given is not None:
+            record.params_given = params_given
+        if self.model_sha256 is not None:
+            record.model_sha256 = self.model_sha256
+        return record
 
 
 def batch_seed(seed: int, batch: int) -> int:
@@ -173,23 +186,22 @@ def score_batches(
     return state
 
 
-def alignment_key(model: nn.Module, dataset: Dataset[Any], indices: Tensor, *, source: str,
-                  params: BaseModel, seed: int, classes_per_image: int,
-                  batch_size: int) -> dict[str, Any]:
+def alignment_key(*, source: str, params: BaseModel, seed: int, classes_per_image: int,
+                  batch_size: int, indices: Tensor, model_sha256: str,
+                  data_sha256: str) -> dict[str, Any]:
     """What identifies one alignment score, for its shards: the source and its params, the
-    seed, K and batch size (they fix every batch's draws), and digests of the subset's
-    indices, of its images and labels, and of the model's weights."""
-    from pagctl.data import subset_digest
-    from pagctl.stats import indices_digest, tensors_digest
+    seed, K and batch size (they fix every batch's draws), and the digests of the subset's
+    indices, of its images and labels (`pagctl.data.subset_digest`) and of the model
+    (`pagctl.provenance.model_digest`)."""
+    from pagctl.stats import indices_digest
 
     return {"source": source, "params": params.model_dump(mode="json"), "n": len(indices),
             "indices_sha256": indices_digest(indices), "seed": seed,
             "classes_per_image": classes_per_image, "batch_size": batch_size,
-            "model_sha256": tensors_digest(model.state_dict().items()),
-            "data_sha256": subset_digest(dataset, indices)}
+            "model_sha256": model_sha256, "data_sha256": data_sha256}
 
 
-def sharded_alignment(
+def score_alignment(
     model: nn.Module,
     dataset: Dataset[Any],
     indices: Tensor,
@@ -199,48 +211,68 @@ def sharded_alignment(
     params: BaseModel,
     num_classes: int,
     classes_per_image: int,
-    shard_dir: Path,
-    shard: tuple[int, int] | None = None,
-    merge_shards: int | None = None,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     seed: int = 0,
     progress: bool = False,
+    shard: tuple[int, int] | None = None,
+    merge_shards: int | None = None,
+    shard_dir: Path | None = None,
 ) -> AlignReport | None:
-    """Score shard ``(i, N)`` into its file in ``shard_dir`` (resuming it; returns None), or
-    merge the ``merge_shards`` finished shards there into the report of the unsharded score
-    (the same per-image cosines and the same numbers, to the bit). SpecError when a shard is
-    missing or unfinished."""
-    from pagctl.distributed.shards import shard_files
+    """What ``pagctl align-score`` (and `pagctl.api.align_score`) measures: the alignment of
+    ``model`` with the registered source ``source_name`` (built as ``source``, with
+    ``params``) on ``dataset[indices]``, as a report that names its source, the model and
+    the images it measured (`pagctl.provenance`), ready to be recorded.
 
-    if (shard is None) == (merge_shards is None):
-        raise ValueError("give one of shard and merge_shards")
-    count = shard[1] if shard is not None else merge_shards
-    assert count is not None
-    key = alignment_key(model, dataset, indices, source=source_name, params=params, seed=seed,
-                        classes_per_image=classes_per_image, batch_size=batch_size)
-    files = shard_files(shard_dir, f"align-{source_name}", key, count)
-    if shard is not None:
-        files[shard[0]].parent.mkdir(parents=True, exist_ok=True)
-        score_batches(model, dataset, indices, source, num_classes=num_classes,
-                      classes_per_image=classes_per_image, batch_size=batch_size,
-                      device=device, seed=seed, progress=progress, shard=shard,
-                      state_path=files[shard[0]], key={**key, "shard": list(shard)})
-        return None
-    parts = []
-    for i, path in enumerate(files):
-        if not path.exists():
-            raise SpecError(f"--merge-shards: shard {i}/{count} of this score has not run "
-                            f"({path} is missing); run the same command with --shard "
-                            f"{i}/{count} (same source, params, seed, K, batch size, subset and "
-                            "weights)")
-        parts.append(AlignProgress.load(path, {**key, "shard": [i, count]}))
-    try:
-        merged = AlignProgress.merge(parts)
-    except ValueError as exc:
-        raise SpecError(f"--merge-shards: {exc}; run the same command with that --shard "
-                        "again to finish it") from None
-    return merged.report(dataset, indices, classes_per_image=classes_per_image, seed=seed)
+    Whole (`alignment_report`); or, with ``shard=(i, N)``, shard i scored into its file in
+    ``shard_dir`` (resuming it; returns None); or, with ``merge_shards=N``, the N finished
+    shards there merged into the report of the unsharded score (the same per-image cosines
+    and numbers, to the bit). SpecError when a shard is missing or unfinished, or a shard
+    file is damaged or contradicts itself."""
+    from pagctl.data import subset_digest
+    from pagctl.distributed.shards import shard_files
+    from pagctl.provenance import model_digest
+
+    measured, points = model_digest(model), subset_digest(dataset, indices)
+    if shard is None and merge_shards is None:
+        report = alignment_report(model, dataset, indices, source, num_classes=num_classes,
+                                  classes_per_image=classes_per_image, batch_size=batch_size,
+                                  device=device, seed=seed, progress=progress)
+    else:
+        if (shard is None) == (merge_shards is None) or shard_dir is None:
+            raise ValueError("give one of shard and merge_shards, and shard_dir")
+        count = shard[1] if shard is not None else merge_shards
+        assert count is not None
+        key = alignment_key(source=source_name, params=params, seed=seed,
+                            classes_per_image=classes_per_image, batch_size=batch_size,
+                            indices=indices, model_sha256=measured, data_sha256=points)
+        files = shard_files(shard_dir, f"align-{source_name}", key, count)
+        if shard is not None:
+            files[shard[0]].parent.mkdir(parents=True, exist_ok=True)
+            score_batches(model, dataset, indices, source, num_classes=num_classes,
+                          classes_per_image=classes_per_image, batch_size=batch_size,
+                          device=device, seed=seed, progress=progress, shard=shard,
+                          state_path=files[shard[0]], key={**key, "shard": list(shard)})
+            return None
+        parts = []
+        for i, path in enumerate(files):
+            if not path.exists():
+                raise SpecError(f"--merge-shards: shard {i}/{count} of this score has not run "
+                                f"({path} is missing); run the same command with --shard "
+                                f"{i}/{count} (same source, params, seed, K, batch size, "
+                                "subset and weights)")
+            parts.append(AlignProgress.load(path, {**key, "shard": [i, count]}))
+        try:
+            merged = AlignProgress.merge(parts)
+        except ValueError as exc:
+            raise SpecError(f"--merge-shards: {exc}; run the same command with that --shard "
+                            "again to finish it") from None
+        report = merged.report(dataset, indices, classes_per_image=classes_per_image,
+                               seed=seed)
+    report.source, report.source_params = source_name, params.model_dump(mode="json")
+    report.model_sha256, report.indices = measured, indices.clone()
+    report.subset["data_sha256"] = points
+    return report
 
 
 ALIGN_STATE_VERSION = 1

@@ -217,7 +217,7 @@ def align_score(model: Any, data: Any = None, source: str = "nearest_neighbor", 
     is a path). ``trust_code``: as for `load`."""
 
     from pagctl import registry
-    from pagctl.align import alignment_report, sharded_alignment
+    from pagctl.align import score_alignment
     from pagctl.build import build_context, default_cache_dir
     from pagctl.checkpoint import LoadedRun
     from pagctl.data import select_test_indices
@@ -238,15 +238,11 @@ def align_score(model: Any, data: Any = None, source: str = "nearest_neighbor", 
     picked = select_test_indices(len(bundle.test), chosen, limit)  # type: ignore[arg-type]
     ctx = build_context(bundle, dev, seed, default_cache_dir())
     built = registry.target_gradients.instantiate(source, validated, ctx, "source")
-    if folder is not None:
-        return sharded_alignment(module, bundle.test, picked, built, source_name=source,
-                                 params=validated, num_classes=bundle.num_classes,
-                                 classes_per_image=k, shard_dir=folder, shard=shard,
-                                 merge_shards=merge_shards, batch_size=batch_size,
-                                 device=dev, seed=seed)
-    return alignment_report(module, bundle.test, picked, built,
-                            num_classes=bundle.num_classes, classes_per_image=k,
-                            batch_size=batch_size, device=dev, seed=seed)
+    return score_alignment(module, bundle.test, picked, built, source_name=source,
+                           params=validated, num_classes=bundle.num_classes,
+                           classes_per_image=k, shard_dir=folder, shard=shard,
+                           merge_shards=merge_shards, batch_size=batch_size, device=dev,
+                           seed=seed)
 
 
 def _shard_folder(model: Any, shard: tuple[int, int] | None, merge_shards: int | None,
@@ -265,17 +261,32 @@ def _shard_folder(model: Any, shard: tuple[int, int] | None, merge_shards: int |
     return Path(shard_dir) if shard_dir is not None else Path(model) / "shards"
 
 
-def record(run: str | Path, reports: AttackReport | list[AttackReport], *,
-           params_given: dict[str, Any] | None = None, weights: str = "last") -> None:
-    """Append attack ``reports`` to the run folder's metrics.jsonl, as ``pagctl attack``
-    does, so that ``compare`` shows them (``weights``: which of the run's weights they
-    measured; ``params_given``: the parameters as typed, e.g. eps "8/255")."""
-    from pagctl.checkpoint import append_record
+def record(run: str | Path, reports: AttackReport | AlignReport
+           | Sequence[AttackReport | AlignReport], *,
+           params_given: dict[str, Any] | None = None, weights: str = "last",
+           data_dir: str | Path | None = None) -> None:
+    """Append attack or alignment ``reports`` to the run folder's metrics.jsonl, as
+    ``pagctl attack`` and ``pagctl align-score`` do, so that ``compare`` shows them
+    (``weights``: which of the run's weights they measured; ``params_given``: the
+    parameters as typed, e.g. eps "8/255"; ``data_dir``: where the run's data lives, as
+    ``--data-dir``). Only a report of this run's model (those ``weights``, its normalisation)
+    on this run's test images is recorded (`pagctl.provenance.record_measurements`): a
+    report of another model, other images or no point is refused with one line, and then
+    none of ``reports`` is recorded."""
+    from pagctl.provenance import Measurement, record_measurements
 
-    for report in reports if isinstance(reports, list) else [reports]:
+    items = [reports] if not isinstance(reports, Sequence) else list(reports)
+    measurements = []
+    for report in items:
+        indices = getattr(report, "indices", None)
+        if not hasattr(report, "to_record") or indices is None:
+            raise SpecError(f"record: {type(report).__name__} is not a report of "
+                            "pagctl.api.attack or pagctl.api.align_score")
         rec = report.to_record(params_given=params_given)
         rec.weights = weights
-        append_record(Path(run), rec)
+        measurements.append(Measurement(rec, indices))
+    record_measurements(Path(run), measurements, weights=weights,
+                        data_dir=None if data_dir is None else Path(data_dir))
 
 
 def compare(runs: Sequence[str | Path], *, strict: bool = False,

@@ -16,14 +16,15 @@ from pagctl.align import (
     AlignProgress,
     AlignReport,
     alignment_key,
+    score_alignment,
     alignment_report,
     gradient_panels,
     mean_alignment,
-    sharded_alignment,
 )
-from pagctl.data import TensorImageDataset
+from pagctl.data import TensorImageDataset, subset_digest
 from pagctl.errors import SpecError
 from pagctl.gradients import input_gradients
+from pagctl.provenance import model_digest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -143,9 +144,9 @@ def _shard_scores(tmp_path: Path, source: Any, count: int, *, batch_size: int = 
                               "num_classes": 5, "classes_per_image": 3,
                               "batch_size": batch_size, "seed": seed, "shard_dir": tmp_path}
     for i in range(count):
-        assert sharded_alignment(model, data, indices, source(), shard=(i, count),
+        assert score_alignment(model, data, indices, source(), shard=(i, count),
                                  **common) is None
-    merged = sharded_alignment(model, data, indices, source(), merge_shards=count, **common)
+    merged = score_alignment(model, data, indices, source(), merge_shards=count, **common)
     assert merged is not None
     return merged
 
@@ -160,8 +161,10 @@ def test_shards_merge_into_the_unsharded_report(tmp_path: Path, count: int) -> N
     but the seconds), because each batch draws its classes and reseeds the source from the
     batch's own seed."""
     model, data = _mlp(), _data()
-    whole = alignment_report(model, data, torch.arange(len(data)), NoisyTargets(0),
-                             num_classes=5, classes_per_image=3, batch_size=7, seed=3)
+    whole = score_alignment(model, data, torch.arange(len(data)), NoisyTargets(0),
+                            source_name="noisy", params=_Params(), num_classes=5,
+                            classes_per_image=3, batch_size=7, seed=3)
+    assert whole is not None
     merged = _shard_scores(tmp_path / str(count), lambda: NoisyTargets(0), count)
     assert replace(merged, seconds=0.0) == replace(whole, seconds=0.0)
     # 40 images in batches of 7 are 6 batches: with 7 shards, shard 6 owns none, and its file
@@ -188,25 +191,26 @@ def test_a_stopped_shard_resumes_and_a_foreign_file_is_refused(tmp_path: Path) -
     another K) is refused, naming what differs."""
     model, data = _mlp(), _data()
     indices = torch.arange(len(data))
-    whole = alignment_report(model, data, indices, NoisyTargets(0), num_classes=5,
-                             classes_per_image=3, batch_size=7, seed=3)
     common: dict[str, Any] = {"source_name": "noisy", "params": _Params(), "num_classes": 5,
                               "classes_per_image": 3, "batch_size": 7, "seed": 3,
                               "shard_dir": tmp_path}
+    whole = score_alignment(model, data, indices, NoisyTargets(0), **common)
+    assert whole is not None
     with pytest.raises(KeyboardInterrupt):
-        sharded_alignment(model, data, indices, NoisyTargets(0, fail_at=2), shard=(0, 1),
+        score_alignment(model, data, indices, NoisyTargets(0, fail_at=2), shard=(0, 1),
                           **common)
     [path] = list(tmp_path.iterdir())
-    key = alignment_key(model, data, indices, source="noisy", params=_Params(), seed=3,
-                        classes_per_image=3, batch_size=7)
+    key = alignment_key(source="noisy", params=_Params(), seed=3, classes_per_image=3,
+                        batch_size=7, indices=indices, model_sha256=model_digest(model),
+                        data_sha256=subset_digest(data, indices))
     saved = AlignProgress.load(path, {**key, "shard": [0, 1]})
     assert saved.done.tolist() == [True] + [False] * 5
     with pytest.raises(SpecError, match="--merge-shards: shard 0/1 has not scored its batch 1"):
-        sharded_alignment(model, data, indices, NoisyTargets(0), merge_shards=1, **common)
+        score_alignment(model, data, indices, NoisyTargets(0), merge_shards=1, **common)
     rest = NoisyTargets(0)
-    sharded_alignment(model, data, indices, rest, shard=(0, 1), **common)
+    score_alignment(model, data, indices, rest, shard=(0, 1), **common)
     assert rest.calls == 5  # the first batch was not scored again
-    merged = sharded_alignment(model, data, indices, NoisyTargets(0), merge_shards=1, **common)
+    merged = score_alignment(model, data, indices, NoisyTargets(0), merge_shards=1, **common)
     assert merged is not None
     assert replace(merged, seconds=0.0) == replace(whole, seconds=0.0)
     with pytest.raises(SpecError, match="classes_per_image"):

@@ -283,6 +283,37 @@ def test_corrupt_metrics_lines_are_skipped_with_warnings(tmp_path: Path) -> None
     assert "warning" not in render(c, "table")
 
 
+def test_the_same_indices_of_other_images_are_never_paired(tmp_path: Path) -> None:
+    """Points 0..19 of two different test sets (another split) are not the same points: the
+    records' image digests differ, so no paired test is shown, the column is marked and
+    --strict refuses; the same digests pair. Records that predate the digest fall back to
+    the runs' data sources: another split_seed is another source."""
+    bits_a, bits_b = [1] * 15 + [0] * 5, [0] * 5 + [1] * 15
+    rec_a = attack_rec(15, n=20, bits=bits_a, sha="b" * 16)
+    rec_b = attack_rec(15, n=20, bits=bits_b, sha="b" * 16)
+    for rec, images in ((rec_a, "1" * 16), (rec_b, "2" * 16)):
+        rec["subset"]["data_sha256"] = images
+    a = make_run(tmp_path, "a", [], [rec_a])
+    b = make_run(tmp_path, "b", [], [rec_b])
+    c = compare_runs([a, b])
+    assert c.pairs == [] and len(c.mismatches) == 2  # robust and clean accuracy
+    assert all("the same indices of different images" in m for m in c.mismatches)
+    with pytest.raises(SpecError, match="different images.*same data and --indices"):
+        compare_runs([a, b], strict=True)
+    rec_b["subset"]["data_sha256"] = "1" * 16
+    same = make_run(tmp_path, "same", [], [rec_b])
+    [pair] = compare_runs([a, same], strict=True).pairs
+    assert (pair.a_only, pair.b_only) == (5, 5)
+    # earlier records (no data_sha256): the data source decides
+    for rec in (rec_a, rec_b):
+        del rec["subset"]["data_sha256"]
+    old_a = make_run(tmp_path, "old-a", [], [rec_a])
+    old_split = make_run(tmp_path, "old-split", ["data.split_seed=3"], [rec_b])
+    assert compare_runs([old_a, old_split]).pairs == []
+    old_same = make_run(tmp_path, "old-same", ["train.seed=4"], [rec_b])
+    assert len(compare_runs([old_a, old_same], strict=True).pairs) == 1
+
+
 @pytest.mark.parametrize(("edit", "why"), [
     ({"per_example": {"clean": "fffff0", "robust": "zzzzzz"}},
      "per_example.robust is not hexadecimal"),

@@ -359,7 +359,7 @@ def test_sbg_align_score_shards_merge_exactly(digits_run: Path, tmp_path: Path) 
 
     from torch import nn
 
-    from pagctl.align import alignment_report, sharded_alignment
+    from pagctl.align import alignment_report, score_alignment
     from pagctl.data import TensorImageDataset
 
     g = torch.Generator().manual_seed(1)
@@ -371,16 +371,17 @@ def test_sbg_align_score_shards_merge_exactly(digits_run: Path, tmp_path: Path) 
     indices = torch.arange(30)
     common: dict[str, object] = {"num_classes": 10, "classes_per_image": 2, "batch_size": 8,
                                  "seed": 3}
-    whole = alignment_report(model, data, indices, SBG(params, ctx), **common)  # type: ignore[arg-type]
+    whole = score_alignment(model, data, indices, SBG(params, ctx), source_name="sbg",  # type: ignore[arg-type]
+                            params=params, **common)
     for i in range(2):
-        sharded_alignment(model, data, indices, SBG(params, ctx), source_name="sbg",  # type: ignore[arg-type]
+        score_alignment(model, data, indices, SBG(params, ctx), source_name="sbg",  # type: ignore[arg-type]
                           params=params, shard_dir=tmp_path, shard=(i, 2), **common)
-    merged = sharded_alignment(model, data, indices, SBG(params, ctx), source_name="sbg",  # type: ignore[arg-type]
+    merged = score_alignment(model, data, indices, SBG(params, ctx), source_name="sbg",  # type: ignore[arg-type]
                                params=params, shard_dir=tmp_path, merge_shards=2, **common)
     assert merged is not None
     assert replace(merged, seconds=0.0) == replace(whole, seconds=0.0)
     again = alignment_report(model, data, indices, SBG(params, ctx), **common)  # type: ignore[arg-type]
-    assert again.mean == whole.mean  # and the score is reproducible
+    assert whole is not None and again.mean == whole.mean  # and the score is reproducible
     other = SBG(SBG.Params(run=digits_run, sigma=0.3, seed=12345), ctx)
     assert alignment_report(model, data, indices, other, **common).mean != whole.mean  # type: ignore[arg-type]
 

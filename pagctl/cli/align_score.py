@@ -125,7 +125,7 @@ def _score_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, in
     record is returned instead when ``several``), write the figure, record it. Returns the
     record as printed, or None for a shard or a follower rank."""
     from pagctl import registry
-    from pagctl.align import alignment_report, sharded_alignment
+    from pagctl.align import score_alignment
     from pagctl.build import build_context, default_cache_dir
     from pagctl.checkpoint import RunLock
     from pagctl.data import select_test_indices
@@ -145,12 +145,7 @@ def _score_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, in
         source = registry.target_gradients.instantiate(source_name, params, ctx, "--source")
 
         def score(part: tuple[int, int] | None, merge: int | None) -> Any:
-            if part is None and merge is None:
-                return alignment_report(loaded.model, bundle.test, indices, source,
-                                        num_classes=bundle.num_classes, classes_per_image=k,
-                                        batch_size=batch_size, device=dev, seed=seed,
-                                        progress=progress)
-            return sharded_alignment(
+            return score_alignment(
                 loaded.model, bundle.test, indices, source, source_name=source_name,
                 params=params, num_classes=bundle.num_classes, classes_per_image=k,
                 shard_dir=run / "shards", shard=part, merge_shards=merge,
@@ -160,7 +155,7 @@ def _score_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, in
                                   merge_shards=merge_shards)
         if report is None:
             return None
-        record = report.to_record(source_name, params.model_dump(mode="json"), given)
+        record = report.to_record(given)
         record.weights = loaded.weights
         printed = {**record.to_json(), "run": str(run)} if several else record.to_json()
         # the result first (stdout, figure), then the record: nothing measured is lost (with
@@ -181,7 +176,7 @@ def _score_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, in
                           title=f"{run.name}: ∇ log p(t|x) vs {source_name} (mean cos "
                           f"{report.mean:.3f})")
         if keep_record:
-            record_results(run, [record])
+            record_results(run, [(record, report.indices)], loaded.weights, bundle)
         else:
             typer.echo("not recorded (--no-record)", err=True)
     return printed

@@ -216,7 +216,8 @@ def _attack_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, i
                                 attack_name, dev)
         _write_exports(export, save_adversarial, run, loaded, bundle, reports, given)
         if keep_record:
-            record_results(run, records)
+            record_results(run, [(rec, report.indices) for rec, report in
+                                 zip(records, reports, strict=True)], loaded.weights, bundle)
         else:
             typer.echo("not recorded (--no-record)", err=True)
     return reports, printed

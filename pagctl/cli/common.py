@@ -349,14 +349,17 @@ def run_heading(position: int, runs: list[Path]) -> None:
         stderr_console.rule(f"run {position + 1}/{len(runs)}: {runs[position]}")
 
 
-def record_results(run: Path, records: list[Any]) -> None:
-    """Append the records of a result already shown to the run's metrics.jsonl; when that
+def record_results(run: Path, results: list[tuple[Any, Any]], weights: str,
+                   bundle: DataBundle) -> None:
+    """Append the records of a result already shown to the run's metrics.jsonl, each with
+    the test-set indices it measured, through the one gate
+    (`pagctl.provenance.record_measurements`: the run's own weights and images); when that
     fails, one error line says the result above was not recorded, and why."""
-    from pagctl.checkpoint import append_record
     from pagctl.errors import CheckpointError
+    from pagctl.provenance import Measurement, record_measurements
 
-    for record in records:
-        try:
-            append_record(run, record)
-        except CheckpointError as exc:
-            raise CheckpointError(f"the result above was not recorded: {exc}") from None
+    try:
+        record_measurements(run, [Measurement(rec, indices) for rec, indices in results],
+                            weights=weights, bundle=bundle)
+    except CheckpointError as exc:
+        raise CheckpointError(f"the result above was not recorded: {exc}") from None

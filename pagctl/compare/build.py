@@ -61,26 +61,43 @@ def _what(column: Column) -> str:
     return f"training-monitor alignment '{column.source}'"
 
 
-_REMEDY = {"clean": "re-attack on the same --indices/--limit",
-           "robust": "re-attack on the same --indices/--limit",
-           "align": "re-score with pagctl align-score on the same --indices/--limit",
-           "align_monitor": "score them with pagctl align-score on the same --indices/--limit"}
+_REMEDY = {"clean": "re-attack on the same data and --indices/--limit",
+           "robust": "re-attack on the same data and --indices/--limit",
+           "align": "re-score with pagctl align-score on the same data and --indices/--limit",
+           "align_monitor": "score them with pagctl align-score on the same data and "
+                            "--indices/--limit"}
 
 
 def _subset_problem(column: Column, rows: list[Row]) -> str | None:
-    groups: dict[str, list[Row]] = {}
+    """Why ``column`` puts numbers of different points side by side (other indices, or other
+    images at the same indices: another split, test fraction or data folder), or None."""
+    groups: dict[tuple[str | None, str | None], list[Row]] = {}
     for row in rows:
         cell = row.cells.get(column.id)
         if cell is not None and cell.subset_sha is not None:
-            groups.setdefault(cell.subset_sha, []).append(row)
+            groups.setdefault(cell.points, []).append(row)
     if len(groups) < 2:
         return None
+    indices = {sha for sha, _ in groups}
     parts = []
-    for sha, members in groups.items():
+    for (sha, images), members in groups.items():
         count = members[0].cells[column.id].subset_count
         points = f"{count} points" if count is not None else "points"
-        parts.append(f"{_runs_text([r.label for r in members])}: {points} sha {sha[:8]}…")
-    return f"{_what(column)} was measured on different subsets ({'; '.join(parts)})"
+        shown = f"sha {(sha or '')[:8]}…" if len(indices) > 1 else \
+            f"images {_images_text(images)}"
+        parts.append(f"{_runs_text([r.label for r in members])}: {points} {shown}")
+    if len(indices) > 1:
+        return f"{_what(column)} was measured on different subsets ({'; '.join(parts)})"
+    return (f"{_what(column)} was measured on the same indices of different images: another "
+            f"split, test fraction or data folder ({'; '.join(parts)})")
+
+
+def _images_text(images: str | None) -> str:
+    if images is None:
+        return "unknown"
+    if images.startswith("spec:"):
+        return f"of data source {images[5:13]}… (an earlier record)"
+    return f"{images[:8]}…"
 
 
 def _budget_problem(rows: list[Row], columns: list[Column]) -> str | None:
@@ -113,9 +130,8 @@ def _pairs(rows: list[Row], columns: list[Column]) -> list[Pair]:
                 if (cell := row.cells.get(column.id)) is not None and cell.bits is not None]
         for i, (row_a, a) in enumerate(have):
             for row_b, b in have[i + 1:]:
-                if a.n is None or a.n != b.n or a.subset_sha is None or \
-                        a.subset_sha != b.subset_sha:
-                    continue
+                if a.n is None or a.n != b.n or a.subset_sha is None or a.points != b.points:
+                    continue  # not the same points: no paired test (the column says why)
                 assert a.bits is not None and b.bits is not None
                 full = (1 << a.n) - 1
                 both = (a.bits & b.bits).bit_count()
@@ -129,20 +145,22 @@ def _pairs(rows: list[Row], columns: list[Column]) -> list[Pair]:
 
 
 def _choose_clean(data: list[RunData]) -> list[Cell | None]:
-    """Per run: its latest clean measurement on the largest subset all runs measured, or
-    its latest measurement when no subset is common to all."""
+    """Per run: its latest clean measurement on the largest subset (indices and images) all
+    runs measured, or its latest measurement when no subset is common to all."""
     measured = [d for d in data if d.clean]
-    common: set[str] | None = None
+    common: set[tuple[str, str]] | None = None
     for d in measured:
-        shas = {c.subset_sha for c in d.clean if c.subset_sha is not None}
-        common = shas if common is None else common & shas
-    chosen_sha = None
+        found = {(c.subset_sha, c.images_sha or "") for c in d.clean if c.subset_sha is not None}
+        common = found if common is None else common & found
+    chosen = None
     if common:
-        sizes = {c.subset_sha: c.subset_count or 0 for d in measured for c in d.clean}
-        chosen_sha = max(sorted(common), key=lambda s: sizes.get(s, 0))
+        sizes = {(c.subset_sha, c.images_sha or ""): c.subset_count or 0
+                 for d in measured for c in d.clean}
+        chosen = max(sorted(common), key=lambda k: sizes.get(k, 0))
     out: list[Cell | None] = []
     for d in data:
-        cells = [c for c in d.clean if chosen_sha is None or c.subset_sha == chosen_sha]
+        cells = [c for c in d.clean
+                 if chosen is None or (c.subset_sha, c.images_sha or "") == chosen]
         out.append(cells[-1] if cells else None)
     return out
 

@@ -45,11 +45,21 @@ class Cell:
     extra: dict[str, Any] = field(default_factory=dict)
     bits: int | None = field(default=None, repr=False)
     """Per-example robust bits, point 0 in the highest of n bits (robust columns only)."""
+    images_sha: str | None = None
+    """Which images those indices were: the record's ``subset.data_sha256``; for a record
+    that predates it, ``spec:`` and a digest of the run's data source (dataset, folder,
+    split), so records of two different sources never count as the same points."""
+
+    @property
+    def points(self) -> tuple[str | None, str | None]:
+        """What makes two cells measurements of the same points: indices and images."""
+        return self.subset_sha, self.images_sha
 
     def to_json(self) -> dict[str, Any]:
         return {"value": self.value, "n": self.n,
                 "interval": list(self.interval) if self.interval else None,
                 "subset_sha256": self.subset_sha, "subset_count": self.subset_count,
+                "data_sha256": self.images_sha,
                 "record": self.record_kind, "line": self.line, "stale": self.stale,
                 "reliable": self.reliable, **self.extra}
 
@@ -68,7 +78,8 @@ class Row:
 
 @dataclass
 class Pair:
-    """Per-example robust results of two runs on one column (same subset)."""
+    """Per-example robust results of two runs on one column (the same points: indices and
+    images)."""
 
     column: str
     run_a: str

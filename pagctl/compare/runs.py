@@ -38,7 +38,27 @@ def _subset_of(subset: Subset | None, n: int) -> tuple[str | None, int | None]:
     return (subset.indices_sha256 or None, subset.count if subset.count is not None else n)
 
 
-def _attack_cell(rec: AttackRecord, line: int, stale: bool, which: str) -> Cell:
+SOURCE_FIELDS = ("dataset", "root", "split_seed", "test_fraction", "toy_train_size",
+                 "toy_test_size", "validation_size", "image_size", "crop_pct", "interpolation")
+"""The ``data`` fields that decide which images a run's test indices are (`source_points`);
+batch sizes, workers and augmentation do not."""
+
+
+def source_points(spec: Any) -> str:
+    """``spec:<digest>`` of the run's data source (`SOURCE_FIELDS`): what names the images of
+    a record written before records carried ``subset.data_sha256``. Two runs of one source
+    share it; another split, test fraction or data folder gives another."""
+    import hashlib
+
+    data = spec.data
+    fields = {name: str(getattr(data, name)) for name in SOURCE_FIELDS}
+    if data.dataset in ("digits", "mnist5k", "toy"):
+        fields.pop("root")  # embedded: the folder is not where the images come from
+    text = json.dumps(fields, sort_keys=True)
+    return "spec:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _attack_cell(rec: AttackRecord, line: int, stale: bool, which: str, source: str) -> Cell:
     n = rec.n
     value = rec.clean_accuracy if which == "clean" else rec.robust_accuracy
     assert value is not None
@@ -51,20 +71,28 @@ def _attack_cell(rec: AttackRecord, line: int, stale: bool, which: str) -> Cell:
     cell = Cell(value=value, n=n, interval=(interval[0], interval[1]) if interval else None,
                 subset_sha=sha, subset_count=count, line=line, record_kind="attack",
                 stale=stale, reliable=reliable if which == "robust" else None,
-                extra={"correct": correct, "params": rec.params, "seed": rec.seed})
+                extra={"correct": correct, "params": rec.params, "seed": rec.seed},
+                images_sha=_images_of(rec.subset, source))
     if which == "robust" and rec.per_example is not None and rec.per_example.robust is not None:
         cell.bits = bits_as_int(rec.per_example.robust, n)
     return cell
 
 
-def _monitor_clean_cell(rec: TrainEpochRecord, line: int) -> Cell | None:
+def _images_of(subset: Subset | None, source: str) -> str:
+    """The images a record measured: its ``data_sha256``, else its run's data source."""
+    found = subset.data_sha256 if subset is not None else None
+    return found if found is not None else source
+
+
+def _monitor_clean_cell(rec: TrainEpochRecord, line: int, source: str) -> Cell | None:
     value, n = rec.clean_accuracy, rec.n_test
     if value is None:
         return None
     interval = wilson_interval(round(value * n), n) if n else None
     return Cell(value=value, n=n, interval=interval,
                 subset_sha=first_n_digest(n) if n is not None else None, subset_count=n,
-                line=line, record_kind="train_epoch", extra={"epoch": rec.epoch})
+                line=line, record_kind="train_epoch", extra={"epoch": rec.epoch},
+                images_sha=rec.data_sha256 or source)
 
 
 @dataclass
@@ -97,6 +125,7 @@ def read_run(run_dir: Path, label: str, spec: Any, flat: dict[str, Any],
     align: dict[tuple[str, str], Cell] = {}
     monitor: tuple[str, Cell] | None = None
     last_clean_epoch: Cell | None = None
+    source = source_points(spec)
     for line, rec in records:
         stale = line < last_epoch_line
         if isinstance(rec, TrainEpochRecord) and weights != "last":
@@ -104,7 +133,7 @@ def read_run(run_dir: Path, label: str, spec: Any, flat: dict[str, Any],
         if not isinstance(rec, TrainEpochRecord) and (rec.weights or "last") != weights:
             continue
         if isinstance(rec, TrainEpochRecord):
-            cell = _monitor_clean_cell(rec, line)
+            cell = _monitor_clean_cell(rec, line, source)
             last_clean_epoch = cell or last_clean_epoch
             if rec.alignment is not None:
                 n = rec.n_test
@@ -113,14 +142,15 @@ def read_run(run_dir: Path, label: str, spec: Any, flat: dict[str, Any],
                 monitor = (ref.name if ref is not None else "?", Cell(
                     value=rec.alignment, n=n, interval=None,
                     subset_sha=first_n_digest(n) if n is not None else None, subset_count=n,
-                    line=line, record_kind="train_epoch", extra={"epoch": rec.epoch}))
+                    line=line, record_kind="train_epoch", extra={"epoch": rec.epoch},
+                    images_sha=rec.data_sha256 or source))
         elif isinstance(rec, AttackRecord):
             # a mixed-precision evaluation is its own column, never taken for float32's
             attack = rec.attack if rec.precision is None else f"{rec.attack} ({rec.precision})"
             key = (attack, rec.norm, _eps_key(rec.eps))
-            robust[key] = _attack_cell(rec, line, stale, "robust")
+            robust[key] = _attack_cell(rec, line, stale, "robust", source)
             if rec.clean_accuracy is not None and not stale:
-                clean.append(_attack_cell(rec, line, stale, "clean"))
+                clean.append(_attack_cell(rec, line, stale, "clean", source))
         else:
             sha, count = _subset_of(rec.subset, rec.n)
             params = json.dumps(rec.source_params or {}, sort_keys=True)
@@ -130,7 +160,8 @@ def read_run(run_dir: Path, label: str, spec: Any, flat: dict[str, Any],
                 subset_sha=sha, subset_count=count, line=line, record_kind="align",
                 stale=stale, extra={"classes_per_image": rec.classes_per_image,
                                     "fraction_positive": rec.fraction_positive,
-                                    "seed": rec.seed})
+                                    "seed": rec.seed},
+                images_sha=_images_of(rec.subset, source))
     if last_clean_epoch is not None:
         clean.append(last_clean_epoch)
     clean.sort(key=lambda c: c.line)

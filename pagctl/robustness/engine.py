@@ -42,7 +42,7 @@ from pagctl.protocols import (
 from pagctl.records import StageRecord
 from pagctl.robustness.report import AttackReport
 from pagctl.robustness.state import AttackState
-from pagctl.stats import indices_digest, tensors_digest
+from pagctl.stats import indices_digest
 
 if TYPE_CHECKING:
     import torch
@@ -168,9 +168,15 @@ def run_attack(
     mine = owned_batches(len(starts), shard)
     state = None
     if state_path is not None:
-        key = dict(key) if key is not None else evaluation_key(
-            model, dataset, indices, name=name, params=params, seed=seed,
-            batch_size=batch_size, stages=stage_names)
+        if key is None:
+            from pagctl.data import subset_digest
+            from pagctl.provenance import model_digest
+
+            key = evaluation_key(name=name, params=params, seed=seed, batch_size=batch_size,
+                                 stages=stage_names, indices=indices,
+                                 model_sha256=model_digest(model),
+                                 data_sha256=subset_digest(dataset, indices))
+        key = dict(key)
         if shard is not None:
             key["shard"] = list(shard)
         state = AttackState.load(state_path, key) if state_path.exists() else None
@@ -241,19 +247,18 @@ def _heartbeat(bar: Any, where: str) -> Callable[[int], None]:
     return beat
 
 
-def evaluation_key(model: nn.Module, dataset: Dataset[Any], indices: Tensor, *, name: str,
-                   params: BaseModel, seed: int, batch_size: int,
-                   stages: list[str]) -> dict[str, Any]:
+def evaluation_key(*, name: str, params: BaseModel, seed: int, batch_size: int,
+                   stages: list[str], indices: Tensor, model_sha256: str, data_sha256: str,
+                   precision: str = "float32") -> dict[str, Any]:
     """What identifies one evaluation, for its resumable state and its shards: the attack,
-    its params and stages, the seed and batch size (they fix every batch's randomness), and
-    digests of the subset's indices, of its images and labels, and of the model's weights."""
-    from pagctl.data import subset_digest
-
+    its params and stages, the seed and batch size (they fix every batch's randomness), the
+    precision of the model's forward, and the digests of the subset's indices, of its images
+    and labels (`pagctl.data.subset_digest`) and of the model
+    (`pagctl.provenance.model_digest`)."""
     return {"attack": name, "params": params.model_dump(mode="json"), "n": len(indices),
             "indices_sha256": indices_digest(indices), "seed": seed,
-            "batch_size": batch_size, "stages": stages,
-            "model_sha256": tensors_digest(model.state_dict().items()),
-            "data_sha256": subset_digest(dataset, indices)}
+            "batch_size": batch_size, "stages": stages, "precision": precision,
+            "model_sha256": model_sha256, "data_sha256": data_sha256}
 
 
 def merge_shards(states: list[AttackState]) -> AttackState:

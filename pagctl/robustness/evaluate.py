@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pagctl.distributed.shards import shard_files
-from pagctl.errors import SpecError
+from pagctl.errors import CheckpointError, SpecError
 
 if TYPE_CHECKING:
     import torch
@@ -63,9 +63,10 @@ def evaluate_attack(
 
     from pagctl import registry
     from pagctl.build import build_context
-    from pagctl.data import get_batch, labels_of, select_test_indices
+    from pagctl.data import get_batch, labels_of, select_test_indices, subset_digest
     from pagctl.models import PRECISIONS, LowPrecision
     from pagctl.protocols import attack_stages, declared_budget
+    from pagctl.provenance import model_digest
     from pagctl.robustness.engine import PerBatch, evaluation_key, run_attack
     from pagctl.robustness.reliability import (
         attack_probes,
@@ -78,6 +79,7 @@ def evaluate_attack(
         raise ValueError("shard and merge_shards need shard_dir")
     if precision not in PRECISIONS:
         raise SpecError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    measured = model_digest(model)  # the model itself, whatever precision runs it
     if precision == "bfloat16":
         model = LowPrecision(model)
     if shard is not None and merge_shards is not None:
@@ -85,6 +87,7 @@ def evaluate_attack(
     if shard is not None or merge_shards is not None:
         keep_images = 0
     indices = select_test_indices(len(bundle.test), indices, limit)  # type: ignore[arg-type]
+    points = subset_digest(bundle.test, indices)
     probe_idx = indices[:probe_size]
     px, py = get_batch(bundle.test, probe_idx)
     px, py = px.to(device), py.to(device)
@@ -111,17 +114,18 @@ def evaluate_attack(
         if state is not None and budgets is not None:
             path = state.with_name(f"{state.stem}-eps{i}{state.suffix}")
         files: list[Path] = []
-        key: dict[str, Any] = {}
+        key = evaluation_key(name=name, params=p, seed=seed, batch_size=batch_size,
+                             stages=[s for s, _ in attack_stages(build(0), name)],
+                             indices=indices, model_sha256=measured, data_sha256=points,
+                             precision=precision)
         count = shard[1] if shard is not None else merge_shards
         if count is not None and shard_dir is not None:
-            stages = [s for s, _ in attack_stages(build(0), name)]
-            key = evaluation_key(model, bundle.test, indices, name=name, params=p, seed=seed,
-                                 batch_size=batch_size, stages=stages)
             files = shard_files(shard_dir, name, key, count)
         if merge_shards is not None:
             norm, declared_eps = declared_budget(build(0), p)
             report = _merged(files, key, name=name, params=p, norm=norm, eps=declared_eps,
-                             indices=indices, seed=seed)
+                             indices=indices, seed=seed, model=model, bundle=bundle,
+                             batch_size=batch_size, device=device)
         else:
             if shard is not None:
                 path = files[shard[0]]
@@ -130,7 +134,7 @@ def evaluate_attack(
                                 params=p, batch_size=batch_size, device=device, seed=seed,
                                 state_path=path, progress=progress, keep_images=keep_images,
                                 origin=registry.attacks.origin(name), shard=shard,
-                                key=key or None)
+                                key=key)
         if verdict is not None and i == 0:
             stage_names = [s.name for s in report.stages]
             if report.norm in ("l2", "linf", "l1") and report.eps is not None and report.eps > 0:
@@ -147,16 +151,22 @@ def evaluate_attack(
     for report in out:
         report.indices, report.labels = indices.clone(), labels
         report.precision = precision
+        report.model_sha256 = measured
+        report.subset["data_sha256"] = points
         if verdict is not None:
             report.reliability = verdict.to_record()
     return out, indices
 
 
 def _merged(files: list[Path], key: dict[str, Any], *, name: str, params: BaseModel,
-            norm: str | None, eps: float | None, indices: Tensor,
-            seed: int) -> AttackReport:
-    """The report of the whole evaluation from its finished shard files."""
-    from pagctl.robustness.engine import merge_shards
+            norm: str | None, eps: float | None, indices: Tensor, seed: int,
+            model: nn.Module, bundle: DataBundle, batch_size: int,
+            device: torch.device | str) -> AttackReport:
+    """The report of the whole evaluation from its finished shard files. Each file is
+    checked as it loads (`AttackState.load`: its payload digest and invariants); the clean
+    bits they agree on are checked once more against the model itself (one forward pass over
+    the subset), so a shard file cannot claim points the model gets wrong."""
+    from pagctl.robustness.engine import clean_correct_mask, merge_shards
     from pagctl.robustness.report import AttackReport
     from pagctl.robustness.state import AttackState
 
@@ -177,4 +187,12 @@ def _merged(files: list[Path], key: dict[str, Any], *, name: str, params: BaseMo
         merged = merge_shards(states)
     except ValueError as exc:
         raise SpecError(f"--merge-shards: {exc}") from None
+    clean = clean_correct_mask(model, bundle.test, indices, batch_size=batch_size,
+                               device=device)
+    if not bool((clean == merged.clean).all()):
+        wrong = int((clean != merged.clean).sum())
+        raise CheckpointError(
+            f"--merge-shards: the shards in {files[0].parent} claim {wrong} point(s) "
+            "classified otherwise than the model classifies them; they were not written by "
+            "this model's evaluation: delete them and run the shards again")
     return AttackReport.from_state(merged, name, params, norm, eps, indices, seed)

@@ -76,6 +76,9 @@ class AttackReport:
     """The points' positions in the test set, (n,) int64, when the caller attached them."""
     labels: Tensor | None = field(default=None, repr=False)
     """The points' true classes, (n,) int64, when the caller attached them."""
+    model_sha256: str | None = None
+    """Which model was measured (`pagctl.provenance.model_digest`), when the caller attached
+    it (`pagctl.robustness.evaluate` does; the subset then has ``data_sha256`` too)."""
 
     @property
     def reliable(self) -> bool | None:
@@ -156,6 +159,8 @@ class AttackReport:
             record.params_given = params_given
         if self.precision != "float32":
             record.precision = self.precision
+        if self.model_sha256 is not None:
+            record.model_sha256 = self.model_sha256
         per_class = self.per_class()
         if per_class:
             record.per_class = per_class
