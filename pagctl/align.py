@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pagctl.errors import SpecError
+from pagctl.errors import CheckpointError, SpecError
 from pagctl.records import AlignRecord, Subset
 from pagctl.stats import mean_interval, subset_record
 
@@ -275,7 +275,7 @@ def score_alignment(
     return report
 
 
-ALIGN_STATE_VERSION = 1
+ALIGN_STATE_VERSION = 2
 ALIGN_STATE_KEY = "pagctl_align_state"
 
 
@@ -315,44 +315,78 @@ class AlignProgress:
         return bool(self.done.all())
 
     def save(self, path: Path) -> None:
-        """Write atomically (a killed write leaves the previous batch's progress)."""
-        import json
-
+        """Write atomically (a killed write leaves the previous batch's progress), with the
+        digest of the whole payload (`pagctl.checkpoint.save_checked`)."""
         import torch
 
-        from pagctl.checkpoint import atomic_save_tensors
+        from pagctl.checkpoint import save_checked
 
         meta = {"version": ALIGN_STATE_VERSION, "key": self.key, "seconds": self.seconds,
                 "batch_size": self.batch_size}
-        atomic_save_tensors({"cosines": self.cosines, "sums": self.sums,
-                             "done": self.done.to(torch.uint8)},
-                            path, metadata={ALIGN_STATE_KEY: json.dumps(meta)})
+        save_checked(path, {"cosines": self.cosines, "sums": self.sums,
+                            "done": self.done.to(torch.uint8)}, ALIGN_STATE_KEY, meta)
 
     @classmethod
     def load(cls, path: Path, key: dict[str, Any]) -> AlignProgress:
         """The progress at ``path``, which must have been written for ``key``; SpecError
-        (one line naming the file and what differs) otherwise."""
-        import json
-
+        (one line naming the file and what differs) otherwise, CheckpointError naming the
+        file when it is damaged, edited, or contradicts itself (`problem`)."""
         import torch
-        from safetensors import safe_open
 
-        from pagctl.checkpoint import load_tensors
+        from pagctl.checkpoint import load_checked
 
-        tensors = load_tensors(path)
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get(ALIGN_STATE_KEY)
-        meta = json.loads(raw) if raw else None
-        if not isinstance(meta, dict) or meta.get("version") != ALIGN_STATE_VERSION:
-            raise SpecError(f"{path}: not a pagctl alignment shard; delete the file")
-        if meta["key"] != key:
-            differ = sorted(k for k in set(key) | set(meta["key"])
-                            if key.get(k) != meta["key"].get(k))
+        tensors, meta = load_checked(path, ALIGN_STATE_KEY, "alignment shard")
+        if meta.get("version") != ALIGN_STATE_VERSION:
+            raise SpecError(f"{path}: written by another version of pagctl (alignment shard "
+                            f"version {meta.get('version')}, this one reads "
+                            f"{ALIGN_STATE_VERSION}); delete the file")
+        if meta.get("key") != key:
+            found = meta.get("key")
+            theirs: dict[str, Any] = found if isinstance(found, dict) else {}
+            differ = sorted(k for k in set(key) | set(theirs) if key.get(k) != theirs.get(k))
             raise SpecError(f"{path}: written by a different alignment score (its "
                             f"{', '.join(differ)} differ); delete the file")
-        return cls(key=key, batch_size=int(meta["batch_size"]), cosines=tensors["cosines"],
-                   sums=tensors["sums"],
-                   done=tensors["done"].to(torch.bool), seconds=float(meta["seconds"]))
+        try:
+            progress = cls(key=key, batch_size=int(meta["batch_size"]),
+                           cosines=tensors["cosines"].to(torch.float64),
+                           sums=tensors["sums"].to(torch.float64),
+                           done=tensors["done"].to(torch.bool), seconds=float(meta["seconds"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a complete alignment shard "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:80]}); "
+                                  "delete it and run again") from None
+        problem = progress.problem()
+        if problem is not None:
+            raise CheckpointError(f"{path}: contradicts itself ({problem}); it was damaged or "
+                                  "edited: delete it and run again")
+        return progress
+
+    def problem(self) -> str | None:
+        """The first way this progress contradicts itself, or None: sizes that are not the
+        subset's, a scored batch with a missing or out-of-range cosine (or an unscored one
+        with a value), or a batch whose sums do not add up to its images' cosines times K."""
+        import torch
+
+        n, k = int(self.key.get("n", -1)), int(self.key.get("classes_per_image", -1))
+        size = self.batch_size
+        batches = -(-n // size) if size > 0 and n >= 0 else -1
+        if self.cosines.shape != (n,) or self.sums.shape != (batches, 4) \
+                or self.done.shape != (batches,):
+            return f"its tensors are not those of {n} images in batches of {size}"
+        for b in range(batches):
+            rows = self.cosines[b * size: (b + 1) * size]
+            if not bool(self.done[b]):
+                if not bool(rows.isnan().all()) or bool(self.sums[b].any()):
+                    return f"batch {b} holds values but is not marked scored"
+                continue
+            if not bool(torch.isfinite(rows).all()) or bool((rows.abs() > 1 + 1e-6).any()):
+                return f"batch {b} has a cosine that is missing or outside [-1, 1]"
+            true_sum, true_count, other_sum, other_count = self.sums[b].tolist()
+            if true_count + other_count != k * len(rows):
+                return f"batch {b} counts {true_count + other_count:g} pairs, not K × images"
+            if abs(true_sum + other_sum - k * float(rows.sum())) > 1e-6 * k * len(rows):
+                return f"batch {b}'s sums do not add up to its images' cosines"
+        return None
 
     @classmethod
     def merge(cls, parts: list[AlignProgress]) -> AlignProgress:

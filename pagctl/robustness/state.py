@@ -1,12 +1,20 @@
-"""`AttackState`: the progress of one attack run, saved to the ``--state`` file after every
-batch and loaded to resume where the run stopped.
+"""`AttackState`: the progress of one attack run, saved to the ``--state`` file (or a
+shard's file) after every batch and loaded to resume where the run stopped, or to merge.
 
 One safetensors file: the per-point tensors (clean, robust, the stage that broke each point,
 the kept adversarial images) and, in its metadata, the counters, the per-stage reports and
-the run's *key* (attack, params, seed, batch size, stages, and digests of the subset's
-indices, of its images and labels, and of the model's weights). A state is resumed only by
+the run's *key* (attack, params, seed, batch size, stages, precision, and digests of the
+subset's indices, of its images and labels, and of the model). A state is resumed only by
 the evaluation whose key it holds; anything else is refused, naming what differs. Written
 atomically, so a killed run leaves the previous batch's state.
+
+A state checks itself on load (`AttackState.load`): the metadata carries a digest of the
+whole payload (`pagctl.checkpoint.save_checked`), so a damaged file or a hand edit is
+refused, naming the file; and the payload must keep the engine's invariants (sizes equal the
+subset, robust only where clean-correct, a breaking stage exactly where a clean-correct
+point is no longer robust, each stage's count of broken points equal to its bits). A file
+rewritten consistently by hand is not caught by either; the merge of shards checks the clean
+bits against the model once more (`pagctl.robustness.evaluate`).
 """
 
 from __future__ import annotations
@@ -16,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pagctl.errors import SpecError
+from pagctl.errors import CheckpointError, SpecError
 from pagctl.records import StageRecord
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 METADATA_KEY = "pagctl_attack_state"
 _WHAT = {"model_sha256": "model weights", "data_sha256": "test images or labels",
          "indices_sha256": "test indices", "n": "number of points", "attack": "attack",
@@ -67,39 +75,78 @@ class AttackState:
     def save(self, path: Path) -> None:
         import torch
 
-        from pagctl.checkpoint import atomic_save_tensors
+        from pagctl.checkpoint import save_checked
 
         meta = {"version": STATE_VERSION, "key": self.key, "stage": self.stage,
                 "batch": self.batch, "stages": [s.model_dump() for s in self.stages],
                 "stats": self.stats}
-        atomic_save_tensors(
-            {"clean": self.clean.to(torch.uint8), "robust": self.robust.to(torch.uint8),
-             "broken_by": self.broken_by, "images": self.images},
-            path, metadata={METADATA_KEY: json.dumps(meta)})
+        save_checked(path, {"clean": self.clean.to(torch.uint8),
+                            "robust": self.robust.to(torch.uint8),
+                            "broken_by": self.broken_by, "images": self.images},
+                     METADATA_KEY, meta)
 
     @classmethod
     def load(cls, path: Path, key: dict[str, Any]) -> AttackState:
         """The state at ``path``, which must have been written for ``key``; SpecError (one
-        line, naming ``--state`` and what differs) otherwise."""
+        line, naming ``--state`` and what differs) otherwise, CheckpointError naming the file
+        when it is damaged, edited, or breaks the engine's invariants (module docstring)."""
         import torch
-        from safetensors import safe_open
+        from pydantic import ValidationError
 
-        from pagctl.checkpoint import load_tensors
+        from pagctl.checkpoint import load_checked
 
-        tensors = load_tensors(path)
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get(METADATA_KEY)
-        meta = json.loads(raw) if raw else None
-        if not isinstance(meta, dict) or meta.get("version") != STATE_VERSION:
-            raise SpecError(f"--state {path}: not a pagctl attack state file; pass a new path "
-                            "or delete the file")
-        if meta["key"] != key:
-            differ = [_WHAT.get(k, k) for k in sorted(set(key) | set(meta["key"]))
-                      if key.get(k) != meta["key"].get(k)]
+        tensors, meta = load_checked(path, METADATA_KEY, "attack state file")
+        if meta.get("version") != STATE_VERSION:
+            raise SpecError(f"--state {path}: written by another version of pagctl (state "
+                            f"version {meta.get('version')}, this one reads "
+                            f"{STATE_VERSION}); pass a new path or delete the file")
+        if meta.get("key") != key:
+            found = meta.get("key")
+            theirs: dict[str, Any] = found if isinstance(found, dict) else {}
+            differ = [_WHAT.get(k, k) for k in sorted(set(key) | set(theirs))
+                      if key.get(k) != theirs.get(k)]
             raise SpecError(f"--state {path}: written by a different evaluation (its "
                             f"{', '.join(differ)} differ); pass a new path or delete the file")
-        return cls(key=key, clean=tensors["clean"].to(torch.bool),
-                   robust=tensors["robust"].to(torch.bool), broken_by=tensors["broken_by"],
-                   images=tensors["images"], stage=int(meta["stage"]),
-                   batch=int(meta["batch"]),
-                   stages=[StageRecord(**s) for s in meta["stages"]], stats=meta["stats"])
+        try:
+            state = cls(key=key, clean=tensors["clean"].to(torch.bool),
+                        robust=tensors["robust"].to(torch.bool),
+                        broken_by=tensors["broken_by"].to(torch.int64),
+                        images=tensors["images"], stage=int(meta["stage"]),
+                        batch=int(meta["batch"]),
+                        stages=[StageRecord(**s) for s in meta["stages"]],
+                        stats={k: float(v) for k, v in meta["stats"].items()})
+        except (KeyError, TypeError, ValueError, AttributeError, ValidationError) as exc:
+            raise CheckpointError(f"{path}: not a complete attack state ({type(exc).__name__}"
+                                  f": {str(exc).splitlines()[0][:80]}); delete it and run "
+                                  "again") from None
+        problem = state.problem()
+        if problem is not None:
+            raise CheckpointError(f"{path}: contradicts itself ({problem}); it was damaged or "
+                                  "edited: delete it and run again")
+        return state
+
+    def problem(self) -> str | None:
+        """The first invariant of the engine this state breaks (module docstring), or
+        None."""
+        import torch
+
+        n = int(self.key.get("n", -1))
+        if any(t.shape != (n,) for t in (self.clean, self.robust, self.broken_by)):
+            return f"its per-point tensors are not {n} long"
+        if self.images.dim() and self.images.shape[0] > n:
+            return f"it keeps {self.images.shape[0]} images of {n} points"
+        if bool((self.robust & ~self.clean).any()):
+            return "a point is robust but not classified correctly clean"
+        stages = len(self.stages)
+        if bool(((self.broken_by < -1) | (self.broken_by >= stages)).any()):
+            return f"a point is broken by a stage that is not one of its {stages}"
+        if not torch.equal(self.broken_by >= 0, self.clean & ~self.robust):
+            return "the points broken by a stage are not the clean-correct points no longer " \
+                   "robust"
+        for j, record in enumerate(self.stages):
+            if int((self.broken_by == j).sum()) != record.broke:
+                return f"stage '{record.name}' counts {record.broke} broken points but its " \
+                       f"bits {int((self.broken_by == j).sum())}"
+        if not 0 <= self.stage <= stages or self.batch < 0:
+            return f"its position (stage {self.stage}, batch {self.batch}) is out of range"
+        return None
