@@ -22,17 +22,18 @@ folder (refuse or resume, create, save state), shared by ``pagctl train`` and
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pagctl.errors import CheckpointError, SpecError
+from pagctl.errors import CheckpointError, FieldError, SpecError
 from pagctl.trust import UNTRUSTED, CodeTrust
 
 if TYPE_CHECKING:
@@ -58,8 +59,27 @@ STATE_FILE = "state.safetensors"
 STATE_META_FILE = "state.json"
 RUN_FILES = (MODEL_FILE, BEST_MODEL_FILE, CONFIG_FILE, SPEC_FILE, METRICS_FILE, STATE_FILE,
              STATE_META_FILE)
+SHARDS_DIR = "shards"
+"""Where a run's sharded evaluations keep their files (``--shard``)."""
 LOCK_FILE = ".pagctl.lock"
 """`RunLock`'s file, present while the folder is in use (the lock is the kernel's)."""
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+"""Opening a run folder's file to write never follows a symbolic link: a folder from
+elsewhere could point its metrics or lock file at any file of the user's."""
+
+
+def confined(run_dir: Path, name: str) -> Path:
+    """``run_dir / name``, refused (CheckpointError, one line) when it is a symbolic link
+    that leads out of ``run_dir``: a run folder is self-contained, and a link to another
+    run's weights or metrics would show that run's numbers as this one's."""
+    path = run_dir / name
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.is_relative_to(run_dir.resolve()):
+            raise CheckpointError(f"{path}: a symbolic link out of the run folder (to "
+                                  f"{target}); a run folder holds its own files: copy the "
+                                  "file in, or drop the link")
+    return path
 
 
 def _umask() -> int:
@@ -92,30 +112,164 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+ALIASES_KEY = "pagctl_aliases"
+"""The metadata key of a safetensors file (`atomic_save_tensors`) that names the tensors
+stored once for several names: a JSON object {alias: stored name}."""
+
+
+def _view(tensor: torch.Tensor) -> tuple[Any, ...] | None:
+    """What makes two tensors one view of the same memory: its device and storage address,
+    offset, shape, strides and dtype; None for a tensor that holds no memory (empty, meta,
+    sparse), which shares none."""
+    import torch
+
+    if tensor.is_meta or tensor.layout is not torch.strided:
+        return None
+    address = tensor.untyped_storage().data_ptr()
+    if address == 0:
+        return None
+    return (tensor.device, address, tensor.storage_offset(), tuple(tensor.shape),
+            tensor.stride(), tensor.dtype)
+
+
 def atomic_save_tensors(
     tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> None:
+    """``tensors`` as the safetensors file ``path``, written atomically, with ``metadata``.
+
+    safetensors refuses tensors that share memory, and a module with tied weights gives
+    them (its state dict names the encoder's weight and the decoder's: one tensor). Names
+    that are the same view of one memory (storage, offset, shape, strides, dtype) are
+    stored once, under the first of them, and the others listed in the metadata under
+    `ALIASES_KEY`; `load_tensors` gives each alias the stored tensor itself, so the round
+    trip is exact and ``load_state_dict`` into the tied module copies the same values into
+    its one parameter, which stays tied. Tensors that share memory as different views (a
+    slice or a transpose of another) are copied apart (``clone``): safetensors has no place
+    for the relation, and a reader needs the values. ValueError when ``metadata`` uses
+    ALIASES_KEY itself.
+    """
+    from collections import Counter
+
     from safetensors.torch import save_file
 
+    if metadata and ALIASES_KEY in metadata:
+        raise ValueError(f"metadata key {ALIASES_KEY!r} is reserved for atomic_save_tensors")
+    stored: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple[Any, ...], str] = {}  # each view's first name
+    for name, tensor in tensors.items():
+        view = _view(tensor)
+        if view is not None and view in first:
+            aliases[name] = first[view]
+            continue
+        if view is not None:
+            first[view] = name
+        stored[name] = tensor.detach()
+    views_of = Counter(view[:2] for view in first)  # distinct views per memory
+    out = {}
+    for name, tensor in stored.items():
+        view = _view(tensor)
+        if view is not None and views_of[view[:2]] > 1:
+            tensor = tensor.clone()
+        out[name] = tensor.contiguous().cpu()
+    meta = dict(metadata or {})
+    if aliases:
+        meta[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata=metadata)
+        save_file(out, str(tmp), metadata=meta or None)
 
 
 def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a truncated or foreign file raises CheckpointError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Read a safetensors file, each alias `atomic_save_tensors` listed given the tensor it
+    names (the same object). CheckpointError (one line) for a missing, truncated or foreign
+    file, and for aliases that name no tensor of the file (damaged metadata)."""
+    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise CheckpointError(f"{path}: file is missing; is this a pagctl run folder?")
     try:
-        return load_file(str(path), device=str(device))
+        with safe_open(str(path), framework="pt", device=str(device)) as fh:
+            meta = fh.metadata() or {}
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
             f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]}); the file "
             "is truncated or foreign; re-run training or restore the file"
         ) from None
+    text = meta.get(ALIASES_KEY)
+    if text is None:
+        return tensors
+    damaged = "the file is damaged; re-run training or restore the file"
+    try:
+        aliases: Any = json.loads(text)
+    except ValueError:
+        aliases = None
+    if not isinstance(aliases, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise CheckpointError(f"{path}: metadata '{ALIASES_KEY}' is not a JSON object of "
+                              f"tensor names; {damaged}")
+    names = set(tensors)
+    for alias, name in aliases.items():
+        if name not in names:
+            raise CheckpointError(f"{path}: metadata '{ALIASES_KEY}' makes '{alias}' the "
+                                  f"tensor '{name}', which the file does not hold; {damaged}")
+        if alias in names:
+            raise CheckpointError(f"{path}: metadata '{ALIASES_KEY}' makes '{alias}' the "
+                                  f"tensor '{name}', but the file holds its own '{alias}'; "
+                                  f"{damaged}")
+        tensors[alias] = tensors[name]
+    return tensors
+
+
+@functools.cache
+def _storable(dtype: torch.dtype) -> bool:
+    """Whether safetensors stores ``dtype``: asked of the installed safetensors itself (one
+    element saved to bytes), so the answer follows its version, not a list kept here."""
+    import warnings
+
+    import torch
+    from safetensors.torch import save
+
+    try:
+        with warnings.catch_warnings():  # torch warns about experimental dtypes it makes
+            warnings.simplefilter("ignore")
+            save({"x": torch.zeros(1, dtype=dtype)})
+    except Exception:  # a KeyError for an unknown dtype, NotImplementedError, ...
+        return False
+    return True
+
+
+def check_saveable(state: Mapping[str, Any], where: str) -> None:
+    """ModelError, one line naming ``where``, the first entry of ``state`` (a state dict)
+    that `atomic_save_tensors` could not store, and the fix: a value that is not a tensor
+    (a module's extra state), a tensor on the meta device, a sparse one, or a dtype that
+    safetensors has no code for (complex128, quantised, ...). Tied weights are fine
+    (stored once). No tensor's values are read, so the check is cheap: commands run it
+    before they start a run folder, so a model they could never save is refused at once,
+    not at its first save with the folder begun (or after a training epoch)."""
+    import torch
+
+    from pagctl.errors import ModelError
+
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            problem = f"is a {type(value).__name__}, not a tensor"
+            fix = "keep only tensors in the module's state (see get_extra_state)"
+        elif value.is_meta:
+            problem = "is on the meta device (it holds no values)"
+            fix = "materialise it in the factory (to_empty(), then initialise or load it)"
+        elif value.layout is not torch.strided:
+            problem = f"is a sparse tensor ({value.layout})"
+            fix = "make it dense in the module (.to_dense()), or register it as a buffer " \
+                "with persistent=False"
+        elif not _storable(value.dtype):
+            problem = f"has dtype {value.dtype}"
+            fix = "convert it in the module to a dtype safetensors stores (e.g. float32, " \
+                "int64, complex64), or register it as a buffer with persistent=False"
+        else:
+            continue
+        raise ModelError(f"{where}: '{key}' {problem}, which safetensors (the format of a "
+                         f"run folder's weights) cannot store; {fix}")
 
 
 def spec_hash(spec: BaseModel) -> str:
@@ -173,7 +327,7 @@ def read_run_spec(run_dir: Path, model: type[_Model], *, folder: str = "pagctl r
 
     from pagctl.spec import format_validation_error
 
-    path = run_dir / SPEC_FILE
+    path = confined(run_dir, SPEC_FILE)
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: no {SPEC_FILE}; not a {folder} folder")
     try:
@@ -244,8 +398,12 @@ class RunLock:
         mode = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
         for _ in range(100):  # until the locked file is the one at the path
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            except OSError:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o666)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise CheckpointError(f"{self.path}: is a symbolic link; pagctl never "
+                                          "writes through one (it could point at any file): "
+                                          "remove the link") from None
                 return self  # a read-only folder: nothing can train into it
             try:
                 fcntl.flock(fd, mode | fcntl.LOCK_NB)
@@ -570,10 +728,10 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", *,
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run folder; train one with 'pagctl train'")
     if weights not in WEIGHTS:
-        raise SpecError(f"--weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
+        raise FieldError("weights", f"{weights!r} is not one of {', '.join(WEIGHTS)}")
     model_file = WEIGHTS[weights]
     spec = read_spec(run_dir)
-    cfg_path = run_dir / CONFIG_FILE
+    cfg_path = confined(run_dir, CONFIG_FILE)
     if weights == "best" and not (run_dir / model_file).is_file():
         raise CheckpointError(
             f"{run_dir}: no {model_file}: the best model is kept only for runs with a "
@@ -584,14 +742,16 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", *,
                               "epoch); train or resume it first")
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{cfg_path}: unreadable ({exc}); restore config.json") from None
+    except (OSError, ValueError, RecursionError) as exc:  # not UTF-8, not JSON
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise CheckpointError(f"{cfg_path}: unreadable ({first}); restore config.json") \
+            from None
     arch = config.get("architecture") if isinstance(config, dict) else None
     if arch != spec.model.arch:
         raise CheckpointError(f"{cfg_path}: architecture {arch!r} but spec.json says "
                               f"{spec.model.arch!r}; the files come from different runs; "
                               "restore config.json")
-    state = load_tensors(run_dir / model_file)
+    state = load_tensors(confined(run_dir, model_file))
     try:
         with torch.random.fork_rng(devices=[]):
             model = rebuild_from_config(config, state, trust=trust,
@@ -645,6 +805,20 @@ def _locked(fd: int) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
+def _linked_metrics(path: Path) -> CheckpointError:
+    return CheckpointError(f"{path}: is a symbolic link; pagctl never appends through one (it "
+                           "could point at any file, another run's metrics too): replace it "
+                           "with the file itself")
+
+
+def check_appendable(run_dir: Path) -> None:
+    """Before an evaluation whose record `append_record` will append: CheckpointError when
+    metrics.jsonl is a symbolic link, refused now rather than after the work."""
+    path = run_dir / METRICS_FILE
+    if path.is_symlink():
+        raise _linked_metrics(path)
+
+
 def append_record(run_dir: Path, record: Record) -> None:
     """Append one record to metrics.jsonl as one whole line, or nothing.
 
@@ -666,8 +840,10 @@ def append_record(run_dir: Path, record: Record) -> None:
             "infinite, so the model's outputs are not finite numbers; check its weights")
     line = (json.dumps(data, sort_keys=True) + "\n").encode("utf-8")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o666)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _linked_metrics(path) from None
         raise CheckpointError(f"{path}: cannot append the record ({exc.strerror or exc}); "
                               "make the run folder writable") from None
     try:
@@ -695,7 +871,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     (`pagctl.records.split_lines`)."""
     from pagctl.records import split_lines
 
-    path = run_dir / METRICS_FILE
+    path = confined(run_dir, METRICS_FILE)
     if not path.is_file():
         return []
     records = []
@@ -707,3 +883,67 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         if isinstance(rec, dict):
             records.append(rec)
     return records
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation files: tensors whose metadata carries a digest of the whole payload
+
+
+PAYLOAD_KEY = "payload_sha256"
+"""The field of a checked file's metadata that holds the digest of its tensors and the rest
+of its metadata (`save_checked`)."""
+
+
+def _payload_digest(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    from pagctl.stats import tensors_digest
+
+    body = {k: v for k, v in meta.items() if k != PAYLOAD_KEY}
+    digest = hashlib.sha256(tensors_digest(sorted(tensors.items())).encode())
+    digest.update(json.dumps(body, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def save_checked(path: Path, tensors: dict[str, torch.Tensor], key: str,
+                 meta: dict[str, Any]) -> None:
+    """Write ``tensors`` to ``path`` (atomically) with ``meta`` as JSON under the metadata
+    ``key``, and in it the digest of the tensors and the metadata together (`PAYLOAD_KEY`),
+    so that `load_checked` tells a damaged or edited file from the one written. Used by the
+    resumable evaluation files: ``--state`` files and shards."""
+    written = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    full = {**meta, PAYLOAD_KEY: _payload_digest(written, meta)}
+    atomic_save_tensors(written, path, {key: json.dumps(full)})
+
+
+def load_checked(path: Path, key: str, what: str) -> tuple[dict[str, torch.Tensor],
+                                                           dict[str, Any]]:
+    """The tensors and metadata `save_checked` wrote to ``path`` under ``key``; one-line
+    CheckpointError naming the file when it is not such a file (``what`` names the kind),
+    its metadata is not JSON, or its contents do not match the digest written with them (a
+    damaged file, or one edited by hand)."""
+    from safetensors import SafetensorError, safe_open
+
+    tensors = load_tensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(key)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({str(exc).splitlines()[0]}); delete it "
+                              "and run again") from None
+    if raw is None:
+        raise CheckpointError(f"{path}: not a pagctl {what}; pass another path or delete it")
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its {what} metadata is damaged (not a JSON object); "
+                              "delete it and run again")
+    found = meta.get(PAYLOAD_KEY)
+    if found is None:
+        raise CheckpointError(f"{path}: a {what} without the digest of its contents "
+                              "(written by an earlier pagctl, or edited); delete it and run "
+                              "again")
+    if found != _payload_digest(tensors, meta):
+        raise CheckpointError(f"{path}: damaged or edited: its contents do not match the "
+                              "digest written with them; delete it and run again")
+    return tensors, meta

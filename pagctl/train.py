@@ -153,7 +153,7 @@ def _train(spec: RunSpec, replicas: Replicas, dev: torch.device, *, resume: bool
     """`train` as one replica (the only one, or one rank of a launch)."""
     import torch
 
-    from pagctl.checkpoint import read_saved_state
+    from pagctl.checkpoint import check_saveable, read_saved_state
     from pagctl.data import iter_chunks
     from pagctl.data.augment import Augmented, draw_augmentation
     from pagctl.distributed.replicas import synchronise_batchnorm
@@ -212,6 +212,9 @@ def _train(spec: RunSpec, replicas: Replicas, dev: torch.device, *, resume: bool
         if folder is not None:
             try:
                 align_source = _alignment_source(s, cache_dir)
+                # a model safetensors cannot hold is refused before the folder is begun,
+                # not at the first epoch's save
+                check_saveable(model.net.state_dict(), f"model.arch: {spec.model.arch}")
                 saved = folder.start()
             except PagctlError as exc:
                 failed = exc
@@ -642,8 +645,9 @@ def _epoch_record(s: Setup, epoch: int, steps: int, weight: float, sums: dict[st
 
 def monitor(s: Setup, epoch: int, align_source: Any) -> dict[str, Any]:
     """The per-epoch monitor on the first ``eval.limit`` test images after 0-based
-    ``epoch``: ``n_test``, ``clean_accuracy``, and with ``eval.attack`` ``robust_accuracy``
-    and ``monitor`` (the attack), with a source ``alignment``. With a validation split, the
+    ``epoch``: ``n_test`` (and ``data_sha256``, which images those are),
+    ``clean_accuracy``, and with ``eval.attack`` ``robust_accuracy`` and ``monitor`` (the
+    attack), with a source ``alignment``. With a validation split, the
     same on every validation image: ``n_val``, ``val_clean_accuracy`` and
     ``val_robust_accuracy``.
 
@@ -654,6 +658,7 @@ def monitor(s: Setup, epoch: int, align_source: Any) -> dict[str, Any]:
     import torch
 
     from pagctl.align import mean_alignment
+    from pagctl.data import subset_digest
 
     spec, device = s.spec, s.device
     n_test = len(s.bundle.test)  # type: ignore[arg-type]
@@ -661,7 +666,7 @@ def monitor(s: Setup, epoch: int, align_source: Any) -> dict[str, Any]:
     indices = torch.arange(n)
     seed = spec.train.seed + 1000 * (epoch + 1)
     batch = spec.data.eval_batch_size
-    out: dict[str, Any] = {"n_test": n}
+    out: dict[str, Any] = {"n_test": n, "data_sha256": subset_digest(s.bundle.test, indices)}
     out.update(_accuracies(s, s.bundle.test, indices, seed, ""))
     if s.bundle.validation is not None:
         n_val = len(s.bundle.validation)  # type: ignore[arg-type]
