@@ -46,7 +46,7 @@ from pagctl.architectures import (
     pagctl_mlp,
     pagctl_small_cnn,
 )
-from pagctl.errors import CheckpointError, SpecError, UntrustedCodeError
+from pagctl.errors import CheckpointError, PagctlError, SpecError, UntrustedCodeError
 from pagctl.spec import ModelSpec
 from pagctl.trust import TIMM_SOURCES, UNTRUSTED, CodeTrust, is_import_path
 
@@ -236,8 +236,9 @@ def build_model(spec: ModelSpec, *, num_classes: int, in_chans: int,
 
     ``trust``: whether a ``package.module:factory`` architecture may be imported
     (`pagctl.trust`). Raises `SpecError` (one line, dotted path) for an unknown or untrusted
-    architecture, bad kwargs, a download not allowed, or mean/std whose length does not
-    match the data's channels.
+    architecture, bad kwargs, a download not allowed, mean/std whose length does not match
+    the data's channels, or an architecture whose own code fails (`_build_error` says
+    whether that is a keyword's fault or the code's).
     """
     mean = tuple(spec.mean) if spec.mean is not None else tuple(default_mean)
     std = tuple(spec.std) if spec.std is not None else tuple(default_std)
@@ -260,19 +261,35 @@ def build_model(spec: ModelSpec, *, num_classes: int, in_chans: int,
     try:
         net = create_network(spec.arch, num_classes=num_classes, in_chans=in_chans,
                              kwargs=spec.kwargs, trust=trust)
-    except SpecError:
+    except PagctlError:
         raise
-    except TypeError as exc:
-        bad = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
-        if bad is not None:
-            raise SpecError(f"model.kwargs.{bad.group(1)}: not an argument of {spec.arch}; "
-                            "remove it (see the architecture's signature in timm)") from exc
-        raise SpecError(f"model.kwargs: {spec.arch} rejected {_short(dict(spec.kwargs))}: "
-                        f"{_first(exc)}") from exc
-    except (ValueError, AssertionError, RuntimeError, KeyError, OSError) as exc:
-        raise SpecError(f"model.kwargs: {spec.arch} rejected {_short(dict(spec.kwargs))}: "
-                        f"{_first(exc)}") from exc
+    except Exception as exc:  # the architecture's own code (a factory, timm) failed
+        raise _build_error(spec, exc) from exc
     return NormalizedModel(net, mean, std)
+
+
+def _build_error(spec: ModelSpec, exc: Exception) -> SpecError:
+    """The one-line error for ``spec.arch`` failing to build. It names a keyword of
+    ``model.kwargs`` only when the failure is about that keyword: one the architecture does
+    not take (a TypeError naming a keyword the user gave), or one it needs and was not given;
+    anything else the architecture's own code raised is blamed on ``model.arch`` (a
+    factory's bug is not its keywords' fault), with the keywords it was given, if any."""
+    text = str(exc)
+    if isinstance(exc, TypeError):
+        bad = re.search(r"unexpected keyword argument '(\w+)'", text)
+        if bad is not None and bad.group(1) in spec.kwargs:
+            return SpecError(f"model.kwargs.{bad.group(1)}: not an argument of {spec.arch}; "
+                             "remove it (see the architecture's signature)")
+        need = re.search(r"missing \d+ required (?:positional |keyword-only )?arguments?: "
+                         r"'(\w+)'", text)
+        if need is not None and need.group(1) not in spec.kwargs:
+            name = need.group(1)
+            return SpecError(f"model.kwargs.{name}: {spec.arch} needs it ({_first(exc)}); "
+                             f"give it with --set model.kwargs.{name}=VALUE")
+    given = f" (given model.kwargs {_short(dict(spec.kwargs))})" if spec.kwargs else ""
+    return SpecError(f"model.arch: {spec.arch} raised {type(exc).__name__}: {_first(exc)}"
+                     f"{given}; the architecture's own code failed: fix it, or what it is "
+                     "given")
 
 
 # ---------------------------------------------------------------------------------------
@@ -399,14 +416,19 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = was_training
 
 
-def check_finite_outputs(outputs: Tensor, where: str) -> None:
+_TRAINED_HINT = "its weights are broken (check the run, or retrain with a lower train.lr)"
+"""`check_finite_outputs`' advice for a model pagctl trained."""
+
+
+def check_finite_outputs(outputs: Tensor, where: str, hint: str = _TRAINED_HINT) -> None:
     """ModelError naming ``where`` when a model's outputs hold NaN or infinite values: every
     number measured on them (accuracies, gradients, alignments) would be meaningless.
+    ``hint``: what to do, which depends on where the weights came from (a run trained with
+    too large a learning rate, by default; an imported checkpoint for ``pagctl import``).
     Shape: (N, num_classes)."""
     from pagctl.errors import ModelError
 
     bad = ~torch.isfinite(outputs).all(dim=1)
     if bool(bad.any()):
         raise ModelError(f"{where}: the model's outputs are NaN or infinite for "
-                         f"{int(bad.sum())} of {outputs.shape[0]} points; its weights are "
-                         "broken (check the run, or retrain with a lower train.lr)")
+                         f"{int(bad.sum())} of {outputs.shape[0]} points; {hint}")

@@ -306,7 +306,10 @@ class ImportRecord(_Model):
     the key of a checkpoint dict that held them, ``stripped_prefix``), the normalisation put
     in front of it (``mean``, ``std``, and where they came from), the resize taken from
     timm's configuration (``resize``, None when none was), and a first check on the first
-    ``n_check`` test points (``check_accuracy``)."""
+    ``n_check`` test points (``check_accuracy``). When the normalisation was not given but
+    chosen by default, ``normalisation_check`` holds the check under each normalisation
+    that could apply (`pagctl.importing.check_normalisations`): objects with ``source``
+    (none, dataset, timm), ``mean``, ``std``, ``accuracy`` and ``used``."""
 
     kind: Literal["import"] = "import"
     arch: str
@@ -321,6 +324,7 @@ class ImportRecord(_Model):
     std: list[Number] | None = None
     n_check: Count | None = None
     check_accuracy: Prob | None = None
+    normalisation_check: list[Params] | None = None
 
 
 def _bits(what: str, text: str | None, n: int) -> int | None:

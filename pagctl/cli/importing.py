@@ -60,6 +60,10 @@ def import_model(
         "--std", help="Per-channel normalisation std (with --mean).")] = None,
     set_: SetOpt = [],  # noqa: B006 - typer needs a literal default
     data_dir: DataDirOpt = None,
+    download: Annotated[bool, typer.Option(
+        "--download", help="Allow the network: torchvision downloads the dataset into "
+        "--data-dir, timm fetches pretrained weights (model.kwargs.pretrained, hf-hub:).")
+    ] = False,
     out: RunOutOpt = None,
     overwrite: OverwriteOpt = False,
     trust_code: TrustCodeOpt = False,
@@ -69,6 +73,9 @@ def import_model(
 ) -> None:
     """Bring in a model pagctl did not train: write a run folder (spec, weights, config,
     an import record) that attack, align-score and compare read like a trained run's."""
+    # --download as pagctl train has it (data.download): importing a published model
+    # (hf-hub:, model.kwargs.pretrained) or evaluating it on a torchvision dataset needs the
+    # network as training does, and the refusal without it names the same flag for both.
     from pagctl import spec as specmod
     from pagctl.importing import import_model as run_import
     from pagctl.trust import CodeTrust, named_architectures
@@ -95,6 +102,8 @@ def import_model(
             values[key] = parsed
     if data_dir is not None:
         values["data.root"] = data_dir
+    if download:
+        values["data.download"] = True
     if out is not None:
         values["out_dir"] = out
     arch = model or str(data.get("model", {}).get("arch", "model"))
@@ -111,6 +120,8 @@ def import_model(
     result = run_import(run_spec, checkpoint, trust_pickle=trust_pickle, overwrite=overwrite,
                         device=device, trust=CodeTrust.of(trust_code, named))
     summary = {"run_dir": str(result.run_dir), **result.record}
+    for line in result.warnings:  # the check looks wrong: stderr, whatever the format
+        typer.echo(line, err=True)
     if fmt is Format.json:
         print_envelope("import", [summary])
         return
