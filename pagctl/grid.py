@@ -6,8 +6,9 @@ nearest_neighbor`` expands to the Cartesian product of the value lists, in the o
 (the last key varies fastest). Point ``i`` is the spec with ``--set`` applied, then its grid
 values (parsed as YAML, as ``--set`` values are); its run folder is
 ``ROOT/<key>=<value>__<key>=<value>…`` under the grid's root (``--out``, else
-``runs/<spec name>-grid``). Every point is validated, and every folder checked, before any
-run starts: an unknown key, an empty value list, a value one point's spec refuses, two
+``runs/<spec name>-grid``); the grid decides the folders, so ``out_dir`` is neither a
+``--set`` nor a ``--grid`` key. Every point is validated, and every folder checked, before
+any run starts: an unknown key, an empty value list, a value one point's spec refuses, two
 points with one folder name or one spec, or a folder holding another spec's run is refused
 with one line naming the point.
 
@@ -15,24 +16,34 @@ A point's `status` decides what running the grid does with it: ``new`` starts it
 ``partial`` (interrupted after a saved state) resumes it, ``unsaved`` (stopped before its
 first state) starts it again, ``finished`` skips it. So the same grid command, run again,
 finishes what is left, and ``--grid-point I`` runs one point the same way (a scheduler's
-array job, or a torchrun launch).
+array job, or a torchrun launch). A grid that runs holds its root's `GridLock`: the
+commands of one grid (its ``--grid-point`` jobs, at once) share the root, another grid is
+refused while they run.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import itertools
+import json
+import os
 import re
+import time
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pagctl.checkpoint import LOCK_FILE, STATE_FILE, read_run_spec, read_state_counters
-from pagctl.errors import SpecError
+from pagctl.errors import CheckpointError, SpecError
 from pagctl.spec import RunSpec, load_spec
 
 Status = Literal["new", "partial", "unsaved", "finished"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
+_FOLDERS_BY_GRID = ("a grid names each point's folder after its values, under the grid's root; "
+                    "give the root with --out ROOT")
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,8 @@ def parse_axes(items: list[str]) -> list[tuple[str, list[str]]]:
                             f"(got '{raw}'), e.g. --grid {key}=0,0.5,1")
         if key in (k for k, _ in axes):
             raise SpecError(f"--grid {key}: given twice; list all its values in one --grid")
+        if key.split(".")[0] == "out_dir":
+            raise SpecError(f"--grid {key}: {_FOLDERS_BY_GRID}")
         axes.append((key, values))
     return axes
 
@@ -81,15 +94,18 @@ def folder_name(values: tuple[tuple[str, str], ...]) -> str:
 
 
 def expand(source: str, overrides: list[str], values: dict[str, Any],
-           items: list[str], root: Path | None, *, overwrite: bool = False) -> list[GridPoint]:
+           items: list[str], root: Path | None) -> list[GridPoint]:
     """Every point of the grid ``items`` over the spec ``source`` (with ``overrides`` and
     the typed ``values`` as `pagctl.spec.load_spec` takes them), validated, with its folder
     under ``root`` (None: ``runs/<spec name>-grid``); SpecError (one line naming the point)
-    for anything that would stop one of them (module docstring). ``overwrite``: the runs
-    will be replaced, so a folder holding another spec's run is no obstacle."""
+    for anything that would stop one of them (module docstring) but what the folders hold:
+    that is `check_folders`, which a grid that runs calls under its `GridLock`, so that a
+    second grid into the root is told who holds it rather than what it found there."""
     axes = parse_axes(items)
     for item in overrides:
         key = item.partition("=")[0].strip()
+        if key.split(".")[0] == "out_dir":
+            raise SpecError(f"--set {key}: {_FOLDERS_BY_GRID}")
         clash = next((k for k, _ in axes if k == key or k.startswith(f"{key}.")
                       or key.startswith(f"{k}.")), None)
         if clash is not None:
@@ -128,10 +144,14 @@ def expand(source: str, overrides: list[str], values: dict[str, Any],
                             f"{point.index} ({point.label}) are the same run; list each "
                             "value once")
         seen[text] = point
-    if not overwrite:
-        for point in points:
-            check_folder(point)
     return points
+
+
+def check_folders(points: list[GridPoint]) -> None:
+    """`check_folder` for every point, in order (not needed with ``--overwrite``: the runs
+    will be replaced)."""
+    for point in points:
+        check_folder(point)
 
 
 def status(point: GridPoint) -> Status:
@@ -166,14 +186,210 @@ def check_folder(point: GridPoint) -> None:
 
 def folder_problem(spec: RunSpec) -> str | None:
     """Why the run folder of ``spec`` cannot be resumed, restarted or skipped as a run of
-    ``spec``: it is a file, or holds a run of another spec (even one stopped before its
-    first state); None when it can (or is new)."""
+    ``spec``: it is a file, holds a run of another spec (even one stopped before its first
+    state), or a state file that is no readable training state; None when it can (or is
+    new)."""
     run_dir = spec.run_dir
     if run_dir.exists() and not run_dir.is_dir():
         return f"{run_dir} is a file"
-    if run_status(spec) == "new" or not (run_dir / "spec.json").is_file():
+    try:
+        found = run_status(spec)
+    except CheckpointError:  # its own fix (--overwrite) would replace every run of a grid
+        return f"{run_dir / STATE_FILE} is not a readable training state"
+    if found == "new" or not (run_dir / "spec.json").is_file():
         return None
     saved = read_run_spec(run_dir, RunSpec)
     if saved.model_copy(update={"out_dir": None}) != spec.model_copy(update={"out_dir": None}):
         return f"{run_dir} holds a run of another spec (other --set values?)"
     return None
+
+
+# ---------------------------------------------------------------------------------------
+# one grid per root at a time: the lock
+
+GRID_LOCK_FILE = ".pagctl-grid.lock"
+"""`GridLock`'s file in a grid's root, present while a grid runs there."""
+
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+def grid_digest(points: list[GridPoint]) -> str:
+    """What makes two grid commands one grid: every point's folder name and spec (``out_dir``
+    aside), in order, hashed (16 hex digits). The commands of one grid (the whole grid, each
+    ``--grid-point`` job, a resubmitted one) agree on it whatever else they say (``--device``,
+    ``--quiet``, ``--format``); another ``--set``, value list or ``--data-dir`` is another
+    grid, as it is another run for each point's folder."""
+    data = [[folder_name(p.values), p.spec.model_copy(update={"out_dir": None})
+             .model_dump(mode="json")] for p in points]
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flock(fd: int, mode: int, *, tries: int = 1) -> bool | None:
+    """``flock(fd, mode)`` without blocking, tried ``tries`` times 50 ms apart: True when
+    taken (or converted), False when others hold it, None where there is no ``flock``."""
+    import fcntl
+
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno in _NO_FLOCK:
+                return None
+        if attempt + 1 < tries:
+            time.sleep(0.05)
+    return False
+
+
+def _holder_text(data: bytes) -> str:
+    """A lock file's holder (``{"pid", "host", "command", "since"}``, as `RunLock` and
+    `GridLock` write it) in words."""
+    holder: Any = None
+    with suppress(ValueError):
+        holder = json.loads(data.decode("utf-8", "replace") or "null")
+    if not isinstance(holder, dict) or "pid" not in holder:
+        return "another pagctl command"
+    return (f"pid {holder.get('pid')} on {holder.get('host')} ('pagctl "
+            f"{holder.get('command')}' since {holder.get('since')})")
+
+
+class GridLock:
+    """The lock a running grid holds on its root: shared by the commands of one grid,
+    refused to any other grid.
+
+    Each point's folder has its `pagctl.checkpoint.RunLock`, which keeps two commands from
+    training one folder at once. It does not keep two *different* grids from running into
+    one root, each training some of the folders and then finding the other's runs where it
+    expected its own. A `RunLock` on the root cannot say it either: exclusive, it would
+    refuse the ``--grid-point`` jobs of one grid (a scheduler's array, running at once);
+    shared, it would let any grid in. So the lock is ``flock`` on ``ROOT/.pagctl-grid.lock``,
+    held shared for the whole command, with the grid's `grid_digest` written in the file by
+    the command that found it free (it alone could take it exclusively, to write it); a
+    command that finds another digest there is refused with one line naming that command
+    (pid, host, command line and start). The commands of one grid share the root, and each
+    point's `RunLock` keeps them off each other's folders. A command that joins a running
+    grid leaves the file as it is, so the line names the command that started the grid,
+    which may have ended while its siblings go on.
+
+    As with `RunLock`: the kernel releases the lock when its holder exits however it exits
+    (a killed grid leaves no lock), the last holder removes the file, and where there is no
+    ``flock`` no lock is taken. The root is made when missing, and removed again at
+    release when nothing was written into it.
+    """
+
+    def __init__(self, root: Path, digest: str, *, command: str) -> None:
+        self.root = root
+        self.path = root / GRID_LOCK_FILE
+        self.digest = digest
+        self.command = command
+        self._fd: int | None = None
+        self._created: list[Path] = []  # folders this lock made, outermost first
+
+    def acquire(self) -> GridLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        if self.root.exists() and not self.root.is_dir():
+            raise CheckpointError(f"{self.root}: is a file, not a folder for a grid's runs; "
+                                  "give another --out")
+        self._make_root()
+        for _ in range(100):  # until the locked file is the one at the path
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError:
+                return self  # a read-only root: nothing can be trained into it
+            alone = _flock(fd, fcntl.LOCK_EX)
+            if alone is None:
+                os.close(fd)
+                return self  # no flock on this file system
+            if alone and self._same_file(fd):
+                import platform
+
+                holder = {"grid": self.digest, "pid": os.getpid(), "host": platform.node(),
+                          "command": self.command, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+            # shared by the grid's commands; an exclusive holder only writes its line
+            if not _flock(fd, fcntl.LOCK_SH, tries=200):
+                data = os.pread(fd, 4096, 0)
+                os.close(fd)
+                raise CheckpointError(f"{self.root}: its grid lock stays taken by "
+                                      f"{_holder_text(data)}; is that command stopped?")
+            if self._same_file(fd):
+                break
+            os.close(fd)  # removed by a holder that released it meanwhile: try again
+        else:  # pragma: no cover - a path replaced a hundred times in a row
+            raise CheckpointError(f"{self.path}: keeps changing; is another tool removing it?")
+        self._fd = fd
+        data = os.pread(fd, 4096, 0)
+        found: Any = None
+        with suppress(ValueError):
+            found = json.loads(data.decode("utf-8", "replace"))
+        if isinstance(found, dict) and found.get("grid") == self.digest:
+            return self
+        self.release()
+        raise CheckpointError(f"{self.root}: another grid runs into this folder, started by "
+                              f"{_holder_text(data)}; one grid at a time in a root: wait for it "
+                              "to end, or give this grid another --out")
+
+    def _make_root(self) -> None:
+        missing = []
+        folder = self.root
+        while not folder.exists() and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+                self._created.append(folder)
+            except FileExistsError:
+                pass  # made meanwhile by another process: the lock decides
+
+    def _same_file(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def release(self) -> None:
+        """Unlock. The last holder removes the lock file (and a root this lock made, with the
+        parents it made, when nothing else was written into it)."""
+        if self._fd is None:
+            return
+        import fcntl
+
+        if _flock(self._fd, fcntl.LOCK_EX):  # no one else holds it
+            self.path.unlink(missing_ok=True)  # acquirers check the inode they locked
+            if self._created and not any(self.root.iterdir()):
+                for folder in reversed(self._created):
+                    with suppress(OSError):  # not empty any more: someone else's now
+                        folder.rmdir()
+        os.close(self._fd)  # closing the descriptor releases the lock
+        self._fd = None
+
+    def __enter__(self) -> GridLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def folder_holder(run_dir: Path) -> str | None:
+    """Who trains the run folder now, in words (its `RunLock` holder), or None when no one
+    holds it exclusively: after a point's run was refused, whether another command (a job
+    of the same grid) is training that point."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no locks
+        return None
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if _flock(fd, fcntl.LOCK_SH) is not False:  # free, or shared by readers only
+            return None
+        return _holder_text(os.pread(fd, 4096, 0))
+    finally:
+        os.close(fd)  # (a shared lock taken above ends with it)

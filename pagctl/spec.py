@@ -526,8 +526,48 @@ def load_spec(source: str | Path, overrides: list[str] | tuple[str, ...] = (),
 
 
 def validate_spec(data: dict[str, Any]) -> RunSpec:
-    """A mapping as a RunSpec; SpecError with one ``dotted.path: message`` line per problem."""
+    """A mapping as a RunSpec; SpecError with one ``dotted.path: message`` line per problem
+    (a setting the run would ignore among them, `_unused_settings`)."""
     try:
-        return RunSpec.model_validate(data)
+        spec = RunSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(format_validation_error(exc, model=RunSpec)) from None
+    unused = _unused_settings(spec.train)
+    if unused:
+        raise SpecError("\n".join(unused))
+    return spec
+
+
+def _unused_settings(t: TrainSpec) -> list[str]:
+    """One line per ``train`` setting that the spec sets and its objective or schedule would
+    ignore: ``beta`` without trades or mart, ``milestones`` and ``lr_gamma`` without the
+    multistep schedule, ``attack_mode`` without an inner attack (objective ce).
+
+    Only a value other than the default counts, and only where the spec sets it (pydantic's
+    ``model_fields_set``): writing a default out changes nothing (spec.json holds every
+    field), while ``beta: 3`` beside ``objective: ce`` describes a run other than the one
+    that would be trained. It is checked here, where specs come in (files, ``--set``, the
+    Python API), not by `TrainSpec` itself, so that a run folder written before (whose
+    spec.json may hold such a value) stays readable by every command."""
+    fields = type(t).model_fields
+    unused = [name for name in ("beta", "attack_mode", "milestones", "lr_gamma")
+              if name in t.model_fields_set and getattr(t, name) != fields[name].default]
+    fixes = {
+        "beta": (t.objective not in ("trades", "mart"),
+                 f"weighs the robust KL term of objectives trades and mart; objective "
+                 f"'{t.objective}' ignores it: remove it, or choose objective trades or mart"),
+        "attack_mode": (t.objective == "ce",
+                        "sets BatchNorm's mode during the inner attack; objective 'ce' makes "
+                        "no attack: remove it, or choose objective pgd_at, trades, mart or "
+                        "fast_at"),
+        "milestones": (t.schedule != "multistep",
+                       f"are the drops of schedule 'multistep'; schedule '{t.schedule}' ignores "
+                       "them: remove them, or set train.schedule: multistep"),
+        "lr_gamma": (t.schedule != "multistep",
+                     f"is the factor of schedule 'multistep'; schedule '{t.schedule}' ignores "
+                     "it: remove it, or set train.schedule: multistep"),
+    }
+    shown = {name: list(v) if isinstance(v := getattr(t, name), tuple) else v
+             for name in unused}
+    return [f"train.{name}: {shown[name]!r} {fixes[name][1]}" for name in unused
+            if fixes[name][0]]

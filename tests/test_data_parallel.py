@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -336,13 +337,21 @@ def test_a_stopped_launch_resumes_to_the_weights_of_an_uninterrupted_run(
 
 
 def test_rank_0_alone_reports_a_refused_run_folder(workdir: Path) -> None:
+    """What docs/distributed.md says a refusal under torchrun looks like: pagctl's one error
+    line, from rank 0, then torchrun's own failure report, whose root cause (the first rank
+    to exit; torchrun stops the others) exited 2, a user error; torchrun itself exits 1, as
+    for any failed launch."""
     (workdir / "taken").mkdir()
     (workdir / "taken" / "notes.txt").write_text("mine")
     proc = _torchrun(_train_argv("taken", 1), workdir)
-    assert proc.returncode != 0
-    errors = [line for line in str(proc.stderr).splitlines() if line.startswith("error: ")]
+    stderr = str(proc.stderr)
+    assert proc.returncode == 1, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: taken: folder already exists and holds no saved state to "
                       "resume; pass --overwrite to replace it, or set out_dir"]
+    assert stderr.index(errors[0]) < stderr.index("ChildFailedError")
+    root_cause = stderr.partition("Root Cause")[2]
+    assert re.search(r"exitcode\s*:\s*2\b", root_cause), stderr[-3000:]
     assert sorted(p.name for p in (workdir / "taken").iterdir()) == ["notes.txt"]
 
 

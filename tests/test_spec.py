@@ -237,3 +237,47 @@ def test_the_current_folder_is_not_a_run_folder(out: str) -> None:
 def test_seeds_stay_in_the_range_every_generator_accepts(override: str) -> None:
     with pytest.raises(SpecError, match="seed"):
         load_spec("digits-vanilla", [override])
+
+
+@pytest.mark.parametrize("spec,overrides,line", [
+    ("digits-vanilla", ["train.beta=3"],
+     "train.beta: 3.0 weighs the robust KL term of objectives trades and mart; objective 'ce' "
+     "ignores it: remove it, or choose objective trades or mart"),
+    ("digits-pgd-at", ["train.beta=0"], "train.beta: 0.0 weighs the robust KL term"),
+    ("digits-vanilla", ["train.attack_mode=eval"],
+     "train.attack_mode: 'eval' sets BatchNorm's mode during the inner attack; objective 'ce' "
+     "makes no attack"),
+    ("digits-vanilla", ["train.milestones=[5, 8]"],
+     "train.milestones: [5, 8] are the drops of schedule 'multistep'; schedule 'cosine' "
+     "ignores them: remove them, or set train.schedule: multistep"),
+    ("digits-vanilla", ["train.schedule=step", "train.lr_gamma=0.5"],
+     "train.lr_gamma: 0.5 is the factor of schedule 'multistep'; schedule 'step' ignores it"),
+])
+def test_a_setting_the_run_would_ignore_is_refused_naming_it(
+        spec: str, overrides: list[str], line: str) -> None:
+    """beta without trades or mart, attack_mode without an inner attack, milestones and
+    lr_gamma without the multistep schedule: the user believes in a run other than the one
+    that would be trained."""
+    with pytest.raises(SpecError) as info:
+        load_spec(spec, overrides)
+    [message] = str(info.value).splitlines()
+    assert message.startswith(line), message
+
+
+def test_an_ignored_setting_counts_only_when_set_to_other_than_its_default(
+        tmp_path: Path) -> None:
+    """A default written out (as spec.json writes every field) is no problem; the objective
+    or schedule that uses the setting takes any value; a run folder's spec.json that holds
+    an ignored value (written before the check) is still read."""
+    spec = load_spec("digits-vanilla", ["train.beta=6", "train.attack_mode=auto",
+                                        "train.milestones=[]", "train.lr_gamma=0.1"])
+    assert spec.train.beta == 6.0
+    assert load_spec("digits-trades", ["train.beta=3"]).train.beta == 3.0
+    assert load_spec("digits-vanilla", ["train.schedule=multistep", "train.milestones=[5]",
+                                        "train.lr_gamma=0.5"]).train.lr_gamma == 0.5
+    file = tmp_path / "spec.json"
+    file.write_text(spec.model_dump_json())
+    assert load_spec(str(file)) == spec  # a spec.json round trip: every field set
+    data = json.loads(spec.model_dump_json())
+    data["train"]["beta"] = 3.0
+    assert RunSpec.model_validate(data).train.beta == 3.0  # how run folders are read

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -26,6 +26,11 @@ from pagctl.cli.common import (
     print_table,
 )
 from pagctl.errors import SpecError
+
+if TYPE_CHECKING:
+    from pagctl.distributed.launch import Launch
+    from pagctl.grid import GridPoint
+    from pagctl.trust import CodeTrust
 
 ScoreSetOpt = Annotated[list[str], typer.Option(
     "--set", help="Override a score spec field, KEY=VALUE with a dotted key (value parsed as "
@@ -147,7 +152,9 @@ def train(
                            *(["--trust-code"] if trust_code else []),
                            *(["--full-monitor"] if full_monitor else []),
                            *(["--device", device] if device != "auto" else []),
-                           *(["--quiet"] if quiet else [])])
+                           *(["--dry-run"] if dry_run else []),
+                           *(["--quiet"] if quiet else []),
+                           *(["--format", fmt.value] if fmt is not Format.table else [])])
         return
     spec, values = _spec_and_values("train", spec, data_dir=data_dir, out=out, extra=extra)
     run_spec = specmod.load_spec(spec, set_, values)
@@ -202,17 +209,17 @@ def train(
 def _train_grid(spec: str, set_: list[str], grid: list[str], *, data_dir: Path | None,
                 out: Path | None, extra: dict[str, Any], device: str, resume: bool,
                 overwrite: bool, dry_run: bool, point: int | None, print_commands: bool,
-                quiet: bool, fmt: Format, trust: Any, flags: list[str]) -> None:
+                quiet: bool, fmt: Format, trust: CodeTrust, flags: list[str]) -> None:
     """``pagctl train SPEC --grid …``: every point checked first, then run in turn (or the
     one ``--grid-point``), finished points skipped, interrupted ones resumed
-    (`pagctl.grid`); or, with ``--print-commands``, one command per point."""
+    (`pagctl.grid`), all under the root's `pagctl.grid.GridLock` (one grid at a time in a
+    root, the ``--grid-point`` jobs of one grid together); or, with ``--print-commands``,
+    one command per point, keeping every option given (``flags``: those not spelled out
+    here)."""
     import shlex
 
     from pagctl import grid as gridmod
-    from pagctl.checkpoint import read_metrics
     from pagctl.distributed.launch import training_launch
-    from pagctl.train import prepare
-    from pagctl.train import train as run_train
 
     if Path(spec).is_dir():
         raise SpecError(f"--grid: '{spec}' is a run folder; give the spec file or built-in "
@@ -221,7 +228,7 @@ def _train_grid(spec: str, set_: list[str], grid: list[str], *, data_dir: Path |
         raise SpecError("--resume: a grid resumes its interrupted runs and skips finished "
                         "ones by itself; drop --resume")
     _, values = _spec_and_values("train", spec, data_dir=data_dir, out=None, extra=extra)
-    points = gridmod.expand(spec, list(set_), values, list(grid), out, overwrite=overwrite)
+    points = gridmod.expand(spec, list(set_), values, list(grid), out)
     if point is not None and point >= len(points):
         raise SpecError(f"--grid-point: {point} is not a point of this grid (0 … "
                         f"{len(points) - 1})")
@@ -233,59 +240,102 @@ def _train_grid(spec: str, set_: list[str], grid: list[str], *, data_dir: Path |
         raise SpecError("--overwrite: every printed command would retrain its point from "
                         "scratch each time it runs (a resubmitted job too); drop it, and delete "
                         "the grid's folders to start over")
-    if print_commands:
-        base = ["pagctl", "train", spec, *(a for s in set_ for a in ("--set", s)),
-                *(a for g in grid for a in ("--grid", g)),
-                *(["--data-dir", str(data_dir)] if data_dir is not None else []),
-                *(["--out", str(out)] if out is not None else []), *flags]
-        for p in points:
-            typer.echo(shlex.join([*base, "--grid-point", str(p.index)]))
-        return
     chosen = points if point is None else [points[point]]
-    plan = [(p, "new" if overwrite else gridmod.status(p)) for p in chosen]
-    if dry_run:
-        for p, _ in plan:
-            prepare(p.spec, device=device, resume=False, overwrite=True, trust=trust)
-        rows = [{"point": p.index, "values": dict(p.values), "run_dir": str(p.run_dir),
-                 "status": st} for p, st in plan]
-        if fmt is Format.json:
-            print_envelope("train", rows)
-            return
-        print_table(f"dry run: grid of {len(points)} runs (valid)",
-                    [(f"{r['point']}: {p.label}", f"{r['status']:9s} {r['run_dir']}")
-                     for r, (p, _) in zip(rows, plan, strict=True)])
+    if print_commands or dry_run:  # nothing written: no lock
+        if not overwrite:
+            gridmod.check_folders(points)
+        if print_commands:
+            base = ["pagctl", "train", spec, *(a for s in set_ for a in ("--set", s)),
+                    *(a for g in grid for a in ("--grid", g)),
+                    *(["--data-dir", str(data_dir)] if data_dir is not None else []),
+                    *(["--out", str(out)] if out is not None else []), *flags]
+            for p in chosen:
+                typer.echo(shlex.join([*base, "--grid-point", str(p.index)]))
+        else:
+            _dry_run_grid(points, chosen, device=device, overwrite=overwrite, fmt=fmt,
+                          trust=trust)
         return
-    summaries: list[dict[str, Any]] = []
-    for p, st in plan:
-        head = f"grid point {p.index + 1}/{len(points)} ({p.label})"
+    command = " ".join(["train", spec, *(f"--grid {g}" for g in grid)])
+    with gridmod.GridLock(points[0].run_dir.parent, gridmod.grid_digest(points),
+                          command=command if len(command) <= 200 else command[:199] + "…"):
+        if not overwrite:
+            gridmod.check_folders(points)
+        summaries = [_run_point(p, len(points), device=device, overwrite=overwrite,
+                                quiet=quiet, launch=launch, trust=trust) for p in chosen]
+    _grid_summary(points, summaries, fmt)
+
+
+def _dry_run_grid(points: list[GridPoint], chosen: list[GridPoint], *, device: str,
+                  overwrite: bool, fmt: Format, trust: CodeTrust) -> None:
+    """``--grid … --dry-run``: build what each chosen point's training builds, and list the
+    points with their folders and what running the grid would do with each."""
+    from pagctl import grid as gridmod
+    from pagctl.train import prepare
+
+    plan = [(p, "new" if overwrite else gridmod.status(p)) for p in chosen]
+    for p, _ in plan:
+        prepare(p.spec, device=device, resume=False, overwrite=True, trust=trust)
+    rows = [{"point": p.index, "values": dict(p.values), "run_dir": str(p.run_dir),
+             "status": st} for p, st in plan]
+    if fmt is Format.json:
+        print_envelope("train", rows)
+        return
+    print_table(f"dry run: grid of {len(points)} runs (valid)",
+                [(f"{r['point']}: {p.label}", f"{r['status']:9s} {r['run_dir']}")
+                 for r, (p, _) in zip(rows, plan, strict=True)])
+
+
+def _run_point(p: GridPoint, total: int, *, device: str, overwrite: bool, quiet: bool,
+               launch: Launch | None, trust: CodeTrust) -> dict[str, Any]:
+    """Run one point of a grid as its folder says, looked at when its turn comes (another
+    job of the grid may have run it meanwhile); its summary row. A point that fails is
+    reported and the grid goes on (a diverging λ stops no other point); one that another
+    command is training (a job of the same grid) is left to it, said in the grid's terms
+    rather than a run folder's (whose "pass --resume" a grid refuses). Under torchrun a
+    failure ends the launch, as in one run."""
+    from pagctl import grid as gridmod
+    from pagctl.checkpoint import read_metrics
+    from pagctl.errors import CheckpointError
+    from pagctl.train import train as run_train
+
+    head = f"grid point {p.index + 1}/{total} ({p.label})"
+    row: dict[str, Any] = {"point": p.index, "values": dict(p.values),
+                           "run_dir": str(p.run_dir)}
+    try:
+        st = "new" if overwrite else gridmod.status(p)
         if st == "finished":
             _log(f"{head}: finished before, skipped ({p.run_dir})")
             epochs = [r for r in read_metrics(p.run_dir) if r.get("kind") == "train_epoch"]
-            summaries.append({"point": p.index, "values": dict(p.values),
-                              "run_dir": str(p.run_dir), "status": "skipped",
-                              **(epochs[-1] if epochs else {})})
-            continue
+            return {**row, "status": "skipped", **(epochs[-1] if epochs else {})}
         _log(f"{head}: {'resuming' if st == 'partial' else 'starting'} in {p.run_dir}")
-        try:
-            result = run_train(p.spec, device=device, resume=st == "partial",
-                               overwrite=overwrite or st == "unsaved", progress=not quiet,
-                               log=_log, launch=launch, trust=trust)
-        except Exception as exc:  # one point failing (a diverging λ, say) stops no other
-            if launch is not None:
-                raise
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            _log(f"{head} failed: {first}")
-            summaries.append({"point": p.index, "values": dict(p.values),
-                              "run_dir": str(p.run_dir), "status": "failed", "error": first})
-            continue
-        if launch is not None and not launch.leader:
-            raise typer.Exit(130 if result.interrupted else 0)
-        if result.interrupted:
-            _log(f"interrupted in {head}, epoch {result.epochs_done}; state saved. Run the "
-                 "same command again: it skips the finished runs and resumes this one")
-            raise typer.Exit(130)
-        summaries.append({"point": p.index, "values": dict(p.values),
-                          "run_dir": str(result.run_dir), "status": "trained", **result.last})
+        result = run_train(p.spec, device=device, resume=st == "partial",
+                           overwrite=overwrite or st == "unsaved", progress=not quiet,
+                           log=_log, launch=launch, trust=trust)
+    except Exception as exc:  # one point failing (a diverging λ, say) stops no other
+        if launch is not None:
+            raise
+        holder = gridmod.folder_holder(p.run_dir) if isinstance(exc, CheckpointError) \
+            else None
+        if holder is not None:
+            _log(f"{head}: being trained by {holder}; left to it: run the grid again when "
+                 "that ends")
+            return {**row, "status": "busy", "error": f"being trained by {holder}"}
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        _log(f"{head} failed: {first}")
+        return {**row, "status": "failed", "error": first}
+    if launch is not None and not launch.leader:
+        raise typer.Exit(130 if result.interrupted else 0)
+    if result.interrupted:
+        _log(f"interrupted in {head}, epoch {result.epochs_done}; state saved. Run the "
+             "same command again: it skips the finished runs and resumes this one")
+        raise typer.Exit(130)
+    return {**row, "run_dir": str(result.run_dir), "status": "trained", **result.last}
+
+
+def _grid_summary(points: list[GridPoint], summaries: list[dict[str, Any]],
+                  fmt: Format) -> None:
+    """The grid's result: one row per point run (table or JSON); exit 1, with one line
+    naming them, when some failed or were being trained by another command."""
     if fmt is Format.json:
         print_envelope("train", summaries)
     else:
@@ -297,12 +347,20 @@ def _train_grid(spec: str, set_: list[str], grid: list[str], *, data_dir: Path |
                  ("alignment", "alignment")) if s.get(key) is not None),
                  *([s["error"]] if "error" in s else [])]))
             for s in summaries])
+
+    def which(rows: list[dict[str, Any]]) -> str:
+        return "; ".join(f"--grid-point {s['point']}: "
+                         + " ".join(f"{k}={v}" for k, v in s["values"].items()) for s in rows)
+
     failed = [s for s in summaries if s["status"] == "failed"]
-    if failed:
-        which = "; ".join(f"--grid-point {s['point']}: "
-                          + " ".join(f"{k}={v}" for k, v in s["values"].items()) for s in failed)
-        typer.echo(f"error: {len(failed)} of the grid's runs failed ({which}); the others are "
-                   "done", err=True)
+    busy = [s for s in summaries if s["status"] == "busy"]
+    problems = [*([f"{len(failed)} of the grid's runs failed ({which(failed)})"] if failed
+                  else []),
+                *([f"{len(busy)} {'was' if len(busy) == 1 else 'were'} being trained by "
+                   f"another command ({which(busy)}): run the grid again when that ends"]
+                  if busy else [])]
+    if problems:
+        typer.echo(f"error: {'; '.join(problems)}; the others are done", err=True)
         raise typer.Exit(1)
 
 

@@ -20,6 +20,14 @@ Two commands use it:
 The group waits up to `GROUP_TIMEOUT` for a collective: long enough for rank 0 to run the
 per-epoch monitor or merge shards while the others wait at a barrier. A rank that dies does
 not leave the others waiting that long: torchrun sees the failure and stops the launch.
+
+Exit codes are torchrun's: each process exits as pagctl does in one (2 for a user error,
+with its one ``error:`` line), but torchrun, once a process has failed, stops the others,
+prints its own report (a ``ChildFailedError`` traceback, the ranks with their codes) and
+exits 1 for any failure. pagctl cannot change that without hiding failures (a process
+that refused and exited 0 would make the launch look done), so docs/distributed.md says
+what a refusal under torchrun looks like; what can be checked before the group is joined
+(the batch's slices, ``--download``) is, so every rank refuses it alike at once.
 """
 
 from __future__ import annotations
