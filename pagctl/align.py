@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pagctl.errors import CheckpointError, SpecError
+from pagctl.errors import CheckpointError, FieldError, SpecError
 from pagctl.records import AlignRecord, Subset
 from pagctl.stats import mean_interval, subset_record
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
     from torch.utils.data import Dataset
 
+    from pagctl.data import DataBundle
     from pagctl.protocols import TargetGradientSource
 
 
@@ -203,14 +204,14 @@ def alignment_key(*, source: str, params: BaseModel, seed: int, classes_per_imag
 
 def score_alignment(
     model: nn.Module,
-    dataset: Dataset[Any],
-    indices: Tensor,
+    bundle: DataBundle,
+    indices: Tensor | None,
     source: TargetGradientSource,
     *,
     source_name: str,
     params: BaseModel,
-    num_classes: int,
     classes_per_image: int,
+    limit: int | None = None,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     seed: int = 0,
@@ -221,8 +222,10 @@ def score_alignment(
 ) -> AlignReport | None:
     """What ``pagctl align-score`` (and `pagctl.api.align_score`) measures: the alignment of
     ``model`` with the registered source ``source_name`` (built as ``source``, with
-    ``params``) on ``dataset[indices]``, as a report that names its source, the model and
-    the images it measured (`pagctl.provenance`), ready to be recorded.
+    ``params``) on ``bundle.test[indices]`` (all test points when None; the first ``limit``),
+    K = ``classes_per_image`` targets per image, as a report that names its source, the
+    model and the images it measured (`pagctl.provenance`), ready to be recorded. The
+    request is checked first as every evaluation's is (`pagctl.evaluation`).
 
     Whole (`alignment_report`); or, with ``shard=(i, N)``, shard i scored into its file in
     ``shard_dir`` (resuming it; returns None); or, with ``merge_shards=N``, the N finished
@@ -231,8 +234,22 @@ def score_alignment(
     file is damaged or contradicts itself."""
     from pagctl.data import subset_digest
     from pagctl.distributed.shards import shard_files
+    from pagctl.evaluation import check_outputs, check_settings, check_shards, evaluation_points
     from pagctl.provenance import model_digest
 
+    check_settings(batch_size=batch_size, seed=seed)
+    if shard is not None and merge_shards is not None:
+        raise FieldError("merge_shards", "run one shard, or merge them all; not both")
+    num_classes = bundle.num_classes
+    if isinstance(classes_per_image, bool) or not isinstance(classes_per_image, int) \
+            or not 1 <= classes_per_image <= num_classes:
+        raise FieldError("classes_per_image", f"{classes_per_image!r} target classes per "
+                         f"image; the data has {num_classes} classes: give 1 to "
+                         f"{num_classes}")
+    dataset = bundle.test
+    indices = evaluation_points(len(dataset), indices, limit)  # type: ignore[arg-type]
+    check_shards(len(indices), batch_size, shard, merge_shards)
+    check_outputs(model, bundle, device)
     measured, points = model_digest(model), subset_digest(dataset, indices)
     if shard is None and merge_shards is None:
         report = alignment_report(model, dataset, indices, source, num_classes=num_classes,
@@ -257,16 +274,17 @@ def score_alignment(
         parts = []
         for i, path in enumerate(files):
             if not path.exists():
-                raise SpecError(f"--merge-shards: shard {i}/{count} of this score has not run "
-                                f"({path} is missing); run the same command with --shard "
-                                f"{i}/{count} (same source, params, seed, K, batch size, "
-                                "subset and weights)")
+                raise FieldError("merge_shards", f"shard {i}/{count} of this score has not "
+                                 f"run ({path} is missing); run shard {i}/{count} (shard=({i}, "
+                                 f"{count}), --shard {i}/{count} on the command line) with the "
+                                 "same source, params, seed, K, batch size, subset and "
+                                 "weights")
             parts.append(AlignProgress.load(path, {**key, "shard": [i, count]}))
         try:
             merged = AlignProgress.merge(parts)
         except ValueError as exc:
-            raise SpecError(f"--merge-shards: {exc}; run the same command with that --shard "
-                            "again to finish it") from None
+            raise FieldError("merge_shards", f"{exc}; run that shard again to finish "
+                             "it") from None
         report = merged.report(dataset, indices, classes_per_image=classes_per_image,
                                seed=seed)
     report.source, report.source_params = source_name, params.model_dump(mode="json")

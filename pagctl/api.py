@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pagctl.errors import SpecError
+from pagctl.errors import FieldError, SpecError
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -67,13 +67,21 @@ def wrap(module: nn.Module, *, mean: Sequence[float] | None = None,
          std: Sequence[float] | None = None) -> NormalizedModel:
     """``module`` behind a per-channel normalisation ``(x - mean) / std`` (both or neither;
     neither: the identity, for a module that takes [0, 1] pixels)."""
+    from torch import nn
+
     from pagctl.models import NormalizedModel
 
+    if not isinstance(module, nn.Module):
+        raise FieldError("module", f"expected a torch.nn.Module, got {type(module).__name__}")
     if (mean is None) != (std is None):
-        raise SpecError("wrap: give mean and std together, or neither")
+        raise FieldError("mean" if mean is None else "std", "give mean and std together, or "
+                         "neither")
     if mean is None or std is None:
         return NormalizedModel(module, [0.0], [1.0])
-    return NormalizedModel(module, list(mean), list(std))
+    try:
+        return NormalizedModel(module, [float(v) for v in mean], [float(v) for v in std])
+    except (TypeError, ValueError) as exc:
+        raise FieldError("std", f"{exc}; give one positive number per channel") from None
 
 
 def dataset(name: str = "digits", *, root: str | Path | None = None,
@@ -81,44 +89,85 @@ def dataset(name: str = "digits", *, root: str | Path | None = None,
     """A dataset as `pagctl.data.load_data` loads it for a spec's ``data`` section
     (``name`` is ``data.dataset``; ``fields`` are other ``data`` fields, e.g.
     ``split_seed``)."""
+    from pydantic import ValidationError
+
     from pagctl.data import load_data
-    from pagctl.spec import DataSpec
-
-    return load_data(DataSpec(dataset=name, root=root, **fields))  # type: ignore[arg-type]
-
-
-def tensors(images: Tensor, labels: Tensor, *, num_classes: int | None = None,
-            name: str = "tensors") -> DataBundle:
-    """Images (N, C, H, W) float32 in [0, 1] (or uint8) and labels (N,) as an evaluation set:
-    the test split is these points, the training split is empty (attacks need none; a
-    target-gradient source that needs training images refuses it). ``num_classes``
-    defaults to the largest label + 1."""
-    import torch
-
-    from pagctl.data import DataBundle, TensorImageDataset
+    from pagctl.spec import DataSpec, format_validation_error
 
     try:
-        test = TensorImageDataset(images, labels)
-    except ValueError as exc:
-        raise SpecError(f"tensors: {exc}") from None
-    if images.dtype == torch.float32 and images.numel() and (
-            float(images.min()) < 0 or float(images.max()) > 1):
-        raise SpecError("tensors: images must be pixels in [0, 1]; normalisation belongs "
-                        "inside the model (see wrap)")
-    classes = int(labels.max()) + 1 if num_classes is None else num_classes
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-        raise SpecError(f"tensors: labels must lie in 0..{classes - 1}")
-    c = int(images.shape[1])
-    empty = TensorImageDataset(images[:0], labels[:0])
+        spec = DataSpec(dataset=name, root=root, **fields)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = format_validation_error(exc, model=DataSpec).splitlines()
+        raise SpecError("\n".join(line.replace("dataset:", "name:", 1) for line in lines)) \
+            from None
+    return load_data(spec)
+
+
+def tensors(images: Any, labels: Any, *, num_classes: int | None = None,
+            name: str = "tensors") -> DataBundle:
+    """Images (N, C, H, W) in [0, 1] (float, or uint8 0..255) and integer labels (N,), as
+    tensors or numpy arrays, as an evaluation set: the test split is these points, the
+    training split is empty (attacks need none; a target-gradient source that needs
+    training images refuses it). ``num_classes`` defaults to the largest label + 1.
+    FieldError (one line) for anything else: other shapes or dtypes, no image, pixels
+    outside [0, 1] or not finite, labels outside the classes."""
+    import torch
+
+    from pagctl.data import DataBundle, TensorImageDataset, validate_tensors
+
+    x, y = _tensor("images", images), _tensor("labels", labels)
+    if x.dtype != torch.uint8:
+        if not x.is_floating_point():
+            raise FieldError("images", f"expected float pixels in [0, 1] or uint8 0..255, got "
+                             f"{x.dtype}")
+        x = x.float()
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise FieldError("labels", f"expected integer class labels, got {y.dtype}")
+    if x.dim() != 4:
+        raise FieldError("images", f"expected (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise FieldError("images", "no image given; an evaluation set needs at least one")
+    if y.shape != (x.shape[0],):
+        raise FieldError("labels", f"expected ({x.shape[0]},), one per image, got "
+                         f"{tuple(y.shape)}")
+    y = y.to(torch.int64)
+    if num_classes is None:
+        classes = int(y.max()) + 1
+    elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise FieldError("num_classes", f"expected a positive whole number, got "
+                         f"{num_classes!r}")
+    else:
+        classes = num_classes
+    validate_tensors(x, y, num_classes=classes, name=name)
+    test = TensorImageDataset(x, y)
+    c = int(x.shape[1])
+    empty = TensorImageDataset(x[:0], y[:0])
     return DataBundle(train=empty, test=test, num_classes=classes,
                       input_shape=test.input_shape, mean=(0.0,) * c, std=(1.0,) * c,
                       name=name, class_names=tuple(str(i) for i in range(classes)))
+
+
+def _tensor(field: str, value: Any) -> Tensor:
+    """A tensor or numpy array as a CPU tensor; FieldError naming ``field`` otherwise."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise FieldError(field, "expected a numeric array, got dtype object")
+        return torch.from_numpy(np.ascontiguousarray(value))
+    raise FieldError(field, f"expected a torch.Tensor or numpy array, got "
+                     f"{type(value).__name__}")
 
 
 def _model_and_data(model: Any, data: Any, device: str, weights: str,
                     trust_code: bool) -> tuple[Any, DataBundle, Any]:
     """(the module, the data, the device) for a model given as a path, a loaded run or a
     module, and data given as None (the run's test set), a bundle or (x, y)."""
+    from torch import nn
+
     from pagctl.build import resolve_device
     from pagctl.checkpoint import LoadedRun
     from pagctl.data import DataBundle, load_data
@@ -126,33 +175,27 @@ def _model_and_data(model: Any, data: Any, device: str, weights: str,
     dev = resolve_device(device)
     if isinstance(model, (str, Path)):
         model = load(model, weights=weights, device=str(dev), trust_code=trust_code)
+    module: nn.Module
     if isinstance(model, LoadedRun):
         bundle = load_data(model.spec.data) if data is None else None
         module = model.model
-    else:
+    elif isinstance(model, nn.Module):
         bundle, module = None, model
+    else:
+        raise FieldError("model", f"expected a run folder, a loaded run or a torch.nn.Module, "
+                         f"got {type(model).__name__}")
     if data is None and bundle is None:
-        raise SpecError("data: a module has no test set of its own; pass a dataset "
-                        "(pagctl.api.dataset) or images and labels (pagctl.api.tensors)")
+        raise FieldError("data", "a module has no test set of its own; pass a dataset "
+                         "(pagctl.api.dataset) or images and labels (pagctl.api.tensors)")
     if bundle is None:
         if isinstance(data, DataBundle):
             bundle = data
-        elif isinstance(data, tuple) and len(data) == 2:
+        elif isinstance(data, (tuple, list)) and len(data) == 2:
             bundle = tensors(*data)
         else:
-            raise SpecError(f"data: expected a DataBundle or (images, labels), got "
-                            f"{type(data).__name__}")
+            raise FieldError("data", f"expected a DataBundle or (images, labels), got "
+                             f"{type(data).__name__}")
     return module.to(dev), bundle, dev
-
-
-def _index_tensor(indices: Sequence[int] | Tensor | None) -> Tensor | None:
-    """Test-set indices as an int64 tensor (None stays None)."""
-    import torch
-
-    if indices is None:
-        return None
-    return torch.as_tensor(indices if isinstance(indices, torch.Tensor) else list(indices),
-                           dtype=torch.int64)
 
 
 def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
@@ -181,8 +224,10 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
     ``trust_code``: as for `load`."""
 
     from pagctl import registry
+    from pagctl.evaluation import as_indices, check_settings
     from pagctl.robustness.evaluate import evaluate_attack
 
+    check_settings(batch_size=batch_size, seed=seed, probe_size=probe_size)
     given = dict(params or {})
     for key, value in (("eps", eps), ("norm", norm)):
         if value is not None:
@@ -190,14 +235,13 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
     validated = registry.attacks.validate_params(attack, given, "params")
     folder = _shard_folder(model, shard, merge_shards, shard_dir)
     module, bundle, dev = _model_and_data(model, data, device, weights, trust_code)
-    chosen = _index_tensor(indices)
-    budgets = None if eps_sweep is None else [float(e) for e in eps_sweep]
-    reports, _ = evaluate_attack(module, bundle, attack, validated, budgets, indices=chosen,
-                                 limit=limit, batch_size=batch_size, seed=seed, device=dev,
-                                 probes=probes, probe_size=probe_size, progress=progress,
-                                 shard=shard, merge_shards=merge_shards, shard_dir=folder,
+    reports, _ = evaluate_attack(module, bundle, attack, validated, eps_sweep,
+                                 indices=as_indices(indices), limit=limit,
+                                 batch_size=batch_size, seed=seed, device=dev, probes=probes,
+                                 probe_size=probe_size, progress=progress, shard=shard,
+                                 merge_shards=merge_shards, shard_dir=folder,
                                  precision=precision)
-    return reports if budgets is not None else reports[0]
+    return reports if eps_sweep is not None else reports[0]
 
 
 def align_score(model: Any, data: Any = None, source: str = "nearest_neighbor", *,
@@ -220,8 +264,9 @@ def align_score(model: Any, data: Any = None, source: str = "nearest_neighbor", 
     from pagctl.align import score_alignment
     from pagctl.build import build_context, default_cache_dir
     from pagctl.checkpoint import LoadedRun
-    from pagctl.data import select_test_indices
+    from pagctl.evaluation import as_indices, check_settings
 
+    check_settings(batch_size=batch_size, seed=seed)
     validated = registry.target_gradients.validate_params(source, dict(params or {}),
                                                           "params")
     folder = _shard_folder(model, shard, merge_shards, shard_dir)
@@ -231,34 +276,32 @@ def align_score(model: Any, data: Any = None, source: str = "nearest_neighbor", 
     if classes_per_image is None:
         k = run.spec.train.classes_per_image if isinstance(run, LoadedRun) else \
             bundle.num_classes
+        k = min(k, bundle.num_classes)
     else:
         k = classes_per_image
-    k = min(k, bundle.num_classes)
-    chosen = _index_tensor(indices)
-    picked = select_test_indices(len(bundle.test), chosen, limit)  # type: ignore[arg-type]
     ctx = build_context(bundle, dev, seed, default_cache_dir())
     built = registry.target_gradients.instantiate(source, validated, ctx, "source")
-    return score_alignment(module, bundle.test, picked, built, source_name=source,
-                           params=validated, num_classes=bundle.num_classes,
-                           classes_per_image=k, shard_dir=folder, shard=shard,
-                           merge_shards=merge_shards, batch_size=batch_size, device=dev,
-                           seed=seed)
+    return score_alignment(module, bundle, as_indices(indices), built, source_name=source,
+                           params=validated, classes_per_image=k, limit=limit,
+                           shard_dir=folder, shard=shard, merge_shards=merge_shards,
+                           batch_size=batch_size, device=dev, seed=seed)
 
 
 def _shard_folder(model: Any, shard: tuple[int, int] | None, merge_shards: int | None,
                   shard_dir: str | Path | None) -> Path | None:
-    """Where the shards of an evaluation live (None when it is not sharded); SpecError for
-    a bad shard or a missing folder."""
+    """Where the shards of an evaluation live (None when it is not sharded); FieldError for
+    both options or a missing folder (the shard itself is checked with every evaluation's
+    request, `pagctl.evaluation.check_shards`)."""
+    from pagctl.checkpoint import SHARDS_DIR, confined
+
     if shard is None and merge_shards is None:
         return None
     if shard is not None and merge_shards is not None:
-        raise SpecError("shard, merge_shards: run one shard, or merge them all; not both")
+        raise FieldError("merge_shards", "run one shard, or merge them all; not both")
     if shard_dir is None and not isinstance(model, (str, Path)):
-        raise SpecError("shard_dir: the shards need a folder when the model is not a run "
-                        "folder; give shard_dir=...")
-    if shard is not None and not 0 <= shard[0] < shard[1]:
-        raise SpecError(f"shard: expected (i, N) with 0 <= i < N, got {shard}")
-    return Path(shard_dir) if shard_dir is not None else Path(model) / "shards"
+        raise FieldError("shard_dir", "the shards need a folder when the model is not a run "
+                         "folder; give shard_dir=...")
+    return Path(shard_dir) if shard_dir is not None else confined(Path(model), SHARDS_DIR)
 
 
 def record(run: str | Path, reports: AttackReport | AlignReport

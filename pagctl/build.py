@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pagctl.errors import DataError, SpecError, UnknownPluginError
+from pagctl.errors import DataError, FieldError, SpecError, UnknownPluginError
 from pagctl.trust import UNTRUSTED, CodeTrust
 
 if TYPE_CHECKING:
@@ -24,11 +24,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SpecError(f"--device {name}: CUDA is not available here; use --device cpu")
+        raise FieldError("device", f"{name}: CUDA is not available here; use cpu")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise SpecError(f"--device: '{name}' is not a device; use auto, cpu or cuda") from None
+        raise FieldError("device", f"'{name}' is not a device; use auto, cpu or cuda") \
+            from None
 
 
 

@@ -12,6 +12,21 @@ class SpecError(PagctlError):
     """An invalid run spec, override, or plugin parameter."""
 
 
+class FieldError(SpecError):
+    """A user error in one named input of a library function (``limit``, ``batch_size``,
+    ...): ``field: detail``. The command line prints the flag that sets it in place of the
+    field's name (`pagctl.cli.FLAGS`), so the API and the CLI refuse alike, each in its own
+    words."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"{field}: {detail}")
+        self.field = field
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[type[FieldError], tuple[str, str]]:
+        return type(self), (self.field, self.detail)
+
+
 class UntrustedCodeError(SpecError):
     """A file (spec, run folder) names Python code to import, and the user has not trusted it
     (`pagctl.trust`)."""

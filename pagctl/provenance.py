@@ -33,6 +33,7 @@ from pagctl.checkpoint import (
     CONFIG_FILE,
     WEIGHTS,
     append_record,
+    confined,
     load_tensors,
     read_spec,
 )
@@ -73,8 +74,8 @@ def folder_model_digest(run_dir: Path, weights: str = "last") -> str:
 
     if weights not in WEIGHTS:
         raise SpecError(f"weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
-    tensors = load_tensors(run_dir / WEIGHTS[weights])
-    path = run_dir / CONFIG_FILE
+    tensors = load_tensors(confined(run_dir, WEIGHTS[weights]))
+    path = confined(run_dir, CONFIG_FILE)
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
         pretrained = cfg["pretrained_cfg"]

@@ -12,17 +12,18 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
 
+import pagctl.api as pg
 from pagctl.align import (
     AlignProgress,
     AlignReport,
     alignment_key,
-    score_alignment,
     alignment_report,
     gradient_panels,
     mean_alignment,
+    score_alignment,
 )
-from pagctl.data import TensorImageDataset, subset_digest
-from pagctl.errors import SpecError
+from pagctl.data import DataBundle, TensorImageDataset, subset_digest
+from pagctl.errors import FieldError, SpecError
 from pagctl.gradients import input_gradients
 from pagctl.provenance import model_digest
 
@@ -32,6 +33,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _data(n: int = 40, classes: int = 5) -> TensorImageDataset:
     g = torch.Generator().manual_seed(0)
     return TensorImageDataset(torch.rand(n, 1, 4, 4, generator=g), torch.arange(n) % classes)
+
+
+def _bundle(data: TensorImageDataset, classes: int = 5) -> DataBundle:
+    """``data`` as an evaluation set (what `score_alignment` measures on)."""
+    return pg.tensors(data.images, data.labels, num_classes=classes)
 
 
 def _mlp(classes: int = 5) -> nn.Module:
@@ -141,12 +147,13 @@ def _shard_scores(tmp_path: Path, source: Any, count: int, *, batch_size: int = 
     model, data = _mlp(), _data()
     indices = torch.arange(len(data))
     common: dict[str, Any] = {"source_name": "noisy", "params": _Params(),
-                              "num_classes": 5, "classes_per_image": 3,
-                              "batch_size": batch_size, "seed": seed, "shard_dir": tmp_path}
+                              "classes_per_image": 3, "batch_size": batch_size, "seed": seed,
+                              "shard_dir": tmp_path}
     for i in range(count):
-        assert score_alignment(model, data, indices, source(), shard=(i, count),
-                                 **common) is None
-    merged = score_alignment(model, data, indices, source(), merge_shards=count, **common)
+        assert score_alignment(model, _bundle(data), indices, source(), shard=(i, count),
+                               **common) is None
+    merged = score_alignment(model, _bundle(data), indices, source(), merge_shards=count,
+                             **common)
     assert merged is not None
     return merged
 
@@ -155,22 +162,23 @@ class _Params(BaseModel):
     scale: float = 1.0
 
 
-@pytest.mark.parametrize("count", [2, 3, 7])
+@pytest.mark.parametrize("count", [2, 3, 6])
 def test_shards_merge_into_the_unsharded_report(tmp_path: Path, count: int) -> None:
     """Shards scored by fresh sources merge into exactly the unsharded report (every number
     but the seconds), because each batch draws its classes and reseeds the source from the
     batch's own seed."""
     model, data = _mlp(), _data()
-    whole = score_alignment(model, data, torch.arange(len(data)), NoisyTargets(0),
-                            source_name="noisy", params=_Params(), num_classes=5,
-                            classes_per_image=3, batch_size=7, seed=3)
+    whole = score_alignment(model, _bundle(data), None, NoisyTargets(0),
+                            source_name="noisy", params=_Params(), classes_per_image=3,
+                            batch_size=7, seed=3)
     assert whole is not None
     merged = _shard_scores(tmp_path / str(count), lambda: NoisyTargets(0), count)
     assert replace(merged, seconds=0.0) == replace(whole, seconds=0.0)
-    # 40 images in batches of 7 are 6 batches: with 7 shards, shard 6 owns none, and its file
-    # still says it is done
     assert len(list((tmp_path / str(count)).iterdir())) == count
     assert whole.n == 40 and whole.per_target["true"] is not None
+    # 40 images in batches of 7 are 6 batches: a 7th shard would own none, and is refused
+    with pytest.raises(FieldError, match="7 shards of 40 points in batches of 7"):
+        _shard_scores(tmp_path / "7", lambda: NoisyTargets(0), 7)
 
 
 def test_a_source_without_reseed_makes_shards_differ(tmp_path: Path) -> None:
@@ -191,13 +199,14 @@ def test_a_stopped_shard_resumes_and_a_foreign_file_is_refused(tmp_path: Path) -
     another K) is refused, naming what differs."""
     model, data = _mlp(), _data()
     indices = torch.arange(len(data))
-    common: dict[str, Any] = {"source_name": "noisy", "params": _Params(), "num_classes": 5,
+    common: dict[str, Any] = {"source_name": "noisy", "params": _Params(),
                               "classes_per_image": 3, "batch_size": 7, "seed": 3,
                               "shard_dir": tmp_path}
-    whole = score_alignment(model, data, indices, NoisyTargets(0), **common)
+    bundle = _bundle(data)
+    whole = score_alignment(model, bundle, indices, NoisyTargets(0), **common)
     assert whole is not None
     with pytest.raises(KeyboardInterrupt):
-        score_alignment(model, data, indices, NoisyTargets(0, fail_at=2), shard=(0, 1),
+        score_alignment(model, bundle, indices, NoisyTargets(0, fail_at=2), shard=(0, 1),
                           **common)
     [path] = list(tmp_path.iterdir())
     key = alignment_key(source="noisy", params=_Params(), seed=3, classes_per_image=3,
@@ -205,12 +214,12 @@ def test_a_stopped_shard_resumes_and_a_foreign_file_is_refused(tmp_path: Path) -
                         data_sha256=subset_digest(data, indices))
     saved = AlignProgress.load(path, {**key, "shard": [0, 1]})
     assert saved.done.tolist() == [True] + [False] * 5
-    with pytest.raises(SpecError, match="--merge-shards: shard 0/1 has not scored its batch 1"):
-        score_alignment(model, data, indices, NoisyTargets(0), merge_shards=1, **common)
+    with pytest.raises(SpecError, match="merge_shards: shard 0/1 has not scored its batch 1"):
+        score_alignment(model, bundle, indices, NoisyTargets(0), merge_shards=1, **common)
     rest = NoisyTargets(0)
-    score_alignment(model, data, indices, rest, shard=(0, 1), **common)
+    score_alignment(model, bundle, indices, rest, shard=(0, 1), **common)
     assert rest.calls == 5  # the first batch was not scored again
-    merged = score_alignment(model, data, indices, NoisyTargets(0), merge_shards=1, **common)
+    merged = score_alignment(model, bundle, indices, NoisyTargets(0), merge_shards=1, **common)
     assert merged is not None
     assert replace(merged, seconds=0.0) == replace(whole, seconds=0.0)
     with pytest.raises(SpecError, match="classes_per_image"):

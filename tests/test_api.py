@@ -15,7 +15,7 @@ from torch import nn
 
 import pagctl.api as pg
 from pagctl import cli
-from pagctl.errors import SpecError
+from pagctl.errors import PagctlError, SpecError
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "python-api.md"
 
@@ -120,7 +120,169 @@ def test_api_errors_are_one_line(workdir: Path) -> None:
         pg.attack(module, attack="fgsm")
     with pytest.raises(SpecError, match=r"params\.norm"):
         pg.attack(module, (torch.rand(4, 1, 8, 8), torch.arange(4)), attack="fgsm", norm="L3")
-    with pytest.raises(SpecError, match=r"pixels in \[0, 1\]"):
+    with pytest.raises(PagctlError, match=r"outside \[0, 1\]"):
         pg.tensors(torch.randn(4, 1, 8, 8) * 5, torch.arange(4))
     with pytest.raises(SpecError, match="mean and std together"):
         pg.wrap(module, mean=[0.5])
+
+
+def _digits_xy(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    digits = pg.dataset("digits")
+    x = torch.stack([digits.test[i][0] for i in range(n)])
+    y = torch.tensor([digits.test[i][1] for i in range(n)])
+    return x, y
+
+
+def _digits() -> Any:
+    return pg.dataset("digits")
+
+
+def _ten() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+
+def _three() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+
+
+# Each: what the API is called with, and the words of its one-line refusal. A FieldError
+# names the parameter (the command line says the flag, test_cli's cases check those).
+BAD_CALLS: list[tuple[str, Any, str]] = [
+    ("3-logits-for-10-classes", lambda xy: pg.attack(_three(), xy, "fgsm", eps=0.1),
+     "model: gives outputs (2, 3) for 2 image(s) of tensors; expected (2, 10)"),
+    ("3-logits-align", lambda xy: pg.align_score(_three(), _digits(), "class_mean",
+                                                 classes_per_image=2),
+     "model: gives outputs (2, 3) for 2 image(s) of digits; expected (2, 10)"),
+    ("wrong-input-shape", lambda xy: pg.attack(
+        nn.Sequential(nn.Flatten(), nn.Linear(12, 10)), xy, "fgsm", eps=0.1),
+     "model: fails on 2 image(s) of tensors shaped (1, 8, 8)"),
+    ("limit-minus-one", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, limit=-1),
+     "limit: -1 is not at least 1"),
+    ("limit-zero", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, limit=0),
+     "limit: 0 is not at least 1"),
+    ("limit-float", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, limit=2.5),
+     "limit: expected a whole number, got 2.5"),
+    ("align-limit-zero", lambda xy: pg.align_score(_ten(), _digits(), "class_mean", limit=0),
+     "limit: 0 is not at least 1"),
+    ("batch-size-zero", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, batch_size=0),
+     "batch_size: 0 is not at least 1"),
+    ("align-batch-size-zero", lambda xy: pg.align_score(_ten(), _digits(), batch_size=0),
+     "batch_size: 0 is not at least 1"),
+    ("seed-negative", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, seed=-1),
+     "seed: -1 is not between 0 and 4294967295"),
+    ("probe-size-zero", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, probe_size=0),
+     "probe_size: 0 is not at least 1"),
+    ("indices-repeat", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, indices=[1, 1]),
+     "indices: index 1 appears twice"),
+    ("indices-empty", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, indices=[]),
+     "indices: no index given"),
+    ("indices-outside", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, indices=[99]),
+     "indices: index 99 is outside the test set (0..15)"),
+    ("indices-text", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, indices="1,2"),
+     "indices: expected integers, got text"),
+    ("indices-floats", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, indices=[0.5]),
+     "indices: expected integers, got float64 values"),
+    ("indices-2d", lambda xy: pg.align_score(_ten(), _digits(), indices=[[0, 1]]),
+     "indices: expected a flat list of integers"),
+    ("sweep-negative", lambda xy: pg.attack(_ten(), xy, "fgsm", eps_sweep=[0.1, -1]),
+     "eps_sweep: -1 is not a valid eps"),
+    ("sweep-twice", lambda xy: pg.attack(_ten(), xy, "fgsm", eps_sweep=[0.1, "1/10"]),
+     "eps_sweep: a budget appears twice"),
+    ("sweep-text", lambda xy: pg.attack(_ten(), xy, "fgsm", eps_sweep="0.1,0.2"),
+     "eps_sweep: expected a list of budgets"),
+    ("sweep-empty", lambda xy: pg.attack(_ten(), xy, "fgsm", eps_sweep=[]),
+     "eps_sweep: give at least one budget"),
+    ("precision", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, precision="fp16"),
+     "precision: 'fp16' is not one of float32, bfloat16"),
+    ("shard-beyond-batches", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, batch_size=4,
+                                                  shard=(1, 100000), shard_dir="s"),
+     "shard: 100000 shards of 16 points in batches of 4 (4 batches)"),
+    ("shard-backwards", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, shard=(2, 1),
+                                             shard_dir="s"),
+     "shard: expected (i, N) with 0 <= i < N, got (2, 1)"),
+    ("shard-not-a-pair", lambda xy: pg.align_score(_ten(), _digits(), shard=3, shard_dir="s"),
+     "shard: expected (i, N)"),
+    ("merge-beyond-batches", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, batch_size=8,
+                                                  merge_shards=3, shard_dir="s"),
+     "merge_shards: 3 shards of 16 points in batches of 8 (2 batches)"),
+    ("shard-and-merge", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, shard=(0, 2),
+                                             merge_shards=2, shard_dir="s"),
+     "merge_shards: run one shard, or merge them all; not both"),
+    ("classes-per-image", lambda xy: pg.align_score(_ten(), _digits(), classes_per_image=11),
+     "classes_per_image: 11 target classes per image; the data has 10 classes"),
+    ("classes-per-image-zero", lambda xy: pg.align_score(_ten(), _digits(),
+                                                         classes_per_image=0),
+     "classes_per_image: 0 target classes"),
+    ("model-not-a-module", lambda xy: pg.attack("not/a/run", xy, "fgsm", eps=0.1),
+     "not/a/run: no such run folder"),
+    ("model-a-number", lambda xy: pg.attack(3, xy, "fgsm", eps=0.1),
+     "model: expected a run folder, a loaded run or a torch.nn.Module, got int"),
+    ("data-one-tensor", lambda xy: pg.attack(_ten(), xy[0], "fgsm", eps=0.1),
+     "data: expected a DataBundle or (images, labels), got Tensor"),
+    ("data-missing", lambda xy: pg.attack(_ten(), attack="fgsm", eps=0.1),
+     "data: a module has no test set of its own"),
+    ("unknown-attack", lambda xy: pg.attack(_ten(), xy, "fgsmm"), "fgsmm"),
+    ("unknown-source", lambda xy: pg.align_score(_ten(), xy, "nearest_neighbour"),
+     "nearest_neighbour"),
+    ("device", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, device="gpu"),
+     "device: 'gpu' is not a device"),
+    ("weights", lambda xy: pg.load("runs/none", weights="worst"),
+     "runs/none: no such run folder"),
+    ("dataset-typo", lambda xy: pg.dataset("digts"), "name: Input should be 'digits'"),
+    ("dataset-unknown-field", lambda xy: pg.dataset("digits", split_sed=2),
+     "split_sed: unknown key"),
+    ("tensors-empty", lambda xy: pg.tensors(xy[0][:0], xy[1][:0]),
+     "images: no image given"),
+    ("tensors-list", lambda xy: pg.tensors(xy[0].tolist(), xy[1]),
+     "images: expected a torch.Tensor or numpy array, got list"),
+    ("tensors-3d", lambda xy: pg.tensors(xy[0][:, 0], xy[1]),
+     "images: expected (N, C, H, W), got shape (16, 8, 8)"),
+    ("tensors-int-images", lambda xy: pg.tensors(xy[0].long(), xy[1]),
+     "images: expected float pixels in [0, 1] or uint8 0..255, got torch.int64"),
+    ("tensors-float-labels", lambda xy: pg.tensors(xy[0], xy[1].float()),
+     "labels: expected integer class labels, got torch.float32"),
+    ("tensors-label-count", lambda xy: pg.tensors(xy[0], xy[1][:3]),
+     "labels: expected (16,), one per image, got (3,)"),
+    ("tensors-nan", lambda xy: pg.tensors(xy[0] * float("nan"), xy[1]),
+     "non-finite pixel value"),
+    ("tensors-labels-beyond", lambda xy: pg.tensors(xy[0], xy[1], num_classes=3),
+     "label(s) outside [0, 3)"),
+    ("tensors-num-classes", lambda xy: pg.tensors(xy[0], xy[1], num_classes=0),
+     "num_classes: expected a positive whole number, got 0"),
+    ("wrap-not-a-module", lambda xy: pg.wrap("net", mean=[0.5], std=[0.5]),
+     "module: expected a torch.nn.Module, got str"),
+    ("wrap-mean-alone", lambda xy: pg.wrap(_ten(), mean=[0.5]),
+     "std: give mean and std together"),
+    ("wrap-zero-std", lambda xy: pg.wrap(_ten(), mean=[0.5], std=[0.0]),
+     "std: every std entry must be > 0"),
+    ("record-not-a-report", lambda xy: pg.record("runs/none", "report"),
+     "record: str is not a report"),
+]
+
+
+@pytest.mark.parametrize(("name", "call", "words"), BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_the_api_refuses_what_the_command_line_refuses(workdir: Path, name: str, call: Any,
+                                                      words: str) -> None:
+    """Every bad call is a one-line PagctlError naming the parameter, never a raw exception
+    nor a number: the API and the commands validate through the same functions
+    (`pagctl.evaluation`)."""
+    x, y = _digits_xy()
+    with pytest.raises(PagctlError) as err:
+        call((x, y))
+    message = str(err.value)
+    assert words in message, message
+    assert "\n" not in message
+    assert not (workdir / "s").exists()  # refused before any shard was written
+
+
+def test_numpy_inputs_are_images_and_labels(workdir: Path) -> None:
+    """numpy arrays are taken as tensors are (a red-team's raw AttributeError)."""
+    x, y = _digits_xy()
+    from_numpy = pg.attack(_ten(), (x.numpy(), y.numpy()), "fgsm", eps=0.1, probes=False,
+                           indices=torch.arange(8).numpy())
+    from_torch = pg.attack(_ten(), (x, y), "fgsm", eps=0.1, probes=False,
+                           indices=list(range(8)))
+    assert not isinstance(from_numpy, list) and not isinstance(from_torch, list)
+    assert from_numpy.per_example == from_torch.per_example and from_numpy.n == 8

@@ -15,7 +15,7 @@ LAYERS: list[list[str]] = [  # lowest first; a room may import from its own laye
     ["__init__", "errors"],
     ["spec", "protocols", "records", "stats", "progress", "distributed", "trust"],
     ["registry", "data", "models", "architectures", "gradients", "losses"],
-    ["checkpoint", "figures", "build", "grid", "provenance"],
+    ["checkpoint", "figures", "build", "grid", "provenance", "evaluation"],
     ["banks", "score"],
     ["attacks", "target_gradients", "testing"],
     ["align", "robustness", "objectives"],
@@ -98,9 +98,10 @@ def test_no_private_names_or_reexports_across_modules(path: Path) -> None:
 
 def test_the_top_level_stays_small() -> None:
     """A new top-level room is a new concept (the last: `trust`, which code a file may make
-    pagctl run, and `provenance`, which model and images a recorded number measured; before
-    them `importing`, a foreign model made a run folder, and `api`, the
-    Python shell beside the command line); a family of concepts belongs in a package
-    (`distributed/`: the torchrun launch, data-parallel replicas)."""
+    pagctl run; `provenance`, which model and images a recorded number measured;
+    `evaluation`, what every evaluation is asked, validated once; before them `importing`,
+    a foreign model made a run folder, and `api`, the Python shell beside the command
+    line); a family of concepts belongs in a package (`distributed/`: the torchrun launch,
+    data-parallel replicas)."""
     modules = sorted(p.name for p in PACKAGE.glob("*.py"))
-    assert len(modules) <= 27, modules
+    assert len(modules) <= 28, modules

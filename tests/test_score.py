@@ -359,6 +359,7 @@ def test_sbg_align_score_shards_merge_exactly(digits_run: Path, tmp_path: Path) 
 
     from torch import nn
 
+    import pagctl.api as pg
     from pagctl.align import alignment_report, score_alignment
     from pagctl.data import TensorImageDataset
 
@@ -369,21 +370,23 @@ def test_sbg_align_score_shards_merge_exactly(digits_run: Path, tmp_path: Path) 
     ctx = small_context(channels=1, size=8, classes=10, seed=3)
     params = SBG.Params(run=digits_run, sigma=0.3)
     indices = torch.arange(30)
-    common: dict[str, object] = {"num_classes": 10, "classes_per_image": 2, "batch_size": 8,
-                                 "seed": 3}
-    whole = score_alignment(model, data, indices, SBG(params, ctx), source_name="sbg",  # type: ignore[arg-type]
+    common: dict[str, object] = {"classes_per_image": 2, "batch_size": 8, "seed": 3}
+    bundle = pg.tensors(data.images, data.labels, num_classes=10)
+    whole = score_alignment(model, bundle, indices, SBG(params, ctx), source_name="sbg",  # type: ignore[arg-type]
                             params=params, **common)
     for i in range(2):
-        score_alignment(model, data, indices, SBG(params, ctx), source_name="sbg",  # type: ignore[arg-type]
-                          params=params, shard_dir=tmp_path, shard=(i, 2), **common)
-    merged = score_alignment(model, data, indices, SBG(params, ctx), source_name="sbg",  # type: ignore[arg-type]
-                               params=params, shard_dir=tmp_path, merge_shards=2, **common)
+        score_alignment(model, bundle, indices, SBG(params, ctx), source_name="sbg",  # type: ignore[arg-type]
+                        params=params, shard_dir=tmp_path, shard=(i, 2), **common)
+    merged = score_alignment(model, bundle, indices, SBG(params, ctx), source_name="sbg",  # type: ignore[arg-type]
+                             params=params, shard_dir=tmp_path, merge_shards=2, **common)
     assert merged is not None
     assert replace(merged, seconds=0.0) == replace(whole, seconds=0.0)
-    again = alignment_report(model, data, indices, SBG(params, ctx), **common)  # type: ignore[arg-type]
+    again = alignment_report(model, data, indices, SBG(params, ctx), num_classes=10,  # type: ignore[arg-type]
+                             **common)
     assert whole is not None and again.mean == whole.mean  # and the score is reproducible
     other = SBG(SBG.Params(run=digits_run, sigma=0.3, seed=12345), ctx)
-    assert alignment_report(model, data, indices, other, **common).mean != whole.mean  # type: ignore[arg-type]
+    assert alignment_report(model, data, indices, other, num_classes=10,  # type: ignore[arg-type]
+                            **common).mean != whole.mean
 
 
 def test_sbg_rejects_a_score_model_of_other_data(digits_run: Path) -> None:

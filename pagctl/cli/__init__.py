@@ -28,7 +28,7 @@ except ImportError:  # older typer runs on click itself
 
 from pagctl import __version__
 from pagctl.cli import align_score, attack, bank, compare, importing, plugins, train
-from pagctl.errors import LeaderFailed, PagctlError, RankError
+from pagctl.errors import FieldError, LeaderFailed, PagctlError, RankError
 
 app = typer.Typer(
     name="pagctl",
@@ -84,6 +84,25 @@ app.command(short_help=SHORT_HELP["plugins"])(plugins.plugins)
 # ---------------------------------------------------------------------------------------
 # entry point and error mapping
 
+FLAGS = {"limit": "--limit", "batch_size": "--batch-size", "seed": "--seed",
+         "probe_size": "--probe-size", "indices": "--indices", "eps_sweep": "--eps-sweep",
+         "classes_per_image": "--classes-per-image", "precision": "--precision",
+         "weights": "--weights", "shard": "--shard", "merge_shards": "--merge-shards",
+         "device": "--device"}
+"""The flag that sets each library parameter a `FieldError` names: the library speaks of
+``batch_size``, the command line of ``--batch-size``."""
+
+
+LEADER_GRACE_SECONDS = 1.0
+"""How long a follower rank that met rank 0's user error waits before exiting."""
+
+
+def _message(exc: PagctlError) -> str:
+    """A user error's text as the command line says it (`FLAGS`)."""
+    if isinstance(exc, FieldError) and exc.field in FLAGS:
+        return f"{FLAGS[exc.field]}: {exc.detail}"
+    return str(exc)
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps errors to exit codes (2 user, 1 runtime, 130 Ctrl-C; a
@@ -94,10 +113,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = app(args=argv, prog_name="pagctl", standalone_mode=False)
     except LeaderFailed:  # rank 0 of the launch reports it
+        import time
+
+        # torchrun stops every process once one exits: rank 0, which reports the error, is
+        # given a moment to print its line first
+        time.sleep(LEADER_GRACE_SECONDS)
         sys.exit(2)
     except PagctlError as exc:
         if reports or isinstance(exc, RankError):
-            for line in str(exc).splitlines() or [type(exc).__name__]:
+            for line in _message(exc).splitlines() or [type(exc).__name__]:
                 sys.stderr.write(f"error: {line}\n")
         sys.exit(2)
     except typer.Exit as exc:

@@ -127,28 +127,25 @@ def _score_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, in
     from pagctl import registry
     from pagctl.align import score_alignment
     from pagctl.build import build_context, default_cache_dir
-    from pagctl.checkpoint import RunLock
-    from pagctl.data import select_test_indices
+    from pagctl.checkpoint import SHARDS_DIR, RunLock, check_appendable, confined
 
     with RunLock(run, exclusive=False, command="align-score"):  # not while being trained
+        if keep_record:
+            check_appendable(run)
         if launch is not None:
             from pagctl.distributed.launch import rank_device
 
             device = rank_device(device, launch)
         loaded, bundle, dev = load_run_and_data(run, device, data_dir, weights, trust_code)
         k = classes_per_image or min(loaded.spec.train.classes_per_image, bundle.num_classes)
-        if k > bundle.num_classes:
-            raise SpecError(f"--classes-per-image: {k} is more than the {bundle.num_classes} "
-                            "classes of the data")
-        indices = select_test_indices(len(bundle.test), wanted, limit)  # type: ignore[arg-type]
         ctx = build_context(bundle, dev, seed, default_cache_dir())
         source = registry.target_gradients.instantiate(source_name, params, ctx, "--source")
 
         def score(part: tuple[int, int] | None, merge: int | None) -> Any:
             return score_alignment(
-                loaded.model, bundle.test, indices, source, source_name=source_name,
-                params=params, num_classes=bundle.num_classes, classes_per_image=k,
-                shard_dir=run / "shards", shard=part, merge_shards=merge,
+                loaded.model, bundle, wanted, source, source_name=source_name,
+                params=params, classes_per_image=k, limit=limit,
+                shard_dir=confined(run, SHARDS_DIR), shard=part, merge_shards=merge,
                 batch_size=batch_size, device=dev, seed=seed, progress=progress)
 
         report = evaluate_sharded(score, run=run, launch=launch, shard_of=shard_of,
@@ -169,7 +166,7 @@ def _score_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, in
             from pagctl.data import get_batch
             from pagctl.figures import gradient_grid
 
-            x, y = get_batch(bundle.test, indices[:4])
+            x, y = get_batch(bundle.test, report.indices[:4])
             grads, targets = gradient_panels(loaded.model, x.to(dev), y.to(dev), source,
                                              bundle.num_classes)
             gradient_grid(save_images, x, y, grads.cpu(), targets.cpu(), source=source_name,

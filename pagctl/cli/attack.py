@@ -173,10 +173,12 @@ def _attack_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, i
     (its JSON records are returned instead when ``several``), write the figures and exports,
     record it. Returns (reports, the records as printed), or None for a shard or a
     follower rank."""
-    from pagctl.checkpoint import RunLock
+    from pagctl.checkpoint import SHARDS_DIR, RunLock, check_appendable, confined
     from pagctl.robustness.evaluate import evaluate_attack
 
     with RunLock(run, exclusive=False, command="attack"):  # not while it is being trained
+        if keep_record:
+            check_appendable(run)
         if launch is not None:
             from pagctl.distributed.launch import rank_device
 
@@ -190,7 +192,7 @@ def _attack_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, i
                 probes=probes, probe_size=probe_size, progress=progress,
                 keep_images=len(bundle.test) if save_adversarial is not None  # type: ignore[arg-type]
                 else 8 if save_images is not None else 0,
-                shard=part, merge_shards=merge, shard_dir=run / "shards",
+                shard=part, merge_shards=merge, shard_dir=confined(run, SHARDS_DIR),
                 precision=precision)
 
         done = evaluate_sharded(evaluate, run=run, launch=launch, shard_of=shard_of,
@@ -364,22 +366,11 @@ def _check_shard_options(shard: tuple[int, int] | None, merge: int | None, *,
 
 
 def _parse_sweep(text: str, params: Any) -> list[float]:
-    from pydantic import ValidationError
+    """``--eps-sweep`` as budgets, checked as every evaluation's are
+    (`pagctl.evaluation.sweep_budgets`)."""
+    from pagctl.evaluation import sweep_budgets
 
-    if "eps" not in type(params).model_fields:
-        raise SpecError("--eps-sweep: this attack has no eps parameter to sweep")
-    values: list[float] = []
-    for part in (p.strip() for p in text.split(",")):
-        try:
-            values.append(type(params).model_validate(
-                {**params.model_dump(), "eps": part}).eps)
-        except ValidationError:
-            raise SpecError(f"--eps-sweep: {part!r} is not a valid eps for this attack; "
-                            "give numbers >= 0 or fractions such as 8/255, separated by "
-                            "commas") from None
-    if len(set(values)) != len(values):
-        raise SpecError("--eps-sweep: a budget appears twice; list each once")
-    return values
+    return sweep_budgets(params, [part.strip() for part in text.split(",")])
 
 
 def _save_attack_images(path: Path, model: Any, bundle: Any, report: Any, indices: Any,

@@ -327,9 +327,10 @@ def evaluate_sharded(evaluate: Callable[[Any, int | None], T], *, run: Path, lau
     except KeyboardInterrupt:
         if state is None and shard_of is None:
             raise
+        from pagctl.checkpoint import SHARDS_DIR
         from pagctl.progress import stderr_console
 
-        where = state if state is not None else run / "shards"
+        where = state if state is not None else run / SHARDS_DIR
         stderr_console.print(f"interrupted: progress is in {where}; run the same command "
                              "again to resume", soft_wrap=True)
         raise typer.Exit(130) from None

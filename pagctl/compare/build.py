@@ -10,7 +10,7 @@ from pathlib import Path
 from pagctl.compare.model import Cell, Column, Comparison, Pair, Row
 from pagctl.compare.runs import RunData, read_run, run_labels
 from pagctl.compare.spec_columns import differing_fields, flat_spec
-from pagctl.errors import SpecError
+from pagctl.errors import FieldError, SpecError
 from pagctl.stats import mcnemar_exact
 
 
@@ -183,7 +183,7 @@ def compare_runs(run_dirs: list[Path], *, strict: bool = False,
     flats = [flat_spec(s) for s in specs]
     labels = run_labels([(Path(d), s.name) for d, s in zip(run_dirs, specs, strict=True)])
     if weights not in ("last", "best"):
-        raise SpecError(f"--weights: {weights!r} is not one of last, best")
+        raise FieldError("weights", f"{weights!r} is not one of last, best")
     data = [read_run(Path(d), label, spec, flat, weights)
             for d, label, spec, flat in zip(run_dirs, labels, specs, flats, strict=True)]
     rows = [d.row for d in data]

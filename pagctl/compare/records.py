@@ -24,7 +24,13 @@ def read_records(run_dir: Path) -> tuple[list[tuple[int, Usable]], list[str]]:
     that its per-point bits do not bear out; an intact record after a damaged part of the
     same line is kept: `pagctl.records.split_lines`). A missing file is an empty list;
     nothing raises."""
-    path = run_dir / "metrics.jsonl"
+    from pagctl.checkpoint import METRICS_FILE, confined
+    from pagctl.errors import CheckpointError
+
+    try:
+        path = confined(run_dir, METRICS_FILE)
+    except CheckpointError as exc:
+        return [], [f"warning: {exc}; its metrics are skipped"]
     if not path.is_file():
         return [], []
     try:

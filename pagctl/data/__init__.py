@@ -61,7 +61,6 @@ __all__ = [
     "iter_batches",
     "iter_chunks",
     "load_data",
-    "select_test_indices",
     "validate_tensors",
 ]
 
@@ -224,20 +223,6 @@ def subset_digest(ds: Dataset[Item], indices: Tensor) -> str:
 DIGEST_CHUNK = 512
 """Points per chunk read by `subset_digest` (fixed: the digest does not depend on an
 evaluation's batch size)."""
-
-
-def select_test_indices(num_test: int, indices: Tensor | None, limit: int | None) -> Tensor:
-    """The test images an evaluation runs on: ``indices`` (all ``num_test`` when None), checked
-    to lie in the test set, then the first ``limit``. Raises SpecError naming ``--indices``
-    for an index outside the test set."""
-    from pagctl.errors import SpecError
-
-    if indices is None:
-        indices = torch.arange(num_test)
-    elif int(indices.min()) < 0 or int(indices.max()) >= num_test:
-        bad = int(indices[(indices < 0) | (indices >= num_test)][0])
-        raise SpecError(f"--indices: index {bad} is outside the test set (0..{num_test - 1})")
-    return indices if limit is None else indices[:limit]
 
 
 def iter_batches(ds: Dataset[Item], order: Tensor, batch_size: int, *,

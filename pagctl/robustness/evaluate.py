@@ -9,11 +9,12 @@ the unsharded run — the same per-point results and counts — and runs the pro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pagctl.distributed.shards import shard_files
-from pagctl.errors import CheckpointError, SpecError
+from pagctl.errors import CheckpointError, FieldError, SpecError
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +30,7 @@ def evaluate_attack(
     bundle: DataBundle,
     name: str,
     params: BaseModel,
-    budgets: list[float] | None = None,
+    budgets: Sequence[Any] | None = None,
     *,
     indices: Tensor | None = None,
     limit: int | None = None,
@@ -55,15 +56,23 @@ def evaluate_attack(
     ``precision="bfloat16"`` runs the model's forward under bfloat16 autocast
     (`pagctl.models.LowPrecision`; opt-in, marked in every report; its resumable states and
     shards are another evaluation's than float32's, as the wrapped model's weights digest
-    differs). Returns the reports (one per budget) and the attacked indices. Raises
-    SpecError when the indices are out of range, AutoAttack standard/plus meets a randomised
-    model, or a shard to merge is missing or unfinished.
+    differs). Returns the reports (one per budget) and the attacked indices. Raises a
+    `FieldError` for what `pagctl.evaluation` refuses (limit, batch size, seed, indices,
+    budgets, shards, a model whose outputs do not fit the data), SpecError when AutoAttack
+    standard/plus meets a randomised model or a shard to merge is missing or unfinished.
     """
     import torch
 
     from pagctl import registry
     from pagctl.build import build_context
-    from pagctl.data import get_batch, labels_of, select_test_indices, subset_digest
+    from pagctl.data import get_batch, labels_of, subset_digest
+    from pagctl.evaluation import (
+        check_outputs,
+        check_settings,
+        check_shards,
+        evaluation_points,
+        sweep_budgets,
+    )
     from pagctl.models import PRECISIONS, LowPrecision
     from pagctl.protocols import attack_stages, declared_budget
     from pagctl.provenance import model_digest
@@ -77,16 +86,21 @@ def evaluate_attack(
 
     if (shard is not None or merge_shards is not None) and shard_dir is None:
         raise ValueError("shard and merge_shards need shard_dir")
+    if shard is not None and merge_shards is not None:
+        raise FieldError("merge_shards", "run one shard, or merge them all; not both")
+    check_settings(batch_size=batch_size, seed=seed, probe_size=probe_size)
     if precision not in PRECISIONS:
-        raise SpecError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+        raise FieldError("precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
+    if budgets is not None:
+        budgets = sweep_budgets(params, budgets)
+    indices = evaluation_points(len(bundle.test), indices, limit)  # type: ignore[arg-type]
+    check_shards(len(indices), batch_size, shard, merge_shards)
+    check_outputs(model, bundle, device)
     measured = model_digest(model)  # the model itself, whatever precision runs it
     if precision == "bfloat16":
         model = LowPrecision(model)
-    if shard is not None and merge_shards is not None:
-        raise ValueError("run a shard or merge shards, not both")
     if shard is not None or merge_shards is not None:
         keep_images = 0
-    indices = select_test_indices(len(bundle.test), indices, limit)  # type: ignore[arg-type]
     points = subset_digest(bundle.test, indices)
     probe_idx = indices[:probe_size]
     px, py = get_batch(bundle.test, probe_idx)
@@ -174,25 +188,27 @@ def _merged(files: list[Path], key: dict[str, Any], *, name: str, params: BaseMo
     states = []
     for i, path in enumerate(files):
         if not path.exists():
-            raise SpecError(f"--merge-shards: shard {i}/{count} of this evaluation has not "
-                            f"run ({path} is missing); run the same command with --shard "
-                            f"{i}/{count} (same attack, params, seed, subset and weights)")
+            raise FieldError("merge_shards", f"shard {i}/{count} of this evaluation has not "
+                             f"run ({path} is missing); run shard {i}/{count} (shard=({i}, "
+                             f"{count}), --shard {i}/{count} on the command line) with the "
+                             "same attack, params, seed, subset and weights")
         states.append(AttackState.load(path, {**key, "shard": [i, count]}))
     for i, st in enumerate(states):
         if st.stage < len(st.stages):
-            raise SpecError(f"--merge-shards: shard {i}/{count} stopped before the end "
-                            f"(stage {st.stage + 1} of {len(st.stages)}); run the same "
-                            f"command with --shard {i}/{count} again to finish it")
+            raise FieldError("merge_shards", f"shard {i}/{count} stopped before the end "
+                             f"(stage {st.stage + 1} of {len(st.stages)}); run shard "
+                             f"{i}/{count} (shard=({i}, {count}), --shard {i}/{count} on the "
+                             "command line) again to finish it")
     try:
         merged = merge_shards(states)
     except ValueError as exc:
-        raise SpecError(f"--merge-shards: {exc}") from None
+        raise FieldError("merge_shards", str(exc)) from None
     clean = clean_correct_mask(model, bundle.test, indices, batch_size=batch_size,
                                device=device)
     if not bool((clean == merged.clean).all()):
         wrong = int((clean != merged.clean).sum())
         raise CheckpointError(
-            f"--merge-shards: the shards in {files[0].parent} claim {wrong} point(s) "
+            f"{files[0].parent}: the shards claim {wrong} point(s) "
             "classified otherwise than the model classifies them; they were not written by "
             "this model's evaluation: delete them and run the shards again")
     return AttackReport.from_state(merged, name, params, norm, eps, indices, seed)

@@ -19,7 +19,6 @@ bits against the model once more (`pagctl.robustness.evaluate`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
