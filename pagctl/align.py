@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pagctl.errors import CheckpointError, FieldError, SpecError
+from pagctl.errors import FieldError
 from pagctl.records import AlignRecord, Subset
 from pagctl.stats import mean_interval, subset_record
 
@@ -351,32 +351,21 @@ class AlignProgress:
         file when it is damaged, edited, or contradicts itself (`problem`)."""
         import torch
 
-        from pagctl.checkpoint import load_checked
+        from pagctl.checkpoint import contradiction, load_checked
 
-        tensors, meta = load_checked(path, ALIGN_STATE_KEY, "alignment shard")
-        if meta.get("version") != ALIGN_STATE_VERSION:
-            raise SpecError(f"{path}: written by another version of pagctl (alignment shard "
-                            f"version {meta.get('version')}, this one reads "
-                            f"{ALIGN_STATE_VERSION}); delete the file")
-        if meta.get("key") != key:
-            found = meta.get("key")
-            theirs: dict[str, Any] = found if isinstance(found, dict) else {}
-            differ = sorted(k for k in set(key) | set(theirs) if key.get(k) != theirs.get(k))
-            raise SpecError(f"{path}: written by a different alignment score (its "
-                            f"{', '.join(differ)} differ); delete the file")
+        tensors, meta = load_checked(path, ALIGN_STATE_KEY, "alignment shard",
+                                     version=ALIGN_STATE_VERSION, expected=key)
         try:
             progress = cls(key=key, batch_size=int(meta["batch_size"]),
                            cosines=tensors["cosines"].to(torch.float64),
                            sums=tensors["sums"].to(torch.float64),
                            done=tensors["done"].to(torch.bool), seconds=float(meta["seconds"]))
         except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a complete alignment shard "
-                                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:80]}); "
-                                  "delete it and run again") from None
+            raise contradiction(path, "alignment shard", f"incomplete: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0][:80]}") from None
         problem = progress.problem()
         if problem is not None:
-            raise CheckpointError(f"{path}: contradicts itself ({problem}); it was damaged or "
-                                  "edited: delete it and run again")
+            raise contradiction(path, "alignment shard", problem)
         return progress
 
     def problem(self) -> str | None:

@@ -352,51 +352,72 @@ def read_spec(run_dir: Path) -> RunSpec:
 # one run per folder: the lock
 
 
-class RunLock:
-    """An advisory lock on a run folder: exclusive for what trains into it (``pagctl train``,
-    ``train-score``, ``--resume``), shared for what reads its weights and appends records
-    (``pagctl attack``, ``align-score``), so a folder is never trained twice at once nor
-    evaluated while its weights change.
+NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)
+"""What ``flock`` fails with where the file system has none (some network file systems)."""
 
-    The lock is ``flock`` on ``<run>/.pagctl.lock``. The kernel releases it when its holder
-    exits, however it exits, so a lock left by a killed process is stale by construction
-    and taken over without a word; a lock held by a live process is refused with one line
-    naming the holder (its pid, host, command and start, written in the file). Where the
-    platform or the file system has no ``flock`` (not POSIX, some network file systems) no
-    lock is taken. ``create``: make the folder when it does not exist (an exclusive lock
-    taken before anything else is written there); `release` removes such a folder again
-    (and the parents it made) when nothing else was written into it.
+
+def try_flock(fd: int, mode: int, *, tries: int = 1) -> bool | None:
+    """``flock(fd, mode)`` without blocking, tried ``tries`` times 50 ms apart: True when
+    taken (or converted), False when others hold it, None where there is no ``flock``."""
+    import fcntl
+    import time
+
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno in NO_FLOCK:
+                return None
+        if attempt + 1 < tries:
+            time.sleep(0.05)
+    return False
+
+
+def holder_text(data: bytes) -> str:
+    """A lock file's holder (``{"pid", "host", "command", "since"}``, as `FolderLock`
+    writes it) in words."""
+    holder: Any = None
+    with suppress(ValueError):
+        holder = json.loads(data.decode("utf-8", "replace") or "null")
+    if not isinstance(holder, dict) or "pid" not in holder:
+        return "another pagctl command"
+    return (f"pid {holder.get('pid')} on {holder.get('host')} ('pagctl "
+            f"{holder.get('command')}' since {holder.get('since')})")
+
+
+class FolderLock:
+    """``flock`` on a file in a folder, the mechanics every pagctl lock shares (`RunLock`
+    on a run folder, `pagctl.grid.GridLock` on a grid's root); subclasses say which mode
+    they hold and what a busy lock means.
+
+    The kernel releases the lock when its holder exits, however it exits, so a lock left by
+    a killed process is stale by construction and taken over without a word. The lock file
+    is opened without following a symbolic link (a folder from elsewhere could point it at
+    any file of the user's, which the holder line would overwrite), and is the one at the
+    path once locked (a holder that released it meanwhile may have removed it). The last
+    holder removes the file, so it exists only while the folder is in use. Where the
+    platform or the file system has no ``flock`` (not POSIX, some network file systems), or
+    the folder cannot be written, no lock is taken. ``create``: make the folder (and its
+    missing parents) when it does not exist; `release` removes them again when nothing was
+    written into them.
     """
 
-    def __init__(self, run_dir: Path, *, exclusive: bool, command: str,
-                 create: bool = False) -> None:
-        self.run_dir = run_dir
-        self.path = run_dir / LOCK_FILE
-        self.exclusive = exclusive
+    def __init__(self, folder: Path, name: str, *, command: str, create: bool) -> None:
+        self.folder = folder
+        self.path = folder / name
         self.command = command
         self.create = create
         self._fd: int | None = None
         self._created: list[Path] = []  # folders this lock made, outermost first
 
-    def acquire(self) -> RunLock:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX
-            return self
+    def _hold(self, take: Callable[[int], bool | None]) -> int | None:
+        """Open the lock file and ``take(fd)`` it (True: taken as wanted; None: no lock
+        can be taken here; the callable raises when others hold it), until the file locked
+        is the one at the path. The open descriptor, or None when nothing is locked."""
         if self.create:
-            missing = []
-            folder = self.run_dir
-            while not folder.exists() and folder != folder.parent:
-                missing.append(folder)
-                folder = folder.parent
-            for folder in reversed(missing):
-                try:
-                    folder.mkdir()
-                    self._created.append(folder)
-                except FileExistsError:
-                    pass  # made meanwhile by another process: the lock decides
-        mode = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
-        for _ in range(100):  # until the locked file is the one at the path
+            self._make_folder()
+        for _ in range(100):
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o666)
             except OSError as exc:
@@ -404,73 +425,142 @@ class RunLock:
                     raise CheckpointError(f"{self.path}: is a symbolic link; pagctl never "
                                           "writes through one (it could point at any file): "
                                           "remove the link") from None
-                return self  # a read-only folder: nothing can train into it
+                return None  # a read-only folder: nothing can be written into it
             try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
-            except OSError as exc:
+                taken = take(fd)
+            except BaseException:
                 os.close(fd)
-                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                    return self  # no flock on this file system
-                raise CheckpointError(self._busy()) from None
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
+                raise
+            if taken is None:
+                os.close(fd)
+                return None
+            if self._same_file(fd):
+                self._fd = fd
+                return fd
             os.close(fd)  # removed by a holder that released it meanwhile: try again
-        else:  # pragma: no cover - a path replaced a hundred times in a row
-            raise CheckpointError(f"{self.path}: keeps changing; is another tool removing it?")
-        self._fd = fd
-        if self.exclusive:
-            import platform
-            import time
+        raise CheckpointError(  # pragma: no cover - a path replaced a hundred times in a row
+            f"{self.path}: keeps changing; is another tool removing it?")
 
-            holder = {"pid": os.getpid(), "host": platform.node(), "command": self.command,
-                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-        return self
+    def _make_folder(self) -> None:
+        missing = []
+        folder = self.folder
+        while not folder.exists() and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+                self._created.append(folder)
+            except FileExistsError:
+                pass  # made meanwhile by another process: the lock decides
 
-    def _busy(self) -> str:
-        holder: Any = None
-        with suppress(OSError, ValueError):
-            holder = json.loads(self.path.read_text(encoding="utf-8") or "null")
-        who = (f"pid {holder.get('pid')} on {holder.get('host')} ('pagctl "
-               f"{holder.get('command')}' since {holder.get('since')})"
-               if isinstance(holder, dict) else "another pagctl command")
-        if self.exclusive:
-            return (f"{self.run_dir}: in use by {who}; a run folder holds one run: wait for "
-                    "it to end, or choose another --out")
-        return (f"{self.run_dir}: being trained by {who}; its weights are changing: evaluate "
-                "it when training ends")
+    def _same_file(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def _write_holder(self, fd: int, **extra: str) -> None:
+        """Who holds the lock, for the message another command gets (`holder_text`)."""
+        import platform
+        import time
+
+        holder = {**extra, "pid": os.getpid(), "host": platform.node(),
+                  "command": self.command, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
 
     def release(self) -> None:
-        """Unlock. The last holder removes the lock file (and a folder this lock created, with
-        the parents it made, when nothing else was written into it), so the file exists only
-        while the folder is in use, or after its holder was killed."""
+        """Unlock. The last holder removes the lock file (and the folders this lock made,
+        when nothing else was written into them)."""
         if self._fd is None:
             return
         import fcntl
 
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no one else holds it
-        except OSError:
-            pass  # other readers still hold it: theirs to remove
-        else:
+        if try_flock(self._fd, fcntl.LOCK_EX):  # no one else holds it: the file is ours
             self.path.unlink(missing_ok=True)  # acquirers check the inode they locked
-            if self._created and not any(self.run_dir.iterdir()):
+            if self._created and not any(self.folder.iterdir()):
                 for folder in reversed(self._created):
                     with suppress(OSError):  # not empty any more: someone else's now
                         folder.rmdir()
         os.close(self._fd)  # closing the descriptor releases the lock
         self._fd = None
 
-    def __enter__(self) -> RunLock:
+    def acquire(self) -> FolderLock:
+        raise NotImplementedError
+
+    def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class RunLock(FolderLock):
+    """An advisory lock on a run folder (`FolderLock` on ``<run>/.pagctl.lock``): exclusive
+    for what trains into it (``pagctl train``, ``train-score``, ``--resume``), shared for
+    what reads its weights and appends records (``pagctl attack``, ``align-score``), so a
+    folder is never trained twice at once nor evaluated while its weights change. A lock
+    held by a live process is refused with one line naming the holder (its pid, host,
+    command and start, which an exclusive holder writes in the file). ``create``: make the
+    folder when it does not exist (an exclusive lock taken before anything else is written
+    there).
+    """
+
+    def __init__(self, run_dir: Path, *, exclusive: bool, command: str,
+                 create: bool = False) -> None:
+        super().__init__(run_dir, LOCK_FILE, command=command, create=create)
+        self.run_dir = run_dir
+        self.exclusive = exclusive
+
+    def acquire(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        mode = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
+
+        def take(fd: int) -> bool | None:
+            taken = try_flock(fd, mode)
+            if taken is False:
+                raise CheckpointError(self._busy(os.pread(fd, 4096, 0)))
+            return taken
+
+        fd = self._hold(take)
+        if fd is not None and self.exclusive:
+            self._write_holder(fd)
+        return self
+
+    def _busy(self, data: bytes) -> str:
+        who = holder_text(data)
+        if self.exclusive:
+            return (f"{self.run_dir}: in use by {who}; a run folder holds one run: wait for "
+                    "it to end, or choose another --out")
+        return (f"{self.run_dir}: being trained by {who}; its weights are changing: evaluate "
+                "it when training ends")
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+
+def run_folder_holder(run_dir: Path) -> str | None:
+    """Who trains the run folder now, in words (its `RunLock` holder), or None when no one
+    holds it exclusively (a grid asks it of a point whose run was refused: is another job
+    of the grid training it?)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no locks
+        return None
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY | _NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        if try_flock(fd, fcntl.LOCK_SH) is not False:  # free, or shared by readers only
+            return None
+        return holder_text(os.pread(fd, 4096, 0))
+    finally:
+        os.close(fd)  # (a shared lock taken above ends with it)
 
 
 # ---------------------------------------------------------------------------------------
@@ -914,12 +1004,15 @@ def save_checked(path: Path, tensors: dict[str, torch.Tensor], key: str,
     atomic_save_tensors(written, path, {key: json.dumps(full)})
 
 
-def load_checked(path: Path, key: str, what: str) -> tuple[dict[str, torch.Tensor],
-                                                           dict[str, Any]]:
-    """The tensors and metadata `save_checked` wrote to ``path`` under ``key``; one-line
-    CheckpointError naming the file when it is not such a file (``what`` names the kind),
-    its metadata is not JSON, or its contents do not match the digest written with them (a
-    damaged file, or one edited by hand)."""
+def load_checked(path: Path, key: str, what: str, *, version: int,
+                 expected: dict[str, Any], names: Mapping[str, str] | None = None,
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and metadata `save_checked` wrote to ``path`` under ``key``, for the
+    evaluation ``expected`` names (its key) at format ``version``. One-line errors naming
+    the file: CheckpointError when it is not such a file (``what`` names the kind), its
+    metadata is not JSON, or its contents do not match the digest written with them (a
+    damaged file, or one edited by hand); SpecError when it was written by another version
+    or for another evaluation (naming what differs, in ``names``' words where given)."""
     from safetensors import SafetensorError, safe_open
 
     tensors = load_tensors(path)
@@ -946,4 +1039,21 @@ def load_checked(path: Path, key: str, what: str) -> tuple[dict[str, torch.Tenso
     if found != _payload_digest(tensors, meta):
         raise CheckpointError(f"{path}: damaged or edited: its contents do not match the "
                               "digest written with them; delete it and run again")
+    if meta.get("version") != version:
+        raise SpecError(f"{path}: a {what} of another version of pagctl (version "
+                        f"{meta.get('version')}, this one reads {version}); pass another path "
+                        "or delete it")
+    if meta.get("key") != expected:
+        written = meta.get("key")
+        theirs: dict[str, Any] = written if isinstance(written, dict) else {}
+        differ = [(names or {}).get(k, k) for k in sorted(set(expected) | set(theirs))
+                  if expected.get(k) != theirs.get(k)]
+        raise SpecError(f"{path}: a {what} of another evaluation (its {', '.join(differ)} "
+                        "differ); pass another path or delete it")
     return tensors, meta
+
+
+def contradiction(path: Path, what: str, problem: str) -> CheckpointError:
+    """The error for a checked file whose contents break their own invariants."""
+    return CheckpointError(f"{path}: a {what} that contradicts itself ({problem}); it was "
+                           "damaged or edited: delete it and run again")

@@ -23,19 +23,25 @@ refused while they run.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import itertools
 import json
 import os
 import re
-import time
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pagctl.checkpoint import LOCK_FILE, STATE_FILE, read_run_spec, read_state_counters
+from pagctl.checkpoint import (
+    LOCK_FILE,
+    STATE_FILE,
+    FolderLock,
+    holder_text,
+    read_run_spec,
+    read_state_counters,
+    try_flock,
+)
 from pagctl.errors import CheckpointError, SpecError
 from pagctl.spec import RunSpec, load_spec
 
@@ -210,8 +216,6 @@ def folder_problem(spec: RunSpec) -> str | None:
 GRID_LOCK_FILE = ".pagctl-grid.lock"
 """`GridLock`'s file in a grid's root, present while a grid runs there."""
 
-_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)
-
 
 def grid_digest(points: list[GridPoint]) -> str:
     """What makes two grid commands one grid: every point's folder name and spec (``out_dir``
@@ -224,36 +228,7 @@ def grid_digest(points: list[GridPoint]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _flock(fd: int, mode: int, *, tries: int = 1) -> bool | None:
-    """``flock(fd, mode)`` without blocking, tried ``tries`` times 50 ms apart: True when
-    taken (or converted), False when others hold it, None where there is no ``flock``."""
-    import fcntl
-
-    for attempt in range(tries):
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-            return True
-        except OSError as exc:
-            if exc.errno in _NO_FLOCK:
-                return None
-        if attempt + 1 < tries:
-            time.sleep(0.05)
-    return False
-
-
-def _holder_text(data: bytes) -> str:
-    """A lock file's holder (``{"pid", "host", "command", "since"}``, as `RunLock` and
-    `GridLock` write it) in words."""
-    holder: Any = None
-    with suppress(ValueError):
-        holder = json.loads(data.decode("utf-8", "replace") or "null")
-    if not isinstance(holder, dict) or "pid" not in holder:
-        return "another pagctl command"
-    return (f"pid {holder.get('pid')} on {holder.get('host')} ('pagctl "
-            f"{holder.get('command')}' since {holder.get('since')})")
-
-
-class GridLock:
+class GridLock(FolderLock):
     """The lock a running grid holds on its root: shared by the commands of one grid,
     refused to any other grid.
 
@@ -271,19 +246,16 @@ class GridLock:
     grid leaves the file as it is, so the line names the command that started the grid,
     which may have ended while its siblings go on.
 
-    As with `RunLock`: the kernel releases the lock when its holder exits however it exits
-    (a killed grid leaves no lock), the last holder removes the file, and where there is no
-    ``flock`` no lock is taken. The root is made when missing, and removed again at
-    release when nothing was written into it.
+    The mechanics are every pagctl lock's (`pagctl.checkpoint.FolderLock`): a killed grid
+    leaves no lock, the last holder removes the file, the file is never a link followed,
+    and where there is no ``flock`` no lock is taken. The root is made when missing, and
+    removed again at release when nothing was written into it.
     """
 
     def __init__(self, root: Path, digest: str, *, command: str) -> None:
+        super().__init__(root, GRID_LOCK_FILE, command=command, create=True)
         self.root = root
-        self.path = root / GRID_LOCK_FILE
         self.digest = digest
-        self.command = command
-        self._fd: int | None = None
-        self._created: list[Path] = []  # folders this lock made, outermost first
 
     def acquire(self) -> GridLock:
         try:
@@ -293,35 +265,23 @@ class GridLock:
         if self.root.exists() and not self.root.is_dir():
             raise CheckpointError(f"{self.root}: is a file, not a folder for a grid's runs; "
                                   "give another --out")
-        self._make_root()
-        for _ in range(100):  # until the locked file is the one at the path
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            except OSError:
-                return self  # a read-only root: nothing can be trained into it
-            alone = _flock(fd, fcntl.LOCK_EX)
-            if alone is None:
-                os.close(fd)
-                return self  # no flock on this file system
-            if alone and self._same_file(fd):
-                import platform
 
-                holder = {"grid": self.digest, "pid": os.getpid(), "host": platform.node(),
-                          "command": self.command, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        def take(fd: int) -> bool | None:
+            alone = try_flock(fd, fcntl.LOCK_EX)
+            if alone is None:
+                return None
+            if alone and self._same_file(fd):
+                self._write_holder(fd, grid=self.digest)
             # shared by the grid's commands; an exclusive holder only writes its line
-            if not _flock(fd, fcntl.LOCK_SH, tries=200):
-                data = os.pread(fd, 4096, 0)
-                os.close(fd)
+            if not try_flock(fd, fcntl.LOCK_SH, tries=200):
                 raise CheckpointError(f"{self.root}: its grid lock stays taken by "
-                                      f"{_holder_text(data)}; is that command stopped?")
-            if self._same_file(fd):
-                break
-            os.close(fd)  # removed by a holder that released it meanwhile: try again
-        else:  # pragma: no cover - a path replaced a hundred times in a row
-            raise CheckpointError(f"{self.path}: keeps changing; is another tool removing it?")
-        self._fd = fd
+                                      f"{holder_text(os.pread(fd, 4096, 0))}; is that "
+                                      "command stopped?")
+            return True
+
+        fd = self._hold(take)
+        if fd is None:
+            return self
         data = os.pread(fd, 4096, 0)
         found: Any = None
         with suppress(ValueError):
@@ -330,66 +290,9 @@ class GridLock:
             return self
         self.release()
         raise CheckpointError(f"{self.root}: another grid runs into this folder, started by "
-                              f"{_holder_text(data)}; one grid at a time in a root: wait for it "
+                              f"{holder_text(data)}; one grid at a time in a root: wait for it "
                               "to end, or give this grid another --out")
-
-    def _make_root(self) -> None:
-        missing = []
-        folder = self.root
-        while not folder.exists() and folder != folder.parent:
-            missing.append(folder)
-            folder = folder.parent
-        for folder in reversed(missing):
-            try:
-                folder.mkdir()
-                self._created.append(folder)
-            except FileExistsError:
-                pass  # made meanwhile by another process: the lock decides
-
-    def _same_file(self, fd: int) -> bool:
-        try:
-            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            return False
-
-    def release(self) -> None:
-        """Unlock. The last holder removes the lock file (and a root this lock made, with the
-        parents it made, when nothing else was written into it)."""
-        if self._fd is None:
-            return
-        import fcntl
-
-        if _flock(self._fd, fcntl.LOCK_EX):  # no one else holds it
-            self.path.unlink(missing_ok=True)  # acquirers check the inode they locked
-            if self._created and not any(self.root.iterdir()):
-                for folder in reversed(self._created):
-                    with suppress(OSError):  # not empty any more: someone else's now
-                        folder.rmdir()
-        os.close(self._fd)  # closing the descriptor releases the lock
-        self._fd = None
 
     def __enter__(self) -> GridLock:
         return self.acquire()
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def folder_holder(run_dir: Path) -> str | None:
-    """Who trains the run folder now, in words (its `RunLock` holder), or None when no one
-    holds it exclusively: after a point's run was refused, whether another command (a job
-    of the same grid) is training that point."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no locks
-        return None
-    try:
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        if _flock(fd, fcntl.LOCK_SH) is not False:  # free, or shared by readers only
-            return None
-        return _holder_text(os.pread(fd, 4096, 0))
-    finally:
-        os.close(fd)  # (a shared lock taken above ends with it)

@@ -452,7 +452,7 @@ def test_a_consistent_forgery_of_clean_bits_meets_the_model(
     claims a misclassified point is clean-correct is caught at the merge, where the clean
     bits are checked against the model itself."""
     from pagctl.checkpoint import load_checked, save_checked
-    from pagctl.robustness.state import METADATA_KEY
+    from pagctl.robustness.state import METADATA_KEY, STATE_VERSION, WHAT
 
     run = _copy(base, corpus_dir)
     argv = ["attack", run, "--attack", "fgsm", "--param", "eps=0.3", "--limit", "40",
@@ -460,7 +460,9 @@ def test_a_consistent_forgery_of_clean_bits_meets_the_model(
     for i in range(2):
         assert pagctl(*argv, "--shard", f"{i}/2").code == 0
     files = sorted((run / "shards").iterdir())
-    loaded = [load_checked(path, METADATA_KEY, "attack state file") for path in files]
+    loaded = [(tensors, meta) for tensors, meta in (
+        load_checked(path, METADATA_KEY, WHAT, version=STATE_VERSION,
+                     expected=json.loads(load_file_meta(path))["key"]) for path in files)]
     wrong = (loaded[0][0]["clean"] == 0).nonzero()
     if not len(wrong):
         pytest.skip("the model classifies the 40 points correctly")
@@ -473,6 +475,16 @@ def test_a_consistent_forgery_of_clean_bits_meets_the_model(
     got = pagctl(*argv, "--merge-shards", "2")
     assert got.code == 2, got.stderr
     assert "classified otherwise than the model classifies them" in got.stderr
+
+
+def load_file_meta(path: Path) -> str:
+    """A state file's metadata JSON, as written (to read back its own key)."""
+    from safetensors import safe_open
+
+    from pagctl.robustness.state import METADATA_KEY
+
+    with safe_open(str(path), framework="pt") as fh:
+        return str(fh.metadata()[METADATA_KEY])
 
 
 def test_a_copied_report_keeps_its_digests(base: Path, corpus_dir: Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import envelope_records
 from safetensors.torch import load_file, save_file
+from tied_model import TIED_MODULE
 from torch import nn
 
 from pagctl.checkpoint import load_run, read_metrics
@@ -289,29 +290,6 @@ def test_a_timm_model_on_an_evaluation_folder_of_mixed_sizes(
 # tied weights, dtypes, broken weights, pickle refusals
 
 
-TIED_MODULE = '''
-import torch
-from torch import nn
-
-
-class Tied(nn.Module):
-    """A digits autoencoder-classifier whose decoder weight is its encoder weight."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.encoder = nn.Linear(64, 64, bias=False)
-        self.decoder = nn.Linear(64, 64, bias=False)
-        self.decoder.weight = self.encoder.weight
-        self.head = nn.Linear(64, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.encoder(x.flatten(1)))
-        return self.head(torch.tanh(self.decoder(h)))
-
-
-def make(num_classes: int) -> nn.Module:
-    return Tied(num_classes)
-'''
 
 
 def _module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, text: str) -> Any:

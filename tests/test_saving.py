@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tied_model import TIED_MODULE
 from torch import nn
 
 from pagctl.checkpoint import (
@@ -129,23 +130,7 @@ def test_unsaveable_state_is_named_with_its_fix(value: Any, problem: str, fix: s
         check_saveable(_Extra().state_dict(), "x")
 
 
-FACTORIES = '''
-import torch
-from torch import nn
-
-
-class Tied(nn.Module):
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.encoder = nn.Linear(64, 64, bias=False)
-        self.decoder = nn.Linear(64, 64, bias=False)
-        self.decoder.weight = self.encoder.weight
-        self.head = nn.Linear(64, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.encoder(x.flatten(1)))
-        return self.head(torch.tanh(self.decoder(h)))
-
+FACTORIES = TIED_MODULE + '''
 
 class Complex(Tied):
     def __init__(self, num_classes: int = 10) -> None:

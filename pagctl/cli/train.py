@@ -294,7 +294,7 @@ def _run_point(p: GridPoint, total: int, *, device: str, overwrite: bool, quiet:
     rather than a run folder's (whose "pass --resume" a grid refuses). Under torchrun a
     failure ends the launch, as in one run."""
     from pagctl import grid as gridmod
-    from pagctl.checkpoint import read_metrics
+    from pagctl.checkpoint import read_metrics, run_folder_holder
     from pagctl.errors import CheckpointError
     from pagctl.train import train as run_train
 
@@ -314,7 +314,7 @@ def _run_point(p: GridPoint, total: int, *, device: str, overwrite: bool, quiet:
     except Exception as exc:  # one point failing (a diverging λ, say) stops no other
         if launch is not None:
             raise
-        holder = gridmod.folder_holder(p.run_dir) if isinstance(exc, CheckpointError) \
+        holder = run_folder_holder(p.run_dir) if isinstance(exc, CheckpointError) \
             else None
         if holder is not None:
             _log(f"{head}: being trained by {holder}; left to it: run the grid again when "

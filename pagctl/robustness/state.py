@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pagctl.errors import CheckpointError, SpecError
 from pagctl.records import StageRecord
 
 if TYPE_CHECKING:
@@ -31,6 +30,7 @@ if TYPE_CHECKING:
 
 STATE_VERSION = 2
 METADATA_KEY = "pagctl_attack_state"
+WHAT = "attack state file"
 _WHAT = {"model_sha256": "model weights", "data_sha256": "test images or labels",
          "indices_sha256": "test indices", "n": "number of points", "attack": "attack",
          "params": "params", "seed": "seed", "batch_size": "batch size",
@@ -87,25 +87,15 @@ class AttackState:
     @classmethod
     def load(cls, path: Path, key: dict[str, Any]) -> AttackState:
         """The state at ``path``, which must have been written for ``key``; SpecError (one
-        line, naming ``--state`` and what differs) otherwise, CheckpointError naming the file
+        line, naming the file and what differs) otherwise, CheckpointError naming the file
         when it is damaged, edited, or breaks the engine's invariants (module docstring)."""
         import torch
         from pydantic import ValidationError
 
-        from pagctl.checkpoint import load_checked
+        from pagctl.checkpoint import contradiction, load_checked
 
-        tensors, meta = load_checked(path, METADATA_KEY, "attack state file")
-        if meta.get("version") != STATE_VERSION:
-            raise SpecError(f"--state {path}: written by another version of pagctl (state "
-                            f"version {meta.get('version')}, this one reads "
-                            f"{STATE_VERSION}); pass a new path or delete the file")
-        if meta.get("key") != key:
-            found = meta.get("key")
-            theirs: dict[str, Any] = found if isinstance(found, dict) else {}
-            differ = [_WHAT.get(k, k) for k in sorted(set(key) | set(theirs))
-                      if key.get(k) != theirs.get(k)]
-            raise SpecError(f"--state {path}: written by a different evaluation (its "
-                            f"{', '.join(differ)} differ); pass a new path or delete the file")
+        tensors, meta = load_checked(path, METADATA_KEY, WHAT, version=STATE_VERSION,
+                                     expected=key, names=_WHAT)
         try:
             state = cls(key=key, clean=tensors["clean"].to(torch.bool),
                         robust=tensors["robust"].to(torch.bool),
@@ -115,13 +105,11 @@ class AttackState:
                         stages=[StageRecord(**s) for s in meta["stages"]],
                         stats={k: float(v) for k, v in meta["stats"].items()})
         except (KeyError, TypeError, ValueError, AttributeError, ValidationError) as exc:
-            raise CheckpointError(f"{path}: not a complete attack state ({type(exc).__name__}"
-                                  f": {str(exc).splitlines()[0][:80]}); delete it and run "
-                                  "again") from None
+            raise contradiction(path, WHAT, f"incomplete: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0][:80]}") from None
         problem = state.problem()
         if problem is not None:
-            raise CheckpointError(f"{path}: contradicts itself ({problem}); it was damaged or "
-                                  "edited: delete it and run again")
+            raise contradiction(path, WHAT, problem)
         return state
 
     def problem(self) -> str | None:
