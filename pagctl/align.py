@@ -232,6 +232,7 @@ def score_alignment(
     shards there merged into the report of the unsharded score (the same per-image cosines
     and numbers, to the bit). SpecError when a shard is missing or unfinished, or a shard
     file is damaged or contradicts itself."""
+    from pagctl.checkpoint import confined
     from pagctl.data import subset_digest
     from pagctl.distributed.shards import shard_files
     from pagctl.evaluation import check_outputs, check_settings, check_shards, evaluation_points
@@ -273,7 +274,7 @@ def score_alignment(
             return None
         parts = []
         for i, path in enumerate(files):
-            if not path.exists():
+            if not confined(path.parent, path.name).exists():
                 raise FieldError("merge_shards", f"shard {i}/{count} of this score has not "
                                  f"run ({path} is missing); run shard {i}/{count} (shard=({i}, "
                                  f"{count}), --shard {i}/{count} on the command line) with the "

@@ -59,6 +59,8 @@ def load(run: str | Path, *, weights: str = "last", device: str = "cpu",
     from pagctl.checkpoint import load_run
     from pagctl.trust import CodeTrust
 
+    if not isinstance(run, (str, Path)):
+        raise FieldError("run", f"expected a run folder's path, got {type(run).__name__}")
     return load_run(Path(run), resolve_device(device), weights=weights,
                     trust=CodeTrust.of(trust_code))
 
@@ -78,9 +80,17 @@ def wrap(module: nn.Module, *, mean: Sequence[float] | None = None,
                          "neither")
     if mean is None or std is None:
         return NormalizedModel(module, [0.0], [1.0])
+    import math
+
     try:
-        return NormalizedModel(module, [float(v) for v in mean], [float(v) for v in std])
-    except (TypeError, ValueError) as exc:
+        values = [float(v) for v in mean], [float(v) for v in std]
+    except (TypeError, ValueError):
+        raise FieldError("mean", "expected numbers, one per channel") from None
+    if not all(math.isfinite(v) for v in (*values[0], *values[1])):
+        raise FieldError("std", "expected finite numbers, one per channel")
+    try:
+        return NormalizedModel(module, *values)
+    except ValueError as exc:
         raise FieldError("std", f"{exc}; give one positive number per channel") from None
 
 
@@ -133,9 +143,10 @@ def tensors(images: Any, labels: Any, *, num_classes: int | None = None,
     y = y.to(torch.int64)
     if num_classes is None:
         classes = int(y.max()) + 1
-    elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise FieldError("num_classes", f"expected a positive whole number, got "
-                         f"{num_classes!r}")
+    elif isinstance(num_classes, bool) or not isinstance(num_classes, int) \
+            or not 1 <= num_classes <= MAX_CLASSES:
+        raise FieldError("num_classes", f"expected a whole number from 1 to {MAX_CLASSES}, "
+                         f"got {num_classes!r}")
     else:
         classes = num_classes
     validate_tensors(x, y, num_classes=classes, name=name)
@@ -147,12 +158,18 @@ def tensors(images: Any, labels: Any, *, num_classes: int | None = None,
                       name=name, class_names=tuple(str(i) for i in range(classes)))
 
 
+MAX_CLASSES = 100_000
+"""The most classes `tensors` takes (ImageNet-21k has about 21,000)."""
+
+
 def _tensor(field: str, value: Any) -> Tensor:
     """A tensor or numpy array as a CPU tensor; FieldError naming ``field`` otherwise."""
     import numpy as np
     import torch
 
     if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            raise FieldError(field, "a tensor on the meta device holds no values")
         return value.detach().cpu()
     if isinstance(value, np.ndarray):
         if value.dtype == object:
@@ -171,13 +188,18 @@ def _model_and_data(model: Any, data: Any, device: str, weights: str,
     from pagctl.build import resolve_device
     from pagctl.checkpoint import LoadedRun
     from pagctl.data import DataBundle, load_data
+    from pagctl.provenance import check_test_images
 
     dev = resolve_device(device)
     if isinstance(model, (str, Path)):
         model = load(model, weights=weights, device=str(dev), trust_code=trust_code)
+
     module: nn.Module
     if isinstance(model, LoadedRun):
-        bundle = load_data(model.spec.data) if data is None else None
+        bundle = None
+        if data is None:  # the run's own test set, checked to be the one it was made with
+            bundle = load_data(model.spec.data)
+            check_test_images(model.run_dir, bundle, model.weights)
         module = model.model
     elif isinstance(model, nn.Module):
         bundle, module = None, model
@@ -228,7 +250,7 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
     from pagctl.robustness.evaluate import evaluate_attack
 
     check_settings(batch_size=batch_size, seed=seed, probe_size=probe_size)
-    given = dict(params or {})
+    given = _params(params)
     for key, value in (("eps", eps), ("norm", norm)):
         if value is not None:
             given[key] = value
@@ -267,8 +289,7 @@ def align_score(model: Any, data: Any = None, source: str = "nearest_neighbor", 
     from pagctl.evaluation import as_indices, check_settings
 
     check_settings(batch_size=batch_size, seed=seed)
-    validated = registry.target_gradients.validate_params(source, dict(params or {}),
-                                                          "params")
+    validated = registry.target_gradients.validate_params(source, _params(params), "params")
     folder = _shard_folder(model, shard, merge_shards, shard_dir)
     run = load(model, weights=weights, device=device, trust_code=trust_code) \
         if isinstance(model, (str, Path)) else model
@@ -287,6 +308,18 @@ def align_score(model: Any, data: Any = None, source: str = "nearest_neighbor", 
                            batch_size=batch_size, device=dev, seed=seed)
 
 
+def _params(params: Any) -> dict[str, Any]:
+    """A plugin's ``params`` as given (a mapping, or None for the defaults)."""
+    from collections.abc import Mapping
+
+    if params is None:
+        return {}
+    if not isinstance(params, Mapping):
+        raise FieldError("params", f"expected a dict of parameter values, got "
+                         f"{type(params).__name__}")
+    return dict(params)
+
+
 def _shard_folder(model: Any, shard: tuple[int, int] | None, merge_shards: int | None,
                   shard_dir: str | Path | None) -> Path | None:
     """Where the shards of an evaluation live (None when it is not sharded); FieldError for
@@ -301,13 +334,15 @@ def _shard_folder(model: Any, shard: tuple[int, int] | None, merge_shards: int |
     if shard_dir is None and not isinstance(model, (str, Path)):
         raise FieldError("shard_dir", "the shards need a folder when the model is not a run "
                          "folder; give shard_dir=...")
+    if shard_dir is not None and Path(shard_dir).exists() and not Path(shard_dir).is_dir():
+        raise FieldError("shard_dir", f"{shard_dir} is a file; give a folder")
     return Path(shard_dir) if shard_dir is not None else confined(Path(model), SHARDS_DIR)
 
 
 def record(run: str | Path, reports: AttackReport | AlignReport
            | Sequence[AttackReport | AlignReport], *,
            params_given: dict[str, Any] | None = None, weights: str = "last",
-           data_dir: str | Path | None = None) -> None:
+           data_dir: str | Path | None = None, trust_code: bool = False) -> None:
     """Append attack or alignment ``reports`` to the run folder's metrics.jsonl, as
     ``pagctl attack`` and ``pagctl align-score`` do, so that ``compare`` shows them
     (``weights``: which of the run's weights they measured; ``params_given``: the
@@ -315,9 +350,15 @@ def record(run: str | Path, reports: AttackReport | AlignReport
     ``--data-dir``). Only a report of this run's model (those ``weights``, its normalisation)
     on this run's test images is recorded (`pagctl.provenance.record_measurements`): a
     report of another model, other images or no point is refused with one line, and then
-    none of ``reports`` is recorded."""
-    from pagctl.provenance import Measurement, record_measurements
+    none of ``reports`` is recorded. ``trust_code``: as for `load` (the folder's model is
+    rebuilt to check the report against it)."""
+    from pydantic import ValidationError
 
+    from pagctl.provenance import Measurement, record_measurements
+    from pagctl.trust import CodeTrust
+
+    if not isinstance(run, (str, Path)):
+        raise FieldError("run", f"expected a run folder's path, got {type(run).__name__}")
     items = [reports] if not isinstance(reports, Sequence) else list(reports)
     measurements = []
     for report in items:
@@ -325,11 +366,17 @@ def record(run: str | Path, reports: AttackReport | AlignReport
         if not hasattr(report, "to_record") or indices is None:
             raise SpecError(f"record: {type(report).__name__} is not a report of "
                             "pagctl.api.attack or pagctl.api.align_score")
-        rec = report.to_record(params_given=params_given)
+        try:
+            rec = report.to_record(params_given=params_given)
+        except ValidationError as exc:  # a report whose numbers were changed by hand
+            first = exc.errors()[0]
+            raise FieldError("reports", "a report that contradicts itself: "
+                             f"{str(first['msg']).removeprefix('Value error, ')}") from None
         rec.weights = weights
         measurements.append(Measurement(rec, indices))
     record_measurements(Path(run), measurements, weights=weights,
-                        data_dir=None if data_dir is None else Path(data_dir))
+                        data_dir=None if data_dir is None else Path(data_dir),
+                        trust=CodeTrust.of(trust_code))
 
 
 def compare(runs: Sequence[str | Path], *, strict: bool = False,
@@ -339,6 +386,8 @@ def compare(runs: Sequence[str | Path], *, strict: bool = False,
     it. Mismatched columns are marked; ``strict`` refuses them."""
     from pagctl.compare.build import compare_runs
 
+    if isinstance(runs, (str, Path)):
+        runs = [runs]  # one run folder
     return compare_runs([Path(r) for r in runs], strict=strict, weights=weights)
 
 
@@ -372,6 +421,9 @@ def import_model(out: str | Path, model: str, dataset: str, *,
     from pagctl.spec import validate_spec
     from pagctl.trust import CodeTrust
 
+    if not isinstance(model, str):
+        raise FieldError("model", f"expected an architecture's name (a timm name, a model "
+                         f"provider or package.module:factory), got {type(model).__name__}")
     data: dict[str, Any] = {
         "version": 1, "name": Path(out).name, "description": f"imported: {model}",
         "model": {"arch": model, "kwargs": dict(kwargs or {})},

@@ -21,15 +21,21 @@ if TYPE_CHECKING:
 def resolve_device(name: str) -> torch.device:
     import torch
 
+    if not isinstance(name, str):
+        raise FieldError("device", f"expected text such as auto, cpu or cuda:0, got "
+                         f"{name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise FieldError("device", f"{name}: CUDA is not available here; use cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise FieldError("device", f"'{name}' is not a device; use auto, cpu or cuda") \
             from None
+    if device.type == "meta":
+        raise FieldError("device", "'meta' holds no values to evaluate; use auto, cpu or cuda")
+    return device
 
 
 
@@ -42,6 +48,9 @@ class Setup:
     config: dict[str, Any]
     source: Any
     pag_active: bool
+    test_sha256: str
+    """The digest of the test images and labels (`pagctl.data.subset_digest`), which the
+    saved weights carry (`pagctl.checkpoint.save_model`)."""
 
 
 def build_context(bundle: DataBundle, device: torch.device, seed: int,
@@ -69,7 +78,7 @@ def setup(spec: RunSpec, device: torch.device, *, build_plugins: bool = True,
     import torch
 
     from pagctl import registry
-    from pagctl.data import load_data, split_validation
+    from pagctl.data import load_data, split_validation, subset_digest
     from pagctl.models import build_model, timm_config, twice_differentiable
     from pagctl.protocols import disables_pag
 
@@ -112,4 +121,5 @@ def setup(spec: RunSpec, device: torch.device, *, build_plugins: bool = True,
         and spec.target_gradients.name != "none"
     if pag_active:
         twice_differentiable(model)  # the PAG loss differentiates input gradients
-    return Setup(spec, device, bundle, model, config, source, pag_active)
+    test_sha256 = subset_digest(bundle.test, torch.arange(len(bundle.test)))  # type: ignore[arg-type]
+    return Setup(spec, device, bundle, model, config, source, pag_active, test_sha256)

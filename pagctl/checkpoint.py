@@ -426,6 +426,10 @@ class FolderLock:
                                           "writes through one (it could point at any file): "
                                           "remove the link") from None
                 return None  # a read-only folder: nothing can be written into it
+            if os.fstat(fd).st_nlink > 1:
+                os.close(fd)
+                raise CheckpointError(f"{self.path}: is a hard link shared with another file; "
+                                      "pagctl writes who holds the lock into it: remove it")
             try:
                 taken = take(fd)
             except BaseException:
@@ -780,13 +784,22 @@ def save_weights(run_dir: Path, tensors: dict[str, torch.Tensor], config: str,
 
 
 def save_model(run_dir: Path, model: NormalizedModel, config: dict[str, Any],
-               spec: RunSpec, *, file: str = MODEL_FILE) -> None:
-    """A classifier's weights (without the normalisation) as ``file`` and its timm config."""
+               spec: RunSpec, *, test_sha256: str, file: str = MODEL_FILE) -> None:
+    """A classifier's weights (without the normalisation) as ``file`` and its timm config.
+    ``test_sha256``: the digest of the test images and labels the run is measured on
+    (`pagctl.data.subset_digest` of the whole test split), kept in the weights' metadata so
+    that an evaluation given other data (another ``--data-dir``) is refused
+    (`pagctl.provenance.check_test_images`)."""
     import timm
 
     save_weights(run_dir, dict(model.net.state_dict()), json.dumps(config, indent=2) + "\n",
                  {"timm_version": timm.__version__, "spec_hash": spec_hash(spec),
-                  "architecture": str(config["architecture"])}, file=file)
+                  "architecture": str(config["architecture"]), TEST_DIGEST_KEY: test_sha256},
+                 file=file)
+
+
+TEST_DIGEST_KEY = "test_sha256"
+"""The weights' metadata key that names the run's test images (`save_model`)."""
 
 
 @dataclass
@@ -855,7 +868,7 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", *,
             "or re-run training"
         ) from None
     model.to(device).eval()
-    found = _metadata(run_dir / model_file).get("spec_hash")
+    found = weights_metadata(run_dir / model_file).get("spec_hash")
     warnings = []
     if found is not None and found not in accepted_spec_hashes(spec):
         warnings.append(f"warning: {run_dir / model_file} was saved by another run than "
@@ -864,7 +877,7 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", *,
     return LoadedRun(run_dir, spec, config, model, warnings, weights)
 
 
-def _metadata(path: Path) -> dict[str, str]:
+def weights_metadata(path: Path) -> dict[str, str]:
     """A safetensors file's metadata (no tensor is read); empty when unreadable."""
     from safetensors import SafetensorError, safe_open
 
@@ -901,12 +914,35 @@ def _linked_metrics(path: Path) -> CheckpointError:
                            "with the file itself")
 
 
+def _shared_metrics(path: Path) -> CheckpointError:
+    return CheckpointError(f"{path}: is a hard link shared with another file; pagctl never "
+                           "appends to one (the record would land in the other file too, "
+                           "another run's metrics perhaps): copy the file instead of linking")
+
+
 def check_appendable(run_dir: Path) -> None:
     """Before an evaluation whose record `append_record` will append: CheckpointError when
-    metrics.jsonl is a symbolic link, refused now rather than after the work."""
+    metrics.jsonl is a symbolic link or a hard link shared with another file, refused now
+    rather than after the work."""
     path = run_dir / METRICS_FILE
     if path.is_symlink():
         raise _linked_metrics(path)
+    if path.is_file() and path.stat().st_nlink > 1:
+        raise _shared_metrics(path)
+
+
+RESERVED_NAMES = (*RUN_FILES, LOCK_FILE)
+"""File names an output option never takes: a run folder's own files."""
+
+
+def check_output(option: str, path: Path | None) -> None:
+    """An option that writes a file (``--save-adversarial``, ``--state``, ``--plot``, ...)
+    never names a run folder's own file (model.safetensors, spec.json, metrics.jsonl, ...):
+    SpecError naming the option, before any work."""
+    if path is not None and path.name in RESERVED_NAMES:
+        raise SpecError(f"{option}: {path} is the name of a run folder's own file "
+                        f"({path.name}); writing it would replace that run's; give another "
+                        "name")
 
 
 def append_record(run_dir: Path, record: Record) -> None:
@@ -937,6 +973,8 @@ def append_record(run_dir: Path, record: Record) -> None:
         raise CheckpointError(f"{path}: cannot append the record ({exc.strerror or exc}); "
                               "make the run folder writable") from None
     try:
+        if os.fstat(fd).st_nlink > 1:
+            raise _shared_metrics(path)
         with _locked(fd):
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":

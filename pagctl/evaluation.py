@@ -62,6 +62,8 @@ def as_indices(value: Any) -> Tensor | None:
         return None
     if isinstance(value, (str, bytes)):
         raise FieldError("indices", "expected integers, got text")
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        raise FieldError("indices", "a tensor on the meta device holds no values")
     try:
         array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
     except (TypeError, ValueError):
@@ -71,6 +73,8 @@ def as_indices(value: Any) -> Tensor | None:
     if array.ndim != 1:
         raise FieldError("indices", f"expected a flat list of integers, got shape "
                          f"{tuple(array.shape)}")
+    if array.size and (int(array.max()) >= 2**63 or int(array.min()) < -2**63):
+        raise FieldError("indices", "an index is far outside any test set")
     return torch.as_tensor(array.astype(np.int64))
 
 
@@ -111,6 +115,11 @@ def sweep_budgets(params: BaseModel, values: Sequence[Any]) -> list[float]:
         raise FieldError("eps_sweep", "this attack has no eps parameter to sweep")
     if isinstance(values, (str, bytes)):
         raise FieldError("eps_sweep", f"expected a list of budgets, got the text {values!r}")
+    try:
+        values = list(values)
+    except TypeError:
+        raise FieldError("eps_sweep", f"expected a list of budgets, got "
+                         f"{type(values).__name__}") from None
     if len(values) == 0:
         raise FieldError("eps_sweep", "give at least one budget, e.g. 0.25,0.5,1")
     budgets: list[float] = []
@@ -132,9 +141,12 @@ def check_shards(points: int, batch_size: int, shard: tuple[int, int] | None,
     N)`` with 0 <= i < N, and N (or ``merge_shards``) at most the number of batches, since
     shard i owns the batches b with b % N == i and one that owns none measures nothing."""
     batches = -(-points // batch_size)
+    import numbers
+
     if shard is not None and (
             not isinstance(shard, (tuple, list)) or len(shard) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                       for v in shard)
             or not 0 <= shard[0] < shard[1]):
         raise FieldError("shard", f"expected (i, N) with 0 <= i < N, got {shard!r}")
     count = shard[1] if shard is not None else merge_shards
@@ -163,7 +175,7 @@ def check_outputs(model: nn.Module, bundle: DataBundle, device: torch.device | s
     try:
         with eval_mode(model), torch.no_grad():
             logits = model(x.to(device))
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+    except Exception as exc:  # the model's own code failed on the data's images
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise FieldError("model", f"fails on {count} image(s) of {bundle.name} shaped "
                          f"{tuple(x.shape[1:])}: {type(exc).__name__}: {first}") from None

@@ -480,7 +480,7 @@ def import_model(spec: RunSpec, checkpoint: Path | None, *, trust_pickle: bool =
         check_saveable,
         save_model,
     )
-    from pagctl.data import get_batch, load_data
+    from pagctl.data import get_batch, load_data, subset_digest
     from pagctl.models import build_model, check_finite_outputs, timm_config
     from pagctl.records import ImportRecord
 
@@ -550,6 +550,8 @@ def import_model(spec: RunSpec, checkpoint: Path | None, *, trust_pickle: bool =
             std=list(spec.model.std or ()), n_check=n, check_accuracy=accuracy,
             normalisation_check=checked)
         folder.start()
-        save_model(spec.run_dir, model, config, spec)
+        test = torch.arange(len(bundle.test))  # type: ignore[arg-type]
+        save_model(spec.run_dir, model, config, spec,
+                   test_sha256=subset_digest(bundle.test, test))
         append_record(spec.run_dir, record)
     return ImportResult(spec.run_dir, record.to_json(), warnings)

@@ -144,7 +144,7 @@ def _unknown_arch_message(arch: str) -> str:
 
     close = difflib.get_close_matches(arch, registry.models.names() + timm.list_models(), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return (f"model.arch: unknown architecture '{arch}'{hint} (a timm name, a model provider "
+    return (f"model.arch: unknown architecture {arch!r}{hint} (a timm name, a model provider "
             "listed by 'pagctl plugins', or package.module:factory)")
 
 
@@ -371,6 +371,7 @@ def rebuild_from_config(cfg: Mapping[str, Any], state_dict: Mapping[str, Tensor]
     in_chans = int(model_args.pop("in_chans", 3))
     for key in _WEIGHT_LOADING_KWARGS:
         model_args.pop(key, None)
+    _check_source(arch, trust, folder)
     try:
         net = create_network(arch, num_classes=num_classes, in_chans=in_chans,
                              kwargs=model_args, trust=trust,
@@ -386,6 +387,29 @@ def rebuild_from_config(cfg: Mapping[str, Any], state_dict: Mapping[str, Tensor]
         raise CheckpointError(f"config.json: cannot rebuild {arch} from its weights: {first}") \
             from exc
     return model.eval()
+
+
+def _check_source(arch: str, trust: CodeTrust, folder: str) -> None:
+    """A run folder's architecture that reaches outside it (timm's ``hf-hub:``, which fetches
+    its configuration from the network, or ``local-dir:`` a folder elsewhere, whose
+    config.json timm reads) is followed only under ``--trust-code``: what a folder from
+    elsewhere names is data, and so is where it would send pagctl."""
+    if trust.everything:
+        return
+    where = f"{folder}/config.json: architecture {arch!r}"
+    if arch.startswith("hf-hub:"):
+        raise UntrustedCodeError(
+            f"{where} makes timm fetch its configuration from the Hugging Face Hub; pagctl "
+            "reaches the network for a run folder only when asked: pass --trust-code "
+            "(trust_code=True in the Python API) if you trust its source")
+    if arch.startswith("local-dir:"):
+        from pathlib import Path
+
+        target = Path(arch.removeprefix("local-dir:")).expanduser().resolve()
+        if not target.is_relative_to(Path(folder).resolve()):
+            raise UntrustedCodeError(
+                f"{where} makes timm read {target}, outside the run folder; pass "
+                "--trust-code (trust_code=True in the Python API) if you trust its source")
 
 
 def twice_differentiable(model: nn.Module) -> int:

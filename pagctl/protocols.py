@@ -57,15 +57,32 @@ class PluginParams(BaseModel):
 
 
 def parse_fraction(value: Any) -> Any:
-    """Accept ``"8/255"``, ``"0.5"`` or a number; return a float (exact fraction evaluated)."""
+    """Accept ``"8/255"``, ``"0.5"`` or a number; return a float (exact fraction evaluated).
+    Refused: booleans, and numbers that are not finite (``"1e400"``) or whose exact value
+    would take long to compute (a fraction of numbers longer than 40 characters: a spec
+    from elsewhere must not be able to stall pagctl)."""
+    import math
+
+    given = value
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
     if isinstance(value, str):
         text = value.strip()
         try:
-            return float(Fraction(text))
-        except (ValueError, ZeroDivisionError):
+            if "/" in text:
+                top, _, bottom = text.partition("/")
+                if max(len(top), len(bottom)) > 40:
+                    raise ValueError
+                number = float(Fraction(text))
+            else:
+                number = float(text)
+        except (ValueError, ZeroDivisionError, OverflowError):
             raise ValueError(
                 f"expected a number or an exact fraction such as '8/255', got {value!r}"
             ) from None
+        value = number
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {given!r}")
     return value
 
 

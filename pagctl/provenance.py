@@ -5,14 +5,18 @@ A run folder's ``metrics.jsonl`` is what ``compare``, the study and a reader of 
 believe about that run, so a record may enter it only if it measured *that folder's*
 weights on the points it names. Two digests say so, both carried by the record:
 
-- ``model_sha256`` (`model_digest`): the weights and the normalisation in front of them
-  (a `pagctl.models.NormalizedModel`'s ``mean``/``std`` are buffers that ``state_dict``
-  leaves out, yet they change every output). A folder's digest is computed from its files
-  alone (`folder_model_digest`), without building the network, so checking a folder that
-  names code runs none;
+- ``model_sha256`` (`model_digest`): the weights, the normalisation in front of them (a
+  `pagctl.models.NormalizedModel`'s ``mean``/``std`` are buffers that ``state_dict`` leaves
+  out, yet they change every output) and the network's structure (each module's class and
+  settings, and the hooks on it: the same weights in another architecture, or behind a
+  hook that rewrites the outputs, compute something else). A folder's digest is that of the
+  model it holds, built as every command builds it (`folder_model_digest`, under the
+  caller's `pagctl.trust.CodeTrust`);
 - ``subset.data_sha256`` (`pagctl.data.subset_digest`): the images and labels measured,
   with ``subset.indices_sha256`` the indices; another split, test fraction or data folder
-  gives other images at the same indices.
+  gives other images at the same indices. A run's weights also carry the digest of its
+  whole test split, as it was when it was trained or imported (`check_test_images`), so an
+  evaluation handed other data (``--data-dir`` elsewhere) is refused before it starts.
 
 `record_measurements` is the gate (``pagctl attack``, ``pagctl align-score``,
 ``pagctl.api.record``, the study): it refuses a folder that is not a run, an empty report, a
@@ -23,6 +27,7 @@ the model they hold, so they append directly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,23 +35,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pagctl.checkpoint import (
-    CONFIG_FILE,
+    TEST_DIGEST_KEY,
     WEIGHTS,
     append_record,
     confined,
-    load_tensors,
     read_spec,
+    weights_metadata,
 )
 from pagctl.errors import CheckpointError, SpecError
 from pagctl.records import AlignRecord, AttackRecord
+from pagctl.trust import UNTRUSTED, CodeTrust
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
     from pagctl.data import DataBundle
 
-__all__ = ["Measurement", "folder_model_digest", "model_digest", "record_measurements",
-           "weights_digest"]
+__all__ = ["Measurement", "check_test_images", "folder_model_digest", "model_digest",
+           "record_measurements", "weights_digest"]
 
 
 def weights_digest(tensors: Mapping[str, Tensor]) -> str:
@@ -58,36 +64,54 @@ def weights_digest(tensors: Mapping[str, Tensor]) -> str:
 
 
 def model_digest(model: nn.Module) -> str:
-    """The digest of what a model computes with: its state dict and its buffers that the
-    state dict leaves out (a `NormalizedModel`'s ``mean`` and ``std``)."""
+    """The digest of what a model computes with: its state dict, its buffers that the state
+    dict leaves out (a `NormalizedModel`'s ``mean`` and ``std``), and its structure: each
+    module's name, class and settings (``extra_repr``) and the hooks registered on it."""
     named = dict(model.state_dict())
     for name, buffer in model.named_buffers():
         named.setdefault(name, buffer)
-    return weights_digest(named)
+    structure = [[name, f"{type(m).__module__}.{type(m).__qualname__}", m.extra_repr(),
+                  [_hook_name(h) for hooks in (m._forward_pre_hooks, m._forward_hooks)
+                   for h in hooks.values()]]
+                 for name, m in model.named_modules()]
+    digest = hashlib.sha256(weights_digest(named).encode())
+    digest.update(json.dumps(structure).encode())
+    return digest.hexdigest()[:16]
 
 
-def folder_model_digest(run_dir: Path, weights: str = "last") -> str:
-    """`model_digest` of the model a classifier run folder holds (``weights``: last or best),
-    read from its weights file and config.json alone: no network is built, no code runs.
-    CheckpointError when the files are missing or unreadable."""
+def _hook_name(hook: Any) -> str:
+    return str(getattr(hook, "__qualname__", type(hook).__qualname__))
+
+
+def folder_model_digest(run_dir: Path, weights: str = "last",
+                        trust: CodeTrust = UNTRUSTED) -> str:
+    """`model_digest` of the model a classifier run folder holds (``weights``: last or
+    best), rebuilt as every command rebuilds it (`pagctl.checkpoint.load_run`: a factory it
+    names runs only under ``trust``). CheckpointError when the files are missing, unreadable
+    or do not fit together."""
+    from pagctl.checkpoint import load_run
+
+    return model_digest(load_run(run_dir, weights=weights, trust=trust).model)
+
+
+def check_test_images(run_dir: Path, bundle: DataBundle, weights: str = "last") -> None:
+    """CheckpointError unless ``bundle``'s test split holds the images and labels the run
+    was trained or imported with (the digest its weights carry: `pagctl.checkpoint
+    .TEST_DIGEST_KEY`); nothing is checked for weights saved before they carried it."""
     import torch
 
-    if weights not in WEIGHTS:
-        raise SpecError(f"weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
-    tensors = load_tensors(confined(run_dir, WEIGHTS[weights]))
-    path = confined(run_dir, CONFIG_FILE)
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-        pretrained = cfg["pretrained_cfg"]
-        mean = [float(v) for v in pretrained["mean"]]
-        std = [float(v) for v in pretrained["std"]]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: unreadable or without pretrained_cfg.mean/std "
-                              f"({type(exc).__name__}); restore config.json") from None
-    named: dict[str, Tensor] = {f"net.{k}": v for k, v in tensors.items()}
-    named["mean"] = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    named["std"] = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return weights_digest(named)
+    from pagctl.data import subset_digest
+
+    recorded = weights_metadata(confined(run_dir, WEIGHTS[weights])).get(TEST_DIGEST_KEY)
+    if recorded is None:
+        return
+    size = len(bundle.test)  # type: ignore[arg-type]
+    found = subset_digest(bundle.test, torch.arange(size))
+    if found != recorded:
+        raise CheckpointError(
+            f"{run_dir}: the data given ({bundle.name}, {size} test images) are not the test "
+            f"images the run was trained or imported with (digest {found} vs {recorded}); "
+            "point --data-dir (data_dir) at the run's own data")
 
 
 @dataclass(frozen=True)
@@ -101,22 +125,23 @@ class Measurement:
 
 def record_measurements(run_dir: Path, measurements: Sequence[Measurement], *,
                         weights: str = "last", bundle: DataBundle | None = None,
-                        data_dir: Path | None = None) -> None:
+                        data_dir: Path | None = None, trust: CodeTrust = UNTRUSTED) -> None:
     """Append each measurement's record to ``run_dir``'s metrics.jsonl, after checking them
     all: ``run_dir`` is a classifier run folder with the ``weights`` file; every record
     measured at least one point, names ``weights``, carries ``model_sha256`` equal to the
-    folder's (`folder_model_digest`) and ``subset.data_sha256`` equal to the digest of the
-    folder's test images at its indices (read from ``bundle`` when the caller holds the
-    folder's data, else loaded from its spec, with ``data_dir`` as ``--data-dir``). One
-    CheckpointError naming the folder and the mismatch otherwise; then nothing is
-    appended."""
+    folder's (`folder_model_digest`, the folder's model built under ``trust``) and
+    ``subset.data_sha256`` equal to the digest of the folder's test images at its indices
+    (read from ``bundle`` when the caller holds the folder's data, else loaded from its
+    spec, with ``data_dir`` as ``--data-dir``; either must be the run's own test split,
+    `check_test_images`). One CheckpointError naming the folder and the mismatch
+    otherwise; then nothing is appended."""
     from pagctl.data import load_data, subset_digest
     from pagctl.stats import indices_digest
 
     spec = read_spec(run_dir)  # "not a pagctl run folder" when it is not one
     if not measurements:
         raise SpecError("record: no report to record")
-    folder_digest = folder_model_digest(run_dir, weights)
+    folder_digest = folder_model_digest(run_dir, weights, trust)
     for m in measurements:
         rec, what = m.record, _what(m.record)
         if rec.n == 0 or len(m.indices) == 0:
@@ -145,6 +170,7 @@ def record_measurements(run_dir: Path, measurements: Sequence[Measurement], *,
         data_spec = spec.data if data_dir is None else \
             spec.data.model_copy(update={"root": data_dir})
         bundle = load_data(data_spec)
+    check_test_images(run_dir, bundle, weights)
     size = len(bundle.test)  # type: ignore[arg-type]
     for m in measurements:
         rec, what = m.record, _what(m.record)

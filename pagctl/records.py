@@ -221,6 +221,13 @@ class AttackRecord(_Model):
             if count is not None and value is not None and n and abs(count / n - value) > 1e-9:
                 raise ValueError(f"{what}_accuracy is {value} but {what}_correct / n is "
                                  f"{count}/{n}")
+        for what, value, interval in (
+                ("clean", self.clean_accuracy, self.clean_interval),
+                ("robust", self.robust_accuracy, self.robust_interval)):
+            if value is not None and interval is not None and \
+                    not interval[0] - 1e-9 <= value <= interval[1] + 1e-9:
+                raise ValueError(f"its {what}_interval {list(interval)} does not hold its "
+                                 f"{what}_accuracy {value}")
         if self.clean_correct is not None and self.robust_correct is not None:
             if not self.robust_correct <= self.clean_correct <= n:
                 raise ValueError("expected robust_correct <= clean_correct <= n")
@@ -276,6 +283,10 @@ class AlignRecord(_Model):
             if self.n and abs(sum(self.per_image) / self.n - self.mean) > 1e-5:
                 raise ValueError(f"mean is {self.mean} but its per-image cosines average "
                                  f"{sum(self.per_image) / self.n:.6f}")
+        if self.interval is not None and \
+                not self.interval[0] - 1e-9 <= self.mean <= self.interval[1] + 1e-9:
+            raise ValueError(f"its interval {list(self.interval)} does not hold its mean "
+                             f"{self.mean}")
         return self
 
 

@@ -309,6 +309,9 @@ class _SpecLoader(yaml.SafeLoader):  # type: ignore[misc]
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise _Refused(f"a key is a {type(key).__name__}, not a name; spec keys are "
+                               "names (text)")
             if key in seen:
                 raise _Refused(f"the key {str(key)[:40]!r} appears twice in one mapping; "
                                "keep one")

@@ -378,13 +378,14 @@ def _train(spec: RunSpec, replicas: Replicas, dev: torch.device, *, resume: bool
                     score = _selection_score(evaluated)
                     if score is not None and score > best.get("score", -1.0):
                         best = {"epoch": float(epoch + 1), "score": score}
-                        save_model(run_dir, model, s.config, spec, file=BEST_MODEL_FILE)
+                        save_model(run_dir, model, s.config, spec, file=BEST_MODEL_FILE,
+                                   test_sha256=s.test_sha256)
                         evaluated["best"] = True
                     if replicas.distributed:
                         evaluated["processes"] = replicas.world_size
                     record = _epoch_record(s, epoch, steps, weight, sums, evaluated)
                     append_record(run_dir, record)
-                    save_model(run_dir, model, s.config, spec)
+                    save_model(run_dir, model, s.config, spec, test_sha256=s.test_sha256)
                     save_state(epoch + 1, 0, _zero_sums())
                     last = record.to_json()
                     emit(_epoch_line(last))

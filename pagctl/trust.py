@@ -35,7 +35,7 @@ _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 def is_import_path(arch: str) -> bool:
     """Whether ``arch`` names a callable by import path (``package.module:factory``)."""
-    return bool(_IMPORT_PATH.match(arch)) and not arch.startswith(TIMM_SOURCES)
+    return bool(_IMPORT_PATH.fullmatch(arch)) and not arch.startswith(TIMM_SOURCES)
 
 
 @dataclass(frozen=True)

@@ -250,7 +250,7 @@ BAD_CALLS: list[tuple[str, Any, str]] = [
     ("tensors-labels-beyond", lambda xy: pg.tensors(xy[0], xy[1], num_classes=3),
      "label(s) outside [0, 3)"),
     ("tensors-num-classes", lambda xy: pg.tensors(xy[0], xy[1], num_classes=0),
-     "num_classes: expected a positive whole number, got 0"),
+     "num_classes: expected a whole number from 1 to 100000, got 0"),
     ("wrap-not-a-module", lambda xy: pg.wrap("net", mean=[0.5], std=[0.5]),
      "module: expected a torch.nn.Module, got str"),
     ("wrap-mean-alone", lambda xy: pg.wrap(_ten(), mean=[0.5]),
@@ -259,7 +259,49 @@ BAD_CALLS: list[tuple[str, Any, str]] = [
      "std: every std entry must be > 0"),
     ("record-not-a-report", lambda xy: pg.record("runs/none", "report"),
      "record: str is not a report"),
+    ("record-no-run", lambda xy: pg.record(None, "report"),  # type: ignore[arg-type]
+     "run: expected a run folder's path, got NoneType"),
+    ("load-no-run", lambda xy: pg.load(None),  # type: ignore[arg-type]
+     "run: expected a run folder's path, got NoneType"),
+    ("device-number", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, device=0),
+     "device: expected text such as auto, cpu or cuda:0, got 0"),
+    ("device-meta", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, device="meta"),
+     "device: 'meta' holds no values"),
+    ("params-text", lambda xy: pg.attack(_ten(), xy, "fgsm", params="eps=0.1"),
+     "params: expected a dict of parameter values, got str"),
+    ("sweep-generator-ok-then-bad", lambda xy: pg.attack(
+        _ten(), xy, "fgsm", eps_sweep=(e for e in [0.1, -2])), "eps_sweep: -2 is not a valid"),
+    ("sweep-a-number", lambda xy: pg.attack(_ten(), xy, "fgsm", eps_sweep=0.1),
+     "eps_sweep: expected a list of budgets, got float"),
+    ("eps-overflow", lambda xy: pg.attack(_ten(), xy, "fgsm", eps="1e400"),
+     "expected a finite number"),
+    ("eps-huge-fraction", lambda xy: pg.attack(_ten(), xy, "fgsm", eps="1" * 60 + "/3"),
+     "expected a number or an exact fraction"),
+    ("eps-bool", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=True), "expected a number"),
+    ("shard-dir-a-file", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1, shard=(0, 2),
+                                              shard_dir=__file__),
+     "shard_dir: " + __file__ + " is a file"),
+    ("model-raises", lambda xy: pg.attack(_Raises(), xy, "fgsm", eps=0.1),
+     "model: fails on 2 image(s) of tensors shaped (1, 8, 8): ZeroDivisionError"),
+    ("indices-meta", lambda xy: pg.attack(_ten(), xy, "fgsm", eps=0.1,
+                                          indices=torch.arange(3, device="meta")),
+     "indices: a tensor on the meta device"),
+    ("tensors-meta", lambda xy: pg.tensors(xy[0].to("meta"), xy[1]),
+     "images: a tensor on the meta device"),
+    ("tensors-many-classes", lambda xy: pg.tensors(xy[0], xy[1], num_classes=10**9),
+     "num_classes: expected a whole number from 1 to 100000"),
+    ("wrap-nan", lambda xy: pg.wrap(_ten(), mean=[0.5], std=[float("nan")]),
+     "std: expected finite numbers"),
+    ("import-a-module", lambda xy: pg.import_model("runs/m", _ten(), "digits"),  # type: ignore[arg-type]
+     "model: expected an architecture's name"),
 ]
+
+
+class _Raises(nn.Module):
+    """A module whose own code fails on any input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ZeroDivisionError("division by zero")
 
 
 @pytest.mark.parametrize(("name", "call", "words"), BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
@@ -275,6 +317,13 @@ def test_the_api_refuses_what_the_command_line_refuses(workdir: Path, name: str,
     assert words in message, message
     assert "\n" not in message
     assert not (workdir / "s").exists()  # refused before any shard was written
+
+
+def test_compare_takes_one_run_folder_as_a_path(workdir: Path) -> None:
+    """``compare("runs/a")`` is the one run, not the letters of its name."""
+    pg.train("digits-vanilla", overrides=["train.epochs=1", "eval.attack=null",
+                                          "eval.align_source=null", "out_dir=runs/a"])
+    assert [row.run_dir for row in pg.compare("runs/a").rows] == [Path("runs/a")]
 
 
 def test_numpy_inputs_are_images_and_labels(workdir: Path) -> None:

@@ -311,7 +311,7 @@ def test_a_point_another_command_trains_is_left_to_it_in_the_grids_words(
     assert (f"grid point 1/2 (train.lr=0.05): being trained by pid {os.getpid()} on "
             in text)
     assert "left to it: run the grid again when that ends" in text
-    assert ("error: 1 was being trained by another command (--grid-point 0: "
+    assert ("error: 1 of the grid's runs was being trained by another command (--grid-point 0: "
             "train.lr=0.05): run the grid again when that ends; the others are done") in text
     assert "--resume" not in err and "--out" not in err
     rows = envelope_records(out, "train")

@@ -46,12 +46,12 @@ PRECIOUS = "a file of the user's, outside every run folder\n"
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One finished 1-epoch digits run (no monitor), and beside it a second run of another
-    seed (its weights are the foreign ones)."""
+    seed (its weights are the foreign ones) and a third on another split of the digits."""
     root = tmp_path_factory.mktemp("corpus-base")
-    for name, seed in (("base", 0), ("other", 1)):
+    for name, seed, split in (("base", 0, 0), ("other", 1, 0), ("split3", 0, 3)):
         pg.train("digits-vanilla", overrides=[
             "train.epochs=1", "eval.attack=null", "eval.align_source=null",
-            f"train.seed={seed}", f"out_dir={root / name}"])
+            f"train.seed={seed}", f"data.split_seed={split}", f"out_dir={root / name}"])
     return root / "base"
 
 
@@ -136,6 +136,29 @@ def _three_classes(run: Path) -> None:
     _edit_json(run / "config.json", lambda d: d.update(num_classes=3))
 
 
+def _hard_linked_metrics(run: Path) -> None:
+    """metrics.jsonl a hard link of a file outside the folder (an append would land there)."""
+    import os
+
+    (run / "metrics.jsonl").unlink()
+    os.link(run.parent / "precious.txt", run / "metrics.jsonl")
+
+
+def _edited_interval(run: Path) -> None:
+    """A real attack record whose robust interval was moved off its accuracy."""
+    pg.record(run, pg.attack(run, attack="fgsm", eps=0.1, limit=16, probes=False))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[-1])
+    record["robust_interval"] = [0.9, 0.99]
+    (run / "metrics.jsonl").write_text("\n".join([*lines[:-1], json.dumps(record)]) + "\n")
+
+
+def _other_data(run: Path) -> None:
+    """spec.json edited to another split: the data it names are not the test images the
+    run's weights were made with (what another --data-dir would hand it)."""
+    _edit_json(run / "spec.json", lambda d: d["data"].update(split_seed=3))
+
+
 def _not_a_run(run: Path) -> None:
     for path in run.iterdir():
         if path.name != "metrics.jsonl":
@@ -198,6 +221,29 @@ CASES = [
     Case("three-logits-for-ten-classes", _three_classes,
          {**ALL_OK, **{r: ("refused", "model: gives outputs (2, 3) for 2 image(s) of digits; "
                                       "expected (2, 10)")
+                       for r in ("attack", "align-score", "api.attack", "api.align")}}),
+    Case("hub-architecture", _set_arch("hf-hub:timm/resnet18.a1_in1k", {}),
+         {**{r: ("refused", "fetch its configuration from the Hugging Face Hub")
+             for r in ("attack", "align-score", "api.load", "api.attack", "api.align")},
+          "dry-run": ("refused", "pretrained weights come from the network"),
+          "compare": ("ok", ""), "api.compare": ("ok", "")}),
+    Case("local-dir-elsewhere", _set_arch("local-dir:/tmp", {}),
+         {**{r: ("refused", "makes timm read /tmp, outside the run folder")
+             for r in ("attack", "align-score", "api.load", "api.attack", "api.align")},
+          "dry-run": ("refused", "config.json"),
+          "compare": ("ok", ""), "api.compare": ("ok", "")}),
+    Case("metrics-hard-linked", _hard_linked_metrics,
+         {**ALL_OK, "attack": ("refused", "metrics.jsonl: is a hard link shared with another "
+                                          "file"),
+          "align-score": ("refused", "is a hard link"),
+          "compare": ("warned", "not valid JSON"), "api.compare": ("warned", "not valid JSON")}),
+    Case("edited-interval", _edited_interval,
+         {**ALL_OK, "compare": ("warned", "its robust_interval [0.9, 0.99] does not hold its "
+                                          "robust_accuracy"),
+          "api.compare": ("warned", "does not hold")}),
+    Case("spec-names-other-data", _other_data,
+         {**ALL_OK, **{r: ("refused", "are not the test images the run was trained or "
+                                      "imported with")
                        for r in ("attack", "align-score", "api.attack", "api.align")}}),
     Case("not-a-run", _not_a_run,
          {**{r: ("refused", "no spec.json; not a pagctl run folder")
@@ -264,7 +310,8 @@ def test_every_reader_meets_the_corpus_as_expected(
         assert "Traceback" not in err, where
         if outcome == "refused":
             assert code == 2, where
-            lines = err.strip().splitlines()
+            lines = [line for line in err.strip().splitlines()
+                     if not line.startswith("warning: ")]
             assert len(lines) == 1 and words in lines[0], where
             after = _snapshot(corpus_dir)
             assert after == before, f"a refused command changed files: {where}"
@@ -341,7 +388,7 @@ def test_a_record_enters_only_the_run_it_measured(base: Path, corpus_dir: Path) 
         with pytest.raises(PagctlError, match=words):
             pg.record(run, report)  # type: ignore[arg-type]
         assert (run / "metrics.jsonl").read_bytes() == metrics
-    with pytest.raises(PagctlError, match="model-best.safetensors: file is missing"):
+    with pytest.raises(PagctlError, match="no model-best.safetensors"):
         pg.record(run, own, weights="best")  # no best weights in this run
     empty = corpus_dir / "not-a-run"
     empty.mkdir()
@@ -364,14 +411,47 @@ def test_a_record_enters_only_the_run_it_measured(base: Path, corpus_dir: Path) 
     assert kinds[-2:] == ["attack", "align"]
 
 
+def test_outputs_never_replace_a_run_file(base: Path, corpus_dir: Path,
+                                          pagctl: Callable[..., CliResult]) -> None:
+    """--save-adversarial, --state and bank --out never name a run folder's own file:
+    refused before any work, the weights untouched (--plot and --save-images take .png
+    names only)."""
+    run = _copy(base, corpus_dir)
+    before = _snapshot(run)
+    attack = ["attack", run, "--attack", "fgsm", "--param", "eps=0.1", "--limit", "8",
+              "--no-probes", "--no-progress"]
+    for argv, option in (
+            ([*attack, "--save-adversarial", run / "model.safetensors"], "--save-adversarial"),
+            ([*attack, "--state", run / "model-best.safetensors"], "--state"),
+            ([*attack, "--state", run / "state.safetensors"], "--state"),
+            (["bank", "class_mean", "--spec", "digits-pag-cm", "--out",
+              base.parent / "other" / "model.safetensors"], "--out")):
+        got = pagctl(*argv)
+        assert got.code == 2 and len(got.stderr.strip().splitlines()) == 1, got.stderr
+        assert got.stderr.startswith(f"error: {option}: ") and "run folder's own file" in \
+            got.stderr, got.stderr
+    assert _snapshot(run) == before
+
+
+def test_a_report_of_the_same_weights_behind_a_hook_is_another_model(
+        base: Path, corpus_dir: Path) -> None:
+    """The digest covers what a model computes, not only its weights: the run's own weights
+    behind a forward hook that rewrites the outputs are another model."""
+    run = _copy(base, corpus_dir)
+    loaded = pg.load(run)
+    loaded.model.net.register_forward_hook(lambda module, args, out: out.flip(1))
+    hooked = pg.attack(loaded, attack="fgsm", eps=0.1, limit=16, probes=False)
+    with pytest.raises(PagctlError, match="measured another model"):
+        pg.record(run, hooked)
+
+
 def test_compare_never_pairs_other_images(base: Path, corpus_dir: Path,
                                           pagctl: Callable[..., CliResult]) -> None:
     """A first-time user's mistake: points 0..15 of another split's test set are other
     images. Both runs' own reports recorded, compare shows no paired test, --strict fails."""
     a = _copy(base, corpus_dir)
     b = corpus_dir / "split3"
-    shutil.copytree(base, b)
-    _edit_json(b / "spec.json", lambda d: d["data"].update(split_seed=3))
+    shutil.copytree(base.parent / "split3", b)
     for run in (a, b):
         pg.record(run, pg.attack(run, attack="fgsm", eps=0.1, limit=16, probes=False))
     got = pagctl("compare", a, b, "--format", "json")

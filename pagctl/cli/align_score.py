@@ -90,7 +90,7 @@ def align_score(
         raise SpecError("--save-images: applies to the whole result; give it with "
                         "--merge-shards")
     check_run_folders(runs, {"--save-images": save_images,
-                             "--shard torchrun": launch is not None}, weights)
+                             "--shard torchrun": launch is not None}, weights, trust_code)
     wanted = read_indices(indices_file) if indices_file is not None else None
     printed: list[dict[str, Any]] = []
     try:
@@ -173,7 +173,8 @@ def _score_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, in
                           title=f"{run.name}: ∇ log p(t|x) vs {source_name} (mean cos "
                           f"{report.mean:.3f})")
         if keep_record:
-            record_results(run, [(record, report.indices)], loaded.weights, bundle)
+            record_results(run, [(record, report.indices)], loaded.weights, bundle,
+                           trust_code)
         else:
             typer.echo("not recorded (--no-record)", err=True)
     return printed

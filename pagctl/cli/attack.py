@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from pagctl.checkpoint import check_output
 from pagctl.cli.common import (
     DataDirOpt,
     DeviceOpt,
@@ -120,6 +121,8 @@ def attack(
                          save_images=save_images, save_adversarial=save_adversarial)
     check_png("--plot", plot)
     check_png("--save-images", save_images)
+    check_output("--state", state)
+    check_output("--save-adversarial", save_adversarial)
     if save_adversarial is not None and save_adversarial.suffix != ".safetensors":
         raise SpecError("--save-adversarial: writes safetensors; give a file name ending in "
                         ".safetensors")
@@ -127,7 +130,7 @@ def attack(
         raise SpecError(f"--export: {export} is a file; give a folder")
     check_run_folders(runs, {"--state": state, "--save-images": save_images,
                              "--save-adversarial": save_adversarial, "--export": export,
-                             "--shard torchrun": launch is not None}, weights)
+                             "--shard torchrun": launch is not None}, weights, trust_code)
     indices = read_indices(indices_file) if indices_file is not None else None
     curves: list[tuple[Path, list[Any]]] = []
     printed: list[dict[str, Any]] = []
@@ -219,7 +222,8 @@ def _attack_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, i
         _write_exports(export, save_adversarial, run, loaded, bundle, reports, given)
         if keep_record:
             record_results(run, [(rec, report.indices) for rec, report in
-                                 zip(records, reports, strict=True)], loaded.weights, bundle)
+                                 zip(records, reports, strict=True)], loaded.weights, bundle,
+                           trust_code)
         else:
             typer.echo("not recorded (--no-record)", err=True)
     return reports, printed

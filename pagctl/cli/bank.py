@@ -72,6 +72,9 @@ def bank(
     if out.suffix != ".safetensors":
         raise SpecError("--out: a bank is a .safetensors file; give a name ending in "
                         ".safetensors")
+    from pagctl.checkpoint import check_output
+
+    check_output("--out", out)
     run_spec = specmod.load_spec(spec, set_,
                                  {"data.root": data_dir} if data_dir is not None else None)
     if run_spec.target_gradients.name == source_name:

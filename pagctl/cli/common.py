@@ -151,23 +151,29 @@ WeightsOpt = Annotated[str, typer.Option(
 
 
 def read_indices(path: Path) -> Any:
-    """``--indices FILE``: integers separated by spaces, commas or newlines, or a JSON list,
-    each once. Shape: -> (n,) int64 tensor."""
+    """``--indices FILE``: integers (ASCII digits) separated by spaces, commas or newlines,
+    or a JSON list, each once. Shape: -> (n,) int64 tensor."""
     import re
 
     import torch
 
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"--indices {path}: cannot read it ({exc.__class__.__name__}); give "
                         "a text file of integers") from None
     try:
-        values = (json.loads(text) if text.lstrip().startswith("[")
-                  else [int(v) for v in re.split(r"[\s,]+", text.strip()) if v])
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise ValueError
-    except ValueError:
+        if text.lstrip().startswith("["):
+            values = json.loads(text)
+            if not isinstance(values, list) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise ValueError
+        else:
+            parts = [v for v in re.split(r"[\s,]+", text.strip()) if v]
+            if not all(re.fullmatch(r"-?[0-9]+", v) for v in parts):
+                raise ValueError
+            values = [int(v) for v in parts]
+    except (ValueError, RecursionError):
         raise SpecError(f"--indices {path}: expected integers separated by spaces, commas or "
                         "newlines, or a JSON list of integers") from None
     if not values:
@@ -177,6 +183,9 @@ def read_indices(path: Path) -> Any:
         if v in seen:
             raise SpecError(f"--indices {path}: index {v} appears twice; list each once")
         seen.add(v)
+    if any(not -2**63 <= v < 2**63 for v in values):
+        raise SpecError(f"--indices {path}: an index is far outside any test set; give the "
+                        "test-set positions to evaluate")
     return torch.tensor(values, dtype=torch.int64)
 
 
@@ -221,6 +230,9 @@ def check_png(option: str, path: Path | None) -> None:
         return
     if path.suffix.lower() != ".png":
         raise SpecError(f"{option}: writes a PNG; give a file name ending in .png")
+    from pagctl.checkpoint import check_output
+
+    check_output(option, path)
     from pagctl.figures import pyplot
 
     pyplot(option)
@@ -234,6 +246,7 @@ def load_run_and_data(run: Path, device: str, data_dir: Path | None, weights: st
     from pagctl import checkpoint
     from pagctl.build import resolve_device
     from pagctl.data import load_data
+    from pagctl.provenance import check_test_images
     from pagctl.trust import CodeTrust
 
     dev = resolve_device(device)
@@ -244,17 +257,21 @@ def load_run_and_data(run: Path, device: str, data_dir: Path | None, weights: st
     data_spec = loaded.spec.data
     if data_dir is not None:
         data_spec = data_spec.model_copy(update={"root": data_dir})
-    return loaded, load_data(data_spec), dev
+    bundle = load_data(data_spec)
+    check_test_images(run, bundle, weights)  # another --data-dir: other images
+    return loaded, bundle, dev
 
 
 def check_run_folders(runs: list[Path], options: dict[str, object],
-                      weights: str = "last") -> None:
+                      weights: str = "last", trust_code: bool = False) -> None:
     """Before anything runs on several run folders: each one a readable pagctl run folder
-    with the ``weights`` asked for, none given twice, and none of ``options`` (flag: value)
-    that apply to one run only set; one line naming the folder or the flag otherwise."""
+    with the ``weights`` asked for, naming no code the user has not trusted
+    (``--trust-code``), none given twice, and none of ``options`` (flag: value) that apply
+    to one run only set; one line naming the folder or the flag otherwise."""
     from pagctl.checkpoint import BEST_MODEL_FILE, MODEL_FILE, read_run_spec
     from pagctl.errors import CheckpointError
     from pagctl.spec import RunSpec
+    from pagctl.trust import CodeTrust, is_import_path
 
     if len(runs) < 2:
         return
@@ -268,7 +285,10 @@ def check_run_folders(runs: list[Path], options: dict[str, object],
         if resolved in seen:
             raise SpecError(f"{run}: given twice; list each run folder once")
         seen.add(resolved)
-        read_run_spec(run, RunSpec)
+        arch = read_run_spec(run, RunSpec).model.arch
+        if is_import_path(arch):
+            CodeTrust.of(trust_code).require(arch, f"{run}/spec.json: model.arch",
+                                             folder=str(run))
         file = BEST_MODEL_FILE if weights == "best" else MODEL_FILE
         if not (run / file).is_file():
             raise CheckpointError(f"{run}: no {file} (training has not finished an epoch, "
@@ -351,16 +371,17 @@ def run_heading(position: int, runs: list[Path]) -> None:
 
 
 def record_results(run: Path, results: list[tuple[Any, Any]], weights: str,
-                   bundle: DataBundle) -> None:
+                   bundle: DataBundle, trust_code: bool) -> None:
     """Append the records of a result already shown to the run's metrics.jsonl, each with
     the test-set indices it measured, through the one gate
     (`pagctl.provenance.record_measurements`: the run's own weights and images); when that
     fails, one error line says the result above was not recorded, and why."""
     from pagctl.errors import CheckpointError
     from pagctl.provenance import Measurement, record_measurements
+    from pagctl.trust import CodeTrust
 
     try:
         record_measurements(run, [Measurement(rec, indices) for rec, indices in results],
-                            weights=weights, bundle=bundle)
+                            weights=weights, bundle=bundle, trust=CodeTrust.of(trust_code))
     except CheckpointError as exc:
         raise CheckpointError(f"the result above was not recorded: {exc}") from None

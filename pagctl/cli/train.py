@@ -356,9 +356,9 @@ def _grid_summary(points: list[GridPoint], summaries: list[dict[str, Any]],
     busy = [s for s in summaries if s["status"] == "busy"]
     problems = [*([f"{len(failed)} of the grid's runs failed ({which(failed)})"] if failed
                   else []),
-                *([f"{len(busy)} {'was' if len(busy) == 1 else 'were'} being trained by "
-                   f"another command ({which(busy)}): run the grid again when that ends"]
-                  if busy else [])]
+                *([f"{len(busy)} of the grid's runs {'was' if len(busy) == 1 else 'were'} "
+                   f"being trained by another command ({which(busy)}): run the grid again "
+                   "when that ends"] if busy else [])]
     if problems:
         typer.echo(f"error: {'; '.join(problems)}; the others are done", err=True)
         raise typer.Exit(1)

@@ -180,6 +180,7 @@ def _merged(files: list[Path], key: dict[str, Any], *, name: str, params: BaseMo
     checked as it loads (`AttackState.load`: its payload digest and invariants); the clean
     bits they agree on are checked once more against the model itself (one forward pass over
     the subset), so a shard file cannot claim points the model gets wrong."""
+    from pagctl.checkpoint import confined
     from pagctl.robustness.engine import clean_correct_mask, merge_shards
     from pagctl.robustness.report import AttackReport
     from pagctl.robustness.state import AttackState
@@ -187,7 +188,7 @@ def _merged(files: list[Path], key: dict[str, Any], *, name: str, params: BaseMo
     count = len(files)
     states = []
     for i, path in enumerate(files):
-        if not path.exists():
+        if not confined(path.parent, path.name).exists():
             raise FieldError("merge_shards", f"shard {i}/{count} of this evaluation has not "
                              f"run ({path} is missing); run shard {i}/{count} (shard=({i}, "
                              f"{count}), --shard {i}/{count} on the command line) with the "

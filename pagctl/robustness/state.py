@@ -19,6 +19,7 @@ bits against the model once more (`pagctl.robustness.evaluate`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -136,4 +137,11 @@ class AttackState:
                        f"bits {int((self.broken_by == j).sum())}"
         if not 0 <= self.stage <= stages or self.batch < 0:
             return f"its position (stage {self.stage}, batch {self.batch}) is out of range"
+        for name, value in self.stats.items():  # counts, seconds, perturbation maxima
+            if not math.isfinite(value):
+                return f"its {name} is {value}"
+            if name not in ("pixel_min", "pixel_max") and value < 0:
+                return f"its {name} is {value}, below 0"
+        if self.stats.get("nan_count", 0) != int(self.stats.get("nan_count", 0)):
+            return "its nan_count is not a count"
         return None

@@ -58,6 +58,10 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
 
     if args.jobs < 1:
         return f"--jobs {args.jobs}: give 1 or more processes"
+    if args.worker is not None:
+        index, _, count = args.worker.partition("/")
+        if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+            return f"--worker {args.worker}: expected I/N with 0 <= I < N (run_parallel's)"
     if not args.out.strip():
         return "--out is empty; give the study's folder, e.g. --out runs/study"
     if args.report is not None and not args.report.strip():
