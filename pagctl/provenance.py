@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,13 +71,19 @@ def model_digest(model: nn.Module) -> str:
     named = dict(model.state_dict())
     for name, buffer in model.named_buffers():
         named.setdefault(name, buffer)
-    structure = [[name, f"{type(m).__module__}.{type(m).__qualname__}", m.extra_repr(),
+    structure = [[name, f"{type(m).__module__}.{type(m).__qualname__}",
+                  _ADDRESS.sub("", m.extra_repr()),
                   [_hook_name(h) for hooks in (m._forward_pre_hooks, m._forward_hooks)
                    for h in hooks.values()]]
                  for name, m in model.named_modules()]
     digest = hashlib.sha256(weights_digest(named).encode())
     digest.update(json.dumps(structure).encode())
     return digest.hexdigest()[:16]
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+"""An object's memory address in a repr (``<function f at 0x7f...>``): not part of what a
+module computes, and another in every process."""
 
 
 def _hook_name(hook: Any) -> str:
