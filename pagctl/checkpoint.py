@@ -1071,14 +1071,14 @@ def load_checked(path: Path, key: str, what: str, *, version: int,
                               "delete it and run again")
     found = meta.get(PAYLOAD_KEY)
     if found is None:
-        raise CheckpointError(f"{path}: a {what} without the digest of its contents "
+        raise CheckpointError(f"{path}: {what} without the digest of its contents "
                               "(written by an earlier pagctl, or edited); delete it and run "
                               "again")
     if found != _payload_digest(tensors, meta):
         raise CheckpointError(f"{path}: damaged or edited: its contents do not match the "
                               "digest written with them; delete it and run again")
     if meta.get("version") != version:
-        raise SpecError(f"{path}: a {what} of another version of pagctl (version "
+        raise SpecError(f"{path}: {what} of another version of pagctl (version "
                         f"{meta.get('version')}, this one reads {version}); pass another path "
                         "or delete it")
     if meta.get("key") != expected:
@@ -1086,12 +1086,12 @@ def load_checked(path: Path, key: str, what: str, *, version: int,
         theirs: dict[str, Any] = written if isinstance(written, dict) else {}
         differ = [(names or {}).get(k, k) for k in sorted(set(expected) | set(theirs))
                   if expected.get(k) != theirs.get(k)]
-        raise SpecError(f"{path}: a {what} of another evaluation (its {', '.join(differ)} "
+        raise SpecError(f"{path}: {what} of another evaluation (its {', '.join(differ)} "
                         "differ); pass another path or delete it")
     return tensors, meta
 
 
 def contradiction(path: Path, what: str, problem: str) -> CheckpointError:
     """The error for a checked file whose contents break their own invariants."""
-    return CheckpointError(f"{path}: a {what} that contradicts itself ({problem}); it was "
+    return CheckpointError(f"{path}: {what} that contradicts itself ({problem}); it was "
                            "damaged or edited: delete it and run again")

@@ -241,14 +241,16 @@ class Registry:
         return factory
 
     def validate_params(self, name: str, params: dict[str, Any], where: str) -> BaseModel:
-        """Validate ``params`` against the plugin's ``Params``; errors name ``where.params.x``."""
+        """Validate ``params`` against the plugin's ``Params``; errors name ``where.params.x``
+        (``params.x`` when ``where`` is the parameters themselves, as in the Python API)."""
         from pagctl.spec import format_validation_error
 
         factory = self.get(name)
+        prefix = where if where.rsplit(".", 1)[-1] == "params" else f"{where}.params"
         try:
             result: BaseModel = factory.Params.model_validate(params)
         except ValidationError as exc:
-            raise SpecError(format_validation_error(exc, prefix=f"{where}.params",
+            raise SpecError(format_validation_error(exc, prefix=prefix,
                                                     schema=f"pagctl plugins {name}",
                                                     model=factory.Params)) from None
         return result
