@@ -232,10 +232,15 @@ def score_alignment(
     shards there merged into the report of the unsharded score (the same per-image cosines
     and numbers, to the bit). SpecError when a shard is missing or unfinished, or a shard
     file is damaged or contradicts itself."""
-    from pagctl.checkpoint import confined
     from pagctl.data import subset_digest
     from pagctl.distributed.shards import shard_files
-    from pagctl.evaluation import check_outputs, check_settings, check_shards, evaluation_points
+    from pagctl.evaluation import (
+        check_outputs,
+        check_settings,
+        check_shard_files,
+        check_shards,
+        evaluation_points,
+    )
     from pagctl.provenance import model_digest
 
     check_settings(batch_size=batch_size, seed=seed)
@@ -257,8 +262,8 @@ def score_alignment(
                                   classes_per_image=classes_per_image, batch_size=batch_size,
                                   device=device, seed=seed, progress=progress)
     else:
-        if (shard is None) == (merge_shards is None) or shard_dir is None:
-            raise ValueError("give one of shard and merge_shards, and shard_dir")
+        if shard_dir is None:
+            raise ValueError("shard and merge_shards need shard_dir")
         count = shard[1] if shard is not None else merge_shards
         assert count is not None
         key = alignment_key(source=source_name, params=params, seed=seed,
@@ -272,15 +277,10 @@ def score_alignment(
                           device=device, seed=seed, progress=progress, shard=shard,
                           state_path=files[shard[0]], key={**key, "shard": list(shard)})
             return None
-        parts = []
-        for i, path in enumerate(files):
-            if not confined(path.parent, path.name).exists():
-                raise FieldError("merge_shards", f"shard {i}/{count} of this score has not "
-                                 f"run ({path} is missing); run shard {i}/{count} (shard=({i}, "
-                                 f"{count}), --shard {i}/{count} on the command line) with the "
-                                 "same source, params, seed, K, batch size, subset and "
-                                 "weights")
-            parts.append(AlignProgress.load(path, {**key, "shard": [i, count]}))
+        check_shard_files(files, "score", "source, params, seed, K, batch size, subset and "
+                          "weights")
+        parts = [AlignProgress.load(path, {**key, "shard": [i, count]})
+                 for i, path in enumerate(files)]
         try:
             merged = AlignProgress.merge(parts)
         except ValueError as exc:

@@ -154,7 +154,7 @@ def atomic_save_tensors(
 
     if metadata and ALIASES_KEY in metadata:
         raise ValueError(f"metadata key {ALIASES_KEY!r} is reserved for atomic_save_tensors")
-    stored: dict[str, torch.Tensor] = {}
+    stored: dict[str, tuple[torch.Tensor, tuple[Any, ...] | None]] = {}
     aliases: dict[str, str] = {}
     first: dict[tuple[Any, ...], str] = {}  # each view's first name
     for name, tensor in tensors.items():
@@ -164,11 +164,10 @@ def atomic_save_tensors(
             continue
         if view is not None:
             first[view] = name
-        stored[name] = tensor.detach()
+        stored[name] = (tensor.detach(), view)
     views_of = Counter(view[:2] for view in first)  # distinct views per memory
     out = {}
-    for name, tensor in stored.items():
-        view = _view(tensor)
+    for name, (tensor, view) in stored.items():
         if view is not None and views_of[view[:2]] > 1:
             tensor = tensor.clone()
         out[name] = tensor.contiguous().cpu()

@@ -13,7 +13,9 @@ prints its flag instead (`pagctl.cli.FLAGS`).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pagctl.errors import FieldError
@@ -25,16 +27,14 @@ if TYPE_CHECKING:
 
     from pagctl.data import DataBundle
 
-__all__ = ["as_indices", "check_outputs", "check_settings", "check_shards",
-           "evaluation_points", "sweep_budgets"]
+__all__ = ["as_indices", "check_outputs", "check_settings", "check_shard_files",
+           "check_shards", "evaluation_points", "sweep_budgets"]
 
 MAX_SEED = 2**32 - 1
 
 
 def _whole(field: str, value: Any, low: int, high: int | None = None) -> int:
     """``value`` as an int in [low, high]; FieldError otherwise (bools are not numbers)."""
-    import numbers
-
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise FieldError(field, f"expected a whole number, got {value!r}")
     number = int(value)
@@ -141,8 +141,6 @@ def check_shards(points: int, batch_size: int, shard: tuple[int, int] | None,
     N)`` with 0 <= i < N, and N (or ``merge_shards``) at most the number of batches, since
     shard i owns the batches b with b % N == i and one that owns none measures nothing."""
     batches = -(-points // batch_size)
-    import numbers
-
     if shard is not None and (
             not isinstance(shard, (tuple, list)) or len(shard) != 2
             or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
@@ -159,6 +157,22 @@ def check_shards(points: int, batch_size: int, shard: tuple[int, int] | None,
                          f"{batch_size} ({batches} batch{'es' if batches > 1 else ''}): a "
                          f"shard owns whole batches; use at most {batches} shards, or a "
                          "smaller batch_size")
+
+
+def check_shard_files(files: Sequence[Path], what: str, same: str) -> None:
+    """Before a merge: each of the N shard files of one evaluation is there (and not a link
+    out of its folder, `pagctl.checkpoint.confined`); FieldError naming ``merge_shards``,
+    the first missing shard and how to run it (``what``: the kind of evaluation; ``same``:
+    what its run must share) otherwise."""
+    from pagctl.checkpoint import confined
+
+    count = len(files)
+    for i, path in enumerate(files):
+        if not confined(path.parent, path.name).exists():
+            raise FieldError("merge_shards", f"shard {i}/{count} of this {what} has not run "
+                             f"({path} is missing); run shard {i}/{count} (shard=({i}, "
+                             f"{count}), --shard {i}/{count} on the command line) with the "
+                             f"same {same}")
 
 
 def check_outputs(model: nn.Module, bundle: DataBundle, device: torch.device | str) -> None:

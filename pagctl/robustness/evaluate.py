@@ -55,8 +55,8 @@ def evaluate_attack(
     but merges the N shards found in ``shard_dir`` (module docstring). Neither keeps images.
     ``precision="bfloat16"`` runs the model's forward under bfloat16 autocast
     (`pagctl.models.LowPrecision`; opt-in, marked in every report; its resumable states and
-    shards are another evaluation's than float32's, as the wrapped model's weights digest
-    differs). Returns the reports (one per budget) and the attacked indices. Raises a
+    shards are another evaluation's than float32's, as the precision is part of their
+    key). Returns the reports (one per budget) and the attacked indices. Raises a
     `FieldError` for what `pagctl.evaluation` refuses (limit, batch size, seed, indices,
     budgets, shards, a model whose outputs do not fit the data), SpecError when AutoAttack
     standard/plus meets a randomised model or a shard to merge is missing or unfinished.
@@ -180,20 +180,15 @@ def _merged(files: list[Path], key: dict[str, Any], *, name: str, params: BaseMo
     checked as it loads (`AttackState.load`: its payload digest and invariants); the clean
     bits they agree on are checked once more against the model itself (one forward pass over
     the subset), so a shard file cannot claim points the model gets wrong."""
-    from pagctl.checkpoint import confined
+    from pagctl.evaluation import check_shard_files
     from pagctl.robustness.engine import clean_correct_mask, merge_shards
     from pagctl.robustness.report import AttackReport
     from pagctl.robustness.state import AttackState
 
     count = len(files)
-    states = []
-    for i, path in enumerate(files):
-        if not confined(path.parent, path.name).exists():
-            raise FieldError("merge_shards", f"shard {i}/{count} of this evaluation has not "
-                             f"run ({path} is missing); run shard {i}/{count} (shard=({i}, "
-                             f"{count}), --shard {i}/{count} on the command line) with the "
-                             "same attack, params, seed, subset and weights")
-        states.append(AttackState.load(path, {**key, "shard": [i, count]}))
+    check_shard_files(files, "evaluation", "attack, params, seed, subset and weights")
+    states = [AttackState.load(path, {**key, "shard": [i, count]})
+              for i, path in enumerate(files)]
     for i, st in enumerate(states):
         if st.stage < len(st.stages):
             raise FieldError("merge_shards", f"shard {i}/{count} stopped before the end "
