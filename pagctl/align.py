@@ -9,10 +9,10 @@ whatever the model was trained with.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from pagctl.errors import FieldError
+from pagctl.errors import FieldError, SpecError
+from pagctl.evaluation.state import KeyedState
 from pagctl.records import AlignRecord, Subset
 from pagctl.stats import mean_interval, subset_record
 
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
     from pagctl.data import DataBundle
+    from pagctl.evaluation.request import EvaluationRequest
     from pagctl.protocols import TargetGradientSource
 
 
@@ -106,10 +107,14 @@ def alignment_report(
     shard). The source is called with ``index=None`` (the images are treated as unseen test
     images).
     """
-    progress_ = score_batches(model, dataset, indices, source, num_classes=num_classes,
-                              classes_per_image=classes_per_image, batch_size=batch_size,
-                              device=device, seed=seed, progress=progress)
-    return progress_.report(dataset, indices, classes_per_image=classes_per_image, seed=seed)
+    from pagctl.evaluation.request import EvaluationRequest
+
+    request = EvaluationRequest(batch_size=batch_size, device=device, seed=seed,
+                                progress=progress)
+    scored = score_batches(model, dataset, indices, source,
+                           AlignmentJob("", None, classes_per_image), request,
+                           num_classes=num_classes)
+    return scored.report(dataset, indices, classes_per_image=classes_per_image, seed=seed)
 
 
 def score_batches(
@@ -117,37 +122,38 @@ def score_batches(
     dataset: Dataset[Any],
     indices: Tensor,
     source: TargetGradientSource,
+    job: AlignmentJob,
+    request: EvaluationRequest,
     *,
     num_classes: int,
-    classes_per_image: int,
-    batch_size: int = 256,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    progress: bool = False,
-    shard: tuple[int, int] | None = None,
-    state_path: Path | None = None,
     key: dict[str, Any] | None = None,
 ) -> AlignProgress:
-    """Score the batches of ``dataset[indices]`` (those ``b % N == i`` with ``shard=(i,
-    N)``), as `alignment_report` does, and return their per-image and per-batch results.
-    With ``state_path`` the progress is read from it to resume (it must have been written
-    for ``key``) and rewritten after every batch."""
+    """Score the batches of ``dataset[indices]`` (those ``b % N == i`` with
+    ``request.shard=(i, N)``) with ``job.classes_per_image`` targets per image, in
+    ``request``'s batches, seed and device, as `alignment_report` does, and return their
+    per-image and per-batch results. With ``request.state`` the progress is read from it
+    to resume (it must have been written for ``key``, plus the shard for a shard) and
+    rewritten after every batch."""
     import time
 
     import torch
 
     from pagctl.data import get_batch
-    from pagctl.distributed.shards import owned_batches
+    from pagctl.evaluation.sharding import owned_batches
     from pagctl.gradients import logits_and_input_gradients
     from pagctl.losses import cosine_alignment, sample_target_classes
     from pagctl.models import check_finite_outputs, eval_mode
     from pagctl.progress import ProgressBar
     from pagctl.protocols import reseed_source
 
-    n = len(indices)
+    n, batch_size, device, seed = (len(indices), request.batch_size, request.device,
+                                   request.seed)
+    classes_per_image, state_path = job.classes_per_image, request.state
     batches = -(-n // batch_size)
-    mine = owned_batches(batches, shard)
+    mine = owned_batches(batches, request.shard)
     key = dict(key or {})
+    if request.shard is not None:
+        key["shard"] = list(request.shard)
     state = (AlignProgress.load(state_path, key)
              if state_path is not None and state_path.exists()
              else AlignProgress.start(key, n, batch_size))
@@ -156,7 +162,8 @@ def score_batches(
     todo = [b for b in mine if not bool(state.done[b])]
     scored = sum(min(batch_size, n - b * batch_size) for b in mine if bool(state.done[b]))
     with eval_mode(model), ProgressBar("align", sum(
-            min(batch_size, n - b * batch_size) for b in mine), enabled=progress) as bar:
+            min(batch_size, n - b * batch_size) for b in mine),
+            enabled=request.progress) as bar:
         bar.update(completed=scored)
         for b in todo:
             lo = b * batch_size
@@ -187,121 +194,103 @@ def score_batches(
     return state
 
 
-def alignment_key(*, source: str, params: BaseModel, seed: int, classes_per_image: int,
-                  batch_size: int, indices: Tensor, model_sha256: str,
-                  data_sha256: str) -> dict[str, Any]:
-    """What identifies one alignment score, for its shards: the source and its params, the
-    seed, K and batch size (they fix every batch's draws), and the digests of the subset's
-    indices, of its images and labels (`pagctl.data.subset_digest`) and of the model
-    (`pagctl.provenance.model_digest`)."""
-    from pagctl.stats import indices_digest
+@dataclass(frozen=True)
+class AlignmentJob:
+    """Which alignment an evaluation scores: the registered target-gradient ``source``, its
+    validated ``params``, and K = ``classes_per_image`` target classes drawn per image."""
 
-    return {"source": source, "params": params.model_dump(mode="json"), "n": len(indices),
-            "indices_sha256": indices_digest(indices), "seed": seed,
-            "classes_per_image": classes_per_image, "batch_size": batch_size,
-            "model_sha256": model_sha256, "data_sha256": data_sha256}
+    source: str
+    params: BaseModel | None
+    classes_per_image: int
 
 
-def score_alignment(
-    model: nn.Module,
-    bundle: DataBundle,
-    indices: Tensor | None,
-    source: TargetGradientSource,
-    *,
-    source_name: str,
-    params: BaseModel,
-    classes_per_image: int,
-    limit: int | None = None,
-    batch_size: int = 256,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    progress: bool = False,
-    shard: tuple[int, int] | None = None,
-    merge_shards: int | None = None,
-    shard_dir: Path | None = None,
-) -> AlignReport | None:
-    """What ``pagctl align-score`` (and `pagctl.api.align_score`) measures: the alignment of
-    ``model`` with the registered source ``source_name`` (built as ``source``, with
-    ``params``) on ``bundle.test[indices]`` (all test points when None; the first ``limit``),
-    K = ``classes_per_image`` targets per image, as a report that names its source, the
+def alignment_source(bundle: DataBundle, job: AlignmentJob,
+                     request: EvaluationRequest) -> TargetGradientSource:
+    """The job's source built for ``bundle`` on the request's device and seed (sources that
+    need training images read ``bundle.train``; a cache folder for those that keep one)."""
+    import torch
+
+    from pagctl import registry
+    from pagctl.build import build_context, default_cache_dir
+
+    assert job.params is not None
+    ctx = build_context(bundle, torch.device(request.device), request.seed,
+                        default_cache_dir())
+    try:
+        built: TargetGradientSource = registry.target_gradients.instantiate(
+            job.source, job.params, ctx, "params")
+    except SpecError as exc:  # named as the field, which the command line maps to a flag
+        detail = str(exc)
+        if not detail.startswith("params: ") or isinstance(exc, FieldError):
+            raise
+        raise FieldError("params", detail.removeprefix("params: ")) from None
+    return built
+
+
+def evaluate_alignment(model: nn.Module, bundle: DataBundle, job: AlignmentJob,
+                       request: EvaluationRequest, source: TargetGradientSource | None = None,
+                       ) -> AlignReport | None:
+    """What ``pagctl align-score`` and `pagctl.api.align_score` both measure: the alignment
+    of ``model`` with ``job``'s registered source (``source``: that source already built by
+    `alignment_source`, else built here) on the test points ``request`` asks for, K =
+    ``job.classes_per_image`` targets per image, as a report that names its source, the
     model and the images it measured (`pagctl.provenance`), ready to be recorded. The
     request is checked first as every evaluation's is (`pagctl.evaluation`).
 
-    Whole (`alignment_report`); or, with ``shard=(i, N)``, shard i scored into its file in
-    ``shard_dir`` (resuming it; returns None); or, with ``merge_shards=N``, the N finished
-    shards there merged into the report of the unsharded score (the same per-image cosines
-    and numbers, to the bit). SpecError when a shard is missing or unfinished, or a shard
-    file is damaged or contradicts itself."""
+    Whole (resuming ``request.state`` when given); or, with ``request.shard=(i, N)``, shard
+    i scored into its file in ``request.shard_dir`` (resuming it; returns None); or, with
+    ``request.merge_shards=N``, the N finished shards there merged into the report of the
+    unsharded score (the same per-image cosines and numbers, to the bit). FieldError when a
+    shard is missing or unfinished, CheckpointError when a shard file is damaged or
+    contradicts itself."""
     from pagctl.data import subset_digest
-    from pagctl.distributed.shards import shard_files
-    from pagctl.evaluation import (
-        check_outputs,
-        check_settings,
-        check_shard_files,
-        check_shards,
-        evaluation_points,
-    )
+    from pagctl.evaluation.request import check_outputs
+    from pagctl.evaluation.sharding import merged_state, progress_file
+    from pagctl.evaluation.state import evaluation_key
     from pagctl.provenance import model_digest
 
-    check_settings(batch_size=batch_size, seed=seed)
-    if shard is not None and merge_shards is not None:
-        raise FieldError("merge_shards", "run one shard, or merge them all; not both")
+    request.check()
+    if request.precision != "float32":
+        raise FieldError("precision", "alignment is scored in float32 only")
     num_classes = bundle.num_classes
-    if isinstance(classes_per_image, bool) or not isinstance(classes_per_image, int) \
-            or not 1 <= classes_per_image <= num_classes:
-        raise FieldError("classes_per_image", f"{classes_per_image!r} target classes per "
-                         f"image; the data has {num_classes} classes: give 1 to "
-                         f"{num_classes}")
+    k = job.classes_per_image
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_classes:
+        raise FieldError("classes_per_image", f"{k!r} target classes per image; the data has "
+                         f"{num_classes} classes: give 1 to {num_classes}")
     dataset = bundle.test
-    indices = evaluation_points(len(dataset), indices, limit)  # type: ignore[arg-type]
-    check_shards(len(indices), batch_size, shard, merge_shards)
-    check_outputs(model, bundle, device)
+    indices = request.points(len(dataset))  # type: ignore[arg-type]
+    check_outputs(model, bundle, request.device)
     measured, points = model_digest(model), subset_digest(dataset, indices)
-    if shard is None and merge_shards is None:
-        report = alignment_report(model, dataset, indices, source, num_classes=num_classes,
-                                  classes_per_image=classes_per_image, batch_size=batch_size,
-                                  device=device, seed=seed, progress=progress)
+    key = evaluation_key({"source": job.source,
+                          "params": _params_json(job.params), "classes_per_image": k},
+                         indices=indices, seed=request.seed, batch_size=request.batch_size,
+                         model_sha256=measured, data_sha256=points)
+    stem = f"align-{job.source}"
+    if request.merge_shards is not None:
+        scored = merged_state(AlignProgress, request, stem, key, "score")
     else:
-        if shard_dir is None:
-            raise ValueError("shard and merge_shards need shard_dir")
-        count = shard[1] if shard is not None else merge_shards
-        assert count is not None
-        key = alignment_key(source=source_name, params=params, seed=seed,
-                            classes_per_image=classes_per_image, batch_size=batch_size,
-                            indices=indices, model_sha256=measured, data_sha256=points)
-        files = shard_files(shard_dir, f"align-{source_name}", key, count)
-        if shard is not None:
-            files[shard[0]].parent.mkdir(parents=True, exist_ok=True)
-            score_batches(model, dataset, indices, source, num_classes=num_classes,
-                          classes_per_image=classes_per_image, batch_size=batch_size,
-                          device=device, seed=seed, progress=progress, shard=shard,
-                          state_path=files[shard[0]], key={**key, "shard": list(shard)})
+        built = source if source is not None else alignment_source(bundle, job, request)
+        path, _ = progress_file(request, stem, key)
+        scored = score_batches(model, dataset, indices, built, job, request.part(state=path),
+                               num_classes=num_classes, key=key)
+        if request.shard is not None:
             return None
-        check_shard_files(files, "score", "source, params, seed, K, batch size, subset and "
-                          "weights")
-        parts = [AlignProgress.load(path, {**key, "shard": [i, count]})
-                 for i, path in enumerate(files)]
-        try:
-            merged = AlignProgress.merge(parts)
-        except ValueError as exc:
-            raise FieldError("merge_shards", f"{exc}; run that shard again to finish "
-                             "it") from None
-        report = merged.report(dataset, indices, classes_per_image=classes_per_image,
-                               seed=seed)
-    report.source, report.source_params = source_name, params.model_dump(mode="json")
+    report = scored.report(dataset, indices, classes_per_image=k, seed=request.seed)
+    report.source, report.source_params = job.source, _params_json(job.params)
     report.model_sha256, report.indices = measured, indices.clone()
     report.subset["data_sha256"] = points
     return report
 
 
-ALIGN_STATE_VERSION = 2
-ALIGN_STATE_KEY = "pagctl_align_state"
+def _params_json(params: BaseModel | None) -> dict[str, Any]:
+    return params.model_dump(mode="json") if params is not None else {}
 
 
 @dataclass
-class AlignProgress:
+class AlignProgress(KeyedState):
     """The per-image and per-batch results of an alignment score as it runs: what a shard
-    file or an interrupted score keeps, and what shards merge from.
+    file or an interrupted score keeps, and what shards merge from. Its file is the one
+    evaluation state (`pagctl.evaluation.state.KeyedState`).
 
     Shape: cosines (n,) float64, each image's mean cosine over its K targets (NaN: not
     scored yet); sums (B, 4) float64, per batch the sum and count of the cosines whose
@@ -328,46 +317,41 @@ class AlignProgress:
                    sums=torch.zeros((batches, 4), dtype=torch.float64),
                    done=torch.zeros(batches, dtype=torch.bool))
 
+    VERSION: ClassVar[int] = 2
+    METADATA_KEY: ClassVar[str] = "pagctl_align_state"
+    WHAT: ClassVar[str] = "alignment shard"
+    WORDS: ClassVar[dict[str, str]] = {"source": "source",
+                                       "classes_per_image": "classes per image"}
+
     @property
     def finished(self) -> bool:
         """Whether every batch is scored."""
         return bool(self.done.all())
 
-    def save(self, path: Path) -> None:
-        """Write atomically (a killed write leaves the previous batch's progress), with the
-        digest of the whole payload (`pagctl.checkpoint.save_checked`)."""
+    def unfinished(self) -> str | None:
+        """The first batch it owns (all, or its shard's) not scored yet, or None."""
+        from pagctl.evaluation.sharding import owned_batches
+
+        shard = self.key.get("shard")
+        owned = owned_batches(self.done.numel(), tuple(shard) if shard else None)
+        missing = [b for b in owned if not bool(self.done[b])]
+        return f"its batch {missing[0]} not scored" if missing else None
+
+    def payload(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         import torch
 
-        from pagctl.checkpoint import save_checked
-
-        meta = {"version": ALIGN_STATE_VERSION, "key": self.key, "seconds": self.seconds,
-                "batch_size": self.batch_size}
-        save_checked(path, {"cosines": self.cosines, "sums": self.sums,
-                            "done": self.done.to(torch.uint8)}, ALIGN_STATE_KEY, meta)
+        return ({"cosines": self.cosines, "sums": self.sums, "done": self.done.to(torch.uint8)},
+                {"seconds": self.seconds, "batch_size": self.batch_size})
 
     @classmethod
-    def load(cls, path: Path, key: dict[str, Any]) -> AlignProgress:
-        """The progress at ``path``, which must have been written for ``key``; SpecError
-        (one line naming the file and what differs) otherwise, CheckpointError naming the
-        file when it is damaged, edited, or contradicts itself (`problem`)."""
+    def restore(cls, key: dict[str, Any], tensors: dict[str, Tensor],
+                meta: dict[str, Any]) -> AlignProgress:
         import torch
 
-        from pagctl.checkpoint import contradiction, load_checked
-
-        tensors, meta = load_checked(path, ALIGN_STATE_KEY, "alignment shard",
-                                     version=ALIGN_STATE_VERSION, expected=key)
-        try:
-            progress = cls(key=key, batch_size=int(meta["batch_size"]),
-                           cosines=tensors["cosines"].to(torch.float64),
-                           sums=tensors["sums"].to(torch.float64),
-                           done=tensors["done"].to(torch.bool), seconds=float(meta["seconds"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise contradiction(path, "alignment shard", f"incomplete: {type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0][:80]}") from None
-        problem = progress.problem()
-        if problem is not None:
-            raise contradiction(path, "alignment shard", problem)
-        return progress
+        return cls(key=key, batch_size=int(meta["batch_size"]),
+                   cosines=tensors["cosines"].to(torch.float64),
+                   sums=tensors["sums"].to(torch.float64),
+                   done=tensors["done"].to(torch.bool), seconds=float(meta["seconds"]))
 
     def problem(self) -> str | None:
         """The first way this progress contradicts itself, or None: sizes that are not the

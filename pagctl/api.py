@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from pagctl.checkpoint import LoadedRun
     from pagctl.compare.model import Comparison
     from pagctl.data import DataBundle
+    from pagctl.evaluation.request import EvaluationRequest
     from pagctl.importing import ImportResult
     from pagctl.models import NormalizedModel
     from pagctl.robustness.report import AttackReport
@@ -246,23 +247,20 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
     ``trust_code``: as for `load`."""
 
     from pagctl import registry
-    from pagctl.evaluation import as_indices, check_settings
-    from pagctl.robustness.evaluate import evaluate_attack
+    from pagctl.robustness.evaluate import AttackJob, evaluate_attack
 
-    check_settings(batch_size=batch_size, seed=seed, probe_size=probe_size)
     given = _params(params)
     for key, value in (("eps", eps), ("norm", norm)):
         if value is not None:
             given[key] = value
-    validated = registry.attacks.validate_params(attack, given, "params")
-    folder = _shard_folder(model, shard, merge_shards, shard_dir)
+    request = _request(model, indices=indices, limit=limit, batch_size=batch_size,
+                       seed=seed, device=device, progress=progress, shard=shard,
+                       merge_shards=merge_shards, shard_dir=shard_dir, precision=precision)
+    request.check(probe_size)
+    job = AttackJob(attack, registry.attacks.validate_params(attack, given, "params"),
+                    budgets=eps_sweep, probes=probes, probe_size=probe_size)
     module, bundle, dev = _model_and_data(model, data, device, weights, trust_code)
-    reports, _ = evaluate_attack(module, bundle, attack, validated, eps_sweep,
-                                 indices=as_indices(indices), limit=limit,
-                                 batch_size=batch_size, seed=seed, device=dev, probes=probes,
-                                 probe_size=probe_size, progress=progress, shard=shard,
-                                 merge_shards=merge_shards, shard_dir=folder,
-                                 precision=precision)
+    reports, _ = evaluate_attack(module, bundle, job, request.part(device=dev))
     return reports if eps_sweep is not None else reports[0]
 
 
@@ -283,14 +281,14 @@ def align_score(model: Any, data: Any = None, source: str = "nearest_neighbor", 
     is a path). ``trust_code``: as for `load`."""
 
     from pagctl import registry
-    from pagctl.align import score_alignment
-    from pagctl.build import build_context, default_cache_dir
+    from pagctl.align import AlignmentJob, evaluate_alignment
     from pagctl.checkpoint import LoadedRun
-    from pagctl.evaluation import as_indices, check_settings
 
-    check_settings(batch_size=batch_size, seed=seed)
+    request = _request(model, indices=indices, limit=limit, batch_size=batch_size,
+                       seed=seed, device=device, progress=False, shard=shard,
+                       merge_shards=merge_shards, shard_dir=shard_dir)
+    request.check()
     validated = registry.target_gradients.validate_params(source, _params(params), "params")
-    folder = _shard_folder(model, shard, merge_shards, shard_dir)
     run = load(model, weights=weights, device=device, trust_code=trust_code) \
         if isinstance(model, (str, Path)) else model
     module, bundle, dev = _model_and_data(run, data, device, weights, trust_code)
@@ -300,12 +298,8 @@ def align_score(model: Any, data: Any = None, source: str = "nearest_neighbor", 
         k = min(k, bundle.num_classes)
     else:
         k = classes_per_image
-    ctx = build_context(bundle, dev, seed, default_cache_dir())
-    built = registry.target_gradients.instantiate(source, validated, ctx, "source")
-    return score_alignment(module, bundle, as_indices(indices), built, source_name=source,
-                           params=validated, classes_per_image=k, limit=limit,
-                           shard_dir=folder, shard=shard, merge_shards=merge_shards,
-                           batch_size=batch_size, device=dev, seed=seed)
+    return evaluate_alignment(module, bundle, AlignmentJob(source, validated, k),
+                              request.part(device=dev))
 
 
 def _params(params: Any) -> dict[str, Any]:
@@ -320,23 +314,26 @@ def _params(params: Any) -> dict[str, Any]:
     return dict(params)
 
 
-def _shard_folder(model: Any, shard: tuple[int, int] | None, merge_shards: int | None,
-                  shard_dir: str | Path | None) -> Path | None:
-    """Where the shards of an evaluation live (None when it is not sharded); FieldError for
-    both options or a missing folder (the shard itself is checked with every evaluation's
-    request, `pagctl.evaluation.check_shards`)."""
+def _request(model: Any, *, shard: tuple[int, int] | None, merge_shards: int | None,
+             shard_dir: str | Path | None, **settings: Any) -> EvaluationRequest:
+    """The evaluation request of the API's keywords; the shards of a run folder live in its
+    ``shards/`` unless ``shard_dir`` says otherwise. FieldError for a sharded evaluation of
+    a module without ``shard_dir``, or a ``shard_dir`` that is a file (the rest is checked
+    with every evaluation's request, `EvaluationRequest.check`)."""
     from pagctl.checkpoint import SHARDS_DIR, confined
+    from pagctl.evaluation.request import EvaluationRequest
 
-    if shard is None and merge_shards is None:
-        return None
-    if shard is not None and merge_shards is not None:
-        raise FieldError("merge_shards", "run one shard, or merge them all; not both")
-    if shard_dir is None and not isinstance(model, (str, Path)):
-        raise FieldError("shard_dir", "the shards need a folder when the model is not a run "
-                         "folder; give shard_dir=...")
-    if shard_dir is not None and Path(shard_dir).exists() and not Path(shard_dir).is_dir():
-        raise FieldError("shard_dir", f"{shard_dir} is a file; give a folder")
-    return Path(shard_dir) if shard_dir is not None else confined(Path(model), SHARDS_DIR)
+    folder = None
+    if shard is not None or merge_shards is not None:
+        if shard_dir is None and not isinstance(model, (str, Path)):
+            raise FieldError("shard_dir", "the shards need a folder when the model is not a "
+                             "run folder; give shard_dir=...")
+        if shard_dir is not None and Path(shard_dir).exists() and not Path(shard_dir).is_dir():
+            raise FieldError("shard_dir", f"{shard_dir} is a file; give a folder")
+        folder = Path(shard_dir) if shard_dir is not None else confined(Path(model),
+                                                                        SHARDS_DIR)
+    return EvaluationRequest(shard=shard, merge_shards=merge_shards, shard_dir=folder,
+                             **settings)
 
 
 def record(run: str | Path, reports: AttackReport | AlignReport

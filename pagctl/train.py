@@ -686,6 +686,7 @@ def _accuracies(s: Setup, images: Any, indices: Tensor, seed: int, prefix: str
     """``clean_accuracy`` and, with ``eval.attack``, ``robust_accuracy`` and ``monitor`` on
     ``indices`` of ``images``, each key prefixed with ``prefix`` but ``monitor``."""
     from pagctl import registry
+    from pagctl.evaluation.request import EvaluationRequest
     from pagctl.robustness.engine import clean_accuracy, run_attack
 
     spec, device, batch = s.spec, s.device, s.spec.data.eval_batch_size
@@ -697,7 +698,7 @@ def _accuracies(s: Setup, images: Any, indices: Tensor, seed: int, prefix: str
     attack = registry.attacks.instantiate(
         ref.name, params, build_context(s.bundle, device, seed, None), "eval.attack")
     rep = run_attack(s.model, attack, images, indices, name=ref.name, params=params,
-                     batch_size=batch, device=device, seed=seed)
+                     request=EvaluationRequest(batch_size=batch, device=device, seed=seed))
     return {f"{prefix}clean_accuracy": rep.clean_accuracy,
             f"{prefix}robust_accuracy": rep.robust_accuracy,
             "monitor": {"attack": rep.attack, "params": rep.params}}

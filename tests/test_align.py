@@ -14,16 +14,18 @@ from torch import Tensor, nn
 
 import pagctl.api as pg
 from pagctl.align import (
+    AlignmentJob,
     AlignProgress,
     AlignReport,
-    alignment_key,
     alignment_report,
+    evaluate_alignment,
     gradient_panels,
     mean_alignment,
-    score_alignment,
 )
 from pagctl.data import DataBundle, TensorImageDataset, subset_digest
 from pagctl.errors import FieldError, SpecError
+from pagctl.evaluation.request import EvaluationRequest
+from pagctl.evaluation.state import evaluation_key
 from pagctl.gradients import input_gradients
 from pagctl.provenance import model_digest
 
@@ -36,7 +38,7 @@ def _data(n: int = 40, classes: int = 5) -> TensorImageDataset:
 
 
 def _bundle(data: TensorImageDataset, classes: int = 5) -> DataBundle:
-    """``data`` as an evaluation set (what `score_alignment` measures on)."""
+    """``data`` as an evaluation set (what `evaluate_alignment` measures on)."""
     return pg.tensors(data.images, data.labels, num_classes=classes)
 
 
@@ -145,15 +147,14 @@ def _shard_scores(tmp_path: Path, source: Any, count: int, *, batch_size: int = 
                   seed: int = 3) -> AlignReport:
     """Score ``count`` shards, each with a fresh source (as independent jobs), then merge."""
     model, data = _mlp(), _data()
-    indices = torch.arange(len(data))
-    common: dict[str, Any] = {"source_name": "noisy", "params": _Params(),
-                              "classes_per_image": 3, "batch_size": batch_size, "seed": seed,
-                              "shard_dir": tmp_path}
+    job = AlignmentJob("noisy", _Params(), 3)
+    request = EvaluationRequest(indices=torch.arange(len(data)), batch_size=batch_size,
+                                seed=seed, shard_dir=tmp_path)
     for i in range(count):
-        assert score_alignment(model, _bundle(data), indices, source(), shard=(i, count),
-                               **common) is None
-    merged = score_alignment(model, _bundle(data), indices, source(), merge_shards=count,
-                             **common)
+        assert evaluate_alignment(model, _bundle(data), job, request.part(shard=(i, count)),
+                                  source()) is None
+    merged = evaluate_alignment(model, _bundle(data), job,
+                                request.part(merge_shards=count), source())
     assert merged is not None
     return merged
 
@@ -168,9 +169,8 @@ def test_shards_merge_into_the_unsharded_report(tmp_path: Path, count: int) -> N
     but the seconds), because each batch draws its classes and reseeds the source from the
     batch's own seed."""
     model, data = _mlp(), _data()
-    whole = score_alignment(model, _bundle(data), None, NoisyTargets(0),
-                            source_name="noisy", params=_Params(), classes_per_image=3,
-                            batch_size=7, seed=3)
+    whole = evaluate_alignment(model, _bundle(data), AlignmentJob("noisy", _Params(), 3),
+                               EvaluationRequest(batch_size=7, seed=3), NoisyTargets(0))
     assert whole is not None
     merged = _shard_scores(tmp_path / str(count), lambda: NoisyTargets(0), count)
     assert replace(merged, seconds=0.0) == replace(whole, seconds=0.0)
@@ -199,28 +199,30 @@ def test_a_stopped_shard_resumes_and_a_foreign_file_is_refused(tmp_path: Path) -
     another K) is refused, naming what differs."""
     model, data = _mlp(), _data()
     indices = torch.arange(len(data))
-    common: dict[str, Any] = {"source_name": "noisy", "params": _Params(),
-                              "classes_per_image": 3, "batch_size": 7, "seed": 3,
-                              "shard_dir": tmp_path}
+    job = AlignmentJob("noisy", _Params(), 3)
+    request = EvaluationRequest(indices=indices, batch_size=7, seed=3, shard_dir=tmp_path)
     bundle = _bundle(data)
-    whole = score_alignment(model, bundle, indices, NoisyTargets(0), **common)
+    whole = evaluate_alignment(model, bundle, job, request, NoisyTargets(0))
     assert whole is not None
     with pytest.raises(KeyboardInterrupt):
-        score_alignment(model, bundle, indices, NoisyTargets(0, fail_at=2), shard=(0, 1),
-                          **common)
+        evaluate_alignment(model, bundle, job, request.part(shard=(0, 1)),
+                           NoisyTargets(0, fail_at=2))
     [path] = list(tmp_path.iterdir())
-    key = alignment_key(source="noisy", params=_Params(), seed=3, classes_per_image=3,
-                        batch_size=7, indices=indices, model_sha256=model_digest(model),
-                        data_sha256=subset_digest(data, indices))
+    key = evaluation_key({"source": "noisy", "params": _Params().model_dump(mode="json"),
+                          "classes_per_image": 3}, seed=3, batch_size=7, indices=indices,
+                         model_sha256=model_digest(model),
+                         data_sha256=subset_digest(data, indices))
     saved = AlignProgress.load(path, {**key, "shard": [0, 1]})
     assert saved.done.tolist() == [True] + [False] * 5
-    with pytest.raises(SpecError, match="merge_shards: shard 0/1 has not scored its batch 1"):
-        score_alignment(model, bundle, indices, NoisyTargets(0), merge_shards=1, **common)
+    with pytest.raises(SpecError, match=r"merge_shards: shard 0/1 stopped before the end "
+                       r"\(its batch 1 not scored\)"):
+        evaluate_alignment(model, bundle, job, request.part(merge_shards=1), NoisyTargets(0))
     rest = NoisyTargets(0)
-    score_alignment(model, bundle, indices, rest, shard=(0, 1), **common)
+    evaluate_alignment(model, bundle, job, request.part(shard=(0, 1)), rest)
     assert rest.calls == 5  # the first batch was not scored again
-    merged = score_alignment(model, bundle, indices, NoisyTargets(0), merge_shards=1, **common)
+    merged = evaluate_alignment(model, bundle, job, request.part(merge_shards=1),
+                                NoisyTargets(0))
     assert merged is not None
     assert replace(merged, seconds=0.0) == replace(whole, seconds=0.0)
-    with pytest.raises(SpecError, match="classes_per_image"):
+    with pytest.raises(SpecError, match="classes per image"):
         AlignProgress.load(path, {**key, "classes_per_image": 2, "shard": [0, 1]})

@@ -335,3 +335,63 @@ def test_numpy_inputs_are_images_and_labels(workdir: Path) -> None:
                            indices=list(range(8)))
     assert not isinstance(from_numpy, list) and not isinstance(from_torch, list)
     assert from_numpy.per_example == from_torch.per_example and from_numpy.n == 8
+
+
+def _without_seconds(value: Any) -> Any:
+    """A record as JSON without its timings (every key that counts seconds)."""
+    if isinstance(value, dict):
+        return {k: _without_seconds(v) for k, v in value.items() if "seconds" not in k}
+    if isinstance(value, list):
+        return [_without_seconds(v) for v in value]
+    return value
+
+
+def test_the_command_line_and_the_api_record_the_same_evaluation(
+        workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One orchestration behind both faces: the same attack (an ε-sweep, with probes) and
+    the same alignment score, run by the command and by the API on one run folder, append
+    the same records to its metrics.jsonl, every field but the seconds."""
+    import json
+
+    (workdir / "linear_digits.py").write_text(
+        "from torch import nn\n\n\ndef make(num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))\n")
+    torch.manual_seed(2)
+    module = _Linear()
+    save_file({k: v.contiguous() for k, v in module.body.state_dict().items()},
+              str(workdir / "lin.safetensors"))
+    pg.import_model("runs/lin", "linear_digits:make", "digits",
+                    checkpoint=workdir / "lin.safetensors")
+    metrics = workdir / "runs" / "lin" / "metrics.jsonl"
+
+    def records() -> list[dict[str, Any]]:
+        lines = metrics.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def command(*argv: str) -> None:
+        try:
+            cli.main([*argv, "--no-progress", "--format", "json", "--trust-code"])
+        except SystemExit as exc:
+            assert not exc.code
+        capsys.readouterr()
+
+    before = len(records())
+    command("attack", "runs/lin", "--attack", "apgd_ce", "--param", "norm=L2",
+            "--param", "eps=0.5", "--eps-sweep", "0.25,0.5", "--limit", "40",
+            "--batch-size", "16", "--probe-size", "20")
+    reports = pg.attack("runs/lin", attack="apgd_ce", norm="L2", eps=0.5,
+                        eps_sweep=[0.25, 0.5], limit=40, batch_size=16, probe_size=20,
+                        trust_code=True)
+    pg.record("runs/lin", reports, params_given={"norm": "L2", "eps": 0.5},
+              trust_code=True)
+    command("align-score", "runs/lin", "--source", "class_mean", "-k", "3", "--limit", "30",
+            "--batch-size", "8", "--seed", "5")
+    score = pg.align_score("runs/lin", source="class_mean", classes_per_image=3, limit=30,
+                           batch_size=8, seed=5, trust_code=True)
+    assert score is not None
+    pg.record("runs/lin", score, params_given={}, trust_code=True)
+    new = [_without_seconds(r) for r in records()[before:]]
+    assert [r["kind"] for r in new] == ["attack"] * 4 + ["align"] * 2
+    assert new[0:2] == new[2:4]
+    assert new[4] == new[5]
+    assert new[0]["reliability"] is not None and new[1]["eps"] == 0.5

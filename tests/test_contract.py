@@ -20,9 +20,10 @@ from torch import Tensor, nn
 from pagctl import registry
 from pagctl.data import DataBundle, TensorImageDataset
 from pagctl.errors import PluginContractError
+from pagctl.evaluation.request import EvaluationRequest
 from pagctl.protocols import NORMS, PluginParams, perturbation_norms
 from pagctl.registry import Registry
-from pagctl.robustness.evaluate import evaluate_attack
+from pagctl.robustness.evaluate import AttackJob, evaluate_attack
 from pagctl.testing import check_attack, small_data, small_model
 
 EPS = {"l1": 2.0, "l2": 0.5, "linf": 0.1, "l0": 3.0}
@@ -112,8 +113,8 @@ def _in_pagctl_attack(factory: type[Any], monkeypatch: pytest.MonkeyPatch) -> tu
                         class_names=tuple(map(str, range(10))))
     params = attacks.validate_params("scaled", {}, "--param")
     try:
-        reports, _ = evaluate_attack(model, bundle, "scaled", params, probes=False,
-                                     batch_size=5)
+        reports, _ = evaluate_attack(model, bundle, AttackJob("scaled", params, probes=False),
+                                     EvaluationRequest(batch_size=5))
     except PluginContractError as exc:
         return str(exc), None
     return None, reports[0]

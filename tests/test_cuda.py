@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pagctl.evaluation.request import EvaluationRequest
+
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -66,7 +68,7 @@ def test_training_and_attack_on_cuda(workdir: Path, amp: bool, channels_last: bo
     attack = registry.attacks.get("pgd_l2")(params, BuildContext(10, (1, 8, 8),
                                                                   torch.device("cuda"), 0))
     rep = run_attack(run.model, attack, bundle.test, torch.arange(100), name="pgd_l2",
-                     params=params, device="cuda")
+                     params=params, request=EvaluationRequest(device="cuda"))
     assert rep.robust_accuracy <= rep.clean_accuracy and rep.max_l2 <= 0.5 * (1 + 1e-6)
 
 
@@ -94,7 +96,7 @@ def test_every_attack_runs_on_cuda_and_matches_cpu(name: str) -> None:
         ctx = BuildContext(10, (1, 8, 8), torch.device(device), 0)
         attack = registry.attacks.instantiate(name, params, ctx, "p")
         rep = run_attack(model.to(device), attack, TensorImageDataset(x, y), torch.arange(100),
-                         name=name, params=params, device=device)
+                         name=name, params=params, request=EvaluationRequest(device=device))
         assert rep.max_l2 <= 0.5 * (1 + 1e-6)
         results[device] = rep.robust_correct
     assert abs(results["cpu"] - results["cuda"]) <= 2, results

@@ -18,9 +18,11 @@ from pagctl import registry
 from pagctl.attacks.autoattack import AutoAttack
 from pagctl.data import DataBundle, TensorImageDataset
 from pagctl.errors import PluginContractError, SpecError
+from pagctl.evaluation.request import EvaluationRequest
 from pagctl.protocols import BuildContext, PluginParams, attack_stages
 from pagctl.robustness.engine import PerBatch, run_attack
-from pagctl.robustness.evaluate import evaluate_attack
+from pagctl.robustness.evaluate import AttackJob, evaluate_attack
+from pagctl.robustness.state import AttackState
 from pagctl.stats import unpack_bits, wilson_interval
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,6 +32,15 @@ CPU = torch.device("cpu")
 
 class _NoParams(PluginParams):
     pass
+
+
+
+def _evaluate(model: nn.Module, bundle: DataBundle, name: str, params: BaseModel,
+              budgets: list[float] | None = None, *, probes: bool = True,
+              probe_size: int = 100, **settings: Any) -> tuple[list[Any], Tensor]:
+    """`evaluate_attack` with its job's and request's fields given as keywords."""
+    job = AttackJob(name, params, budgets=budgets, probes=probes, probe_size=probe_size)
+    return evaluate_attack(model, bundle, job, EvaluationRequest(**settings))
 
 
 def _dataset(x: Tensor, y: Tensor) -> TensorImageDataset:
@@ -111,7 +122,8 @@ def test_stages_run_on_survivors_and_report_contributions() -> None:
     second = _Scripted(fooling, {0, 1}, forwards=1)
     model = _identity_model()
     rep = run_attack(model, _Pair(("a", first), ("b", second)), _dataset(x, labels),
-                     torch.arange(24), name="pair", params=_NoParams(), batch_size=10)
+                     torch.arange(24), name="pair", params=_NoParams(),
+                     request=EvaluationRequest(batch_size=10))
     assert rep.clean_correct == 24
     # stage a breaks class 0 (6 points); stage b sees only survivors and breaks class 1
     assert [(s.name, s.attacked, s.broke) for s in rep.stages] == [("a", 24, 6), ("b", 18, 6)]
@@ -145,7 +157,7 @@ def test_progress_shows_forward_counts_within_a_batch(
     stage = _Scripted(fooling, {0}, forwards=3)
     run_attack(_identity_model(), _Pair(("a", stage), ("b", _Scripted(fooling, {1}))),
                _dataset(_block_images(labels), labels), torch.arange(8), name="pair",
-               params=_NoParams(), batch_size=4, progress=True)
+               params=_NoParams(), request=EvaluationRequest(batch_size=4, progress=True))
     lines = capsys.readouterr().err.splitlines()
     beats = [line for line in lines if line.startswith("a: ") and "forwards" in line]
     assert beats, lines
@@ -154,7 +166,7 @@ def test_progress_shows_forward_counts_within_a_batch(
     quiet = _Scripted(fooling, {0}, forwards=3)
     run_attack(_identity_model(), _Pair(("a", quiet), ("b", quiet)),
                _dataset(_block_images(labels), labels), torch.arange(8), name="pair",
-               params=_NoParams(), batch_size=4, progress=False)
+               params=_NoParams(), request=EvaluationRequest(batch_size=4, progress=False))
     assert "forwards" not in capsys.readouterr().err
 
 
@@ -255,43 +267,47 @@ class _Interrupt(Exception):
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(
-    digits: tuple[nn.Module, Tensor, Tensor], tmp_path: Path,
+    digits: tuple[nn.Module, Tensor, Tensor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model, x, y = digits
     ds, idx = _dataset(x[:120], y[:120]), torch.arange(120)
     attack, params = _aa_builder(0.5, "l2")
-    whole = run_attack(model, attack, ds, idx, name="autoattack", params=params, batch_size=40)
+    whole = run_attack(model, attack, ds, idx, name="autoattack", params=params,
+                       request=EvaluationRequest(batch_size=40))
 
     state = tmp_path / "aa.state"
+    resume = EvaluationRequest(batch_size=40, state=state)
     calls = {"n": 0}
+    save = AttackState.save
 
-    def stop_after_five() -> None:
+    def save_then_stop_after_five(self: AttackState, path: Path) -> None:
+        save(self, path)
         calls["n"] += 1
         if calls["n"] == 5:
             raise _Interrupt
 
-    with pytest.raises(_Interrupt):
-        run_attack(model, attack, ds, idx, name="autoattack", params=params, batch_size=40,
-                   state_path=state, on_batch=stop_after_five)
+    with monkeypatch.context() as patch, pytest.raises(_Interrupt):
+        patch.setattr(AttackState, "save", save_then_stop_after_five)
+        run_attack(model, attack, ds, idx, name="autoattack", params=params, request=resume)
     assert state.exists()
     resumed = run_attack(model, attack, ds, idx, name="autoattack", params=params,
-                         batch_size=40, state_path=state)
+                         request=resume)
     assert resumed.per_example == whole.per_example
     assert [(s.name, s.attacked, s.broke, s.forwards, s.backwards) for s in resumed.stages] \
         == [(s.name, s.attacked, s.broke, s.forwards, s.backwards) for s in whole.stages]
     # a finished state file answers again without attacking
     again = run_attack(model, attack, ds, idx, name="autoattack", params=params,
-                       batch_size=40, state_path=state)
+                       request=resume)
     assert again.per_example == whole.per_example
 
     other, other_params = _aa_builder(0.25, "l2")
     with pytest.raises(SpecError, match="params"):
         run_attack(model, other, ds, idx, name="autoattack", params=other_params,
-                   batch_size=40, state_path=state)
+                   request=resume)
     state.write_bytes(b"not a state file")
     with pytest.raises(Exception, match="state|safetensors"):
         run_attack(model, attack, ds, idx, name="autoattack", params=params,
-                   batch_size=40, state_path=state)
+                   request=resume)
 
 
 # --------------------------------------------------------------------------- AutoAttack
@@ -451,7 +467,7 @@ class _SoftmaxHead(nn.Module):
 def _verdict(model: nn.Module, x: Tensor, y: Tensor, name: str,
              params: dict[str, Any]) -> dict[str, Any]:
     validated = registry.attacks.validate_params(name, params, "--param")
-    reports, _ = evaluate_attack(model, _bundle(x, y), name, validated, probe_size=100)
+    reports, _ = _evaluate(model, _bundle(x, y), name, validated, probe_size=100)
     assert reports[0].reliability is not None
     return reports[0].reliability
 
@@ -478,7 +494,7 @@ def test_randomised_model_refuses_standard_autoattack(
     model, x, y = digits
     params = registry.attacks.validate_params("autoattack", {"eps": 0.5, "norm": "l2"}, "p")
     with pytest.raises(SpecError, match="version=rand"):
-        evaluate_attack(_Noisy(model), _bundle(x[:50], y[:50]), "autoattack", params)
+        _evaluate(_Noisy(model), _bundle(x[:50], y[:50]), "autoattack", params)
 
 
 @pytest.mark.parametrize(("norm", "eps"), [("l2", 0.5), ("linf", 0.1), ("l1", 1.5)])
@@ -498,7 +514,7 @@ def test_sweep_reports_monotone_curve_and_indices_are_validated(
 ) -> None:
     model, x, y = digits
     params = registry.attacks.validate_params("pgd_l2", {"steps": 20}, "p")
-    reports, idx = evaluate_attack(model, _bundle(x, y), "pgd_l2", params, [0.25, 0.5, 1.0],
+    reports, idx = _evaluate(model, _bundle(x, y), "pgd_l2", params, [0.25, 0.5, 1.0],
                                    indices=torch.arange(50, 150), limit=80, probes=False)
     assert [r.eps for r in reports] == [0.25, 0.5, 1.0]
     assert torch.equal(idx, torch.arange(50, 130))
@@ -506,7 +522,7 @@ def test_sweep_reports_monotone_curve_and_indices_are_validated(
     assert accs == sorted(accs, reverse=True) and accs[-1] < accs[0]
     assert all(r.n == 80 and r.subset["first"] == 50 for r in reports)
     with pytest.raises(SpecError, match="index 300 is outside"):
-        evaluate_attack(model, _bundle(x, y), "pgd_l2", params, indices=torch.tensor([1, 300]))
+        _evaluate(model, _bundle(x, y), "pgd_l2", params, indices=torch.tensor([1, 300]))
 
 
 def test_per_class_counts_and_per_example_rows_agree_with_the_report(
@@ -516,7 +532,7 @@ def test_per_class_counts_and_per_example_rows_agree_with_the_report(
     the per-example rows carry the test-set index, the true label and the report's bits."""
     model, x, y = digits
     params = registry.attacks.validate_params("pgd_l2", {"steps": 10, "eps": 0.5}, "p")
-    reports, idx = evaluate_attack(model, _bundle(x, y), "pgd_l2", params,
+    reports, idx = _evaluate(model, _bundle(x, y), "pgd_l2", params,
                                    indices=torch.arange(100, 200), probes=False)
     report = reports[0]
     per_class = report.per_class()
@@ -554,13 +570,13 @@ def test_shards_merge_to_exactly_the_unsharded_evaluation(
     bundle = _bundle(x[:150], y[:150])
     params = _aa_quick()
     common: dict[str, Any] = {"batch_size": 32, "seed": 3, "probe_size": 40}
-    [whole], _ = evaluate_attack(model, bundle, "autoattack", params, **common)
+    [whole], _ = _evaluate(model, bundle, "autoattack", params, **common)
     for i in range(count):
-        [part], _ = evaluate_attack(model, bundle, "autoattack", params, shard=(i, count),
+        [part], _ = _evaluate(model, bundle, "autoattack", params, shard=(i, count),
                                     shard_dir=tmp_path, **common)
         assert part.reliability is None  # a part has no verdict
     assert len(list(tmp_path.iterdir())) == count
-    [merged], _ = evaluate_attack(model, bundle, "autoattack", params, merge_shards=count,
+    [merged], _ = _evaluate(model, bundle, "autoattack", params, merge_shards=count,
                                   shard_dir=tmp_path, **common)
     assert merged.per_example == whole.per_example
     assert torch.equal(merged.robust_mask, whole.robust_mask)
@@ -584,42 +600,39 @@ def test_merging_refuses_missing_unfinished_and_foreign_shards(
     bundle = _bundle(x[:80], y[:80])
     params = _aa_quick()
     common: dict[str, Any] = {"batch_size": 32, "probes": False}
-    evaluate_attack(model, bundle, "autoattack", params, shard=(0, 2), shard_dir=tmp_path,
+    _evaluate(model, bundle, "autoattack", params, shard=(0, 2), shard_dir=tmp_path,
                     seed=0, **common)
     with pytest.raises(SpecError, match=r"shard 1/2 of this evaluation has not run .*"
                        r"--shard 1/2"):
-        evaluate_attack(model, bundle, "autoattack", params, merge_shards=2,
+        _evaluate(model, bundle, "autoattack", params, merge_shards=2,
                         shard_dir=tmp_path, seed=0, **common)
     # shard 1 of another seed is another evaluation: still missing for seed 0
-    evaluate_attack(model, bundle, "autoattack", params, shard=(1, 2), shard_dir=tmp_path,
+    _evaluate(model, bundle, "autoattack", params, shard=(1, 2), shard_dir=tmp_path,
                     seed=1, **common)
     with pytest.raises(SpecError, match="shard 1/2 of this evaluation has not run"):
-        evaluate_attack(model, bundle, "autoattack", params, merge_shards=2,
+        _evaluate(model, bundle, "autoattack", params, merge_shards=2,
                         shard_dir=tmp_path, seed=0, **common)
     # an interrupted shard is reported as unfinished, naming the command that finishes it
-    from pagctl.robustness import engine
+    save, calls = AttackState.save, []
 
-    original, calls = engine.run_attack, []
+    def save_then_stop_at_the_second(self: AttackState, path: Path) -> None:
+        save(self, path)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
 
-    def interrupted(*args: Any, **kwargs: Any) -> Any:
-        def stop_at_the_second_save() -> None:
-            calls.append(1)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-        return original(*args, **kwargs, on_batch=stop_at_the_second_save)
-
-    monkeypatch.setattr(engine, "run_attack", interrupted)  # evaluate imports it per call
+    monkeypatch.setattr(AttackState, "save", save_then_stop_at_the_second)
     with pytest.raises(KeyboardInterrupt):
-        evaluate_attack(model, bundle, "autoattack", params, shard=(1, 2),
-                        shard_dir=tmp_path, seed=0, **common)
-    monkeypatch.setattr(engine, "run_attack", original)
+        _evaluate(model, bundle, "autoattack", params, shard=(1, 2), shard_dir=tmp_path,
+                  seed=0, **common)
+    monkeypatch.setattr(AttackState, "save", save)
     with pytest.raises(SpecError, match=r"shard 1/2 stopped before the end .* --shard 1/2"):
-        evaluate_attack(model, bundle, "autoattack", params, merge_shards=2,
+        _evaluate(model, bundle, "autoattack", params, merge_shards=2,
                         shard_dir=tmp_path, seed=0, **common)
     # finishing it makes the merge work
-    evaluate_attack(model, bundle, "autoattack", params, shard=(1, 2), shard_dir=tmp_path,
+    _evaluate(model, bundle, "autoattack", params, shard=(1, 2), shard_dir=tmp_path,
                     seed=0, **common)
-    [merged], _ = evaluate_attack(model, bundle, "autoattack", params, merge_shards=2,
+    [merged], _ = _evaluate(model, bundle, "autoattack", params, merge_shards=2,
                                   shard_dir=tmp_path, seed=0, **common)
     assert merged.n == 80
 
@@ -630,4 +643,4 @@ def test_a_shard_index_out_of_range_is_refused() -> None:
     with pytest.raises(ValueError, match=r"shard 2/2: the index must be in \[0, 2\)"):
         run_attack(model, _Pair(("a", _Scripted(_block_images(labels)[0], set()))),
                    _dataset(_block_images(labels), labels), torch.arange(4), name="pair",
-                   params=_NoParams(), shard=(2, 2))
+                   params=_NoParams(), request=EvaluationRequest(shard=(2, 2)))

@@ -532,7 +532,7 @@ def test_a_consistent_forgery_of_clean_bits_meets_the_model(
     claims a misclassified point is clean-correct is caught at the merge, where the clean
     bits are checked against the model itself."""
     from pagctl.checkpoint import load_checked, save_checked
-    from pagctl.robustness.state import METADATA_KEY, STATE_VERSION, WHAT
+    from pagctl.robustness.state import AttackState
 
     run = _copy(base, corpus_dir)
     argv = ["attack", run, "--attack", "fgsm", "--param", "eps=0.3", "--limit", "40",
@@ -541,7 +541,8 @@ def test_a_consistent_forgery_of_clean_bits_meets_the_model(
         assert pagctl(*argv, "--shard", f"{i}/2").code == 0
     files = sorted((run / "shards").iterdir())
     loaded = [(tensors, meta) for tensors, meta in (
-        load_checked(path, METADATA_KEY, WHAT, version=STATE_VERSION,
+        load_checked(path, AttackState.METADATA_KEY, AttackState.WHAT,
+                     version=AttackState.VERSION,
                      expected=json.loads(load_file_meta(path))["key"]) for path in files)]
     wrong = (loaded[0][0]["clean"] == 0).nonzero()
     if not len(wrong):
@@ -551,7 +552,7 @@ def test_a_consistent_forgery_of_clean_bits_meets_the_model(
         tensors["clean"][point] = 1  # claimed correct and robust, in every shard alike
         tensors["robust"][point] = 1
         meta.pop("payload_sha256")
-        save_checked(path, tensors, METADATA_KEY, meta)
+        save_checked(path, tensors, AttackState.METADATA_KEY, meta)
     got = pagctl(*argv, "--merge-shards", "2")
     assert got.code == 2, got.stderr
     assert "classified otherwise than the model classifies them" in got.stderr
@@ -561,10 +562,10 @@ def load_file_meta(path: Path) -> str:
     """A state file's metadata JSON, as written (to read back its own key)."""
     from safetensors import safe_open
 
-    from pagctl.robustness.state import METADATA_KEY
+    from pagctl.robustness.state import AttackState
 
     with safe_open(str(path), framework="pt") as fh:
-        return str(fh.metadata()[METADATA_KEY])
+        return str(fh.metadata()[AttackState.METADATA_KEY])
 
 
 def test_a_copied_report_keeps_its_digests(base: Path, corpus_dir: Path) -> None:

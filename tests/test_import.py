@@ -103,7 +103,8 @@ def test_an_imported_module_gives_the_per_example_results_of_the_module_itself(
     so whoever reads it must trust it (``--trust-code``)."""
     from pagctl import registry
     from pagctl.data import load_data
-    from pagctl.robustness.evaluate import evaluate_attack
+    from pagctl.evaluation.request import EvaluationRequest
+    from pagctl.robustness.evaluate import AttackJob, evaluate_attack
     from pagctl.spec import load_spec
 
     net, weights = plain
@@ -124,7 +125,8 @@ def test_an_imported_module_gives_the_per_example_results_of_the_module_itself(
 
     bundle = load_data(load_spec("digits-vanilla", []).data)
     params = registry.attacks.validate_params("pgd_l2", {"steps": 5, "eps": 0.5}, "p")
-    reports, _ = evaluate_attack(net.eval(), bundle, "pgd_l2", params, limit=40, probes=False)
+    reports, _ = evaluate_attack(net.eval(), bundle, AttackJob("pgd_l2", params, probes=False),
+                                 EvaluationRequest(limit=40))
     assert via_cli["per_example"]["robust"] == reports[0].per_example["robust"]
     assert via_cli["per_example"]["clean"] == reports[0].per_example["clean"]
     # the folder is a run folder: its records, its weights, compare

@@ -15,6 +15,7 @@ from conftest import envelope_records
 
 from pagctl import checkpoint
 from pagctl.errors import CheckpointError
+from pagctl.evaluation.request import EvaluationRequest
 from pagctl.records import AlignRecord, AttackRecord, TrainEpochRecord, split_lines
 
 
@@ -282,8 +283,8 @@ def test_attack_state_of_another_model_or_other_data_is_refused(tmp_path: Path) 
     state = tmp_path / "s.state"
 
     def attack(m: Any, images: torch.Tensor) -> Any:
-        return run_attack(m, Noise(), TensorImageDataset(images, y), torch.arange(12),
-                          name="noise", params=Params(), state_path=state, batch_size=4)
+        return run_attack(m, Noise(), TensorImageDataset(images, y), torch.arange(12), name="noise",
+                          params=Params(), request=EvaluationRequest(state=state, batch_size=4))
 
     first = attack(model, x)
     assert attack(model, x).robust_correct == first.robust_correct  # its own: resumed

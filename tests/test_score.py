@@ -360,8 +360,9 @@ def test_sbg_align_score_shards_merge_exactly(digits_run: Path, tmp_path: Path) 
     from torch import nn
 
     import pagctl.api as pg
-    from pagctl.align import alignment_report, score_alignment
+    from pagctl.align import AlignmentJob, alignment_report, evaluate_alignment
     from pagctl.data import TensorImageDataset
+    from pagctl.evaluation.request import EvaluationRequest
 
     g = torch.Generator().manual_seed(1)
     data = TensorImageDataset(torch.rand(30, 1, 8, 8, generator=g), torch.arange(30) % 10)
@@ -372,13 +373,15 @@ def test_sbg_align_score_shards_merge_exactly(digits_run: Path, tmp_path: Path) 
     indices = torch.arange(30)
     common: dict[str, object] = {"classes_per_image": 2, "batch_size": 8, "seed": 3}
     bundle = pg.tensors(data.images, data.labels, num_classes=10)
-    whole = score_alignment(model, bundle, indices, SBG(params, ctx), source_name="sbg",  # type: ignore[arg-type]
-                            params=params, **common)
+    job = AlignmentJob("sbg", params, 2)
+    request = EvaluationRequest(indices=indices, batch_size=8, seed=3, shard_dir=tmp_path)
+    whole = evaluate_alignment(model, bundle, job, request.part(shard_dir=None),
+                               SBG(params, ctx))  # type: ignore[arg-type]
     for i in range(2):
-        score_alignment(model, bundle, indices, SBG(params, ctx), source_name="sbg",  # type: ignore[arg-type]
-                        params=params, shard_dir=tmp_path, shard=(i, 2), **common)
-    merged = score_alignment(model, bundle, indices, SBG(params, ctx), source_name="sbg",  # type: ignore[arg-type]
-                             params=params, shard_dir=tmp_path, merge_shards=2, **common)
+        evaluate_alignment(model, bundle, job, request.part(shard=(i, 2)),
+                           SBG(params, ctx))  # type: ignore[arg-type]
+    merged = evaluate_alignment(model, bundle, job, request.part(merge_shards=2),
+                                SBG(params, ctx))  # type: ignore[arg-type]
     assert merged is not None
     assert replace(merged, seconds=0.0) == replace(whole, seconds=0.0)
     again = alignment_report(model, data, indices, SBG(params, ctx), num_classes=10,  # type: ignore[arg-type]

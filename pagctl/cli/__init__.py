@@ -21,11 +21,6 @@ from typing import Annotated
 
 import typer
 
-try:  # typer >= 0.22 ships its own copy of click and raises its exceptions
-    from typer._click.exceptions import ClickException, UsageError
-except ImportError:  # older typer runs on click itself
-    from click.exceptions import ClickException, UsageError  # type: ignore[assignment]
-
 from pagctl import __version__
 from pagctl.cli import align_score, attack, bank, compare, importing, plugins, train
 from pagctl.errors import FieldError, LeaderFailed, PagctlError, RankError
@@ -88,9 +83,10 @@ FLAGS = {"limit": "--limit", "batch_size": "--batch-size", "seed": "--seed",
          "probe_size": "--probe-size", "indices": "--indices", "eps_sweep": "--eps-sweep",
          "classes_per_image": "--classes-per-image", "precision": "--precision",
          "weights": "--weights", "shard": "--shard", "merge_shards": "--merge-shards",
-         "device": "--device"}
+         "device": "--device", "state": "--state", "params": "--param"}
 """The flag that sets each library parameter a `FieldError` names: the library speaks of
-``batch_size``, the command line of ``--batch-size``."""
+``batch_size``, the command line of ``--batch-size`` (and of ``params.eps`` as
+``--param eps``)."""
 
 
 LEADER_GRACE_SECONDS = 1.0
@@ -101,7 +97,28 @@ def _message(exc: PagctlError) -> str:
     """A user error's text as the command line says it (`FLAGS`)."""
     if isinstance(exc, FieldError) and exc.field in FLAGS:
         return f"{FLAGS[exc.field]}: {exc.detail}"
+    if isinstance(exc, FieldError) and exc.field.startswith("params."):
+        return f"--param {exc.field.removeprefix('params.')}: {exc.detail}"
     return str(exc)
+
+
+def _parser_error(exc: Exception, reports: bool) -> int | None:
+    """An error of the option parser (click's, as typer raises it: typer ships its own copy
+    of click from 0.22 on, so its classes are told by their shape, not imported from a
+    private module): a usage error (exit 2) in one line with where to find help, any other
+    in one line; returns its exit code (None for anything else, which is not written)."""
+    format_message, code = getattr(exc, "format_message", None), getattr(exc, "exit_code", None)
+    if not callable(format_message) or not isinstance(code, int):
+        return None
+    msg = str(format_message()).strip()
+    if code == 2 and hasattr(exc, "ctx"):  # bad option or argument
+        if msg and reports:  # empty when no_args_is_help has already printed the help
+            ctx = exc.ctx
+            where = ctx.command_path if ctx is not None else "pagctl"
+            sys.stderr.write(f"error: {msg.splitlines()[0]} (see '{where} --help')\n")
+        return 2
+    sys.stderr.write(f"error: {msg}\n")
+    return code
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,20 +143,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except UsageError as exc:  # bad option or argument: one line, with where to find help
-        msg = exc.format_message().strip()
-        if msg and reports:  # empty when no_args_is_help has already printed the help
-            where = exc.ctx.command_path if exc.ctx is not None else "pagctl"
-            first = msg.splitlines()[0]
-            sys.stderr.write(f"error: {first} (see '{where} --help')\n")
-        sys.exit(2)
-    except ClickException as exc:
-        sys.stderr.write(f"error: {exc.format_message()}\n")
-        sys.exit(exc.exit_code)
     except (KeyboardInterrupt, typer.Abort):
         sys.stderr.write("interrupted\n")
         sys.exit(130)
     except Exception as exc:  # runtime failure: one line unless verbose
+        parser_exit = _parser_error(exc, reports)
+        if parser_exit is not None:
+            sys.exit(parser_exit)
         if verbose:
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

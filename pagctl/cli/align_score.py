@@ -4,8 +4,9 @@ target-gradient source."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -16,6 +17,7 @@ from pagctl.cli.common import (
     MergeShardsOpt,
     ProgressOpt,
     RecordOpt,
+    RunAccess,
     ShardOpt,
     TrustCodeOpt,
     WeightsOpt,
@@ -23,9 +25,8 @@ from pagctl.cli.common import (
     check_png,
     check_run_folders,
     complete_plugins,
-    evaluate_sharded,
+    evaluate_run,
     format_help,
-    load_run_and_data,
     parse_params,
     plugin_params,
     print_collected,
@@ -37,6 +38,9 @@ from pagctl.cli.common import (
     shard_request,
 )
 from pagctl.errors import SpecError
+
+if TYPE_CHECKING:
+    from pagctl.evaluation.request import EvaluationRequest
 
 
 def align_score(
@@ -91,19 +95,20 @@ def align_score(
                         "--merge-shards")
     check_run_folders(runs, {"--save-images": save_images,
                              "--shard torchrun": launch is not None}, weights, trust_code)
-    wanted = read_indices(indices_file) if indices_file is not None else None
+    from pagctl.evaluation.request import EvaluationRequest
+
+    request = EvaluationRequest(
+        indices=read_indices(indices_file) if indices_file is not None else None,
+        limit=limit, batch_size=batch_size, seed=seed, progress=progress,
+        shard=None if launch is not None else shard_of, merge_shards=merge_shards)
+    access = RunAccess(device, data_dir, weights, trust_code, launch)
+    asked = _Asked(source_name, params, classes_per_image, given, save_images, keep_record,
+                   fmt)
     printed: list[dict[str, Any]] = []
     try:
         for position, run in enumerate(runs):
             run_heading(position, runs)
-            record = _score_run(
-                run, several=len(runs) > 1, launch=launch, shard_of=shard_of,
-                merge_shards=merge_shards, device=device, data_dir=data_dir, weights=weights,
-                trust_code=trust_code,
-                source_name=source_name, params=params, given=given,
-                classes_per_image=classes_per_image, wanted=wanted, limit=limit,
-                batch_size=batch_size, seed=seed, progress=progress, save_images=save_images,
-                keep_record=keep_record, fmt=fmt)
+            record = _score_run(run, asked, request, access, several=len(runs) > 1)
             if record is not None:
                 printed.append(record)
     except BaseException:
@@ -114,42 +119,43 @@ def align_score(
         print_envelope("align-score", printed)
 
 
-def _score_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, int] | None,
-               merge_shards: int | None, device: str, data_dir: Path | None, weights: str,
-               trust_code: bool,
-               source_name: str, params: Any, given: dict[str, Any],
-               classes_per_image: int | None, wanted: Any, limit: int | None,
-               batch_size: int, seed: int, progress: bool, save_images: Path | None,
-               keep_record: bool, fmt: Format) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class _Asked:
+    """What ``pagctl align-score`` asks of every run: the source, its params (validated and
+    as typed), K (None: each run's own), the figure, whether it records, the format."""
+
+    source: str
+    params: Any
+    classes_per_image: int | None
+    given: dict[str, Any]
+    save_images: Path | None
+    keep_record: bool
+    fmt: Format
+
+
+def _score_run(run: Path, asked: _Asked, request: EvaluationRequest, access: RunAccess, *,
+               several: bool) -> dict[str, Any] | None:
     """Score one run folder (or its shard, or merge its shards), show the result (its JSON
     record is returned instead when ``several``), write the figure, record it. Returns the
     record as printed, or None for a shard or a follower rank."""
-    from pagctl import registry
-    from pagctl.align import score_alignment
-    from pagctl.build import build_context, default_cache_dir
+    from pagctl.align import AlignmentJob, alignment_source, evaluate_alignment
     from pagctl.checkpoint import SHARDS_DIR, RunLock, check_appendable, confined
 
+    given, save_images, keep_record, fmt = (asked.given, asked.save_images, asked.keep_record,
+                                            asked.fmt)
+    source_name, params, classes_per_image = (asked.source, asked.params,
+                                              asked.classes_per_image)
     with RunLock(run, exclusive=False, command="align-score"):  # not while being trained
         if keep_record:
             check_appendable(run)
-        if launch is not None:
-            from pagctl.distributed.launch import rank_device
-
-            device = rank_device(device, launch)
-        loaded, bundle, dev = load_run_and_data(run, device, data_dir, weights, trust_code)
+        loaded, bundle, dev = access.open(run)
         k = classes_per_image or min(loaded.spec.train.classes_per_image, bundle.num_classes)
-        ctx = build_context(bundle, dev, seed, default_cache_dir())
-        source = registry.target_gradients.instantiate(source_name, params, ctx, "--source")
-
-        def score(part: tuple[int, int] | None, merge: int | None) -> Any:
-            return score_alignment(
-                loaded.model, bundle, wanted, source, source_name=source_name,
-                params=params, classes_per_image=k, limit=limit,
-                shard_dir=confined(run, SHARDS_DIR), shard=part, merge_shards=merge,
-                batch_size=batch_size, device=dev, seed=seed, progress=progress)
-
-        report = evaluate_sharded(score, run=run, launch=launch, shard_of=shard_of,
-                                  merge_shards=merge_shards)
+        job = AlignmentJob(source_name, params, k)
+        request = request.part(device=dev, shard_dir=confined(run, SHARDS_DIR))
+        source = alignment_source(bundle, job, request)
+        report = evaluate_run(
+            lambda part: evaluate_alignment(loaded.model, bundle, job, part, source),
+            request, run, access.launch)
         if report is None:
             return None
         record = report.to_record(given)
@@ -166,6 +172,7 @@ def _score_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, in
             from pagctl.data import get_batch
             from pagctl.figures import gradient_grid
 
+            assert report.indices is not None
             x, y = get_batch(bundle.test, report.indices[:4])
             grads, targets = gradient_panels(loaded.model, x.to(dev), y.to(dev), source,
                                              bundle.num_classes)
@@ -174,7 +181,7 @@ def _score_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, in
                           f"{report.mean:.3f})")
         if keep_record:
             record_results(run, [(record, report.indices)], loaded.weights, bundle,
-                           trust_code)
+                           access.trust_code)
         else:
             typer.echo("not recorded (--no-record)", err=True)
     return printed

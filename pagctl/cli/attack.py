@@ -4,8 +4,9 @@ resumable progress."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -17,15 +18,15 @@ from pagctl.cli.common import (
     MergeShardsOpt,
     ProgressOpt,
     RecordOpt,
+    RunAccess,
     ShardOpt,
     TrustCodeOpt,
     WeightsOpt,
     check_png,
     check_run_folders,
     complete_plugins,
-    evaluate_sharded,
+    evaluate_run,
     format_help,
-    load_run_and_data,
     parse_params,
     plugin_params,
     print_collected,
@@ -37,6 +38,10 @@ from pagctl.cli.common import (
     shard_request,
 )
 from pagctl.errors import SpecError
+
+if TYPE_CHECKING:
+    from pagctl.evaluation.request import EvaluationRequest
+    from pagctl.robustness.evaluate import AttackJob
 
 
 def attack(
@@ -131,21 +136,24 @@ def attack(
     check_run_folders(runs, {"--state": state, "--save-images": save_images,
                              "--save-adversarial": save_adversarial, "--export": export,
                              "--shard torchrun": launch is not None}, weights, trust_code)
-    indices = read_indices(indices_file) if indices_file is not None else None
+    from pagctl.evaluation.request import EvaluationRequest
+    from pagctl.robustness.evaluate import AttackJob
+
+    job = AttackJob(attack_name, params, budgets=budgets, probes=probes,
+                    probe_size=probe_size)
+    request = EvaluationRequest(
+        indices=read_indices(indices_file) if indices_file is not None else None,
+        limit=limit, batch_size=batch_size, seed=seed, precision=precision,
+        progress=progress, state=state, shard=None if launch is not None else shard_of,
+        merge_shards=merge_shards)
+    access = RunAccess(device, data_dir, weights, trust_code, launch)
+    outputs = _Outputs(given, save_images, save_adversarial, export, keep_record, fmt)
     curves: list[tuple[Path, list[Any]]] = []
     printed: list[dict[str, Any]] = []
     try:
         for position, run in enumerate(runs):
             run_heading(position, runs)
-            done = _attack_run(
-                run, several=len(runs) > 1, launch=launch, shard_of=shard_of,
-                merge_shards=merge_shards, device=device, data_dir=data_dir, weights=weights,
-                trust_code=trust_code,
-                attack_name=attack_name, params=params, given=given, budgets=budgets,
-                indices=indices, limit=limit, batch_size=batch_size, seed=seed, state=state,
-                probes=probes, probe_size=probe_size, progress=progress, precision=precision,
-                save_images=save_images, save_adversarial=save_adversarial, export=export,
-                keep_record=keep_record, fmt=fmt)
+            done = _attack_run(run, job, request, access, outputs, several=len(runs) > 1)
             if done is not None:
                 curves.append((run, done[0]))
                 printed.extend(done[1])
@@ -163,15 +171,28 @@ def attack(
         _exit_if_unreliable([r for _, reports in curves for r in reports])
 
 
-def _attack_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, int] | None,
-                merge_shards: int | None, device: str, data_dir: Path | None, weights: str,
-                trust_code: bool,
-                attack_name: str, params: Any, given: dict[str, Any],
-                budgets: list[float] | None, indices: Any, limit: int | None,
-                batch_size: int, seed: int, state: Path | None, probes: bool,
-                probe_size: int, progress: bool, precision: str, save_images: Path | None,
-                save_adversarial: Path | None, export: Path | None, keep_record: bool,
-                fmt: Format) -> tuple[list[Any], list[dict[str, Any]]] | None:
+@dataclass(frozen=True)
+class _Outputs:
+    """What ``pagctl attack`` writes besides the record: the params as typed, the figure,
+    the exports, the adversarial images, whether it records, the output format."""
+
+    given: dict[str, Any]
+    save_images: Path | None
+    save_adversarial: Path | None
+    export: Path | None
+    keep_record: bool
+    fmt: Format
+
+    @property
+    def keep_images(self) -> int | None:
+        """How many adversarial images the evaluation keeps (None: every point)."""
+        return None if self.save_adversarial is not None else \
+            8 if self.save_images is not None else 0
+
+
+def _attack_run(run: Path, job: AttackJob, request: EvaluationRequest, access: RunAccess,
+                outputs: _Outputs, *, several: bool,
+                ) -> tuple[list[Any], list[dict[str, Any]]] | None:
     """Attack one run folder: evaluate (or its shard, or merge its shards), show the result
     (its JSON records are returned instead when ``several``), write the figures and exports,
     record it. Returns (reports, the records as printed), or None for a shard or a
@@ -180,30 +201,18 @@ def _attack_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, i
     from pagctl.robustness.evaluate import evaluate_attack
 
     with RunLock(run, exclusive=False, command="attack"):  # not while it is being trained
-        if keep_record:
+        if outputs.keep_record:
             check_appendable(run)
-        if launch is not None:
-            from pagctl.distributed.launch import rank_device
-
-            device = rank_device(device, launch)
-        loaded, bundle, dev = load_run_and_data(run, device, data_dir, weights, trust_code)
-
-        def evaluate(part: tuple[int, int] | None, merge: int | None) -> Any:
-            return evaluate_attack(
-                loaded.model, bundle, attack_name, params, budgets, indices=indices,
-                limit=limit, batch_size=batch_size, seed=seed, device=dev, state=state,
-                probes=probes, probe_size=probe_size, progress=progress,
-                keep_images=len(bundle.test) if save_adversarial is not None  # type: ignore[arg-type]
-                else 8 if save_images is not None else 0,
-                shard=part, merge_shards=merge, shard_dir=confined(run, SHARDS_DIR),
-                precision=precision)
-
-        done = evaluate_sharded(evaluate, run=run, launch=launch, shard_of=shard_of,
-                                merge_shards=merge_shards, state=state)
+        loaded, bundle, dev = access.open(run)
+        keep = outputs.keep_images
+        job = replace(job, keep_images=len(bundle.test) if keep is None else keep)  # type: ignore[arg-type]
+        done = evaluate_run(lambda part: evaluate_attack(loaded.model, bundle, job, part),
+                            request.part(device=dev, shard_dir=confined(run, SHARDS_DIR)),
+                            run, access.launch)
         if done is None:
             return None
         reports, attacked = done
-        records = [report.to_record(params_given=given)  # e.g. eps "8/255" as typed
+        records = [report.to_record(params_given=outputs.given)  # e.g. eps "8/255" as typed
                    for report in reports]
         for rec in records:
             rec.weights = loaded.weights
@@ -212,18 +221,19 @@ def _attack_run(run: Path, *, several: bool, launch: Any, shard_of: tuple[int, i
         # the result first (stdout, figures), then the record: a record that cannot be
         # written loses nothing that was measured (with several runs and --format json, the
         # one envelope of all of them comes after the last)
-        if fmt is Format.json and not several:
+        if outputs.fmt is Format.json and not several:
             print_envelope("attack", printed)
-        elif fmt is not Format.json:
-            _render_attack(attack_name, run, reports, loaded.weights)
-        if save_images is not None:
-            _save_attack_images(save_images, loaded.model, bundle, reports[-1], attacked,
-                                attack_name, dev)
-        _write_exports(export, save_adversarial, run, loaded, bundle, reports, given)
-        if keep_record:
+        elif outputs.fmt is not Format.json:
+            _render_attack(job.name, run, reports, loaded.weights)
+        if outputs.save_images is not None:
+            _save_attack_images(outputs.save_images, loaded.model, bundle, reports[-1],
+                                attacked, job.name, dev)
+        _write_exports(outputs.export, outputs.save_adversarial, run, loaded, bundle, reports,
+                       outputs.given)
+        if outputs.keep_record:
             record_results(run, [(rec, report.indices) for rec, report in
                                  zip(records, reports, strict=True)], loaded.weights, bundle,
-                           trust_code)
+                           access.trust_code)
         else:
             typer.echo("not recorded (--no-record)", err=True)
     return reports, printed
@@ -372,7 +382,7 @@ def _check_shard_options(shard: tuple[int, int] | None, merge: int | None, *,
 def _parse_sweep(text: str, params: Any) -> list[float]:
     """``--eps-sweep`` as budgets, checked as every evaluation's are
     (`pagctl.evaluation.sweep_budgets`)."""
-    from pagctl.evaluation import sweep_budgets
+    from pagctl.evaluation.request import sweep_budgets
 
     return sweep_budgets(params, [part.strip() for part in text.split(",")])
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
     from pagctl.checkpoint import LoadedRun
     from pagctl.data import DataBundle
+    from pagctl.evaluation.request import EvaluationRequest
 
 
 class Format(str, Enum):
@@ -302,12 +304,23 @@ def print_collected(kind: str, records: list[dict[str, Any]]) -> None:
         print_envelope(kind, records)
 
 
+def parse_shard(text: str, flag: str = "--shard") -> tuple[int, int]:
+    """``I/N`` as (I, N); SpecError naming ``flag`` unless 0 <= I < N."""
+    index, _, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise SpecError(f"{flag}: expected I/N with 0 <= I < N, shards being numbered from "
+                        f"0 (e.g. {flag} 0/4 … {flag} 3/4), or 'torchrun', got '{text}'")
+    return i, n
+
+
 def shard_request(shard: str | None, merge_shards: int | None) -> tuple[Any, Any]:
     """``--shard I/N|torchrun`` and ``--merge-shards N`` as (the torchrun launch or None,
     this process's shard ``(i, N)`` or None); SpecError for a bad shard, for both options,
     or for ``--shard torchrun`` outside torchrun."""
-    from pagctl.distributed.shards import parse_shard
-
     launch = None
     if shard == "torchrun":
         from pagctl.distributed.launch import torchrun_launch
@@ -326,38 +339,53 @@ def shard_request(shard: str | None, merge_shards: int | None) -> tuple[Any, Any
 T = TypeVar("T")
 
 
-def evaluate_sharded(evaluate: Callable[[Any, int | None], T], *, run: Path, launch: Any,
-                     shard_of: tuple[int, int] | None, merge_shards: int | None,
-                     state: Path | None = None) -> T | None:
-    """Run ``evaluate(shard, merge_shards)`` as the options ask: whole, one shard (None,
-    after saying how to merge), a merge, or under torchrun (every rank its shard, a barrier,
-    then rank 0 merges; None on the other ranks). A Ctrl-C in a shard, or with a progress
-    ``state`` file, says where the progress is and exits 130."""
-    try:
-        if launch is not None:
-            from pagctl.distributed.launch import barrier, process_group
+@dataclass(frozen=True)
+class RunAccess:
+    """How a command opens each run folder it is given: ``--device``, ``--data-dir``,
+    ``--weights``, ``--trust-code``, and, under ``--shard torchrun``, the launch (each rank
+    on its own device)."""
 
-            with process_group(launch):
-                evaluate(shard_of, None)
-                barrier()  # every shard finished: rank 0 merges
-            if not launch.leader:
-                return None
-            shard_of, merge_shards = None, launch.world_size
-        result = evaluate(shard_of, merge_shards)
+    device: str
+    data_dir: Path | None
+    weights: str
+    trust_code: bool
+    launch: Any = None
+
+    def open(self, run: Path) -> tuple[LoadedRun, DataBundle, torch.device]:
+        """The run's model and data on this process's device (`load_run_and_data`)."""
+        device = self.device
+        if self.launch is not None:
+            from pagctl.distributed.launch import rank_device
+
+            device = rank_device(device, self.launch)
+        return load_run_and_data(run, device, self.data_dir, self.weights, self.trust_code)
+
+
+def evaluate_run(evaluate: Callable[[EvaluationRequest], T], request: EvaluationRequest,
+                 run: Path, launch: Any) -> T | None:
+    """``evaluate(request)`` for one run folder as the options ask, through the one
+    shard / merge / torchrun driver (`pagctl.evaluation.sharding.across_ranks`): whole, one
+    shard (None, after saying how to merge), a merge, or under torchrun (None on the ranks
+    other than 0). A Ctrl-C in a shard, or with a progress ``state`` file, says where the
+    progress is and exits 130."""
+    from pagctl.evaluation.sharding import across_ranks
+
+    try:
+        result = across_ranks(evaluate, request, launch)
     except KeyboardInterrupt:
-        if state is None and shard_of is None:
+        if request.state is None and request.shard is None and launch is None:
             raise
-        from pagctl.checkpoint import SHARDS_DIR
         from pagctl.progress import stderr_console
 
-        where = state if state is not None else run / SHARDS_DIR
+        where = request.state if request.state is not None else request.shard_dir
         stderr_console.print(f"interrupted: progress is in {where}; run the same command "
                              "again to resume", soft_wrap=True)
         raise typer.Exit(130) from None
-    if shard_of is not None:
-        typer.echo(f"shard {shard_of[0]}/{shard_of[1]} done ({run / 'shards'}); when all "
-                   f"{shard_of[1]} are, run the same command with --merge-shards "
-                   f"{shard_of[1]} instead of --shard", err=True)
+    if request.shard is not None and launch is None:
+        i, count = request.shard
+        typer.echo(f"shard {i}/{count} done ({request.shard_dir}); when all {count} are, run "
+                   f"the same command with --merge-shards {count} instead of --shard",
+                   err=True)
         return None
     return result
 

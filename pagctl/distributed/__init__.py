@@ -6,6 +6,6 @@
 - `pagctl.distributed.replicas`: data-parallel training: each process a replica of the model
   that takes its slice of every global batch; gradients summed, BatchNorm statistics over the
   whole batch, replicas kept identical.
-- `pagctl.distributed.shards`: sharded evaluation: which batches a shard owns, where its
-  progress lives.
+
+Sharded evaluation under torchrun is `pagctl.evaluation.sharding`.
 """

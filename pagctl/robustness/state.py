@@ -1,19 +1,16 @@
 """`AttackState`: the progress of one attack run, saved to the ``--state`` file (or a
 shard's file) after every batch and loaded to resume where the run stopped, or to merge.
 
-One safetensors file: the per-point tensors (clean, robust, the stage that broke each point,
-the kept adversarial images) and, in its metadata, the counters, the per-stage reports and
-the run's *key* (attack, params, seed, batch size, stages, precision, and digests of the
-subset's indices, of its images and labels, and of the model). A state is resumed only by
-the evaluation whose key it holds; anything else is refused, naming what differs. Written
-atomically, so a killed run leaves the previous batch's state.
+Its file is the one evaluation state (`pagctl.evaluation.state.KeyedState`: version, key,
+payload digest, atomic save, refusals naming what differs); its payload is the per-point
+tensors (clean, robust, the stage that broke each point, the kept adversarial images) and,
+in its metadata, the counters and the per-stage reports. Its key adds the attack, its
+params and stages and the precision to what every evaluation's key holds.
 
-A state checks itself on load (`AttackState.load`): the metadata carries a digest of the
-whole payload (`pagctl.checkpoint.save_checked`), so a damaged file or a hand edit is
-refused, naming the file; and the payload must keep the engine's invariants (sizes equal the
-subset, robust only where clean-correct, a breaking stage exactly where a clean-correct
+On load the payload must keep the engine's invariants (`AttackState.problem`: sizes equal
+the subset, robust only where clean-correct, a breaking stage exactly where a clean-correct
 point is no longer robust, each stage's count of broken points equal to its bits). A file
-rewritten consistently by hand is not caught by either; the merge of shards checks the clean
+rewritten consistently by hand is not caught by them; the merge of shards checks the clean
 bits against the model once more (`pagctl.robustness.evaluate`).
 """
 
@@ -21,25 +18,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from pagctl.evaluation.state import KeyedState
 from pagctl.records import StageRecord
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-STATE_VERSION = 2
-METADATA_KEY = "pagctl_attack_state"
-WHAT = "attack state file"
-_WHAT = {"model_sha256": "model weights", "data_sha256": "test images or labels",
-         "indices_sha256": "test indices", "n": "number of points", "attack": "attack",
-         "params": "params", "seed": "seed", "batch_size": "batch size",
-         "stages": "stages"}
-
-
 @dataclass
-class AttackState:
+class AttackState(KeyedState):
     """Everything an interrupted run needs to go on, and nothing it could recompute.
 
     Shape: clean, robust (n,) bool; broken_by (n,) int64 (the stage that broke each point,
@@ -58,6 +46,11 @@ class AttackState:
     stages: list[StageRecord] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
 
+    VERSION: ClassVar[int] = 2
+    METADATA_KEY: ClassVar[str] = "pagctl_attack_state"
+    WHAT: ClassVar[str] = "attack state file"
+    WORDS: ClassVar[dict[str, str]] = {"attack": "attack", "stages": "stages"}
+
     @classmethod
     def start(cls, key: dict[str, Any], clean: Tensor, images: Tensor,
               stage_names: list[str]) -> AttackState:
@@ -72,46 +65,30 @@ class AttackState:
                    stats={"max_l1": 0.0, "max_l2": 0.0, "max_linf": 0.0, "pixel_min": 1.0,
                           "pixel_max": 0.0, "nan_count": 0, "seconds": 0.0})
 
-    def save(self, path: Path) -> None:
+    def payload(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         import torch
 
-        from pagctl.checkpoint import save_checked
-
-        meta = {"version": STATE_VERSION, "key": self.key, "stage": self.stage,
-                "batch": self.batch, "stages": [s.model_dump() for s in self.stages],
-                "stats": self.stats}
-        save_checked(path, {"clean": self.clean.to(torch.uint8),
-                            "robust": self.robust.to(torch.uint8),
-                            "broken_by": self.broken_by, "images": self.images},
-                     METADATA_KEY, meta)
+        return ({"clean": self.clean.to(torch.uint8), "robust": self.robust.to(torch.uint8),
+                 "broken_by": self.broken_by, "images": self.images},
+                {"stage": self.stage, "batch": self.batch,
+                 "stages": [s.model_dump() for s in self.stages], "stats": self.stats})
 
     @classmethod
-    def load(cls, path: Path, key: dict[str, Any]) -> AttackState:
-        """The state at ``path``, which must have been written for ``key``; SpecError (one
-        line, naming the file and what differs) otherwise, CheckpointError naming the file
-        when it is damaged, edited, or breaks the engine's invariants (module docstring)."""
+    def restore(cls, key: dict[str, Any], tensors: dict[str, Tensor],
+                meta: dict[str, Any]) -> AttackState:
         import torch
-        from pydantic import ValidationError
 
-        from pagctl.checkpoint import contradiction, load_checked
+        return cls(key=key, clean=tensors["clean"].to(torch.bool),
+                   robust=tensors["robust"].to(torch.bool),
+                   broken_by=tensors["broken_by"].to(torch.int64), images=tensors["images"],
+                   stage=int(meta["stage"]), batch=int(meta["batch"]),
+                   stages=[StageRecord(**s) for s in meta["stages"]],
+                   stats={k: float(v) for k, v in meta["stats"].items()})
 
-        tensors, meta = load_checked(path, METADATA_KEY, WHAT, version=STATE_VERSION,
-                                     expected=key, names=_WHAT)
-        try:
-            state = cls(key=key, clean=tensors["clean"].to(torch.bool),
-                        robust=tensors["robust"].to(torch.bool),
-                        broken_by=tensors["broken_by"].to(torch.int64),
-                        images=tensors["images"], stage=int(meta["stage"]),
-                        batch=int(meta["batch"]),
-                        stages=[StageRecord(**s) for s in meta["stages"]],
-                        stats={k: float(v) for k, v in meta["stats"].items()})
-        except (KeyError, TypeError, ValueError, AttributeError, ValidationError) as exc:
-            raise contradiction(path, WHAT, f"incomplete: {type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0][:80]}") from None
-        problem = state.problem()
-        if problem is not None:
-            raise contradiction(path, WHAT, problem)
-        return state
+    def unfinished(self) -> str | None:
+        if self.stage < len(self.stages):
+            return f"stage {self.stage + 1} of {len(self.stages)}"
+        return None
 
     def problem(self) -> str | None:
         """The first invariant of the engine this state breaks (module docstring), or
@@ -145,3 +122,53 @@ class AttackState:
         if self.stats.get("nan_count", 0) != int(self.stats.get("nan_count", 0)):
             return "its nan_count is not a count"
         return None
+
+    @classmethod
+    def merge(cls, parts: list[AttackState]) -> AttackState:
+        """The state of the whole run from its N finished shards (``parts[i]`` is shard i/N,
+        each keyed like the whole run plus ``shard: [i, N]``).
+
+        Per point the owner of its batch decides: a shard leaves the points of other shards as
+        clean-correct-and-unattacked, so robust is the AND over shards, the breaking stage the
+        largest; stage counters and seconds add up, the perturbation and pixel extremes take
+        the extreme. Shards keep no images, nor does the merge. ValueError when the states are
+        not the N shards of one finished evaluation."""
+        import torch
+
+        states = parts
+        count = len(states)
+        keys = [dict(st.key) for st in states]
+        shards = [key.pop("shard", None) for key in keys]
+        if shards != [[i, count] for i in range(count)]:
+            raise ValueError(f"expected shards 0/{count} … {count - 1}/{count} in order, got "
+                             f"{shards}")
+        if any(key != keys[0] for key in keys[1:]):
+            raise ValueError("the shards come from different evaluations")
+        for i, st in enumerate(states):
+            if st.stage < len(st.stages):
+                raise ValueError(f"shard {i}/{count} is not finished (stage {st.stage + 1} of "
+                                 f"{len(st.stages)})")
+        first = states[0]
+        robust = first.robust.clone()
+        broken_by = first.broken_by.clone()
+        for st in states[1:]:
+            if not torch.equal(st.clean, first.clean):
+                raise ValueError("the shards disagree on which points are classified correctly")
+            robust &= st.robust
+            broken_by = torch.maximum(broken_by, st.broken_by)
+        stages = [StageRecord(
+            name=rec.name,
+            attacked=sum(st.stages[j].attacked for st in states),
+            broke=sum(st.stages[j].broke for st in states),
+            forwards=sum(st.stages[j].forwards for st in states),
+            backwards=sum(st.stages[j].backwards for st in states),
+            seconds=sum(st.stages[j].seconds for st in states))
+            for j, rec in enumerate(first.stages)]
+        stats: dict[str, float] = {}
+        for field_name in first.stats:
+            values = [float(st.stats.get(field_name, 0.0)) for st in states]
+            stats[field_name] = (min(values) if field_name == "pixel_min"
+                                 else sum(values) if field_name in ("nan_count", "seconds")
+                                 else max(values))
+        return cls(key=keys[0], clean=first.clean.clone(), robust=robust, broken_by=broken_by,
+                   images=torch.zeros(0), stage=len(stages), batch=0, stages=stages, stats=stats)

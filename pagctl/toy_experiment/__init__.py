@@ -107,6 +107,7 @@ def attack_suite(model: nn.Module, bundle: DataBundle, eps: float, seed: int,
 
     from pagctl import registry
     from pagctl.build import build_context
+    from pagctl.evaluation.request import EvaluationRequest
     from pagctl.robustness.engine import run_attack
 
     test = bundle.test
@@ -118,7 +119,8 @@ def attack_suite(model: nn.Module, bundle: DataBundle, eps: float, seed: int,
         attack = registry.attacks.instantiate(
             name, params, build_context(bundle, device, seed, None), name)
         report = run_attack(model, attack, test, indices, name=name, params=params,
-                            batch_size=len(indices), device=device, seed=seed)
+                            request=EvaluationRequest(batch_size=len(indices), device=device,
+                                                      seed=seed))
         mask = report.robust_mask
         robust = mask if robust is None else robust & mask
         each[name] = report.robust_accuracy

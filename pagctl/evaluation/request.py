@@ -1,20 +1,24 @@
 """What every evaluation is asked, validated once for the command line and the Python API.
 
 An attack (`pagctl.robustness.evaluate.evaluate_attack`) and an alignment score
-(`pagctl.align.score_alignment`) both measure a model on some of a dataset's test points,
-in batches, with a seed, possibly in shards. Both call the checks here before anything is
-measured, so ``pagctl attack`` and `pagctl.api.attack` refuse the same input with the same
-words: a limit or batch size below one, indices that repeat or leave the test set, budgets
-the attack's parameters refuse, a shard that would own no batch, and a model whose outputs
-do not fit the data (three logits for ten classes measures nothing). Every refusal is a
-`FieldError` naming the Python parameter (``limit``, ``batch_size``, ...); the command line
-prints its flag instead (`pagctl.cli.FLAGS`).
+(`pagctl.align.evaluate_alignment`) both measure a model on some of a dataset's test points,
+in batches, with a seed, at a precision, possibly resumable or in shards. Those settings
+travel as one frozen value, `EvaluationRequest`, from the face that took them (the command's
+options, the API's keywords) to the batch loop, instead of the same keywords re-declared at
+every layer. Both evaluations check it here before anything is measured, so ``pagctl
+attack`` and `pagctl.api.attack` refuse the same input with the same words: a limit or batch
+size below one, indices that repeat or leave the test set, budgets the attack's parameters
+refuse, a shard that would own no batch, and a model whose outputs do not fit the data
+(three logits for ten classes measures nothing). Every refusal is a `FieldError` naming the
+Python parameter (``limit``, ``batch_size``, ...); the command line prints its flag instead
+(`pagctl.cli.FLAGS`).
 """
 
 from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +31,75 @@ if TYPE_CHECKING:
 
     from pagctl.data import DataBundle
 
-__all__ = ["as_indices", "check_outputs", "check_settings", "check_shard_files",
-           "check_shards", "evaluation_points", "sweep_budgets"]
+__all__ = ["EvaluationRequest", "as_indices", "check_outputs", "check_settings",
+           "check_shard_files", "check_shards", "evaluation_points", "sweep_budgets"]
 
 MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    """How an evaluation measures, whatever it measures (an attack, an alignment score).
+
+    ``indices``: the test-set positions to measure (a tensor, numpy array or sequence of
+    ints; None: the whole test set), of which the first ``limit``. ``batch_size`` and
+    ``seed`` fix every batch's randomness (batch b is seeded from ``seed`` and b alone, so
+    a resumed or sharded evaluation equals a whole one). ``precision``: the model's forward,
+    float32 or bfloat16 autocast (opt-in; attacks only). ``state``: a progress file, read to
+    resume and rewritten after every batch. ``shard=(i, N)``: evaluate shard i of N into its
+    file in ``shard_dir``; ``merge_shards=N``: evaluate nothing, merge the N finished shards
+    there (`pagctl.evaluation.sharding`). ``progress``: a progress line on stderr.
+
+    Frozen: a layer that needs another part (a shard's file as the state) makes a copy
+    (`part`, `dataclasses.replace`), so no layer changes what its caller asked.
+    """
+
+    indices: Any = None
+    limit: int | None = None
+    batch_size: int = 256
+    seed: int = 0
+    device: Any = "cpu"
+    precision: str = "float32"
+    progress: bool = False
+    state: Path | None = None
+    shard: tuple[int, int] | None = None
+    merge_shards: int | None = None
+    shard_dir: Path | None = None
+
+    def check(self, probe_size: Any = 1) -> None:
+        """The settings on their own (before any data is read): batch size, seed, probe
+        size, precision, and a shard or a merge with the folder they live in. FieldError
+        naming the field."""
+        from pagctl.models import PRECISIONS
+
+        check_settings(batch_size=self.batch_size, seed=self.seed, probe_size=probe_size)
+        if self.precision not in PRECISIONS:
+            raise FieldError("precision", f"{self.precision!r} is not one of "
+                             f"{', '.join(PRECISIONS)}")
+        if self.shard is not None and self.merge_shards is not None:
+            raise FieldError("merge_shards", "run one shard, or merge them all; not both")
+        if self.sharded and self.state is not None:
+            raise FieldError("state", "shards keep their progress in shard_dir themselves; "
+                             "drop state")
+        if self.sharded and self.shard_dir is None:
+            raise FieldError("shard_dir", "a shard or a merge needs the folder its shards "
+                             "live in; give shard_dir")
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this is one shard of an evaluation, or the merge of its shards."""
+        return self.shard is not None or self.merge_shards is not None
+
+    def points(self, num_test: int) -> Tensor:
+        """The test points this request measures (`evaluation_points`), checked to split
+        into its shards (`check_shards`). Shape: -> (n,) int64."""
+        indices = evaluation_points(num_test, as_indices(self.indices), self.limit)
+        check_shards(len(indices), self.batch_size, self.shard, self.merge_shards)
+        return indices
+
+    def part(self, **changes: Any) -> EvaluationRequest:
+        """A copy with ``changes`` (e.g. one shard of this request, or its merge)."""
+        return replace(self, **changes)
 
 
 def _whole(field: str, value: Any, low: int, high: int | None = None) -> int:
