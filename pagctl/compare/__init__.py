@@ -53,7 +53,8 @@ Per-example comparison
 For every robust column and every pair of runs whose records hold ``per_example.robust``
 bits on the same subset: the points both runs defend, only A, only B, neither, and the
 exact two-sided McNemar p-value (binomial test of ``a_only`` against ``a_only + b_only``
-draws at 1/2).
+draws at 1/2): `pagctl.compare.pairing.pair`, the one pairing of runs, which the study's
+verdicts use too.
 
 Warnings
 --------
@@ -89,7 +90,8 @@ Layout
 ------
 ``model`` (the dataclasses), ``records`` (the kinds compare reads, through the file's one
 reader `pagctl.checkpoint.read_metrics`, never raising), ``spec_columns`` (flattened,
-differing spec fields), ``runs`` (one run's records as cells), ``build`` (columns, checks,
-pairs: `compare_runs`), ``rendering`` (`render` and its formats) and ``figure`` (`plot`). The
+differing spec fields), ``runs`` (one run's records as cells), ``pairing`` (two runs'
+per-point results on the same points, McNemar: `pair`), ``build`` (columns, checks, pairs:
+`compare_runs`), ``rendering`` (`render` and its formats) and ``figure`` (`plot`). The
 statistics (Wilson, McNemar, Pearson, subset digests, per-example bits) are `pagctl.stats`.
 """
