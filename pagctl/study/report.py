@@ -377,8 +377,6 @@ SEE_ALSO = [
 
 SOURCE_LABELS = {"vanilla": "vanilla", "one_image": "OI", "class_mean": "CM",
                  "nearest_neighbor": "NN", "sbg": "SBG"}
-PAPER_L2 = {"one_image": 46.63, "class_mean": 47.25, "nearest_neighbor": 42.12, "sbg": 55.39}
-"""The paper's Figure 1 robust accuracy (CIFAR-10, L2, %) of each source."""
 
 
 @dataclass
