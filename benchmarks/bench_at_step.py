@@ -29,6 +29,7 @@ def measure(name: str, epochs: int, out: Path, device: str,
             extra: list[str]) -> dict[str, float]:
     from pagctl.checkpoint import read_metrics
     from pagctl.data import load_data, split_validation
+    from pagctl.records import TrainEpochRecord
     from pagctl.spec import load_spec
     from pagctl.train import PHASES, train
 
@@ -36,7 +37,7 @@ def measure(name: str, epochs: int, out: Path, device: str,
                             "eval.align_source=null", "eval.limit=10", f"out_dir={out / name}",
                                 *extra])
     train(spec, device=device, progress=False)
-    records = [r for r in read_metrics(out / name) if r["kind"] == "train_epoch"]
+    records = [r.to_json() for r in read_metrics(out / name).of(TrainEpochRecord)]
     if len(records) > 1:
         records = records[1:]
     bundle = load_data(spec.data)

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from pagctl.models import NormalizedModel
-    from pagctl.records import Record
+    from pagctl.records import Metrics, Record
     from pagctl.spec import RunSpec
 
 _Model = TypeVar("_Model", bound="BaseModel")
@@ -756,12 +756,20 @@ class RunFolder:
     def trim_metrics(self, keep: Callable[[dict[str, Any]], bool]) -> None:
         """Rewrite metrics.jsonl without the records for which ``keep`` is False (a resumed
         run writes the records after its saved state again) and without damaged lines
-        (an intact record after one is kept)."""
-        path = self.path / METRICS_FILE
-        if path.is_file():
-            kept = [json.dumps(rec, sort_keys=True) + "\n" for rec in read_metrics(self.path)
-                    if keep(rec)]
-            atomic_write_text(path, "".join(kept))
+        (an intact record after one is kept).
+
+        ``keep`` sees each line's JSON object (`pagctl.records.json_object`), not its
+        record: a rewrite must keep what this version cannot validate (a newer kind, a
+        field it would refuse) as it is, since dropping it would destroy data that is not
+        the resumed run's to drop."""
+        from pagctl.records import json_object, split_lines
+
+        data = _metrics_bytes(self.path)
+        if data is not None:
+            objects = (json_object(raw) for _, raw in split_lines(data))
+            kept = [json.dumps(obj, sort_keys=True) + "\n" for obj in objects
+                    if isinstance(obj, dict) and keep(obj)]
+            atomic_write_text(self.path / METRICS_FILE, "".join(kept))
 
 
 # ---------------------------------------------------------------------------------------
@@ -992,24 +1000,34 @@ def append_record(run_dir: Path, record: Record) -> None:
         os.close(fd)
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Every record of metrics.jsonl that is a JSON object, as a dict, in file order;
-    damaged lines are skipped and an intact record after one is recovered
-    (`pagctl.records.split_lines`)."""
-    from pagctl.records import split_lines
+def read_metrics(run_dir: Path) -> Metrics:
+    """The records of ``run_dir``'s metrics.jsonl, as the models of `pagctl.records`, with
+    their line numbers, and a warning per line skipped (`pagctl.records.parse_metrics`
+    decides: a damaged or self-contradicting line is skipped with a warning, one of a kind
+    this version does not know is passed over in silence, an intact record after a damaged
+    part of its line is kept). No file: no records. The one reader of the file: compare
+    and the study read through it too (`pagctl.compare.records.read_records`).
 
+    The lines are read, not trusted, so nothing in them raises; the file itself does:
+    CheckpointError when it is a symbolic link out of the folder (`confined`: another
+    run's numbers would pass for this one's) or cannot be read. A reader that must go on
+    without it (compare) turns that into its warning."""
+    from pagctl.records import Metrics, parse_metrics
+
+    data = _metrics_bytes(run_dir)
+    return parse_metrics(data, run_dir / METRICS_FILE) if data is not None else Metrics()
+
+
+def _metrics_bytes(run_dir: Path) -> bytes | None:
+    """The bytes of ``run_dir``'s metrics.jsonl, None without one; CheckpointError when it
+    links out of the folder or cannot be read."""
     path = confined(run_dir, METRICS_FILE)
     if not path.is_file():
-        return []
-    records = []
-    for _, raw in split_lines(path.read_bytes()):
-        try:
-            rec = json.loads(raw)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(rec, dict):
-            records.append(rec)
-    return records
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc.strerror or exc})") from None
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,9 +16,13 @@ models (`parse_record`). Kinds:
 Reading is strict about types (a string is not a number, ``true`` is not a count, no NaN)
 and lenient about presence: the fields a reader cannot do without are required, the others
 may be missing (records written by hand, or by older versions), and unknown fields are kept.
-A line that fails is described in one phrase (`parse_record`) and skipped by the reader;
-`split_lines` recovers an intact record that an append continued on a damaged line. Writing
-is `pagctl.checkpoint.append_record` (whole lines, finite numbers). Importing this module
+This module is the file's one parser: `split_lines` recovers an intact record that an
+append continued on a damaged line, `json_object` decodes a line, `parse_record` validates
+it, and `parse_metrics` reads a whole file into `Metrics` (every reader goes through it:
+`pagctl.checkpoint.read_metrics`, and through that compare and the study). A line that
+fails is described in one phrase and skipped with a warning; a line of a kind this version
+does not know is passed over in silence (see `parse_metrics`). Writing is
+`pagctl.checkpoint.append_record` (whole lines, finite numbers). Importing this module
 imports neither torch nor numpy.
 """
 
@@ -28,14 +32,16 @@ import json
 import math
 import typing
 from collections.abc import Iterator
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = ["AlignRecord", "AttackRecord", "ClassCounts", "ImportRecord", "KINDS",
+__all__ = ["AlignRecord", "AttackRecord", "ClassCounts", "ImportRecord", "KINDS", "Metrics",
            "PerExample", "Record", "Reliability", "ScoreDoneRecord", "ScoreTrainRecord",
-           "StageRecord", "Subset", "TrainEpochRecord", "non_finite", "parse_record",
-           "split_lines"]
+           "StageRecord", "Subset", "TrainEpochRecord", "json_object", "non_finite",
+           "parse_metrics", "parse_record", "split_lines"]
 
 
 class _Expect:
@@ -394,10 +400,12 @@ def _described(kind: str, model: type[_Model], data: dict[str, Any],
     return f"{kind} field '{name}' is {shown}, expected {expected}"
 
 
-def parse_record(raw: bytes | str) -> Record | dict[str, Any] | str:
-    """One line of metrics.jsonl: its record (a plain dict for a kind this version does not
-    know), or a phrase saying why it cannot be used ("not valid JSON", "attack field 'n' is
-    -1, expected a non-negative integer", ...)."""
+def json_object(raw: bytes | str) -> dict[str, Any] | str:
+    """One line of metrics.jsonl as the JSON object it holds, or a phrase saying why it
+    holds none ("not valid UTF-8", "not valid JSON", "a JSON list, not an object"). The
+    first step of `parse_record`; on its own, what a rewrite of the file keeps
+    (`pagctl.checkpoint.RunFolder.trim_metrics`: lines this version cannot validate are
+    still someone's data)."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     except UnicodeDecodeError:
@@ -408,6 +416,16 @@ def parse_record(raw: bytes | str) -> Record | dict[str, Any] | str:
         return "not valid JSON"
     if not isinstance(data, dict):
         return f"a JSON {type(data).__name__}, not an object"
+    return data
+
+
+def parse_record(raw: bytes | str) -> Record | dict[str, Any] | str:
+    """One line of metrics.jsonl: its record (a plain dict for a kind this version does not
+    know), or a phrase saying why it cannot be used ("not valid JSON", "attack field 'n' is
+    -1, expected a non-negative integer", ...)."""
+    data = json_object(raw)
+    if isinstance(data, str):
+        return data
     kind = data.get("kind")
     if not isinstance(kind, str):
         return "no 'kind' field"
@@ -415,9 +433,60 @@ def parse_record(raw: bytes | str) -> Record | dict[str, Any] | str:
     if model is None:
         return data
     try:
-        return model.model_validate_json(text)  # type: ignore[return-value]
+        return model.model_validate_json(raw)  # type: ignore[return-value]
     except ValidationError as exc:
         return _described(kind, model, data, exc)
+
+
+RecordT = TypeVar("RecordT", bound=_Model)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """One metrics.jsonl read through the record models (`parse_metrics`): its records with
+    their line numbers, and a warning per line that could not be used."""
+
+    entries: tuple[tuple[int, Record], ...] = ()
+    """(line number, record) of every usable line, in file order. Lines count from 1; an
+    intact record recovered after a damaged part (`split_lines`) has that line's number."""
+    warnings: tuple[str, ...] = ()
+    """``warning: PATH line N: WHY; skipped``, one per line skipped, in file order."""
+
+    @property
+    def records(self) -> list[Record]:
+        """Every usable record, in file order."""
+        return [record for _, record in self.entries]
+
+    def of(self, kind: type[RecordT]) -> list[RecordT]:
+        """The records of one model (``of(TrainEpochRecord)``: the training epochs), in
+        file order."""
+        return [record for _, record in self.entries if isinstance(record, kind)]
+
+
+def parse_metrics(data: bytes, path: Path) -> Metrics:
+    """The contents of the metrics.jsonl at ``path`` (named in the warnings), line by line
+    (`split_lines`, `parse_record`).
+
+    - A record of a known kind that validates is kept, with its line number.
+    - A line that is not a usable record (not UTF-8, not JSON, not an object, no ``kind``, a
+      known kind with a field of the wrong type or out of range, or a record that
+      contradicts itself) is skipped with a warning naming the file, the line and why in
+      one phrase: it is damage or a hand edit, and whoever reads the numbers should know
+      that some are missing.
+    - A line of a kind this version does not know is passed over in silence: it is no
+      damage but a record of a newer pagctl or another tool, with nothing here to read it
+      (it stays in the file). A warning for it would tell every reader of an older pagctl
+      that its folders are broken when they are not.
+    """
+    entries: list[tuple[int, Record]] = []
+    warnings: list[str] = []
+    for number, raw in split_lines(data):
+        record = parse_record(raw)
+        if isinstance(record, str):
+            warnings.append(f"warning: {path} line {number}: {record}; skipped")
+        elif not isinstance(record, dict):
+            entries.append((number, record))
+    return Metrics(tuple(entries), tuple(warnings))
 
 
 _MAX_CANDIDATES = 256

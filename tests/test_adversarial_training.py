@@ -24,6 +24,7 @@ from pagctl.losses import mart_loss, objective_loss, trades_loss
 from pagctl.models import build_model
 from pagctl.objectives import InnerAttack, step_seed
 from pagctl.protocols import BuildContext, PluginParams
+from pagctl.records import TrainEpochRecord
 from pagctl.spec import PluginRef, load_spec
 from pagctl.train import lr_at, train
 
@@ -304,7 +305,7 @@ def _weights(run: Path, file: str = checkpoint.MODEL_FILE) -> dict[str, Tensor]:
 
 
 def _epochs(run: Path) -> list[dict[str, Any]]:
-    return [r for r in checkpoint.read_metrics(run) if r["kind"] == "train_epoch"]
+    return [r.to_json() for r in checkpoint.read_metrics(run).of(TrainEpochRecord)]
 
 
 @pytest.mark.usefixtures("workdir")

@@ -24,6 +24,7 @@ from conftest import envelope_records
 
 from pagctl import cli, registry
 from pagctl.checkpoint import BEST_MODEL_FILE, RUN_FILES, read_metrics
+from pagctl.records import AttackRecord
 
 RunCLI = Callable[..., tuple[int, str, str]]
 TINY_TRAIN = ["--set", "train.epochs=1", "--set", "eval.limit=40", "-q"]
@@ -1323,8 +1324,8 @@ def test_mixed_precision_evaluation_is_opt_in_and_marked(
     assert bf16["max_l2"] <= 0.5 * (1 + 1e-6)  # the budget is checked in float32
     code, out, _ = run(*argv, "--precision", "bfloat16", "--no-record")
     assert code == 0 and "bfloat16 autocast (opt-in, not float32)" in out
-    recorded = [r for r in read_metrics(run_dir) if r["kind"] == "attack"]
-    assert [r.get("precision") for r in recorded] == [None, "bfloat16"]
+    recorded = read_metrics(run_dir).of(AttackRecord)
+    assert [r.precision for r in recorded] == [None, "bfloat16"]
     code, out, _ = run("compare", str(run_dir), "--format", "csv")
     assert code == 0 and "pgd_l2 (bfloat16)" in out
     code, _, err = run(*argv, "--precision", "float16")

@@ -16,6 +16,7 @@ from pagctl.checkpoint import write_spec
 from pagctl.compare.build import compare_runs
 from pagctl.compare.figure import check_against, plot, scatter_columns
 from pagctl.compare.model import Comparison, Row
+from pagctl.compare.pairing import Paired, PointResults, pair, same_points
 from pagctl.compare.rendering import render
 from pagctl.errors import SpecError
 from pagctl.spec import load_spec
@@ -231,6 +232,22 @@ def test_different_eps_or_norms(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------
 # per-example pairs
+
+
+def test_one_pairing_counts_the_points_and_refuses_strangers() -> None:
+    """`pair` (compare's pairs and the study's verdicts): both, A only, B only, neither and
+    McNemar's p on the same points; other images, or indices never recorded, are not the
+    same points."""
+    a, b = PointResults(4, 0b1100, "i", "d"), PointResults(4, 0b1010, "i", "d")
+    assert same_points(a, b)
+    assert pair(a, b) == Paired(n=4, both=1, a_only=1, b_only=1, neither=1, p_value=1.0)
+    for other in (PointResults(4, 0b1010, "i", "other images"),
+                  PointResults(5, 0b1010, "i", "d")):
+        assert not same_points(a, other)
+        with pytest.raises(ValueError, match="cannot pair 4 points with"):
+            pair(a, other)
+    unknown = PointResults(4, 0b1100, None, "d")
+    assert not same_points(unknown, unknown)
 
 
 def test_pairs_from_per_example_bits(tmp_path: Path) -> None:

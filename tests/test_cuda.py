@@ -163,6 +163,7 @@ def test_adversarial_training_with_pag_on_cuda(workdir: Path, no_tf32: None, rec
     from pagctl.data import load_data
     from pagctl.models import build_model
     from pagctl.objectives import InnerAttack, step_seed
+    from pagctl.records import TrainEpochRecord
     from pagctl.spec import load_spec
     from pagctl.train import train
 
@@ -188,7 +189,7 @@ def test_adversarial_training_with_pag_on_cuda(workdir: Path, no_tf32: None, rec
 
     result = train(spec, device="cuda", progress=False)
     assert not result.interrupted
-    records = [r for r in read_metrics(workdir / "g") if r["kind"] == "train_epoch"]
+    records = [r.to_json() for r in read_metrics(workdir / "g").of(TrainEpochRecord)]
     assert len(records) == 2 and records[-1]["n_val"] == 100
     for r in records:
         assert r["attack_seconds"] > 0 and r["pag_seconds"] > 0 and r["step_seconds"] > 0
@@ -198,7 +199,7 @@ def test_adversarial_training_with_pag_on_cuda(workdir: Path, no_tf32: None, rec
                                 "train.classes_per_image=2", "train.grad_method=repeat",
                                 "out_dir=c"])
     train(on_cpu, device="cpu", progress=False)
-    cpu_record = [r for r in read_metrics(workdir / "c") if r["kind"] == "train_epoch"][-1]
+    cpu_record = [r.to_json() for r in read_metrics(workdir / "c").of(TrainEpochRecord)][-1]
     assert records[-1]["passes_per_image"] == cpu_record["passes_per_image"]
     for weights in ("last", "best"):
         run = checkpoint.load_run(workdir / "g", "cuda", weights=weights)
@@ -217,6 +218,7 @@ def test_data_parallel_training_on_two_gpus_follows_one(workdir: Path) -> None:
     import sys
 
     from pagctl import checkpoint
+    from pagctl.records import TrainEpochRecord
 
     argv = ["train", "digits-pag-nn", "--device", "cuda", "-q", "--set", "train.epochs=2",
             "--set", "data.batch_size=128", "--set", "eval.attack=null"]
@@ -230,8 +232,8 @@ def test_data_parallel_training_on_two_gpus_follows_one(workdir: Path) -> None:
                          capture_output=True, text=True, cwd=workdir, env=env, check=False)
     assert two.returncode == 0, two.stderr[-2000:]
     assert "device cuda:0" in two.stderr and "3 BatchNorm layers synchronised" in two.stderr
-    records = [[r for r in checkpoint.read_metrics(workdir / name) if r["kind"] == "train_epoch"]
-               for name in ("one", "two")]
+    records = [[r.to_json() for r in checkpoint.read_metrics(workdir / name)
+                .of(TrainEpochRecord)] for name in ("one", "two")]
     for a, b in zip(*records, strict=True):
         assert b["processes"] == 2
         for key in ("loss", "pag", "train_accuracy"):

@@ -30,6 +30,7 @@ from pagctl.distributed.replicas import (
 )
 from pagctl.errors import SpecError
 from pagctl.progress import StopFlag
+from pagctl.records import TrainEpochRecord
 from pagctl.spec import load_spec
 from pagctl.train import train
 
@@ -285,7 +286,7 @@ def _same_weights(a: Path, b: Path) -> None:
 
 
 def _records(run_dir: Path) -> list[dict[str, object]]:
-    return [r for r in checkpoint.read_metrics(run_dir) if r["kind"] == "train_epoch"]
+    return [r.to_json() for r in checkpoint.read_metrics(run_dir).of(TrainEpochRecord)]
 
 
 def test_two_processes_train_the_weights_of_one(workdir: Path) -> None:

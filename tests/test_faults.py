@@ -23,6 +23,7 @@ from conftest import envelope_records
 
 from pagctl import checkpoint
 from pagctl.errors import CheckpointError
+from pagctl.records import AttackRecord, TrainEpochRecord
 
 FAST = ["train.epochs=2", "data.batch_size=128", "eval.attack=null", "eval.limit=20"]
 ENV = {**os.environ, "PAGCTL_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1"}
@@ -43,8 +44,8 @@ def _same_weights(a: Path, b: Path) -> bool:
 
 
 def _epochs(run_dir: Path) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if not k.endswith("_seconds")}
-            for r in checkpoint.read_metrics(run_dir) if r["kind"] == "train_epoch"]
+    return [{k: v for k, v in r.to_json().items() if not k.endswith("_seconds")}
+            for r in checkpoint.read_metrics(run_dir).of(TrainEpochRecord)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,7 +251,7 @@ def test_kill_9_during_an_attack_with_state_resumes_to_the_same_result(tmp_path:
     with_state = [*argv, "--state", "aa.state"]
     kills = _killed_then_resumed(with_state, with_state, tmp_path, seed=4,
                                  ready=tmp_path / "aa.state")
-    records = [r for r in checkpoint.read_metrics(tmp_path / "r") if r["kind"] == "attack"]
+    records = [r.to_json() for r in checkpoint.read_metrics(tmp_path / "r").of(AttackRecord)]
     assert kills >= 1
     assert records[-1]["per_example"] == expected["per_example"]
     assert [(s["attacked"], s["broke"]) for s in records[-1]["stages"]] == \

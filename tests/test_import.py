@@ -130,7 +130,7 @@ def test_an_imported_module_gives_the_per_example_results_of_the_module_itself(
     assert via_cli["per_example"]["robust"] == reports[0].per_example["robust"]
     assert via_cli["per_example"]["clean"] == reports[0].per_example["clean"]
     # the folder is a run folder: its records, its weights, compare
-    kinds = [r["kind"] for r in read_metrics(Path("runs/plain"))]
+    kinds = [r.kind for r in read_metrics(Path("runs/plain")).records]
     assert kinds == ["import", "attack"]
     loaded = load_run(Path("runs/plain"), trust=CodeTrust.of(True))
     assert torch.equal(loaded.model.net.body[1].weight, net.body[1].weight)  # type: ignore[index,union-attr]
@@ -210,7 +210,7 @@ def test_an_existing_folder_is_refused_unless_overwritten(
     assert again.code == 2 and "--overwrite" in again.stderr
     assert "--resume" not in again.stderr and "another --out" in again.stderr
     assert pagctl(*argv, "--overwrite").code == 0
-    assert [r["kind"] for r in read_metrics(Path("runs/plain"))] == ["import"]
+    assert [r.kind for r in read_metrics(Path("runs/plain")).records] == ["import"]
     # a trained run's folder (it has a saved state): import has no --resume to suggest
     Path("runs/trained").mkdir()
     Path("runs/trained/state.safetensors").write_bytes(b"")

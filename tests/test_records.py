@@ -13,6 +13,7 @@ from pagctl.records import (
     KINDS,
     AlignRecord,
     AttackRecord,
+    Metrics,
     ScoreDoneRecord,
     ScoreTrainRecord,
     TrainEpochRecord,
@@ -117,3 +118,67 @@ def test_what_train_writes_is_what_compare_reads(tmp_path: Path) -> None:
     records, warnings = read_records(run)
     assert warnings == []
     assert [type(r).__name__ for _, r in records] == ["TrainEpochRecord", "AlignRecord"]
+
+
+def test_read_metrics_gives_models_and_names_what_it_skips(tmp_path: Path) -> None:
+    """The one reader: known kinds as their models with their lines; a line that is damaged
+    or breaks its model skipped with a warning; an unknown kind passed over in silence (a
+    newer pagctl's record is not damage); the same warnings compare gives."""
+    from pagctl.checkpoint import read_metrics
+    from pagctl.compare.records import read_records
+
+    assert read_metrics(tmp_path) == Metrics()  # no file, no records
+    lines = [_line(TrainEpochRecord(epoch=1)), '{"kind": "bank", "path": "x"}', "not json",
+             '{"kind": "attack", "attack": "a", "n": -1, "robust_accuracy": 0.5}',
+             _line(ScoreTrainRecord(step=3, loss=0.5))]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    metrics = read_metrics(tmp_path)
+    assert [(line, type(r).__name__) for line, r in metrics.entries] == \
+        [(1, "TrainEpochRecord"), (5, "ScoreTrainRecord")]
+    assert [r.step for r in metrics.of(ScoreTrainRecord)] == [3]
+    assert metrics.of(AttackRecord) == []
+    path = tmp_path / "metrics.jsonl"
+    assert metrics.warnings == (
+        f"warning: {path} line 3: not valid JSON; skipped",
+        f"warning: {path} line 4: attack field 'n' is -1, expected a non-negative integer; "
+        "skipped")
+    assert read_records(tmp_path)[1] == list(metrics.warnings)
+
+
+def test_read_metrics_refuses_a_file_linked_out_of_the_folder(tmp_path: Path) -> None:
+    """Another run's numbers never pass for this one's: the reader refuses the link, and
+    compare's view turns the refusal into its one warning."""
+    from pagctl.checkpoint import read_metrics
+    from pagctl.compare.records import read_records
+    from pagctl.errors import CheckpointError
+
+    other, run = tmp_path / "other", tmp_path / "run"
+    other.mkdir()
+    run.mkdir()
+    (other / "metrics.jsonl").write_text(_line(TrainEpochRecord(epoch=1)) + "\n")
+    (run / "metrics.jsonl").symlink_to(other / "metrics.jsonl")
+    with pytest.raises(CheckpointError, match="a symbolic link out of the run folder"):
+        read_metrics(run)
+    records, warnings = read_records(run)
+    assert records == [] and len(warnings) == 1
+    assert warnings[0].endswith("; its metrics are skipped")
+
+
+def test_trim_keeps_what_this_version_cannot_read(tmp_path: Path) -> None:
+    """A resumed run drops the records after its saved state and the damaged lines, but
+    keeps, as they are, lines of unknown kinds and records this version would refuse."""
+    from pagctl.checkpoint import RunFolder
+    from pagctl.spec import load_spec
+
+    spec = load_spec("digits-vanilla", ["train.epochs=3"], {"out_dir": tmp_path / "r"})
+    folder = RunFolder(spec, command="train", resume=False, overwrite=False)
+    folder.path.mkdir()
+    unknown = {"kind": "bank", "path": "x"}
+    refused = {"kind": "train_epoch", "epoch": "two"}
+    lines = [_line(TrainEpochRecord(epoch=1)), json.dumps(unknown), "not json",
+             json.dumps(refused), _line(TrainEpochRecord(epoch=2))]
+    (folder.path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    folder.trim_metrics(lambda r: r.get("kind") != "train_epoch" or r.get("epoch") != 2)
+    kept = [json.loads(line) for line in (folder.path / "metrics.jsonl").read_text()
+            .splitlines()]
+    assert kept == [TrainEpochRecord(epoch=1).to_json(), unknown, refused]

@@ -33,7 +33,7 @@ def test_an_append_after_a_damaged_last_line_starts_a_fresh_line(tmp_path: Path)
     checkpoint.append_record(tmp_path, _attack(7))
     lines = path.read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[2])["robust_correct"] == 7
-    assert [r["robust_correct"] for r in checkpoint.read_metrics(tmp_path)] == [3, 7]
+    assert [r.robust_correct for r in checkpoint.read_metrics(tmp_path).records] == [3, 7]  # type: ignore[union-attr]
 
 
 def test_readers_recover_a_record_a_damaged_line_swallowed(tmp_path: Path) -> None:
@@ -44,7 +44,7 @@ def test_readers_recover_a_record_a_damaged_line_swallowed(tmp_path: Path) -> No
     first, second = json.dumps(_attack(3).to_json()), json.dumps(_attack(7).to_json())
     (tmp_path / checkpoint.METRICS_FILE).write_text(
         first + "\n" + first[:25] + second + "\n" + '{"no": "kind"}{"half": \n')
-    assert [r["robust_correct"] for r in checkpoint.read_metrics(tmp_path)] == [3, 7]
+    assert [r.robust_correct for r in checkpoint.read_metrics(tmp_path).records] == [3, 7]  # type: ignore[union-attr]
     records, warnings = read_records(tmp_path)
     assert [(line, r.robust_correct) for line, r in records] == [(1, 3), (2, 7)]  # type: ignore[union-attr]
     assert len(warnings) == 2 and "line 2: not valid JSON" in warnings[0]
@@ -222,14 +222,14 @@ def test_resume_attack_and_align_score_respect_a_training(workdir: Path) -> None
                                  overwrite=False).__enter__()
         assert _cli("attack", "r", "--limit", "5", "--no-probes", "--no-progress") == 2
         assert _cli("align-score", "r", "--limit", "5") == 2
-    records = len(checkpoint.read_metrics(workdir / "r"))
+    records = len(checkpoint.read_metrics(workdir / "r").records)
     with checkpoint.RunLock(workdir / "r", exclusive=False, command="attack"):
         # two evaluations at once are fine
         assert _cli("attack", "r", "--limit", "5", "--no-probes", "--no-progress") == 0
         with pytest.raises(CheckpointError, match="in use by another pagctl command"):
             checkpoint.RunFolder(_spec("r", "train.epochs=2"), command="train", resume=True,
                                  overwrite=False).__enter__()
-    assert len(checkpoint.read_metrics(workdir / "r")) == records + 1
+    assert len(checkpoint.read_metrics(workdir / "r").records) == records + 1
 
 
 def test_a_lock_left_by_a_killed_process_is_taken_over(workdir: Path) -> None:

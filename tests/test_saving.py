@@ -182,7 +182,7 @@ def test_training_a_tied_model_saves_its_weights_every_epoch(factories: Any) -> 
     result = train(_spec("tiedfactories:tied", "runs/tied"), device="cpu", progress=False,
                    on_step=after_step, trust=CodeTrust.of(True))
     assert result.epochs_done == 2 and seen == [1]
-    assert [r["epoch"] for r in read_metrics(Path("runs/tied"))] == [1, 2]
+    assert [r.epoch for r in read_metrics(Path("runs/tied")).records] == [1, 2]  # type: ignore[union-attr]
     with safe_open(f"runs/tied/{MODEL_FILE}", framework="pt") as fh:
         assert json.loads(fh.metadata()[ALIASES_KEY]) == {"decoder.weight": "encoder.weight"}
 

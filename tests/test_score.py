@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pagctl import checkpoint
 from pagctl.data.toy import toy_sample, toy_score
 from pagctl.errors import CheckpointError, SpecError
+from pagctl.records import ScoreTrainRecord
 from pagctl.score.figures import SAMPLES_FILE
 from pagctl.score.model import (
     ScoreModel,
@@ -174,7 +175,7 @@ def test_run_folder_files_loss_and_samples(digits_run: Path) -> None:
     assert config["kind"] == "score_model" and config["network"] == "unet"
     assert config["num_classes"] == 10 and config["input_shape"] == [1, 8, 8]
     assert config["trained_steps"] == 40 and config["ema"] is True
-    records = [r for r in checkpoint.read_metrics(digits_run) if r["kind"] == "score_train"]
+    records = [r.to_json() for r in checkpoint.read_metrics(digits_run).of(ScoreTrainRecord)]
     assert [r["step"] for r in records] == [10, 20, 30, 40]
     assert records[-1]["loss"] < records[0]["loss"]  # denoising score matching learns
     assert all(r["seconds"] > 0 for r in records)
@@ -251,8 +252,8 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(workdir: Path) 
             assert torch.equal(wa[key], wb[key]), (name, key)
 
     def losses(run: str) -> list[tuple[int, float]]:
-        return [(r["step"], r["loss"]) for r in checkpoint.read_metrics(workdir / run)
-                if r["kind"] == "score_train"]
+        return [(r.step, r.loss) for r in checkpoint.read_metrics(workdir / run)
+                .of(ScoreTrainRecord)]
 
     assert losses("a") == losses("b")
 

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from pagctl.checkpoint import STATE_FILE, STATE_KEY, append_record
+from pagctl.compare.pairing import pair
 from pagctl.records import (
     AlignRecord,
     AttackRecord,
@@ -38,7 +39,6 @@ from pagctl.study.report import (
     against_vanilla,
     claims,
     correlations,
-    paired_counts,
     unpack_bits_int,
     verdict,
     write_report,
@@ -174,8 +174,9 @@ def test_the_plan_shares_runs_and_covers_every_part(tmp_path: Path) -> None:
 def test_verdicts_are_mcnemar_on_the_points_one_run_alone_defends() -> None:
     a = _measured([1] * 12 + [0] * 2 + [1] * 6)  # defends 12 points b does not
     b = _measured([0] * 12 + [1] * 2 + [1] * 6)
-    only_a, only_b, p = paired_counts(a, b)
-    assert (only_a, only_b) == (12, 2) and p == pytest.approx(mcnemar_exact(12, 2))
+    paired = pair(a.results, b.results)
+    assert (paired.a_only, paired.b_only) == (12, 2)
+    assert paired.p_value == pytest.approx(mcnemar_exact(12, 2))
     assert verdict(a, b, "PAG", "vanilla").startswith("PAG more robust; McNemar p = 0.013")
     assert verdict(b, a, "vanilla", "PAG").startswith("PAG more robust")
     even = _measured([1, 0] * 10)
@@ -279,7 +280,7 @@ def test_runs_measured_on_different_points_are_not_paired(tmp_path: Path) -> Non
     other_indices.indices_sha256 = "0" * 16
     for other in (_measured([0] * 16), other_indices, _measured([0] * 20, data="other")):
         with pytest.raises(ValueError, match="cannot pair 20 points with"):
-            paired_counts(base, other)
+            pair(base.results, other.results)
         assert verdict(base, other, "PAG", "vanilla") == \
             "no verdict: measured on different points"
         assert against_vanilla([verdict(base, other, "PAG", "vanilla")]) == "not shown"

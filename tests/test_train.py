@@ -15,6 +15,7 @@ from conftest import CliResult
 
 from pagctl import checkpoint
 from pagctl.data.augment import Augmented
+from pagctl.records import TrainEpochRecord
 from pagctl.spec import load_spec
 from pagctl.train import lr_at, pag_weight_at, train
 
@@ -99,8 +100,8 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _epoch_records(run_dir: Path) -> list[dict[str, object]]:
-    return [{k: v for k, v in r.items() if not k.endswith("_seconds")}
-            for r in checkpoint.read_metrics(run_dir) if r["kind"] == "train_epoch"]
+    return [{k: v for k, v in r.to_json().items() if not k.endswith("_seconds")}
+            for r in checkpoint.read_metrics(run_dir).of(TrainEpochRecord)]
 
 
 @pytest.mark.usefixtures("sigint_default")

@@ -296,6 +296,7 @@ def _run_point(p: GridPoint, total: int, *, device: str, overwrite: bool, quiet:
     from pagctl import grid as gridmod
     from pagctl.checkpoint import read_metrics, run_folder_holder
     from pagctl.errors import CheckpointError
+    from pagctl.records import TrainEpochRecord
     from pagctl.train import train as run_train
 
     head = f"grid point {p.index + 1}/{total} ({p.label})"
@@ -305,8 +306,8 @@ def _run_point(p: GridPoint, total: int, *, device: str, overwrite: bool, quiet:
         st = "new" if overwrite else gridmod.status(p)
         if st == "finished":
             _log(f"{head}: finished before, skipped ({p.run_dir})")
-            epochs = [r for r in read_metrics(p.run_dir) if r.get("kind") == "train_epoch"]
-            return {**row, "status": "skipped", **(epochs[-1] if epochs else {})}
+            epochs = read_metrics(p.run_dir).of(TrainEpochRecord)
+            return {**row, "status": "skipped", **(epochs[-1].to_json() if epochs else {})}
         _log(f"{head}: {'resuming' if st == 'partial' else 'starting'} in {p.run_dir}")
         result = run_train(p.spec, device=device, resume=st == "partial",
                            overwrite=overwrite or st == "unsaved", progress=not quiet,

@@ -53,17 +53,19 @@ Per-example comparison
 For every robust column and every pair of runs whose records hold ``per_example.robust``
 bits on the same subset: the points both runs defend, only A, only B, neither, and the
 exact two-sided McNemar p-value (binomial test of ``a_only`` against ``a_only + b_only``
-draws at 1/2).
+draws at 1/2): `pagctl.compare.pairing.pair`, the one pairing of runs, which the study's
+verdicts use too.
 
 Warnings
 --------
 Corrupt metrics lines (not UTF-8, not JSON, not an object, no ``kind``, a known kind with
 fields of the wrong type or out of range) are skipped and reported in
 ``Comparison.warnings`` as ``warning: runs/x/metrics.jsonl line 7: not valid JSON;
-skipped``; the caller prints them on stderr. Records of unknown kinds are ignored. An
-attack or align value written before the run's last training epoch measured older weights
-and is reported too. A robust value whose attack failed its reliability checks is marked
-``!`` in tables and markdown (``reliable`` in json).
+skipped``; the caller prints them on stderr. Records of unknown kinds are ignored. A
+metrics file that is a symbolic link out of its folder, or cannot be read, is one warning
+and no records. An attack or align value written before the run's last training epoch
+measured older weights and is reported too. A robust value whose attack failed its
+reliability checks is marked ``!`` in tables and markdown (``reliable`` in json).
 
 Output formats (:func:`render`)
 -------------------------------
@@ -86,9 +88,10 @@ largest ε.
 
 Layout
 ------
-``model`` (the dataclasses), ``records`` (the tolerant metrics reader, through the record
-models of `pagctl.records`), ``spec_columns`` (flattened, differing spec fields), ``runs``
-(one run's records as cells), ``build`` (columns, checks, pairs: `compare_runs`),
-``rendering`` (`render` and its formats) and ``figure`` (`plot`). The statistics (Wilson,
-McNemar, Pearson, subset digests, per-example bits) are `pagctl.stats`.
+``model`` (the dataclasses), ``records`` (the kinds compare reads, through the file's one
+reader `pagctl.checkpoint.read_metrics`, never raising), ``spec_columns`` (flattened,
+differing spec fields), ``runs`` (one run's records as cells), ``pairing`` (two runs'
+per-point results on the same points, McNemar: `pair`), ``build`` (columns, checks, pairs:
+`compare_runs`), ``rendering`` (`render` and its formats) and ``figure`` (`plot`). The
+statistics (Wilson, McNemar, Pearson, subset digests, per-example bits) are `pagctl.stats`.
 """

@@ -8,10 +8,10 @@ from collections import Counter
 from pathlib import Path
 
 from pagctl.compare.model import Cell, Column, Comparison, Pair, Row
+from pagctl.compare.pairing import PointResults, pair, same_points
 from pagctl.compare.runs import RunData, read_run, run_labels
 from pagctl.compare.spec_columns import differing_fields, flat_spec
 from pagctl.errors import FieldError, SpecError
-from pagctl.stats import mcnemar_exact
 
 
 def _eps_text(eps: float, digits: int) -> str:
@@ -121,26 +121,29 @@ def _budget_problem(rows: list[Row], columns: list[Column]) -> str | None:
             f"({'; '.join(parts)}{more})")
 
 
+def _results(cell: Cell | None) -> PointResults | None:
+    """A cell's per-point robust results (`pagctl.compare.pairing`), None without bits."""
+    if cell is None or cell.bits is None or cell.n is None:
+        return None
+    return PointResults(cell.n, cell.bits, cell.subset_sha, cell.images_sha)
+
+
 def _pairs(rows: list[Row], columns: list[Column]) -> list[Pair]:
     pairs = []
     for column in columns:
         if column.kind != "robust":
             continue
-        have = [(row, cell) for row in rows
-                if (cell := row.cells.get(column.id)) is not None and cell.bits is not None]
+        have = [(row, results) for row in rows
+                if (results := _results(row.cells.get(column.id))) is not None]
         for i, (row_a, a) in enumerate(have):
             for row_b, b in have[i + 1:]:
-                if a.n is None or a.n != b.n or a.subset_sha is None or a.points != b.points:
+                if not same_points(a, b):
                     continue  # not the same points: no paired test (the column says why)
-                assert a.bits is not None and b.bits is not None
-                full = (1 << a.n) - 1
-                both = (a.bits & b.bits).bit_count()
-                a_only = (a.bits & ~b.bits & full).bit_count()
-                b_only = (b.bits & ~a.bits & full).bit_count()
+                paired = pair(a, b)
                 pairs.append(Pair(column=column.id, run_a=row_a.label, run_b=row_b.label,
-                                  n=a.n, both=both, a_only=a_only, b_only=b_only,
-                                  neither=a.n - both - a_only - b_only,
-                                  p_value=mcnemar_exact(a_only, b_only)))
+                                  n=paired.n, both=paired.both, a_only=paired.a_only,
+                                  b_only=paired.b_only, neither=paired.neither,
+                                  p_value=paired.p_value))
     return pairs
 
 

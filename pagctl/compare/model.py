@@ -79,7 +79,7 @@ class Row:
 @dataclass
 class Pair:
     """Per-example robust results of two runs on one column (the same points: indices and
-    images)."""
+    images), as `pagctl.compare.pairing.pair` counts them."""
 
     column: str
     run_a: str

@@ -1,21 +1,16 @@
-"""The tolerant metrics reader: every usable ``metrics.jsonl`` record, read through the
-record models of `pagctl.records`, and one warning per skipped line."""
+"""Compare's view of a metrics file: the records a comparison reads
+(`pagctl.checkpoint.read_metrics`, the file's one reader) and one warning per line or file
+it could not use; a comparison never stops for one run's metrics."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pagctl.records import (
-    AlignRecord,
-    AttackRecord,
-    Record,
-    TrainEpochRecord,
-    parse_record,
-    split_lines,
-)
+from pagctl.records import AlignRecord, AttackRecord, TrainEpochRecord
 
 Usable = TrainEpochRecord | AttackRecord | AlignRecord
-"""The kinds a comparison reads (score-model records and unknown kinds are passed over)."""
+"""The kinds a comparison reads (score-model and import records, and unknown kinds, are
+passed over)."""
 
 
 def read_records(run_dir: Path) -> tuple[list[tuple[int, Usable]], list[str]]:
@@ -23,29 +18,16 @@ def read_records(run_dir: Path) -> tuple[list[tuple[int, Usable]], list[str]]:
     warning per skipped line: damaged, of the wrong types, or contradicting itself (a summary
     that its per-point bits do not bear out; an intact record after a damaged part of the
     same line is kept: `pagctl.records.split_lines`). A missing file is an empty list;
-    nothing raises."""
-    from pagctl.checkpoint import METRICS_FILE, confined
+    nothing raises: a file that links out of the folder or cannot be read is one warning
+    (``...; its metrics are skipped``) and no records, so the other runs are still
+    compared."""
+    from pagctl.checkpoint import read_metrics
     from pagctl.errors import CheckpointError
 
     try:
-        path = confined(run_dir, METRICS_FILE)
+        metrics = read_metrics(run_dir)
     except CheckpointError as exc:
         return [], [f"warning: {exc}; its metrics are skipped"]
-    if not path.is_file():
-        return [], []
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return [], [f"warning: {path}: unreadable ({exc.strerror or exc}); its metrics are "
-                    "skipped"]
-    records: list[tuple[int, Usable]] = []
-    warnings: list[str] = []
-    for number, raw in split_lines(data):
-        rec: Record | dict[str, object] | str = parse_record(raw)
-        if isinstance(rec, str):
-            warnings.append(f"warning: {path} line {number}: {rec}; skipped")
-            continue
-        if isinstance(rec, (TrainEpochRecord, AttackRecord, AlignRecord)):
-            records.append((number, rec))
-    return records, warnings
-
+    usable = [(line, record) for line, record in metrics.entries
+              if isinstance(record, (TrainEpochRecord, AttackRecord, AlignRecord))]
+    return usable, list(metrics.warnings)

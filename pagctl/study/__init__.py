@@ -12,8 +12,9 @@ docs/results.md.
 - `pagctl.study.report`: reads the run folders back (through the same `study_records`) and
   writes the report — tables with n and intervals, the correlation between alignment and
   robustness with bootstrap intervals, the seeds' spread, and each of the paper's claims
-  with the per-point McNemar test behind the verdict (none between runs measured on other
-  points); it replaces only a report and figure the study wrote;
+  with the per-point McNemar test behind the verdict (compare's pairing,
+  `pagctl.compare.pairing`; none between runs measured on other points); it replaces only
+  a report and figure the study wrote;
 - ``python -m pagctl.study`` (``make study``, ``make study-quick``) runs all three,
   ``--jobs N`` in N worker processes of one thread each.
 """

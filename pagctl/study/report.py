@@ -5,9 +5,10 @@ Every number comes from a run folder's records, read through the validated recor
 clean and robust accuracy from the attack records (n and the Wilson 95% interval beside
 each), alignment from the align records (mean and its 95% interval). Comparisons between
 two runs are the exact McNemar test on the points one run defends and the other does not,
-made only when both were attacked on the same points (`paired_counts`); the correlation
-between alignment and robustness is taken across runs, with 95% intervals from a bootstrap
-over test points (`pagctl.stats.bootstrap_correlations`).
+made only when both were attacked on the same points: compare's pairing
+(`pagctl.compare.pairing.pair`), so a verdict here and a pair of ``pagctl compare`` are one
+computation; the correlation between alignment and robustness is taken across runs, with
+95% intervals from a bootstrap over test points (`pagctl.stats.bootstrap_correlations`).
 
 The report overwrites only what the study wrote (`report_problem`): a markdown file that
 carries `REPORT_MARKER` near its top, and a PNG beside it.
@@ -22,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pagctl.compare.pairing import PointResults, pair, same_points
 from pagctl.records import AttackRecord
-from pagctl.stats import bits_as_int, bootstrap_correlations, mcnemar_exact
+from pagctl.stats import bits_as_int, bootstrap_correlations
 from pagctl.study.plan import Measure, Study, StudyRun
 from pagctl.study.run import RunRecords, score_done, study_records, write_problem
 
@@ -62,9 +64,14 @@ class Measured:
     data_sha256: str
 
     @property
-    def points(self) -> tuple[int, str, str]:
+    def results(self) -> PointResults:
+        """The per-point robust results, as `pagctl.compare.pairing` pairs them."""
+        return PointResults(self.n, self.bits, self.indices_sha256, self.data_sha256)
+
+    @property
+    def points(self) -> tuple[int, str | None, str | None]:
         """What names the measured points: (n, indices digest, images digest)."""
-        return self.n, self.indices_sha256, self.data_sha256
+        return self.results.points
 
     @property
     def accuracy(self) -> float:
@@ -149,33 +156,20 @@ def score_seconds(study: Study, out: Path) -> float:
     return (done.train_seconds or 0.0) + (done.sample_seconds or 0.0) if done else 0.0
 
 
-def paired_counts(a: Measured, b: Measured) -> tuple[int, int, float]:
-    """(points a defends and b does not, the reverse, McNemar's exact p-value). ValueError
-    when the two were not measured on the same points (their n, indices digest or images
-    digest differ): bit i of one would then be another image than bit i of the other, and
-    the test would pair strangers."""
-    if a.points != b.points:
-        raise ValueError(f"cannot pair {a.n} points with {b.n} points of other indices or "
-                         "images: measure both on the same points")
-    full = (1 << a.n) - 1
-    only_a = (a.bits & ~b.bits & full).bit_count()
-    only_b = (b.bits & ~a.bits & full).bit_count()
-    return only_a, only_b, mcnemar_exact(only_a, only_b)
-
-
 def verdict(a: Measured, b: Measured, what_a: str, what_b: str) -> str:
-    """Which of two runs is more robust on the same points, by McNemar's test; none when
-    they were measured on different points (no test is made), or when either evaluation
-    was judged unreliable (a gradient-masking probe fired)."""
-    if a.points != b.points:
+    """Which of two runs is more robust on the same points, by McNemar's test
+    (`pagctl.compare.pairing.pair`); none when they were measured on different points (no
+    test is made), or when either evaluation was judged unreliable (a gradient-masking probe
+    fired)."""
+    if not same_points(a.results, b.results):
         return "no verdict: measured on different points"
-    only_a, only_b, p = paired_counts(a, b)
-    test = f"McNemar p = {p:.2g} ({only_a} vs {only_b} points)"
+    paired = pair(a.results, b.results)
+    test = f"McNemar p = {paired.p_value:.2g} ({paired.a_only} vs {paired.b_only} points)"
     if a.reliable is False or b.reliable is False:
         return f"no verdict: an evaluation was judged unreliable; {test}"
-    if p >= SIGNIFICANCE:
+    if paired.p_value >= SIGNIFICANCE:
         return f"no significant difference; {test}"
-    winner = what_a if only_a > only_b else what_b
+    winner = what_a if paired.a_only > paired.b_only else what_b
     return f"{winner} more robust; {test}"
 
 
@@ -383,8 +377,6 @@ SEE_ALSO = [
 
 SOURCE_LABELS = {"vanilla": "vanilla", "one_image": "OI", "class_mean": "CM",
                  "nearest_neighbor": "NN", "sbg": "SBG"}
-PAPER_L2 = {"one_image": 46.63, "class_mean": 47.25, "nearest_neighbor": 42.12, "sbg": 55.39}
-"""The paper's Figure 1 robust accuracy (CIFAR-10, L2, %) of each source."""
 
 
 @dataclass

@@ -149,23 +149,18 @@ def out_problem(out: Path, *, report_only: bool = False) -> str | None:
 
 
 def score_done(folder: Path) -> ScoreDoneRecord | None:
-    """The last ``score_done`` record of a score model's metrics.jsonl, read through its
-    record model (a damaged or ill-typed line is passed over: the model is then trained
-    again, or resumed); None without one."""
-    from pagctl.checkpoint import METRICS_FILE
-    from pagctl.records import parse_record, split_lines
+    """The last ``score_done`` record of a score model's metrics.jsonl, read by the file's
+    one reader (`pagctl.checkpoint.read_metrics`: a damaged or ill-typed line is passed
+    over); None without one, or when the file cannot be read or links out of the folder:
+    the model is then trained again, or resumed."""
+    from pagctl.checkpoint import read_metrics
+    from pagctl.errors import CheckpointError
 
-    path = folder / METRICS_FILE
     try:
-        data = path.read_bytes() if path.is_file() else b""
-    except OSError:
+        done = read_metrics(folder).of(ScoreDoneRecord)
+    except CheckpointError:
         return None
-    done = None
-    for _, raw in split_lines(data):
-        record = parse_record(raw)
-        if isinstance(record, ScoreDoneRecord):
-            done = record
-    return done
+    return done[-1] if done else None
 
 
 def _score_model(study: Study, out: Path, device: str, log: Callable[[str], None]) -> None:
