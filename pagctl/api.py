@@ -396,12 +396,12 @@ def train(spec: str | Path, *, overrides: Sequence[str] = (), device: str = "aut
     launched, data-parallel over its processes as well (docs: distributed.md). An
     architecture named ``package.module:factory`` runs when given in ``overrides``
     (``"model.arch=pkg.mod:make"``), or, named in the spec file, with ``trust_code``."""
+    import pagctl.train
     from pagctl.distributed.launch import training_launch
     from pagctl.spec import load_spec
-    from pagctl.train import train as run_train
     from pagctl.trust import CodeTrust, named_architectures
 
-    return run_train(load_spec(spec, list(overrides)), device=device, resume=resume,
+    return pagctl.train.train(load_spec(spec, list(overrides)), device=device, resume=resume,
                      overwrite=overwrite, progress=progress, launch=training_launch(),
                      trust=CodeTrust.of(trust_code, named_architectures(overrides)))
 
@@ -414,22 +414,22 @@ def import_model(out: str | Path, model: str, dataset: str, *,
     """Write the run folder ``out`` for a model pagctl did not train, as ``pagctl import``
     does (docs: own-models.md): ``model`` a timm name, a model provider or
     ``package.module:factory``; ``dataset`` the data it is evaluated on."""
-    from pagctl.importing import import_model as run_import
-    from pagctl.spec import validate_spec
+    import pagctl.importing
     from pagctl.trust import CodeTrust
 
     if not isinstance(model, str):
         raise FieldError("model", f"expected an architecture's name (a timm name, a model "
                          f"provider or package.module:factory), got {type(model).__name__}")
-    data: dict[str, Any] = {
-        "version": 1, "name": Path(out).name, "description": f"imported: {model}",
-        "model": {"arch": model, "kwargs": dict(kwargs or {})},
-        "data": {"dataset": dataset, "root": None if root is None else Path(root)},
-        "out_dir": Path(out)}
+    values: dict[str, Any] = {"model.arch": model, "model.kwargs": dict(kwargs or {}),
+                              "data.dataset": dataset, "out_dir": Path(out)}
+    if root is not None:
+        values["data.root"] = Path(root)
     if mean is not None:
-        data["model"]["mean"] = list(mean)
+        values["model.mean"] = list(mean)
     if std is not None:
-        data["model"]["std"] = list(std)
-    return run_import(validate_spec(data), None if checkpoint is None else Path(checkpoint),
-                      trust_pickle=trust_pickle, overwrite=overwrite, device=device,
-                      trust=CodeTrust.of(named=[model]))
+        values["model.std"] = list(std)
+    path = None if checkpoint is None else Path(checkpoint)
+    return pagctl.importing.import_model(
+        pagctl.importing.import_spec(None, values, checkpoint=path), path,
+        trust_pickle=trust_pickle, overwrite=overwrite, device=device,
+        trust=CodeTrust.of(named=[model]))

@@ -459,6 +459,36 @@ def check_normalisations(model: NormalizedModel, chosen: Normalisation,
         f"the model expects that, import it again with {cand.options()}")
 
 
+def import_spec(base: dict[str, Any] | None, values: dict[str, Any], *,
+                checkpoint: Path | None, overrides: Sequence[str] = ()) -> RunSpec:
+    """The run spec of an import, as ``pagctl import`` and `pagctl.api.import_model` both
+    build it: ``base`` (a spec file's mapping; None: an empty spec), then the ``overrides``
+    (``--set`` items), then ``values`` (dotted keys, typed: ``model.arch``,
+    ``data.dataset``, ``model.mean``, ...), validated once. A new ``model.arch`` drops the
+    base's ``model.kwargs`` (they were for its architecture). Named after ``out_dir`` (else
+    the architecture), described by the architecture and the checkpoint's file name."""
+    from pagctl import spec as specmod
+
+    data: dict[str, Any] = dict(base) if base is not None else {"version": 1, "model": {},
+                                                                "data": {}}
+    section = data.get("model")
+    if "model.arch" in values and "model.kwargs" not in values and isinstance(section, dict):
+        section.pop("kwargs", None)
+    arch = str(values.get("model.arch") or (section.get("arch", "model")
+                                            if isinstance(section, dict) else "model"))
+    out = values.get("out_dir")
+    name = Path(out).name if out is not None else \
+        re.sub(r"[^A-Za-z0-9_.-]+", "-", arch).strip("-.")
+    data["name"] = name or "imported"
+    data["description"] = f"imported: {arch}" + (f" from {checkpoint.name}" if checkpoint
+                                                  else "")
+    for item in overrides:
+        specmod.apply_override(data, item)
+    for key, value in values.items():
+        specmod.set_value(data, key, value)
+    return specmod.validate_spec(data)
+
+
 def import_model(spec: RunSpec, checkpoint: Path | None, *, trust_pickle: bool = False,
                  overwrite: bool = False, device: str = "cpu",
                  trust: CodeTrust = UNTRUSTED) -> ImportResult:

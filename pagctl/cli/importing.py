@@ -3,7 +3,6 @@ command reads."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -77,7 +76,7 @@ def import_model(
     # (hf-hub:, model.kwargs.pretrained) or evaluating it on a torchvision dataset needs the
     # network as training does, and the refusal without it names the same flag for both.
     from pagctl import spec as specmod
-    from pagctl.importing import import_model as run_import
+    from pagctl.importing import import_model, import_spec
     from pagctl.trust import CodeTrust, named_architectures
 
     if spec is None and (model is None or dataset is None):
@@ -86,14 +85,9 @@ def import_model(
     if (mean is None) != (std is None):
         raise SpecError(f"{'--std' if mean is not None else '--mean'}: give --mean and --std "
                         "together")
-    if spec is not None:
-        data, _ = specmod.read_run_spec_mapping(spec)
-    else:
-        data = {"version": 1, "model": {}, "data": {}}
     values: dict[str, Any] = {}
     if model is not None:
         values["model.arch"] = model
-        data.setdefault("model", {}).pop("kwargs", None)  # the spec's kwargs were for its arch
     if dataset is not None:
         values["data.dataset"] = dataset
     for option, key, text in (("--mean", "model.mean", mean), ("--std", "model.std", std)):
@@ -106,18 +100,11 @@ def import_model(
         values["data.download"] = True
     if out is not None:
         values["out_dir"] = out
-    arch = model or str(data.get("model", {}).get("arch", "model"))
-    name = out.name if out is not None else re.sub(r"[^A-Za-z0-9_.-]+", "-", arch).strip("-.")
-    data["name"] = name or "imported"
-    data["description"] = f"imported: {arch}" + (f" from {checkpoint.name}" if checkpoint
-                                                  else "")
-    for item in set_:
-        specmod.apply_override(data, item)
-    for key, value in values.items():
-        specmod.set_value(data, key, value)
-    run_spec = specmod.validate_spec(data)
+    base = specmod.read_run_spec_mapping(spec)[0] if spec is not None else None
+    run_spec = import_spec(base, values, checkpoint=checkpoint, overrides=set_)
+    arch = run_spec.model.arch
     named = named_architectures(set_) | ({model} if model is not None else set())
-    result = run_import(run_spec, checkpoint, trust_pickle=trust_pickle, overwrite=overwrite,
+    result = import_model(run_spec, checkpoint, trust_pickle=trust_pickle, overwrite=overwrite,
                         device=device, trust=CodeTrust.of(trust_code, named))
     summary = {"run_dir": str(result.run_dir), **result.record}
     for line in result.warnings:  # the check looks wrong: stderr, whatever the format

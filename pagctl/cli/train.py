@@ -158,11 +158,11 @@ def train(
         return
     spec, values = _spec_and_values("train", spec, data_dir=data_dir, out=out, extra=extra)
     run_spec = specmod.load_spec(spec, set_, values)
-    from pagctl.train import prepare
-    from pagctl.train import train as run_train
+    import pagctl.train
 
     if dry_run:
-        s = prepare(run_spec, device=device, resume=resume, overwrite=overwrite, trust=trust)
+        s = pagctl.train.prepare(run_spec, device=device, resume=resume, overwrite=overwrite,
+                                 trust=trust)
         summary: dict[str, Any] = {
             "valid": True, "run_dir": str(run_spec.run_dir), "dataset": s.bundle.name,
             "train_images": len(s.bundle.train), "test_images": len(s.bundle.test),  # type: ignore[arg-type]
@@ -187,8 +187,8 @@ def train(
     from pagctl.distributed.launch import training_launch
 
     launch = training_launch()
-    result = run_train(run_spec, device=device, resume=resume, overwrite=overwrite,
-                       progress=not quiet, log=_log, launch=launch, trust=trust)
+    result = pagctl.train.train(run_spec, device=device, resume=resume, overwrite=overwrite,
+                                progress=not quiet, log=_log, launch=launch, trust=trust)
     if launch is not None and not launch.leader:  # rank 0 reports
         raise typer.Exit(130 if result.interrupted else 0)
     if result.interrupted:
@@ -293,11 +293,11 @@ def _run_point(p: GridPoint, total: int, *, device: str, overwrite: bool, quiet:
     command is training (a job of the same grid) is left to it, said in the grid's terms
     rather than a run folder's (whose "pass --resume" a grid refuses). Under torchrun a
     failure ends the launch, as in one run."""
+    import pagctl.train
     from pagctl import grid as gridmod
     from pagctl.checkpoint import read_metrics, run_folder_holder
     from pagctl.errors import CheckpointError
     from pagctl.records import TrainEpochRecord
-    from pagctl.train import train as run_train
 
     head = f"grid point {p.index + 1}/{total} ({p.label})"
     row: dict[str, Any] = {"point": p.index, "values": dict(p.values),
@@ -309,9 +309,9 @@ def _run_point(p: GridPoint, total: int, *, device: str, overwrite: bool, quiet:
             epochs = read_metrics(p.run_dir).of(TrainEpochRecord)
             return {**row, "status": "skipped", **(epochs[-1].to_json() if epochs else {})}
         _log(f"{head}: {'resuming' if st == 'partial' else 'starting'} in {p.run_dir}")
-        result = run_train(p.spec, device=device, resume=st == "partial",
-                           overwrite=overwrite or st == "unsaved", progress=not quiet,
-                           log=_log, launch=launch, trust=trust)
+        result = pagctl.train.train(p.spec, device=device, resume=st == "partial",
+                                    overwrite=overwrite or st == "unsaved", progress=not quiet,
+                                    log=_log, launch=launch, trust=trust)
     except Exception as exc:  # one point failing (a diverging λ, say) stops no other
         if launch is not None:
             raise
@@ -396,10 +396,10 @@ def train_score(
                         "(pagctl train-score --list)")
     spec, values = _spec_and_values("train-score", spec, data_dir=data_dir, out=out)
     score_spec = load_score_spec(spec, set_, values)
-    from pagctl.score.train import train_score
+    import pagctl.score.train
 
-    result = train_score(score_spec, device=device, progress=not quiet, resume=resume,
-                         overwrite=overwrite, log=_log)
+    result = pagctl.score.train.train_score(score_spec, device=device, progress=not quiet,
+                                            resume=resume, overwrite=overwrite, log=_log)
     if result.interrupted:
         _stopped("train-score", f"step {result.steps_done}", result.run_dir)
     summary = {"run_dir": str(result.run_dir), "steps": result.steps_done,

@@ -33,14 +33,14 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from pagctl.checkpoint import RunFolder
+from pagctl.checkpoint import RunFolder, append_record
 from pagctl.errors import ModelError, SpecError
 from pagctl.records import ScoreDoneRecord, ScoreTrainRecord
 from pagctl.score.figures import SAMPLES_FILE, write_samples_figure
@@ -163,12 +163,11 @@ def train_score(
     refused without ``resume`` or ``overwrite`` (CheckpointError). ``on_step(step)`` is called
     after every optimiser step (0-based). Writes samples.png at the end (skipped, with a
     log line, when matplotlib is missing).
-    """
-    import torch
 
-    from pagctl.build import resolve_device
-    from pagctl.checkpoint import append_record
-    from pagctl.data import get_batch, load_data
+    The phases, each a function below, as in `pagctl.train`: what the steps read
+    (`_build`), a fresh start or the saved state (`_start`), the steps (`_step`) with a
+    record every ``log_every`` and the state every ``save_every``, the end (`_finish`).
+    """
     from pagctl.progress import ProgressBar, StopFlag
 
     # ---- the run folder: refuse or check before building anything
@@ -178,111 +177,216 @@ def train_score(
 
     with folder:
         # ---- data, model, EMA copy, optimiser
-        dev = resolve_device(device)
+        run = _build(spec, device)
         t = spec.train
-        bundle = load_data(spec.data)
-        n_train = len(bundle.train)  # type: ignore[arg-type]
-        if n_train == 0:
-            raise SpecError("data: the training set is empty")
-        config = model_config_for(spec, bundle)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(t.seed)
-            model = ScoreModel(config).to(dev)
-        ema = copy.deepcopy(model).requires_grad_(False) if t.ema is not None else None
-        ema_decay = t.ema or 0.0
-        params = list(model.parameters())
-        ema_params = list(ema.parameters()) if ema is not None else []
-        opt = torch.optim.Adam(params, lr=t.lr, foreach=True)
-        gen = torch.Generator().manual_seed(t.seed)
 
         # ---- start fresh, or restore the saved state
-        start, sums = 0, {"loss": 0.0, "count": 0.0, "seconds": 0.0}
-        saved = folder.start()
-        if saved is not None:
-            model.load_state_dict(saved.module_state("model"))
-            if ema is not None:
-                ema.load_state_dict(saved.module_state("ema"))
-            saved.restore_optimizer(opt, dev)
-            gen.set_state(saved.tensors["rng.train"])
-            start, sums = int(saved.counters["step"]), dict(saved.counters["sums"])
-            folder.trim_metrics(lambda r: _before(r, start))
+        start, sums = _start(run, folder)
         emit = log or (lambda msg: None)
-        n_params = sum(p.numel() for p in model.parameters())
-        emit(f"{spec.name}: {config.network} score model, {n_params:,} parameters, "
-             f"{n_train} training images of {bundle.num_classes} classes, {t.steps} steps, "
-             f"device {dev}")
+        n_params = sum(p.numel() for p in run.model.parameters())
+        emit(f"{spec.name}: {run.config.network} score model, {n_params:,} parameters, "
+             f"{run.n_train} training images of {run.bundle.num_classes} classes, "
+             f"{t.steps} steps, device {run.device}")
 
-        def save(step: int, *, weights: bool) -> None:
-            modules: dict[str, torch.nn.Module] = {"model": model}
-            if ema is not None:
-                modules["ema"] = ema
-            folder.save_state(modules, opt, {"train": gen.get_state()},
-                              {"step": step, "sums": sums})
-            if weights:
-                save_score_model(run_dir, ema if ema is not None else model,
-                                 config.model_copy(update={"trained_steps": step}))
-
-        # ---- the loop
-        amp = t.amp and dev.type == "cuda"
+        # ---- the loop: steps, a record every log_every, the state every save_every
         order_cache: dict[int, Tensor] = {}
         last: dict[str, Any] = {}
-        model.train()
-        step = start
+        run.model.train()
         with StopFlag() as stop, ProgressBar("score", t.steps, enabled=progress) as bar:
             bar.update(completed=start)
             tick = time.perf_counter()
             for step in range(start, t.steps):
-                idx = _batch_order(n_train, t.batch_size, t.seed, step, order_cache)
-                x, y = get_batch(bundle.train, idx)
-                if t.hflip:
-                    flips = torch.rand(x.shape[0], generator=gen) < 0.5
-                    x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(t, step)
-                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = dsm_loss(model, x, y, gen, t)
-                if not torch.isfinite(loss):
-                    raise ModelError(f"score training: the loss became {loss.item()} at step "
-                                       f"{step + 1}; lower train.lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]
-                if t.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, t.grad_clip, foreach=True)
-                opt.step()
-                if ema is not None:
-                    _ema_update(ema_params, params, min(ema_decay, (1 + step) / (10 + step)))
-                sums["loss"] += float(loss.detach())
-                sums["count"] += 1
+                sums.add(_step(run, step, order_cache))
                 now = time.perf_counter()
-                sums["seconds"] += now - tick
+                sums.seconds += now - tick
                 tick = now
                 done = step + 1
                 if done % t.log_every == 0 or done == t.steps:
-                    record = ScoreTrainRecord(
-                        step=done, steps=t.steps, loss=sums["loss"] / max(1.0, sums["count"]),
-                        lr=lr_at(t, step), seconds=sums["seconds"])
+                    record = ScoreTrainRecord(step=done, steps=t.steps, loss=sums.mean_loss(),
+                                              lr=lr_at(t, step), seconds=sums.seconds)
                     append_record(run_dir, record)
                     last = record.to_json()
-                    sums["loss"], sums["count"] = 0.0, 0.0
+                    sums.restart_loss()
                     emit(f"step {done}/{t.steps}  loss {last['loss']:.4f}  "
-                         f"{sums['seconds']:.1f}s")
+                         f"{sums.seconds:.1f}s")
                 bar.update(completed=done, info=f"loss {last.get('loss', float('nan')):.4f}")
                 if on_step is not None:
                     on_step(step)
                 if done < t.steps and (stop.requested or done % t.save_every == 0):
-                    save(done, weights=not stop.requested)
+                    _save(folder, run, done, sums, weights=not stop.requested)
                     tick = time.perf_counter()
                     if stop.requested:
                         return ScoreTrainResult(run_dir, done, True, last)
 
         # ---- the end: final weights, samples
-        save(t.steps, weights=True)
-        samples_path = None
-        tick = time.perf_counter()
-        if spec.sample.per_class > 0:
-            samples_path = write_samples_figure(run_dir, ema if ema is not None else model,
-                                                bundle, spec, log=emit)
-        append_record(run_dir, ScoreDoneRecord(steps=t.steps, train_seconds=sums["seconds"],
-                                               sample_seconds=time.perf_counter() - tick))
+        samples_path = _finish(run, folder, sums, emit)
     return ScoreTrainResult(run_dir, t.steps, False, last, samples_path)
+
+
+# ---------------------------------------------------------------------------------------
+# the loop's phases, in the order they run
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What the loop's phases read, built once (`_build`): the spec, the device, the data
+    (``n_train`` training images), the network config, the model and its EMA copy (None
+    without ``train.ema``) with their parameters, Adam, and the generator every draw comes
+    from (state that the steps advance)."""
+
+    spec: ScoreSpec
+    device: torch.device
+    bundle: DataBundle
+    n_train: int
+    config: ScoreModelConfig
+    model: ScoreModel
+    ema: ScoreModel | None
+    params: Sequence[Tensor]
+    ema_params: Sequence[Tensor]
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+
+    @property
+    def sampler(self) -> ScoreModel:
+        """The model that samples and is saved: the EMA copy when there is one."""
+        return self.ema if self.ema is not None else self.model
+
+
+def _build(spec: ScoreSpec, device: str) -> _Run:
+    """Data (an empty training set refused), the model initialised from ``train.seed``
+    (without drawing from the global RNG), its EMA copy, Adam, the training generator."""
+    import torch
+
+    from pagctl.build import resolve_device
+    from pagctl.data import load_data
+
+    dev = resolve_device(device)
+    t = spec.train
+    bundle = load_data(spec.data)
+    n_train = len(bundle.train)  # type: ignore[arg-type]
+    if n_train == 0:
+        raise SpecError("data: the training set is empty")
+    config = model_config_for(spec, bundle)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.seed)
+        model = ScoreModel(config).to(dev)
+    ema = copy.deepcopy(model).requires_grad_(False) if t.ema is not None else None
+    params = list(model.parameters())
+    ema_params = list(ema.parameters()) if ema is not None else []
+    opt = torch.optim.Adam(params, lr=t.lr, foreach=True)
+    gen = torch.Generator().manual_seed(t.seed)
+    return _Run(spec, dev, bundle, n_train, config, model, ema, params, ema_params, opt, gen)
+
+
+@dataclass
+class _Sums:
+    """The running sums: the loss summed over the steps since the last record and their
+    count (restarted at each record), and the seconds of every step so far. Floats, saved
+    in state.json as ``{"loss", "count", "seconds"}`` (`as_dict`), so a resumed run
+    continues them exactly."""
+
+    loss: float = 0.0
+    count: float = 0.0
+    seconds: float = 0.0
+
+    def add(self, loss: Tensor) -> None:
+        """Count one step's loss (a scalar) in."""
+        self.loss += float(loss.detach())
+        self.count += 1
+
+    def mean_loss(self) -> float:
+        """The mean loss of the steps since the last record."""
+        return self.loss / max(1.0, self.count)
+
+    def restart_loss(self) -> None:
+        """After a record: the loss and its count from zero, the seconds kept."""
+        self.loss, self.count = 0.0, 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"loss": self.loss, "count": self.count, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, flat: Mapping[str, Any]) -> _Sums:
+        return cls(float(flat["loss"]), float(flat["count"]), float(flat["seconds"]))
+
+
+def _start(run: _Run, folder: RunFolder) -> tuple[int, _Sums]:
+    """Start fresh (the folder begun), or restore the saved model, EMA, Adam and generator
+    states and drop the records written after them. Returns the 0-based step to start at
+    and the running sums so far."""
+    saved = folder.start()
+    if saved is None:
+        return 0, _Sums()
+    run.model.load_state_dict(saved.module_state("model"))
+    if run.ema is not None:
+        run.ema.load_state_dict(saved.module_state("ema"))
+    saved.restore_optimizer(run.opt, run.device)
+    run.gen.set_state(saved.tensors["rng.train"])
+    start, sums = int(saved.counters["step"]), _Sums.from_dict(saved.counters["sums"])
+    folder.trim_metrics(lambda r: _before(r, start))
+    return start, sums
+
+
+def _step(run: _Run, step: int, order_cache: dict[int, Tensor]) -> Tensor:
+    """One optimiser step at 0-based ``step``: its batch (`_batch_order`), flipped at
+    random (``train.hflip``, from the generator), the learning rate, the loss (`dsm_loss`;
+    bfloat16 autocast with ``train.amp`` on a GPU), a non-finite loss refused
+    (ModelError), the backward, clipping, Adam and the EMA. Returns the loss (a scalar)."""
+    import torch
+
+    from pagctl.data import get_batch
+
+    t, dev = run.spec.train, run.device
+    idx = _batch_order(run.n_train, t.batch_size, t.seed, step, order_cache)
+    x, y = get_batch(run.bundle.train, idx)
+    if t.hflip:
+        flips = torch.rand(x.shape[0], generator=run.gen) < 0.5
+        x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
+    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+    for group in run.opt.param_groups:
+        group["lr"] = lr_at(t, step)
+    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16,
+                        enabled=t.amp and dev.type == "cuda"):
+        loss = dsm_loss(run.model, x, y, run.gen, t)
+    if not torch.isfinite(loss):
+        raise ModelError(f"score training: the loss became {loss.item()} at step "
+                         f"{step + 1}; lower train.lr")
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    if t.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(run.params, t.grad_clip, foreach=True)
+    run.opt.step()
+    if run.ema is not None:
+        _ema_update(run.ema_params, run.params, min(t.ema or 0.0, (1 + step) / (10 + step)))
+    return loss
+
+
+def _save(folder: RunFolder, run: _Run, step: int, sums: _Sums, *, weights: bool) -> None:
+    """The state to resume at 0-based ``step`` (model, EMA, Adam, generator, counters)
+    and, with ``weights``, the sampling model as model.safetensors (not after a Ctrl-C:
+    an interrupted run's weights are its last save's)."""
+    modules: dict[str, torch.nn.Module] = {"model": run.model}
+    if run.ema is not None:
+        modules["ema"] = run.ema
+    folder.save_state(modules, run.opt, {"train": run.gen.get_state()},
+                      {"step": step, "sums": sums.as_dict()})
+    if weights:
+        save_score_model(folder.path, run.sampler,
+                         run.config.model_copy(update={"trained_steps": step}))
+
+
+def _finish(run: _Run, folder: RunFolder, sums: _Sums, log: Callable[[str], None]
+            ) -> Path | None:
+    """After the last step: the final state and weights, samples.png (None without
+    ``sample.per_class``, or when matplotlib is missing) and the closing record."""
+    spec = run.spec
+    _save(folder, run, spec.train.steps, sums, weights=True)
+    samples_path = None
+    tick = time.perf_counter()
+    if spec.sample.per_class > 0:
+        samples_path = write_samples_figure(folder.path, run.sampler, run.bundle, spec,
+                                            log=log)
+    append_record(folder.path, ScoreDoneRecord(steps=spec.train.steps,
+                                               train_seconds=sums.seconds,
+                                               sample_seconds=time.perf_counter() - tick))
+    return samples_path
