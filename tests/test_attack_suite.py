@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 import torch
-from attack_kit import bn_model, box_inputs, norms, train_digits_mlp
+from attack_kit import SHAPE, bn_model, box_inputs, norms, train_digits_mlp
 from torch import Tensor, nn
 
 from pagctl import registry
@@ -45,7 +45,6 @@ from pagctl.testing import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
-SHAPE = (1, 8, 8)
 
 
 def _ctx(seed: int = 0) -> BuildContext:
