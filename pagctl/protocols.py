@@ -39,9 +39,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Protocol, TypeVar, runtime_checkable
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator
 
 from pagctl.errors import PluginContractError, PluginRuntimeError
+from pagctl.spec import FrozenModel
 
 if TYPE_CHECKING:
     import torch
@@ -49,11 +50,10 @@ if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
 
-class PluginParams(BaseModel):
+class PluginParams(FrozenModel):
     """Base for plugin ``Params``: frozen, unknown keys rejected, every float finite (inf
-    and NaN refused)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    and NaN refused). The rules are `pagctl.spec.FrozenModel`'s, the base of every value
+    pagctl validates once; this is the contract's name for it, the one a plugin inherits."""
 
 
 def parse_fraction(value: Any) -> Any:

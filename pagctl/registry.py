@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from difflib import get_close_matches
 from importlib import metadata
@@ -40,7 +41,7 @@ from pagctl.protocols import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Iterable
 
     from pagctl.protocols import BuildContext
     from pagctl.spec import PluginRef
@@ -143,9 +144,18 @@ def model_provider_problem(factory: Any) -> str | None:
             "in_chans=..., **kwargs) and return a torch.nn.Module.")
 
 
+Wrap = Callable[[Any, str, str], Any]
+"""``wrap(built, name, origin)``: what `Registry.instantiate` hands back for a plugin built
+as ``built`` (``origin`` as `Registry.origin` gives it), e.g. :class:`GuardedSource`."""
+
+
 class Registry:
     """Plugins of one entry-point group, keyed by name. ``contract`` says what keeps a
-    loaded object from being one of this group's plugins (None when nothing does)."""
+    loaded object from being one of this group's plugins (None when nothing does);
+    ``wrap``, when given, wraps every plugin `instantiate` builds (the target-gradient
+    sources come back as :class:`GuardedSource`). Both are parameters, not branches on the
+    group's name, so a registry's behaviour is read off its construction at the bottom of
+    this module and a test's registry of any group behaves as it is built."""
 
     def __init__(
         self,
@@ -153,9 +163,11 @@ class Registry:
         builtins: dict[str, str],
         entry_points: Callable[[str], Iterable[metadata.EntryPoint]] | None = None,
         contract: Callable[[Any], str | None] = plugin_factory_problem,
+        wrap: Wrap | None = None,
     ) -> None:
         self.group = group
         self.contract = contract
+        self.wrap = wrap
         self._builtins = dict(builtins)
         self._entry_points = entry_points or (lambda g: metadata.entry_points(group=g))
         self._entries: dict[str, list[_Entry]] | None = None
@@ -270,8 +282,9 @@ class Registry:
     def instantiate(self, name: str, params: BaseModel, ctx: BuildContext, where: str) -> Any:
         """Call the factory once with already validated ``params``. A ``ValueError`` from
         the factory (e.g. "needs the training set") becomes a SpecError naming ``where``;
-        any other exception a PluginRuntimeError naming the distribution. Target-gradient
-        sources come back wrapped in :class:`GuardedSource`."""
+        any other exception a PluginRuntimeError naming the distribution. The plugin comes
+        back through the registry's ``wrap`` when it has one (the target-gradient sources:
+        :class:`GuardedSource`)."""
         factory = self.get(name)
         try:
             built = factory(params, ctx)
@@ -285,9 +298,7 @@ class Registry:
             raise PluginRuntimeError(
                 f"{self.short_group} plugin '{name}' ({self.origin(name)}) failed to build: "
                 f"{type(exc).__name__}: {first_line(exc)}") from exc
-        if self.group == "pagctl.target_gradients":
-            return GuardedSource(built, name, self.origin(name))
-        return built
+        return built if self.wrap is None else self.wrap(built, name, self.origin(name))
 
     def info(self) -> list[PluginInfo]:
         """Every known plugin with its status; loads each one to check it."""
@@ -340,7 +351,8 @@ class GuardedSource:
             raise raised(self._who, exc) from exc
 
 
-target_gradients = Registry("pagctl.target_gradients", BUILTIN_TARGET_GRADIENTS)
+target_gradients = Registry("pagctl.target_gradients", BUILTIN_TARGET_GRADIENTS,
+                            wrap=GuardedSource)
 attacks = Registry("pagctl.attacks", BUILTIN_ATTACKS)
 models = Registry("pagctl.models", BUILTIN_MODELS, contract=model_provider_problem)
 REGISTRIES = {"target_gradients": target_gradients, "attacks": attacks, "models": models}

@@ -43,20 +43,31 @@ Seed = Annotated[int, Field(ge=0, lt=2**32)]
 """A seed: 0 <= seed < 2**32 (what every generator and scikit-learn accept)."""
 
 
-class _Frozen(BaseModel):
-    """Frozen, unknown keys refused, every float finite (inf and NaN refused)."""
+class FrozenModel(BaseModel):
+    """The one base of every value pagctl validates once and then passes inward: frozen,
+    unknown keys refused, every float finite (inf and NaN refused).
+
+    The run spec and its sections, the score-model specs and config
+    (`pagctl.score.spec`, `pagctl.score.model`) and every plugin's ``Params`` (through
+    `pagctl.protocols.PluginParams`) share it, so the three rules cannot drift apart. It
+    lives here, in the room of validation at the edge, because this room sits in layer 1
+    (docs/architecture.md) and imports only `pagctl.errors`: `pagctl.protocols` (the same
+    layer) and `pagctl.score` (above) can import it without a cycle. The metrics records
+    (`pagctl.records`) are deliberately not built on it: they are read from files others
+    wrote, so they are strict but keep unknown keys.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
-class PluginRef(_Frozen):
+class PluginRef(FrozenModel):
     """A plugin by registry name, with its parameters (validated against its ``Params``)."""
 
     name: str = Field(pattern=_NAME_PATTERN, description="registered plugin name")
     params: dict[str, Any] = Field(default_factory=dict, description="the plugin's Params")
 
 
-class ModelSpec(_Frozen):
+class ModelSpec(FrozenModel):
     arch: str = Field(description="architecture: a timm name, a model provider of the "
                       "pagctl.models group (pagctl_small_cnn, pagctl_cifar_resnet18, pagctl_mlp, "
                       "and installed packages'), or package.module:factory (any callable "
@@ -78,7 +89,7 @@ class ModelSpec(_Frozen):
         return v
 
 
-class DataSpec(_Frozen):
+class DataSpec(FrozenModel):
     dataset: Literal["digits", "mnist5k", "toy", "cifar10", "cifar100", "stl10", "svhn",
                      "mnist", "fashion_mnist", "imagefolder"] = Field(description="dataset name")
     root: Path | None = Field(default=None, description="data directory (--data-dir); "
@@ -124,7 +135,7 @@ class DataSpec(_Frozen):
         return self
 
 
-class TrainSpec(_Frozen):
+class TrainSpec(FrozenModel):
     epochs: int = Field(default=30, ge=1)
     lr: float = Field(default=0.05, gt=0, description="base learning rate (SGD)")
     momentum: float = Field(default=0.9, ge=0, lt=1)
@@ -211,7 +222,7 @@ class TrainSpec(_Frozen):
         return self
 
 
-class EvalSpec(_Frozen):
+class EvalSpec(FrozenModel):
     attack: PluginRef | None = Field(
         default_factory=lambda: PluginRef(name="pgd_l2", params={"eps": 0.5, "steps": 7}),
         description="monitoring attack run on the test set after each epoch (null: none)")
@@ -223,7 +234,7 @@ class EvalSpec(_Frozen):
     every: int = Field(default=1, ge=1, description="evaluate every N epochs (and the last)")
 
 
-class RunSpec(_Frozen):
+class RunSpec(FrozenModel):
     """A whole training run. Field names are the keys of the spec file and of ``--set``."""
 
     version: Literal[1] = 1

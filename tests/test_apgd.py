@@ -1,4 +1,5 @@
-"""Auto-PGD: contract invariants, losses, schedule, analytic case, strength, reference parity."""
+"""Auto-PGD: parameters, losses, schedule, analytic case, strength, reference parity, runs
+together. The contract and behaviour every attack shares: test_attack_suite.py."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ from attack_kit import (
     SHAPE,
     accuracy,
     assert_grouping_does_not_matter,
-    bn_model,
-    box_inputs,
     norms,
     train_digits_mlp,
 )
@@ -50,80 +49,6 @@ def _build(name: str, ctx: BuildContext, **params: object) -> Attack:
     cls = CLASSES[name]
     attack: Attack = cls(cls.Params.model_validate(params), ctx)  # type: ignore[arg-type]
     return attack
-
-
-# ------------------------------------------------------------------- contract invariants
-
-
-@pytest.mark.parametrize("norm", ["linf", "l2", "l1", "l1-large"])
-@pytest.mark.parametrize("name", sorted(CLASSES))
-def test_apgd_invariants(name: str, norm: str) -> None:
-    large = norm == "l1-large"
-    norm = "l1" if large else norm
-    eps = EPS[norm]
-    model = bn_model().eval()
-    x, y = box_inputs(12)
-    with torch.no_grad():
-        y = model(x).argmax(1)  # correctly classified: misclassified inputs are returned as is
-    next(model.children()).train()  # a mixed-mode model: every module's flag must be kept
-    modes = [m.training for m in model.modules()]
-    buffers = {k: v.clone() for k, v in model.state_dict().items()}
-    x_before = x.clone()
-    rng = torch.get_rng_state()
-
-    params: dict[str, object] = {"eps": eps, "norm": norm, "steps": 8, "restarts": 2,
-                                 "large_eps": large}
-    if name == "apgd_t":
-        params["n_target_classes"] = 3
-    attack = _build(name, _ctx(), **params)
-    assert isinstance(attack, Attack)
-    adv = attack(model, x, y)
-
-    assert adv.shape == x.shape and adv.dtype == x.dtype and adv.device == x.device
-    assert bool(((adv >= 0) & (adv <= 1)).all())
-    assert bool((norms(adv - x, norm) <= eps).all())
-    assert torch.equal(x, x_before) and x.grad is None and not x.requires_grad
-    assert not adv.requires_grad
-    assert [m.training for m in model.modules()] == modes
-    assert torch.equal(torch.get_rng_state(), rng)
-    assert all(p.grad is None for p in model.parameters())
-    for key, value in model.state_dict().items():  # eval mode: BN buffers untouched
-        assert torch.equal(value, buffers[key]), key
-    assert not torch.equal(adv, x)
-
-    again = _build(name, _ctx(), **params)(model, x, y)  # same seed: same result
-    assert torch.equal(adv, again)
-
-
-@pytest.mark.parametrize("name", sorted(CLASSES))
-def test_apgd_keeps_train_mode(name: str) -> None:
-    model = bn_model().train()
-    x, y = box_inputs(6)
-    attack = _build(name, _ctx(), steps=3)
-    attack(model, x, y)
-    assert all(m.training for m in model.modules())
-    assert all(p.grad is None for p in model.parameters())
-
-
-def test_apgd_seeding() -> None:
-    model = bn_model().eval()
-    x, _ = box_inputs(12)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    a1 = _build("apgd_ce", _ctx(seed=3), steps=5)(model, x, y)
-    a2 = _build("apgd_ce", _ctx(seed=4), steps=5)(model, x, y)
-    a3 = _build("apgd_ce", _ctx(seed=99), steps=5, seed=3)(model, x, y)
-    assert torch.equal(a1, a3) and not torch.equal(a1, a2)
-
-
-def test_zero_eps_and_empty_batch_return_the_inputs() -> None:
-    model = bn_model().eval()
-    x, y = box_inputs(4)
-    for name in CLASSES:
-        adv = _build(name, _ctx(), eps=0)(model, x, y)
-        assert torch.equal(adv, x) and adv is not x
-        empty = _build(name, _ctx())(model, x[:0], y[:0])
-        assert empty.shape == (0, *SHAPE)
 
 
 # ------------------------------------------------------------------ params and building

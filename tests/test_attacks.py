@@ -1,9 +1,9 @@
-"""Built-in attacks: shared steps, contract invariants, analytic cases, torchattacks parity."""
+"""The shared steps, and what PGD and FGSM alone promise: parameters, analytic cases,
+torchattacks parity. The contract and behaviour every attack shares: test_attack_suite.py."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -37,22 +37,7 @@ def _ctx(seed: int = 0, shape: tuple[int, int, int] = SHAPE, classes: int = 10) 
     return BuildContext(num_classes=classes, input_shape=shape, device=CPU, seed=seed)
 
 
-Builder = Callable[[BuildContext], Attack]
-
 # name -> (builder, norm, eps)
-ATTACKS: dict[str, tuple[Builder, str, float]] = {
-    "fgsm_linf": (lambda c: FGSM(FGSM.Params.model_validate({"eps": "8/255"}), c), "linf", 8 / 255),
-    "fgsm_l2": (lambda c: FGSM(FGSM.Params(eps=0.5, norm="l2"), c), "l2", 0.5),
-    "pgd_l2": (lambda c: PGDL2(PGDL2.Params(eps=0.5, steps=5), c), "l2", 0.5),
-    "pgd_l2_restarts": (
-        lambda c: PGDL2(PGDL2.Params(eps=1.0, steps=3, restarts=3), c), "l2", 1.0),
-    "pgd_linf": (
-        lambda c: PGDLinf(PGDLinf.Params.model_validate({"eps": "8/255", "steps": 5}), c),
-        "linf", 8 / 255),
-    "pgd_linf_restarts": (
-        lambda c: PGDLinf(PGDLinf.Params(eps=0.1, steps=3, restarts=2, step_size=0.05), c),
-        "linf", 0.1),
-}
 
 
 # ------------------------------------------------------------------------- shared steps
@@ -225,69 +210,7 @@ def test_fit_to_budget_survives_rounding_near_one(norm: str) -> None:
     assert fitted.min() >= 0 and fitted.max() <= 1
 
 
-# ------------------------------------------------------------------- contract invariants
-
-
-@pytest.mark.parametrize("name", sorted(ATTACKS))
-def test_attack_invariants(name: str) -> None:
-    build, norm, eps = ATTACKS[name]
-    model = bn_model().eval()
-    next(model.children()).train()  # a mixed-mode model: the attack must keep every module's flag
-    modes = [m.training for m in model.modules()]
-    buffers = {k: v.clone() for k, v in model.state_dict().items()}
-    x, y = box_inputs()
-    x_before = x.clone()
-    rng = torch.get_rng_state()
-
-    attack = build(_ctx())
-    assert isinstance(attack, Attack)
-    adv = attack(model, x, y)
-
-    assert adv.shape == x.shape and adv.dtype == x.dtype and adv.device == x.device
-    assert bool(((adv >= 0) & (adv <= 1)).all())
-    assert bool((norms(adv - x, norm) <= eps * (1 + 1e-6)).all())
-    assert torch.equal(x, x_before) and x.grad is None and not x.requires_grad
-    assert not adv.requires_grad
-    assert [m.training for m in model.modules()] == modes
-    assert torch.equal(torch.get_rng_state(), rng)
-    assert all(p.grad is None for p in model.parameters())
-    for key, value in model.state_dict().items():  # eval mode: BN buffers untouched
-        assert torch.equal(value, buffers[key]), key
-    assert not torch.equal(adv, x)
-
-
-@pytest.mark.parametrize("name", sorted(ATTACKS))
-def test_attack_keeps_train_mode(name: str) -> None:
-    build, _, _ = ATTACKS[name]
-    model = bn_model().train()
-    x, y = box_inputs(8)
-    build(_ctx())(model, x, y)
-    assert all(m.training for m in model.modules())
-    assert all(p.grad is None for p in model.parameters())
-
-
-def test_attacks_are_seeded_and_deterministic() -> None:
-    model = bn_model().eval()
-    x, y = box_inputs()
-    params = PGDL2.Params(eps=0.5, steps=3)
-    a1 = PGDL2(params, _ctx(seed=3))(model, x, y)
-    a2 = PGDL2(params, _ctx(seed=3))(model, x, y)
-    a3 = PGDL2(params, _ctx(seed=4))(model, x, y)
-    a4 = PGDL2(PGDL2.Params(eps=0.5, steps=3, seed=3), _ctx(seed=99))(model, x, y)
-    assert torch.equal(a1, a2) and torch.equal(a1, a4)
-    assert not torch.equal(a1, a3)
-    f = FGSM(FGSM.Params(), _ctx())
-    assert torch.equal(f(model, x, y), f(model, x, y))
-
-
-def test_zero_eps_returns_the_inputs() -> None:
-    model = bn_model().eval()
-    x, y = box_inputs(4)
-    zero_linf = PGDLinf.Params.model_validate({"eps": "0"})
-    for attack in (PGDL2(PGDL2.Params(eps=0), _ctx()), PGDLinf(zero_linf, _ctx()),
-                   FGSM(FGSM.Params(eps=0), _ctx())):
-        adv = attack(model, x, y)
-        assert torch.equal(adv, x) and adv is not x
+# ------------------------------------------------------------------------------ params
 
 
 def test_params_validation_and_defaults() -> None:
@@ -359,19 +282,6 @@ def digits_model() -> tuple[nn.Module, Tensor, Tensor]:
     """The shared digits MLP; 300 test points."""
     pytest.importorskip("sklearn.datasets")
     return train_digits_mlp(300)
-
-
-def test_attacks_never_increase_the_correct_count(
-    digits_model: tuple[nn.Module, Tensor, Tensor],
-) -> None:
-    model, x, y = digits_model
-    clean = accuracy(model, x, y)
-    assert clean > 0.9
-    ctx = _ctx()
-    for attack in (FGSM(FGSM.Params(eps=0.1), ctx), FGSM(FGSM.Params(eps=0.5, norm="l2"), ctx),
-                   PGDL2(PGDL2.Params(eps=0.5), ctx), PGDLinf(PGDLinf.Params(eps=0.05), ctx)):
-        robust = accuracy(model, attack(model, x, y), y)
-        assert robust < clean
 
 
 def _torchattacks_robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, *, eps: float,

@@ -1,5 +1,5 @@
-"""Every built-in plugin passes the conformance checks third-party plugins use, and the
-checks catch each broken rule."""
+"""Every built-in source passes the conformance checks third-party plugins use, and the
+checks catch each broken rule (the built-in attacks run them in test_attack_suite.py)."""
 
 from __future__ import annotations
 
@@ -12,35 +12,18 @@ from torch import Tensor, nn
 
 from pagctl import registry
 from pagctl.protocols import PluginParams
-from pagctl.testing import check_attack, check_target_gradient_source, small_context
+from pagctl.testing import (
+    check_attack,
+    check_attack_breaks,
+    check_attack_edge_cases,
+    check_attack_in_train_mode,
+    check_attack_seeding,
+    check_target_gradient_source,
+    small_context,
+    small_model,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-QUICK = {  # keep the built-ins fast; defaults are checked for validity regardless
-    "apgd_ce": {"steps": 5}, "apgd_dlr": {"steps": 5}, "apgd_t": {"steps": 5},
-    "autoattack": {"steps": 3, "square_queries": 10}, "fab": {"steps": 5},
-    "fab_t": {"steps": 5}, "square": {"queries": 20}, "cw_l2": {"steps": 5},
-    "pgd_l2": {"steps": 3}, "pgd_linf": {"steps": 3},
-}
-
-
-WITH_L1 = {"apgd_ce", "apgd_dlr", "apgd_t", "autoattack", "fab", "fab_t", "square"}
-
-
-@pytest.mark.parametrize("name", sorted(registry.BUILTIN_ATTACKS))
-@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
-def test_builtin_attacks_conform(name: str, norm: str) -> None:
-    factory = registry.attacks.get(name)
-    params = dict(QUICK.get(name, {}))
-    if "norm" in factory.Params.model_fields:
-        if norm == "l1" and name not in WITH_L1:
-            pytest.skip(f"{name} has no L1")
-        params["norm"] = norm
-        params["eps"] = {"l2": 0.5, "linf": 0.1, "l1": 2.0}[norm]
-    elif norm != "l2":
-        pytest.skip(f"{name} has one norm")
-    check_attack(factory, params=params)
-
 
 NEEDS_A_FILE = {  # sources whose required params name a trained model or a bank on disk
     "sbg": "tests/test_score.py", "precomputed": "tests/test_banks.py",
@@ -156,6 +139,132 @@ def test_a_good_plugin_passes() -> None:
 def test_each_broken_rule_is_caught(factory: type[Any], message: str) -> None:
     with pytest.raises(AssertionError, match=message):
         check_attack(factory)
+
+
+def _with_grad(self: Any, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return x + 0 * model(x).sum()
+
+
+def _flags_input(self: Any, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    x.requires_grad_(True)
+    return x.detach().clone()
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (_with_grad, "requires grad; return a detached result"),
+    (_flags_input, "changed requires_grad of its input tensor #0"),
+], ids=["output_requires_grad", "input_flag_changed"])
+def test_check_attack_catches_autograd_leaks(call: Any, message: str) -> None:
+    with pytest.raises(AssertionError, match=message):
+        check_attack(_variant("Leaky", call))
+
+
+_SHARED = torch.Generator().manual_seed(0)
+
+
+class _Seeded(_Good):
+    class Params(PluginParams):
+        eps: float = 0.1
+        norm: str = "linf"
+        seed: int | None = None
+
+    def __init__(self, params: Any, ctx: Any) -> None:
+        self.params = params
+        self.gen = torch.Generator().manual_seed(ctx.seed if params.seed is None else params.seed)
+
+
+class _SharedStream(_Good):
+    """Draws from one module-level generator: two instances with one seed disagree."""
+
+    def __init__(self, params: Any, ctx: Any) -> None:
+        self.params = params
+        self.gen = _SHARED
+
+
+class _IgnoresSeedParam(_Seeded):
+    def __init__(self, params: Any, ctx: Any) -> None:
+        super().__init__(params, ctx)
+        self.gen = torch.Generator().manual_seed(ctx.seed)
+
+
+class _Fixed(_Good):
+    """The same noise whatever the seed."""
+
+    def __init__(self, params: Any, ctx: Any) -> None:
+        self.params = params
+        self.gen = torch.Generator().manual_seed(7)
+
+
+@pytest.mark.parametrize(("factory", "random", "message"), [
+    (_SharedStream, True, "another instance had drawn"),
+    (_IgnoresSeedParam, True, "the seed parameter must win"),
+    (_Fixed, True, "gave the same output"),
+    (_Seeded, False, "two calls of one deterministic attack"),
+], ids=["shared_stream", "seed_param_ignored", "seed_unused", "not_deterministic"])
+def test_check_attack_seeding_catches(factory: type[Any], random: bool, message: str) -> None:
+    with pytest.raises(AssertionError, match=message):
+        check_attack_seeding(factory, random=random)
+    check_attack_seeding(_Seeded)
+    check_attack_seeding(_Seeded, random=None)
+
+
+def _empty_wrong(self: Any, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return x.clone() if len(x) else torch.zeros(1, *x.shape[1:])
+
+
+def _same_object(self: Any, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return x if self.params.eps == 0 else x.clone()
+
+
+def _moves_anyway(self: Any, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return (x + 1e-3).clamp(0, 1)
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (_empty_wrong, "an empty batch"), (_same_object, "returned the inputs tensor itself"),
+    (_moves_anyway, "with eps=0 it did not return the inputs unchanged"),
+], ids=["empty_batch", "same_object", "moves_at_eps_0"])
+def test_check_attack_edge_cases_catches(call: Any, message: str) -> None:
+    with pytest.raises(AssertionError, match=message):
+        check_attack_edge_cases(_variant("Edgy", call))
+    check_attack_edge_cases(_variant("Fine", lambda s, m, x, y: x.clone()))
+
+
+def _to_eval(self: Any, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    model.eval()
+    return x.clone()
+
+
+def _backward(self: Any, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    model(x).sum().backward()
+    return x.clone()
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (_to_eval, "train/eval mode"), (_backward, "left a .grad"),
+    (_global_rng, "global RNG"),
+], ids=["to_eval", "backward", "global_rng"])
+def test_check_attack_in_train_mode_catches(call: Any, message: str) -> None:
+    with pytest.raises(AssertionError, match=message):
+        check_attack_in_train_mode(_variant("Trainee", call))
+    # BatchNorm statistics may change in train mode: the caller chose the mode
+    model = small_model().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def forward_in_train_mode(self: Any, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        with torch.no_grad():
+            model(x)
+        return x.clone()
+
+    check_attack_in_train_mode(_variant("Runs", forward_in_train_mode), model=model)
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_check_attack_breaks_catches_an_attack_that_breaks_nothing() -> None:
+    with pytest.raises(AssertionError, match="robust accuracy 1 is not below the clean"):
+        check_attack_breaks(_variant("Idle", lambda s, m, x, y: x.clone()))
+    clean, robust = check_attack_breaks(_Good, params={"eps": 0.5})
+    assert clean == 1.0 and robust < 1.0
 
 
 def test_source_checks_catch_shape_and_nan() -> None:

@@ -1,5 +1,6 @@
-"""Carlini–Wagner L2: contract invariants, pieces, analytic linear case, targeted mode,
-params, registry, and parity with torchattacks' CW."""
+"""Carlini–Wagner L2: its defaults, pieces, analytic linear case, targeted mode, params,
+registry, and parity with torchattacks' CW. The contract and behaviour every attack shares:
+test_attack_suite.py."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pagctl.attacks.cw import (
     pick_targets,
     to_tanh_space,
 )
-from pagctl.protocols import Attack, BuildContext, check_attack_output, declared_budget
+from pagctl.protocols import BuildContext, check_attack_output, declared_budget
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,39 +44,7 @@ def _correct(model: nn.Module, x: Tensor) -> Tensor:
     return pred
 
 
-# ------------------------------------------------------------------- contract invariants
-
-
-def test_cw_invariants() -> None:
-    model = bn_model().eval()
-    x, _ = box_inputs(12)
-    y = _correct(model, x)
-    next(model.children()).train()  # a mixed-mode model: every module's flag must be kept
-    modes = [m.training for m in model.modules()]
-    buffers = {k: v.clone() for k, v in model.state_dict().items()}
-    x_before = x.clone()
-    rng = torch.get_rng_state()
-
-    attack = _build(eps=0.3, steps=30, binary_search_steps=3, target="random")
-    assert isinstance(attack, Attack)
-    adv = attack(model, x, y)
-
-    assert adv.shape == x.shape and adv.dtype == x.dtype and adv.device == x.device
-    assert bool(((adv >= 0) & (adv <= 1)).all())
-    assert bool((norms(adv - x, "l2") <= 0.3 * (1 + 1e-6)).all())
-    assert torch.equal(x, x_before) and x.grad is None and not x.requires_grad
-    assert not adv.requires_grad
-    assert [m.training for m in model.modules()] == modes
-    assert torch.equal(torch.get_rng_state(), rng)
-    assert all(p.grad is None for p in model.parameters())
-    for key, value in model.state_dict().items():  # eval-mode BN: buffers untouched
-        assert torch.equal(value, buffers[key]), key
-    fooled = _correct(model, adv) != y
-    assert bool(fooled.any()) and not bool(fooled.all())  # the budget binds for some
-    assert torch.equal(adv[~fooled], x[~fooled])  # robust points come back unchanged
-
-    again = _build(eps=0.3, steps=30, binary_search_steps=3, target="random")(model, x, y)
-    assert torch.equal(adv, again)  # same seed: same targets, same result
+# ------------------------------------------------------------------------- defaults
 
 
 def test_default_params_break_points_and_stay_in_budget() -> None:
@@ -91,32 +60,6 @@ def test_default_params_break_points_and_stay_in_budget() -> None:
     check_attack_output("cw_l2", x, adv, "l2", 0.5)  # the evaluator's own check
 
 
-def test_works_under_no_grad_and_in_float64() -> None:
-    model = bn_model().eval()
-    x, _ = box_inputs(8)
-    y = _correct(model, x)
-    attack = _build(steps=20, binary_search_steps=2)
-    plain = attack(model, x, y)
-    with torch.no_grad():
-        inside = attack(model, x, y)
-    assert torch.equal(plain, inside)
-    assert not bool((_correct(model, plain) == y).all())
-
-    model64 = bn_model().double().eval()
-    x64 = x.double()
-    adv64 = attack(model64, x64, _correct(model64, x64))
-    assert adv64.dtype == torch.float64
-    assert bool((norms(adv64 - x64, "l2") <= 0.5).all())
-
-
-def test_keeps_train_mode_and_leaves_no_grad() -> None:
-    model = bn_model().train()
-    x, y = box_inputs(6)
-    _build(steps=5, binary_search_steps=2)(model, x, y)
-    assert all(m.training for m in model.modules())
-    assert all(p.grad is None for p in model.parameters())
-
-
 def test_misclassified_inputs_are_returned_unchanged() -> None:
     model = bn_model().eval()
     x, _ = box_inputs(10)
@@ -126,14 +69,6 @@ def test_misclassified_inputs_are_returned_unchanged() -> None:
     adv = cw_l2(model, x, y)  # eps = inf: every adversarial found is returned
     assert torch.equal(adv[wrong], x[wrong])
     assert bool((_correct(model, adv[~wrong]) != y[~wrong]).all())
-
-
-def test_zero_eps_and_empty_batch_return_the_inputs() -> None:
-    model = bn_model().eval()
-    x, y = box_inputs(4)
-    adv = _build(eps=0)(model, x, y)
-    assert torch.equal(adv, x) and adv is not x
-    assert _build()(model, x[:0], y[:0]).shape == (0, *SHAPE)
 
 
 def test_function_rejects_bad_arguments() -> None:

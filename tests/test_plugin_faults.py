@@ -15,7 +15,7 @@ from pagctl import cli, registry
 from pagctl.data import TensorImageDataset
 from pagctl.errors import PluginContractError, PluginRuntimeError
 from pagctl.protocols import PluginParams
-from pagctl.registry import Registry
+from pagctl.registry import GuardedSource, Registry
 from pagctl.robustness.engine import run_attack
 from pagctl.testing import small_context, small_data, small_model
 
@@ -109,7 +109,8 @@ def plugins(monkeypatch: pytest.MonkeyPatch) -> tuple[Registry, Registry]:
         _EP(n, f"{__name__}:{c.__name__}") for n, c in ATTACKS.items()])  # type: ignore[arg-type,misc]
     sources = Registry("pagctl.target_gradients", registry.BUILTIN_TARGET_GRADIENTS,
                        entry_points=lambda g: [  # type: ignore[arg-type,misc]
-                           _EP(n, f"{__name__}:{c.__name__}") for n, c in SOURCES.items()])
+                           _EP(n, f"{__name__}:{c.__name__}") for n, c in SOURCES.items()],
+                       wrap=GuardedSource)
     monkeypatch.setattr(registry, "attacks", attacks)
     monkeypatch.setattr(registry, "target_gradients", sources)
     monkeypatch.setitem(registry.REGISTRIES, "attacks", attacks)

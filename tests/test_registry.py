@@ -183,3 +183,30 @@ def test_a_third_party_model_provider_may_not_shadow_a_timm_name(
         create_network("resnet18", num_classes=10, in_chans=3, kwargs={})
     assert type(create_network("acme_net", num_classes=10, in_chans=3, kwargs={})).__name__ \
         == "Identity"
+
+
+def test_wrapping_is_a_parameter_not_the_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``instantiate`` hands back ``wrap(built, name, origin)`` when the registry was built
+    with a ``wrap``, the built object itself otherwise, whatever the group is called; the
+    sources' registry wraps in GuardedSource, the attacks' does not wrap."""
+    from pagctl.spec import PluginRef
+    from pagctl.testing import small_context
+
+    monkeypatch.delenv("PAGCTL_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    seen: list[tuple[Any, str, str]] = []
+
+    def wrap(built: Any, name: str, origin: str) -> tuple[str, Any]:
+        seen.append((built, name, origin))
+        return ("wrapped", built)
+
+    ref = PluginRef(name="builtin_one")
+    for group in ("pagctl.attacks", "pagctl.target_gradients"):
+        table = {"builtin_one": f"{__name__}:GoodFactory"}
+        plain = Registry(group, table, entry_points=lambda g: [])
+        assert isinstance(plain.build(ref, small_context(), "x"), GoodFactory), group
+        wrapped = Registry(group, table, entry_points=lambda g: [], wrap=wrap)
+        kind, built = wrapped.build(ref, small_context(), "x")
+        assert kind == "wrapped" and isinstance(built, GoodFactory), group
+        assert seen[-1] == (built, "builtin_one", "built-in")
+    assert registry.target_gradients.wrap is registry.GuardedSource
+    assert registry.attacks.wrap is None and registry.models.wrap is None

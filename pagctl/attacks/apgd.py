@@ -48,13 +48,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from pagctl.attacks.base import AttackBase
 from pagctl.attacks.steps import (
     AnyNorm,
     AnyNormParam,
@@ -70,9 +71,8 @@ from pagctl.attacks.steps import (
     random_start_l2,
     random_start_linf,
     runs_together_field,
-    seeded_generator,
 )
-from pagctl.protocols import BuildContext, Epsilon, PluginParams
+from pagctl.protocols import Epsilon, PluginParams
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """Per-example loss to ascend: logits (N, K), labels (N,) -> (N,)."""
@@ -513,30 +513,21 @@ class _APGDParams(PluginParams):
         return self
 
 
-class _APGD:
+class _APGD(AttackBase):
     """Shared body of the three APGD plugins (the loss is the difference)."""
 
     loss: Literal["ce", "dlr", "dlr-targeted"]
-    min_classes: int = 2
-    name: str = "apgd"
+    min_classes = 2
+    name = "apgd"
+    params: _APGDParams
 
-    def __init__(self, params: Any, ctx: BuildContext) -> None:
-        if ctx.num_classes < self.min_classes:
-            raise ValueError(f"{self.name} needs at least {self.min_classes} classes")
-        self.params = params
-        self.eps: float = params.eps
-        self.norm: AnyNorm = params.norm
-        self._generator = seeded_generator(params.seed, ctx)
-
-    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
-        """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs.
-
-        Successive calls continue one seeded random stream (one per built attack).
-        """
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs
+        (`pagctl.attacks.base.AttackBase`: successive calls continue one seeded stream)."""
         return apgd(
-            model, inputs, labels, loss=self.loss, norm=self.norm, eps=self.eps,
+            model, x, y, loss=self.loss, norm=self.norm, eps=self.eps,
             steps=self.params.steps, restarts=self.params.restarts, rho=self.params.rho,
-            generator=self._generator,
+            generator=self.generator,
             n_target_classes=getattr(self.params, "n_target_classes", 9),
             eot_iter=self.params.eot_iter, large_eps=self.params.large_eps,
             runs_together=self.params.runs_together,
@@ -552,9 +543,6 @@ class APGDCE(_APGD):
     class Params(_APGDParams):
         pass
 
-    def __init__(self, params: Params, ctx: BuildContext) -> None:
-        super().__init__(params, ctx)
-
 
 class APGDDLR(_APGD):
     """Untargeted APGD on the DLR loss (invariant to shifting and scaling the logits)."""
@@ -565,9 +553,6 @@ class APGDDLR(_APGD):
 
     class Params(_APGDParams):
         pass
-
-    def __init__(self, params: Params, ctx: BuildContext) -> None:
-        super().__init__(params, ctx)
 
 
 class APGDT(_APGD):
@@ -583,6 +568,3 @@ class APGDT(_APGD):
             default=9, ge=1, description="how many of the highest non-true classes of the "
             "clean logits to target in turn (at most the number of classes − 1)",
         )
-
-    def __init__(self, params: Params, ctx: BuildContext) -> None:
-        super().__init__(params, ctx)

@@ -27,14 +27,10 @@ from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
 from pagctl.attacks.apgd import APGDCE, APGDDLR, APGDT
+from pagctl.attacks.base import AttackBase
 from pagctl.attacks.fab import FAB, FABT
 from pagctl.attacks.square import Square
-from pagctl.attacks.steps import (
-    AnyNorm,
-    AnyNormParam,
-    fit_to_budget,
-    runs_together_field,
-)
+from pagctl.attacks.steps import AnyNorm, AnyNormParam, runs_together_field
 from pagctl.protocols import BuildContext, Epsilon, PluginParams
 
 Version = Literal["standard", "plus", "rand"]
@@ -88,7 +84,7 @@ def _stage_params(params: Any, num_classes: int) -> tuple[tuple[str, Any, BaseMo
     return tuple(stages)
 
 
-class AutoAttack:
+class AutoAttack(AttackBase):
     """AutoAttack: APGD-CE, APGD-T, FAB-T and Square in turn, per-point worst case, in
     L∞, L2 or L1."""
 
@@ -119,6 +115,8 @@ class AutoAttack:
             "5,000; fewer gives a weaker, non-standard evaluation)",
         )
 
+    params: Params
+
     def __init__(self, params: Params, ctx: BuildContext) -> None:
         need = _MIN_CLASSES[params.version]
         if ctx.num_classes < need:
@@ -127,9 +125,7 @@ class AutoAttack:
                 f"compare the top logits), the data has {ctx.num_classes}; attack with "
                 "apgd_ce instead"
             )
-        self.params = params
-        self.eps: float = params.eps
-        self.norm: AnyNorm = params.norm
+        super().__init__(params, ctx)
         self._stages: list[tuple[str, Any]] = [
             (name, cls(stage_params, ctx))
             for name, cls, stage_params in _stage_params(params, ctx.num_classes)]
@@ -138,24 +134,22 @@ class AutoAttack:
         """The attacks in the order they run: ``[(name, attack), ...]``."""
         return list(self._stages)
 
-    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs: for each
         point, the first stage's adversarial example that fools the model, else the last
         stage's output."""
         import torch
 
-        x0 = inputs.detach()
-        y = labels.to(x0.device)
         with torch.no_grad():
-            robust = model(x0).argmax(dim=1) == y
-        out = x0.clone()
+            robust = model(x).argmax(dim=1) == y
+        out = x.clone()
         for _, attack in self._stages:
             active = robust.nonzero().squeeze(1)
             if active.numel() == 0:
                 break
-            adv = attack(model, x0[active], y[active])
+            adv = attack(model, x[active], y[active])
             with torch.no_grad():
                 fooled = model(adv).argmax(dim=1) != y[active]
             out[active] = adv
             robust[active[fooled]] = False
-        return fit_to_budget(x0, out, self.norm, self.eps)
+        return out

@@ -72,8 +72,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from pagctl.attacks.steps import fit_to_budget, l2_norms, seeded_generator
-from pagctl.protocols import BuildContext, Epsilon, PluginParams
+from pagctl.attacks.base import AttackBase
+from pagctl.attacks.steps import fit_to_budget, l2_norms
+from pagctl.protocols import Epsilon, PluginParams
 
 TargetRule = Literal["least_likely", "random"]
 Schedule = Literal["constant", "cosine"]
@@ -295,9 +296,13 @@ def cw_l2(
     return fit_to_budget(x0, out, "l2", eps)
 
 
-class CWL2:
+class CWL2(AttackBase):
     """Carlini–Wagner L2: minimum-norm adversarial points by Adam in tanh space with a
     binary search over the trade-off constant; robust where the smallest found exceeds eps."""
+
+    norm: Literal["l2"] = "l2"
+    min_classes = 2
+    name = "cw_l2"
 
     class Params(PluginParams):
         eps: Epsilon = Field(
@@ -347,15 +352,9 @@ class CWL2:
             "run's seed",
         )
 
-    def __init__(self, params: Params, ctx: BuildContext) -> None:
-        if ctx.num_classes < 2:
-            raise ValueError("cw_l2 needs at least 2 classes")
-        self.params = params
-        self.eps: float = params.eps
-        self.norm: Literal["l2"] = "l2"
-        self._generator = seeded_generator(params.seed, ctx)
+    params: Params
 
-    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs.
 
         With ``target="random"``, successive calls continue one seeded random stream.
@@ -364,10 +363,10 @@ class CWL2:
         targets = None
         if p.target is not None:
             with torch.no_grad():
-                clean = model(inputs.detach()).detach()
-            targets = pick_targets(clean, labels.to(clean.device), p.target, self._generator)
+                clean = model(x).detach()
+            targets = pick_targets(clean, y.to(clean.device), p.target, self.generator)
         return cw_l2(
-            model, inputs, labels, eps=self.eps, steps=p.steps,
+            model, x, y, eps=self.eps, steps=p.steps,
             binary_search_steps=p.binary_search_steps, initial_const=p.initial_const,
             confidence=p.confidence, lr=p.lr, schedule=p.schedule, targets=targets,
             abort_early=p.abort_early,

@@ -37,12 +37,11 @@ misclassifies.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from pagctl.attacks.base import AttackBase
 from pagctl.attacks.steps import (
     AnyNorm,
     AnyNormParam,
@@ -54,9 +53,8 @@ from pagctl.attacks.steps import (
     norms_of,
     per_example,
     runs_together_field,
-    seeded_generator,
 )
-from pagctl.protocols import BuildContext, Epsilon, PluginParams
+from pagctl.protocols import Epsilon, PluginParams
 
 L2_TINY_WEIGHT = 1e-8
 """In the L2 projection, hyperplane coefficients below this in magnitude count as zero."""
@@ -391,31 +389,23 @@ class _FABParams(PluginParams):
         "restarts, and target classes for fab_t")
 
 
-class _FAB:
+class _FAB(AttackBase):
     """Shared body of the two FAB plugins (the choice of rival classes is the difference)."""
 
     targeted: bool = False
-    name: str = "fab"
+    min_classes = 2
+    name = "fab"
+    params: _FABParams
 
-    def __init__(self, params: Any, ctx: BuildContext) -> None:
-        if ctx.num_classes < 2:
-            raise ValueError(f"{self.name} needs at least 2 classes")
-        self.params = params
-        self.eps: float = params.eps
-        self.norm: AnyNorm = params.norm
-        self._generator = seeded_generator(params.seed, ctx)
-
-    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
-        """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs.
-
-        Successive calls continue one seeded random stream (one per built attack).
-        """
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs
+        (`pagctl.attacks.base.AttackBase`: successive calls continue one seeded stream)."""
         p = self.params
         return fab(
-            model, inputs, labels, norm=self.norm, eps=self.eps, steps=p.steps,
+            model, x, y, norm=self.norm, eps=self.eps, steps=p.steps,
             restarts=p.restarts, n_target_classes=getattr(p, "n_target_classes", 9),
             targeted=self.targeted, alpha_max=p.alpha_max, eta=p.eta, beta=p.beta,
-            generator=self._generator, runs_together=p.runs_together,
+            generator=self.generator, runs_together=p.runs_together,
         )
 
 
@@ -428,9 +418,6 @@ class FAB(_FAB):
 
     class Params(_FABParams):
         pass
-
-    def __init__(self, params: Params, ctx: BuildContext) -> None:
-        super().__init__(params, ctx)
 
 
 class FABT(_FAB):
@@ -445,6 +432,3 @@ class FABT(_FAB):
             default=9, ge=1, description="how many of the highest non-true classes of the "
             "clean logits to target in turn (at most the number of classes − 1)",
         )
-
-    def __init__(self, params: Params, ctx: BuildContext) -> None:
-        super().__init__(params, ctx)

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor, nn
 
+from pagctl.attacks.base import AttackBase
 from pagctl.attacks.steps import Norm, NormParam, fit_to_budget, loss_gradient, normalize_l2
-from pagctl.protocols import BuildContext, Epsilon, PluginParams
+from pagctl.protocols import Epsilon, PluginParams
 
 
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, norm: Norm,
@@ -29,7 +30,7 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, norm: Norm,
     return fit_to_budget(x0, (x0 + eps * step).clamp(0.0, 1.0), norm, eps)
 
 
-class FGSM:
+class FGSM(AttackBase):
     """Single-step attack; deterministic (no random start)."""
 
     class Params(PluginParams):
@@ -42,9 +43,9 @@ class FGSM:
             description="linf: signed gradient; l2: L2-normalised gradient (any case)",
         )
 
-    def __init__(self, params: Params, ctx: BuildContext) -> None:
-        self.params = params
+    params: Params
+    norm: Norm
 
-    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs."""
-        return fgsm(model, inputs, labels, norm=self.params.norm, eps=self.params.eps)
+        return fgsm(model, x, y, norm=self.norm, eps=self.eps)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from pagctl.attacks.base import AttackBase
 from pagctl.attacks.steps import (
     BestSoFar,
     Norm,
@@ -41,7 +42,6 @@ from pagctl.attacks.steps import (
     project_linf,
     random_start_l2,
     random_start_linf,
-    seeded_generator,
 )
 from pagctl.protocols import BuildContext, Epsilon, PluginParams
 
@@ -268,30 +268,27 @@ class _PGDParams(PluginParams):
     )
 
 
-class _PGD:
+class _PGD(AttackBase):
     """Shared body of the two PGD plugins (the norm is the only difference)."""
 
     norm: Norm
+    params: _PGDParams
 
-    def __init__(self, params: Any, ctx: BuildContext) -> None:
-        self.params = params
-        self.eps: float = params.eps
+    def __init__(self, params: _PGDParams, ctx: BuildContext) -> None:
+        super().__init__(params, ctx)
         self.step_size: float = (
             default_step_size(self.eps, params.steps)
             if params.step_size is None
             else params.step_size
         )
-        self._generator = seeded_generator(params.seed, ctx)
 
-    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
-        """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs.
-
-        Successive calls continue one seeded random stream (one per built attack).
-        """
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs
+        (`pagctl.attacks.base.AttackBase`: successive calls continue one seeded stream)."""
         return pgd(
-            model, inputs, labels, norm=self.norm, eps=self.eps, steps=self.params.steps,
+            model, x, y, norm=self.norm, eps=self.eps, steps=self.params.steps,
             step_size=self.step_size, random_start=self.params.random_start,
-            restarts=self.params.restarts, generator=self._generator,
+            restarts=self.params.restarts, generator=self.generator,
             loss=self.params.loss, start_std=self.params.start_std, keep=self.params.keep,
         )
 
@@ -307,9 +304,6 @@ class PGDL2(_PGD):
             description="L2 radius in [0, 1] pixel space (number or fraction string)",
         )
 
-    def __init__(self, params: Params, ctx: BuildContext) -> None:
-        super().__init__(params, ctx)
-
 
 class PGDLinf(_PGD):
     """PGD in the L∞ ball: signed-gradient steps, clipped to [-eps, eps] per pixel."""
@@ -321,6 +315,3 @@ class PGDLinf(_PGD):
             default=8 / 255, ge=0, allow_inf_nan=False,
             description="L-infinity radius in [0, 1] pixel space, e.g. \"8/255\"",
         )
-
-    def __init__(self, params: Params, ctx: BuildContext) -> None:
-        super().__init__(params, ctx)

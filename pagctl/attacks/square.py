@@ -28,6 +28,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from pagctl.attacks.base import AttackBase
 from pagctl.attacks.steps import (
     AnyNorm,
     AnyNormParam,
@@ -37,9 +38,8 @@ from pagctl.attacks.steps import (
     l1_norms,
     loss_per_example,
     project_l1_box,
-    seeded_generator,
 )
-from pagctl.protocols import BuildContext, Epsilon, PluginParams
+from pagctl.protocols import Epsilon, PluginParams
 
 # (fraction of the 10,000-query reference budget after which p is divided by the factor).
 _SCHEDULE: tuple[tuple[int, int], ...] = (
@@ -401,7 +401,7 @@ def square_attack(
     return fit_to_budget(x0, runs.points, norm, eps)
 
 
-class Square:
+class Square(AttackBase):
     """Square Attack: random-search black-box attack on the model's scores, L∞, L2 or L1."""
 
     class Params(PluginParams):
@@ -438,20 +438,14 @@ class Square:
             "to `queries`; AutoAttack runs 5,000 queries without stretching",
         )
 
-    def __init__(self, params: Params, ctx: BuildContext) -> None:
-        self.params = params
-        self.eps: float = params.eps
-        self.norm: AnyNorm = params.norm
-        self._generator = seeded_generator(params.seed, ctx)
+    params: Params
 
-    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
-        """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs.
-
-        Successive calls continue one seeded random stream (one per built attack).
-        """
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs
+        (`pagctl.attacks.base.AttackBase`: successive calls continue one seeded stream)."""
         p = self.params
         return square_attack(
-            model, inputs, labels, norm=self.norm, eps=self.eps, queries=p.queries,
-            p_init=p.p_init, restarts=p.restarts, loss=p.loss, generator=self._generator,
+            model, x, y, norm=self.norm, eps=self.eps, queries=p.queries,
+            p_init=p.p_init, restarts=p.restarts, loss=p.loss, generator=self.generator,
             rescale_schedule=p.rescale_schedule,
         )

@@ -1,8 +1,10 @@
 """Shared attack steps: projections, random starts, gradient normalisation, loss gradients.
 
 Plain functions, no classes, so every built-in attack (and any plugin) composes the same
-pieces. Perturbations ``delta`` have the inputs' shape ``(N, C, H, W)``; budgets are
-per example (the norm of each ``delta[i]`` over all its pixels).
+pieces; what an attack object holds between its build and its calls (params, budget,
+generator, the call's boundary) is the shell's, `pagctl.attacks.base.AttackBase`.
+Perturbations ``delta`` have the inputs' shape ``(N, C, H, W)``; budgets are per example
+(the norm of each ``delta[i]`` over all its pixels).
 
 All functions leave their arguments unmodified and take the device from their tensor
 arguments; random draws come from an explicit ``torch.Generator`` (never the global RNG),

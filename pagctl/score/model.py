@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 from torch import Tensor, nn
 
 from pagctl.errors import CheckpointError
 from pagctl.score.nets import NoiseEmbedding, ScoreMLP, ScoreUNet
+from pagctl.spec import FrozenModel
 
 if TYPE_CHECKING:
     from pagctl.score.spec import ScoreSpec
@@ -59,10 +60,8 @@ __all__ = [
 CONFIG_KIND = "score_model"
 
 
-class ScoreModelConfig(BaseModel):
+class ScoreModelConfig(FrozenModel):
     """Everything needed to rebuild a score network (``config.json`` of a score run)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     kind: Literal["score_model"] = "score_model"
     format: Literal[1] = 1

@@ -11,11 +11,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from pagctl.errors import SpecError
 from pagctl.spec import (
     DataSpec,
+    FrozenModel,
     RunFolderPath,
     Seed,
     apply_override,
@@ -37,13 +38,7 @@ __all__ = [
 SPEC_FOLDER = ("specs", "score")
 
 
-class _Frozen(BaseModel):
-    """Frozen, unknown keys refused, every float finite (inf and NaN refused)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-
-class ScoreNetSpec(_Frozen):
+class ScoreNetSpec(FrozenModel):
     kind: Literal["auto", "unet", "mlp"] = Field(
         default="auto", description="network: unet (images), mlp (flattened input); auto = "
         "mlp for 1x1 inputs such as the toy points, unet otherwise")
@@ -62,7 +57,7 @@ class ScoreNetSpec(_Frozen):
         return "mlp" if input_shape[1:] == (1, 1) else "unet"
 
 
-class ScoreTrainSpec(_Frozen):
+class ScoreTrainSpec(FrozenModel):
     steps: int = Field(default=4000, ge=1, description="optimiser steps")
     batch_size: int = Field(default=128, ge=1, description="images per step (data.batch_size "
                             "is not used by score training)")
@@ -96,7 +91,7 @@ class ScoreTrainSpec(_Frozen):
         return self
 
 
-class ScoreSampleSpec(_Frozen):
+class ScoreSampleSpec(FrozenModel):
     steps: int = Field(default=32, ge=1, description="noise levels of the Heun sampler "
                        "(2 * steps - 1 network calls)")
     per_class: int = Field(default=10, ge=0, description="samples per class in samples.png "
@@ -105,7 +100,7 @@ class ScoreSampleSpec(_Frozen):
                             "w for samples.png (0: the plain conditional model)")
 
 
-class ScoreSpec(_Frozen):
+class ScoreSpec(FrozenModel):
     """A score-model training run. Field names are the keys of the spec file and --set."""
 
     version: Literal[1] = 1

@@ -1,6 +1,6 @@
-"""Tests of the ``noise`` attack: the pagctl conformance checks, the geometry of the noise,
-its effect on a model that any noise of this size breaks, the query budget, and discovery
-through the entry point."""
+"""Tests of the ``noise`` attack: the pagctl conformance and behaviour checks (the kit
+pagctl runs on its own attacks), the geometry of the noise, its effect on a model that any
+noise of this size breaks, the query budget, and discovery through the entry point."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ import torch
 from pagctl_example_attack import NoiseAttack
 from torch import Tensor, nn
 
-from pagctl.testing import check_attack, small_context
+from pagctl.testing import (
+    check_attack,
+    check_attack_breaks,
+    check_attack_edge_cases,
+    check_attack_in_train_mode,
+    check_attack_seeding,
+    small_context,
+)
 
 pytestmark = pytest.mark.plugins
 
@@ -70,6 +77,26 @@ def test_conforms_l2_sphere() -> None:
 
 def test_conforms_linf_sphere() -> None:
     check_attack(NoiseAttack, params={"norm": "linf", "eps": "8/255", "distribution": "sphere"})
+
+
+@pytest.mark.parametrize("params", [{}, {"norm": "l2", "eps": 0.5, "distribution": "sphere"}],
+                         ids=["defaults", "l2-sphere"])
+def test_behaves_as_pagctl_attacks_do(params: dict[str, object]) -> None:
+    """The same seed gives the same noise whatever ran before, another seed other noise, the
+    seed parameter wins over the run's; an empty batch and eps = 0 give the inputs; a model
+    in train mode (float64 here) keeps its flags."""
+    check_attack_seeding(NoiseAttack, params=params)
+    check_attack_edge_cases(NoiseAttack, params=params)
+    x, y = half_grey(6)
+    check_attack_in_train_mode(NoiseAttack, params=params, inputs=x.double(), labels=y,
+                               model=Deviation("linf", threshold=0.05).double().train())
+
+
+def test_breaks_what_its_noise_breaks() -> None:
+    x, y = half_grey()
+    clean, robust = check_attack_breaks(NoiseAttack, params={"eps": 0.1}, inputs=x, labels=y,
+                                        model=Deviation("linf", threshold=0.05))
+    assert (clean, robust) == (1.0, 0.0)
 
 
 def test_l2_sphere_has_radius_eps() -> None:

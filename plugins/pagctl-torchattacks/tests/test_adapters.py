@@ -22,7 +22,15 @@ from pagctl_torchattacks import (
 )
 from torch import Tensor, nn
 
-from pagctl.testing import check_attack, small_context, small_data, small_model
+from pagctl.testing import (
+    check_attack,
+    check_attack_edge_cases,
+    check_attack_in_train_mode,
+    check_attack_seeding,
+    small_context,
+    small_data,
+    small_model,
+)
 
 pytestmark = pytest.mark.plugins
 
@@ -108,6 +116,27 @@ FAST: dict[str, list[dict[str, Any]]] = {
                          ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())))
 def test_conforms(name: str, params: dict[str, Any]) -> None:
     check_attack(ADAPTERS[name], params=params)
+
+
+# (params, random): whether another seed gives other points (False: no randomness)
+BEHAVIOUR: dict[str, tuple[dict[str, Any], bool]] = {
+    "ta_pgd": ({"steps": 3}, True),
+    "ta_pgdl2": ({"steps": 3, "eps": 0.5, "alpha": 0.1}, True),
+    "ta_cw": ({"steps": 10, "eps": 0.5, "c": 1.0}, False),
+    "ta_deepfool": ({"steps": 5, "eps": 1.0}, False),
+    "ta_autoattack": ({"eps": 0.3}, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BEHAVIOUR))
+def test_behaves_as_pagctl_attacks_do(name: str) -> None:
+    """pagctl's behaviour checks, as on its own attacks: the output is a function of the
+    seed (not of the global RNG nor of other instances), an empty batch and eps = 0 give the
+    inputs, and a model in train mode keeps every module's flag."""
+    params, random = BEHAVIOUR[name]
+    check_attack_seeding(ADAPTERS[name], params=params, random=random)
+    check_attack_edge_cases(ADAPTERS[name], params=params)
+    check_attack_in_train_mode(ADAPTERS[name], params=params)
 
 
 @pytest.mark.parametrize("name", ["ta_pgd", "ta_pgdl2", "ta_cw", "ta_deepfool"])
@@ -304,7 +333,7 @@ def test_tuple_results_and_non_finite_rows_are_handled() -> None:
     class FakeAdapter(TorchattacksAdapter):
         """torchattacks.Fake: a test double."""
 
-        default_norm = "l2"
+        norm = "l2"
 
         class Params(TaPGDL2.Params):
             pass

@@ -14,7 +14,15 @@ This package is also the template for third-party attacks. A pagctl attack plugi
   inputs of the same shape, dtype and device, in [0, 1] and inside the budget. It must not
   modify ``inputs``, change the model's train/eval mode, or draw from the global RNG.
 
-``pagctl.testing.check_attack(NoiseAttack)`` checks all of that; see tests/test_noise.py.
+The class builds on :class:`pagctl.attacks.base.AttackBase`, the shell pagctl's own attacks
+use: it holds the params, the context, the budget (``eps``, ``norm``) and a seeded
+``generator``, and its ``__call__`` handles an empty batch or ``eps = 0``, moves the labels to
+the inputs' device and fits the result into the budget, so the plugin writes only
+``perturb``. Subclassing it is a convenience, not the contract: a class with its own
+``__init__(params, ctx)`` and ``__call__`` works as well.
+
+The tests call ``pagctl.testing``'s conformance checks, the ones pagctl runs on its
+built-ins (``check_attack`` and the behaviour checks); see tests/test_noise.py.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from pagctl.attacks.base import AttackBase
 from pagctl.attacks.steps import (
     Norm,
     NormParam,
@@ -32,15 +41,14 @@ from pagctl.attacks.steps import (
     normalize_l2,
     random_start_l2,
     random_start_linf,
-    seeded_generator,
 )
-from pagctl.protocols import BuildContext, Epsilon, PluginParams
+from pagctl.protocols import Epsilon, PluginParams
 
 __all__ = ["NoiseAttack"]
 __version__ = "0.1.0"
 
 
-class NoiseAttack:
+class NoiseAttack(AttackBase):
     """Random noise in the eps-ball or on its sphere: the baseline gradient attacks must beat.
 
     Each point gets up to ``samples`` independent draws; the first draw the model
@@ -72,19 +80,13 @@ class NoiseAttack:
             default=None, description="seed of the noise; null = the run's seed",
         )
 
-    def __init__(self, params: Params, ctx: BuildContext) -> None:
-        self.params = params
-        # pagctl reads the budget from the params; the attributes serve code that has only
-        # the built attack.
-        self.eps: float = params.eps
-        self.norm: Norm = params.norm
-        # An explicit generator: the global RNG belongs to the caller.
-        self._generator = seeded_generator(params.seed, ctx)
+    params: Params
+    norm: Norm
 
     def _draw(self, like: Tensor) -> Tensor:
         """One perturbation per example, drawn on the CPU (so a seed gives the same noise on
         every device) and moved to ``like``'s device and dtype. Shape: like (N, C, H, W)."""
-        shape, eps, g = like.shape, self.eps, self._generator
+        shape, eps, g = like.shape, self.eps, self.generator
         if self.params.distribution == "uniform":
             draw = random_start_l2 if self.norm == "l2" else random_start_linf
             return draw(shape, eps, g, device=like.device, dtype=like.dtype)
@@ -94,14 +96,11 @@ class NoiseAttack:
             delta = (torch.randint(0, 2, shape, generator=g) * 2 - 1).float() * eps
         return delta.to(device=like.device, dtype=like.dtype)
 
-    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
-        """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) noisy inputs, same dtype and
-        device, within ``eps`` of ``inputs`` in ``norm`` and in [0, 1]."""
-        x = inputs.detach()
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) noisy inputs, within ``eps``
+        of ``x`` in ``norm`` and in [0, 1]. ``AttackBase.__call__`` calls it on a non-empty
+        batch with ``eps > 0``, ``x`` detached and ``y`` on its device."""
         out = x.clone()
-        if x.shape[0] == 0 or self.eps == 0:
-            return out
-        y = labels.to(x.device)
         fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for _ in range(self.params.samples):
             # Draw for the whole batch every time, so the noise a point gets does not

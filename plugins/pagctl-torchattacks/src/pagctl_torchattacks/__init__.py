@@ -20,9 +20,11 @@ makes the result honour pagctl's Attack contract, which torchattacks does not pr
   adapter switches torchattacks' normalisation off.
 - **Budget.** CW and DeepFool are minimum-norm attacks without a budget: the adapter takes
   ``eps`` and returns their point only where its L2 distance is at most ``eps``, else the
-  clean input. Every output then goes through pagctl's ``fit_to_budget`` (rounding in
-  ``x + delta`` can overshoot a budget by an ulp), rows with NaN or infinite values are
-  replaced by the clean input, and the result gets the inputs' dtype and device.
+  clean input. Rows with NaN or infinite values are replaced by the clean input, the result
+  gets the inputs' dtype and device, and pagctl's attack shell
+  (:class:`pagctl.attacks.base.AttackBase`, which the adapters subclass, as pagctl's own
+  attacks do) fits it into the budget (rounding in ``x + delta`` can overshoot a budget by
+  an ulp) and answers an empty batch or ``eps = 0`` with the inputs, untouched.
 - ``torch.no_grad()``: the attacks run under ``torch.enable_grad()``, so calling them from
   an evaluation loop works. DeepFool's return value, a tuple in some torchattacks versions,
   is unpacked.
@@ -40,7 +42,8 @@ import torchattacks
 from pydantic import Field
 from torch import Tensor, nn
 
-from pagctl.attacks.steps import Norm, NormParam, fit_to_budget, l2_norms
+from pagctl.attacks.base import AttackBase
+from pagctl.attacks.steps import Norm, NormParam, l2_norms
 from pagctl.protocols import BuildContext, Epsilon, PluginParams
 
 __all__ = ["TaAutoAttack", "TaCW", "TaDeepFool", "TaPGD", "TaPGDL2", "TorchattacksAdapter",
@@ -131,39 +134,33 @@ def _without_normalisation(attack: Any) -> None:
         atk._normalization_applied = None
 
 
-class TorchattacksAdapter:
+class TorchattacksAdapter(AttackBase):
     """Shared body of the adapters: build the torchattacks object, run it, enforce the contract.
 
-    Subclasses set ``Params`` and implement :meth:`make`; minimum-norm attacks also set
-    ``minimum_norm = True`` (their point is kept only within ``eps`` in L2).
+    Subclasses set ``Params`` and implement :meth:`make`; an adapter whose ``Params`` have no
+    ``norm`` sets the class attribute ``norm``; minimum-norm attacks also set
+    ``minimum_norm = True`` (their point is kept only within ``eps`` in L2). The params, the
+    budget, ``seed`` and the call's boundary are `pagctl.attacks.base.AttackBase`'s.
     """
 
     Params: ClassVar[type[PluginParams]]
     minimum_norm: ClassVar[bool] = False
-    default_norm: ClassVar[Norm] = "linf"
+    norm: Norm = "linf"
 
     def __init__(self, params: Any, ctx: BuildContext) -> None:
-        self.params = params
-        self.eps: float = float(params.eps)
-        self.norm: Norm = getattr(params, "norm", self.default_norm)
-        seed = getattr(params, "seed", None)
-        self.seed: int = ctx.seed if seed is None else int(seed)
-        self.num_classes = ctx.num_classes
+        super().__init__(params, ctx)
         self._calls = 0
 
     def make(self, model: nn.Module, seed: int) -> Any:
         """The torchattacks attack for ``model`` (``seed``: for attacks that take one)."""
         raise NotImplementedError
 
-    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs, same dtype
-        and device, in [0, 1] and within ``eps`` in ``norm``.
+        and device (``AttackBase.__call__`` fits them within ``eps`` in ``norm``).
 
         Successive calls use different, reproducible seeds (see :func:`call_seed`).
         """
-        x = inputs.detach()
-        if x.shape[0] == 0 or self.eps == 0:
-            return x.clone()
         seed = call_seed(self.seed, self._calls)
         self._calls += 1
         device = _model_device(model, x.device)
@@ -173,15 +170,14 @@ class TorchattacksAdapter:
                 attack = self.make(model, seed)
             _without_normalisation(attack)
             attack.set_device(device)
-            result = attack(x.clone().to(device), labels.detach().to(device))
+            result = attack(x.clone().to(device), y.detach().to(device))
         if isinstance(result, (tuple, list)):  # DeepFool in some versions: (images, targets)
             result = result[0]
         x_adv = result.detach().to(device=x.device, dtype=x.dtype)
         keep = torch.isfinite(x_adv).flatten(1).all(dim=1)
         if self.minimum_norm:
             keep &= l2_norms(x_adv - x) <= self.eps
-        x_adv = torch.where(keep.reshape((-1,) + (1,) * (x.dim() - 1)), x_adv, x)
-        return fit_to_budget(x, x_adv, self.norm, self.eps)
+        return torch.where(keep.reshape((-1,) + (1,) * (x.dim() - 1)), x_adv, x)
 
 
 class TaPGD(TorchattacksAdapter):
@@ -207,8 +203,7 @@ class TaPGD(TorchattacksAdapter):
             "global RNG; the adapter forks and seeds it); null = the run's seed",
         )
 
-    def __init__(self, params: Params, ctx: BuildContext) -> None:
-        super().__init__(params, ctx)
+    params: Params
 
     def make(self, model: nn.Module, seed: int) -> Any:
         p = self.params
@@ -219,7 +214,7 @@ class TaPGD(TorchattacksAdapter):
 class TaPGDL2(TorchattacksAdapter):
     """torchattacks.PGDL2: L2 PGD on the cross-entropy, random start in the ball (Madry et al.)."""
 
-    default_norm = "l2"
+    norm = "l2"
 
     class Params(PluginParams):
         eps: Epsilon = Field(
@@ -240,8 +235,7 @@ class TaPGDL2(TorchattacksAdapter):
             "global RNG; the adapter forks and seeds it); null = the run's seed",
         )
 
-    def __init__(self, params: Params, ctx: BuildContext) -> None:
-        super().__init__(params, ctx)
+    params: Params
 
     def make(self, model: nn.Module, seed: int) -> Any:
         p = self.params
@@ -252,7 +246,7 @@ class TaPGDL2(TorchattacksAdapter):
 class TaCW(TorchattacksAdapter):
     """torchattacks.CW: Carlini-Wagner L2 (fixed c, no binary search), kept only within eps."""
 
-    default_norm = "l2"
+    norm = "l2"
     minimum_norm = True
 
     class Params(PluginParams):
@@ -276,8 +270,7 @@ class TaCW(TorchattacksAdapter):
             description="torchattacks `lr`: Adam learning rate in tanh space",
         )
 
-    def __init__(self, params: Params, ctx: BuildContext) -> None:
-        super().__init__(params, ctx)
+    params: Params
 
     def make(self, model: nn.Module, seed: int) -> Any:
         p = self.params
@@ -287,7 +280,7 @@ class TaCW(TorchattacksAdapter):
 class TaDeepFool(TorchattacksAdapter):
     """torchattacks.DeepFool: minimal L2 steps across the linearised decision boundary."""
 
-    default_norm = "l2"
+    norm = "l2"
     minimum_norm = True
 
     class Params(PluginParams):
@@ -302,8 +295,7 @@ class TaDeepFool(TorchattacksAdapter):
             description="torchattacks `overshoot`: relative step beyond the boundary",
         )
 
-    def __init__(self, params: Params, ctx: BuildContext) -> None:
-        super().__init__(params, ctx)
+    params: Params
 
     def make(self, model: nn.Module, seed: int) -> Any:
         p = self.params
@@ -332,11 +324,10 @@ class TaAutoAttack(TorchattacksAdapter):
             "seed (successive calls derive a new seed from it)",
         )
 
-    def __init__(self, params: Params, ctx: BuildContext) -> None:
-        super().__init__(params, ctx)
+    params: Params
 
     def make(self, model: nn.Module, seed: int) -> Any:
         p = self.params
         return torchattacks.AutoAttack(
             model, norm={"linf": "Linf", "l2": "L2"}[p.norm], eps=p.eps, version=p.version,
-            n_classes=self.num_classes, seed=seed, verbose=False)
+            n_classes=self.ctx.num_classes, seed=seed, verbose=False)
