@@ -1,0 +1,14 @@
+"""The built-in attacks, one module per family, each registered by name
+(`pagctl.registry.BUILTIN_ATTACKS`) and found through the same loader as a plugin's.
+
+- `base`: ``AttackBase``, the attack shell every family (and the example plugins) uses:
+  params, build context, declared budget, seeded generator, the call's boundary;
+- `steps`: the shared steps as functions: projections, random starts, gradient
+  normalisation, loss gradients;
+- `fgsm`, `pgd`: one step and projected gradient descent (L∞, L2);
+- `apgd`: Auto-PGD, untargeted and targeted (L∞, L2, L1);
+- `fab`: the fast adaptive boundary attack (L∞, L2, L1);
+- `square`: the score-based black-box Square Attack (L∞, L2, L1);
+- `cw`: Carlini–Wagner L2, a minimum-norm attack;
+- `autoattack`: the AutoAttack ensemble of the above (standard, plus, rand).
+"""
