@@ -218,12 +218,12 @@ def alignment_source(bundle: DataBundle, job: AlignmentJob,
                         default_cache_dir())
     try:
         built: TargetGradientSource = registry.target_gradients.instantiate(
-            job.source, job.params, ctx, "params")
+            job.source, job.params, ctx, "source")
     except SpecError as exc:  # named as the field, which the command line maps to a flag
         detail = str(exc)
-        if not detail.startswith("params: ") or isinstance(exc, FieldError):
+        if not detail.startswith("source: ") or isinstance(exc, FieldError):
             raise
-        raise FieldError("params", detail.removeprefix("params: ")) from None
+        raise FieldError("source", detail.removeprefix("source: ")) from None
     return built
 
 

@@ -23,7 +23,7 @@ import typer
 
 from pagctl import __version__
 from pagctl.cli import align_score, attack, bank, compare, importing, plugins, train
-from pagctl.errors import FieldError, LeaderFailed, PagctlError, RankError
+from pagctl.errors import LeaderFailed, PagctlError, RankError
 
 app = typer.Typer(
     name="pagctl",
@@ -83,7 +83,7 @@ FLAGS = {"limit": "--limit", "batch_size": "--batch-size", "seed": "--seed",
          "probe_size": "--probe-size", "indices": "--indices", "eps_sweep": "--eps-sweep",
          "classes_per_image": "--classes-per-image", "precision": "--precision",
          "weights": "--weights", "shard": "--shard", "merge_shards": "--merge-shards",
-         "device": "--device", "state": "--state", "params": "--param"}
+         "device": "--device", "state": "--state", "params": "--param", "source": "--source"}
 """The flag that sets each library parameter a `FieldError` names: the library speaks of
 ``batch_size``, the command line of ``--batch-size`` (and of ``params.eps`` as
 ``--param eps``)."""
@@ -94,12 +94,15 @@ LEADER_GRACE_SECONDS = 1.0
 
 
 def _message(exc: PagctlError) -> str:
-    """A user error's text as the command line says it (`FLAGS`)."""
-    if isinstance(exc, FieldError) and exc.field in FLAGS:
-        return f"{FLAGS[exc.field]}: {exc.detail}"
-    if isinstance(exc, FieldError) and exc.field.startswith("params."):
-        return f"--param {exc.field.removeprefix('params.')}: {exc.detail}"
-    return str(exc)
+    """A user error's text as the command line says it: a library field it begins with
+    (``batch_size: ...``, a `FieldError`'s form) as its flag (`FLAGS`)."""
+    text = str(exc)
+    field, sep, detail = text.partition(": ")  # a FieldError, or an error in its form
+    if sep and field in FLAGS:
+        return f"{FLAGS[field]}: {detail}"
+    if sep and field.startswith("params.") and " " not in field:
+        return f"--param {field.removeprefix('params.')}: {detail}"
+    return text
 
 
 def _parser_error(exc: Exception, reports: bool) -> int | None:
