@@ -139,11 +139,8 @@ def _pairs(rows: list[Row], columns: list[Column]) -> list[Pair]:
             for row_b, b in have[i + 1:]:
                 if not same_points(a, b):
                     continue  # not the same points: no paired test (the column says why)
-                paired = pair(a, b)
-                pairs.append(Pair(column=column.id, run_a=row_a.label, run_b=row_b.label,
-                                  n=paired.n, both=paired.both, a_only=paired.a_only,
-                                  b_only=paired.b_only, neither=paired.neither,
-                                  p_value=paired.p_value))
+                pairs.append(Pair(**vars(pair(a, b)), column=column.id, run_a=row_a.label,
+                                  run_b=row_b.label))
     return pairs
 
 

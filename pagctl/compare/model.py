@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pagctl.compare.pairing import Paired
+
 
 @dataclass
 class Column:
@@ -76,20 +78,14 @@ class Row:
     cells: dict[str, Cell] = field(default_factory=dict)
 
 
-@dataclass
-class Pair:
+@dataclass(frozen=True)
+class Pair(Paired):
     """Per-example robust results of two runs on one column (the same points: indices and
-    images), as `pagctl.compare.pairing.pair` counts them."""
+    images): the counts and test of `pagctl.compare.pairing.pair`, and whose they are."""
 
     column: str
     run_a: str
     run_b: str
-    n: int
-    both: int
-    a_only: int
-    b_only: int
-    neither: int
-    p_value: float
 
     def to_json(self) -> dict[str, Any]:
         return dict(vars(self))
