@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pagctl.errors import FieldError, SpecError
+from pagctl.errors import FieldError
 from pagctl.evaluation.state import KeyedState
 from pagctl.records import AlignRecord, Subset
 from pagctl.stats import mean_interval, subset_record
@@ -111,9 +111,8 @@ def alignment_report(
 
     request = EvaluationRequest(batch_size=batch_size, device=device, seed=seed,
                                 progress=progress)
-    scored = score_batches(model, dataset, indices, source,
-                           AlignmentJob("", None, classes_per_image), request,
-                           num_classes=num_classes)
+    scored = score_batches(model, dataset, indices, source, request,
+                           num_classes=num_classes, classes_per_image=classes_per_image)
     return scored.report(dataset, indices, classes_per_image=classes_per_image, seed=seed)
 
 
@@ -122,14 +121,14 @@ def score_batches(
     dataset: Dataset[Any],
     indices: Tensor,
     source: TargetGradientSource,
-    job: AlignmentJob,
     request: EvaluationRequest,
     *,
     num_classes: int,
+    classes_per_image: int,
     key: dict[str, Any] | None = None,
 ) -> AlignProgress:
     """Score the batches of ``dataset[indices]`` (those ``b % N == i`` with
-    ``request.shard=(i, N)``) with ``job.classes_per_image`` targets per image, in
+    ``request.shard=(i, N)``) with ``classes_per_image`` targets per image, in
     ``request``'s batches, seed and device, as `alignment_report` does, and return their
     per-image and per-batch results. With ``request.state`` the progress is read from it
     to resume (it must have been written for ``key``, plus the shard for a shard) and
@@ -148,7 +147,7 @@ def score_batches(
 
     n, batch_size, device, seed = (len(indices), request.batch_size, request.device,
                                    request.seed)
-    classes_per_image, state_path = job.classes_per_image, request.state
+    state_path = request.state
     batches = -(-n // batch_size)
     mine = owned_batches(batches, request.shard)
     key = dict(key or {})
@@ -200,7 +199,7 @@ class AlignmentJob:
     validated ``params``, and K = ``classes_per_image`` target classes drawn per image."""
 
     source: str
-    params: BaseModel | None
+    params: BaseModel
     classes_per_image: int
 
 
@@ -213,17 +212,10 @@ def alignment_source(bundle: DataBundle, job: AlignmentJob,
     from pagctl import registry
     from pagctl.build import build_context, default_cache_dir
 
-    assert job.params is not None
     ctx = build_context(bundle, torch.device(request.device), request.seed,
                         default_cache_dir())
-    try:
-        built: TargetGradientSource = registry.target_gradients.instantiate(
-            job.source, job.params, ctx, "source")
-    except SpecError as exc:  # named as the field, which the command line maps to a flag
-        detail = str(exc)
-        if not detail.startswith("source: ") or isinstance(exc, FieldError):
-            raise
-        raise FieldError("source", detail.removeprefix("source: ")) from None
+    built: TargetGradientSource = registry.target_gradients.instantiate(
+        job.source, job.params, ctx, "source")
     return built
 
 
@@ -262,7 +254,8 @@ def evaluate_alignment(model: nn.Module, bundle: DataBundle, job: AlignmentJob,
     check_outputs(model, bundle, request.device)
     measured, points = model_digest(model), subset_digest(dataset, indices)
     key = evaluation_key({"source": job.source,
-                          "params": _params_json(job.params), "classes_per_image": k},
+                          "params": job.params.model_dump(mode="json"),
+                          "classes_per_image": k},
                          indices=indices, seed=request.seed, batch_size=request.batch_size,
                          model_sha256=measured, data_sha256=points)
     stem = f"align-{job.source}"
@@ -271,19 +264,16 @@ def evaluate_alignment(model: nn.Module, bundle: DataBundle, job: AlignmentJob,
     else:
         built = source if source is not None else alignment_source(bundle, job, request)
         path, _ = progress_file(request, stem, key)
-        scored = score_batches(model, dataset, indices, built, job, request.part(state=path),
-                               num_classes=num_classes, key=key)
+        scored = score_batches(model, dataset, indices, built, request.part(state=path),
+                               num_classes=num_classes, classes_per_image=k, key=key)
         if request.shard is not None:
             return None
     report = scored.report(dataset, indices, classes_per_image=k, seed=request.seed)
-    report.source, report.source_params = job.source, _params_json(job.params)
+    report.source, report.source_params = job.source, job.params.model_dump(mode="json")
     report.model_sha256, report.indices = measured, indices.clone()
     report.subset["data_sha256"] = points
     return report
 
-
-def _params_json(params: BaseModel | None) -> dict[str, Any]:
-    return params.model_dump(mode="json") if params is not None else {}
 
 
 @dataclass

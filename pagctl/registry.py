@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from pagctl.errors import (
+    FieldError,
     PagctlError,
     PluginConflictError,
     PluginLoadError,
@@ -281,7 +282,8 @@ class Registry:
 
     def instantiate(self, name: str, params: BaseModel, ctx: BuildContext, where: str) -> Any:
         """Call the factory once with already validated ``params``. A ``ValueError`` from
-        the factory (e.g. "needs the training set") becomes a SpecError naming ``where``;
+        the factory (e.g. "needs the training set") becomes a `FieldError` of ``where`` (the
+        field or option that chose the plugin);
         any other exception a PluginRuntimeError naming the distribution. The plugin comes
         back through the registry's ``wrap`` when it has one (the target-gradient sources:
         :class:`GuardedSource`)."""
@@ -293,7 +295,7 @@ class Registry:
                 raise
             raise type(exc)(f"{where}: {name}: {exc}") from None  # name the spec field
         except ValueError as exc:
-            raise SpecError(f"{where}: {name}: {exc}") from None
+            raise FieldError(where, f"{name}: {exc}") from None
         except Exception as exc:
             raise PluginRuntimeError(
                 f"{self.short_group} plugin '{name}' ({self.origin(name)}) failed to build: "

@@ -141,16 +141,12 @@ def _score_run(run: Path, asked: _Asked, request: EvaluationRequest, access: Run
     from pagctl.align import AlignmentJob, alignment_source, evaluate_alignment
     from pagctl.checkpoint import SHARDS_DIR, RunLock, check_appendable, confined
 
-    given, save_images, keep_record, fmt = (asked.given, asked.save_images, asked.keep_record,
-                                            asked.fmt)
-    source_name, params, classes_per_image = (asked.source, asked.params,
-                                              asked.classes_per_image)
     with RunLock(run, exclusive=False, command="align-score"):  # not while being trained
-        if keep_record:
+        if asked.keep_record:
             check_appendable(run)
         loaded, bundle, dev = access.open(run)
-        k = classes_per_image or min(loaded.spec.train.classes_per_image, bundle.num_classes)
-        job = AlignmentJob(source_name, params, k)
+        k = asked.classes_per_image or min(loaded.spec.train.classes_per_image, bundle.num_classes)
+        job = AlignmentJob(asked.source, asked.params, k)
         request = request.part(device=dev, shard_dir=confined(run, SHARDS_DIR))
         source = alignment_source(bundle, job, request)
         report = evaluate_run(
@@ -158,16 +154,16 @@ def _score_run(run: Path, asked: _Asked, request: EvaluationRequest, access: Run
             request, run, access.launch)
         if report is None:
             return None
-        record = report.to_record(given)
+        record = report.to_record(asked.given)
         record.weights = loaded.weights
         printed = {**record.to_json(), "run": str(run)} if several else record.to_json()
         # the result first (stdout, figure), then the record: nothing measured is lost (with
         # several runs and --format json, the one envelope of all comes after the last)
-        if fmt is Format.json and not several:
+        if asked.fmt is Format.json and not several:
             print_envelope("align-score", [printed])
-        elif fmt is not Format.json:
-            _render(run, source_name, params, report, loaded.weights)
-        if save_images is not None:
+        elif asked.fmt is not Format.json:
+            _render(run, asked.source, asked.params, report, loaded.weights)
+        if asked.save_images is not None:
             from pagctl.align import gradient_panels
             from pagctl.data import get_batch
             from pagctl.figures import gradient_grid
@@ -176,10 +172,11 @@ def _score_run(run: Path, asked: _Asked, request: EvaluationRequest, access: Run
             x, y = get_batch(bundle.test, report.indices[:4])
             grads, targets = gradient_panels(loaded.model, x.to(dev), y.to(dev), source,
                                              bundle.num_classes)
-            gradient_grid(save_images, x, y, grads.cpu(), targets.cpu(), source=source_name,
-                          title=f"{run.name}: ∇ log p(t|x) vs {source_name} (mean cos "
+            gradient_grid(asked.save_images, x, y, grads.cpu(), targets.cpu(),
+                          source=asked.source,
+                          title=f"{run.name}: ∇ log p(t|x) vs {asked.source} (mean cos "
                           f"{report.mean:.3f})")
-        if keep_record:
+        if asked.keep_record:
             record_results(run, [(record, report.indices)], loaded.weights, bundle,
                            access.trust_code)
         else:

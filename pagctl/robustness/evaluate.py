@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pagctl.errors import CheckpointError, FieldError, SpecError
+from pagctl.errors import CheckpointError, FieldError
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -167,13 +167,7 @@ class _Budget:
 
         ctx = build_context(self.bundle, torch.device(self.request.device),
                             self.request.seed * 1_000_003 + batch, None)
-        try:
-            return registry.attacks.instantiate(self.job.name, self.params, ctx, "params")
-        except SpecError as exc:  # named as the field, which the command line maps to a flag
-            detail = str(exc)
-            if not detail.startswith("params: ") or isinstance(exc, FieldError):
-                raise
-            raise FieldError("params", detail.removeprefix("params: ")) from None
+        return registry.attacks.instantiate(self.job.name, self.params, ctx, "params")
 
     def key(self) -> dict[str, Any]:
         from pagctl.protocols import attack_stages
