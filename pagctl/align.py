@@ -263,7 +263,7 @@ def evaluate_alignment(model: nn.Module, bundle: DataBundle, job: AlignmentJob,
         scored = merged_state(AlignProgress, request, stem, key, "score")
     else:
         built = source if source is not None else alignment_source(bundle, job, request)
-        path, _ = progress_file(request, stem, key)
+        path = progress_file(request, stem, key)
         scored = score_batches(model, dataset, indices, built, request.part(state=path),
                                num_classes=num_classes, classes_per_image=k, key=key)
         if request.shard is not None:

@@ -49,19 +49,17 @@ def shard_files(folder: Path, stem: str, key: dict[str, Any], count: int) -> lis
     return [folder / f"{stem}-{digest}-shard{i}of{count}.safetensors" for i in range(count)]
 
 
-def progress_file(request: EvaluationRequest, stem: str,
-                  key: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
-    """Where a run of ``request`` keeps its progress, and the key that file must hold: the
-    ``state`` file under the evaluation's key, or, for ``shard=(i, N)``, shard i's file in
-    ``shard_dir`` (its folder made) under the key plus ``shard: [i, N]``; (None, key) when
-    the run keeps none."""
+def progress_file(request: EvaluationRequest, stem: str, key: dict[str, Any]) -> Path | None:
+    """Where a run of ``request`` keeps its progress: the ``state`` file, or, for
+    ``shard=(i, N)``, shard i's file of the evaluation ``key`` in ``shard_dir`` (its folder
+    made; the run keys it with the shard as well); None when the run keeps none."""
     if request.shard is None:
-        return request.state, key
+        return request.state
     assert request.shard_dir is not None  # EvaluationRequest.check
     index, count = request.shard
     path = shard_files(request.shard_dir, stem, key, count)[index]
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path, {**key, "shard": [index, count]}
+    return path
 
 
 def merged_state(kind: type[S], request: EvaluationRequest, stem: str, key: dict[str, Any],

@@ -185,7 +185,7 @@ class _Budget:
         from pagctl.robustness.engine import PerBatch, run_attack
 
         key = self.key()
-        path, _ = progress_file(self.request, self.job.name, key)
+        path = progress_file(self.request, self.job.name, key)
         sharded = self.request.shard is not None
         return run_attack(self.model, PerBatch(self.build), self.bundle.test, self.indices,
                           name=self.job.name, params=self.params,
