@@ -238,14 +238,14 @@ def _create(cls: type[nn.Module], variant: str, pretrained: bool, kwargs: dict[s
     return build_model_with_cfg(cls, variant, pretrained, **kwargs)
 
 
-@register_model
+@register_model  # type: ignore[untyped-decorator, unused-ignore]  # untyped in timm < 1.0.10
 def pagctl_small_cnn(pretrained: bool = False, **kwargs: Any) -> SmallCNN:
     """Small CNN of the digits recipe; kwargs: num_classes, in_chans, width, drop_rate."""
     model: SmallCNN = _create(SmallCNN, "pagctl_small_cnn", pretrained, kwargs)
     return model
 
 
-@register_model
+@register_model  # type: ignore[untyped-decorator, unused-ignore]  # untyped in timm < 1.0.10
 def pagctl_cifar_resnet18(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """CIFAR ResNet-18 (11.17 M parameters for 10 classes); kwargs: num_classes, in_chans,
     channels, drop_rate."""
@@ -254,7 +254,7 @@ def pagctl_cifar_resnet18(pretrained: bool = False, **kwargs: Any) -> CifarResNe
     return model
 
 
-@register_model
+@register_model  # type: ignore[untyped-decorator, unused-ignore]  # untyped in timm < 1.0.10
 def pagctl_mlp(pretrained: bool = False, **kwargs: Any) -> MLP:
     """Three-layer ReLU MLP for low-dimensional inputs; kwargs: num_classes, in_chans,
     in_features, hidden, drop_rate."""

@@ -331,11 +331,15 @@ def test_autoattack_versions_and_class_requirements() -> None:
 
 
 def _reference_autoattack(model: nn.Module, x: Tensor, y: Tensor, norm: str,
-                          eps: float) -> float:
+                          eps: float, stages: list[str] | None = None) -> Tensor:
+    """The reference's robust mask: its standard version, or ``version='custom'`` with
+    ``stages`` (its hyphenated names)."""
     ref = pytest.importorskip("pyautoattack")
     rng = torch.get_rng_state()  # the reference seeds the global RNG
-    aa = ref.AutoAttack(model, norm={"l2": "L2", "linf": "Linf", "l1": "L1"}[norm], eps=eps,
-                        version="standard", seed=0)
+    kind = {"l2": "L2", "linf": "Linf", "l1": "L1"}[norm]
+    aa = ref.AutoAttack(model, norm=kind, eps=eps, seed=0,
+                        version="standard" if stages is None else "custom",
+                        **({} if stages is None else {"attacks": stages}))
     aa.verbose = False
     out = aa.run_standard_evaluation(x, y, batch_size=500)
     torch.set_rng_state(rng)
@@ -343,7 +347,7 @@ def _reference_autoattack(model: nn.Module, x: Tensor, y: Tensor, norm: str,
         p.grad = None
     x_adv = out[0] if isinstance(out, tuple) else out
     with torch.no_grad():
-        return float((model(x_adv).argmax(1) == y).float().mean())
+        return model(x_adv).argmax(1) == y
 
 
 @pytest.mark.parametrize(("norm", "eps"), [("l2", 0.5), ("linf", 0.1), ("l1", 1.5)])
@@ -354,7 +358,7 @@ def test_autoattack_standard_matches_the_reference(
     robust accuracy within ±0.5 pp (measured: equal in all three norms; in L1, at ε = 1 and
     1.5, the same robust points one by one)."""
     model, x, y = digits
-    theirs = _reference_autoattack(model, x, y, norm, eps)
+    theirs = float(_reference_autoattack(model, x, y, norm, eps).float().mean())
     params = registry.attacks.validate_params("autoattack", {"eps": eps, "norm": norm}, "p")
     attack = registry.attacks.instantiate("autoattack", params,
                                           BuildContext(10, SHAPE, CPU, 0), "p")
@@ -364,6 +368,52 @@ def test_autoattack_standard_matches_the_reference(
     assert abs(rep.robust_accuracy - theirs) <= 0.005 + 1e-9, (rep.robust_accuracy, theirs)
     size = {"l2": rep.max_l2, "linf": rep.max_linf, "l1": rep.max_l1}[norm]
     assert size <= eps * (1 + 1e-6)
+
+
+def test_autoattack_custom_matches_the_reference_custom(
+    digits: tuple[nn.Module, Tensor, Tensor],
+) -> None:
+    """``version=custom`` with APGD-CE then APGD-T (named as the reference names them) equals
+    the reference's ``version='custom'`` with the same ``attacks_to_run``, point for point
+    but for at most 1 point in 300, and runs exactly those stages in that order."""
+    model, x, y = digits
+    theirs = _reference_autoattack(model, x, y, "l2", 0.5, ["apgd-ce", "apgd-t"])
+    params = registry.attacks.validate_params(
+        "autoattack", {"eps": 0.5, "norm": "l2", "version": "custom",
+                       "attacks_to_run": "apgd-ce,apgd-t"}, "p")
+    attack = registry.attacks.instantiate("autoattack", params,
+                                          BuildContext(10, SHAPE, CPU, 0), "p")
+    rep = run_attack(model, attack, _dataset(x, y), torch.arange(len(y)), name="autoattack",
+                     params=params)
+    assert [s.name for s in rep.stages] == ["apgd_ce", "apgd_t"]
+    assert 0.2 < float(theirs.float().mean()) < 0.8
+    assert int((rep.robust_mask != theirs).sum()) <= 1
+
+
+def test_autoattack_custom_composes_registered_attacks_and_refuses_what_does_not_fit() -> None:
+    """Any registered attack can be a stage (with the ensemble's eps, norm and seed); a
+    stage in another norm, an unknown name, a repeated one, custom without stages and
+    stages without custom are refused naming attacks_to_run."""
+    ctx = BuildContext(10, SHAPE, CPU, 0)
+
+    def build(**given: Any) -> AutoAttack:
+        params = registry.attacks.validate_params("autoattack", given, "params")
+        return registry.attacks.instantiate("autoattack", params, ctx, "params")
+
+    ensemble = build(version="custom", attacks_to_run=["square", "pgd_linf", "apgd_t"],
+                     eps=0.1)
+    names = [(n, type(a).__name__) for n, a in ensemble.stages()]
+    assert names == [("square", "Square"), ("pgd_linf", "PGDLinf"), ("apgd_t", "APGDT")]
+    pgd = ensemble.stages()[1][1]
+    assert (pgd.eps, pgd.seed) == (0.1, 0)
+    assert ensemble.stages()[0][1].params.queries == 5000  # the reference's settings
+    for given, words in [({"version": "custom"}, "give them"),
+                         ({"attacks_to_run": "apgd_ce"}, "add version=custom"),
+                         ({"version": "custom", "attacks_to_run": "apgd_ce,apgd-ce"}, "twice"),
+                         ({"version": "custom", "attacks_to_run": "nope"}, "no attack named"),
+                         ({"version": "custom", "attacks_to_run": "pgd_l2"}, "not in the")]:
+        with pytest.raises(SpecError, match=f"attacks_to_run: .*{words}"):
+            build(**given)
 
 
 # --------------------------------------------------------------- guaranteed adversarial

@@ -12,7 +12,13 @@ Versions, as the reference defines them:
 - ``plus``: APGD-CE and APGD-DLR (5 restarts each) → FAB (5 restarts) → Square →
   APGD-T → FAB-T;
 - ``rand``: APGD-CE and APGD-DLR with Expectation over Transformation (20 forwards per
-  gradient), for models whose forward pass is random.
+  gradient), for models whose forward pass is random;
+- ``custom``: the stages named in ``attacks_to_run``, in that order (the reference's
+  ``version='custom'``). AutoAttack's own stages (``apgd_ce``, ``apgd_t``, ``fab_t``,
+  ``square``; ``apgd_dlr`` and ``fab`` from ``plus``) keep the settings they have in the
+  version that runs them in this norm; any other registered attack runs with its defaults
+  and the ensemble's ``eps``, ``norm`` and ``seed``. The reference's hyphenated names
+  (``apgd-ce``) are accepted.
 
 ``pagctl attack`` runs the stages itself (so it can report what each one broke, what it
 cost, and resume between them); calling the plugin directly runs them in turn as well.
@@ -21,9 +27,9 @@ cost, and resume between them); calling the plugin directly runs them in turn as
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field, model_validator
 from torch import Tensor, nn
 
 from pagctl.attacks.apgd import APGDCE, APGDDLR, APGDT
@@ -33,9 +39,24 @@ from pagctl.attacks.square import Square
 from pagctl.attacks.steps import AnyNorm, AnyNormParam, runs_together_field
 from pagctl.protocols import BuildContext, Epsilon, PluginParams
 
-Version = Literal["standard", "plus", "rand"]
+Version = Literal["standard", "plus", "rand", "custom"]
 
-_MIN_CLASSES = {"standard": 4, "plus": 4, "rand": 3}
+_MIN_CLASSES = {"standard": 4, "plus": 4, "rand": 3, "custom": 0}
+
+
+def _stage_names(value: Any) -> Any:
+    """``attacks_to_run`` as typed: a list, or one comma-separated string (``--param
+    attacks_to_run=apgd-ce,square``); names lower-cased, the reference's hyphens read as
+    underscores."""
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        return tuple(v.strip().lower().replace("-", "_") if isinstance(v, str) else v
+                     for v in value)
+    return value
+
+
+StageNames = Annotated[tuple[str, ...], BeforeValidator(_stage_names)]
 
 
 Plan = list[tuple[str, type[Any], dict[str, Any]]]
@@ -67,14 +88,55 @@ def _plan(version: Version, norm: AnyNorm, steps: int, queries: int) -> Plan:
             ("apgd_dlr", APGDDLR, {"steps": steps, "restarts": 1, "eot_iter": 20})]
 
 
+def _custom_plan(names: tuple[str, ...], norm: AnyNorm, steps: int, queries: int) -> Plan:
+    """The stages of ``version=custom``: AutoAttack's own with the settings of the version
+    that runs them in ``norm`` (standard, else plus), any other registered attack with its
+    defaults. ValueError naming ``attacks_to_run`` for a name nobody registered."""
+    from pagctl import registry
+
+    own = {name: (cls, extra) for version in ("plus", "standard")
+           for name, cls, extra in _plan(version, norm, steps, queries)}
+    plan: Plan = []
+    for name in names:
+        if name in own:
+            plan.append((name, *own[name]))
+            continue
+        if name == "autoattack" or name not in registry.attacks.names():
+            known = sorted(set(own) | set(registry.attacks.names()) - {"autoattack"})
+            raise ValueError(f"attacks_to_run: no attack named '{name}'; choose from "
+                             f"{', '.join(known)}")
+        plan.append((name, registry.attacks.get(name), {}))
+    return plan
+
+
 @lru_cache(maxsize=64)
 def _stage_params(params: Any, num_classes: int) -> tuple[tuple[str, Any, BaseModel], ...]:
     """(name, plugin class, validated Params) of every stage: validated once per evaluation,
     however many batches build the ensemble (``params`` is frozen, hence a cache key)."""
-    common = {"eps": params.eps, "norm": params.norm, "seed": params.seed}
+    from pagctl.protocols import declared_budget
+
     stages = []
-    plan = _plan(params.version, params.norm, params.steps, params.square_queries)
+    plan = _custom_plan(params.attacks_to_run, params.norm, params.steps,
+                        params.square_queries) if params.version == "custom" else \
+        _plan(params.version, params.norm, params.steps, params.square_queries)
+    own = {cls for cls in (APGDCE, APGDDLR, APGDT, FAB, FABT, Square)}
     for name, cls, extra in plan:
+        fields = cls.Params.model_fields
+        common = {key: value for key, value in
+                  (("eps", params.eps), ("norm", params.norm), ("seed", params.seed))
+                  if key in fields}
+        if cls not in own:
+            try:
+                stage_params = cls.Params.model_validate(common)
+            except ValueError as exc:
+                raise ValueError(f"attacks_to_run: stage '{name}' refuses the ensemble's "
+                                 f"settings: {exc}") from None
+            norm = declared_budget(cls, stage_params)[0]
+            if norm != params.norm:
+                raise ValueError(f"attacks_to_run: stage '{name}' attacks in {norm}, not "
+                                 f"in the ensemble's {params.norm}; drop it or change norm")
+            stages.append((name, cls, stage_params))
+            continue
         if "n_target_classes" in extra:
             extra = {**extra,
                      "n_target_classes": min(extra["n_target_classes"], num_classes - 1)}
@@ -99,7 +161,14 @@ class AutoAttack(AttackBase):
         )
         version: Version = Field(
             default="standard", description="'standard' (deterministic models), 'plus' "
-            "(more restarts and attacks) or 'rand' (randomised models: EoT over 20 forwards)",
+            "(more restarts and attacks), 'rand' (randomised models: EoT over 20 forwards) "
+            "or 'custom' (the stages of attacks_to_run)",
+        )
+        attacks_to_run: StageNames = Field(
+            default=(), description="version=custom: the stages in order, e.g. "
+            "apgd_ce,apgd_t or [apgd-ce, square]; AutoAttack's own (apgd_ce, apgd_t, fab_t, "
+            "square, apgd_dlr, fab) with the reference's settings, or any registered attack "
+            "with its defaults",
         )
         seed: int | None = Field(
             default=None, description="seed of every stage's randomness; null = the run's seed",
@@ -114,6 +183,18 @@ class AutoAttack(AttackBase):
             default=5000, ge=1, description="queries of the Square stage (the reference uses "
             "5,000; fewer gives a weaker, non-standard evaluation)",
         )
+
+        @model_validator(mode="after")
+        def _custom_names_stages(self) -> AutoAttack.Params:
+            if self.version == "custom" and not self.attacks_to_run:
+                raise ValueError("attacks_to_run: version=custom runs the stages listed "
+                                 "here; give them, e.g. attacks_to_run=apgd_ce,apgd_t")
+            if self.version != "custom" and self.attacks_to_run:
+                raise ValueError(f"attacks_to_run: chooses the stages of version=custom, "
+                                 f"not of '{self.version}'; add version=custom or drop it")
+            if len(set(self.attacks_to_run)) != len(self.attacks_to_run):
+                raise ValueError("attacks_to_run: a stage is listed twice; list each once")
+            return self
 
     params: Params
 
