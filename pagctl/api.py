@@ -122,26 +122,14 @@ def tensors(images: Any, labels: Any, *, num_classes: int | None = None,
     training images refuses it). ``num_classes`` defaults to the largest label + 1.
     FieldError (one line) for anything else: other shapes or dtypes, no image, pixels
     outside [0, 1] or not finite, labels outside the classes."""
-    import torch
-
     from pagctl.data import DataBundle, TensorImageDataset, validate_tensors
+    from pagctl.data.tensor_file import as_image_pair
 
-    x, y = _tensor("images", images), _tensor("labels", labels)
-    if x.dtype != torch.uint8:
-        if not x.is_floating_point():
-            raise FieldError("images", f"expected float pixels in [0, 1] or uint8 0..255, got "
-                             f"{x.dtype}")
-        x = x.float()
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise FieldError("labels", f"expected integer class labels, got {y.dtype}")
-    if x.dim() != 4:
-        raise FieldError("images", f"expected (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise FieldError("images", "no image given; an evaluation set needs at least one")
-    if y.shape != (x.shape[0],):
-        raise FieldError("labels", f"expected ({x.shape[0]},), one per image, got "
-                         f"{tuple(y.shape)}")
-    y = y.to(torch.int64)
+    try:
+        x, y = as_image_pair(_tensor("images", images), _tensor("labels", labels))
+    except ValueError as exc:
+        field, _, detail = str(exc).partition(": ")
+        raise FieldError(field, detail) from None
     if num_classes is None:
         classes = int(y.max()) + 1
     elif isinstance(num_classes, bool) or not isinstance(num_classes, int) \

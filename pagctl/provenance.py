@@ -52,8 +52,8 @@ if TYPE_CHECKING:
 
     from pagctl.data import DataBundle
 
-__all__ = ["Measurement", "check_test_images", "folder_model_digest", "model_digest",
-           "record_measurements", "weights_digest"]
+__all__ = ["Measurement", "check_test_images", "folder_model_digest", "holds_test_images",
+           "model_digest", "record_measurements", "weights_digest"]
 
 
 def weights_digest(tensors: Mapping[str, Tensor]) -> str:
@@ -101,24 +101,38 @@ def folder_model_digest(run_dir: Path, weights: str = "last",
     return model_digest(load_run(run_dir, weights=weights, trust=trust).model)
 
 
+def holds_test_images(run_dir: Path, bundle: DataBundle, weights: str = "last") -> bool:
+    """Whether ``bundle``'s test split holds the images and labels the run was trained or
+    imported with (the digest its weights carry: `pagctl.checkpoint.TEST_DIGEST_KEY`); True
+    for weights saved before they carried it."""
+    return _test_digests(run_dir, bundle, weights) is None
+
+
 def check_test_images(run_dir: Path, bundle: DataBundle, weights: str = "last") -> None:
     """CheckpointError unless ``bundle``'s test split holds the images and labels the run
-    was trained or imported with (the digest its weights carry: `pagctl.checkpoint
-    .TEST_DIGEST_KEY`); nothing is checked for weights saved before they carried it."""
+    was trained or imported with (`holds_test_images`)."""
+    differ = _test_digests(run_dir, bundle, weights)
+    if differ is not None:
+        found, recorded = differ
+        raise CheckpointError(
+            f"{run_dir}: the data given ({bundle.name}, {len(bundle.test)} test images) are "  # type: ignore[arg-type]
+            f"not the test images the run was trained or imported with (digest {found} vs "
+            f"{recorded}); point --data-dir (data_dir) at the run's own data")
+
+
+def _test_digests(run_dir: Path, bundle: DataBundle, weights: str) -> tuple[str, str] | None:
+    """(the digest of ``bundle``'s test split, the one the weights carry) when they differ;
+    None when they agree or the weights carry none."""
     import torch
 
     from pagctl.data import subset_digest
 
     recorded = weights_metadata(confined(run_dir, WEIGHTS[weights])).get(TEST_DIGEST_KEY)
     if recorded is None:
-        return
+        return None
     size = len(bundle.test)  # type: ignore[arg-type]
     found = subset_digest(bundle.test, torch.arange(size))
-    if found != recorded:
-        raise CheckpointError(
-            f"{run_dir}: the data given ({bundle.name}, {size} test images) are not the test "
-            f"images the run was trained or imported with (digest {found} vs {recorded}); "
-            "point --data-dir (data_dir) at the run's own data")
+    return None if found == recorded else (found, recorded)
 
 
 @dataclass(frozen=True)

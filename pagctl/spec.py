@@ -91,9 +91,15 @@ class ModelSpec(FrozenModel):
 
 class DataSpec(FrozenModel):
     dataset: Literal["digits", "mnist5k", "toy", "cifar10", "cifar100", "stl10", "svhn",
-                     "mnist", "fashion_mnist", "imagefolder"] = Field(description="dataset name")
-    root: Path | None = Field(default=None, description="data directory (--data-dir); "
-                              "required for all but digits, mnist5k and toy")
+                     "mnist", "fashion_mnist", "imagefolder", "tensors"] = Field(
+        description="dataset name; tensors: your own images in one .safetensors or .npz "
+        "file (x, y; optionally x_train, y_train) given as root")
+    root: Path | None = Field(default=None, description="data directory (--data-dir), or "
+                              "the file of the dataset tensors; required for all but "
+                              "digits, mnist5k and toy")
+    num_classes: int | None = Field(
+        default=None, ge=1, le=100_000, description="tensors: the number of classes; null = "
+        "the largest label + 1 (other datasets know theirs)")
     download: bool = Field(default=False, description="allow the network: torchvision "
                            "downloads the dataset into root, timm fetches pretrained weights")
     batch_size: int = Field(default=64, ge=1, description="training batch size (images)")
@@ -126,6 +132,13 @@ class DataSpec(FrozenModel):
                             "image_size: the centre crop's share of the resized image")
     interpolation: Literal["bilinear", "bicubic", "nearest"] = Field(
         default="bilinear", description="imagefolder with image_size: the resize filter")
+
+    @model_validator(mode="after")
+    def _num_classes_is_for_tensors(self) -> DataSpec:
+        if self.num_classes is not None and self.dataset != "tensors":
+            raise ValueError(f"data.num_classes: sets the classes of the dataset tensors; "
+                             f"'{self.dataset}' knows its own, set it to null")
+        return self
 
     @model_validator(mode="after")
     def _image_size_is_for_image_folders(self) -> DataSpec:

@@ -12,8 +12,10 @@ import typer
 
 from pagctl.cli.common import (
     DataDirOpt,
+    DatasetOpt,
     DeviceOpt,
     Format,
+    IndicesOpt,
     MergeShardsOpt,
     ProgressOpt,
     RecordOpt,
@@ -59,8 +61,7 @@ def align_score(
         help="K target classes sampled per image (default: the run's train K).")] = None,
     limit: Annotated[int | None, typer.Option(
         "--limit", min=1, help="Score the first N test images (of --indices if given).")] = None,
-    indices_file: Annotated[Path | None, typer.Option(
-        "--indices", help="File of test-set indices (as for pagctl attack).")] = None,
+    indices_file: IndicesOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1,
                                             help="Images per batch.")] = 256,
     seed: Annotated[int, typer.Option(
@@ -77,6 +78,7 @@ def align_score(
     trust_code: TrustCodeOpt = False,
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
+    dataset: DatasetOpt = None,
     fmt: Annotated[Format, typer.Option("--format", help=format_help("align-score"))] = \
         Format.table,
 ) -> None:
@@ -101,7 +103,7 @@ def align_score(
         indices=read_indices(indices_file) if indices_file is not None else None,
         limit=limit, batch_size=batch_size, seed=seed, progress=progress,
         shard=None if launch is not None else shard_of, merge_shards=merge_shards)
-    access = RunAccess(device, data_dir, weights, trust_code, launch)
+    access = RunAccess(device, data_dir, weights, trust_code, launch, dataset)
     asked = _Asked(source_name, params, classes_per_image, given, save_images, keep_record,
                    fmt)
     printed: list[dict[str, Any]] = []
@@ -176,11 +178,11 @@ def _score_run(run: Path, asked: _Asked, request: EvaluationRequest, access: Run
                           source=asked.source,
                           title=f"{run.name}: ∇ log p(t|x) vs {asked.source} (mean cos "
                           f"{report.mean:.3f})")
-        if asked.keep_record:
+        if not asked.keep_record:
+            typer.echo("not recorded (--no-record)", err=True)
+        elif access.recordable(run, bundle, loaded.weights):
             record_results(run, [(record, report.indices)], loaded.weights, bundle,
                            access.trust_code)
-        else:
-            typer.echo("not recorded (--no-record)", err=True)
     return printed
 
 

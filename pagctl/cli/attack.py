@@ -13,8 +13,10 @@ import typer
 from pagctl.checkpoint import check_output
 from pagctl.cli.common import (
     DataDirOpt,
+    DatasetOpt,
     DeviceOpt,
     Format,
+    IndicesOpt,
     MergeShardsOpt,
     ProgressOpt,
     RecordOpt,
@@ -56,9 +58,7 @@ def attack(
         "--param", "-p", help="Attack parameter KEY=VALUE; repeatable (eps=8/255).")] = [],  # noqa: B006
     limit: Annotated[int | None, typer.Option(
         "--limit", min=1, help="Attack the first N test images (of --indices if given).")] = None,
-    indices_file: Annotated[Path | None, typer.Option(
-        "--indices", help="File of test-set indices to attack: integers separated by "
-        "spaces, commas or newlines, or a JSON list.")] = None,
+    indices_file: IndicesOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1,
                                             help="Images per attack batch.")] = 256,
     seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1,
@@ -101,6 +101,7 @@ def attack(
     trust_code: TrustCodeOpt = False,
     device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
+    dataset: DatasetOpt = None,
     fmt: Annotated[Format, typer.Option("--format", help=format_help("attack"))] = \
         Format.table,
 ) -> None:
@@ -146,7 +147,7 @@ def attack(
         limit=limit, batch_size=batch_size, seed=seed, precision=precision,
         progress=progress, state=state, shard=None if launch is not None else shard_of,
         merge_shards=merge_shards)
-    access = RunAccess(device, data_dir, weights, trust_code, launch)
+    access = RunAccess(device, data_dir, weights, trust_code, launch, dataset)
     outputs = _Outputs(given, save_images, save_adversarial, export, keep_record, fmt)
     curves: list[tuple[Path, list[Any]]] = []
     printed: list[dict[str, Any]] = []
@@ -230,12 +231,12 @@ def _attack_run(run: Path, job: AttackJob, request: EvaluationRequest, access: R
                                 attacked, job.name, dev)
         _write_exports(outputs.export, outputs.save_adversarial, run, loaded, bundle, reports,
                        outputs.given)
-        if outputs.keep_record:
+        if not outputs.keep_record:
+            typer.echo("not recorded (--no-record)", err=True)
+        elif access.recordable(run, bundle, loaded.weights):
             record_results(run, [(rec, report.indices) for rec, report in
                                  zip(records, reports, strict=True)], loaded.weights, bundle,
                            access.trust_code)
-        else:
-            typer.echo("not recorded (--no-record)", err=True)
     return reports, printed
 
 
@@ -246,7 +247,7 @@ def _write_exports(export: Path | None, save_adversarial: Path | None, run: Path
         from pagctl.robustness.exports import write_exports
 
         written = write_exports(export, reports, name=loaded.spec.name,
-                                dataset=loaded.spec.data.dataset,
+                                dataset=bundle.name,
                                 architecture=loaded.spec.model.arch,
                                 class_names=_class_names(run), eps_given=given.get("eps"))
         typer.echo(f"wrote {len(written)} files to {export}", err=True)

@@ -152,13 +152,37 @@ WeightsOpt = Annotated[str, typer.Option(
     "data.validation_size). Recorded with the result.")]
 
 
-def read_indices(path: Path) -> Any:
-    """``--indices FILE``: integers (ASCII digits) separated by spaces, commas or newlines,
-    or a JSON list, each once. Shape: -> (n,) int64 tensor."""
+IndicesOpt = Annotated[str | None, typer.Option(
+    "--indices", metavar="FILE|START:STOP", help="Test points to evaluate, as positions in "
+    "the test set (with --dataset tensors: in your file's x): a range START:STOP (STOP "
+    "excluded, e.g. 0:1000), or a file of integers separated by spaces, commas or "
+    "newlines, or a JSON list.")]
+DatasetOpt = Annotated[str | None, typer.Option(
+    "--dataset", help="Evaluate on other data than the run's own test split, read from "
+    "--data-dir: 'tensors' (your .safetensors or .npz file of x and y) or a named dataset "
+    "(cifar10, ...). Results on data that is not the run's test split are shown and "
+    "exported, not recorded.")]
+
+
+def read_indices(given: str) -> Any:
+    """``--indices``: a range ``START:STOP`` (STOP excluded; START defaults to 0), or a file
+    of integers (ASCII digits) separated by spaces, commas or newlines, or a JSON list, each
+    once. Shape: -> (n,) int64 tensor."""
     import re
 
     import torch
 
+    span = re.fullmatch(r"\s*([0-9]*)\s*:\s*([0-9]+)\s*", given)
+    if span is not None and not Path(given).exists():
+        start, stop = int(span.group(1) or 0), int(span.group(2))
+        if stop <= start or stop > 2**40:
+            raise SpecError(f"--indices {given}: the range START:STOP holds no index; give "
+                            "STOP > START, e.g. 0:1000")
+        return torch.arange(start, stop, dtype=torch.int64)
+    path = Path(given)
+    if not path.is_file():
+        raise SpecError(f"--indices {given}: no such file; give a file of indices or a range "
+                        "START:STOP, e.g. 0:1000")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
@@ -342,23 +366,75 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class RunAccess:
     """How a command opens each run folder it is given: ``--device``, ``--data-dir``,
-    ``--weights``, ``--trust-code``, and, under ``--shard torchrun``, the launch (each rank
-    on its own device)."""
+    ``--weights``, ``--trust-code``, ``--dataset`` (data other than the run's own: the
+    user's held-out file, ``--dataset tensors --data-dir FILE``), and, under ``--shard
+    torchrun``, the launch (each rank on its own device)."""
 
     device: str
     data_dir: Path | None
     weights: str
     trust_code: bool
     launch: Any = None
+    dataset: str | None = None
 
     def open(self, run: Path) -> tuple[LoadedRun, DataBundle, torch.device]:
-        """The run's model and data on this process's device (`load_run_and_data`)."""
+        """The run's model and data on this process's device (`load_run_and_data`), or with
+        ``dataset`` that dataset read from ``data_dir``: the model must take its images and
+        give one logit per class of it (checked as the evaluation starts)."""
         device = self.device
         if self.launch is not None:
             from pagctl.distributed.launch import rank_device
 
             device = rank_device(device, self.launch)
-        return load_run_and_data(run, device, self.data_dir, self.weights, self.trust_code)
+        if self.dataset is None:
+            return load_run_and_data(run, device, self.data_dir, self.weights,
+                                     self.trust_code)
+        return self._other_data(run, device)
+
+    def _other_data(self, run: Path, device: str) -> tuple[LoadedRun, DataBundle,
+                                                            torch.device]:
+        from pydantic import ValidationError
+
+        from pagctl import checkpoint
+        from pagctl.build import resolve_device
+        from pagctl.data import load_data
+        from pagctl.spec import DataSpec, format_validation_error
+        from pagctl.trust import CodeTrust
+
+        if self.data_dir is None:
+            raise SpecError(f"--dataset {self.dataset}: reads its files from --data-dir; give "
+                            "it (for tensors: the .safetensors or .npz file of x and y)")
+        dev = resolve_device(device)
+        loaded = checkpoint.load_run(run, dev, weights=self.weights,
+                                     trust=CodeTrust.of(self.trust_code))
+        for line in loaded.warnings:
+            typer.echo(line, err=True)
+        fields: dict[str, Any] = {"dataset": self.dataset, "root": self.data_dir}
+        if self.dataset == "tensors":
+            fields["num_classes"] = int(loaded.config["num_classes"])
+        try:
+            data_spec = DataSpec.model_validate(fields)
+        except ValidationError as exc:
+            raise SpecError(format_validation_error(exc, model=DataSpec).splitlines()[0]
+                            .replace("dataset:", "--dataset:", 1)) from None
+        return loaded, load_data(data_spec), dev
+
+    def recordable(self, run: Path, bundle: DataBundle, weights: str) -> bool:
+        """Whether a result on ``bundle`` may enter ``run``'s metrics.jsonl: always for the
+        run's own data (checked as it was opened); with ``--dataset``, only when its test
+        split is the one the run was trained or imported with (else one line on stderr
+        says the result is shown, not recorded, and how to keep such results)."""
+        if self.dataset is None:
+            return True
+        from pagctl.provenance import holds_test_images
+
+        if holds_test_images(run, bundle, weights):
+            return True
+        typer.echo(f"not recorded: {self.data_dir} is not the test split of {run}, whose "
+                   "records are about its own test points only; to keep results on this "
+                   f"data, import the model with --dataset {self.dataset} --data-dir "
+                   f"{self.data_dir}", err=True)
+        return False
 
 
 def evaluate_run(evaluate: Callable[[EvaluationRequest], T], request: EvaluationRequest,

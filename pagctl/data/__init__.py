@@ -29,6 +29,7 @@ Default normalisation constants (``DataBundle.mean/std``; ``model.mean/std`` ove
 | mnist | 0.1307 | 0.3081 | training set |
 | fashion_mnist | 0.2860 | 0.3530 | training set |
 | imagefolder | (0.485, 0.456, 0.406) | (0.229, 0.224, 0.225) | ImageNet (timm's default) |
+| tensors | of ``x_train`` (none: 0) | of ``x_train`` (none: 1) | the user's file, per channel |
 
 They are fixed constants, so a model's normalisation never depends on the split.
 """
@@ -48,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from pagctl.data.formats import find_dataset_files
 from pagctl.data.imagefolder import ImageFolderDataset, find_image_folders
+from pagctl.data.tensor_file import channel_stats, read_tensor_file
 from pagctl.data.toy import toy_sample
 from pagctl.errors import DataError
 from pagctl.spec import DataSpec
@@ -406,6 +408,31 @@ def _load_imagefolder(spec: DataSpec) -> DataBundle:
     )
 
 
+def _load_tensors(spec: DataSpec) -> DataBundle:
+    if spec.root is None:
+        raise DataError("data.root: the dataset 'tensors' reads your own file; give it with "
+                        "--data-dir FILE (.safetensors or .npz with x and y)")
+    path = Path(spec.root).expanduser()
+    arrays = read_tensor_file(path)
+    x, y = arrays["x"], arrays["y"]
+    x_train, y_train = arrays.get("x_train", x[:0]), arrays.get("y_train", y[:0])
+    found = int(max(int(y.max()), int(y_train.max()) if len(y_train) else -1)) + 1
+    classes = spec.num_classes if spec.num_classes is not None else found
+    if classes < 2 and spec.num_classes is None:
+        raise DataError(f"data.root: {path}: every label is 0; give the number of classes "
+                        "(data.num_classes)")
+    name = f"tensors ({path.name})"
+    for images, labels, split in ((x, y, "x, y"), (x_train, y_train, "x_train, y_train")):
+        validate_tensors(images, labels,
+                         num_classes=classes, name=f"{name} {split}")
+    mean, std = channel_stats(x_train) if len(x_train) else \
+        ((0.0,) * int(x.shape[1]), (1.0,) * int(x.shape[1]))
+    test = TensorImageDataset(x, y)
+    return DataBundle(train=TensorImageDataset(x_train, y_train), test=test,
+                      num_classes=classes, input_shape=test.input_shape, mean=mean, std=std,
+                      name="tensors", class_names=tuple(str(i) for i in range(classes)))
+
+
 def load_data(spec: DataSpec) -> DataBundle:
     """Load ``spec.dataset``.
 
@@ -421,6 +448,8 @@ def load_data(spec: DataSpec) -> DataBundle:
       downloaded there only when ``spec.download``; held in memory as uint8.
     - ``imagefolder``: ``root/train/<class>/*`` and ``root/test`` (or ``root/val``), read
       lazily as RGB; all images must have one size.
+    - ``tensors``: the user's own file ``root`` (`pagctl.data.tensor_file`): ``x``/``y`` are
+      the test split, ``x_train``/``y_train`` (optional) the training split.
 
     Raises `DataError` (one line, naming the field and the fix) when data are missing,
     unreadable or invalid.
@@ -433,4 +462,6 @@ def load_data(spec: DataSpec) -> DataBundle:
         return _load_toy(spec)
     if spec.dataset == "imagefolder":
         return _load_imagefolder(spec)
+    if spec.dataset == "tensors":
+        return _load_tensors(spec)
     return _load_files(spec)
