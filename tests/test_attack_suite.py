@@ -6,7 +6,8 @@ takes, with fast parameters per attack in `CASES` (a new built-in fails
 `test_every_registered_attack_has_cases` until it is listed there). What one attack alone
 promises (parity with a reference implementation, an analytic case, a step's geometry, its
 parameters' defaults) stays in its own file: test_attacks.py (steps, PGD, FGSM),
-test_apgd.py, test_fab.py, test_square.py, test_cw.py.
+test_pgd_modes.py (targeted PGD, EOT-PGD, MI-FGSM), test_apgd.py, test_fab.py,
+test_square.py, test_cw.py.
 
 Per case:
 
@@ -83,24 +84,30 @@ CASES: dict[str, list[dict[str, Any]]] = {
     "autoattack": _each_norm(APGD_EPS, steps=3, square_queries=10),
     "cw_l2": [{"eps": 0.3, "steps": 30, "binary_search_steps": 3, "target": "random"},
               {"steps": 20, "binary_search_steps": 2}],
+    "eot_pgd": [{"eps": "8/255", "steps": 3, "eot_iter": 2},
+                {"norm": "l2", "eps": 0.5, "steps": 3, "eot_iter": 2, "restarts": 2,
+                 "target": "next"}],
     "fab": _each_norm(FAB_EPS, steps=10, restarts=2),
     "fab_t": _each_norm(FAB_EPS, steps=10, restarts=2, n_target_classes=3),
     "fgsm": [{"eps": "8/255"}, {"eps": 0.5, "norm": "l2"}],
-    "pgd_l2": [{"eps": 0.5, "steps": 5}, {"eps": 1.0, "steps": 3, "restarts": 3}],
+    "mifgsm": [{"eps": "8/255", "steps": 5}],
+    "pgd_l2": [{"eps": 0.5, "steps": 5}, {"eps": 1.0, "steps": 3, "restarts": 3},
+               {"eps": 0.5, "steps": 5, "target": "least_likely"}],
     "pgd_linf": [{"eps": "8/255", "steps": 5},
-                 {"eps": 0.1, "steps": 3, "restarts": 2, "step_size": 0.05}],
+                 {"eps": 0.1, "steps": 3, "restarts": 2, "step_size": 0.05},
+                 {"eps": 0.1, "steps": 3, "restarts": 2, "target": "random"}],
     "square": _each_norm(APGD_EPS, queries=30),
 }
 """Fast parameters per attack: one case per entry, covering every norm it takes."""
 
-DETERMINISTIC = {"fgsm"}
+DETERMINISTIC = {"fgsm", "mifgsm"}
 """Attacks that draw no randomness with their case's parameters."""
 SEED_UNSEEN = {"cw_l2", "fab", "fab_t"}
 """Attacks whose random draws (FAB's restarts, CW's random targets) change no point on
 these inputs: another seed is not required to give other points (test_fab and test_cw
 show their seeds at work where they do)."""
 KEEP_MISCLASSIFIED = {"apgd_ce", "apgd_dlr", "apgd_t", "autoattack", "cw_l2", "fab", "fab_t",
-                      "square"}
+                      "mifgsm", "square"}
 """Attacks that return the points the model already misclassifies unchanged."""
 MINIMUM_NORM = {"cw_l2", "fab", "fab_t"}
 """Attacks that return a point only where they found an adversarial one within eps."""
@@ -214,8 +221,9 @@ def test_float64_model_in_train_mode(name: str, params: dict[str, Any]) -> None:
 
 QUICK = {  # keep the built-ins fast; defaults are checked for validity regardless
     "apgd_ce": {"steps": 5}, "apgd_dlr": {"steps": 5}, "apgd_t": {"steps": 5},
-    "autoattack": {"steps": 3, "square_queries": 10}, "fab": {"steps": 5},
-    "fab_t": {"steps": 5}, "square": {"queries": 20}, "cw_l2": {"steps": 5},
+    "autoattack": {"steps": 3, "square_queries": 10}, "eot_pgd": {"steps": 3, "eot_iter": 2},
+    "fab": {"steps": 5}, "fab_t": {"steps": 5}, "mifgsm": {"steps": 3},
+    "square": {"queries": 20}, "cw_l2": {"steps": 5},
     "pgd_l2": {"steps": 3}, "pgd_linf": {"steps": 3},
 }
 KIT_EPS = {"l2": 0.5, "linf": 0.1, "l1": 2.0}
@@ -248,7 +256,8 @@ DIGITS = {  # few iterations: breaking some points is enough
     "apgd_ce": {"steps": 10}, "apgd_dlr": {"steps": 10},
     "apgd_t": {"steps": 10, "n_target_classes": 3},
     "autoattack": {"steps": 3, "square_queries": 20},
-    "cw_l2": {"steps": 20, "binary_search_steps": 3}, "fab": {"steps": 10},
+    "cw_l2": {"steps": 20, "binary_search_steps": 3}, "eot_pgd": {"eot_iter": 2},
+    "fab": {"steps": 10},
     "fab_t": {"steps": 10, "n_target_classes": 3}, "square": {"queries": 50},
 }
 DIGITS_EXACT = {  # (name, norm) -> the parameters, in full

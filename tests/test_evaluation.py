@@ -452,8 +452,8 @@ def _linear_four_class(distance_l2: float) -> tuple[nn.Module, Tensor, Tensor]:
     return Shifted().eval(), x, torch.zeros(6, dtype=torch.int64)
 
 
-WHITE_BOX = ["fgsm", "pgd_l2", "pgd_linf", "apgd_ce", "apgd_dlr", "apgd_t", "fab", "fab_t",
-             "cw_l2", "autoattack"]
+WHITE_BOX = ["fgsm", "mifgsm", "pgd_l2", "pgd_linf", "eot_pgd", "apgd_ce", "apgd_dlr",
+             "apgd_t", "fab", "fab_t", "cw_l2", "autoattack"]
 
 
 @pytest.mark.parametrize("name", WHITE_BOX)
@@ -469,7 +469,7 @@ def test_every_white_box_attack_breaks_a_guaranteed_adversarial_case(name: str) 
     given: dict[str, Any] = {"eps": 0.4}
     if "norm" in fields:
         given["norm"] = "l2"
-    if name in ("pgd_linf", "fgsm"):
+    if name in ("pgd_linf", "fgsm", "mifgsm"):
         given["eps"] = 0.25
     params = factory.Params.model_validate(given)
     attack = factory(params, BuildContext(4, (1, 4, 4), CPU, 0))

@@ -5,7 +5,9 @@
   params, build context, declared budget, seeded generator, the call's boundary;
 - `steps`: the shared steps as functions: projections, random starts, gradient
   normalisation, loss gradients;
-- `fgsm`, `pgd`: one step and projected gradient descent (L∞, L2);
+- `fgsm`, `pgd`: one step and projected gradient descent (L∞, L2), untargeted or targeted,
+  and EOT-PGD (gradients averaged over passes, for randomised models);
+- `mifgsm`: momentum iterative FGSM (L∞), pgd with a momentum step;
 - `apgd`: Auto-PGD, untargeted and targeted (L∞, L2, L1);
 - `fab`: the fast adaptive boundary attack (L∞, L2, L1);
 - `square`: the score-based black-box Square Attack (L∞, L2, L1);

@@ -1,9 +1,15 @@
-"""Projected gradient descent (Madry et al. 2018), untargeted, L2 and L∞.
+"""Projected gradient descent (Madry et al. 2018), untargeted or targeted, L2 and L∞.
 
 One function, :func:`pgd`, does the work; ``PGDL2`` and ``PGDLinf`` are its plugins, and
-adversarial training (`pagctl.objectives`) runs them as its inner attack. The loss ascended is
-the cross-entropy (``loss="ce"``) or, for TRADES (Zhang et al. 2019), the label-free
-KL(p(x) ‖ p(x')) from the model's prediction on the clean input (``loss="kl"``). The start is
+adversarial training (`pagctl.objectives`) runs them as its inner attack. ``EOTPGD`` is the
+same PGD with every gradient averaged over several forward and backward passes (Expectation
+over Transformation, Athalye et al. 2018: the attack on a model with randomness in its
+forward), and `pagctl.attacks.mifgsm` steps along :func:`pgd`'s momentum option. The loss
+ascended is the cross-entropy (``loss="ce"``) or, for TRADES (Zhang et al. 2019), the
+label-free KL(p(x) ‖ p(x')) from the model's prediction on the clean input (``loss="kl"``).
+Targeted (``target``: the least-likely class of the clean logits, a seeded random other
+class, or the next class) the attack descends the cross-entropy with the target instead, as
+torchattacks' targeted modes do. The start is
 the clean input, a uniform point of the ball, or (``start_std``) the clean input plus a small
 Gaussian, TRADES's ``x + 0.001·N(0, I)``. The
 official PAG code monitors training with a 7-step PGD-L2 whose random start
@@ -18,7 +24,11 @@ pass, so it costs one extra forward per restart (for the last iterate), and none
 run: there the last iterate is returned wherever no earlier one fooled the model, whether it
 does or not. With ``keep="last"`` (what adversarial training's references use: Madry et al.,
 TRADES, Wong et al.) the point is the last iterate of the restart with the highest loss,
-misclassified or not.
+misclassified or not. Targeted, what counts as success is unchanged: ``first_fooled`` keeps
+the first iterate classified as anything but the label (the robust accuracy the engine
+measures), whether or not it reached the target, and restarts compare the loss the attack
+ascends, the negated cross-entropy with the target; ``keep="last"`` returns the last iterate,
+as torchattacks does.
 """
 
 from __future__ import annotations
@@ -34,10 +44,14 @@ from pagctl.attacks.base import AttackBase
 from pagctl.attacks.steps import (
     BestSoFar,
     Norm,
+    NormParam,
+    TargetChoice,
+    choose_targets,
     fit_to_budget,
     logits_and_gradient,
     loss_per_example,
     normalize_l2,
+    per_example,
     project_l2,
     project_linf,
     random_start_l2,
@@ -74,24 +88,46 @@ def kl_from_reference(logits: Tensor, reference: Tensor) -> Tensor:
     return (p_log.exp() * (p_log - q_log)).sum(dim=1)
 
 
-def _ascent_step(model: nn.Module, x: Tensor, y: Tensor, loss: AscentLoss,
-                 reference: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Logits at ``x`` (detached) and the input gradient of the summed loss."""
-    if loss == "ce":
-        return logits_and_gradient(model, x, y)
-    assert reference is not None
-    with torch.enable_grad():
-        x_var = x.detach().requires_grad_(True)
-        logits = model(x_var)
-        (grad,) = torch.autograd.grad(kl_from_reference(logits, reference).sum(), x_var)
-    return logits.detach(), grad.detach()
+def _ascent_step(model: nn.Module, x: Tensor, goal: Tensor, loss: AscentLoss,
+                 reference: Tensor | None, targeted: bool,
+                 eot_iter: int) -> tuple[Tensor, Tensor]:
+    """Logits at ``x`` (detached, the last forward's) and the input gradient of the summed
+    loss, averaged over ``eot_iter`` forward and backward passes (one pass: that pass's
+    gradient exactly). Targeted: the gradient of the negated cross-entropy with ``goal``."""
+    total: Tensor | None = None
+    for _ in range(eot_iter):
+        if loss == "ce":
+            logits, grad = logits_and_gradient(model, x, goal, "ce", targeted)
+        else:
+            assert reference is not None
+            with torch.enable_grad():
+                x_var = x.detach().requires_grad_(True)
+                logits = model(x_var)
+                (grad,) = torch.autograd.grad(kl_from_reference(logits, reference).sum(),
+                                              x_var)
+            logits, grad = logits.detach(), grad.detach()
+        total = grad if total is None else total + grad
+    assert total is not None
+    return logits, total if eot_iter == 1 else total / eot_iter
 
 
-def _loss_at(logits: Tensor, y: Tensor, loss: AscentLoss, reference: Tensor | None) -> Tensor:
+def _loss_at(logits: Tensor, goal: Tensor, loss: AscentLoss, reference: Tensor | None,
+             targeted: bool) -> Tensor:
+    """The loss the attack ascends, per example: the cross-entropy with the label, its
+    negation with the target class, or the KL from the clean prediction."""
     if loss == "ce":
-        return loss_per_example(logits, y, "ce").detach()
+        ce = loss_per_example(logits, goal, "ce").detach()
+        return -ce if targeted else ce
     assert reference is not None
     return kl_from_reference(logits, reference).detach()
+
+
+def _momentum_direction(grad: Tensor, momentum: Tensor | None, decay: float) -> Tensor:
+    """MI-FGSM's accumulated gradient: ``decay · momentum + grad / mean|grad|`` (the mean per
+    example over all its pixels; an all-zero gradient adds nothing). Shape: (N, C, H, W)."""
+    scale = grad.abs().flatten(1).mean(dim=1).clamp_min(torch.finfo(grad.dtype).tiny)
+    scaled = grad / per_example(scale, grad)
+    return scaled if momentum is None else scaled + momentum * decay
 
 
 def _single_run(
@@ -109,6 +145,9 @@ def _single_run(
     loss: AscentLoss = "ce",
     start_std: float | None = None,
     keep: Keep = "first_fooled",
+    targets: Tensor | None = None,
+    eot_iter: int = 1,
+    decay: float | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """One PGD run. Returns (points, loss at the points, fooled mask).
 
@@ -118,6 +157,8 @@ def _single_run(
     Shape: (N, C, H, W), (N,) -> (N, C, H, W), (N,), (N,) bool.
     """
     reference = None
+    targeted = targets is not None
+    goal = y if targets is None else targets
     if loss == "kl":
         with torch.no_grad():
             reference = model(x).detach()
@@ -134,14 +175,17 @@ def _single_run(
         x_k = x.clone()
     found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     out = x_k.clone()
+    momentum: Tensor | None = None
     for _ in range(steps):
-        logits, grad = _ascent_step(model, x_k, y, loss, reference)
+        logits, grad = _ascent_step(model, x_k, goal, loss, reference, targeted, eot_iter)
         if keep == "first_fooled":
             newly = (logits.argmax(dim=1) != y) & ~found
             # torch.where, not out[newly] = ...: boolean indexing waits for the device (it
             # must count the rows) and would stall a GPU once per step.
             out = torch.where(_rows(newly, x_k), x_k, out)
             found |= newly
+        if decay is not None:
+            grad = momentum = _momentum_direction(grad, momentum, decay)
         step = normalize_l2(grad) if norm == "l2" else grad.sign()
         delta = x_k + step_size * step - x
         delta = project_l2(delta, eps) if norm == "l2" else project_linf(delta, eps)
@@ -152,7 +196,7 @@ def _single_run(
         if not check_last:
             return x_k, None, found
         with torch.no_grad():
-            last_loss = _loss_at(model(x_k), y, loss, reference)
+            last_loss = _loss_at(model(x_k), goal, loss, reference, targeted)
         return x_k, last_loss, found
     if not check_last:
         # No iterate fooled the model: the last one, or the clean input where the steps went
@@ -162,7 +206,7 @@ def _single_run(
         return out, None, found
     with torch.no_grad():
         logits = model(x_k)
-    last_loss = _loss_at(logits, y, loss, reference)
+    last_loss = _loss_at(logits, goal, loss, reference, targeted)
     newly = (logits.argmax(dim=1) != y) & ~found
     found |= newly
     out[~found | newly] = x_k[~found | newly]
@@ -184,18 +228,25 @@ def pgd(
     loss: AscentLoss = "ce",
     start_std: float | None = None,
     keep: Keep = "first_fooled",
+    targets: Tensor | None = None,
+    eot_iter: int = 1,
+    decay: float | None = None,
 ) -> Tensor:
-    """Untargeted PGD on ``loss`` (cross-entropy, or KL from the clean prediction), inside
-    the ``norm`` ball of radius ``eps`` around ``x`` and the [0, 1] box.
+    """PGD on ``loss`` (cross-entropy, or KL from the clean prediction), inside the ``norm``
+    ball of radius ``eps`` around ``x`` and the [0, 1] box; untargeted, or with ``targets``
+    (N,) descending the cross-entropy with those classes.
 
     ``step_size`` None means ``default_step_size(eps, steps)``. ``start_std`` (with
     ``random_start``) starts from ``x + start_std·N(0, I)`` projected on the ball instead of
     a uniform point of it. ``keep`` chooses the returned iterate (module docstring). With
     ``keep="first_fooled"`` restarts after the first run attack only the examples not yet
     misclassified; with ``"last"`` every restart attacks every example and the one of highest
-    loss is kept. Runs in whatever mode the caller left ``model`` in.
-    Shape: inputs (N, C, H, W) in [0, 1], labels (N,) -> (N, C, H, W), same dtype/device,
-    ``‖x_adv - x‖ <= eps`` per example.
+    loss (the loss ascended: with ``targets``, the negated cross-entropy with the target) is
+    kept. ``eot_iter`` averages each gradient over that many passes (EOT, for randomised
+    models); ``decay`` steps along MI-FGSM's momentum of L1-scaled gradients instead of the
+    gradient. Runs in whatever mode the caller left ``model`` in.
+    Shape: inputs (N, C, H, W) in [0, 1], labels (N,) [, targets (N,)] -> (N, C, H, W),
+    same dtype/device, ``‖x_adv - x‖ <= eps`` per example.
     """
     if norm not in ("l2", "linf"):
         raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
@@ -209,6 +260,15 @@ def pgd(
         raise ValueError(f"start_std must be > 0, got {start_std}")
     if steps < 1 or restarts < 1:
         raise ValueError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
+    if eot_iter < 1:
+        raise ValueError(f"eot_iter must be >= 1, got {eot_iter}")
+    if decay is not None and not decay >= 0:
+        raise ValueError(f"decay must be >= 0, got {decay}")
+    if targets is not None and loss != "ce":
+        raise ValueError("targets need loss='ce' (the KL loss is label-free)")
+    if targets is not None and targets.shape != y.shape:
+        raise ValueError(f"targets must have the labels' shape {tuple(y.shape)}, got "
+                         f"{tuple(targets.shape)}")
     x0 = x.detach()
     if eps == 0 or x0.shape[0] == 0:
         return x0.clone()
@@ -216,20 +276,24 @@ def pgd(
     if not alpha > 0:
         raise ValueError(f"step_size must be > 0, got {alpha}")
     y = y.to(x0.device)
+    goal = None if targets is None else targets.to(x0.device)
     # Without a random start every run is the same deterministic path: one is enough.
     n_runs = restarts if random_start else 1
     options: dict[str, Any] = {"norm": norm, "eps": eps, "steps": steps, "step_size": alpha,
                                "random_start": random_start, "generator": generator,
-                               "loss": loss, "start_std": start_std, "keep": keep}
+                               "loss": loss, "start_std": start_std, "keep": keep,
+                               "eot_iter": eot_iter, "decay": decay}
     if n_runs == 1:
-        points = _single_run(model, x0, y, check_last=False, **options)[0]
+        points = _single_run(model, x0, y, check_last=False, targets=goal, **options)[0]
         return fit_to_budget(x0, points, norm, eps)
     runs = BestSoFar(x0)
     for _ in range(n_runs):
         active = runs.active()
         if active.numel() == 0:
             break
-        points, run_loss, found = _single_run(model, x0[active], y[active], **options)
+        points, run_loss, found = _single_run(
+            model, x0[active], y[active], targets=None if goal is None else goal[active],
+            **options)
         assert run_loss is not None
         runs.update(active, points, run_loss, found)
     return fit_to_budget(x0, runs.points, norm, eps)
@@ -266,21 +330,46 @@ class _PGDParams(PluginParams):
         "misclassified iterate (evaluation); last: the last iterate of the best restart, "
         "as adversarial training's references use",
     )
+    target: TargetChoice | None = Field(
+        default=None, description="null = untargeted; otherwise descend the cross-entropy "
+        "with a target class: 'least_likely' (lowest clean logit), 'random' (uniform among "
+        "the other classes, seeded), 'next' ((label + 1) mod K). keep=first_fooled still "
+        "keeps the first misclassified iterate, target reached or not; needs loss=ce",
+    )
 
 
 class _PGD(AttackBase):
-    """Shared body of the two PGD plugins (the norm is the only difference)."""
+    """Shared body of the PGD plugins (the norm and EOT's passes are the only differences)."""
 
     norm: Norm
     params: _PGDParams
+    eot_iter: int = 1
 
     def __init__(self, params: _PGDParams, ctx: BuildContext) -> None:
         super().__init__(params, ctx)
+        if params.target is not None and params.loss != "ce":
+            raise ValueError(f"target {params.target!r} needs loss 'ce' (the KL loss is "
+                             "label-free): set target to null or loss to ce")
+        if params.target is not None and ctx.num_classes < 2:
+            raise ValueError("a target class needs at least 2 classes")
         self.step_size: float = (
             default_step_size(self.eps, params.steps)
             if params.step_size is None
             else params.step_size
         )
+
+    def targets(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor | None:
+        """The target classes of the ``target`` rule (None when untargeted); least-likely
+        costs one forward on the clean inputs, random draws one class per example from the
+        attack's generator. Shape: (N, C, H, W), (N,) -> (N,) int64."""
+        rule = self.params.target
+        if rule is None:
+            return None
+        clean = None
+        if rule == "least_likely":
+            with torch.no_grad():
+                clean = model(x).detach()
+        return choose_targets(rule, y, self.ctx.num_classes, self.generator, clean)
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs
@@ -290,6 +379,7 @@ class _PGD(AttackBase):
             step_size=self.step_size, random_start=self.params.random_start,
             restarts=self.params.restarts, generator=self.generator,
             loss=self.params.loss, start_std=self.params.start_std, keep=self.params.keep,
+            targets=self.targets(model, x, y), eot_iter=self.eot_iter,
         )
 
 
@@ -315,3 +405,28 @@ class PGDLinf(_PGD):
             default=8 / 255, ge=0, allow_inf_nan=False,
             description="L-infinity radius in [0, 1] pixel space, e.g. \"8/255\"",
         )
+
+
+class EOTPGD(_PGD):
+    """PGD whose every gradient is the mean over ``eot_iter`` forward and backward passes
+    (Expectation over Transformation), for models with randomness in their forward."""
+
+    class Params(_PGDParams):
+        eps: Epsilon = Field(
+            default=8 / 255, ge=0, allow_inf_nan=False,
+            description="radius in [0, 1] pixel space (number or fraction string)",
+        )
+        norm: NormParam = Field(
+            default="linf", description="linf: signed steps, clipped per pixel; l2: "
+            "L2-normalised steps, projected on the ball (any case)",
+        )
+        eot_iter: int = Field(
+            default=20, ge=1, description="forward and backward passes averaged per "
+            "gradient (AutoAttack's rand version: 20; torchattacks' EOTPGD: 2)",
+        )
+
+    params: Params
+
+    def __init__(self, params: Params, ctx: BuildContext) -> None:
+        super().__init__(params, ctx)
+        self.eot_iter = params.eot_iter

@@ -28,6 +28,8 @@ Norm = Literal["linf", "l2"]
 AnyNorm = Literal["linf", "l2", "l1"]
 """Every threat model the steps handle; APGD, FAB, Square and AutoAttack also attack in L1."""
 Loss = Literal["ce", "margin"]
+TargetChoice = Literal["least_likely", "random", "next"]
+"""How a targeted attack picks each example's target class (:func:`choose_targets`)."""
 
 
 def norm_name(value: object) -> object:
@@ -209,6 +211,34 @@ def loss_per_example(logits: Tensor, labels: Tensor, loss: Loss) -> Tensor:
         others = logits.scatter(1, labels[:, None], float("-inf"))
         return others.amax(dim=1) - true
     raise ValueError(f"loss must be 'ce' or 'margin', got {loss!r}")
+
+
+def choose_targets(
+    rule: TargetChoice,
+    labels: Tensor,
+    num_classes: int,
+    generator: torch.Generator,
+    clean_logits: Tensor | None = None,
+) -> Tensor:
+    """Target classes, never the label: ``"least_likely"`` the lowest-scoring other class of
+    ``clean_logits`` (required for this rule), ``"random"`` uniform among the other
+    ``num_classes − 1`` classes (one draw per example from ``generator``), ``"next"``
+    ``(label + 1) mod num_classes``. Shape: (N,) [, (N, K)] -> (N,) int64, on the labels'
+    device."""
+    if num_classes < 2:
+        raise ValueError(f"a target class needs at least 2 classes, got {num_classes}")
+    if rule == "least_likely":
+        if clean_logits is None:
+            raise ValueError("target 'least_likely' needs the clean logits")
+        others = clean_logits.to(labels.device).scatter(1, labels[:, None], float("inf"))
+        return others.argmin(dim=1)
+    if rule == "random":
+        shift = torch.randint(1, num_classes, (labels.shape[0],), generator=generator,
+                              device=generator.device)
+        return (labels + shift.to(labels.device)) % num_classes
+    if rule == "next":
+        return (labels + 1) % num_classes
+    raise ValueError(f"target must be 'least_likely', 'random' or 'next', got {rule!r}")
 
 
 def logits_and_gradient(
