@@ -83,6 +83,8 @@ CASES: dict[str, list[dict[str, Any]]] = {
     "autoattack": _each_norm(APGD_EPS, steps=3, square_queries=10),
     "cw_l2": [{"eps": 0.3, "steps": 30, "binary_search_steps": 3, "target": "random"},
               {"steps": 20, "binary_search_steps": 2}],
+    "deepfool": [{"eps": 0.5, "steps": 10},
+                 {"norm": "linf", "eps": 0.05, "steps": 10, "candidates": 3}],
     "fab": _each_norm(FAB_EPS, steps=10, restarts=2),
     "fab_t": _each_norm(FAB_EPS, steps=10, restarts=2, n_target_classes=3),
     "fgsm": [{"eps": "8/255"}, {"eps": 0.5, "norm": "l2"}],
@@ -93,16 +95,16 @@ CASES: dict[str, list[dict[str, Any]]] = {
 }
 """Fast parameters per attack: one case per entry, covering every norm it takes."""
 
-DETERMINISTIC = {"fgsm"}
+DETERMINISTIC = {"deepfool", "fgsm"}
 """Attacks that draw no randomness with their case's parameters."""
 SEED_UNSEEN = {"cw_l2", "fab", "fab_t"}
 """Attacks whose random draws (FAB's restarts, CW's random targets) change no point on
 these inputs: another seed is not required to give other points (test_fab and test_cw
 show their seeds at work where they do)."""
-KEEP_MISCLASSIFIED = {"apgd_ce", "apgd_dlr", "apgd_t", "autoattack", "cw_l2", "fab", "fab_t",
-                      "square"}
+KEEP_MISCLASSIFIED = {"apgd_ce", "apgd_dlr", "apgd_t", "autoattack", "cw_l2", "deepfool", "fab",
+                      "fab_t", "square"}
 """Attacks that return the points the model already misclassifies unchanged."""
-MINIMUM_NORM = {"cw_l2", "fab", "fab_t"}
+MINIMUM_NORM = {"cw_l2", "deepfool", "fab", "fab_t"}
 """Attacks that return a point only where they found an adversarial one within eps."""
 
 
@@ -216,6 +218,7 @@ QUICK = {  # keep the built-ins fast; defaults are checked for validity regardle
     "apgd_ce": {"steps": 5}, "apgd_dlr": {"steps": 5}, "apgd_t": {"steps": 5},
     "autoattack": {"steps": 3, "square_queries": 10}, "fab": {"steps": 5},
     "fab_t": {"steps": 5}, "square": {"queries": 20}, "cw_l2": {"steps": 5},
+    "deepfool": {"steps": 10},
     "pgd_l2": {"steps": 3}, "pgd_linf": {"steps": 3},
 }
 KIT_EPS = {"l2": 0.5, "linf": 0.1, "l1": 2.0}
