@@ -66,6 +66,7 @@ BUILTIN_ATTACKS = {
     "apgd_t": "pagctl.attacks.apgd:APGDT",
     "autoattack": "pagctl.attacks.autoattack:AutoAttack",
     "cw_l2": "pagctl.attacks.cw:CWL2",
+    "cw_linf": "pagctl.attacks.cw_linf:CWLinf",
     "deepfool": "pagctl.attacks.deepfool:DeepFool",
     "fab": "pagctl.attacks.fab:FAB",
     "fab_t": "pagctl.attacks.fab:FABT",

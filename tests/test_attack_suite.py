@@ -83,6 +83,8 @@ CASES: dict[str, list[dict[str, Any]]] = {
     "autoattack": _each_norm(APGD_EPS, steps=3, square_queries=10),
     "cw_l2": [{"eps": 0.3, "steps": 30, "binary_search_steps": 3, "target": "random"},
               {"steps": 20, "binary_search_steps": 2}],
+    "cw_linf": [{"eps": "8/255", "steps": 5},
+                {"eps": 0.1, "steps": 3, "restarts": 2, "step_size": 0.05, "confidence": 5}],
     "deepfool": [{"eps": 0.5, "steps": 10},
                  {"norm": "linf", "eps": 0.05, "steps": 10, "candidates": 3}],
     "fab": _each_norm(FAB_EPS, steps=10, restarts=2),
@@ -218,7 +220,7 @@ QUICK = {  # keep the built-ins fast; defaults are checked for validity regardle
     "apgd_ce": {"steps": 5}, "apgd_dlr": {"steps": 5}, "apgd_t": {"steps": 5},
     "autoattack": {"steps": 3, "square_queries": 10}, "fab": {"steps": 5},
     "fab_t": {"steps": 5}, "square": {"queries": 20}, "cw_l2": {"steps": 5},
-    "deepfool": {"steps": 10},
+    "cw_linf": {"steps": 3}, "deepfool": {"steps": 10},
     "pgd_l2": {"steps": 3}, "pgd_linf": {"steps": 3},
 }
 KIT_EPS = {"l2": 0.5, "linf": 0.1, "l1": 2.0}

@@ -2,8 +2,10 @@
 
 One function, :func:`pgd`, does the work; ``PGDL2`` and ``PGDLinf`` are its plugins, and
 adversarial training (`pagctl.objectives`) runs them as its inner attack. The loss ascended is
-the cross-entropy (``loss="ce"``) or, for TRADES (Zhang et al. 2019), the label-free
-KL(p(x) ‖ p(x')) from the model's prediction on the clean input (``loss="kl"``). The start is
+the cross-entropy (``loss="ce"``), for TRADES (Zhang et al. 2019) the label-free
+KL(p(x) ‖ p(x')) from the model's prediction on the clean input (``loss="kl"``), or the
+Carlini–Wagner margin ``min(max_{j≠y} z_j − z_y, κ)`` on the logits (``loss="cw"``: the
+"CW∞" of TRADES, MART and RobustBench is PGD-L∞ on it, `pagctl.attacks.cw_linf`). The start is
 the clean input, a uniform point of the ball, or (``start_std``) the clean input plus a small
 Gaussian, TRADES's ``x + 0.001·N(0, I)``. The
 official PAG code monitors training with a 7-step PGD-L2 whose random start
@@ -31,6 +33,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from pagctl.attacks.base import AttackBase
+from pagctl.attacks.cw import margin_loss
 from pagctl.attacks.steps import (
     BestSoFar,
     Norm,
@@ -62,7 +65,7 @@ def _rows(mask: Tensor, like: Tensor) -> Tensor:
 
 
 Keep = Literal["first_fooled", "last"]
-AscentLoss = Literal["ce", "kl"]
+AscentLoss = Literal["ce", "kl", "cw"]
 
 
 def kl_from_reference(logits: Tensor, reference: Tensor) -> Tensor:
@@ -74,24 +77,35 @@ def kl_from_reference(logits: Tensor, reference: Tensor) -> Tensor:
     return (p_log.exp() * (p_log - q_log)).sum(dim=1)
 
 
+def cw_margin(logits: Tensor, labels: Tensor, confidence: float = 0.0) -> Tensor:
+    """The Carlini–Wagner loss to ascend, ``min(max_{j≠y} z_j − z_y, κ)`` (minus the CW
+    paper's ``f``, `pagctl.attacks.cw.margin_loss`): positive once misclassified, flat from
+    the margin ``κ`` on. Shape: (N, K), (N,) -> (N,)."""
+    return -margin_loss(logits, labels, targeted=False, confidence=confidence)
+
+
 def _ascent_step(model: nn.Module, x: Tensor, y: Tensor, loss: AscentLoss,
-                 reference: Tensor | None) -> tuple[Tensor, Tensor]:
+                 reference: Tensor | None, confidence: float) -> tuple[Tensor, Tensor]:
     """Logits at ``x`` (detached) and the input gradient of the summed loss."""
     if loss == "ce":
         return logits_and_gradient(model, x, y)
-    assert reference is not None
     with torch.enable_grad():
         x_var = x.detach().requires_grad_(True)
         logits = model(x_var)
-        (grad,) = torch.autograd.grad(kl_from_reference(logits, reference).sum(), x_var)
+        (grad,) = torch.autograd.grad(_loss_at(logits, y, loss, reference, confidence).sum(),
+                                      x_var)
     return logits.detach(), grad.detach()
 
 
-def _loss_at(logits: Tensor, y: Tensor, loss: AscentLoss, reference: Tensor | None) -> Tensor:
+def _loss_at(logits: Tensor, y: Tensor, loss: AscentLoss, reference: Tensor | None,
+             confidence: float) -> Tensor:
+    """The per-example loss (with its graph: detach for a record). Shape: (N, K) -> (N,)."""
     if loss == "ce":
-        return loss_per_example(logits, y, "ce").detach()
+        return loss_per_example(logits, y, "ce")
+    if loss == "cw":
+        return cw_margin(logits, y, confidence)
     assert reference is not None
-    return kl_from_reference(logits, reference).detach()
+    return kl_from_reference(logits, reference)
 
 
 def _single_run(
@@ -109,6 +123,7 @@ def _single_run(
     loss: AscentLoss = "ce",
     start_std: float | None = None,
     keep: Keep = "first_fooled",
+    confidence: float = 0.0,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """One PGD run. Returns (points, loss at the points, fooled mask).
 
@@ -135,7 +150,7 @@ def _single_run(
     found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     out = x_k.clone()
     for _ in range(steps):
-        logits, grad = _ascent_step(model, x_k, y, loss, reference)
+        logits, grad = _ascent_step(model, x_k, y, loss, reference, confidence)
         if keep == "first_fooled":
             newly = (logits.argmax(dim=1) != y) & ~found
             # torch.where, not out[newly] = ...: boolean indexing waits for the device (it
@@ -152,7 +167,7 @@ def _single_run(
         if not check_last:
             return x_k, None, found
         with torch.no_grad():
-            last_loss = _loss_at(model(x_k), y, loss, reference)
+            last_loss = _loss_at(model(x_k), y, loss, reference, confidence).detach()
         return x_k, last_loss, found
     if not check_last:
         # No iterate fooled the model: the last one, or the clean input where the steps went
@@ -162,7 +177,7 @@ def _single_run(
         return out, None, found
     with torch.no_grad():
         logits = model(x_k)
-    last_loss = _loss_at(logits, y, loss, reference)
+    last_loss = _loss_at(logits, y, loss, reference, confidence).detach()
     newly = (logits.argmax(dim=1) != y) & ~found
     found |= newly
     out[~found | newly] = x_k[~found | newly]
@@ -184,9 +199,11 @@ def pgd(
     loss: AscentLoss = "ce",
     start_std: float | None = None,
     keep: Keep = "first_fooled",
+    confidence: float = 0.0,
 ) -> Tensor:
-    """Untargeted PGD on ``loss`` (cross-entropy, or KL from the clean prediction), inside
-    the ``norm`` ball of radius ``eps`` around ``x`` and the [0, 1] box.
+    """Untargeted PGD on ``loss`` (cross-entropy, KL from the clean prediction, or the CW
+    margin capped at ``confidence``), inside the ``norm`` ball of radius ``eps`` around ``x``
+    and the [0, 1] box.
 
     ``step_size`` None means ``default_step_size(eps, steps)``. ``start_std`` (with
     ``random_start``) starts from ``x + start_std·N(0, I)`` projected on the ball instead of
@@ -201,8 +218,10 @@ def pgd(
         raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    if loss not in ("ce", "kl"):
-        raise ValueError(f"loss must be 'ce' or 'kl', got {loss!r}")
+    if loss not in ("ce", "kl", "cw"):
+        raise ValueError(f"loss must be 'ce', 'kl' or 'cw', got {loss!r}")
+    if not confidence >= 0:
+        raise ValueError(f"confidence must be >= 0, got {confidence}")
     if keep not in ("first_fooled", "last"):
         raise ValueError(f"keep must be 'first_fooled' or 'last', got {keep!r}")
     if start_std is not None and not start_std > 0:
@@ -220,7 +239,8 @@ def pgd(
     n_runs = restarts if random_start else 1
     options: dict[str, Any] = {"norm": norm, "eps": eps, "steps": steps, "step_size": alpha,
                                "random_start": random_start, "generator": generator,
-                               "loss": loss, "start_std": start_std, "keep": keep}
+                               "loss": loss, "start_std": start_std, "keep": keep,
+                               "confidence": confidence}
     if n_runs == 1:
         points = _single_run(model, x0, y, check_last=False, **options)[0]
         return fit_to_budget(x0, points, norm, eps)
@@ -254,7 +274,8 @@ class _PGDParams(PluginParams):
     )
     loss: AscentLoss = Field(
         default="ce", description="ce: cross-entropy with the label; kl: KL(p(x) || p(x')) "
-        "from the model's clean prediction, label-free (TRADES's inner maximisation)",
+        "from the model's clean prediction, label-free (TRADES's inner maximisation); cw: "
+        "the Carlini-Wagner margin min(max_{j != y} z_j - z_y, 0) on the logits",
     )
     start_std: float | None = Field(
         default=None, gt=0, allow_inf_nan=False,
