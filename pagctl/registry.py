@@ -71,6 +71,7 @@ BUILTIN_ATTACKS = {
     "fab": "pagctl.attacks.fab:FAB",
     "fab_t": "pagctl.attacks.fab:FABT",
     "fgsm": "pagctl.attacks.fgsm:FGSM",
+    "pgd_l1": "pagctl.attacks.pgd_l1:PGDL1",
     "pgd_l2": "pagctl.attacks.pgd:PGDL2",
     "pgd_linf": "pagctl.attacks.pgd:PGDLinf",
     "square": "pagctl.attacks.square:Square",

@@ -90,6 +90,8 @@ CASES: dict[str, list[dict[str, Any]]] = {
     "fab": _each_norm(FAB_EPS, steps=10, restarts=2),
     "fab_t": _each_norm(FAB_EPS, steps=10, restarts=2, n_target_classes=3),
     "fgsm": [{"eps": "8/255"}, {"eps": 0.5, "norm": "l2"}],
+    "pgd_l1": [{"eps": 2.0, "steps": 5},
+               {"eps": 1.0, "steps": 3, "step_size": 0.5, "quantile": 0.9}],
     "pgd_l2": [{"eps": 0.5, "steps": 5}, {"eps": 1.0, "steps": 3, "restarts": 3}],
     "pgd_linf": [{"eps": "8/255", "steps": 5},
                  {"eps": 0.1, "steps": 3, "restarts": 2, "step_size": 0.05}],
@@ -97,7 +99,7 @@ CASES: dict[str, list[dict[str, Any]]] = {
 }
 """Fast parameters per attack: one case per entry, covering every norm it takes."""
 
-DETERMINISTIC = {"deepfool", "fgsm"}
+DETERMINISTIC = {"deepfool", "fgsm", "pgd_l1"}
 """Attacks that draw no randomness with their case's parameters."""
 SEED_UNSEEN = {"cw_l2", "fab", "fab_t"}
 """Attacks whose random draws (FAB's restarts, CW's random targets) change no point on
@@ -220,7 +222,7 @@ QUICK = {  # keep the built-ins fast; defaults are checked for validity regardle
     "apgd_ce": {"steps": 5}, "apgd_dlr": {"steps": 5}, "apgd_t": {"steps": 5},
     "autoattack": {"steps": 3, "square_queries": 10}, "fab": {"steps": 5},
     "fab_t": {"steps": 5}, "square": {"queries": 20}, "cw_l2": {"steps": 5},
-    "cw_linf": {"steps": 3}, "deepfool": {"steps": 10},
+    "cw_linf": {"steps": 3}, "deepfool": {"steps": 10}, "pgd_l1": {"steps": 3},
     "pgd_l2": {"steps": 3}, "pgd_linf": {"steps": 3},
 }
 KIT_EPS = {"l2": 0.5, "linf": 0.1, "l1": 2.0}
