@@ -84,6 +84,10 @@ CASES: dict[str, list[dict[str, Any]]] = {
     "autoattack": _each_norm(APGD_EPS, steps=3, square_queries=10),
     "cw_l2": [{"eps": 0.3, "steps": 30, "binary_search_steps": 3, "target": "random"},
               {"steps": 20, "binary_search_steps": 2}],
+    "cw_linf": [{"eps": "8/255", "steps": 5},
+                {"eps": 0.1, "steps": 3, "restarts": 2, "step_size": 0.05, "confidence": 5}],
+    "deepfool": [{"eps": 0.5, "steps": 10},
+                 {"norm": "linf", "eps": 0.05, "steps": 10, "candidates": 3}],
     "eot_pgd": [{"eps": "8/255", "steps": 3, "eot_iter": 2},
                 {"norm": "l2", "eps": 0.5, "steps": 3, "eot_iter": 2, "restarts": 2,
                  "target": "next"}],
@@ -91,6 +95,8 @@ CASES: dict[str, list[dict[str, Any]]] = {
     "fab_t": _each_norm(FAB_EPS, steps=10, restarts=2, n_target_classes=3),
     "fgsm": [{"eps": "8/255"}, {"eps": 0.5, "norm": "l2"}],
     "mifgsm": [{"eps": "8/255", "steps": 5}],
+    "pgd_l1": [{"eps": 2.0, "steps": 5},
+               {"eps": 1.0, "steps": 3, "step_size": 0.5, "quantile": 0.9}],
     "pgd_l2": [{"eps": 0.5, "steps": 5}, {"eps": 1.0, "steps": 3, "restarts": 3},
                {"eps": 0.5, "steps": 5, "target": "least_likely"}],
     "pgd_linf": [{"eps": "8/255", "steps": 5},
@@ -100,16 +106,16 @@ CASES: dict[str, list[dict[str, Any]]] = {
 }
 """Fast parameters per attack: one case per entry, covering every norm it takes."""
 
-DETERMINISTIC = {"fgsm", "mifgsm"}
+DETERMINISTIC = {"deepfool", "fgsm", "mifgsm", "pgd_l1"}
 """Attacks that draw no randomness with their case's parameters."""
 SEED_UNSEEN = {"cw_l2", "fab", "fab_t"}
 """Attacks whose random draws (FAB's restarts, CW's random targets) change no point on
 these inputs: another seed is not required to give other points (test_fab and test_cw
 show their seeds at work where they do)."""
-KEEP_MISCLASSIFIED = {"apgd_ce", "apgd_dlr", "apgd_t", "autoattack", "cw_l2", "fab", "fab_t",
-                      "mifgsm", "square"}
+KEEP_MISCLASSIFIED = {"apgd_ce", "apgd_dlr", "apgd_t", "autoattack", "cw_l2", "deepfool", "fab",
+                      "fab_t", "mifgsm", "square"}
 """Attacks that return the points the model already misclassifies unchanged."""
-MINIMUM_NORM = {"cw_l2", "fab", "fab_t"}
+MINIMUM_NORM = {"cw_l2", "deepfool", "fab", "fab_t"}
 """Attacks that return a point only where they found an adversarial one within eps."""
 
 
@@ -224,6 +230,7 @@ QUICK = {  # keep the built-ins fast; defaults are checked for validity regardle
     "autoattack": {"steps": 3, "square_queries": 10}, "eot_pgd": {"steps": 3, "eot_iter": 2},
     "fab": {"steps": 5}, "fab_t": {"steps": 5}, "mifgsm": {"steps": 3},
     "square": {"queries": 20}, "cw_l2": {"steps": 5},
+    "cw_linf": {"steps": 3}, "deepfool": {"steps": 10}, "pgd_l1": {"steps": 3},
     "pgd_l2": {"steps": 3}, "pgd_linf": {"steps": 3},
 }
 KIT_EPS = {"l2": 0.5, "linf": 0.1, "l1": 2.0}

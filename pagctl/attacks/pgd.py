@@ -5,8 +5,10 @@ adversarial training (`pagctl.objectives`) runs them as its inner attack. ``EOTP
 same PGD with every gradient averaged over several forward and backward passes (Expectation
 over Transformation, Athalye et al. 2018: the attack on a model with randomness in its
 forward), and `pagctl.attacks.mifgsm` steps along :func:`pgd`'s momentum option. The loss
-ascended is the cross-entropy (``loss="ce"``) or, for TRADES (Zhang et al. 2019), the
-label-free KL(p(x) ‖ p(x')) from the model's prediction on the clean input (``loss="kl"``).
+ascended is the cross-entropy (``loss="ce"``), for TRADES (Zhang et al. 2019) the
+label-free KL(p(x) ‖ p(x')) from the model's prediction on the clean input (``loss="kl"``),
+or the Carlini–Wagner margin ``min(max_{j≠y} z_j − z_y, κ)`` on the logits (``loss="cw"``:
+the "CW∞" of TRADES, MART and RobustBench is PGD-L∞ on it, `pagctl.attacks.cw_linf`).
 Targeted (``target``: the least-likely class of the clean logits, a seeded random other
 class, or the next class) the attack descends the cross-entropy with the target instead, as
 torchattacks' targeted modes do. The start is
@@ -41,6 +43,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from pagctl.attacks.base import AttackBase
+from pagctl.attacks.cw import margin_loss
 from pagctl.attacks.steps import (
     BestSoFar,
     Norm,
@@ -76,7 +79,7 @@ def _rows(mask: Tensor, like: Tensor) -> Tensor:
 
 
 Keep = Literal["first_fooled", "last"]
-AscentLoss = Literal["ce", "kl"]
+AscentLoss = Literal["ce", "kl", "cw"]
 
 
 def kl_from_reference(logits: Tensor, reference: Tensor) -> Tensor:
@@ -88,9 +91,16 @@ def kl_from_reference(logits: Tensor, reference: Tensor) -> Tensor:
     return (p_log.exp() * (p_log - q_log)).sum(dim=1)
 
 
+def cw_margin(logits: Tensor, labels: Tensor, confidence: float = 0.0) -> Tensor:
+    """The Carlini–Wagner loss to ascend, ``min(max_{j≠y} z_j − z_y, κ)`` (minus the CW
+    paper's ``f``, `pagctl.attacks.cw.margin_loss`): positive once misclassified, flat from
+    the margin ``κ`` on. Shape: (N, K), (N,) -> (N,)."""
+    return -margin_loss(logits, labels, targeted=False, confidence=confidence)
+
+
 def _ascent_step(model: nn.Module, x: Tensor, goal: Tensor, loss: AscentLoss,
-                 reference: Tensor | None, targeted: bool,
-                 eot_iter: int) -> tuple[Tensor, Tensor]:
+                 reference: Tensor | None, targeted: bool, eot_iter: int,
+                 confidence: float) -> tuple[Tensor, Tensor]:
     """Logits at ``x`` (detached, the last forward's) and the input gradient of the summed
     loss, averaged over ``eot_iter`` forward and backward passes (one pass: that pass's
     gradient exactly). Targeted: the gradient of the negated cross-entropy with ``goal``."""
@@ -99,12 +109,11 @@ def _ascent_step(model: nn.Module, x: Tensor, goal: Tensor, loss: AscentLoss,
         if loss == "ce":
             logits, grad = logits_and_gradient(model, x, goal, "ce", targeted)
         else:
-            assert reference is not None
             with torch.enable_grad():
                 x_var = x.detach().requires_grad_(True)
                 logits = model(x_var)
-                (grad,) = torch.autograd.grad(kl_from_reference(logits, reference).sum(),
-                                              x_var)
+                ascended = _loss_at(logits, goal, loss, reference, targeted, confidence)
+                (grad,) = torch.autograd.grad(ascended.sum(), x_var)
             logits, grad = logits.detach(), grad.detach()
         total = grad if total is None else total + grad
     assert total is not None
@@ -112,14 +121,17 @@ def _ascent_step(model: nn.Module, x: Tensor, goal: Tensor, loss: AscentLoss,
 
 
 def _loss_at(logits: Tensor, goal: Tensor, loss: AscentLoss, reference: Tensor | None,
-             targeted: bool) -> Tensor:
-    """The loss the attack ascends, per example: the cross-entropy with the label, its
-    negation with the target class, or the KL from the clean prediction."""
+             targeted: bool, confidence: float) -> Tensor:
+    """The loss the attack ascends, per example, with its graph (detach for a record): the
+    cross-entropy with the label, its negation with the target class, the CW margin, or the
+    KL from the clean prediction. Shape: (N, K) -> (N,)."""
     if loss == "ce":
-        ce = loss_per_example(logits, goal, "ce").detach()
+        ce = loss_per_example(logits, goal, "ce")
         return -ce if targeted else ce
+    if loss == "cw":
+        return cw_margin(logits, goal, confidence)
     assert reference is not None
-    return kl_from_reference(logits, reference).detach()
+    return kl_from_reference(logits, reference)
 
 
 def _momentum_direction(grad: Tensor, momentum: Tensor | None, decay: float) -> Tensor:
@@ -148,6 +160,7 @@ def _single_run(
     targets: Tensor | None = None,
     eot_iter: int = 1,
     decay: float | None = None,
+    confidence: float = 0.0,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """One PGD run. Returns (points, loss at the points, fooled mask).
 
@@ -177,7 +190,8 @@ def _single_run(
     out = x_k.clone()
     momentum: Tensor | None = None
     for _ in range(steps):
-        logits, grad = _ascent_step(model, x_k, goal, loss, reference, targeted, eot_iter)
+        logits, grad = _ascent_step(model, x_k, goal, loss, reference, targeted, eot_iter,
+                                    confidence)
         if keep == "first_fooled":
             newly = (logits.argmax(dim=1) != y) & ~found
             # torch.where, not out[newly] = ...: boolean indexing waits for the device (it
@@ -196,7 +210,8 @@ def _single_run(
         if not check_last:
             return x_k, None, found
         with torch.no_grad():
-            last_loss = _loss_at(model(x_k), goal, loss, reference, targeted)
+            last_loss = _loss_at(model(x_k), goal, loss, reference, targeted,
+                                 confidence).detach()
         return x_k, last_loss, found
     if not check_last:
         # No iterate fooled the model: the last one, or the clean input where the steps went
@@ -206,7 +221,7 @@ def _single_run(
         return out, None, found
     with torch.no_grad():
         logits = model(x_k)
-    last_loss = _loss_at(logits, goal, loss, reference, targeted)
+    last_loss = _loss_at(logits, goal, loss, reference, targeted, confidence).detach()
     newly = (logits.argmax(dim=1) != y) & ~found
     found |= newly
     out[~found | newly] = x_k[~found | newly]
@@ -231,10 +246,12 @@ def pgd(
     targets: Tensor | None = None,
     eot_iter: int = 1,
     decay: float | None = None,
+    confidence: float = 0.0,
 ) -> Tensor:
-    """PGD on ``loss`` (cross-entropy, or KL from the clean prediction), inside the ``norm``
-    ball of radius ``eps`` around ``x`` and the [0, 1] box; untargeted, or with ``targets``
-    (N,) descending the cross-entropy with those classes.
+    """PGD on ``loss`` (cross-entropy, KL from the clean prediction, or the CW margin capped
+    at ``confidence``), inside the ``norm`` ball of radius ``eps`` around ``x`` and the
+    [0, 1] box; untargeted, or with ``targets`` (N,) descending the cross-entropy with those
+    classes.
 
     ``step_size`` None means ``default_step_size(eps, steps)``. ``start_std`` (with
     ``random_start``) starts from ``x + start_std·N(0, I)`` projected on the ball instead of
@@ -252,8 +269,10 @@ def pgd(
         raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    if loss not in ("ce", "kl"):
-        raise ValueError(f"loss must be 'ce' or 'kl', got {loss!r}")
+    if loss not in ("ce", "kl", "cw"):
+        raise ValueError(f"loss must be 'ce', 'kl' or 'cw', got {loss!r}")
+    if not confidence >= 0:
+        raise ValueError(f"confidence must be >= 0, got {confidence}")
     if keep not in ("first_fooled", "last"):
         raise ValueError(f"keep must be 'first_fooled' or 'last', got {keep!r}")
     if start_std is not None and not start_std > 0:
@@ -265,7 +284,8 @@ def pgd(
     if decay is not None and not decay >= 0:
         raise ValueError(f"decay must be >= 0, got {decay}")
     if targets is not None and loss != "ce":
-        raise ValueError("targets need loss='ce' (the KL loss is label-free)")
+        raise ValueError(f"targets need loss='ce' (targeted PGD descends the cross-entropy "
+                         f"with the target), got {loss!r}")
     if targets is not None and targets.shape != y.shape:
         raise ValueError(f"targets must have the labels' shape {tuple(y.shape)}, got "
                          f"{tuple(targets.shape)}")
@@ -282,7 +302,8 @@ def pgd(
     options: dict[str, Any] = {"norm": norm, "eps": eps, "steps": steps, "step_size": alpha,
                                "random_start": random_start, "generator": generator,
                                "loss": loss, "start_std": start_std, "keep": keep,
-                               "eot_iter": eot_iter, "decay": decay}
+                               "eot_iter": eot_iter, "decay": decay,
+                               "confidence": confidence}
     if n_runs == 1:
         points = _single_run(model, x0, y, check_last=False, targets=goal, **options)[0]
         return fit_to_budget(x0, points, norm, eps)
@@ -318,7 +339,8 @@ class _PGDParams(PluginParams):
     )
     loss: AscentLoss = Field(
         default="ce", description="ce: cross-entropy with the label; kl: KL(p(x) || p(x')) "
-        "from the model's clean prediction, label-free (TRADES's inner maximisation)",
+        "from the model's clean prediction, label-free (TRADES's inner maximisation); cw: "
+        "the Carlini-Wagner margin min(max_{j != y} z_j - z_y, 0) on the logits",
     )
     start_std: float | None = Field(
         default=None, gt=0, allow_inf_nan=False,
@@ -348,8 +370,9 @@ class _PGD(AttackBase):
     def __init__(self, params: _PGDParams, ctx: BuildContext) -> None:
         super().__init__(params, ctx)
         if params.target is not None and params.loss != "ce":
-            raise ValueError(f"target {params.target!r} needs loss 'ce' (the KL loss is "
-                             "label-free): set target to null or loss to ce")
+            raise ValueError(f"target {params.target!r} needs loss 'ce' (targeted PGD descends "
+                             "the cross-entropy with the target): set target to null or loss "
+                             "to ce")
         if params.target is not None and ctx.num_classes < 2:
             raise ValueError("a target class needs at least 2 classes")
         self.step_size: float = (
