@@ -20,6 +20,8 @@ _LEGEND_RUNS = 24
 """At most this many runs get a colour legend (more would hide the panels)."""
 _LABELLED_POINTS = 20
 """At most this many scatter points are labelled with their run."""
+_LABEL_CHARS = 28
+"""Run names longer than this are shortened in the panels (the legend has them whole)."""
 
 CurveKey = tuple[str, str, str | None]
 """(run label, attack, norm): one line of the robust accuracy vs ε panel."""
@@ -275,6 +277,15 @@ def _curve_panel(ax: Any, comparison: Comparison, styles: Styles) -> set[str]:
     return {label for label, _, _ in lines}
 
 
+def short_label(label: str, chars: int = _LABEL_CHARS) -> str:
+    """``label`` as written in a panel: whole up to ``chars`` characters, else its start and
+    its end around an ellipsis (the end is kept, where the runs of a grid differ)."""
+    if len(label) <= chars:
+        return label
+    head = (chars - 1) // 2
+    return f"{label[:head]}…{label[-(chars - 1 - head):]}"
+
+
 def _curve_label(run: str, attack: str, norm: str | None) -> str:
     return f"{run}: {attack}" + (f" {norm}" if norm else "")
 
@@ -295,9 +306,10 @@ def _single_eps_panel(ax: Any, comparison: Comparison,
                         color=styles.colours[label], label=_curve_label(label, attack, norm))
     eps = next(e for points in lines.values() for e, _ in points)
     norms = sorted({k[2] or "?" for k in lines})
-    ax.set_xticks(range(len(runs)), runs, fontsize=7,
-                  rotation=0 if sum(len(r) for r in runs) < 60 else 30,
-                  ha="center" if sum(len(r) for r in runs) < 60 else "right")
+    names = [short_label(r) for r in runs]
+    slanted = sum(len(n) for n in names) > 60
+    ax.set_xticks(range(len(runs)), names, fontsize=7, rotation=30 if slanted else 0,
+                  ha="right" if slanted else "center", rotation_mode="anchor")
     ax.set_xlim(-0.6, len(runs) - 0.4)
     ax.set_xlabel("run")
     ax.set_title(f"robust accuracy at ε = {eps:.4g} ({', '.join(norms)})\n(95% intervals)",
@@ -330,7 +342,7 @@ def _scatter_panel(ax: Any, scatter: Scatter, styles: Styles) -> None:
         left, right = ax.get_xlim()
         for label, cx, cy in points:
             inward = cx.value > (left + right) / 2  # write toward the middle: never cut off
-            ax.annotate(label, (cx.value, cy.value), fontsize=7,
+            ax.annotate(short_label(label), (cx.value, cy.value), fontsize=7,
                         xytext=(-5 if inward else 5, 5), textcoords="offset points",
                         ha="right" if inward else "left", va="bottom")
     r = pearson([cx.value for _, cx, _ in points], [cy.value for _, _, cy in points])
