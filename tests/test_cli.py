@@ -389,8 +389,12 @@ BAD_INPUT = [
          ("--param version", "'standard'", "'rand'")),
     Case("attack-plot-without-sweep", ["attack", "nowhere", "--plot", "c.png"],
          ("--plot", "--eps-sweep")),
-    Case("attack-plot-not-png", ["attack", "nowhere", "--eps-sweep", "0.5,1", "--plot",
-                                 "c.pdf"], ("--plot", ".png")),
+    Case("attack-plot-unknown-format", ["attack", "nowhere", "--eps-sweep", "0.5,1", "--plot",
+                                        "c.jpg"], ("--plot", "'.jpg'", ".png, .pdf or .svg")),
+    Case("attack-images-not-png-but-pdf", ["attack", "nowhere", "--save-images", "g.pdf"],
+         ("--save-images", ".png")),
+    Case("attack-dpi-without-a-figure", ["attack", "nowhere", "--dpi", "300"],
+         ("--dpi", "--plot and --save-images")),
     Case("attack-images-not-png", ["attack", "nowhere", "--save-images", "grid.jpg"],
          ("--save-images", ".png")),
     Case("attack-sweep-not-a-number", ["attack", "nowhere", "--eps-sweep", "0.5,abc"],
@@ -689,16 +693,19 @@ def test_attack_sweep_plot_and_images(run: RunCLI, trained_run: Path, tmp_path: 
     (tmp_path / "idx.txt").write_text("\n".join(str(i) for i in range(100, 140)))
     code, out, err = run("attack", run_dir, "--attack", "pgd_l2", "--param", "steps=5",
                          "--eps-sweep", "0.25,1/2,2", "--indices", tmp_path / "idx.txt",
-                         "--plot", tmp_path / "curve.png", "--save-images",
+                         "--plot", tmp_path / "curve.pdf", "--dpi", "100", "--save-images",
                          tmp_path / "grid.png", "--no-probes", "--format", "json")
     assert code == 0, err
     recs = envelope_records(out, "attack")
     assert [r["eps"] for r in recs] == [0.25, 0.5, 2.0]
     assert all(r["subset"]["first"] == 100 and r["n"] == 40 for r in recs)
     assert recs[2]["robust_accuracy"] <= recs[0]["robust_accuracy"]
-    for name in ("curve.png", "grid.png", "grid-classes.png"):
+    assert (tmp_path / "curve.pdf").read_bytes()[:5] == b"%PDF-"
+    for name in ("grid.png", "grid-classes.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
+    # --dpi 100 reaches the images too: the 3-column grid is 5 inches wide
+    assert 400 < int.from_bytes((tmp_path / "grid.png").read_bytes()[16:20], "big") <= 500
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["eps"] for x in lines[-3:]] == [0.25, 0.5, 2.0]
 

@@ -14,7 +14,7 @@ import pytest
 
 from pagctl.checkpoint import write_spec
 from pagctl.compare.build import compare_runs
-from pagctl.compare.figure import check_against, plot, scatter_columns
+from pagctl.compare.figure import check_against, draw, plot, scatter_columns
 from pagctl.compare.model import Comparison, Row
 from pagctl.compare.pairing import Paired, PointResults, pair, same_points
 from pagctl.compare.rendering import render
@@ -424,25 +424,18 @@ def test_markdown_is_a_pipe_table(tmp_path: Path) -> None:
 # figure
 
 
-def _plot_titles(comparison: Comparison, path: Path, monkeypatch: pytest.MonkeyPatch,
-                 against: str | None = None) -> list[str]:
-    from pagctl import figures
+def _plot_titles(comparison: Comparison, path: Path, against: str | None = None) -> list[str]:
+    import matplotlib.pyplot as plt
 
-    titles: list[str] = []
-    save = figures.save_png
-
-    def capture(fig: Any, target: Path) -> None:
-        titles.extend(ax.get_title() or " ".join(t.get_text() for t in ax.texts)
-                      for ax in fig.axes)
-        save(fig, target)
-
-    monkeypatch.setattr(figures, "save_png", capture)
+    fig = draw(comparison, against=against)
+    titles = [ax.get_title() or " ".join(t.get_text() for t in ax.texts) for ax in fig.axes]
+    plt.close(fig)
     plot(comparison, path, against)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return titles
 
 
-def test_plot_curves_and_correlation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plot_curves_and_correlation(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     runs = [make_run(tmp_path, f"r{i}", [f"train.pag_weight={i}",
                                          "target_gradients.name=nearest_neighbor"],
@@ -454,24 +447,23 @@ def test_plot_curves_and_correlation(tmp_path: Path, monkeypatch: pytest.MonkeyP
     # both budgets cover every run: the one whose values spread more (0.01: 300..150 robust
     # points against 200..80) is the informative one
     assert y is not None and y.eps == pytest.approx(0.01)
-    titles = _plot_titles(c, tmp_path / "out" / "cmp.png", monkeypatch)
+    titles = _plot_titles(c, tmp_path / "out" / "cmp.png")
     assert "robust accuracy vs ε" in titles[0]
     assert "Pearson r = 1.00 (4 runs)" in titles[1]
 
 
-def test_plot_single_run_and_no_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plot_single_run_and_no_data(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     one = compare_runs([make_run(tmp_path, "one", [], [epoch_rec(), attack_rec(100)])])
-    titles = _plot_titles(one, tmp_path / "one.png", monkeypatch)
+    titles = _plot_titles(one, tmp_path / "one.png")
     assert "1 run, too few for a correlation" in titles[1]  # the train monitor is the x
     bare = compare_runs([make_run(tmp_path, "bare", [], [epoch_rec(alignment=None)])])
-    titles = _plot_titles(bare, tmp_path / "bare.png", monkeypatch)
+    titles = _plot_titles(bare, tmp_path / "bare.png")
     assert "no attack records" in titles[0] and "no run has" in titles[1]
 
 
 @pytest.mark.parametrize("n", [100, 10_000])
-def test_plot_robust_accuracy_of_exactly_0_and_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                n: int) -> None:
+def test_plot_robust_accuracy_of_exactly_0_and_1(tmp_path: Path, n: int) -> None:
     """Robust accuracies of 0 and 1 plot (their intervals used to miss them by float noise,
     which matplotlib refuses as negative error bars), and so do records an older version
     wrote with that noise in them."""
@@ -481,7 +473,7 @@ def test_plot_robust_accuracy_of_exactly_0_and_1(tmp_path: Path, monkeypatch: py
     runs = [make_run(tmp_path, "all", [], [epoch_rec(n_test=n), attack_rec(n, n), noisy]),
             make_run(tmp_path, "none", [], [epoch_rec(n_test=n), attack_rec(0, n),
                                             attack_rec(0, n, eps=0.3)])]
-    titles = _plot_titles(compare_runs(runs), tmp_path / "cmp.png", monkeypatch)
+    titles = _plot_titles(compare_runs(runs), tmp_path / "cmp.png")
     assert "robust accuracy vs ε" in titles[0]
 
 
@@ -574,7 +566,7 @@ def test_cli_marks_mismatches_and_refuses_them_with_strict(
     assert len(err.strip().splitlines()) == 1 and "drop --strict" in err
 
 
-def test_plot_against_a_swept_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plot_against_a_swept_field(tmp_path: Path) -> None:
     """--against train.pag_weight: two more panels, robust accuracy and alignment against λ,
     one line per source (the other differing field); a field that does not differ, or is
     not a number, is refused naming the fields that do."""
@@ -587,7 +579,7 @@ def test_plot_against_a_swept_field(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             for source in ("class_mean", "nearest_neighbor") for lam in (0, 1, 2)]
     c = compare_runs(runs)
     check_against(c, "train.pag_weight")
-    titles = _plot_titles(c, tmp_path / "grid.png", monkeypatch, against="train.pag_weight")
+    titles = _plot_titles(c, tmp_path / "grid.png", against="train.pag_weight")
     assert len(titles) == 4
     assert titles[2] == "robust accuracy vs λ (95% intervals)"
     assert titles[3] == "alignment vs λ (95% intervals)"

@@ -24,7 +24,7 @@ from pagctl.cli.common import (
     TrustCodeOpt,
     WeightsOpt,
     cell_text,
-    check_png,
+    check_figure,
     check_run_folders,
     complete_plugins,
     evaluate_run,
@@ -90,7 +90,7 @@ def align_score(
 
     given = parse_params(param, "--param")
     params = plugin_params("target_gradients", source_name, given, "--source")
-    check_png("--save-images", save_images)
+    check_figure("--save-images", save_images, ("png",))
     launch, shard_of = shard_request(shard, merge_shards)
     if shard_of is not None and launch is None and save_images is not None:
         raise SpecError("--save-images: applies to the whole result; give it with "

@@ -15,6 +15,7 @@ from pagctl.cli.common import (
     DataDirOpt,
     DatasetOpt,
     DeviceOpt,
+    DpiOpt,
     Format,
     IndicesOpt,
     MergeShardsOpt,
@@ -24,7 +25,8 @@ from pagctl.cli.common import (
     ShardOpt,
     TrustCodeOpt,
     WeightsOpt,
-    check_png,
+    check_dpi,
+    check_figure,
     check_run_folders,
     complete_plugins,
     evaluate_run,
@@ -67,7 +69,9 @@ def attack(
         "--eps-sweep", help="Comma-separated budgets to attack at in turn, e.g. "
         "0.25,0.5,1,2 or 2/255,4/255,8/255 (replaces the eps parameter).")] = None,
     plot: Annotated[Path | None, typer.Option(
-        "--plot", help="Write robust accuracy vs eps to this PNG (needs --eps-sweep).")] = None,
+        "--plot", metavar="FILE", help="Write robust accuracy vs eps (needs --eps-sweep), as "
+        "PNG, PDF or SVG by the suffix (.png, .pdf, .svg).")] = None,
+    dpi: DpiOpt = None,
     save_images: Annotated[Path | None, typer.Option(
         "--save-images", help="Write clean | adversarial | perturbation for the first 8 "
         "points to this PNG, and the first 4 images turned toward each class to "
@@ -125,8 +129,9 @@ def attack(
                          launch.world_size if launch is not None else merge_shards,
                          state=state, plot=plot, export=export, strict=strict,
                          save_images=save_images, save_adversarial=save_adversarial)
-    check_png("--plot", plot)
-    check_png("--save-images", save_images)
+    check_figure("--plot", plot)
+    check_figure("--save-images", save_images, ("png",))
+    dots = check_dpi(dpi, {"--plot": plot, "--save-images": save_images})
     check_output("--state", state)
     check_output("--save-adversarial", save_adversarial)
     if save_adversarial is not None and save_adversarial.suffix != ".safetensors":
@@ -148,7 +153,8 @@ def attack(
         progress=progress, state=state, shard=None if launch is not None else shard_of,
         merge_shards=merge_shards)
     access = RunAccess(device, data_dir, weights, trust_code, launch, dataset)
-    outputs = _Outputs(given, save_images, save_adversarial, export, keep_record, fmt)
+    outputs = _Outputs(given, save_images, save_adversarial, export, keep_record, fmt,
+                       dots)
     curves: list[tuple[Path, list[Any]]] = []
     printed: list[dict[str, Any]] = []
     try:
@@ -167,7 +173,7 @@ def attack(
     if fmt is Format.json and len(runs) > 1:
         print_envelope("attack", printed)
     if plot is not None:
-        _plot_curves(plot, attack_name, curves)
+        _plot_curves(plot, attack_name, curves, dots)
     if strict:
         _exit_if_unreliable([r for _, reports in curves for r in reports])
 
@@ -175,7 +181,8 @@ def attack(
 @dataclass(frozen=True)
 class _Outputs:
     """What ``pagctl attack`` writes besides the record: the params as typed, the figure,
-    the exports, the adversarial images, whether it records, the output format."""
+    the exports, the adversarial images, whether it records, the output format, the
+    figures' dots per inch."""
 
     given: dict[str, Any]
     save_images: Path | None
@@ -183,6 +190,7 @@ class _Outputs:
     export: Path | None
     keep_record: bool
     fmt: Format
+    dpi: int
 
     @property
     def keep_images(self) -> int | None:
@@ -228,7 +236,7 @@ def _attack_run(run: Path, job: AttackJob, request: EvaluationRequest, access: R
             _render_attack(job.name, run, reports, loaded.weights)
         if outputs.save_images is not None:
             _save_attack_images(outputs.save_images, loaded.model, bundle, reports[-1],
-                                attacked, job.name, dev)
+                                attacked, job.name, dev, outputs.dpi)
         _write_exports(outputs.export, outputs.save_adversarial, run, loaded, bundle, reports,
                        outputs.given)
         if not outputs.keep_record:
@@ -279,8 +287,9 @@ def _exit_if_unreliable(reports: list[Any]) -> None:
         raise typer.Exit(3)
 
 
-def _plot_curves(plot: Path, attack_name: str, curves: list[tuple[Path, list[Any]]]) -> None:
-    """``--plot``: robust accuracy against eps, one curve per run."""
+def _plot_curves(plot: Path, attack_name: str, curves: list[tuple[Path, list[Any]]],
+                 dpi: int) -> None:
+    """``--plot``: robust accuracy against eps, one curve per run, at ``dpi``."""
     from pagctl.figures import robustness_curve
 
     first = curves[0][1][0]
@@ -290,7 +299,7 @@ def _plot_curves(plot: Path, attack_name: str, curves: list[tuple[Path, list[Any
         "label": f"{attack_name} on {run.name}", "eps": [r.eps for r in reports],
         "accuracy": [r.robust_accuracy for r in reports],
         "interval": [r.robust_interval for r in reports]} for run, reports in curves],
-        norm=first.norm, title=title)
+        norm=first.norm, title=title, dpi=dpi)
 
 
 def _render_attack(name: str, run: Path, reports: list[Any], weights: str | None) -> None:
@@ -389,7 +398,7 @@ def _parse_sweep(text: str, params: Any) -> list[float]:
 
 
 def _save_attack_images(path: Path, model: Any, bundle: Any, report: Any, indices: Any,
-                        name: str, device: Any) -> None:
+                        name: str, device: Any, dpi: int) -> None:
     import torch
 
     from pagctl.data import get_batch
@@ -404,7 +413,7 @@ def _save_attack_images(path: Path, model: Any, bundle: Any, report: Any, indice
         adv_pred = model(adv.to(device)).argmax(1).cpu()
     adversarial_grid(path, x, adv, y, clean_pred, adv_pred,
                      title=f"{name}, eps = {report.eps:.4g} ({report.norm})"
-                     if report.eps is not None else name)
+                     if report.eps is not None else name, dpi=dpi)
     # The class grid is drawn with targeted PGD, which has L∞ and L2 steps; an L1 or
     # budget-free evaluation draws it in L2.
     same_norm = report.norm in ("l2", "linf")
@@ -414,4 +423,4 @@ def _save_attack_images(path: Path, model: Any, bundle: Any, report: Any, indice
     turned = turn_toward_classes(model, x[:4].to(device), num_classes=bundle.num_classes,
                                  norm=norm, eps=big)
     class_grid(path.with_name(f"{path.stem}-classes{path.suffix}"), x[:4], turned.cpu(), y[:4],
-               title=f"targeted PGD toward each class, {norm} eps = {big:.4g}")
+               title=f"targeted PGD toward each class, {norm} eps = {big:.4g}", dpi=dpi)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 from pagctl.errors import SpecError
+from pagctl.figures import DEFAULT_DPI, FIGURE_FORMATS, figure_format, pyplot
 
 if TYPE_CHECKING:
     import torch
@@ -132,6 +133,10 @@ ProgressOpt = Annotated[bool, typer.Option(
 RecordOpt = Annotated[bool, typer.Option(
     "--record/--no-record", help="Append the result to the run's metrics.jsonl; --no-record "
     "for a quick look that must not become the run's latest result.")]
+DpiOpt = Annotated[int | None, typer.Option(
+    "--dpi", min=50, max=1200, help=f"Resolution of the figures in dots per inch (default "
+    f"{DEFAULT_DPI}): the pixels of a PNG; a PDF or SVG is vector, and uses it only for "
+    "images inside it.")]
 ShardOpt = Annotated[str | None, typer.Option(
     "--shard", metavar="I/N", help="Evaluate shard I of N (0 <= I < N) as an independent job: "
     "every N-th batch, progress kept in RUN/shards/ (rerun to resume); shows and records "
@@ -249,19 +254,27 @@ def complete_plugins(group: str | None) -> Any:
     return complete
 
 
-def check_png(option: str, path: Path | None) -> None:
-    """An option that writes a figure: a ``.png`` name, and matplotlib installed (checked
-    before any work is done)."""
+def check_figure(option: str, path: Path | None,
+                 formats: tuple[str, ...] = FIGURE_FORMATS) -> None:
+    """An option that writes a figure: a name whose suffix is one of ``formats`` (PNG, PDF
+    or SVG by default), a place it can be written, and matplotlib installed (checked before
+    any work is done)."""
     if path is None:
         return
-    if path.suffix.lower() != ".png":
-        raise SpecError(f"{option}: writes a PNG; give a file name ending in .png")
+    figure_format(option, path, formats)
     from pagctl.checkpoint import check_output
 
     check_output(option, path)
-    from pagctl.figures import pyplot
-
     pyplot(option)
+
+
+def check_dpi(dpi: int | None, figures: dict[str, Path | None]) -> int:
+    """``--dpi`` as given, or `DEFAULT_DPI`; refused when none of ``figures`` (option:
+    file) is asked for, as it would change nothing."""
+    if dpi is not None and all(path is None for path in figures.values()):
+        raise SpecError(f"--dpi: sets the resolution of {' and '.join(figures)}; add "
+                        f"{next(iter(figures))} FILE or drop --dpi")
+    return DEFAULT_DPI if dpi is None else dpi
 
 
 def load_run_and_data(run: Path, device: str, data_dir: Path | None, weights: str = "last",

@@ -79,12 +79,14 @@ there are pairs, an empty line and then a second csv table of them).
 
 Figure (:func:`plot`)
 ---------------------
-Left: robust accuracy vs ε, a line per run and (attack, norm), 95% intervals as error bars.
-Right: alignment vs robust accuracy, a point per run, Pearson's r in the title (from 3 runs
-on; fewer, or no variation, is said instead). x is the alignment column with values in the
-most runs (``align`` records before the training monitor at equal counts); y is the robust
-column with values in the most runs, ties to the widest spread across runs, then the
-largest ε.
+PNG, PDF or SVG by the file's suffix, at ``dpi`` (default 200). Left: robust accuracy vs ε,
+a line per run and (attack, norm), 95% intervals as error bars; at a single ε, robust
+accuracy by run at that ε. Right: alignment vs robust accuracy, a point per run, Pearson's
+r in the title (from 3 runs on; fewer, or no variation, is said instead). One colour per run
+in every panel, one marker per attack, each with its legend. x is the alignment column with
+values in the most runs (``align`` records before the training monitor at equal counts); y
+is the robust column named by ``robust`` (``--robust-column``), by default the one with
+values in the most runs, ties to the widest spread across runs, then the largest ε.
 
 Layout
 ------

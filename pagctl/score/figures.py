@@ -68,7 +68,7 @@ def write_samples_figure(run_dir: Path, model: ScoreModel, bundle: DataBundle,
 
 def image_grid_figure(path: Path, images: Tensor, row_names: list[str], *, title: str) -> None:
     """One row per class. Shape: images (rows, per_row, C, H, W) in [0, 1]."""
-    from pagctl.figures import pyplot, save_png, show_image
+    from pagctl.figures import pyplot, save_figure, show_image
 
     plt = pyplot("samples.png")
     rows, cols = images.shape[:2]
@@ -79,7 +79,7 @@ def image_grid_figure(path: Path, images: Tensor, row_names: list[str], *, title
             show_image(axes[r][c], images[r, c])
         axes[r][0].set_ylabel(row_names[r] if r < len(row_names) else str(r), fontsize=7)
     fig.suptitle(title, fontsize=9)
-    save_png(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -87,7 +87,7 @@ def points_figure(path: Path, data: Tensor, labels: Tensor, points: Tensor, clas
                   *, title: str) -> None:
     """Samples (coloured by class) over the training data (light). Shape: (N, 2), (N,),
     (M, 2), (M,)."""
-    from pagctl.figures import pyplot, save_png
+    from pagctl.figures import pyplot, save_figure
 
     plt = pyplot("samples.png")
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -103,5 +103,5 @@ def points_figure(path: Path, data: Tensor, labels: Tensor, points: Tensor, clas
     ax.set_ylabel("x2")
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
-    save_png(fig, path)
+    save_figure(fig, path)
     plt.close(fig)

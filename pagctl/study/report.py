@@ -643,7 +643,7 @@ def _out_as_word(override: str, out: Path) -> str:
 
 def _figure(study: Study, results: dict[str, RunResults], path: Path) -> None:
     """Robust accuracy (each measure) and alignment against λ, one line per source."""
-    from pagctl.figures import pyplot, save_png
+    from pagctl.figures import pyplot, save_figure
     from pagctl.stats import error_bars
 
     plt = pyplot("--report's figure")
@@ -676,7 +676,7 @@ def _figure(study: Study, results: dict[str, RunResults], path: Path) -> None:
         axes[0][0].set_ylabel("robust accuracy (95% interval)")
         axes[0][-1].set_ylabel("mean cosine (95% interval)")
         fig.tight_layout()
-        save_png(fig, path)
+        save_figure(fig, path)
     finally:
         plt.close(fig)
 

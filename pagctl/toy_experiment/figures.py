@@ -39,7 +39,7 @@ def decision_boundaries_figure(path: Path, panels: list[list[dict[str, Any]]]) -
     from matplotlib.colors import ListedColormap
 
     from pagctl.data.toy import TOY_MEANS
-    from pagctl.figures import pyplot, save_png
+    from pagctl.figures import pyplot, save_figure
 
     plt = pyplot("the toy experiment")
     window = ((0.0, 0.6), (0.05, 1.0))
@@ -78,7 +78,7 @@ def decision_boundaries_figure(path: Path, panels: list[list[dict[str, Any]]]) -
     fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.45 / height))
     fig.suptitle("decision regions (black: model boundary; dashed: Bayes boundaries)",
                  fontsize=10, y=1.0 - 0.12 / height)
-    save_png(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
