@@ -8,6 +8,12 @@ class PagctlError(Exception):
     """A problem the user can fix; the message names the field and the fix."""
 
 
+class PagctlWarning(UserWarning):
+    """Something the user should look at in an input that still runs (an ε that measures
+    nothing: `pagctl.robustness.budget`). The CLI prints it as one line, ``warning: ...``,
+    on stderr, a field it begins with as its flag."""
+
+
 class SpecError(PagctlError):
     """An invalid run spec, override, or plugin parameter."""
 

@@ -99,6 +99,9 @@ class InnerAttack:
             raise SpecError(f"{WHERE}: '{ref.name}' has eps {eps}; adversarial training "
                             "needs eps > 0 (use objective 'ce' for none)")
         mode = REFERENCE_MODE[t.objective] if t.attack_mode == "auto" else t.attack_mode
+        from pagctl.robustness.budget import check_budget
+
+        check_budget(f"{WHERE}.params.eps", norm, eps, bundle.input_shape)
         return cls(ref.name, params, norm, eps, mode, bundle, device, cache_dir)
 
     def __call__(self, net: nn.Module, model: nn.Module, inputs: Tensor, labels: Tensor,

@@ -238,13 +238,25 @@ class TrainSpec(FrozenModel):
 class EvalSpec(FrozenModel):
     attack: PluginRef | None = Field(
         default_factory=lambda: PluginRef(name="pgd_l2", params={"eps": 0.5, "steps": 7}),
-        description="monitoring attack run on the test set after each epoch (null: none)")
+        description="monitoring attack run on the test set after each epoch (null: none); "
+        "unset with a train.inner_attack: that attack at its eps (the trained threat)")
     align_source: PluginRef | None = Field(
         default=None, description="source for the per-epoch alignment cosine on test; "
         "null = the training source (skipped when that is 'none')")
     limit: int | None = Field(default=None, ge=1,
                               description="first N test images for the per-epoch monitor")
     every: int = Field(default=1, ge=1, description="evaluate every N epochs (and the last)")
+
+
+def training_monitor(inner: PluginRef) -> PluginRef | None:
+    """The per-epoch monitor of a run trained against ``inner``: the same attack at the same
+    ``eps`` (so the same norm and radius), every other param its default (an evaluation's:
+    cross-entropy, the first fooled iterate), rather than `EvalSpec`'s L2 default, which
+    measures a threat an L∞-trained model was never trained for. None when ``inner``'s
+    params name no ``eps``."""
+    if "eps" not in inner.params:
+        return None
+    return PluginRef(name=inner.name, params={"eps": inner.params["eps"]})
 
 
 class RunSpec(FrozenModel):
@@ -260,6 +272,18 @@ class RunSpec(FrozenModel):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     out_dir: RunFolderPath | None = Field(default=None,
                                           description="run folder; null = runs/<name>")
+
+    @model_validator(mode="after")
+    def _monitor_follows_the_training_threat(self) -> RunSpec:
+        """An adversarially trained run whose spec leaves ``eval.attack`` unset is monitored
+        under the threat it is trained against (`training_monitor`); one that sets it, to
+        anything or null, keeps what it set."""
+        inner = self.train.inner_attack
+        if inner is not None and "attack" not in self.eval.model_fields_set:
+            monitor = training_monitor(inner)
+            if monitor is not None:
+                object.__setattr__(self, "eval", self.eval.model_copy(update={"attack": monitor}))
+        return self
 
     @property
     def run_dir(self) -> Path:

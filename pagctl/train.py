@@ -64,10 +64,34 @@ if TYPE_CHECKING:
 
 @dataclass
 class TrainResult:
+    """How `train` ended: the run folder, the epochs done, whether it was stopped early,
+    the last epoch's record (``last``; its ``train_seconds`` is that epoch's alone) and
+    ``train_seconds``, the whole run's training time: every epoch's ``train_seconds``
+    summed, across resumes, with the steps of an epoch stopped part-way (the monitor's
+    ``eval_seconds`` not included). Other ranks than 0 of a launch hold 0.0."""
+
     run_dir: Path
     epochs_done: int
     interrupted: bool
     last: dict[str, Any] = field(default_factory=dict)
+    train_seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """What the CLI reports: the run folder, the last epoch's record with its
+        ``train_seconds`` as ``epoch_train_seconds``, and the run's ``train_seconds``."""
+        out = {"run_dir": str(self.run_dir), **self.last}
+        if "train_seconds" in out:
+            out["epoch_train_seconds"] = out.pop("train_seconds")
+        out["train_seconds"] = self.train_seconds
+        return out
+
+
+def run_train_seconds(run_dir: Path) -> float:
+    """The training seconds of every epoch recorded in ``run_dir``'s metrics.jsonl, summed
+    (a resumed run's records of the epochs before the stop included)."""
+    from pagctl.checkpoint import read_metrics
+
+    return sum(r.train_seconds or 0.0 for r in read_metrics(run_dir).of(TrainEpochRecord))
 
 
 def lr_at(t: TrainSpec, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -209,7 +233,7 @@ def _train(spec: RunSpec, replicas: Replicas, dev: torch.device, *, resume: bool
                     if stopping and step + 1 < steps:
                         _save_state(folder, run, epoch, step + 1,
                                     replicas.reduce_sums(sums.as_dict()), best)
-                        return TrainResult(run_dir, epoch, True, last)
+                        return _result(run_dir, folder, epoch, True, last, sums.seconds)
 
                 # -- end of epoch: the sums over every replica; rank 0 monitors and saves
                 sums = EpochSums.from_dict(replicas.reduce_sums(sums.as_dict()))
@@ -220,8 +244,17 @@ def _train(spec: RunSpec, replicas: Replicas, dev: torch.device, *, resume: bool
                     emit(_epoch_line(last))
                 sums = EpochSums()
                 if replicas.agree(stop.requested):  # every rank waits for rank 0's saves
-                    return TrainResult(run_dir, epoch + 1, epoch + 1 < t.epochs, last)
-        return TrainResult(run_dir, t.epochs, False, last)
+                    return _result(run_dir, folder, epoch + 1, epoch + 1 < t.epochs, last)
+        return _result(run_dir, folder, t.epochs, False, last)
+
+
+def _result(run_dir: Path, folder: RunFolder | None, epochs_done: int, interrupted: bool,
+            last: dict[str, Any], partial_seconds: float = 0.0) -> TrainResult:
+    """The `TrainResult` of a run that ends here: its training seconds are the recorded
+    epochs' and, stopped within an epoch, ``partial_seconds`` of that epoch's steps (rank 0
+    alone reads them; ``folder`` is None elsewhere)."""
+    spent = 0.0 if folder is None else run_train_seconds(run_dir) + partial_seconds
+    return TrainResult(run_dir, epochs_done, interrupted, last, spent)
 
 
 # ---------------------------------------------------------------------------------------

@@ -207,6 +207,20 @@ def test_pgd_at_inner_attack_equals_pagctl_attack_pgd_with_the_same_seed(
     assert not torch.equal(ours, inner(model, model, x, y, step_seed(0, 2, 6)))
 
 
+def test_an_inner_attack_eps_that_holds_the_whole_pixel_box_is_warned_about(
+        digits: Any) -> None:
+    import warnings
+
+    from pagctl.errors import PagctlWarning
+
+    spec = _train_spec(["train.inner_attack.params.eps=8"])
+    with pytest.warns(PagctlWarning, match=r"train\.inner_attack\.params\.eps: 8 is an L∞"):
+        InnerAttack.build(spec.train, digits, torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PagctlWarning)
+        InnerAttack.build(_train_spec([]).train, digits, torch.device("cpu"))
+
+
 def test_attack_mode_follows_each_objectives_reference(digits: Any) -> None:
     seen: list[bool] = []
 

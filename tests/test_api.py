@@ -395,3 +395,29 @@ def test_the_command_line_and_the_api_record_the_same_evaluation(
     assert new[0:2] == new[2:4]
     assert new[4] == new[5]
     assert new[0]["reliability"] is not None and new[1]["eps"] == 0.5
+
+
+def test_api_attack_warns_about_an_eps_that_holds_the_whole_pixel_box() -> None:
+    """The API passes the same check as the command: a Python warning naming params.eps and
+    8/255 for an L∞ eps of 8; the L2 and L1 boxes at √d and d; none at a normal eps."""
+    import warnings
+
+    from pagctl.errors import PagctlWarning
+    from pagctl.robustness.budget import implausible_budget
+
+    digits = pg.dataset("digits")  # 1 x 8 x 8: d = 64
+    with pytest.warns(PagctlWarning, match=r"params\.eps: 8 is an L∞ radius .*eps=8/255"):
+        pg.attack(_Linear(), digits, attack="pgd_linf", eps=8, params={"steps": 1}, limit=4,
+                  probes=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PagctlWarning)
+        pg.attack(_Linear(), digits, attack="pgd_linf", eps="8/255", params={"steps": 1},
+                  limit=4, probes=False)
+    shape = (1, 8, 8)
+    assert implausible_budget("linf", 0.999, shape) is None
+    assert implausible_budget("linf", 1.0, shape) is not None
+    assert implausible_budget("l2", 7.99, shape) is None
+    assert implausible_budget("l2", 8.0, shape) is not None
+    assert implausible_budget("l1", 63.9, shape) is None
+    assert implausible_budget("l1", 64.0, shape) is not None
+    assert implausible_budget(None, 8.0, shape) is None

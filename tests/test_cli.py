@@ -732,6 +732,30 @@ def test_attack_no_record_and_strict(run: RunCLI, trained_run: Path, tmp_path: P
     assert code == 2 and "--strict" in err and "--no-probes" in err
 
 
+def test_an_eps_that_holds_the_whole_pixel_box_is_warned_about_or_refused(
+        run: RunCLI, trained_run: Path, tmp_path: Path) -> None:
+    """An L∞ eps of 8 (meant as 8/255) is warned about in one stderr line and still runs;
+    with --strict it is refused: one line naming --param eps with eps=8/255, exit 2,
+    nothing recorded. A normal eps is not warned about."""
+    run_dir = _copy_run(trained_run, tmp_path / "run")
+    metrics = run_dir / "metrics.jsonl"
+    before = metrics.read_bytes()
+    argv = ["attack", run_dir, "--attack", "pgd_linf", "--param", "steps=1", "--limit", "8",
+            "--probe-size", "8", "--format", "json", "--no-progress"]
+    code, out, err = run(*argv, "--param", "eps=8", "--strict")
+    assert code == 2 and out == ""
+    [line] = err.strip().splitlines()
+    assert line.startswith("error: --param eps: 8 is an L∞ radius >= 1") and "eps=8/255" in line
+    assert metrics.read_bytes() == before
+    code, out, err = run(*argv, "--param", "eps=8")
+    assert code == 0, err
+    [warning] = [x for x in err.splitlines() if x.startswith("warning:")]
+    assert warning.startswith("warning: --param eps: 8 is an L∞ radius >= 1")
+    assert json.loads(metrics.read_text().splitlines()[-1])["eps"] == 8
+    code, out, err = run(*argv, "--param", "eps=8/255", "--strict", "--no-record")
+    assert code in (0, 3) and "warning" not in err and "L∞ radius" not in err
+
+
 def test_attack_exports(run: RunCLI, trained_run: Path, tmp_path: Path) -> None:
     """--export writes per-example and per-class CSVs and a RobustBench-style JSON that agree
     with the record; --save-adversarial writes points whose broken ones really are

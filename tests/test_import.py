@@ -519,3 +519,44 @@ def test_a_check_near_chance_is_warned_about(
     assert clearly_better(torch.arange(256) < 26, worse)  # 26 wins of 26: 0.102 higher
     assert not clearly_better(torch.arange(256) < 25, worse)  # 0.098: too small a gain
     assert not clearly_better(torch.arange(4) < 4, worse[:4])  # 4 points: too few to tell
+
+
+def test_compare_shows_an_imported_runs_training_fields_as_unknown(
+        pagctl: Any, plain: tuple[nn.Module, Path]) -> None:
+    """An imported run's spec holds training defaults (epochs, lr, ...) for a model pagctl
+    did not train: compare shows its origin and those fields as ``imported``, never the
+    defaults, and they are columns only where trained runs differ in them."""
+    from pagctl.checkpoint import read_spec
+    from pagctl.spec import load_spec
+    from pagctl.train import train
+
+    _, weights = plain
+    got = pagctl("import", "--model", "plain_digits:make", "--dataset", "digits",
+                 "--checkpoint", weights, "--out", "runs/plain")
+    assert got.code == 0, got.stderr
+    default_epochs = read_spec(Path("runs/plain")).train.epochs
+    fast = ["eval.attack=null", "eval.align_source=null", "eval.limit=40",
+            "data.batch_size=256"]
+    for epochs in (1, 2):
+        assert default_epochs != epochs
+        train(load_spec("digits-vanilla", [*fast, f"train.epochs={epochs}",
+                                           f"out_dir=runs/t{epochs}"]), progress=False)
+
+    def comparison(*runs: str) -> dict[str, Any]:
+        out = pagctl("compare", *runs, "--format", "json")
+        assert out.code == 0, out.stderr
+        [record] = envelope_records(out.stdout, "compare")
+        return record
+
+    two = comparison("runs/plain", "runs/t1")
+    ids = [c["id"] for c in two["columns"] if c["kind"] == "spec"]
+    assert "origin" in ids and "model.arch" in ids
+    assert not [i for i in ids if i.startswith(("train.", "eval.", "target_gradients."))]
+    assert [r["spec"]["origin"] for r in two["runs"]] == ["imported", "trained"]
+
+    three = comparison("runs/plain", "runs/t1", "runs/t2")
+    assert [r["spec"]["train.epochs"] for r in three["runs"]] == ["imported", 1, 2]
+    table = pagctl("compare", "runs/plain", "runs/t1", "runs/t2", "--format", "markdown")
+    assert table.code == 0, table.stderr
+    [imported_row] = [line for line in table.stdout.splitlines() if "| plain" in line]
+    assert "| imported |" in imported_row and f"| {default_epochs} |" not in imported_row

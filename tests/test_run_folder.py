@@ -369,9 +369,11 @@ def test_a_diverging_first_epoch_is_one_line_and_one_way_out(
     assert "again with --overwrite" in capsys.readouterr().err
 
 
-AS_RECORDED = ["eval.limit=null", "eval.every=1", "train.grad_method=loop"]
+AS_RECORDED = ["eval.limit=null", "eval.every=1", "train.grad_method=loop",
+               "eval.attack={name: pgd_l2, params: {eps: 0.5, steps: 7}}"]
 """The built-in digits specs as those versions recorded them: their monitor then ran on
-every test image after every epoch (the specs have since made it cheaper), and the input
+every test image after every epoch (the specs have since made it cheaper), under PGD-L2
+ε 0.5 (the adversarial-training specs now monitor their trained L∞ threat), and the input
 gradients' method was ``loop`` (now ``auto``, which is ``loop`` on a CPU)."""
 
 

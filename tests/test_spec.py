@@ -35,6 +35,44 @@ def test_paper_recipes_carry_the_official_hyperparameters() -> None:
     assert vit.train.pag_weight * vit.train.pag_warmup_factor == pytest.approx(20.0)
 
 
+def _threat(ref: object) -> tuple[str, float]:
+    """(norm, eps) of an attack reference, as the registry validates and declares it."""
+    from pagctl import registry
+    from pagctl.spec import PluginRef
+
+    assert isinstance(ref, PluginRef)
+    params = registry.attacks.validate_params(ref.name, ref.params, "attack")
+    return str(registry.attacks.get(ref.name).norm), float(params.eps)  # type: ignore[attr-defined]
+
+
+def test_every_adversarial_training_recipe_monitors_its_trained_threat() -> None:
+    recipes = [n for n in builtin_spec_names() if load_spec(n).train.inner_attack is not None]
+    assert len(recipes) >= 16
+    for name in recipes:
+        spec = load_spec(name)
+        assert spec.eval.attack is not None, name
+        assert _threat(spec.eval.attack) == _threat(spec.train.inner_attack), name
+
+
+def test_an_unset_monitor_follows_the_inner_attack_and_a_set_one_is_kept() -> None:
+    base = {"name": "x", "model": {"arch": "pagctl_small_cnn"}, "data": {"dataset": "digits"},
+            "train": {"objective": "pgd_at", "inner_attack": {
+                "name": "pgd_linf", "params": {"eps": "8/255", "steps": 3, "keep": "last"}}}}
+    followed = RunSpec.model_validate(base).eval.attack
+    assert followed is not None and followed.name == "pgd_linf"
+    assert followed.params == {"eps": "8/255"}  # an evaluation's params otherwise
+    assert RunSpec.model_validate(json.loads(
+        RunSpec.model_validate(base).model_dump_json())).eval.attack == followed
+    l2 = {**base, "train": {"objective": "trades", "inner_attack": {
+        "name": "pgd_l2", "params": {"eps": 0.25}}}}
+    assert _threat(RunSpec.model_validate(l2).eval.attack) == ("l2", 0.25)
+    kept = RunSpec.model_validate({**base, "eval": {"attack": {"name": "pgd_l2"}}})
+    assert kept.eval.attack is not None and kept.eval.attack.name == "pgd_l2"
+    assert RunSpec.model_validate({**base, "eval": {"attack": None}}).eval.attack is None
+    plain = RunSpec.model_validate({k: v for k, v in base.items() if k != "train"})
+    assert plain.eval.attack is not None and plain.eval.attack.name == "pgd_l2"  # no AT
+
+
 def test_overrides_parse_yaml_values_and_nest() -> None:
     spec = load_spec("digits-pag-nn", ["train.epochs=3", "train.pag_weight=2.5",
                                        "target_gradients.params.pool_size=50",

@@ -164,6 +164,34 @@ def test_resume_after_a_finished_epoch_drops_duplicated_metrics(workdir: Path) -
     assert [r["epoch"] for r in _epoch_records(workdir / "r")] == [1, 2]
 
 
+@pytest.mark.usefixtures("sigint_default")
+def test_the_run_train_seconds_sum_its_epochs_across_a_resume(workdir: Path) -> None:
+    """The result's (and the summary's) train_seconds is the whole run's: the epochs'
+    train_seconds summed, the epochs before a stop included; each epoch record keeps its
+    own, which the summary shows as epoch_train_seconds."""
+    spec = load_spec("digits-vanilla", [*FAST, "out_dir=r"])
+
+    def interrupt(epoch: int, step: int) -> None:
+        if (epoch, step) == (1, 3):  # within epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopped = train(spec, device="cpu", progress=False, on_step=interrupt)
+    assert stopped.interrupted and stopped.epochs_done == 1
+    [first] = checkpoint.read_metrics(workdir / "r").of(TrainEpochRecord)
+    assert first.train_seconds is not None
+    assert stopped.train_seconds > first.train_seconds  # and epoch 2's first steps
+
+    resumed = train(spec, device="cpu", progress=False, resume=True)
+    epochs = checkpoint.read_metrics(workdir / "r").of(TrainEpochRecord)
+    seconds = [r.train_seconds or 0.0 for r in epochs]
+    assert [r.epoch for r in epochs] == [1, 2] and all(s > 0 for s in seconds)
+    assert resumed.train_seconds == pytest.approx(sum(seconds))
+    summary = resumed.summary()
+    assert summary["train_seconds"] == pytest.approx(sum(seconds))
+    assert summary["epoch_train_seconds"] == pytest.approx(seconds[-1])
+    assert summary["epoch"] == 2
+
+
 def test_resume_refuses_a_different_spec(workdir: Path) -> None:
     from pagctl.errors import SpecError
 

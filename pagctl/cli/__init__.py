@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+import warnings
+from typing import Annotated, Any
 
 import typer
 
 from pagctl import __version__
 from pagctl.cli import align_score, attack, bank, compare, importing, plugins, train
-from pagctl.errors import LeaderFailed, PagctlError, RankError
+from pagctl.errors import LeaderFailed, PagctlError, PagctlWarning, RankError
 
 app = typer.Typer(
     name="pagctl",
@@ -93,9 +94,9 @@ LEADER_GRACE_SECONDS = 1.0
 """How long a follower rank that met rank 0's user error waits before exiting."""
 
 
-def _message(exc: PagctlError) -> str:
-    """A user error's text as the command line says it: a library field it begins with
-    (``batch_size: ...``, a `FieldError`'s form) as its flag (`FLAGS`)."""
+def _message(exc: PagctlError | PagctlWarning) -> str:
+    """A user error's (or warning's) text as the command line says it: a library field it
+    begins with (``batch_size: ...``, a `FieldError`'s form) as its flag (`FLAGS`)."""
     text = str(exc)
     field, sep, detail = text.partition(": ")  # a FieldError, or an error in its form
     if sep and field in FLAGS:
@@ -124,6 +125,22 @@ def _parser_error(exc: Exception, reports: bool) -> int | None:
     return code
 
 
+def _one_line_warning(show: Any, reports: bool) -> Any:
+    """``warnings.showwarning`` for the command line: a `PagctlWarning` as one line,
+    ``warning: ...`` on stderr (by rank 0 alone under torchrun), its field as its flag;
+    any other warning as Python shows it (``show``)."""
+
+    def showwarning(message: Warning | str, category: type[Warning], filename: str,
+                    lineno: int, file: Any = None, line: str | None = None) -> None:
+        if isinstance(message, PagctlWarning):
+            if reports:
+                sys.stderr.write(f"warning: {_message(message)}\n")
+            return
+        show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps errors to exit codes (2 user, 1 runtime, 130 Ctrl-C; a
     command may exit 3 itself: ``attack --strict`` on an unreliable verdict)."""
@@ -131,7 +148,10 @@ def main(argv: list[str] | None = None) -> None:
         a in ("--verbose", "-v") for a in (argv if argv is not None else sys.argv[1:]))
     reports = os.environ.get("LOCAL_RANK", "0") == "0"  # user errors, under torchrun: once
     try:
-        code = app(args=argv, prog_name="pagctl", standalone_mode=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", PagctlWarning)
+            warnings.showwarning = _one_line_warning(warnings.showwarning, reports)
+            code = app(args=argv, prog_name="pagctl", standalone_mode=False)
     except LeaderFailed:  # rank 0 of the launch reports it
         import time
 

@@ -99,7 +99,9 @@ def attack(
     progress: ProgressOpt = True,
     strict: Annotated[bool, typer.Option(
         "--strict", help="Exit with code 3 when the reliability verdict is not 'reliable' "
-        "(for CI; the result is still shown and recorded).")] = False,
+        "(for CI; the result is still shown and recorded); refuse an eps whose ball holds "
+        "the whole [0, 1] pixel box (exit 2, nothing run or recorded) rather than warn.")] = \
+        False,
     keep_record: RecordOpt = True,
     weights: WeightsOpt = "last",
     trust_code: TrustCodeOpt = False,
@@ -146,7 +148,7 @@ def attack(
     from pagctl.robustness.evaluate import AttackJob
 
     job = AttackJob(attack_name, params, budgets=budgets, probes=probes,
-                    probe_size=probe_size)
+                    probe_size=probe_size, refuse_implausible=strict)
     request = EvaluationRequest(
         indices=read_indices(indices_file) if indices_file is not None else None,
         limit=limit, batch_size=batch_size, seed=seed, precision=precision,

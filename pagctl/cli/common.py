@@ -38,7 +38,8 @@ ENVELOPE_SCHEMA_VERSION = 1
 incompatibly (a field removed or renamed; new fields do not raise it)."""
 
 ENVELOPE_RECORDS = {  # per command as typed: what its envelope's records are
-    "train": "one summary, the run folder and its last epoch's metrics (with --dry-run: what "
+    "train": "one summary, the run folder, its last epoch's metrics (that epoch's seconds as "
+             "epoch_train_seconds) and train_seconds, the whole run's (with --dry-run: what "
              "training would build); with --grid, one per point, with its values and status",
     "train-score": "one summary, the run folder, steps, samples and the last logged step's "
                    "record",

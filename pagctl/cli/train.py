@@ -194,12 +194,12 @@ def train(
     if result.interrupted:
         _stopped("train", f"epoch {result.epochs_done}", result.run_dir,
                  launcher="torchrun --nproc-per-node N -m " if launch is not None else "")
-    summary = {"run_dir": str(result.run_dir), **result.last}
+    summary = result.summary()
     if fmt is Format.json:
         print_envelope("train", [summary])
         return
     keys = ("run_dir", "epoch", "loss", "ce", "pag", "train_accuracy", "clean_accuracy",
-            "robust_accuracy", "alignment", "n_test", "train_seconds")
+            "robust_accuracy", "alignment", "n_test", "train_seconds", "epoch_train_seconds")
     rows = [(k, cell_text(summary[k])) for k in keys if summary.get(k) is not None]
     if "monitor" in summary:
         rows.append(("monitor", json.dumps(summary["monitor"])))
@@ -330,7 +330,7 @@ def _run_point(p: GridPoint, total: int, *, device: str, overwrite: bool, quiet:
         _log(f"interrupted in {head}, epoch {result.epochs_done}; state saved. Run the "
              "same command again: it skips the finished runs and resumes this one")
         raise typer.Exit(130)
-    return {**row, "run_dir": str(result.run_dir), "status": "trained", **result.last}
+    return {**row, "status": "trained", **result.summary()}
 
 
 def _grid_summary(points: list[GridPoint], summaries: list[dict[str, Any]],

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pagctl.compare.model import Cell, Column, Comparison, Pair, Row
 from pagctl.compare.pairing import PointResults, pair, same_points
+from pagctl.compare.records import is_imported
 from pagctl.compare.runs import RunData, read_run, run_labels
 from pagctl.compare.spec_columns import differing_fields, flat_spec
 from pagctl.errors import FieldError, SpecError
@@ -180,7 +181,8 @@ def compare_runs(run_dirs: list[Path], *, strict: bool = False,
     if not run_dirs:
         raise SpecError("compare: pass at least one run folder")
     specs = [read_spec(Path(d)) for d in run_dirs]
-    flats = [flat_spec(s) for s in specs]
+    flats = [flat_spec(s, imported=is_imported(Path(d)))
+             for d, s in zip(run_dirs, specs, strict=True)]
     labels = run_labels([(Path(d), s.name) for d, s in zip(run_dirs, specs, strict=True)])
     if weights not in ("last", "best"):
         raise FieldError("weights", f"{weights!r} is not one of last, best")

@@ -31,3 +31,17 @@ def read_records(run_dir: Path) -> tuple[list[tuple[int, Usable]], list[str]]:
     usable = [(line, record) for line, record in metrics.entries
               if isinstance(record, (TrainEpochRecord, AttackRecord, AlignRecord))]
     return usable, list(metrics.warnings)
+
+
+def is_imported(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a folder of ``pagctl import`` (its metrics hold an import
+    record): a model pagctl did not train, whose spec's training fields are defaults. A
+    metrics file that cannot be read says no (`read_records` warns about it)."""
+    from pagctl.checkpoint import read_metrics
+    from pagctl.errors import CheckpointError
+    from pagctl.records import ImportRecord
+
+    try:
+        return bool(read_metrics(run_dir).of(ImportRecord))
+    except CheckpointError:
+        return False

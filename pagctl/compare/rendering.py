@@ -9,7 +9,7 @@ import shutil
 from typing import Any
 
 from pagctl.compare.model import Cell, Column, Comparison, Pair
-from pagctl.compare.spec_columns import spec_cell, spec_header
+from pagctl.compare.spec_columns import spec_cell, spec_header, spec_value
 from pagctl.errors import SpecError
 
 _TABLE_SPEC_COLUMNS = 6
@@ -134,7 +134,7 @@ def render_markdown(comparison: Comparison) -> str:
 def to_json(comparison: Comparison) -> dict[str, Any]:
     runs = [{"run": r.label, "name": r.name, "run_dir": str(r.run_dir),
              "epochs": r.epochs_trained,
-             "spec": {k: r.spec.get(k) for k in comparison.spec_columns},
+             "spec": {k: spec_value(r.spec, k) for k in comparison.spec_columns},
              "metrics": {c.id: r.cells[c.id].to_json() if c.id in r.cells else None
                          for c in comparison.columns}} for r in comparison.rows]
     columns = [{"id": k, "kind": "spec", "label": spec_header(k)}
@@ -159,8 +159,8 @@ def render_csv(comparison: Comparison) -> str:
     for row in comparison.rows:
         values: list[str] = [row.label, row.name, str(row.run_dir),
                              "" if row.epochs_trained is None else str(row.epochs_trained)]
-        values += ["" if k not in row.spec else spec_cell(row.spec, k)
-                   for k in comparison.spec_columns]
+        values += [spec_cell(row.spec, k) if spec_value(row.spec, k) is not None
+                   or k in row.spec else "" for k in comparison.spec_columns]
         flags = []
         for c in comparison.columns:
             cell = row.cells.get(c.id)

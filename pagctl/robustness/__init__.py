@@ -8,6 +8,7 @@
 - `evaluate`: ``evaluate_attack`` of an ``AttackJob``, one evaluation as ``pagctl attack``
   and `pagctl.api.attack` both run it (subset, probes, ε-sweep, shards, verdict);
 - `reliability`: the gradient-masking probes and the reliability verdict;
+- `budget`: an ε whose ball holds the whole pixel box (warned about, or refused);
 - `targeted`: targeted PGD toward every class (the "turn toward class" figure);
 - `exports`: what ``--export`` and ``--save-adversarial`` write: per-example and per-class
   CSVs, a RobustBench-style result JSON, the adversarial images.

@@ -37,7 +37,8 @@ class AttackJob:
     ε-sweep (one report per budget; None: the params' own eps). ``probes``: run the
     gradient-masking probes on the first ``probe_size`` points and attach the verdict.
     ``keep_images``: keep the adversarial versions of the first that many points (not in
-    shards).
+    shards). ``refuse_implausible``: an ε whose ball holds the whole pixel box
+    (`pagctl.robustness.budget`) is a `FieldError` of ``params.eps`` rather than a warning.
     """
 
     name: str
@@ -46,6 +47,24 @@ class AttackJob:
     probes: bool = True
     probe_size: int = 100
     keep_images: int = 0
+    refuse_implausible: bool = False
+
+
+def _check_budgets(job: AttackJob, budgets: list[Any] | None,
+                   input_shape: tuple[int, int, int]) -> None:
+    """Each ε the job runs at (its params', or each of its sweep's) checked against the
+    pixel box (`pagctl.robustness.budget.check_budget`): warned about, or refused with
+    ``job.refuse_implausible``, before anything runs."""
+    from pagctl import registry
+    from pagctl.protocols import declared_budget
+    from pagctl.robustness.budget import check_budget
+
+    attack = registry.attacks.get(job.name)
+    for eps in budgets if budgets is not None else [None]:
+        params = job.params if eps is None else job.params.model_copy(update={"eps": eps})
+        norm, value = declared_budget(attack, params)
+        check_budget("params.eps", norm, value, input_shape, refuse=job.refuse_implausible,
+                     stacklevel=4)
 
 
 def evaluate_attack(model: nn.Module, bundle: DataBundle, job: AttackJob,
@@ -75,6 +94,7 @@ def evaluate_attack(model: nn.Module, bundle: DataBundle, job: AttackJob,
 
     request.check(job.probe_size)
     budgets = sweep_budgets(job.params, job.budgets) if job.budgets is not None else None
+    _check_budgets(job, budgets, bundle.input_shape)
     indices = request.points(len(bundle.test))  # type: ignore[arg-type]
     check_outputs(model, bundle, request.device)
     measured = model_digest(model)  # the model itself, whatever precision runs it
