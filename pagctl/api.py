@@ -29,6 +29,7 @@ that append for a run folder's attack reports).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -217,7 +218,8 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
            probes: bool = True, probe_size: int = 100, weights: str = "last",
            progress: bool = False, shard: tuple[int, int] | None = None,
            merge_shards: int | None = None, shard_dir: str | Path | None = None,
-           precision: str = "float32",
+           precision: str = "float32", keep_adversarial: bool = False,
+           save_adversarial: str | Path | None = None,
            trust_code: bool = False) -> AttackReport | list[AttackReport]:
     """Attack ``model`` on ``data`` as ``pagctl attack`` does: clean and robust accuracy with
     95% intervals, what each stage broke and cost, per-example and per-class results, and
@@ -232,7 +234,13 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
     ``--shard`` / ``--merge-shards`` do; the shards live in ``shard_dir`` (default: the
     run folder's ``shards/`` when ``model`` is a path). ``precision="bfloat16"`` runs the
     model's forward under bfloat16 autocast (opt-in; marked in the report).
-    ``trust_code``: as for `load`."""
+    ``keep_adversarial=True`` keeps every point's adversarial example:
+    ``report.adversarial`` (`pagctl.robustness.adversarial.AdversarialExamples`) hands them
+    out in batches (``.batches(256)``: indices, x, x_adv, y and the per-point results), as
+    one tensor (``.x_adv()``), or as a file (``.save(path)``); above 256 MiB they live in a
+    memory-mapped temporary file, not in memory. ``save_adversarial`` writes that file
+    itself, as ``pagctl attack --save-adversarial`` does (``-eps<i>`` before the suffix with
+    a sweep). ``trust_code``: as for `load`."""
 
     from pagctl import registry
     from pagctl.robustness.evaluate import AttackJob, evaluate_attack
@@ -245,11 +253,43 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
                        seed=seed, device=device, progress=progress, shard=shard,
                        merge_shards=merge_shards, shard_dir=shard_dir, precision=precision)
     request.check(probe_size)
+    keep = keep_adversarial or save_adversarial is not None
+    if keep and (shard is not None or merge_shards is not None):
+        raise FieldError("keep_adversarial" if keep_adversarial else "save_adversarial",
+                         "a shard or a merge of shards keeps no adversarial example; "
+                         "evaluate whole to keep them")
+    out = _adversarial_file(save_adversarial)
     job = AttackJob(attack, registry.attacks.validate_params(attack, given, "params"),
                     budgets=eps_sweep, probes=probes, probe_size=probe_size)
     module, bundle, dev = _model_and_data(model, data, device, weights, trust_code)
+    if keep:
+        job = replace(job, keep_images=len(bundle.test))  # type: ignore[arg-type]
     reports, _ = evaluate_attack(module, bundle, job, request.part(device=dev))
+    if out is not None:
+        from pagctl.robustness.adversarial import numbered
+
+        for i, report in enumerate(reports):
+            assert report.adversarial is not None
+            report.adversarial.save(numbered(out, i, len(reports)), {
+                "attack": report.attack, "norm": str(report.norm), "eps": str(report.eps)})
     return reports if eps_sweep is not None else reports[0]
+
+
+def _adversarial_file(path: str | Path | None) -> Path | None:
+    """``save_adversarial`` as a path to write: a .safetensors file name, not a folder.
+    FieldError otherwise."""
+    if path is None:
+        return None
+    if not isinstance(path, (str, Path)):
+        raise FieldError("save_adversarial", f"expected a file path, got "
+                         f"{type(path).__name__}")
+    out = Path(path)
+    if out.suffix != ".safetensors":
+        raise FieldError("save_adversarial", f"{out}: writes safetensors; give a file name "
+                         "ending in .safetensors")
+    if out.is_dir():
+        raise FieldError("save_adversarial", f"{out} is a folder; give a file name")
+    return out
 
 
 def align_score(model: Any, data: Any = None, source: str = "nearest_neighbor", *,

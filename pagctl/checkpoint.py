@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +176,52 @@ def atomic_save_tensors(
         meta[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
     with atomic_path(path) as tmp:
         save_file(out, str(tmp), metadata=meta or None)
+
+
+SAFETENSORS_DTYPES = {"float32": "F32", "float64": "F64", "float16": "F16", "int64": "I64",
+                      "int32": "I32", "uint8": "U8", "bool": "BOOL"}
+"""safetensors' names of the dtypes `save_tensor_chunks` writes (its format's table)."""
+
+
+def save_tensor_chunks(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...],
+                                                        Iterable[torch.Tensor]]],
+                       metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written piece by piece, atomically: each entry is (name, dtype,
+    shape, chunks), the chunks its rows in order (any sizes, together the whole tensor).
+    Only one chunk is in memory at a time, so a file larger than memory can be written.
+    The bytes are the format's own (an 8-byte little-endian header length, the JSON
+    header padded with spaces to a multiple of 8, then each tensor's little-endian data in
+    header order), readable by ``safetensors.safe_open``. ValueError when the chunks of an
+    entry do not add up to its shape or dtype."""
+    import math
+    import struct
+
+    import torch
+
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, dtype, shape, _ in entries:
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")],
+                        "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(text)))
+        handle.write(text)
+        for name, dtype, shape, chunks in entries:
+            rows = 0
+            for chunk in chunks:
+                if chunk.dtype != dtype or tuple(chunk.shape[1:]) != tuple(shape[1:]):
+                    raise ValueError(f"{name}: a chunk of {chunk.dtype} {tuple(chunk.shape)} "
+                                     f"does not fit {dtype} {shape}")
+                handle.write(chunk.detach().cpu().contiguous().numpy().tobytes())
+                rows += int(chunk.shape[0])
+            if rows != (shape[0] if shape else 1):
+                raise ValueError(f"{name}: the chunks hold {rows} rows, not {shape[0]}")
 
 
 def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

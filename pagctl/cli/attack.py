@@ -262,17 +262,13 @@ def _write_exports(export: Path | None, save_adversarial: Path | None, run: Path
                                 class_names=_class_names(run), eps_given=given.get("eps"))
         typer.echo(f"wrote {len(written)} files to {export}", err=True)
     if save_adversarial is not None:
-        from pagctl.checkpoint import atomic_save_tensors
-        from pagctl.data import get_batch
-        from pagctl.robustness.exports import adversarial_tensors
+        from pagctl.robustness.adversarial import numbered
 
         for i, report in enumerate(reports):
-            path = save_adversarial if len(reports) == 1 else save_adversarial.with_name(
-                f"{save_adversarial.stem}-eps{i}{save_adversarial.suffix}")
-            clean, _ = get_batch(bundle.test, report.indices)
-            atomic_save_tensors(adversarial_tensors(report, clean), path,
-                                {"attack": report.attack, "norm": str(report.norm),
-                                 "eps": str(report.eps), "run": str(run)})
+            path = numbered(save_adversarial, i, len(reports))
+            assert report.adversarial is not None  # every point's were kept
+            report.adversarial.save(path, {"attack": report.attack, "norm": str(report.norm),
+                                           "eps": str(report.eps), "run": str(run)})
             typer.echo(f"wrote {path}", err=True)
 
 

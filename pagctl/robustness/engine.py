@@ -152,10 +152,10 @@ def run_attack(
     attacked (robust when clean-correct) and is only a part of the whole. Shape: indices
     (n,) int64 positions in ``dataset``.
     """
-    from pagctl.data import get_batch
     from pagctl.evaluation.sharding import owned_batches
     from pagctl.models import eval_mode
     from pagctl.progress import ProgressBar
+    from pagctl.robustness.adversarial import image_store
 
     n, batch_size, device = len(indices), request.batch_size, request.device
     starts = list(range(0, n, batch_size))
@@ -188,7 +188,7 @@ def run_attack(
                                        device=device)
             state = AttackState.start(
                 dict(key or {}) if state_path is not None else {}, clean,
-                get_batch(dataset, indices[:kept])[0].float() if kept else _empty(),
+                image_store(dataset, indices, kept),
                 stage_names)
         with ProgressBar(stage_names[0], total, enabled=request.progress) as bar:
             while state.stage < len(stage_names):
@@ -272,12 +272,6 @@ def attack_key(model: nn.Module, dataset: Dataset[Any], indices: Tensor, *, name
         model_sha256=model_sha256 if model_sha256 is not None else model_digest(model),
         data_sha256=data_sha256 if data_sha256 is not None else subset_digest(dataset,
                                                                                indices))
-
-
-def _empty() -> Tensor:
-    import torch
-
-    return torch.zeros(0)
 
 
 @dataclass(frozen=True)

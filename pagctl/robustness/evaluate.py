@@ -37,7 +37,9 @@ class AttackJob:
     ε-sweep (one report per budget; None: the params' own eps). ``probes``: run the
     gradient-masking probes on the first ``probe_size`` points and attach the verdict.
     ``keep_images``: keep the adversarial versions of the first that many points (not in
-    shards). ``refuse_implausible``: an ε whose ball holds the whole pixel box
+    shards); every point's (``report.adversarial``,
+    `pagctl.robustness.adversarial.AdversarialExamples`) when it covers the subset.
+    ``refuse_implausible``: an ε whose ball holds the whole pixel box
     (`pagctl.robustness.budget`) is a `FieldError` of ``params.eps`` rather than a warning.
     """
 
@@ -123,6 +125,10 @@ def evaluate_attack(model: nn.Module, bundle: DataBundle, job: AttackJob,
     labels = torch.as_tensor(labels_of(bundle.test)[indices.numpy()])
     for report in out:
         report.indices, report.labels = indices.clone(), labels
+        if report.images is not None and len(report.images) == report.n > 0:
+            from pagctl.robustness.adversarial import AdversarialExamples
+
+            report.adversarial = AdversarialExamples(report, bundle.test)
         report.precision = request.precision
         report.model_sha256 = measured
         report.subset["data_sha256"] = points

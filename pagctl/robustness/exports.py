@@ -1,6 +1,6 @@
 """An attack's results written for others: per-example and per-class CSV, a RobustBench-style
-result JSON, and the adversarial examples themselves (``pagctl attack --export DIR`` and
-``--save-adversarial FILE``).
+result JSON (``pagctl attack --export DIR``); the adversarial examples themselves
+(``--save-adversarial FILE``) are `pagctl.robustness.adversarial`'s.
 
 - ``<stem>.per-example.csv``: ``index`` (in the test set), ``label``, ``clean_correct``,
   ``robust_correct`` (0/1), one row per attacked point, in attack order;
@@ -11,11 +11,6 @@ result JSON, and the adversarial examples themselves (``pagctl attack --export D
   RobustBench writes them; ``robust_acc`` for another attack), with ``eps`` as a fraction
   string ("8/255") where it is one, ``threat_model`` ("Linf", "L2"), ``n``, the attack, its
   version, and the reliability verdict;
-- the adversarial examples (safetensors): ``x`` (clean), ``x_adv``, ``y``, ``indices``,
-  ``clean_correct`` and ``robust_correct`` (uint8), so the exact points and perturbations can
-  be checked elsewhere. ``x_adv`` is the adversarial example where a stage broke the point,
-  the last stage's output where none did, and the clean image where the point was already
-  misclassified (no stage attacks it).
 
 ``<stem>`` is ``<attack>-<norm>-eps<ε>`` (one set per budget of a sweep). Every file is
 written atomically.
@@ -30,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from torch import Tensor
 
     from pagctl.robustness.report import AttackReport
 
@@ -94,20 +88,6 @@ def robustbench_entry(report: AttackReport, *, name: str, dataset: str, architec
         "version": report.params.get("version"),
         "reliable": report.reliable, "evaluated_with": f"pagctl {__version__}"}
     return entry
-
-
-def adversarial_tensors(report: AttackReport, clean: Tensor) -> dict[str, Tensor]:
-    """The safetensors content for ``--save-adversarial`` (``clean``: the attacked images in
-    attack order)."""
-    import torch
-
-    if report.images is None or report.indices is None or report.labels is None:
-        raise ValueError("the report keeps no adversarial images, indices or labels")
-    return {"x": clean.float().contiguous(), "x_adv": report.images.float().contiguous(),
-            "y": report.labels.to(torch.int64).contiguous(),
-            "indices": report.indices.to(torch.int64).contiguous(),
-            "clean_correct": report.clean_mask.to(torch.uint8).contiguous(),
-            "robust_correct": report.robust_mask.to(torch.uint8).contiguous()}
 
 
 def write_exports(folder: Path, reports: list[AttackReport], *, name: str, dataset: str,

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
     from torch import Tensor
 
+    from pagctl.robustness.adversarial import AdversarialExamples
     from pagctl.robustness.state import AttackState
 
 
@@ -76,6 +77,9 @@ class AttackReport:
     """The points' positions in the test set, (n,) int64, when the caller attached them."""
     labels: Tensor | None = field(default=None, repr=False)
     """The points' true classes, (n,) int64, when the caller attached them."""
+    adversarial: AdversarialExamples | None = field(default=None, repr=False)
+    """Every point's adversarial example, when the evaluation kept them all
+    (`pagctl.robustness.adversarial`; not part of the record)."""
     model_sha256: str | None = None
     """Which model was measured (`pagctl.provenance.model_digest`), when the caller attached
     it (`pagctl.robustness.evaluate` does; the subset then has ``data_sha256`` too)."""
