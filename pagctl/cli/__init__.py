@@ -83,7 +83,8 @@ FLAGS = {"limit": "--limit", "batch_size": "--batch-size", "seed": "--seed",
          "probe_size": "--probe-size", "indices": "--indices", "eps_sweep": "--eps-sweep",
          "classes_per_image": "--classes-per-image", "precision": "--precision",
          "weights": "--weights", "shard": "--shard", "merge_shards": "--merge-shards",
-         "device": "--device", "state": "--state", "params": "--param", "source": "--source"}
+         "device": "--device", "state": "--state", "params": "--param", "source": "--source",
+         "model_dir": "--model-dir", "threat_model": "--threat-model"}
 """The flag that sets each library parameter a `FieldError` names: the library speaks of
 ``batch_size``, the command line of ``--batch-size`` (and of ``params.eps`` as
 ``--param eps``)."""
