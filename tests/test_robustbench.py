@@ -158,3 +158,77 @@ def test_a_zoo_name_is_no_import_path() -> None:
 
     assert not is_import_path(f"robustbench:{ZOO_NAME}")
     assert is_import_path("robustbenchx:make")
+
+
+def test_the_protocol_writes_every_model_card_field(pagctl: Any, cache: Path) -> None:
+    """``pagctl benchmark`` is attack's AutoAttack 'standard' at 8/255 (Linf) on the first N
+    points, exported as RobustBench's model-info JSON: every field of its cards, in its
+    order, the ones given with --card as typed and typed, the rest null or decided."""
+    assert pagctl("import", "--model", f"robustbench:{ZOO_NAME}", "--dataset", "cifar10",
+                  "--data-dir", "data", "--out", "runs/zoo").code == 0
+    got = pagctl("benchmark", "runs/zoo", "--n", "2", "--param", "steps=1", "--param",
+                 "square_queries=2", "--data-dir", "data", "--export", "out", "--no-progress",
+                 "--card", "link=https://example.org/paper", "--card", "venue=ICLR 2020",
+                 "--card", "additional_data=false", "--card", "reported=47.18",
+                 "--card", "architecture=WideResNet-28-4")
+    assert got.code == 0, got.stderr
+    assert "steps=1, square_queries=2 is weaker than RobustBench's protocol" in got.stderr
+    [path] = (cache / "out").glob("*.robustbench.json")
+    assert path.name == f"autoattack-linf-eps{8 / 255:.6g}.robustbench.json"
+    entry = json.loads(path.read_text())
+    assert list(entry)[:13] == [
+        "link", "name", "authors", "additional_data", "number_forward_passes", "dataset",
+        "venue", "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "footnote"]
+    assert entry["link"] == "https://example.org/paper" and entry["venue"] == "ICLR 2020"
+    assert entry["additional_data"] is False and entry["reported"] == "47.18"
+    assert entry["architecture"] == "WideResNet-28-4" and entry["name"] == "zoo"
+    assert entry["authors"] is None and entry["footnote"] is None and "external" not in entry
+    assert entry["number_forward_passes"] == 1  # the probes found it deterministic
+    assert entry["unreliable"] is (not entry["reliable"])
+    assert (entry["dataset"], entry["eps"], entry["threat_model"]) == ("cifar10", "8/255",
+                                                                      "Linf")
+    assert (entry["n"], entry["attack"], entry["version"]) == (2, "autoattack", "standard")
+    [rec] = [json.loads(line) for line in (cache / "runs/zoo/metrics.jsonl").read_text()
+             .splitlines() if json.loads(line)["kind"] == "attack"]
+    assert rec["params"]["eps"] == pytest.approx(8 / 255) and rec["params"]["norm"] == "linf"
+    assert rec["params"]["steps"] == 1 and rec["n"] == 2
+    assert entry["clean_acc"] == f"{100 * rec['clean_accuracy']:.2f}"
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--param", "eps=0.1"], "--param: 'eps=0.1' is set by the protocol"),
+    (["--threat-model", "L1"], "--threat-model: 'L1' is not one of Linf, L2"),
+    (["--card", "venue"], "--card: 'venue' is not KEY=VALUE"),
+    (["--card", "additional_data=maybe"], "--card: additional_data: 'maybe' is not true or"),
+    (["--card", "number_forward_passes=0"], "--card: number_forward_passes: '0' is not a"),
+])
+def test_bad_protocol_options_are_one_line(pagctl: Any, cache: Path, argv: list[str],
+                                           expected: str) -> None:
+    assert pagctl("import", "--model", f"robustbench:{ZOO_NAME}", "--dataset", "cifar10",
+                  "--data-dir", "data", "--out", "runs/zoo").code == 0
+    got = pagctl("benchmark", "runs/zoo", *argv, "--n", "1", "--data-dir", "data")
+    assert got.code == 2 and len(got.stderr.strip().splitlines()) == 1, got.stderr
+    assert expected in got.stderr
+    assert not (cache / "benchmark").exists()
+
+
+def test_a_randomised_model_has_no_forward_count_unless_given() -> None:
+    """``number_forward_passes``: 1 for a deterministic model; null for a randomised one
+    (probes' spread above tolerance, or AutoAttack 'rand'), unless the card gives it."""
+    from types import SimpleNamespace
+
+    from pagctl.robustness.exports import forward_passes, robustbench_entry
+
+    def report(spread: float, version: str = "standard") -> Any:
+        return SimpleNamespace(
+            reliability={"reliable": False, "probes": {"output_spread": spread}},
+            reliable=False, params={"version": version}, attack="autoattack", norm="linf",
+            eps=8 / 255, clean_accuracy=0.5, robust_accuracy=0.25, n=4)
+
+    assert forward_passes(report(0.0)) == 1
+    assert forward_passes(report(0.3)) is None
+    assert forward_passes(report(0.0, "rand")) is None
+    entry = robustbench_entry(report(0.3), name="r", dataset="cifar10", architecture="a",
+                              card={"number_forward_passes": 20, "external": "20.00"})
+    assert entry["number_forward_passes"] == 20 and entry["external"] == "20.00"
+    assert entry["unreliable"] is True and entry["autoattack_acc"] == "25.00"
