@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,plots]'
+	$(PY) -m pip install -q --no-deps 'robustbench==1.1.1'  # its zoo, for tests/test_robustbench.py
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -438,11 +438,17 @@ def import_model(out: str | Path, model: str, dataset: str, *,
                  checkpoint: str | Path | None = None, trust_pickle: bool = False,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  kwargs: dict[str, Any] | None = None, root: str | Path | None = None,
-                 overwrite: bool = False, device: str = "cpu") -> ImportResult:
+                 overwrite: bool = False, device: str = "cpu",
+                 threat_model: str | None = None, model_dir: str | Path | None = None,
+                 ) -> ImportResult:
     """Write the run folder ``out`` for a model pagctl did not train, as ``pagctl import``
-    does (docs: own-models.md): ``model`` a timm name, a model provider or
-    ``package.module:factory``; ``dataset`` the data it is evaluated on."""
+    does (docs: own-models.md): ``model`` a timm name, a model provider,
+    ``package.module:factory`` or ``robustbench:<name>`` (a RobustBench zoo entry of
+    ``dataset`` and ``threat_model``, Linf by default, its weights read from RobustBench's
+    cache ``model_dir``, ``./models`` by default); ``dataset`` the data it is evaluated
+    on."""
     import pagctl.importing
+    from pagctl.robustbench_zoo import is_zoo_name, zoo_kwargs
     from pagctl.trust import CodeTrust
 
     if not isinstance(model, str):
@@ -450,6 +456,11 @@ def import_model(out: str | Path, model: str, dataset: str, *,
                          f"provider or package.module:factory), got {type(model).__name__}")
     values: dict[str, Any] = {"model.arch": model, "model.kwargs": dict(kwargs or {}),
                               "data.dataset": dataset, "out_dir": Path(out)}
+    if is_zoo_name(model):
+        values["model.kwargs"] = {**zoo_kwargs(dataset, threat_model), **values["model.kwargs"]}
+    elif threat_model is not None:
+        raise FieldError("threat_model", "names a RobustBench zoo entry's threat model; give "
+                         "it with model='robustbench:<name>'")
     if root is not None:
         values["data.root"] = Path(root)
     if mean is not None:
@@ -460,4 +471,5 @@ def import_model(out: str | Path, model: str, dataset: str, *,
     return pagctl.importing.import_model(
         pagctl.importing.import_spec(None, values, checkpoint=path), path,
         trust_pickle=trust_pickle, overwrite=overwrite, device=device,
-        trust=CodeTrust.of(named=[model]))
+        trust=CodeTrust.of(named=[model]),
+        model_dir=None if model_dir is None else Path(model_dir))

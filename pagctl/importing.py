@@ -14,7 +14,10 @@ model provider, or ``package.module:factory``. The weights come from ``checkpoin
 - a pickle (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.tar``, or anything that is not
   safetensors): only with ``trust_pickle``, because unpickling can run code; read with
   ``torch.load(weights_only=True)`` (tensors and plain containers only) even then;
-- none: the factory's own weights (a factory that loads its checkpoint itself).
+- none: the factory's own weights (a factory that loads its checkpoint itself), or for a
+  RobustBench zoo entry (``robustbench:<name>``) its file in RobustBench's cache under
+  ``model_dir`` (`pagctl.robustbench_zoo`: read as RobustBench reads it, with
+  ``torch.load(weights_only=True)``, never downloaded).
 
 A checkpoint may be the state dict itself or a dict holding it under one of
 `CONTAINER_KEYS`; a ``module.`` prefix on every key (DataParallel) is removed. The weights
@@ -24,8 +27,9 @@ finite logit per class on the first test points, whose accuracy is recorded as a
 The normalisation in front of the network (``model.mean``/``model.std``: both or neither),
 when the spec leaves it null, is chosen by `import_normalisation`: none for
 ``package.module:factory`` (such a factory returns a model that takes [0, 1] pixels, as
-RobustBench's do), timm's pretrained configuration for a timm name that has one with the
-data's channel count, and the dataset's default otherwise. That choice is a guess, so the
+RobustBench's do) and for a RobustBench zoo entry (it normalises inside), timm's pretrained
+configuration for a timm name that has one with the data's channel count, and the dataset's
+default otherwise. That choice is a guess, so the
 check also scores the other normalisations that could apply (`normalisation_candidates`)
 and warns when one does clearly better (`clearly_better`), or when the check is near chance
 (`near_chance`); the warnings are `ImportResult.warnings`. An image folder without
@@ -45,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pagctl.errors import CheckpointError, SpecError
+from pagctl.errors import CheckpointError, FieldError, SpecError
 from pagctl.trust import UNTRUSTED, CodeTrust
 
 if TYPE_CHECKING:
@@ -342,15 +346,17 @@ def normalisation_candidates(arch: str, bundle: DataBundle) -> list[Normalisatio
     the same values: none (``[0, 1]`` pixels as they are: mean 0, std 1), the dataset's
     default, and timm's pretrained configuration of a timm name that has one with the
     data's channel count. `import_normalisation` picks one; the check scores them all."""
+    from pagctl.robustbench_zoo import is_zoo_name
     from pagctl.trust import is_import_path
 
     channels = bundle.input_shape[0]
     none = "none: the factory's model takes [0, 1] pixels" if is_import_path(arch) else \
+        "none: RobustBench's zoo models take [0, 1] pixels" if is_zoo_name(arch) else \
         "none ([0, 1] pixels as they are)"
     found = [Normalisation("none", none, (0.0,) * channels, (1.0,) * channels),
              Normalisation("dataset", f"the dataset's default ({bundle.name})",
                            tuple(bundle.mean), tuple(bundle.std))]
-    cfg = None if is_import_path(arch) else _pretrained_cfg(arch)
+    cfg = None if is_import_path(arch) or is_zoo_name(arch) else _pretrained_cfg(arch)
     mean, std = (getattr(cfg, "mean", None), getattr(cfg, "std", None)) if cfg else (None, None)
     if mean is not None and std is not None and len(mean) == len(std) == channels:
         found.append(Normalisation("timm", f"timm's pretrained configuration of {arch}",
@@ -364,11 +370,12 @@ def normalisation_candidates(arch: str, bundle: DataBundle) -> list[Normalisatio
 
 
 def _chosen(arch: str, candidates: list[Normalisation]) -> Normalisation:
-    """The default among ``candidates``: none for a factory, timm's for a timm name that
-    has it, else the dataset's (see the module docstring)."""
+    """The default among ``candidates``: none for a factory or a RobustBench zoo entry,
+    timm's for a timm name that has it, else the dataset's (see the module docstring)."""
+    from pagctl.robustbench_zoo import is_zoo_name
     from pagctl.trust import is_import_path
 
-    order = ("none",) if is_import_path(arch) else ("timm", "dataset")
+    order = ("none",) if is_import_path(arch) or is_zoo_name(arch) else ("timm", "dataset")
     for source in order:
         for cand in candidates:
             if cand.source == source:
@@ -491,7 +498,8 @@ def import_spec(base: dict[str, Any] | None, values: dict[str, Any], *,
 
 def import_model(spec: RunSpec, checkpoint: Path | None, *, trust_pickle: bool = False,
                  overwrite: bool = False, device: str = "cpu",
-                 trust: CodeTrust = UNTRUSTED) -> ImportResult:
+                 trust: CodeTrust = UNTRUSTED, model_dir: Path | None = None,
+                 ) -> ImportResult:
     """Write ``spec.run_dir`` for the model ``spec.model`` describes, with the weights of
     ``checkpoint`` (see the module docstring). The folder is refused when it exists unless
     ``overwrite``; nothing is written until the weights fit, the model has been checked on
@@ -499,7 +507,8 @@ def import_model(spec: RunSpec, checkpoint: Path | None, *, trust_pickle: bool =
     (`pagctl.checkpoint.check_saveable`). ``trust``: whether ``model.arch`` may name code to
     import (`pagctl.trust`); the folder records that name, and whoever reads the folder later
     needs to trust it in turn. The result's ``warnings`` say when the check looks wrong
-    (module docstring)."""
+    (module docstring). ``model_dir``: RobustBench's cache, where a zoo entry's weights are
+    read from when ``checkpoint`` is None (``./models`` by default, as in RobustBench)."""
     import torch
 
     from pagctl.build import resolve_device
@@ -524,6 +533,12 @@ def import_model(spec: RunSpec, checkpoint: Path | None, *, trust_pickle: bool =
     # refused before anything loads the data or builds the network.
     weights = None if checkpoint is None else read_weights(checkpoint,
                                                            trust_pickle=trust_pickle)
+    zoo = _zoo_record(spec, checkpoint, model_dir)
+    if zoo is not None and checkpoint is None:
+        from pagctl.robustbench_zoo import cache_file, read_zoo_weights
+
+        checkpoint = cache_file(spec.model.arch, spec.model.kwargs, model_dir)
+        weights = read_zoo_weights(checkpoint)
     spec, resize = timm_data_config(spec)
     bundle = load_data(spec.data)
     guessed = spec.model.mean is None and spec.model.std is None
@@ -579,9 +594,33 @@ def import_model(spec: RunSpec, checkpoint: Path | None, *, trust_pickle: bool =
             normalisation=normalisation, resize=resize, mean=list(spec.model.mean or ()),
             std=list(spec.model.std or ()), n_check=n, check_accuracy=accuracy,
             normalisation_check=checked)
+        if zoo is not None:  # absent from other imports' records
+            record.zoo = zoo
         folder.start()
         test = torch.arange(len(bundle.test))  # type: ignore[arg-type]
         save_model(spec.run_dir, model, config, spec,
                    test_sha256=subset_digest(bundle.test, test))
         append_record(spec.run_dir, record)
     return ImportResult(spec.run_dir, record.to_json(), warnings)
+
+
+def _zoo_record(spec: RunSpec, checkpoint: Path | None,
+                model_dir: Path | None) -> dict[str, Any] | None:
+    """The import record's ``zoo``: which RobustBench entry (``source``, ``name``,
+    ``dataset``, ``threat_model``) and where its weights were looked for (``model_dir``;
+    None when ``--checkpoint`` gave them); None for another architecture. SpecError when
+    ``model_dir`` is given for one: it would be ignored."""
+    from pagctl.robustbench_zoo import DEFAULT_MODEL_DIR, PREFIX, is_zoo_name
+
+    arch = spec.model.arch
+    if not is_zoo_name(arch):
+        if model_dir is not None:
+            raise FieldError("model_dir", f"RobustBench's cache, read for robustbench: models "
+                             f"only, not {arch}; drop it")
+        return None
+    kwargs = spec.model.kwargs
+    where = None if checkpoint is not None else str(
+        (DEFAULT_MODEL_DIR if model_dir is None else model_dir).resolve())
+    return {"source": "robustbench", "name": arch.removeprefix(PREFIX),
+            "dataset": kwargs.get("dataset"), "threat_model": kwargs.get("threat_model", "Linf"),
+            "model_dir": where}

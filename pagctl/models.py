@@ -7,6 +7,9 @@ An architecture name (``model.arch``) is one of, in this order (`create_network`
 - a model provider of the ``pagctl.models`` entry-point group (`pagctl.registry.models`):
   pagctl's own ``pagctl_small_cnn``, ``pagctl_cifar_resnet18``, ``pagctl_mlp`` and whatever
   installed packages provide;
+- a RobustBench zoo entry, ``robustbench:<name>`` with ``dataset`` and ``threat_model`` in
+  ``model.kwargs`` (`pagctl.robustbench_zoo`), built by the installed ``robustbench``
+  package;
 - a timm name (``resnet18``, ``hf-hub:…``, ``local-dir:…``).
 
 Factories get ``num_classes`` and ``in_chans`` when their signature names them (or takes
@@ -189,14 +192,17 @@ def create_network(arch: str, *, num_classes: int, in_chans: int,
                    kwargs: Mapping[str, Any], trust: CodeTrust = UNTRUSTED,
                    where: str = "model.arch",
                    folder: str | None = None) -> nn.Module:
-    """The bare network ``arch`` names (see the module docstring for the three routes).
+    """The bare network ``arch`` names (see the module docstring for the four routes).
     A ``package.module:factory`` is imported only when ``trust`` allows it
     (`pagctl.trust`; UntrustedCodeError naming ``where``, and ``folder`` when the name was
     read from a run folder). Errors are the factory's own (TypeError for a keyword it does
     not take, ...), except SpecError for a name that is none of the three or a factory that
     returns no module."""
     from pagctl import registry
+    from pagctl.robustbench_zoo import create_zoo_network, is_zoo_name
 
+    if is_zoo_name(arch):
+        return create_zoo_network(arch, kwargs)
     if is_import_path(arch):
         trust.require(arch, where, folder=folder)
         factory = import_factory(arch)

@@ -326,7 +326,10 @@ class ImportRecord(_Model):
     ``n_check`` test points (``check_accuracy``). When the normalisation was not given but
     chosen by default, ``normalisation_check`` holds the check under each normalisation
     that could apply (`pagctl.importing.check_normalisations`): objects with ``source``
-    (none, dataset, timm), ``mean``, ``std``, ``accuracy`` and ``used``."""
+    (none, dataset, timm), ``mean``, ``std``, ``accuracy`` and ``used``. ``zoo``: for a
+    RobustBench zoo entry, its ``source`` (robustbench), ``name``, ``dataset``,
+    ``threat_model`` and the ``model_dir`` its weights were read from (None when
+    ``--checkpoint`` gave them); absent otherwise."""
 
     kind: Literal["import"] = "import"
     arch: str
@@ -342,6 +345,7 @@ class ImportRecord(_Model):
     n_check: Count | None = None
     check_accuracy: Prob | None = None
     normalisation_check: list[Params] | None = None
+    zoo: Params | None = None
 
 
 def _bits(what: str, text: str | None, n: int) -> int | None:

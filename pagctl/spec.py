@@ -296,6 +296,7 @@ SPEC_GENERATIONS: tuple[dict[str, tuple[str, ...]], ...] = (
      "data": ("validation_size",)},                                # adversarial training
     {"data": ("image_size", "crop_pct", "interpolation")},         # resized image folders
     {"train": ("accumulation_steps", "sync_batchnorm")},          # data-parallel training
+    {"data": ("num_classes",)},                                    # the dataset tensors
 )
 """The `RunSpec` fields added since run folders were first written, one mapping (section ->
 field names) per version that added some, oldest first. A folder written before a

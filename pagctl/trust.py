@@ -10,9 +10,10 @@ The rule, as Hugging Face's ``trust_remote_code``: code named in a file is refus
 user asked for it, either by passing ``--trust-code`` (``trust_code=True`` in the Python API)
 for the files this command reads, or by naming the same callable on the command line
 (``--model pkg.mod:make``, ``--set model.arch=pkg.mod:make``, ``--grid model.arch=…``) or in
-Python (``pagctl.api.import_model(model=...)``). What is installed stays trusted: timm names
-and the entry points of installed packages (attacks, sources, model providers) are code the
-user chose to install. The edge (a command, an API function) builds one `CodeTrust` from
+Python (``pagctl.api.import_model(model=...)``). What is installed stays trusted: timm names,
+RobustBench zoo entries (``robustbench:<name>``, built by the installed ``robustbench``
+package) and the entry points of installed packages (attacks, sources, model providers) are
+code the user chose to install. The edge (a command, an API function) builds one `CodeTrust` from
 those choices and passes it inward to whatever builds a network (`pagctl.models
 .create_network`), which asks it before importing anything.
 """
@@ -29,13 +30,16 @@ __all__ = ["UNTRUSTED", "CodeTrust", "is_import_path", "named_architectures"]
 
 TIMM_SOURCES = ("hf-hub:", "local-dir:")
 """timm's model-source prefixes: names timm resolves itself (never an import)."""
+INSTALLED_SOURCES = (*TIMM_SOURCES, "robustbench:")
+"""Prefixes of names that installed packages resolve (timm's sources and RobustBench's zoo,
+`pagctl.robustbench_zoo`): code the user installed, never an import path."""
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 def is_import_path(arch: str) -> bool:
     """Whether ``arch`` names a callable by import path (``package.module:factory``)."""
-    return bool(_IMPORT_PATH.fullmatch(arch)) and not arch.startswith(TIMM_SOURCES)
+    return bool(_IMPORT_PATH.fullmatch(arch)) and not arch.startswith(INSTALLED_SOURCES)
 
 
 @dataclass(frozen=True)

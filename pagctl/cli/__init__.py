@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import typer
 
 from pagctl import __version__
-from pagctl.cli import align_score, attack, bank, compare, importing, plugins, train
+from pagctl.cli import align_score, attack, bank, benchmark, compare, importing, plugins, train
 from pagctl.errors import LeaderFailed, PagctlError, PagctlWarning, RankError
 
 app = typer.Typer(
@@ -61,6 +61,7 @@ SHORT_HELP = {  # one line each in `pagctl --help` (at most 58 characters: 80 co
     "train": "Train a model from a spec into a run folder.",
     "train-score": "Train a score model for the 'sbg' source.",
     "attack": "Attack a run: robust accuracy, stages, reliability.",
+    "benchmark": "RobustBench's protocol on a run, its model-info JSON.",
     "bank": "Precompute a source's target gradients into a bank.",
     "align-score": "Score a run's gradient alignment with a source.",
     "compare": "Put runs side by side, with per-point tests.",
@@ -70,6 +71,7 @@ SHORT_HELP = {  # one line each in `pagctl --help` (at most 58 characters: 80 co
 app.command(short_help=SHORT_HELP["train"])(train.train)
 app.command("train-score", short_help=SHORT_HELP["train-score"])(train.train_score)
 app.command(short_help=SHORT_HELP["attack"])(attack.attack)
+app.command(short_help=SHORT_HELP["benchmark"])(benchmark.benchmark)
 app.command(short_help=SHORT_HELP["bank"])(bank.bank)
 app.command("align-score", short_help=SHORT_HELP["align-score"])(align_score.align_score)
 app.command(short_help=SHORT_HELP["compare"])(compare.compare)
@@ -84,7 +86,8 @@ FLAGS = {"limit": "--limit", "batch_size": "--batch-size", "seed": "--seed",
          "probe_size": "--probe-size", "indices": "--indices", "eps_sweep": "--eps-sweep",
          "classes_per_image": "--classes-per-image", "precision": "--precision",
          "weights": "--weights", "shard": "--shard", "merge_shards": "--merge-shards",
-         "device": "--device", "state": "--state", "params": "--param", "source": "--source"}
+         "device": "--device", "state": "--state", "params": "--param", "source": "--source",
+         "model_dir": "--model-dir", "threat_model": "--threat-model", "card": "--card"}
 """The flag that sets each library parameter a `FieldError` names: the library speaks of
 ``batch_size``, the command line of ``--batch-size`` (and of ``params.eps`` as
 ``--param eps``)."""

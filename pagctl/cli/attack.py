@@ -79,6 +79,11 @@ def attack(
     export: Annotated[Path | None, typer.Option(
         "--export", help="Write per-example and per-class CSVs and a RobustBench-style "
         "result JSON into this folder (one set per eps).")] = None,
+    card: Annotated[list[str], typer.Option(
+        "--card", help="A RobustBench model-card field of the --export JSON, KEY=VALUE; "
+        "repeatable (link, name, authors, venue, architecture, reported, external, footnote, "
+        "additional_data=true|false, unreliable=true|false, number_forward_passes=N).")
+    ] = [],  # noqa: B006 - typer needs a literal default
     save_adversarial: Annotated[Path | None, typer.Option(
         "--save-adversarial", help="Write every attacked point's clean and adversarial "
         "image, label, test-set index and results to this .safetensors file (-eps<i> "
@@ -141,6 +146,12 @@ def attack(
                         ".safetensors")
     if export is not None and export.exists() and not export.is_dir():
         raise SpecError(f"--export: {export} is a file; give a folder")
+    if card and export is None:
+        raise SpecError("--card: fills the RobustBench JSON that --export writes; add "
+                        "--export DIR")
+    from pagctl.robustness.exports import parse_card
+
+    card_fields = parse_card(card)
     check_run_folders(runs, {"--state": state, "--save-images": save_images,
                              "--save-adversarial": save_adversarial, "--export": export,
                              "--shard torchrun": launch is not None}, weights, trust_code)
@@ -156,7 +167,7 @@ def attack(
         merge_shards=merge_shards)
     access = RunAccess(device, data_dir, weights, trust_code, launch, dataset)
     outputs = _Outputs(given, save_images, save_adversarial, export, keep_record, fmt,
-                       dots)
+                       dots, card_fields)
     curves: list[tuple[Path, list[Any]]] = []
     printed: list[dict[str, Any]] = []
     try:
@@ -184,7 +195,7 @@ def attack(
 class _Outputs:
     """What ``pagctl attack`` writes besides the record: the params as typed, the figure,
     the exports, the adversarial images, whether it records, the output format, the
-    figures' dots per inch."""
+    figures' dots per inch, the model-card fields of the exported JSON."""
 
     given: dict[str, Any]
     save_images: Path | None
@@ -193,6 +204,7 @@ class _Outputs:
     keep_record: bool
     fmt: Format
     dpi: int
+    card: dict[str, Any]
 
     @property
     def keep_images(self) -> int | None:
@@ -239,8 +251,7 @@ def _attack_run(run: Path, job: AttackJob, request: EvaluationRequest, access: R
         if outputs.save_images is not None:
             _save_attack_images(outputs.save_images, loaded.model, bundle, reports[-1],
                                 attacked, job.name, dev, outputs.dpi)
-        _write_exports(outputs.export, outputs.save_adversarial, run, loaded, bundle, reports,
-                       outputs.given)
+        _write_exports(outputs, run, loaded, bundle, reports)
         if not outputs.keep_record:
             typer.echo("not recorded (--no-record)", err=True)
         elif access.recordable(run, bundle, loaded.weights):
@@ -250,16 +261,18 @@ def _attack_run(run: Path, job: AttackJob, request: EvaluationRequest, access: R
     return reports, printed
 
 
-def _write_exports(export: Path | None, save_adversarial: Path | None, run: Path,
-                   loaded: Any, bundle: Any, reports: list[Any], given: dict[str, Any]) -> None:
+def _write_exports(outputs: _Outputs, run: Path, loaded: Any, bundle: Any,
+                   reports: list[Any]) -> None:
     """``--export`` (CSVs, RobustBench JSON) and ``--save-adversarial`` (safetensors)."""
+    export, save_adversarial = outputs.export, outputs.save_adversarial
     if export is not None:
         from pagctl.robustness.exports import write_exports
 
         written = write_exports(export, reports, name=loaded.spec.name,
                                 dataset=bundle.name,
                                 architecture=loaded.spec.model.arch,
-                                class_names=_class_names(run), eps_given=given.get("eps"))
+                                class_names=_class_names(run),
+                                eps_given=outputs.given.get("eps"), card=outputs.card)
         typer.echo(f"wrote {len(written)} files to {export}", err=True)
     if save_adversarial is not None:
         from pagctl.robustness.adversarial import numbered

@@ -41,7 +41,15 @@ def import_model(
         "model; --model and --dataset replace them.")] = None,
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="Architecture: a timm name, a model provider (pagctl plugins), "
-        "or package.module:factory returning an nn.Module that takes [0, 1] pixels.")] = None,
+        "package.module:factory returning an nn.Module that takes [0, 1] pixels, or "
+        "robustbench:NAME, a RobustBench zoo entry (with --threat-model; weights from "
+        "--model-dir).")] = None,
+    threat_model: Annotated[str | None, typer.Option(
+        "--threat-model", help="robustbench: models: the zoo's threat model, Linf or L2 "
+        "(default Linf); the zoo's dataset is --dataset.")] = None,
+    model_dir: Annotated[Path | None, typer.Option(
+        "--model-dir", help="robustbench: models: RobustBench's cache, holding "
+        "DATASET/THREAT_MODEL/NAME.pt (default ./models); never downloaded.")] = None,
     checkpoint: Annotated[Path | None, typer.Option(
         "--checkpoint", "-c", help="Weights: safetensors, or a pickle (.pt/.pth) with "
         "--trust-pickle. Without it, the factory's own weights.")] = None,
@@ -77,6 +85,7 @@ def import_model(
     # network as training does, and the refusal without it names the same flag for both.
     from pagctl import spec as specmod
     from pagctl.importing import import_model, import_spec
+    from pagctl.robustbench_zoo import is_zoo_name, zoo_kwargs
     from pagctl.trust import CodeTrust, named_architectures
 
     if spec is None and (model is None or dataset is None):
@@ -88,6 +97,11 @@ def import_model(
     values: dict[str, Any] = {}
     if model is not None:
         values["model.arch"] = model
+    if model is not None and is_zoo_name(model) and dataset is not None:
+        values["model.kwargs"] = zoo_kwargs(dataset, threat_model)
+    elif threat_model is not None:
+        raise SpecError("--threat-model: names a RobustBench zoo entry's threat model; give it "
+                        "with --model robustbench:NAME and --dataset")
     if dataset is not None:
         values["data.dataset"] = dataset
     for option, key, text in (("--mean", "model.mean", mean), ("--std", "model.std", std)):
@@ -105,7 +119,8 @@ def import_model(
     arch = run_spec.model.arch
     named = named_architectures(set_) | ({model} if model is not None else set())
     result = import_model(run_spec, checkpoint, trust_pickle=trust_pickle, overwrite=overwrite,
-                        device=device, trust=CodeTrust.of(trust_code, named))
+                          device=device, trust=CodeTrust.of(trust_code, named),
+                          model_dir=model_dir)
     summary = {"run_dir": str(result.run_dir), **result.record}
     for line in result.warnings:  # the check looks wrong: stderr, whatever the format
         typer.echo(line, err=True)
@@ -115,7 +130,7 @@ def import_model(
     rows = [(k, cell_text(summary[k])) for k in (
         "run_dir", "arch", "checkpoint", "checkpoint_sha256", "format", "container",
         "stripped_prefix", "normalisation", "resize", "mean", "std", "n_check",
-        "check_accuracy")
+        "check_accuracy", "zoo")
         if summary.get(k) is not None]
     print_table(f"imported {arch}", rows)
     typer.echo(f"next: pagctl attack {result.run_dir} --attack autoattack", err=True)

@@ -6,11 +6,15 @@ result JSON (``pagctl attack --export DIR``); the adversarial examples themselve
   ``robust_correct`` (0/1), one row per attacked point, in attack order;
 - ``<stem>.per-class.csv``: ``class``, ``name``, ``n``, ``clean_correct``,
   ``robust_correct``, ``clean_accuracy``, ``robust_accuracy``;
-- ``<stem>.robustbench.json``: the fields of a RobustBench model entry that an evaluation
-  fills (``clean_acc`` and ``autoattack_acc`` as percentage strings with two decimals, as
-  RobustBench writes them; ``robust_acc`` for another attack), with ``eps`` as a fraction
-  string ("8/255") where it is one, ``threat_model`` ("Linf", "L2"), ``n``, the attack, its
-  version, and the reliability verdict;
+- ``<stem>.robustbench.json``: a RobustBench model-info entry (`robustbench_entry`), every
+  field of RobustBench's ``model_info/<dataset>/<threat_model>/<name>.json``: ``link``,
+  ``name``, ``authors``, ``additional_data``, ``number_forward_passes``, ``dataset``,
+  ``venue``, ``architecture``, ``eps`` (a fraction string, "8/255", where it is one),
+  ``clean_acc``, ``reported``, ``autoattack_acc`` (``robust_acc`` for another attack; both
+  accuracies as percentage strings with two decimals, as RobustBench writes them),
+  ``footnote`` and ``unreliable`` (``external`` only when given: RobustBench reads its
+  absence as ``autoattack_acc``); then pagctl's own: ``threat_model`` ("Linf", "L2"), ``n``,
+  the attack, its version, the reliability verdict (``reliable``) and ``evaluated_with``;
 
 ``<stem>`` is ``<attack>-<norm>-eps<ε>`` (one set per budget of a sweep). Every file is
 written atomically.
@@ -29,6 +33,57 @@ if TYPE_CHECKING:
     from pagctl.robustness.report import AttackReport
 
 THREAT_MODELS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+CARD_TEXT = ("link", "name", "authors", "venue", "architecture", "reported", "external",
+             "footnote")
+"""Model-card fields given as text (``reported`` and ``external`` as RobustBench writes
+accuracies: percentage strings, "47.18")."""
+CARD_FLAGS = ("additional_data", "unreliable")
+"""Model-card fields that are true or false."""
+CARD_COUNTS = ("number_forward_passes",)
+CARD_KEYS = (*CARD_TEXT, *CARD_FLAGS, *CARD_COUNTS)
+"""What ``--card KEY=VALUE`` may give: the model-card fields an evaluation cannot know (who
+wrote the model, where, with what data), and those it decides unless told
+(``name``, ``architecture``, ``number_forward_passes``, ``unreliable``)."""
+
+
+def parse_card(items: list[str]) -> dict[str, Any]:
+    """``--card KEY=VALUE`` items as model-card fields: text as typed, ``true``/``false``
+    for `CARD_FLAGS`, a whole number ≥ 1 for ``number_forward_passes``. FieldError
+    (``card``) naming the item and what it takes."""
+    from pagctl.errors import FieldError
+
+    card: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in CARD_KEYS:
+            raise FieldError("card", f"'{item}' is not KEY=VALUE with KEY one of "
+                             f"{', '.join(CARD_KEYS)}")
+        if key in CARD_FLAGS:
+            if value.strip().lower() not in ("true", "false"):
+                raise FieldError("card", f"{key}: '{value}' is not true or false")
+            card[key] = value.strip().lower() == "true"
+        elif key in CARD_COUNTS:
+            if not value.strip().isdigit() or int(value) < 1:
+                raise FieldError("card", f"{key}: '{value}' is not a whole number >= 1")
+            card[key] = int(value)
+        else:
+            card[key] = value
+    return card
+
+
+def forward_passes(report: AttackReport) -> int | None:
+    """``number_forward_passes`` when the card does not give it: 1 for a deterministic
+    model, None for a randomised one (its forwards per prediction are the model's own, which
+    no evaluation sees). Randomised: the probes measured identical forwards differ
+    (`pagctl.robustness.reliability.probe_randomness`), or the attack was AutoAttack 'rand'.
+    Without probes the model is taken to be deterministic, as RobustBench's protocol does."""
+    from pagctl.robustness.reliability import RANDOM_TOLERANCE
+
+    spread = ((report.reliability or {}).get("probes") or {}).get("output_spread")
+    randomised = report.params.get("version") == "rand" or (
+        isinstance(spread, (int, float)) and spread > RANDOM_TOLERANCE)
+    return None if randomised else 1
 
 
 def eps_text(eps: float | None, norm: str | None, given: Any = None) -> str | None:
@@ -73,28 +128,46 @@ def per_class_csv(report: AttackReport, class_names: list[str]) -> str:
 
 
 def robustbench_entry(report: AttackReport, *, name: str, dataset: str, architecture: str,
-                      eps_given: Any = None) -> dict[str, Any]:
-    """A RobustBench-style result entry for this report (see the module docstring)."""
+                      eps_given: Any = None,
+                      card: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A RobustBench model-info entry for this report (see the module docstring), in
+    RobustBench's order of fields. ``card`` (`parse_card`) gives what the evaluation cannot
+    know (``link``, ``authors``, ``venue``, ``additional_data``, ``reported``,
+    ``footnote``, ``external``; null, or absent for ``external``, when not given) and
+    replaces what it decides: ``name`` (the run's), ``architecture`` (``model.arch``),
+    ``number_forward_passes`` (`forward_passes`) and ``unreliable`` (the opposite of the
+    probes' verdict; null without probes)."""
     from pagctl import __version__
 
+    given = dict(card or {})
     robust_key = "autoattack_acc" if report.attack == "autoattack" else "robust_acc"
+    reliable = report.reliable
     entry: dict[str, Any] = {
-        "name": name, "dataset": dataset, "architecture": architecture,
-        "threat_model": THREAT_MODELS.get(report.norm or "", report.norm),
+        "link": given.get("link"), "name": given.get("name", name),
+        "authors": given.get("authors"), "additional_data": given.get("additional_data"),
+        "number_forward_passes": given.get("number_forward_passes", forward_passes(report)),
+        "dataset": dataset, "venue": given.get("venue"),
+        "architecture": given.get("architecture", architecture),
         "eps": eps_text(report.eps, report.norm, eps_given),
-        "clean_acc": f"{100 * report.clean_accuracy:.2f}",
-        robust_key: f"{100 * report.robust_accuracy:.2f}",
+        "clean_acc": f"{100 * report.clean_accuracy:.2f}", "reported": given.get("reported"),
+        robust_key: f"{100 * report.robust_accuracy:.2f}"}
+    if "external" in given:
+        entry["external"] = given["external"]
+    entry |= {
+        "footnote": given.get("footnote"),
+        "unreliable": given.get("unreliable", None if reliable is None else not reliable),
+        "threat_model": THREAT_MODELS.get(report.norm or "", report.norm),
         "n": report.n, "attack": report.attack,
         "version": report.params.get("version"),
-        "reliable": report.reliable, "evaluated_with": f"pagctl {__version__}"}
+        "reliable": reliable, "evaluated_with": f"pagctl {__version__}"}
     return entry
 
 
 def write_exports(folder: Path, reports: list[AttackReport], *, name: str, dataset: str,
                   architecture: str, class_names: list[str],
-                  eps_given: Any = None) -> list[Path]:
+                  eps_given: Any = None, card: dict[str, Any] | None = None) -> list[Path]:
     """The CSVs and the RobustBench JSON of every report into ``folder`` (created); returns
-    the files written."""
+    the files written. ``card``: the model-card fields given (`parse_card`)."""
     from pagctl.checkpoint import atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -107,7 +180,7 @@ def write_exports(folder: Path, reports: list[AttackReport], *, name: str, datas
                 (".per-class.csv", per_class_csv(report, class_names)),
                 (".robustbench.json", json.dumps(robustbench_entry(
                     report, name=name, dataset=dataset, architecture=architecture,
-                    eps_given=given), indent=2) + "\n")):
+                    eps_given=given, card=card), indent=2) + "\n")):
             path = base.with_name(base.name + suffix)
             atomic_write_text(path, text)
             written.append(path)
