@@ -538,7 +538,8 @@ def import_model(spec: RunSpec, checkpoint: Path | None, *, trust_pickle: bool =
         from pagctl.robustbench_zoo import cache_file, read_zoo_weights
 
         checkpoint = cache_file(spec.model.arch, spec.model.kwargs, model_dir)
-        weights = read_zoo_weights(checkpoint)
+        tensors, container, stripped = read_zoo_weights(checkpoint)
+        weights = Weights(tensors, "pickle", container, stripped)
     spec, resize = timm_data_config(spec)
     bundle = load_data(spec.data)
     guessed = spec.model.mean is None and spec.model.std is None

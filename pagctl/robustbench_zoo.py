@@ -40,9 +40,7 @@ from typing import TYPE_CHECKING, Any
 from pagctl.errors import CheckpointError, SpecError
 
 if TYPE_CHECKING:
-    from torch import nn
-
-    from pagctl.importing import Weights
+    from torch import Tensor, nn
 
 PREFIX = "robustbench:"
 DATASETS = ("cifar10", "cifar100")
@@ -156,13 +154,12 @@ def _strip(keys: dict[str, Any], prefix: str) -> tuple[dict[str, Any], bool]:
     return stripped, any(k.startswith(prefix) for k in keys)
 
 
-def read_zoo_weights(path: Path) -> Weights:
+def read_zoo_weights(path: Path) -> tuple[dict[str, Tensor], str | None, str | None]:
     """The state dict of a zoo checkpoint, found as RobustBench's ``load_model`` finds it
-    (module docstring), read with ``torch.load(weights_only=True)``. CheckpointError (one
+    (module docstring), read with ``torch.load(weights_only=True)``: (the tensors, the
+    container it was found in, the prefixes stripped from its names). CheckpointError (one
     line) when torch refuses the file or it holds no state dict."""
     import torch
-
-    from pagctl.importing import Weights
 
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
@@ -183,4 +180,4 @@ def read_zoo_weights(path: Path) -> Weights:
     tensors, module = _strip(dict(obj), "module.")
     tensors, model = _strip(tensors, "model.")
     prefixes = [p for p, found in (("module.", module), ("model.", model)) if found]
-    return Weights(tensors, "pickle", container, "+".join(prefixes) or None)
+    return tensors, container, "+".join(prefixes) or None

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pagctl"
 LAYERS: list[list[str]] = [  # lowest first; a room may import from its own layer and below
     ["__init__", "errors"],
     ["spec", "protocols", "records", "stats", "progress", "distributed", "trust"],
-    ["registry", "data", "models", "architectures", "gradients", "losses"],
+    ["registry", "data", "robustbench_zoo", "models", "architectures", "gradients", "losses"],
     ["checkpoint", "figures", "build", "grid", "provenance", "evaluation"],
     ["banks", "score"],
     ["attacks", "target_gradients", "testing"],

@@ -124,9 +124,9 @@ class AdversarialExamples:
         assert self._report.images is not None
         return self._report.images.clone()
 
-    def save(self, path: Path, metadata: dict[str, str] | None = None) -> None:
-        """The ``--save-adversarial`` file (module docstring), written atomically, a batch at
-        a time."""
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+        """The ``--save-adversarial`` file (module docstring) at ``path``, written atomically,
+        a batch at a time."""
         import torch
 
         from pagctl.checkpoint import save_tensor_chunks
@@ -138,7 +138,7 @@ class AdversarialExamples:
         def column(get: Any) -> Iterator[Tensor]:
             return (get(batch) for batch in self.batches(_CHUNK))
 
-        save_tensor_chunks(path, [
+        save_tensor_chunks(Path(path), [
             ("x", torch.float32, shape, column(lambda b: b.x)),
             ("x_adv", torch.float32, shape, column(lambda b: b.x_adv.float())),
             ("y", torch.int64, (n,), column(lambda b: b.y.to(torch.int64))),
