@@ -251,3 +251,23 @@ def test_a_real_autoattack_run_ends_with_the_bar_complete(
     assert resumed.per_example == quiet.per_example
     passes = resumed.forwards + resumed.backwards
     assert _last_line(capsys.readouterr().err).startswith(f"square: {passes}/{passes} (100%)")
+
+
+def test_the_bar_shows_the_loops_own_estimate(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop that hands its estimate of the seconds left sees it as the ETA (not the rate's,
+    which would say 0:00:00 for a count that jumped), with its revised total; a resumed
+    loop's first count is the base of the rate, not progress."""
+    monkeypatch.setenv(progress.PROGRESS_SECONDS_ENV, "0")
+    with progress.ProgressBar("apgd_t", 1) as bar:
+        bar.update(completed=0, total=100)
+        bar.update(completed=90, total=400, remaining=3725.0)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("apgd_t")]
+    assert lines[-1].startswith("apgd_t: 90/400 (22%) elapsed 0:00:00 eta 1:02:0"), lines
+    with progress.ProgressBar("resumed", 10) as bar:
+        bar.update(completed=6)  # where a resumed loop starts: no rate yet
+    with progress.ProgressBar("fresh", 10) as bar:
+        bar.update(completed=0)
+        bar.update(completed=5)  # the first five steps of a fresh loop: a rate
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.endswith("eta ?") for line in lines] == [True, True, False, False], lines
