@@ -8,6 +8,10 @@ the current step (the loop then saves its state), and whose second aborts at onc
 On a terminal the bar redraws in place. Elsewhere (a log file, a SLURM job, a pipe) it
 prints a plain line at most every ``PAGCTL_PROGRESS_SECONDS`` (30) seconds and when the
 loop ends: ``attack: 120/360 (33%) elapsed 0:01:10 eta 0:02:20 robust 45/120``.
+
+The ETA is the count still to go at the rate so far, unless the loop knows better: a loop
+whose steps cost unequal time hands its own estimate of the seconds left
+(``update(remaining=...)``), as the attack engine does.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 __all__ = ["PROGRESS_SECONDS_ENV", "ProgressBar", "StopFlag", "stderr_console"]
 
@@ -39,6 +44,20 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _left(deadline: float | None) -> str | None:
+    """The ETA when the loop gave its own (``deadline``: when it said the loop would end,
+    on the monotonic clock), counting down between its updates; None when it gave none."""
+    return None if deadline is None else _clock(deadline - time.monotonic())
+
+
+class _Remaining(TimeRemainingColumn):
+    """The ETA column: the loop's own estimate when it gave one, else rich's, from the rate."""
+
+    def render(self, task: Any) -> Text:
+        left = _left(task.fields.get("deadline"))
+        return super().render(task) if left is None else Text(left, style="progress.remaining")
+
+
 class ProgressBar:
     """One bar: description, bar, done/total, elapsed, ETA and an info text (running loss,
     robust count, ...). A context manager; disabled, it prints nothing. Off a terminal it
@@ -48,18 +67,20 @@ class ProgressBar:
         self._plain = enabled and not stderr_console.is_terminal
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            TimeElapsedColumn(), TextColumn("eta"), _Remaining(),
             TextColumn("{task.fields[info]}"), console=stderr_console,
             disable=not enabled or self._plain, transient=False)
-        self._task = self._progress.add_task(description, total=total, info="")
+        self._task = self._progress.add_task(description, total=total, info="",
+                                             deadline=None)
         self._state: dict[str, Any] = {"description": description, "completed": 0,
-                                        "total": total, "info": ""}
+                                        "total": total, "info": "", "deadline": None}
         try:
             self._interval = float(os.environ.get(PROGRESS_SECONDS_ENV, "30"))
         except ValueError:
             self._interval = 30.0
         self._start = self._last = time.monotonic()
         self._base = 0  # the count at the start (a resumed loop), for the rate
+        self._counted = False  # whether a count was set yet (the first one is the base)
 
     def __enter__(self) -> ProgressBar:
         self._progress.__enter__()
@@ -76,7 +97,8 @@ class ProgressBar:
         elapsed = time.monotonic() - self._start
         done, total = st["completed"], st["total"]
         rate = (done - self._base) / elapsed if elapsed > 0 else 0.0
-        eta = _clock((total - done) / rate) if rate > 0 and total else "?"
+        eta = _left(st["deadline"]) or (_clock((total - done) / rate) if rate > 0 and total
+                                        else "?")
         share = f" ({100 * done / total:.0f}%)" if total else ""
         info = f" {st['info']}" if st["info"] else ""
         stderr_console.print(f"{st['description']}: {done}/{total}{share} elapsed "
@@ -85,17 +107,28 @@ class ProgressBar:
         self._last = time.monotonic()
 
     def update(self, *, completed: int | None = None, advance: int | None = None,
-               description: str | None = None, info: str | None = None) -> None:
-        """Set the count (``completed``) or add to it (``advance``), and the texts given."""
+               total: int | None = None, description: str | None = None,
+               info: str | None = None, remaining: float | None = None) -> None:
+        """Set the count (``completed``) or add to it (``advance``), the ``total`` (a loop
+        whose amount of work is an estimate revises it), and the texts given.
+        ``remaining``: the loop's own estimate of the seconds left, shown as the ETA from
+        then on (counting down until the next estimate) in place of the one from the rate."""
         kw: dict[str, Any] = {}
+        if total is not None:
+            kw["total"] = total
+            self._state["total"] = total
+        if remaining is not None:
+            kw["deadline"] = self._state["deadline"] = time.monotonic() + remaining
         if completed is not None:
             kw["completed"] = completed
-            if self._state["completed"] == 0 and advance is None:
+            if not self._counted and advance is None:
                 self._base = completed
+            self._counted = True
             self._state["completed"] = completed
         if advance is not None:
             kw["advance"] = advance
             self._state["completed"] += advance
+            self._counted = True
         if description is not None:
             kw["description"] = description
             self._state["description"] = description

@@ -23,7 +23,10 @@ Optional attributes a plugin may declare (read only through the functions here):
   sharded scores merge exactly;
 - an attack's ``eps`` / ``norm``: its budget when its ``Params`` do not hold them
   (`declared_budget`);
-- an attack's ``stages()``: an ensemble run stage by stage (`Ensemble`, `attack_stages`).
+- an attack's ``stages()``: an ensemble run stage by stage (`Ensemble`, `attack_stages`);
+- an attack's ``passes_per_point()``: the most model passes (forwards and backwards, one
+  per example) one call spends on a point, read from its params; the engine's ETA costs
+  the stages still to run with it (`declared_passes`).
 
 The checks below are the contract's one implementation: the attack engine calls them on
 every batch, the registry's guard on every source call, and `pagctl.testing` (the
@@ -124,7 +127,8 @@ class Attack(Protocol):
     """Shape: (N,C,H,W) in [0,1], (N,) -> adversarial inputs, same shape/dtype/device,
     in [0,1] and inside the attack's budget. Never modifies ``inputs``, never changes the
     model's mode, parameters or buffers, never touches the global RNG.
-    Optional attributes: ``eps`` and ``norm`` (the budget, when not in ``Params``)."""
+    Optional attributes: ``eps`` and ``norm`` (the budget, when not in ``Params``), and
+    ``passes_per_point()`` (its cost, for the ETA)."""
 
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor: ...
 
@@ -184,6 +188,20 @@ def attack_stages(attack: Any, name: str) -> list[tuple[str, Attack]]:
             raise PluginContractError(f"attack '{name}' broke the contract: stages() is empty")
         return listed
     return [(name, attack)]
+
+
+def declared_passes(attack: Any) -> float | None:
+    """The model passes per attacked point ``attack`` declares (``passes_per_point()``), an
+    upper bound the engine's ETA uses before the stage has run; None when it declares none,
+    or something other than a positive finite number (a wrong hint must not stop a run)."""
+    passes = getattr(attack, "passes_per_point", None)
+    if not callable(passes):
+        return None
+    try:
+        value = float(passes())
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 NORMS: dict[str, float] = {"l1": 1.0, "l2": 2.0, "linf": math.inf}

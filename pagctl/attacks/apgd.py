@@ -533,6 +533,18 @@ class _APGD(AttackBase):
             runs_together=self.params.runs_together,
         )
 
+    def passes_per_point(self) -> int:
+        """The most model passes one call spends on a point (`pagctl.protocols
+        .declared_passes`): the clean forward, then for each run (targets × restarts) a
+        forward and a backward per EoT draw at the start of each phase and after each step.
+        Every run of a group attacks every point the group was given, so this is what a
+        point costs when no earlier group broke it."""
+        p = self.params
+        targets = (min(getattr(p, "n_target_classes", 9), self.ctx.num_classes - 1)
+                   if self.loss == "dlr-targeted" else 1)
+        phases = len(large_eps_phases(self.eps, p.steps)) if p.large_eps else 1
+        return 1 + targets * p.restarts * (p.steps + phases) * p.eot_iter * 2
+
 
 class APGDCE(_APGD):
     """Untargeted APGD on the cross-entropy loss."""

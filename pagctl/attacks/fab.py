@@ -408,6 +408,18 @@ class _FAB(AttackBase):
             generator=self.generator, runs_together=p.runs_together,
         )
 
+    def passes_per_point(self) -> int:
+        """The most model passes one call spends on a point (`pagctl.protocols
+        .declared_passes`): the clean forward, then for each run (targets × restarts) and
+        step one forward with a backward per rival class (one, the target, for fab_t; every
+        other class for fab) and one forward to test the new iterate."""
+        p = self.params
+        classes = self.ctx.num_classes
+        runs = p.restarts * (min(getattr(p, "n_target_classes", 9), classes - 1)
+                             if self.targeted else 1)
+        rivals = 1 if self.targeted else classes - 1
+        return 1 + runs * p.steps * (2 + rivals)
+
 
 class FAB(_FAB):
     """Untargeted FAB: the smallest perturbation toward the nearest linearised boundary of any

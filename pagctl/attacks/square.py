@@ -449,3 +449,9 @@ class Square(AttackBase):
             p_init=p.p_init, restarts=p.restarts, loss=p.loss, generator=self.generator,
             rescale_schedule=p.rescale_schedule,
         )
+
+    def passes_per_point(self) -> int:
+        """The most forwards one call spends on a point (`pagctl.protocols
+        .declared_passes`): the clean forward and ``queries`` per restart. An upper bound:
+        a point stops being queried once misclassified."""
+        return 1 + self.params.restarts * self.params.queries

@@ -22,12 +22,18 @@ digest).
 (every stage), each with the attack its batch number builds, so the union of the N shards
 is the unsharded run batch for batch: the same seeds, the same per-point results.
 `AttackState.merge` combines the N finished shard states into the state of the whole run.
+
+**ETA.** The progress bar counts model passes, not stages: the stages of an ensemble cost
+very different amounts per point and attack ever fewer points, so one step per stage and
+batch would promise the last stages the time of the first. `estimate_remaining` prices what
+is left (module section "the ETA"), and the bar shows its estimate.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +45,7 @@ from pagctl.protocols import (
     check_attack_output,
     check_inputs_untouched,
     declared_budget,
+    declared_passes,
     raised,
 )
 from pagctl.robustness.report import AttackReport
@@ -63,10 +70,10 @@ class PerBatch:
 
 class _PassCounter:
     """Wraps a model to count forward and backward passes, one per example; ``on_forward``
-    (if given) hears the running forward count after every forward."""
+    (if given) hears the running forward and backward counts after every forward."""
 
     def __init__(self, model: nn.Module,
-                 on_forward: Callable[[int], None] | None = None) -> None:
+                 on_forward: Callable[[int, int], None] | None = None) -> None:
         import torch
 
         class Counted(torch.nn.Module):
@@ -80,7 +87,7 @@ class _PassCounter:
                 owner, rows = self._owner[0], int(x.shape[0]) if x.dim() else 1
                 owner.forwards += rows
                 if owner.on_forward is not None:
-                    owner.on_forward(owner.forwards)
+                    owner.on_forward(owner.forwards, owner.backwards)
                 if out.requires_grad:
                     out.register_hook(lambda g: owner._backward(rows))  # type: ignore[no-untyped-call]
                 return out
@@ -179,8 +186,8 @@ def run_attack(
                        origin if origin is not None else _origin(name))
     start = time.perf_counter()
     prior_seconds = float(state.stats["seconds"]) if state is not None else 0.0
-    per_stage = max(len(mine), 1)
-    total = len(stage_names) * per_stage
+    declared = [declared_passes(a) for _, a in attack_stages(first, name)]
+    owned = _owned_points(n, starts, batch_size, mine)
     with eval_mode(model):
         if state is None:
             kept = min(keep_images, n)
@@ -190,13 +197,14 @@ def run_attack(
                 dict(key or {}) if state_path is not None else {}, clean,
                 image_store(dataset, indices, kept),
                 stage_names)
-        with ProgressBar(stage_names[0], total, enabled=request.progress) as bar:
+        with ProgressBar(stage_names[0], 1, enabled=request.progress) as bar:
             while state.stage < len(stage_names):
                 s = state.stage
                 robust = f"robust {int(state.robust.sum())}/{n}"
                 done = sum(1 for b in mine if b < state.batch)
-                bar.update(completed=s * per_stage + done,
-                           description=stage_names[s], info=robust)
+                left = _remaining(state, declared, owned, starts)
+                bar.update(completed=left.done, total=left.done + math.ceil(left.passes),
+                           remaining=left.seconds, description=stage_names[s], info=robust)
                 if state.batch < len(starts) and state.batch not in mine:
                     state.batch += 1  # another shard's batch
                     if state.batch < len(starts):
@@ -204,14 +212,16 @@ def run_attack(
                 elif state.batch < len(starts):
                     where = f"{robust}, batch {done + 1}/{len(mine)}"
                     batches.attack(built(state.batch), state, starts[state.batch], batch_size,
-                                   _heartbeat(bar, where) if request.progress else None)
+                                   _heartbeat(bar, where, left) if request.progress else None)
                     state.batch += 1
                 if state.batch >= len(starts):
                     state.stage, state.batch = state.stage + 1, 0
                 state.stats["seconds"] = prior_seconds + time.perf_counter() - start
                 if state_path is not None:
                     state.save(state_path)
-            bar.update(completed=total, info=f"robust {int(state.robust.sum())}/{n}")
+            spent = max(_remaining(state, declared, owned, starts).done, 1)
+            bar.update(completed=spent, total=spent, remaining=0.0,
+                       info=f"robust {int(state.robust.sum())}/{n}")
     state.stats["seconds"] = prior_seconds + time.perf_counter() - start
     if state_path is not None:
         state.save(state_path)
@@ -233,23 +243,125 @@ def _origin(name: str) -> str:
 
 
 HEARTBEAT_SECONDS = 1.0
-"""Within a batch, the bar's text shows the stage's forward count at most this often."""
+"""Within a batch, the bar shows the stage's forward count at most this often."""
 
 
-def _heartbeat(bar: Any, where: str) -> Callable[[int], None]:
-    """A forward-count listener that refreshes ``bar``'s text (at most every
-    HEARTBEAT_SECONDS): a stage on one batch can run for minutes (APGD-T's 9 targets × 100
-    steps), and the count shows it is moving; off a terminal the bar's periodic line
-    carries it into the log."""
+def _heartbeat(bar: Any, where: str, left: RemainingCost) -> Callable[[int, int], None]:
+    """A pass-count listener that refreshes ``bar`` (at most every HEARTBEAT_SECONDS): a
+    stage on one batch can run for minutes (APGD-T's 9 targets × 100 steps), and the
+    forward count in its text shows it is moving; the bar moves by the batch's passes, and
+    its ETA by the passes ``left`` (the estimate at the batch's start) no longer has to
+    spend. Off a terminal the bar's periodic line carries it into the log."""
     last = [time.monotonic()]
 
-    def beat(forwards: int) -> None:
+    def beat(forwards: int, backwards: int) -> None:
         now = time.monotonic()
         if now - last[0] >= HEARTBEAT_SECONDS:
             last[0] = now
-            bar.update(info=f"{where}, {forwards:,} forwards")
+            spent = forwards + backwards
+            after = left.after(spent)
+            bar.update(completed=after.done, total=after.done + math.ceil(after.passes),
+                       remaining=after.seconds, info=f"{where}, {forwards:,} forwards")
 
     return beat
+
+
+# ---------------------------------------------------------------------------------------
+# the ETA
+
+
+FALLBACK_PASSES = 1.0
+"""Passes per point of a stage whose attack declares no cost, when no stage has been
+measured or declared either: then every stage weighs the same per point."""
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """One stage as the ETA sees it: the model passes per attacked point its attack declares
+    (`pagctl.protocols.declared_passes`, read from its params: an upper bound; None when it
+    declares none), and what its finished batches measured (the stage's `StageRecord`:
+    points attacked, passes, seconds)."""
+
+    declared: float | None
+    attacked: int = 0
+    passes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RemainingCost:
+    """What a run has spent and has left: ``done`` model passes spent, ``passes`` the
+    estimate of those to come, and the measured seconds per pass (None before any)."""
+
+    done: int
+    passes: float
+    seconds_per_pass: float | None
+
+    @property
+    def seconds(self) -> float | None:
+        """The estimated seconds left; None until a pass has been timed."""
+        return None if self.seconds_per_pass is None else self.passes * self.seconds_per_pass
+
+    def after(self, spent: int) -> RemainingCost:
+        """The estimate once ``spent`` more passes went into the work it counted."""
+        return RemainingCost(self.done + spent, max(self.passes - spent, 0.0),
+                             self.seconds_per_pass)
+
+
+def estimate_remaining(stages: Sequence[StageCost], current: int, to_attack: int,
+                       robust: int) -> RemainingCost:
+    """The cost left to a run now at stage ``current`` (``len(stages)`` once it is over),
+    whose stage still has ``to_attack`` points to attack (those still robust in the batches
+    it has not reached) and ``robust`` points still robust in all.
+
+    The passes left are, for the current stage, ``to_attack`` × its passes per point (as its
+    finished batches measured them, else as its attack declares), and for each later stage
+    ``robust`` × its declared passes per point: every point still robust is one it may
+    attack, an upper bound that shrinks as earlier stages break points; a point broken
+    early in a stage that stops querying it (Square) costs less than declared. A stage
+    that declares nothing costs, per point, the mean of the stages measured so far (else
+    declared, else `FALLBACK_PASSES`). The seconds per pass are those the finished batches
+    of all stages took over the passes they spent; a forward and a backward count one pass
+    each, though a backward costs more and a forward without a gradient less.
+    """
+    measured = [st.passes / st.attacked for st in stages if st.attacked > 0]
+    priced = measured or [st.declared for st in stages if st.declared is not None]
+    fallback = sum(priced) / len(priced) if priced else FALLBACK_PASSES
+
+    def per_point(stage: StageCost) -> float:
+        if stage.attacked > 0:
+            return stage.passes / stage.attacked
+        return stage.declared if stage.declared is not None else fallback
+
+    passes = 0.0
+    if current < len(stages):
+        passes = to_attack * per_point(stages[current])
+        passes += sum(robust * per_point(stage) for stage in stages[current + 1:])
+    done = sum(st.passes for st in stages)
+    timed = sum(st.seconds for st in stages if st.passes > 0)
+    return RemainingCost(done, passes, timed / done if done > 0 else None)
+
+
+def _remaining(state: AttackState, declared: list[float | None], owned: Tensor,
+               starts: list[int]) -> RemainingCost:
+    """`estimate_remaining` of a run in ``state``, on its shard's points (``owned``)."""
+    robust = state.robust & owned
+    here = starts[state.batch] if state.batch < len(starts) else len(robust)
+    stages = [StageCost(cost, record.attacked, record.forwards + record.backwards,
+                        record.seconds) for cost, record in zip(declared, state.stages,
+                                                                 strict=True)]
+    return estimate_remaining(stages, state.stage, int(robust[here:].sum()),
+                              int(robust.sum()))
+
+
+def _owned_points(n: int, starts: list[int], batch_size: int, mine: list[int]) -> Tensor:
+    """Which of the ``n`` points lie in the batches ``mine`` (a shard's). Shape: (n,) bool."""
+    import torch
+
+    owned = torch.zeros(n, dtype=torch.bool)
+    for b in mine:
+        owned[starts[b]: starts[b] + batch_size] = True
+    return owned
 
 
 def attack_key(model: nn.Module, dataset: Dataset[Any], indices: Tensor, *, name: str,
@@ -289,9 +401,9 @@ class _Batches:
     origin: str
 
     def attack(self, attack: Any, state: AttackState, lo: int, batch_size: int,
-               heartbeat: Callable[[int], None] | None = None) -> None:
+               heartbeat: Callable[[int, int], None] | None = None) -> None:
         """Run stage ``state.stage`` on the points of batch ``[lo, lo + batch_size)`` still
-        robust; ``heartbeat`` hears the stage's running forward count."""
+        robust; ``heartbeat`` hears the stage's running forward and backward counts."""
         import torch
 
         from pagctl.data import get_batch
