@@ -226,7 +226,8 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
     the reliability verdict of the gradient-masking probes (``report.reliable``).
 
     ``attack`` is a registered attack (``pagctl plugins``); ``eps`` (a number or "8/255"),
-    ``norm`` ("linf", "l2"; also "l1" for APGD, FAB, Square and AutoAttack; any case) and
+    ``norm`` ("linf", "l2"; also "l1" for APGD, FAB, Square and AutoAttack; any case; none
+    for ``sparse_rs``, whose ``eps`` is a number of pixels, an ``l0`` budget) and
     ``params`` are its parameters. With ``eps_sweep`` the result is one report per budget,
     else one report. ``weights`` chooses a run's weights when ``model`` is a path.
     ``shard=(i, N)`` runs shard i of N only (a partial report, no verdict) and

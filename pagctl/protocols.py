@@ -204,8 +204,10 @@ def declared_passes(attack: Any) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
-NORMS: dict[str, float] = {"l1": 1.0, "l2": 2.0, "linf": math.inf}
-"""The budgets pagctl can check, with the order p of each vector norm."""
+NORMS: dict[str, float] = {"l0": 0.0, "l1": 1.0, "l2": 2.0, "linf": math.inf}
+"""The budgets pagctl can check, with the order p of each vector norm. ``l0`` counts pixels,
+not coordinates: a pixel position (one of H × W) where any channel differs counts once, as
+in Sparse-RS, so its ``eps`` is a number of pixels."""
 BUDGET_TOLERANCE = 1e-6
 """Relative slack of the budget check (float rounding of x + δ − x)."""
 
@@ -221,9 +223,12 @@ def declared_budget(attack: Any, params: BaseModel | None) -> tuple[str | None, 
 
 
 def perturbation_norms(delta: Tensor, norm: str) -> Tensor:
-    """Each example's size in ``norm`` (one of `NORMS`). Shape: (N, ...) -> (N,)."""
+    """Each example's size in ``norm`` (one of `NORMS`; ``l0``: pixels changed, any channel).
+    Shape: (N, C, H, W) -> (N,)."""
     import torch
 
+    if norm == "l0":
+        return delta.ne(0).any(dim=1).flatten(1).sum(dim=1).to(delta.dtype)
     sizes: Tensor = torch.linalg.vector_norm(delta.flatten(1), ord=NORMS[norm], dim=1)
     return sizes
 
@@ -283,7 +288,8 @@ def check_attack_output(who: str, inputs: Tensor, output: Any, norm: str | None,
     sizes = perturbation_norms(output - x, norm)
     worst = float(sizes.max()) if sizes.numel() else 0.0
     if worst > eps * (1 + BUDGET_TOLERANCE) + 1e-7:
-        raise _broke(who, f"perturbation {norm} norm {worst:.6g} exceeds eps {eps:.6g}")
+        what = " (pixels changed)" if norm == "l0" else ""
+        raise _broke(who, f"perturbation {norm} norm {worst:.6g}{what} exceeds eps {eps:.6g}")
 
 
 def check_source_output(who: str, inputs: Tensor, classes: Tensor, output: Any) -> None:

@@ -188,6 +188,9 @@ class AttackRecord(_Model):
     max_l2: Number | None = None
     max_linf: Number | None = None
     max_l1: Number | None = None
+    max_l0: Number | None = None
+    """The most pixels changed in one point (a pixel counts once, whatever its channels);
+    absent in records written before pagctl measured it."""
     pixel_min: Number | None = None
     pixel_max: Number | None = None
     nan_count: Count | None = None

@@ -76,6 +76,7 @@ BUILTIN_ATTACKS = {
     "pgd_l1": "pagctl.attacks.pgd_l1:PGDL1",
     "pgd_l2": "pagctl.attacks.pgd:PGDL2",
     "pgd_linf": "pagctl.attacks.pgd:PGDLinf",
+    "sparse_rs": "pagctl.attacks.sparse_rs:SparseRS",
     "square": "pagctl.attacks.square:Square",
 }
 BUILTIN_MODELS = {

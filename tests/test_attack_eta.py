@@ -15,6 +15,7 @@ from pagctl import progress
 from pagctl.attacks.apgd import APGDCE, APGDT
 from pagctl.attacks.autoattack import AutoAttack
 from pagctl.attacks.fab import FAB, FABT
+from pagctl.attacks.sparse_rs import SparseRS
 from pagctl.attacks.square import Square
 from pagctl.data import TensorImageDataset
 from pagctl.evaluation.request import EvaluationRequest
@@ -55,6 +56,7 @@ def _unbreakable(classes: int = 10) -> nn.Module:
     (FABT, {"steps": 3, "n_target_classes": 2}, 1 + 2 * 3 * 3),
     (FAB, {"steps": 2}, 1 + 2 * (2 + 9)),
     (Square, {"queries": 7, "restarts": 2}, 1 + 2 * 7),
+    (SparseRS, {"eps": 2, "queries": 7, "restarts": 2}, 1 + 2 * 7),
 ])
 def test_declared_passes_are_what_a_point_nobody_breaks_costs(
         cls: Any, params: dict[str, Any], declared: int) -> None:

@@ -7,7 +7,7 @@ takes, with fast parameters per attack in `CASES` (a new built-in fails
 promises (parity with a reference implementation, an analytic case, a step's geometry, its
 parameters' defaults) stays in its own file: test_attacks.py (steps, PGD, FGSM),
 test_pgd_modes.py (targeted PGD, EOT-PGD, MI-FGSM), test_apgd.py, test_fab.py,
-test_square.py, test_cw.py.
+test_square.py, test_cw.py, test_sparse_rs.py.
 
 Per case:
 
@@ -102,6 +102,8 @@ CASES: dict[str, list[dict[str, Any]]] = {
     "pgd_linf": [{"eps": "8/255", "steps": 5},
                  {"eps": 0.1, "steps": 3, "restarts": 2, "step_size": 0.05},
                  {"eps": 0.1, "steps": 3, "restarts": 2, "target": "random"}],
+    "sparse_rs": [{"eps": 3, "queries": 30},
+                  {"eps": 2, "queries": 20, "restarts": 2, "p_init": 0.5}],
     "square": _each_norm(APGD_EPS, queries=30),
 }
 """Fast parameters per attack: one case per entry, covering every norm it takes."""
@@ -113,7 +115,7 @@ SEED_UNSEEN = {"cw_l2", "fab", "fab_t"}
 these inputs: another seed is not required to give other points (test_fab and test_cw
 show their seeds at work where they do)."""
 KEEP_MISCLASSIFIED = {"apgd_ce", "apgd_dlr", "apgd_t", "autoattack", "cw_l2", "deepfool", "fab",
-                      "fab_t", "mifgsm", "square"}
+                      "fab_t", "mifgsm", "sparse_rs", "square"}
 """Attacks that return the points the model already misclassifies unchanged."""
 MINIMUM_NORM = {"cw_l2", "deepfool", "fab", "fab_t"}
 """Attacks that return a point only where they found an adversarial one within eps."""
@@ -229,7 +231,7 @@ QUICK = {  # keep the built-ins fast; defaults are checked for validity regardle
     "apgd_ce": {"steps": 5}, "apgd_dlr": {"steps": 5}, "apgd_t": {"steps": 5},
     "autoattack": {"steps": 3, "square_queries": 10}, "eot_pgd": {"steps": 3, "eot_iter": 2},
     "fab": {"steps": 5}, "fab_t": {"steps": 5}, "mifgsm": {"steps": 3},
-    "square": {"queries": 20}, "cw_l2": {"steps": 5},
+    "square": {"queries": 20}, "sparse_rs": {"queries": 20}, "cw_l2": {"steps": 5},
     "cw_linf": {"steps": 3}, "deepfool": {"steps": 10}, "pgd_l1": {"steps": 3},
     "pgd_l2": {"steps": 3}, "pgd_linf": {"steps": 3},
 }
@@ -257,7 +259,7 @@ def digits_model() -> tuple[nn.Module, Tensor, Tensor]:
     return train_digits_mlp(300)
 
 
-DIGITS_EPS = {"linf": 0.05, "l2": 0.5, "l1": 1.0}
+DIGITS_EPS = {"linf": 0.05, "l2": 0.5, "l1": 1.0, "l0": 4}
 """Budgets the digits MLP is not robust to."""
 DIGITS = {  # few iterations: breaking some points is enough
     "apgd_ce": {"steps": 10}, "apgd_dlr": {"steps": 10},
@@ -266,6 +268,7 @@ DIGITS = {  # few iterations: breaking some points is enough
     "cw_l2": {"steps": 20, "binary_search_steps": 3}, "eot_pgd": {"eot_iter": 2},
     "fab": {"steps": 10},
     "fab_t": {"steps": 10, "n_target_classes": 3}, "square": {"queries": 50},
+    "sparse_rs": {"queries": 50},
 }
 DIGITS_EXACT = {  # (name, norm) -> the parameters, in full
     ("fgsm", "linf"): {"eps": 0.1}, ("fgsm", "l2"): {"eps": 0.5, "norm": "l2"},

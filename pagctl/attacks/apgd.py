@@ -520,6 +520,7 @@ class _APGD(AttackBase):
     min_classes = 2
     name = "apgd"
     params: _APGDParams
+    norm: AnyNorm  # its Params take no l0
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs

@@ -37,7 +37,7 @@ from typing import Any, ClassVar, cast, get_args
 from pydantic import BaseModel
 from torch import Tensor, nn
 
-from pagctl.attacks.steps import AnyNorm, fit_to_budget, seeded_generator
+from pagctl.attacks.steps import BudgetNorm, fit_to_budget, seeded_generator
 from pagctl.protocols import BuildContext, declared_budget
 
 __all__ = ["AttackBase"]
@@ -58,21 +58,21 @@ class AttackBase:
     name: ClassVar[str] = "attack"
     min_classes: ClassVar[int] = 0
     params: BaseModel
-    norm: AnyNorm
+    norm: BudgetNorm
     eps: float
 
     def __init__(self, params: Any, ctx: BuildContext) -> None:
         if ctx.num_classes < self.min_classes:
             raise ValueError(f"{self.name} needs at least {self.min_classes} classes")
         norm, eps = declared_budget(self, params)
-        if eps is None or norm not in get_args(AnyNorm):
+        if eps is None or norm not in get_args(BudgetNorm):
             raise TypeError(f"{type(self).__name__}: an AttackBase needs a budget: 'eps' in "
-                            f"its Params and a norm in {get_args(AnyNorm)} (a 'norm' field or "
-                            f"class attribute), got eps={eps!r}, norm={norm!r}")
+                            f"its Params and a norm in {get_args(BudgetNorm)} (a 'norm' field "
+                            f"or class attribute), got eps={eps!r}, norm={norm!r}")
         self.params = params
         self.ctx = ctx
         self.eps = eps
-        self.norm = cast(AnyNorm, norm)  # checked above
+        self.norm = cast(BudgetNorm, norm)  # checked above
         seed = getattr(params, "seed", None)
         self.seed: int = ctx.seed if seed is None else int(seed)
         self.generator = seeded_generator(self.seed, ctx)

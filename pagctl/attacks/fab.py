@@ -396,6 +396,7 @@ class _FAB(AttackBase):
     min_classes = 2
     name = "fab"
     params: _FABParams
+    norm: AnyNorm  # its Params take no l0
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs

@@ -439,6 +439,7 @@ class Square(AttackBase):
         )
 
     params: Params
+    norm: AnyNorm  # its Params take no l0
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Shape: (N, C, H, W) in [0, 1], (N,) -> (N, C, H, W) adversarial inputs

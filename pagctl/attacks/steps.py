@@ -13,6 +13,7 @@ are made on the generator's device and moved to the requested one.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import torch
@@ -26,7 +27,12 @@ if TYPE_CHECKING:
 Norm = Literal["linf", "l2"]
 """The threat models every built-in attack handles."""
 AnyNorm = Literal["linf", "l2", "l1"]
-"""Every threat model the steps handle; APGD, FAB, Square and AutoAttack also attack in L1."""
+"""The dense threat models the steps handle; APGD, FAB, Square and AutoAttack also attack in
+L1."""
+BudgetNorm = Literal["linf", "l2", "l1", "l0"]
+"""Every budget the contract checks (`pagctl.protocols.NORMS`) and :func:`fit_to_budget`
+fits: the dense norms and ``l0``, the number of pixels changed (a pixel position where any
+channel differs counts once), which only sparse attacks (Sparse-RS) take."""
 Loss = Literal["ce", "margin"]
 TargetChoice = Literal["least_likely", "random", "next"]
 """How a targeted attack picks each example's target class (:func:`choose_targets`)."""
@@ -69,8 +75,20 @@ def l1_norms(delta: Tensor) -> Tensor:
     return delta.flatten(1).abs().sum(dim=1)
 
 
-def norms_of(delta: Tensor, norm: AnyNorm) -> Tensor:
-    """Per-example size of ``delta`` in ``norm``. Shape: (N, ...) -> (N,)."""
+def l0_norms(delta: Tensor) -> Tensor:
+    """Per-example number of pixels changed (all channels of a pixel count once), in
+    ``delta``'s dtype: the contract's own count (`pagctl.protocols.perturbation_norms`).
+    Shape: (N, C, H, W) -> (N,)."""
+    from pagctl.protocols import perturbation_norms
+
+    return perturbation_norms(delta, "l0")
+
+
+def norms_of(delta: Tensor, norm: BudgetNorm) -> Tensor:
+    """Per-example size of ``delta`` in ``norm`` (``l0``: pixels changed, ``delta`` (N, C, H,
+    W)). Shape: (N, ...) -> (N,)."""
+    if norm == "l0":
+        return l0_norms(delta)
     if norm == "l2":
         return l2_norms(delta)
     return l1_norms(delta) if norm == "l1" else linf_norms(delta)
@@ -280,16 +298,38 @@ def loss_gradient(
     return logits_and_gradient(model, x, labels, loss, targeted)[1]
 
 
-def fit_to_budget(x: Tensor, x_adv: Tensor, norm: AnyNorm, eps: float) -> Tensor:
+def keep_largest_pixels(x: Tensor, x_adv: Tensor, k: int) -> Tensor:
+    """``x_adv`` with at most ``k`` pixels changed from ``x``: each example keeps the ``k``
+    pixel positions whose change has the largest L2 norm over the channels (ties: the first
+    in row-major order) and takes ``x`` elsewhere. That is the Euclidean projection onto the
+    set of points differing from ``x`` in at most ``k`` pixels; examples already inside are
+    returned unchanged. Shape: (N, C, H, W) twice -> (N, C, H, W)."""
+    n, _, h, w = x_adv.shape
+    delta = x_adv - x
+    over = l0_norms(delta) > k
+    if not bool(over.any()):
+        return x_adv
+    size = delta.pow(2).sum(dim=1).flatten(1)  # (N, H·W)
+    order = size.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    keep = torch.zeros_like(size, dtype=torch.bool).scatter(1, order, True)
+    keep = keep | ~over[:, None]
+    return torch.where(keep.reshape(n, 1, h, w), x_adv, x)
+
+
+def fit_to_budget(x: Tensor, x_adv: Tensor, norm: BudgetNorm, eps: float) -> Tensor:
     """Make ``x_adv`` satisfy ``‖x_adv - x‖ <= eps`` as the difference is computed in the
     inputs' dtype, and stay in [0, 1].
 
     ``x + delta - x`` need not equal ``delta`` in floating point; at small ε (8/255) the
     rounding of a pixel near 1 is a relative error of ~2e-6, enough to fail a strict budget
-    check. Coordinates (L∞) or examples (L2, L1) that are over are nudged toward ``x``.
+    check. Coordinates (L∞) or examples (L2, L1) that are over are nudged toward ``x``. In
+    ``l0`` (``eps`` pixels, rounded down) an example that changes more pixels keeps its
+    ``⌊eps⌋`` largest changes (:func:`keep_largest_pixels`) and takes ``x`` at the others.
     Shape: (N, C, H, W) twice -> (N, C, H, W).
     """
     x_adv = x_adv.clamp(0.0, 1.0)
+    if norm == "l0":
+        return keep_largest_pixels(x, x_adv, math.floor(eps + 1e-9))
     for attempt in range(16):
         delta = x_adv - x
         if norm == "linf":

@@ -328,8 +328,9 @@ def _render_attack(name: str, run: Path, reports: list[Any], weights: str | None
         lo, hi = first.robust_interval
         rows.append(("robust accuracy", f"{first.robust_accuracy:.4f}  95% CI [{lo:.3f}, "
                      f"{hi:.3f}]"))
-    rows += [("max L1 / L2 / Linf",
-              f"{last.max_l1:.4f} / {last.max_l2:.4f} / {last.max_linf:.4f}"),
+    rows += [("max L0 (pixels) / L1 / L2 / Linf",
+              f"{last.max_l0:.0f} / {last.max_l1:.4f} / {last.max_l2:.4f} / "
+              f"{last.max_linf:.4f}"),
              ("pixel range, NaNs", f"[{last.pixel_min:.4g}, {last.pixel_max:.4g}], "
               f"{last.nan_count}"),
              ("passes fwd / bwd", f"{sum(r.forwards for r in reports)} / "

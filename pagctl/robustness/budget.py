@@ -2,8 +2,9 @@
 
 Pixels are in [0, 1], so an L∞ ball of radius 1 around any image holds every image of its
 shape, as does an L2 ball of radius √d or an L1 ball of radius d (d = C·H·W, the box's
-diameter in each norm). At such an ε nothing can be robust, and the number recorded
-measures nothing: almost always an ε meant on the 0-255 scale (``eps=8`` for 8/255). It is
+diameter in each norm), or an L0 budget of H·W pixels (every pixel may change). At such an
+ε nothing can be robust, and the number recorded measures nothing: almost always an ε
+meant on the 0-255 scale (``eps=8`` for 8/255). It is
 warned about, not refused (a sweep may reach it on purpose); ``pagctl attack --strict``
 refuses it. The attack evaluation (`pagctl.robustness.evaluate.evaluate_attack`, which the
 CLI and `pagctl.api.attack` both call) and adversarial training's inner attack
@@ -23,10 +24,11 @@ __all__ = ["box_radius", "check_budget", "implausible_budget"]
 
 def box_radius(norm: str, input_shape: Sequence[int]) -> float | None:
     """The radius, in ``norm``, of a ball around any image that holds every image of
-    ``input_shape`` ((C, H, W), pixels in [0, 1]): 1 for L∞, √d for L2, d for L1; None for
-    a norm it does not know."""
+    ``input_shape`` ((C, H, W), pixels in [0, 1]): 1 for L∞, √d for L2, d for L1, H·W
+    pixels for L0; None for a norm it does not know."""
     d = math.prod(input_shape)
-    return {"linf": 1.0, "l2": math.sqrt(d), "l1": float(d)}.get(norm)
+    pixels = float(math.prod(input_shape[1:]))
+    return {"linf": 1.0, "l2": math.sqrt(d), "l1": float(d), "l0": pixels}.get(norm)
 
 
 def implausible_budget(norm: str | None, eps: float | None,
@@ -39,6 +41,9 @@ def implausible_budget(norm: str | None, eps: float | None,
     radius = box_radius(norm, input_shape)
     if radius is None or eps < radius:
         return None
+    if norm == "l0":
+        return (f"{eps:g} pixels (L0) >= the image's {radius:g} pixels: every pixel may "
+                "change, so nothing can be robust")
     label = {"linf": "L∞", "l2": "L2", "l1": "L1"}[norm]
     bound = "1" if norm == "linf" else f"{radius:.4g} (the box's {label} diameter)"
     return (f"{eps:g} is an {label} radius >= {bound} on [0, 1] pixels: its ball holds "

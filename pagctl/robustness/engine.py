@@ -46,6 +46,7 @@ from pagctl.protocols import (
     check_inputs_untouched,
     declared_budget,
     declared_passes,
+    perturbation_norms,
     raised,
 )
 from pagctl.robustness.report import AttackReport
@@ -445,8 +446,8 @@ class _Batches:
 
 
 def _record_perturbations(state: AttackState, x: Tensor, x_adv: Tensor, pos: Tensor) -> None:
-    """The running maxima of the perturbations and pixels, the NaN count, and the kept
-    adversarial images, after one batch's stage."""
+    """The running maxima of the perturbations (L0 in pixels, L1, L2, L∞) and pixels, the NaN
+    count, and the kept adversarial images, after one batch's stage."""
     import torch
 
     delta = (x_adv - x).flatten(1)
@@ -454,6 +455,8 @@ def _record_perturbations(state: AttackState, x: Tensor, x_adv: Tensor, pos: Ten
     stats["max_l1"] = max(stats.get("max_l1", 0.0), float(delta.abs().sum(dim=1).max()))
     stats["max_l2"] = max(stats["max_l2"], float(delta.norm(dim=1).max()))
     stats["max_linf"] = max(stats["max_linf"], float(delta.abs().max()))
+    pixels = float(perturbation_norms(x_adv - x, "l0").max())  # pixels changed, any channel
+    stats["max_l0"] = max(stats.get("max_l0", 0.0), pixels)
     stats["pixel_min"] = min(stats["pixel_min"], float(x_adv.min()))
     stats["pixel_max"] = max(stats["pixel_max"], float(x_adv.max()))
     stats["nan_count"] += int(torch.isnan(x_adv).sum())

@@ -162,7 +162,7 @@ def _attack_probes(model: nn.Module, px: Tensor, py: Tensor, report: AttackRepor
     from pagctl.robustness.reliability import attack_probes, square_stage_check
 
     stage_names = [s.name for s in report.stages]
-    if report.norm in ("l2", "linf", "l1") and report.eps is not None and report.eps > 0:
+    if report.norm is not None and report.eps is not None and report.eps > 0:
         attack_probes(model, px, py, report.robust_mask[:probed], norm=report.norm,
                       eps=report.eps, seed=request.seed,
                       white_box_only="square" not in stage_names, verdict=verdict,

@@ -17,7 +17,10 @@ symptom on a small subset and names it when it appears:
 - **black box**: the gradient-free Square attack breaks points the white-box attack left
   robust.
 
-The verdict is ``reliable: true`` when no probe fired; ``reasons`` lists what did.
+The verdict is ``reliable: true`` when no probe fired; ``reasons`` lists what did. The
+probes that attack (ε-sweep, more effort, black box) attack in `PROBE_NORMS`; under another
+budget (``l0``: pixels changed) they are skipped, and the verdict's ``probes`` says so
+under ``attack_probes``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ if TYPE_CHECKING:
 
     from pagctl.records import StageRecord
 
+PROBE_NORMS = ("linf", "l2", "l1")
+"""The budgets the probes that attack (PGD, APGD, Square) can attack in."""
 RANDOM_TOLERANCE = 1e-4
 """Largest allowed difference of L2-normalised outputs between identical forwards."""
 SWEEP_STEPS = 20
@@ -278,10 +283,17 @@ def attack_probes(model: nn.Module, x: Tensor, y: Tensor, survived: Tensor, *,
                   verdict: Verdict, device: torch.device | str = "cpu") -> None:
     """Probes that attack: ε-sweep on the correctly classified probe points, then more
     effort and (when the evaluated attack had no black-box stage) Square on the points the
-    evaluated attack left robust (``survived``, (m,) bool)."""
+    evaluated attack left robust (``survived``, (m,) bool). Skipped, with one line in
+    ``verdict.measured["attack_probes"]``, for a budget outside `PROBE_NORMS`."""
     import torch
 
     from pagctl.models import eval_mode
+
+    if norm not in PROBE_NORMS:
+        verdict.measured["attack_probes"] = (
+            f"skipped: the sweep, more-effort and black-box probes attack in "
+            f"{', '.join(PROBE_NORMS)}, not {norm}")
+        return
 
     x, y, survived = x.to(device), y.to(device), survived.to(device)
     with eval_mode(model):

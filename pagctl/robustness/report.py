@@ -56,6 +56,8 @@ class AttackReport:
     max_l2: float
     max_linf: float
     max_l1: float
+    max_l0: float
+    """The most pixels changed in one point (any channel; `pagctl.protocols.NORMS`)."""
     pixel_min: float
     pixel_max: float
     nan_count: int
@@ -131,7 +133,7 @@ class AttackReport:
             clean_interval=wilson_interval(clean_k, n),
             robust_interval=wilson_interval(robust_k, n), norm=norm, eps=eps,
             max_l2=stats["max_l2"], max_linf=stats["max_linf"],
-            max_l1=stats.get("max_l1", 0.0),
+            max_l1=stats.get("max_l1", 0.0), max_l0=stats.get("max_l0", 0.0),
             pixel_min=stats["pixel_min"] if stats["pixel_min"] <= stats["pixel_max"] else 0.0,
             pixel_max=stats["pixel_max"], nan_count=int(stats["nan_count"]),
             forwards=sum(s.forwards for s in state.stages),
@@ -151,7 +153,7 @@ class AttackReport:
             clean_accuracy=self.clean_accuracy, robust_accuracy=self.robust_accuracy,
             clean_interval=self.clean_interval, robust_interval=self.robust_interval,
             norm=self.norm, eps=self.eps, max_l2=self.max_l2, max_linf=self.max_linf,
-            max_l1=self.max_l1,
+            max_l1=self.max_l1, max_l0=self.max_l0,
             pixel_min=self.pixel_min, pixel_max=self.pixel_max, nan_count=self.nan_count,
             forwards=self.forwards, backwards=self.backwards, seconds=self.seconds,
             stages=list(self.stages),

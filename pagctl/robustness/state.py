@@ -62,8 +62,9 @@ class AttackState(KeyedState):
                    broken_by=torch.full((n,), -1, dtype=torch.int64), images=images,
                    stages=[StageRecord(name=s, attacked=0, broke=0, forwards=0, backwards=0,
                                        seconds=0.0) for s in stage_names],
-                   stats={"max_l1": 0.0, "max_l2": 0.0, "max_linf": 0.0, "pixel_min": 1.0,
-                          "pixel_max": 0.0, "nan_count": 0, "seconds": 0.0})
+                   stats={"max_l0": 0.0, "max_l1": 0.0, "max_l2": 0.0, "max_linf": 0.0,
+                          "pixel_min": 1.0, "pixel_max": 0.0, "nan_count": 0,
+                          "seconds": 0.0})
 
     def payload(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         import torch
