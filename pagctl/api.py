@@ -133,6 +133,9 @@ def tensors(images: Any, labels: Any, *, num_classes: int | None = None,
         raise FieldError(field, detail) from None
     if num_classes is None:
         classes = int(y.max()) + 1
+        if classes > MAX_CLASSES:
+            raise FieldError("labels", f"a label is {classes - 1}, more classes than "
+                             f"{MAX_CLASSES:,}; check the labels, or give num_classes")
     elif isinstance(num_classes, bool) or not isinstance(num_classes, int) \
             or not 1 <= num_classes <= MAX_CLASSES:
         raise FieldError("num_classes", f"expected a whole number from 1 to {MAX_CLASSES}, "
