@@ -292,6 +292,12 @@ def _adversarial_file(path: str | Path | None) -> Path | None:
                          "ending in .safetensors")
     if out.is_dir():
         raise FieldError("save_adversarial", f"{out} is a folder; give a file name")
+    from pagctl.checkpoint import RESERVED_NAMES
+
+    if out.name in RESERVED_NAMES:
+        raise FieldError("save_adversarial", f"{out} is the name of a run folder's own file "
+                         f"({out.name}); writing it would replace that run's; give another "
+                         "name")
     return out
 
 
