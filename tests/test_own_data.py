@@ -102,6 +102,18 @@ def test_a_label_far_beyond_any_class_count_is_refused_not_allocated(
         api.tensors(x, torch.tensor([0, 1, 2, 2**40]))
 
 
+def test_training_on_a_file_without_a_training_split_names_the_keys_it_needs(
+        tmp_path: Path) -> None:
+    from pagctl.build import setup
+    from pagctl.spec import load_spec
+
+    x, y = _images()
+    np.savez(tmp_path / "a.npz", x=x.numpy(), y=y.numpy())
+    spec = load_spec("digits-vanilla", ["data.dataset=tensors", f"data.root={tmp_path}/a.npz"])
+    with pytest.raises(DataError, match=r"no training split; .*'x_train' and 'y_train'"):
+        setup(spec, torch.device("cpu"))
+
+
 def test_labels_beyond_the_classes_given_and_num_classes_on_another_dataset_are_refused(
         tmp_path: Path) -> None:
     x, y = _images()
