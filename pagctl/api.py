@@ -133,6 +133,9 @@ def tensors(images: Any, labels: Any, *, num_classes: int | None = None,
         raise FieldError(field, detail) from None
     if num_classes is None:
         classes = int(y.max()) + 1
+        if classes > MAX_CLASSES:
+            raise FieldError("labels", f"a label is {classes - 1}, more classes than "
+                             f"{MAX_CLASSES:,}; check the labels, or give num_classes")
     elif isinstance(num_classes, bool) or not isinstance(num_classes, int) \
             or not 1 <= num_classes <= MAX_CLASSES:
         raise FieldError("num_classes", f"expected a whole number from 1 to {MAX_CLASSES}, "
@@ -290,6 +293,12 @@ def _adversarial_file(path: str | Path | None) -> Path | None:
                          "ending in .safetensors")
     if out.is_dir():
         raise FieldError("save_adversarial", f"{out} is a folder; give a file name")
+    from pagctl.checkpoint import RESERVED_NAMES
+
+    if out.name in RESERVED_NAMES:
+        raise FieldError("save_adversarial", f"{out} is the name of a run folder's own file "
+                         f"({out.name}); writing it would replace that run's; give another "
+                         "name")
     return out
 
 

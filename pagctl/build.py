@@ -83,6 +83,9 @@ def setup(spec: RunSpec, device: torch.device, *, build_plugins: bool = True,
     from pagctl.protocols import disables_pag
 
     bundle = load_data(spec.data)
+    if len(bundle.train) == 0 and spec.data.dataset == "tensors":  # type: ignore[arg-type]
+        raise DataError(f"data.root: {spec.data.root} has no training split; training needs "
+                        "the arrays 'x_train' and 'y_train' in the file besides 'x' and 'y'")
     if len(bundle.train) == 0:  # type: ignore[arg-type]
         raise DataError(f"data.root: {spec.data.root} has no training images (an evaluation "
                         "set: test/ without train/); training needs DIR/train/<class>/<image>")

@@ -116,6 +116,8 @@ def test_the_saved_file_is_the_save_adversarial_format_and_sweeps_number_their_f
 
 @pytest.mark.parametrize(("given", "words"), [
     ({"save_adversarial": "adv.pt"}, "save_adversarial: adv.pt: writes safetensors"),
+    ({"save_adversarial": "runs/a/model.safetensors"},
+     "save_adversarial: .*run folder's own file"),
     ({"keep_adversarial": True, "shard": (0, 2), "shard_dir": "s"},
      "keep_adversarial: a shard"),
 ])

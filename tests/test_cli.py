@@ -796,6 +796,9 @@ def test_attack_exports(run: RunCLI, trained_run: Path, tmp_path: Path) -> None:
         "robust_correct"]
     code, _, err = run("attack", run_dir, "--save-adversarial", tmp_path / "adv.pt")
     assert code == 2 and "--save-adversarial" in err
+    (tmp_path / "folder.safetensors").mkdir()
+    code, _, err = run("attack", run_dir, "--save-adversarial", tmp_path / "folder.safetensors")
+    assert code == 2 and "--save-adversarial" in err and "is a folder" in err
 
 
 def test_align_score_no_record(run: RunCLI, trained_run: Path, tmp_path: Path) -> None:

@@ -390,6 +390,42 @@ def test_autoattack_custom_matches_the_reference_custom(
     assert int((rep.robust_mask != theirs).sum()) <= 1
 
 
+def test_autoattack_custom_in_l1_matches_the_reference_custom(
+    digits: tuple[nn.Module, Tensor, Tensor],
+) -> None:
+    """In L1 too: the reference's custom APGD-CE has 5 restarts and no large-ε schedule;
+    robust accuracy within ±0.5 pp (measured: 0.477 vs 0.473; the restarts' random starts
+    differ point by point)."""
+    model, x, y = digits
+    theirs = _reference_autoattack(model, x, y, "l1", 1.5, ["apgd-ce"])
+    params = registry.attacks.validate_params(
+        "autoattack", {"eps": 1.5, "norm": "l1", "version": "custom",
+                       "attacks_to_run": "apgd-ce"}, "p")
+    attack = registry.attacks.instantiate("autoattack", params,
+                                          BuildContext(10, SHAPE, CPU, 0), "p")
+    rep = run_attack(model, attack, _dataset(x, y), torch.arange(len(y)), name="autoattack",
+                     params=params)
+    assert [s.name for s in rep.stages] == ["apgd_ce"] and rep.max_l1 <= 1.5 * (1 + 1e-6)
+    assert abs(rep.robust_accuracy - float(theirs.float().mean())) <= 0.005 + 1e-9
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+def test_autoattack_custom_stages_have_the_reference_custom_settings(norm: str) -> None:
+    """The reference's ``version='custom'`` runs its constructor's settings (APGD-CE 5
+    restarts, APGD-T 9 target classes, no L1 large-ε schedule), not ``standard``'s."""
+    from pagctl.attacks.autoattack import _stage_params
+
+    params = registry.attacks.validate_params(
+        "autoattack", {"eps": 0.5, "norm": norm, "version": "custom",
+                       "attacks_to_run": "apgd-ce,apgd-t,fab-t,apgd-dlr,fab,square"}, "p")
+    got = {name: p for name, _, p in _stage_params(params, 10)}
+    assert got["apgd_ce"].restarts == got["apgd_dlr"].restarts == got["fab"].restarts == 5
+    assert got["apgd_t"].restarts == got["fab_t"].restarts == 1
+    assert got["apgd_t"].n_target_classes == got["fab_t"].n_target_classes == 9
+    assert not got["apgd_ce"].large_eps and not got["apgd_t"].large_eps
+    assert got["square"].queries == 5000
+
+
 def test_autoattack_custom_composes_registered_attacks_and_refuses_what_does_not_fit() -> None:
     """Any registered attack can be a stage (with the ensemble's eps, norm and seed); a
     stage in another norm, an unknown name, a repeated one, custom without stages and

@@ -75,6 +75,45 @@ def test_a_file_that_is_not_images_and_labels_is_refused_naming_the_key(
     assert words in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("content", [
+    b"\xff" * 64,                                     # a header length past the file
+    b"\x60\x00\x00\x00\x00\x00\x00\x00" + (
+        b'{"x":{"dtype":"F32","shape":[1000000000,3,1000,1000],"data_offsets":[0,16]},'
+        b'"y":{"dtype":"I64","shape":[2],"data_offsets":[16,32]}}').ljust(96) + b"\0" * 32,
+])
+def test_a_damaged_safetensors_file_is_one_line_naming_the_file(tmp_path: Path,
+                                                                 content: bytes) -> None:
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=r"^data\.root: .*f\.safetensors: cannot read it") \
+            as info:
+        _tensors(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_label_far_beyond_any_class_count_is_refused_not_allocated(
+        tmp_path: Path) -> None:
+    x, y = _images(4)
+    np.savez(tmp_path / "a.npz", x=x.numpy(), y=np.array([0, 1, 2, 2**40]))
+    with pytest.raises(DataError, match=r"a label is 1099511627776, more classes than "
+                                        r"100,000; .*data\.num_classes"):
+        _tensors(tmp_path / "a.npz")
+    with pytest.raises(api.FieldError, match="^labels: a label is 1099511627776"):
+        api.tensors(x, torch.tensor([0, 1, 2, 2**40]))
+
+
+def test_training_on_a_file_without_a_training_split_names_the_keys_it_needs(
+        tmp_path: Path) -> None:
+    from pagctl.build import setup
+    from pagctl.spec import load_spec
+
+    x, y = _images()
+    np.savez(tmp_path / "a.npz", x=x.numpy(), y=y.numpy())
+    spec = load_spec("digits-vanilla", ["data.dataset=tensors", f"data.root={tmp_path}/a.npz"])
+    with pytest.raises(DataError, match=r"no training split; .*'x_train' and 'y_train'"):
+        setup(spec, torch.device("cpu"))
+
+
 def test_labels_beyond_the_classes_given_and_num_classes_on_another_dataset_are_refused(
         tmp_path: Path) -> None:
     x, y = _images()

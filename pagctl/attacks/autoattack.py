@@ -15,8 +15,9 @@ Versions, as the reference defines them:
   gradient), for models whose forward pass is random;
 - ``custom``: the stages named in ``attacks_to_run``, in that order (the reference's
   ``version='custom'``). AutoAttack's own stages (``apgd_ce``, ``apgd_t``, ``fab_t``,
-  ``square``; ``apgd_dlr`` and ``fab`` from ``plus``) keep the settings they have in the
-  version that runs them in this norm; any other registered attack runs with its defaults
+  ``square``, ``apgd_dlr``, ``fab``) have the settings the reference's custom version
+  gives them, which are those of ``plus`` in every norm (APGD-CE 5 restarts, not the 1
+  of ``standard``; no L1 large-ε schedule); any other registered attack runs with its defaults
   and the ensemble's ``eps``, ``norm`` and ``seed``. The reference's hyphenated names
   (``apgd-ce``) are accepted.
 
@@ -89,13 +90,14 @@ def _plan(version: Version, norm: AnyNorm, steps: int, queries: int) -> Plan:
 
 
 def _custom_plan(names: tuple[str, ...], norm: AnyNorm, steps: int, queries: int) -> Plan:
-    """The stages of ``version=custom``: AutoAttack's own with the settings of the version
-    that runs them in ``norm`` (standard, else plus), any other registered attack with its
-    defaults. ValueError naming ``attacks_to_run`` for a name nobody registered."""
+    """The stages of ``version=custom``: AutoAttack's own with the settings the reference's
+    custom version gives them (its constructor's: APGD-CE and APGD-DLR 5 restarts, APGD-T
+    and FAB-T 1 restart and 9 target classes, FAB 5 restarts, Square 5,000 queries, no
+    large-ε schedule in L1 — the settings of ``plus``), any other registered attack with
+    its defaults. ValueError naming ``attacks_to_run`` for a name nobody registered."""
     from pagctl import registry
 
-    own = {name: (cls, extra) for version in ("plus", "standard")
-           for name, cls, extra in _plan(version, norm, steps, queries)}
+    own = {name: (cls, extra) for name, cls, extra in _plan("plus", norm, steps, queries)}
     plan: Plan = []
     for name in names:
         if name in own:

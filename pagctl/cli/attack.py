@@ -144,6 +144,9 @@ def attack(
     if save_adversarial is not None and save_adversarial.suffix != ".safetensors":
         raise SpecError("--save-adversarial: writes safetensors; give a file name ending in "
                         ".safetensors")
+    if save_adversarial is not None and save_adversarial.is_dir():
+        raise SpecError(f"--save-adversarial: {save_adversarial} is a folder; give a file "
+                        "name")
     if export is not None and export.exists() and not export.is_dir():
         raise SpecError(f"--export: {export} is a file; give a folder")
     if card and export is None:

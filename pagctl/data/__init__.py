@@ -408,6 +408,11 @@ def _load_imagefolder(spec: DataSpec) -> DataBundle:
     )
 
 
+MAX_CLASSES = 100_000
+"""The most classes the dataset ``tensors`` takes (``data.num_classes``' bound): a larger
+label is a corrupt file, not a class."""
+
+
 def _load_tensors(spec: DataSpec) -> DataBundle:
     if spec.root is None:
         raise DataError("data.root: the dataset 'tensors' reads your own file; give it with "
@@ -417,6 +422,10 @@ def _load_tensors(spec: DataSpec) -> DataBundle:
     x, y = arrays["x"], arrays["y"]
     x_train, y_train = arrays.get("x_train", x[:0]), arrays.get("y_train", y[:0])
     found = int(max(int(y.max()), int(y_train.max()) if len(y_train) else -1)) + 1
+    if spec.num_classes is None and found > MAX_CLASSES:
+        raise DataError(f"data.root: {path}: a label is {found - 1}, more classes than "
+                        f"{MAX_CLASSES:,}; check the labels, or give the number of classes "
+                        "(data.num_classes)")
     classes = spec.num_classes if spec.num_classes is not None else found
     if classes < 2 and spec.num_classes is None:
         raise DataError(f"data.root: {path}: every label is 0; give the number of classes "

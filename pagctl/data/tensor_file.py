@@ -78,9 +78,11 @@ def read_tensor_file(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise DataError(f"{where}: no such file; give the .safetensors or .npz file of x "
                         "and y")
+    from safetensors import SafetensorError
+
     try:
         arrays = _read(path)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         raise DataError(f"{where}: cannot read it ({exc.__class__.__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else 'malformed'}); give a "
                         ".safetensors or .npz file of x and y") from None
