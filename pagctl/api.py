@@ -262,7 +262,11 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
         raise FieldError("keep_adversarial" if keep_adversarial else "save_adversarial",
                          "a shard or a merge of shards keeps no adversarial example; "
                          "evaluate whole to keep them")
-    out = _adversarial_file(save_adversarial)
+    out = None
+    if save_adversarial is not None:
+        from pagctl.robustness.adversarial import adversarial_file
+
+        out = adversarial_file(save_adversarial)
     job = AttackJob(attack, registry.attacks.validate_params(attack, given, "params"),
                     budgets=eps_sweep, probes=probes, probe_size=probe_size)
     module, bundle, dev = _model_and_data(model, data, device, weights, trust_code)
@@ -277,29 +281,6 @@ def attack(model: Any, data: Any = None, attack: str = "autoattack", *,
             report.adversarial.save(numbered(out, i, len(reports)), {
                 "attack": report.attack, "norm": str(report.norm), "eps": str(report.eps)})
     return reports if eps_sweep is not None else reports[0]
-
-
-def _adversarial_file(path: str | Path | None) -> Path | None:
-    """``save_adversarial`` as a path to write: a .safetensors file name, not a folder.
-    FieldError otherwise."""
-    if path is None:
-        return None
-    if not isinstance(path, (str, Path)):
-        raise FieldError("save_adversarial", f"expected a file path, got "
-                         f"{type(path).__name__}")
-    out = Path(path)
-    if out.suffix != ".safetensors":
-        raise FieldError("save_adversarial", f"{out}: writes safetensors; give a file name "
-                         "ending in .safetensors")
-    if out.is_dir():
-        raise FieldError("save_adversarial", f"{out} is a folder; give a file name")
-    from pagctl.checkpoint import RESERVED_NAMES
-
-    if out.name in RESERVED_NAMES:
-        raise FieldError("save_adversarial", f"{out} is the name of a run folder's own file "
-                         f"({out.name}); writing it would replace that run's; give another "
-                         "name")
-    return out
 
 
 def align_score(model: Any, data: Any = None, source: str = "nearest_neighbor", *,

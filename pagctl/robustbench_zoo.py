@@ -57,9 +57,12 @@ def is_zoo_name(arch: str) -> bool:
 
 
 def zoo_kwargs(dataset: str, threat_model: str | None) -> dict[str, str]:
-    """The ``model.kwargs`` that name a zoo entry besides its name: the dataset and the
-    threat model (Linf when not given, as RobustBench's ``load_model`` has it)."""
-    return {"dataset": dataset, "threat_model": threat_model or "Linf"}
+    """The ``model.kwargs`` that name a zoo entry besides its name: the dataset (the data
+    evaluated on, when it is one of the zoo's; with your own, e.g. ``tensors``, the entry's
+    dataset is ``model.kwargs.dataset``, given apart) and the threat model (Linf when not
+    given, as RobustBench's ``load_model`` has it)."""
+    named = {"dataset": dataset} if dataset in DATASETS else {}
+    return {**named, "threat_model": threat_model or "Linf"}
 
 
 def _model_dicts() -> Any:
@@ -104,6 +107,16 @@ def zoo_entry(name: str, dataset: str, threat_model: str) -> dict[str, Any]:
     return entry
 
 
+def zoo_dataset(kwargs: Mapping[str, Any]) -> str:
+    """The zoo dataset an entry's ``model.kwargs`` name; SpecError naming the field, and
+    how to give it, when they name none."""
+    if "dataset" not in kwargs:
+        raise SpecError("model.kwargs.dataset: a robustbench: model needs its zoo dataset "
+                        f"({', '.join(DATASETS)}); evaluated on your own data (--dataset "
+                        "tensors), name it with --set model.kwargs.dataset=cifar10")
+    return str(kwargs["dataset"])
+
+
 def create_zoo_network(arch: str, kwargs: Mapping[str, Any]) -> nn.Module:
     """The zoo entry's network, freshly initialised (its weights come from a file). SpecError
     for other keywords than ``dataset`` and ``threat_model``, or an ensemble entry (several
@@ -114,11 +127,8 @@ def create_zoo_network(arch: str, kwargs: Mapping[str, Any]) -> nn.Module:
     if extra:
         raise SpecError(f"model.kwargs.{extra[0]}: not an argument of a RobustBench zoo entry "
                         "(it takes dataset and threat_model); remove it")
-    if "dataset" not in kwargs:
-        raise SpecError("model.kwargs.dataset: a robustbench: model needs its zoo dataset "
-                        f"({', '.join(DATASETS)})")
     name = arch.removeprefix(PREFIX)
-    entry = zoo_entry(name, str(kwargs["dataset"]), str(kwargs.get("threat_model", "Linf")))
+    entry = zoo_entry(name, zoo_dataset(kwargs), str(kwargs.get("threat_model", "Linf")))
     if isinstance(entry.get("gdrive_id"), list):
         raise SpecError(f"model.arch: {arch} is an ensemble of {len(entry['gdrive_id'])} "
                         "checkpoints in RobustBench's zoo; pagctl imports single models only")
@@ -134,7 +144,7 @@ def cache_file(arch: str, kwargs: Mapping[str, Any], model_dir: Path | None) -> 
     <name>.pt``. CheckpointError (one line: the file expected and how to fetch it) when it
     is not there; pagctl never downloads it."""
     name = arch.removeprefix(PREFIX)
-    dataset = str(kwargs["dataset"])
+    dataset = zoo_dataset(kwargs)
     threat_model = str(kwargs.get("threat_model", "Linf"))
     root = DEFAULT_MODEL_DIR if model_dir is None else model_dir
     path = root / dataset / threat_model / f"{name}.pt"

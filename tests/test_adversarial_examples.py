@@ -120,6 +120,9 @@ def test_the_saved_file_is_the_save_adversarial_format_and_sweeps_number_their_f
      "save_adversarial: .*run folder's own file"),
     ({"keep_adversarial": True, "shard": (0, 2), "shard_dir": "s"},
      "keep_adversarial: a shard"),
+    ({"save_adversarial": "/proc/nowhere/adv.safetensors"}, "cannot write in /proc"),
+    ({"save_adversarial": "."}, "writes safetensors"),
+    ({"save_adversarial": "runs/r/model.safetensors"}, "a run folder's own file"),
 ])
 def test_bad_adversarial_requests_are_one_field_error(
         digits: tuple[nn.Module, torch.Tensor, torch.Tensor], given: dict[str, Any],

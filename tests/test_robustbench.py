@@ -94,6 +94,31 @@ def test_a_zoo_entry_imports_from_the_cache_with_robustbenchs_own_logits(
         assert torch.equal(loaded.model(x), _reference(cache)(x))
 
 
+def test_a_zoo_entry_imports_with_a_held_out_file_as_its_test_split(
+        pagctl: Any, cache: Path) -> None:
+    """``--dataset tensors --data-dir FILE`` with the entry's zoo dataset given apart
+    (``--set model.kwargs.dataset=cifar10``): the file is the run's test split; without the
+    zoo dataset, one line says how to name it."""
+    import numpy as np
+
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    np.savez(cache / "held.npz", x=x.numpy(), y=np.arange(6) % 10)
+    argv = ["import", "--model", f"robustbench:{ZOO_NAME}", "--dataset", "tensors",
+            "--data-dir", "held.npz", "--set", "data.num_classes=10"]
+    refused = pagctl(*argv, "--out", "runs/no")
+    assert refused.code == 2, refused.stderr
+    assert "--set model.kwargs.dataset=cifar10" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (cache / "runs/no").exists()
+    got = pagctl(*argv, "--set", "model.kwargs.dataset=cifar10", "--out", "runs/held",
+                 "--format", "json")
+    assert got.code == 0, got.stderr
+    [record] = envelope_records(got.stdout, "import")
+    assert record["n_check"] == 6 and record["zoo"]["dataset"] == "cifar10"
+    loaded = load_run(cache / "runs/held")
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), _reference(cache)(x))
+
+
 def test_the_api_imports_the_same_weights(cache: Path) -> None:
     import pagctl.api as pg
 

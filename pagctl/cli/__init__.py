@@ -87,7 +87,8 @@ FLAGS = {"limit": "--limit", "batch_size": "--batch-size", "seed": "--seed",
          "classes_per_image": "--classes-per-image", "precision": "--precision",
          "weights": "--weights", "shard": "--shard", "merge_shards": "--merge-shards",
          "device": "--device", "state": "--state", "params": "--param", "source": "--source",
-         "model_dir": "--model-dir", "threat_model": "--threat-model", "card": "--card"}
+         "model_dir": "--model-dir", "threat_model": "--threat-model", "card": "--card",
+         "save_adversarial": "--save-adversarial"}
 """The flag that sets each library parameter a `FieldError` names: the library speaks of
 ``batch_size``, the command line of ``--batch-size`` (and of ``params.eps`` as
 ``--param eps``)."""

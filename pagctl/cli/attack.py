@@ -140,13 +140,10 @@ def attack(
     check_figure("--save-images", save_images, ("png",))
     dots = check_dpi(dpi, {"--plot": plot, "--save-images": save_images})
     check_output("--state", state)
-    check_output("--save-adversarial", save_adversarial)
-    if save_adversarial is not None and save_adversarial.suffix != ".safetensors":
-        raise SpecError("--save-adversarial: writes safetensors; give a file name ending in "
-                        ".safetensors")
-    if save_adversarial is not None and save_adversarial.is_dir():
-        raise SpecError(f"--save-adversarial: {save_adversarial} is a folder; give a file "
-                        "name")
+    if save_adversarial is not None:
+        from pagctl.robustness.adversarial import adversarial_file
+
+        adversarial_file(save_adversarial)
     if export is not None and export.exists() and not export.is_dir():
         raise SpecError(f"--export: {export} is a file; give a folder")
     if card and export is None:

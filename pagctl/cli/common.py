@@ -122,7 +122,8 @@ SetOpt = Annotated[list[str], typer.Option(
     "repeatable, e.g. --set train.epochs=5.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 DataDirOpt = Annotated[Path | None, typer.Option(
-    "--data-dir", help="Folder with the dataset files (sets data.root).")]
+    "--data-dir", help="Folder with the dataset files, or the file of the dataset tensors "
+    "(sets data.root).")]
 RunOutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (sets out_dir).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run "

@@ -58,7 +58,8 @@ def import_model(
         "with torch.load(weights_only=True)).")] = False,
     dataset: Annotated[str | None, typer.Option(
         "--dataset", help="Dataset to evaluate on (sets data.dataset), e.g. cifar10, "
-        "digits, imagefolder.")] = None,
+        "digits, imagefolder, or tensors: your own .safetensors/.npz file of x and y given "
+        "as --data-dir.")] = None,
     mean: Annotated[str | None, typer.Option(
         "--mean", help="Per-channel normalisation mean in front of the network, e.g. "
         "0.4914,0.4822,0.4465. Default: none for package.module:factory, timm's pretrained "
@@ -98,7 +99,9 @@ def import_model(
     if model is not None:
         values["model.arch"] = model
     if model is not None and is_zoo_name(model) and dataset is not None:
-        values["model.kwargs"] = zoo_kwargs(dataset, threat_model)
+        # key by key: a --set model.kwargs.dataset (the zoo's, for your own data) stays
+        values.update({f"model.kwargs.{k}": v for k, v in zoo_kwargs(dataset, threat_model)
+                       .items()})
     elif threat_model is not None:
         raise SpecError("--threat-model: names a RobustBench zoo entry's threat model; give it "
                         "with --model robustbench:NAME and --dataset")

@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
     from pagctl.robustness.report import AttackReport
 
-__all__ = ["IN_MEMORY_BYTES", "AdversarialBatch", "AdversarialExamples", "image_store",
-           "numbered"]
+__all__ = ["IN_MEMORY_BYTES", "AdversarialBatch", "AdversarialExamples", "adversarial_file",
+           "image_store", "numbered"]
 
 IN_MEMORY_BYTES = 256 * 2**20
 """Above this many bytes the kept adversarial examples live in a memory-mapped temporary
@@ -153,3 +153,40 @@ def numbered(path: Path, position: int, count: int) -> Path:
     """The file of budget ``position`` of ``count`` (an ε-sweep's: ``-eps<i>`` before the
     suffix), or ``path`` itself for a single budget."""
     return path if count == 1 else path.with_name(f"{path.stem}-eps{position}{path.suffix}")
+
+
+def adversarial_file(path: Any) -> Path:
+    """Where to write the adversarial examples (``save_adversarial``, ``--save-adversarial``),
+    checked before any work: a ``.safetensors`` file name, not a folder, not the name of a
+    run folder's own file, in a folder that can be written (a temporary file is made there
+    and removed). FieldError naming ``save_adversarial`` otherwise."""
+    import os
+    import tempfile
+
+    from pagctl.checkpoint import RESERVED_NAMES
+    from pagctl.errors import FieldError
+
+    def refuse(detail: str) -> FieldError:
+        return FieldError("save_adversarial", detail)
+
+    if not isinstance(path, (str, Path)):
+        raise refuse(f"expected a file path, got {type(path).__name__}")
+    out = Path(path)
+    if out.suffix != ".safetensors":
+        raise refuse(f"{out}: writes safetensors; give a file name ending in .safetensors")
+    if out.is_dir():
+        raise refuse(f"{out} is a folder; give a file name")
+    if out.name in RESERVED_NAMES:
+        raise refuse(f"{out} is the name of a run folder's own file ({out.name}); writing it "
+                     "would replace that run's; give another name")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".pagctl-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise refuse(f"cannot write in {folder} ({exc.strerror or type(exc).__name__}); give "
+                     "a path in a folder you can write") from None
+    return out
