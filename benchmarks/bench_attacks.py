@@ -1,6 +1,7 @@
-"""Attack speed: pagctl's PGD and AutoAttack against torchattacks and pyautoattack.
+"""Attack speed: pagctl's PGD, newer attacks and AutoAttack against torchattacks, foolbox
+and pyautoattack.
 
-Two measurements, on the same models, the same points and the same machine, in one run:
+Three measurements, on the same models, the same points and the same machine, in one run:
 
 1. **PGD, seconds per step.** `pagctl.attacks.pgd.pgd` against ``torchattacks.PGD`` (L∞) and
    ``torchattacks.PGDL2`` (L2) with the same ε, step size, number of steps and a random
@@ -18,7 +19,28 @@ Two measurements, on the same models, the same points and the same machine, in o
    Robust accuracies differ by design: the random starts come from different generators,
    and pagctl keeps, per point, the first iterate that fools the model, where torchattacks
    returns the last iterate.
-2. **AutoAttack standard, end to end.** pagctl's `AutoAttack` plugin (APGD-CE → APGD-T →
+2. **The newer attacks, seconds per step**, timed as PGD is (same models and points, one
+   untimed warm-up run each, alternating runs, medians), each against the reference it was
+   written after, configured alike (L∞ ε, step size and steps as PGD's above):
+   - ``mifgsm`` (decay 1) against ``torchattacks.MIFGSM``;
+   - ``eot_pgd`` (L∞, ``eot_iter=2``, random start) against ``torchattacks.EOTPGD``
+     (``eot_iter=2``);
+   - targeted PGD, ``target=least_likely`` on ``pgd_l2`` and ``pgd_linf``, against
+     ``torchattacks.PGDL2`` / ``PGD`` after ``set_mode_targeted_least_likely()`` (both take the
+     least-likely class other than the label, from one clean forward);
+   - ``deepfool`` (L2, overshoot 0.02, 10 candidates, no budget) against foolbox's
+     ``L2DeepFoolAttack`` (the same), both given the model's own predictions as labels:
+     foolbox ranks the candidates after the prediction and keeps computing on every point until
+     all are fooled, pagctl after the label and only on the points not yet fooled, so with the
+     true labels they would not attack the same points. DeepFool stops early; its "per step"
+     is a run's time divided by the steps allowed;
+   - ``pgd_l1`` (quantile 0.99, step ε/4, no random start; L1 ε = 1.5 on the digits, 12 on the
+     ResNet-18) against foolbox's ``SparseL1DescentAttack`` (the same; its projection onto the
+     L1 ball is followed by a clip to the box where pagctl's is exact onto both).
+   Every call goes through the public entry point a user calls: pagctl's plugin (built per
+   run), torchattacks' ``attack(x, y)``, foolbox's ``attack(fmodel, x, y, epsilons=...)``
+   (which adds one forward to check success).
+3. **AutoAttack standard, end to end.** pagctl's `AutoAttack` plugin (APGD-CE → APGD-T →
    FAB-T → Square, each on the points still robust) against pyautoattack's
    ``run_standard_evaluation``, on the trained digits model, L2, L∞ and L1. Both get one untimed
    warm-up on a few points with a tiny budget. Per stage, the table gives the time and the
@@ -33,6 +55,7 @@ threads) is reported as well: it is less disturbed than wall time by other proce
 Run from the repository root, e.g.::
 
     python benchmarks/bench_attacks.py --quick
+    python benchmarks/bench_attacks.py --quick --threads 1 --only pgd,new
     python benchmarks/bench_attacks.py --device cuda --repeats 10
 """
 
@@ -40,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -246,6 +270,188 @@ def bench_pgd(model: nn.Module, model_name: str, x: Tensor, y: Tensor, args: arg
             "clean_acc": _accuracy(model, x, y),
             "pagctl_wall_samples": wall["pagctl"],
             "torchattacks_wall_samples": wall["torchattacks"],
+        })
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# the newer attacks
+
+
+L1_EPS = {"digits": 1.5, "resnet18": 12.0}
+"""pgd_l1's L1 radius: AutoAttack's L1 budget on the digits, its CIFAR-10 one (12) on the
+ResNet-18; the step is ε/4 in both libraries."""
+NEW_ATTACKS = ("mifgsm", "eot_pgd", "pgd_ll", "deepfool", "pgd_l1")
+"""The rows of the newer-attacks section, in order (``pgd_ll``: targeted least-likely
+PGD, L2 and L∞)."""
+
+
+def _ctx(x: Tensor) -> Any:
+    from pagctl.protocols import BuildContext
+
+    return BuildContext(num_classes=10, input_shape=tuple(x.shape[1:]),  # type: ignore[arg-type]
+                        device=x.device, seed=0)
+
+
+def _torchattacks_eval(attack: Any) -> Any:
+    """torchattacks' defaults, stated: eval mode during the attack, no normalisation."""
+    attack.set_model_training_mode(model_training=False)
+    assert attack.normalization_used is None
+    return attack
+
+
+def _new_runners(model: nn.Module, model_name: str, x: Tensor
+                 ) -> list[tuple[str, str, str, float, Callable[[Tensor, Tensor, int], Tensor],
+                                 Callable[[Tensor, Tensor, int], Tensor]]]:
+    """``(attack, norm, reference name, eps, run_pagctl, run_reference)`` per row; each
+    ``run(x, y, steps) -> x_adv`` builds its attack and calls it the way a user would (pagctl's
+    plugin ``__call__``, torchattacks' ``attack(x, y)``, foolbox's ``attack(fmodel, x, y,
+    epsilons=...)``)."""
+    import torchattacks
+    from foolbox.attacks.deepfool import L2DeepFoolAttack
+    from foolbox.attacks.sparse_l1_descent_attack import SparseL1DescentAttack
+    from foolbox.models.pytorch import PyTorchModel
+
+    from pagctl.attacks.deepfool import DeepFool
+    from pagctl.attacks.mifgsm import MIFGSM
+    from pagctl.attacks.pgd import EOTPGD, PGDL2, PGDLinf
+    from pagctl.attacks.pgd_l1 import PGDL1
+
+    ctx = _ctx(x)
+    fmodel = PyTorchModel(model, bounds=(0.0, 1.0), device=x.device)
+    linf_eps, linf_alpha = PGD_BUDGETS[model_name]["linf"]
+    l2_eps, l2_alpha = PGD_BUDGETS[model_name]["l2"]
+    l1_eps = L1_EPS[model_name]
+    rows: list[Any] = []
+
+    def mifgsm_p(x: Tensor, y: Tensor, steps: int) -> Tensor:
+        params = MIFGSM.Params(eps=linf_eps, steps=steps, step_size=linf_alpha, decay=1.0)
+        adv: Tensor = MIFGSM(params, ctx)(model, x, y)
+        return adv
+
+    def mifgsm_r(x: Tensor, y: Tensor, steps: int) -> Tensor:
+        attack = torchattacks.MIFGSM(model, eps=linf_eps, alpha=linf_alpha, steps=steps,
+                                     decay=1.0)
+        adv: Tensor = _torchattacks_eval(attack)(x, y)
+        return adv
+
+    rows.append(("mifgsm", "linf", "torchattacks.MIFGSM", linf_eps, mifgsm_p, mifgsm_r))
+
+    def eot_p(x: Tensor, y: Tensor, steps: int) -> Tensor:
+        params = EOTPGD.Params(eps=linf_eps, norm="linf", steps=steps, step_size=linf_alpha,
+                               eot_iter=2, random_start=True)
+        adv: Tensor = EOTPGD(params, ctx)(model, x, y)
+        return adv
+
+    def eot_r(x: Tensor, y: Tensor, steps: int) -> Tensor:
+        attack = torchattacks.EOTPGD(model, eps=linf_eps, alpha=linf_alpha, steps=steps,
+                                     eot_iter=2, random_start=True)
+        adv: Tensor = _torchattacks_eval(attack)(x, y)
+        return adv
+
+    rows.append(("eot_pgd", "linf", "torchattacks.EOTPGD", linf_eps, eot_p, eot_r))
+
+    for norm, eps, alpha in (("l2", l2_eps, l2_alpha), ("linf", linf_eps, linf_alpha)):
+        cls: Any = PGDL2 if norm == "l2" else PGDLinf
+        ref_cls: Any = torchattacks.PGDL2 if norm == "l2" else torchattacks.PGD
+
+        def ll_p(x: Tensor, y: Tensor, steps: int, cls: Any = cls, eps: float = eps,
+                 alpha: float = alpha) -> Tensor:
+            params = cls.Params(eps=eps, steps=steps, step_size=alpha, random_start=True,
+                                target="least_likely")
+            adv: Tensor = cls(params, ctx)(model, x, y)
+            return adv
+
+        def ll_r(x: Tensor, y: Tensor, steps: int, ref_cls: Any = ref_cls, eps: float = eps,
+                 alpha: float = alpha) -> Tensor:
+            attack = ref_cls(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+            attack.set_mode_targeted_least_likely(quiet=True)
+            adv: Tensor = _torchattacks_eval(attack)(x, y)
+            return adv
+
+        rows.append(("pgd_ll", norm, f"torchattacks.{ref_cls.__name__} least-likely", eps,
+                     ll_p, ll_r))
+
+    def deepfool_p(x: Tensor, y: Tensor, steps: int) -> Tensor:
+        params = DeepFool.Params(eps=1e6, norm="l2", steps=steps, overshoot=0.02,
+                                 candidates=10)
+        adv: Tensor = DeepFool(params, ctx)(model, x, y)
+        return adv
+
+    def deepfool_r(x: Tensor, y: Tensor, steps: int) -> Tensor:
+        attack = L2DeepFoolAttack(steps=steps, candidates=10, overshoot=0.02)
+        adv: Tensor = attack(fmodel, x, y, epsilons=None)[0]
+        return adv
+
+    rows.append(("deepfool", "l2", "foolbox L2DeepFoolAttack", math.inf, deepfool_p,
+                 deepfool_r))
+
+    def l1_p(x: Tensor, y: Tensor, steps: int) -> Tensor:
+        params = PGDL1.Params(eps=l1_eps, steps=steps, step_size=l1_eps / 4, quantile=0.99)
+        adv: Tensor = PGDL1(params, ctx)(model, x, y)
+        return adv
+
+    def l1_r(x: Tensor, y: Tensor, steps: int) -> Tensor:
+        attack = SparseL1DescentAttack(quantile=0.99, abs_stepsize=l1_eps / 4, steps=steps,
+                                       random_start=False)
+        adv: Tensor = attack(fmodel, x, y, epsilons=l1_eps)[1]
+        return adv
+
+    rows.append(("pgd_l1", "l1", "foolbox SparseL1DescentAttack", l1_eps, l1_p, l1_r))
+    return rows
+
+
+def bench_new(model: nn.Module, model_name: str, x: Tensor, y: Tensor, args: argparse.Namespace
+              ) -> list[dict[str, Any]]:
+    """One row per newer attack (and norm): median seconds per step of pagctl and of the
+    reference, timed as :func:`bench_pgd` times PGD (one untimed warm-up run of one step each,
+    then alternating runs of ``--steps`` steps). DeepFool runs on the model's own predictions
+    as labels, so that both implementations attack every point (module docstring)."""
+    device = torch.device(args.device)
+    clock = Clock(device)
+    with torch.no_grad():
+        predicted = model(x).argmax(dim=1)
+    rows = []
+    for attack, norm, ref_name, eps, run_p, run_r in _new_runners(model, model_name, x):
+        if attack not in args.new_attacks:
+            continue
+        labels = predicted if attack == "deepfool" else y
+        runners = {"pagctl": run_p, "reference": run_r}
+        torch.manual_seed(0)  # torchattacks draws its random start from the global RNG
+        for run in runners.values():  # warm-up: allocator, oneDNN/cuDNN primitives
+            run(x, labels, 1)
+        wall: dict[str, list[float]] = {k: [] for k in runners}
+        cpu: dict[str, list[float]] = {k: [] for k in runners}
+        robust: dict[str, list[float]] = {k: [] for k in runners}
+        size: dict[str, list[float]] = {k: [] for k in runners}
+        order = list(runners)
+        for rep in range(args.repeats):
+            for name in order if rep % 2 == 0 else order[::-1]:
+                with clock.measure():
+                    adv = runners[name](x, labels, args.steps)
+                wall[name].append(clock.wall / args.steps)
+                cpu[name].append(clock.cpu / args.steps)
+                robust[name].append(_accuracy(model, adv, labels))
+                size[name].append(_max_norm(x, adv, norm))
+                if size[name][-1] > eps * (1 + 1e-5) + 1e-7:
+                    raise SystemExit(f"{name} {attack}-{norm} left the ε-ball on {model_name}")
+        med = {k: statistics.median(v) for k, v in wall.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+        rows.append({
+            "model": model_name, "attack": attack, "norm": norm, "reference": ref_name,
+            "eps": eps, "steps": args.steps, "batch": int(x.shape[0]), "repeats": args.repeats,
+            "pagctl_s_per_step": med["pagctl"], "reference_s_per_step": med["reference"],
+            "ratio": _ratio(med["pagctl"], med["reference"]),
+            "pagctl_cpu_s_per_step": med_cpu["pagctl"],
+            "reference_cpu_s_per_step": med_cpu["reference"],
+            "cpu_ratio": _ratio(med_cpu["pagctl"], med_cpu["reference"]),
+            "pagctl_robust_acc": statistics.mean(robust["pagctl"]),
+            "reference_robust_acc": statistics.mean(robust["reference"]),
+            "pagctl_max_norm": max(size["pagctl"]),
+            "reference_max_norm": max(size["reference"]),
+            "clean_acc": _accuracy(model, x, labels),
+            "pagctl_wall_samples": wall["pagctl"],
+            "reference_wall_samples": wall["reference"],
         })
     return rows
 
@@ -468,6 +674,25 @@ def _tables(res: dict[str, Any]) -> str:
             line += (f" {_pct(r['pagctl_robust_acc']):>10} "
                      f"{_pct(r['torchattacks_robust_acc']):>7}")
             out.append(line)
+    if res.get("new"):
+        n0 = res["new"][0]
+        out += ["", f"Newer attacks: ms per step, median of {n0['repeats']} run(s) of "
+                f"{n0['steps']} steps after a warm-up; ratio = pagctl / reference",
+                "(pgd_ll: targeted least-likely PGD; deepfool: L2, overshoot 0.02, 10 "
+                "candidates, labels = the model's predictions, a run's time / steps allowed)"]
+        head = (f"{'model':<9} {'attack':<9} {'norm':<4} {'reference':<34} {'batch':>5} "
+                f"{'pagctl':>8} {'ref':>8} {'ratio':>6}")
+        head += f" {'cpu rat':>7}" if on_cpu else ""
+        head += f" {'rob pagctl':>10} {'rob ref':>7}"
+        out.append(head)
+        for r in res["new"]:
+            line = (f"{r['model']:<9} {r['attack']:<9} {r['norm']:<4} {r['reference']:<34} "
+                    f"{r['batch']:>5} {1e3 * r['pagctl_s_per_step']:>8.2f} "
+                    f"{1e3 * r['reference_s_per_step']:>8.2f} {r['ratio']:>6.2f}")
+            line += f" {r['cpu_ratio']:>7.2f}" if on_cpu else ""
+            line += (f" {_pct(r['pagctl_robust_acc']):>10} "
+                     f"{_pct(r['reference_robust_acc']):>7}")
+            out.append(line)
     if res["autoattack"]:
         a0 = res["autoattack"][0]
         out += ["", f"AutoAttack standard on the digits CNN, {a0['points']} points "
@@ -551,7 +776,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=8, help="training epochs of the digits CNN")
     parser.add_argument("--skip", default="",
                         help="comma-separated parts to leave out: pgd-digits, pgd-resnet18, "
-                        "autoattack")
+                        "new-digits, new-resnet18, autoattack (pgd and new name both models' "
+                        "parts)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated parts to run, the others left out (the names of "
+                        "--skip), e.g. --only pgd,new: PGD and the newer attacks, no "
+                        "AutoAttack")
+    parser.add_argument("--attacks", default=",".join(NEW_ATTACKS),
+                        help="the newer attacks' rows, comma-separated (default: all of "
+                        f"{', '.join(NEW_ATTACKS)})")
     parser.add_argument("--norms", default="l2,linf,l1",
                         help="AutoAttack's norms, comma-separated (default l2,linf,l1)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -565,11 +798,23 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.points = 100 if args.quick else 300
     if args.batch_size is None:
         args.batch_size = 16 if args.quick else 64
-    parts = {"pgd-digits", "pgd-resnet18", "autoattack"}
+    parts = {"pgd-digits", "pgd-resnet18", "new-digits", "new-resnet18", "autoattack"}
+    groups = {"pgd": {"pgd-digits", "pgd-resnet18"}, "new": {"new-digits", "new-resnet18"}}
     RUNS_TOGETHER[0] = args.runs_together
-    args.skip = {s for s in args.skip.split(",") if s}
-    if args.skip - parts:
-        parser.error(f"unknown --skip {sorted(args.skip - parts)}; choose from {sorted(parts)}")
+
+    def _parts(flag: str, value: str) -> set[str]:
+        named = {s for s in value.split(",") if s}
+        if named - parts - set(groups):
+            parser.error(f"unknown {flag} {sorted(named - parts - set(groups))}; choose from "
+                         f"{sorted(parts | set(groups))}")
+        return {p for n in named for p in groups.get(n, {n})}
+
+    args.skip = _parts("--skip", args.skip)
+    if args.only:
+        args.skip |= parts - _parts("--only", args.only)
+    args.new_attacks = [a for a in args.attacks.split(",") if a]
+    if set(args.new_attacks) - set(NEW_ATTACKS):
+        parser.error(f"--attacks: choose from {', '.join(NEW_ATTACKS)}")
     if min(args.repeats, args.aa_repeats, args.steps, args.batch_size) < 1:
         parser.error("--repeats, --aa-repeats, --steps and --batch-size must be >= 1")
     if not 1 <= args.points <= 1797 - DIGITS_TRAIN:
@@ -599,9 +844,9 @@ def main(argv: list[str] | None = None) -> None:
             "resnet18_batch": args.batch_size, "steps": args.steps, "repeats": args.repeats,
             "aa_repeats": args.aa_repeats,
         },
-        "pgd": [], "autoattack": [], "autoattack_stages": [],
+        "pgd": [], "new": [], "autoattack": [], "autoattack_stages": [],
     }
-    if {"pgd-digits", "autoattack"} - args.skip:
+    if {"pgd-digits", "new-digits", "autoattack"} - args.skip:
         log("training the digits CNN ...")
         x_tr, y_tr, x_te, y_te = _digits(args.points)
         digits = _train_digits_cnn(x_tr, y_tr, args.epochs).to(device)
@@ -609,14 +854,21 @@ def main(argv: list[str] | None = None) -> None:
         if "pgd-digits" not in args.skip:
             log("PGD on the digits CNN ...")
             res["pgd"] += bench_pgd(digits, "digits", x_te, y_te, args)
-    if "pgd-resnet18" not in args.skip:
-        log("PGD on ResNet-18 ...")
+        if "new-digits" not in args.skip:
+            log("the newer attacks on the digits CNN ...")
+            res["new"] += bench_new(digits, "digits", x_te, y_te, args)
+    if {"pgd-resnet18", "new-resnet18"} - args.skip:
         torch.manual_seed(0)
         resnet = _timm_model("pagctl_cifar_resnet18", num_classes=10).to(device).eval()
         gen = torch.Generator().manual_seed(1)
         x = torch.rand(args.batch_size, 3, 32, 32, generator=gen).to(device)
         y = torch.randint(0, 10, (args.batch_size,), generator=gen).to(device)
-        res["pgd"] += bench_pgd(resnet, "resnet18", x, y, args)
+        if "pgd-resnet18" not in args.skip:
+            log("PGD on ResNet-18 ...")
+            res["pgd"] += bench_pgd(resnet, "resnet18", x, y, args)
+        if "new-resnet18" not in args.skip:
+            log("the newer attacks on ResNet-18 ...")
+            res["new"] += bench_new(resnet, "resnet18", x, y, args)
     if "autoattack" not in args.skip:
         log("AutoAttack on the digits CNN ...")
         res["autoattack"], res["autoattack_stages"] = bench_autoattack(digits, x_te, y_te, args)
