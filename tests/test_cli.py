@@ -406,7 +406,7 @@ BAD_INPUT = [
     Case("attack-probe-size-zero", ["attack", "nowhere", "--probe-size", "0"],
          ("--probe-size",)),
     Case("attack-indices-missing", ["attack", "nowhere", "--indices", "idx.txt"],
-         ("--indices", "idx.txt", "cannot read")),
+         ("--indices", "idx.txt", "no such file", "START:STOP")),
     Case("attack-indices-not-integers", ["attack", "nowhere", "--indices", "idx.txt"],
          ("--indices", "integers"), _write("idx.txt", "1, 2, x")),
     Case("attack-indices-duplicate", ["attack", "nowhere", "--indices", "idx.txt"],
