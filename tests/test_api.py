@@ -409,6 +409,9 @@ def test_api_attack_warns_about_an_eps_that_holds_the_whole_pixel_box() -> None:
     with pytest.warns(PagctlWarning, match=r"params\.eps: 8 is an L∞ radius .*eps=8/255"):
         pg.attack(_Linear(), digits, attack="pgd_linf", eps=8, params={"steps": 1}, limit=4,
                   probes=False)
+    with pytest.warns(PagctlWarning, match=r"^eps_sweep: 4 is an L∞ radius"):  # the sweep's
+        pg.attack(_Linear(), digits, attack="pgd_linf", eps_sweep=[0.1, 4],
+                  params={"steps": 1}, limit=4, probes=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", PagctlWarning)
         pg.attack(_Linear(), digits, attack="pgd_linf", eps="8/255", params={"steps": 1},

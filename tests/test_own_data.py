@@ -205,6 +205,8 @@ def test_a_model_imported_with_its_own_file_records_on_it(
     (["--dataset", "nope", "--data-dir", "held.npz"], "--dataset: Input should be"),
     (["--indices", "5:5"], "--indices 5:5: the range"),
     (["--indices", "nowhere.txt"], "--indices nowhere.txt: no such file"),
+    (["--indices", "runs"], "--indices runs: is a folder"),
+    (["--dataset", "tensors", "--data-dir", "runs"], "runs: is a folder"),
     (["--dataset", "tensors", "--data-dir", "held.npz", "--indices", "50:70"], "indices"),
 ])
 def test_bad_data_options_are_one_line_exit_2(pagctl: Any, imported: dict[str, Any],

@@ -187,6 +187,9 @@ def read_indices(given: str) -> Any:
                             "STOP > START, e.g. 0:1000")
         return torch.arange(start, stop, dtype=torch.int64)
     path = Path(given)
+    if path.is_dir():
+        raise SpecError(f"--indices {given}: is a folder; give a file of indices or a range "
+                        "START:STOP, e.g. 0:1000")
     if not path.is_file():
         raise SpecError(f"--indices {given}: no such file; give a file of indices or a range "
                         "START:STOP, e.g. 0:1000")

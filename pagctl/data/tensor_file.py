@@ -71,6 +71,9 @@ def read_tensor_file(path: Path) -> dict[str, Tensor]:
     ``x_train`` and ``y_train`` when the file has them (both or neither). DataError naming
     ``data.root``, the file and the key for anything else."""
     where = f"data.root: {path}"
+    if path.is_dir():
+        raise DataError(f"{where}: is a folder; the dataset 'tensors' reads one .safetensors "
+                        "or .npz file of x and y")
     if path.suffix.lower() not in TENSOR_SUFFIXES:
         raise DataError(f"{where}: the dataset 'tensors' reads .safetensors or .npz files "
                         "(arrays only, no pickle); re-save x and y with safetensors' "

@@ -65,8 +65,8 @@ def _check_budgets(job: AttackJob, budgets: list[Any] | None,
     for eps in budgets if budgets is not None else [None]:
         params = job.params if eps is None else job.params.model_copy(update={"eps": eps})
         norm, value = declared_budget(attack, params)
-        check_budget("params.eps", norm, value, input_shape, refuse=job.refuse_implausible,
-                     stacklevel=4)
+        check_budget("params.eps" if eps is None else "eps_sweep", norm, value, input_shape,
+                     refuse=job.refuse_implausible, stacklevel=4)
 
 
 def evaluate_attack(model: nn.Module, bundle: DataBundle, job: AttackJob,
