@@ -115,7 +115,6 @@ def read_weights(path: Path, *, trust_pickle: bool) -> Weights:
     """The state dict in ``path`` (see the module docstring). CheckpointError (one line,
     naming the file and the fix) for a missing or unreadable file, a pickle without
     ``trust_pickle``, or a file holding no state dict."""
-    import torch
 
     if not path.is_file():
         raise CheckpointError(f"--checkpoint: {path}: no such file")
@@ -136,14 +135,8 @@ def read_weights(path: Path, *, trust_pickle: bool) -> Weights:
             raise CheckpointError(
                 f"--checkpoint: {path} is {kind}, and loading a pickle can run code; pass "
                 "--trust-pickle if you trust its source, or convert it to safetensors")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle errors have many types
-            detail = _load_refusal(exc)
-            raise CheckpointError(
-                f"--checkpoint: {path}: torch.load(weights_only=True) refused it "
-                f"({type(exc).__name__}: {detail}); save the state dict alone "
-                "(torch.save(model.state_dict(), f)) or as safetensors") from None
+        obj = _torch_load(path, "--checkpoint", "save the state dict alone "
+                          "(torch.save(model.state_dict(), f)) or as safetensors")
         fmt = "pickle"
     container = None
     if not _tensor_dict(obj):
@@ -161,6 +154,20 @@ def read_weights(path: Path, *, trust_pickle: bool) -> Weights:
         obj = {k.removeprefix("module."): v for k, v in obj.items()}
         prefix = "module."
     return Weights(dict(obj), fmt, container, prefix)
+
+
+def _torch_load(path: Path, where: str, fix: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers
+    only, never code. CheckpointError naming ``where`` with what torch said (`_load_refusal`)
+    and ``fix`` when it refuses the file."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors have many types
+        raise CheckpointError(
+            f"{where}: {path}: torch.load(weights_only=True) refused it "
+            f"({type(exc).__name__}: {_load_refusal(exc)}); {fix}") from None
 
 
 def _clip(text: str, limit: int = DETAIL_CHARS) -> str:
@@ -535,10 +542,11 @@ def import_model(spec: RunSpec, checkpoint: Path | None, *, trust_pickle: bool =
                                                            trust_pickle=trust_pickle)
     zoo = _zoo_record(spec, checkpoint, model_dir)
     if zoo is not None and checkpoint is None:
-        from pagctl.robustbench_zoo import cache_file, read_zoo_weights
+        from pagctl.robustbench_zoo import cache_file, zoo_state_dict
 
         checkpoint = cache_file(spec.model.arch, spec.model.kwargs, model_dir)
-        tensors, container, stripped = read_zoo_weights(checkpoint)
+        tensors, container, stripped = zoo_state_dict(
+            _torch_load(checkpoint, "model_dir", "fetch the file again"), checkpoint)
         weights = Weights(tensors, "pickle", container, stripped)
     spec, resize = timm_data_config(spec)
     bundle = load_data(spec.data)

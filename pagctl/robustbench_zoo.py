@@ -12,7 +12,7 @@ Where the weights are: RobustBench's cache, ``<model_dir>/<dataset>/<threat_mode
 (`cache_file`; ``model_dir`` is ``./models`` by default, as in RobustBench's ``load_model``).
 pagctl never downloads it: an absent file is refused with the call that fetches it
 (``robustbench.utils.load_model``) and its Google Drive id. The file is read as
-``load_model`` reads it (`read_zoo_weights`): the state dict under ``state_dict`` (or, for
+``load_model`` reads it (`zoo_state_dict`): the state dict under ``state_dict`` (or, for
 the entries that keep two, under ``last``), else the file itself, with a ``module.`` and
 then a ``model.`` prefix removed from each key; but with ``torch.load(weights_only=True)``
 only (tensors and plain containers; nothing in the file runs).
@@ -164,20 +164,14 @@ def _strip(keys: dict[str, Any], prefix: str) -> tuple[dict[str, Any], bool]:
     return stripped, any(k.startswith(prefix) for k in keys)
 
 
-def read_zoo_weights(path: Path) -> tuple[dict[str, Tensor], str | None, str | None]:
-    """The state dict of a zoo checkpoint, found as RobustBench's ``load_model`` finds it
-    (module docstring), read with ``torch.load(weights_only=True)``: (the tensors, the
-    container it was found in, the prefixes stripped from its names). CheckpointError (one
-    line) when torch refuses the file or it holds no state dict."""
+def zoo_state_dict(obj: Any, path: Path) -> tuple[dict[str, Tensor], str | None,
+                                                 str | None]:
+    """The state dict in ``obj``, a zoo checkpoint ``path`` as ``torch.load(weights_only=
+    True)`` read it (`pagctl.importing` reads it), found as RobustBench's ``load_model``
+    finds it (module docstring): (the tensors, the container it was found in, the prefixes
+    stripped from its names). CheckpointError (one line) when it holds no state dict."""
     import torch
 
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors have many types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise CheckpointError(f"model_dir: {path}: torch.load(weights_only=True) refused it "
-                              f"({type(exc).__name__}: {first}); fetch the file again") \
-            from None
     container = None
     if isinstance(obj, dict) and isinstance(obj.get("last"), dict) and "state_dict" not in obj:
         obj, container = obj["last"], "last"

@@ -119,6 +119,25 @@ def test_a_zoo_entry_imports_with_a_held_out_file_as_its_test_split(
         assert torch.equal(loaded.model(x), _reference(cache)(x))
 
 
+class _Payload:
+    """Unpickling it would create a marker file: what a zoo file must never get to do."""
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (Path.touch, ("ran.txt",))
+
+
+def test_a_zoo_file_with_code_in_it_is_refused_unrun(pagctl: Any, cache: Path) -> None:
+    pt = cache / "models" / "cifar10" / "Linf" / f"{ZOO_NAME}.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": _Payload()}, pt)
+    got = pagctl("import", "--model", f"robustbench:{ZOO_NAME}", "--dataset", "cifar10",
+                 "--data-dir", "data", "--out", "runs/bad")
+    assert got.code == 2, got.stderr
+    assert "--model-dir: " in got.stderr and "torch.load(weights_only=True) refused it" in \
+        got.stderr and "fetch the file again" in got.stderr
+    assert len(got.stderr.strip().splitlines()) == 1
+    assert not (cache / "ran.txt").exists() and not (cache / "runs/bad").exists()
+
+
 def test_the_api_imports_the_same_weights(cache: Path) -> None:
     import pagctl.api as pg
 
