@@ -40,7 +40,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from pagctl.attacks.base import AttackBase
-from pagctl.attacks.steps import BestSoFar, fit_to_budget, loss_per_example
+from pagctl.attacks.steps import fit_to_budget, loss_per_example, restarted_search
 from pagctl.protocols import PluginParams
 
 __all__ = ["SparseRS", "alpha_schedule", "sparse_rs"]
@@ -193,18 +193,10 @@ def sparse_rs(
         return x0.clone()
     y = y.to(x0.device)
     with torch.no_grad():
-        runs = BestSoFar(x0, fooled=model(x0).argmax(dim=1) != y)
-        counts += 1
-        for _ in range(restarts):
-            active = runs.active()
-            if active.numel() == 0:
-                break
-            run_counts = torch.zeros(active.numel(), dtype=torch.int64, device=x0.device)
-            runs.update(active, *_single_run(
-                model, x0[active], y[active], k=k, queries=queries, p_init=p_init,
-                generator=generator, counts=run_counts, trace=trace,
-            ))
-            counts[active] += run_counts
+        runs = restarted_search(model, x0, y, restarts, counts, lambda xs, ys, run_counts:
+                                _single_run(model, xs, ys, k=k, queries=queries, p_init=p_init,
+                                            generator=generator, counts=run_counts,
+                                            trace=trace))
     return fit_to_budget(x0, runs.points, "l0", k)
 
 

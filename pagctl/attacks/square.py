@@ -32,12 +32,12 @@ from pagctl.attacks.base import AttackBase
 from pagctl.attacks.steps import (
     AnyNorm,
     AnyNormParam,
-    BestSoFar,
     Loss,
     fit_to_budget,
     l1_norms,
     loss_per_example,
     project_l1_box,
+    restarted_search,
 )
 from pagctl.protocols import Epsilon, PluginParams
 
@@ -385,19 +385,10 @@ def square_attack(
         return x0.clone()
     y = y.to(x0.device)
     with torch.no_grad():
-        runs = BestSoFar(x0, fooled=model(x0).argmax(dim=1) != y)
-        counts += 1
-        for _ in range(restarts):
-            active = runs.active()
-            if active.numel() == 0:
-                break
-            run_counts = torch.zeros(active.numel(), dtype=torch.int64, device=x0.device)
-            runs.update(active, *_single_run(
-                model, x0[active], y[active], norm=norm, eps=eps, queries=queries,
-                p_init=p_init, loss=loss, generator=generator, counts=run_counts,
-                rescale=rescale_schedule,
-            ))
-            counts[active] += run_counts
+        runs = restarted_search(model, x0, y, restarts, counts, lambda xs, ys, run_counts:
+                                _single_run(model, xs, ys, norm=norm, eps=eps, queries=queries,
+                                            p_init=p_init, loss=loss, generator=generator,
+                                            counts=run_counts, rescale=rescale_schedule))
     return fit_to_budget(x0, runs.points, norm, eps)
 
 

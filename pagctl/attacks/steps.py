@@ -14,6 +14,7 @@ are made on the generator's device and moved to the requested one.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import torch
@@ -412,4 +413,25 @@ class BestSoFar:
         self.points[active[take]] = points[take]
         self.loss[active[take]] = loss[take].to(self.loss.dtype)
         self.fooled[active[found]] = True
+
+
+def restarted_search(model: nn.Module, x0: Tensor, y: Tensor, restarts: int, counts: Tensor,
+                     run: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
+                     ) -> BestSoFar:
+    """A score-based search (Square, Sparse-RS) restarted ``restarts`` times: the clean
+    forward first (one query per example, added to ``counts``; examples it misclassifies are
+    never attacked), then each run ``run(x, y, run_counts)`` on the examples no earlier run
+    fooled, returning (points, loss, fooled) and adding its queries per example to
+    ``run_counts``. Call it under ``torch.no_grad()``. Shape: x0 (N, C, H, W), y (N,),
+    counts (N,) int64."""
+    runs = BestSoFar(x0, fooled=model(x0).argmax(dim=1) != y)
+    counts += 1
+    for _ in range(restarts):
+        active = runs.active()
+        if active.numel() == 0:
+            break
+        run_counts = torch.zeros(active.numel(), dtype=torch.int64, device=x0.device)
+        runs.update(active, *run(x0[active], y[active], run_counts))
+        counts[active] += run_counts
+    return runs
 
