@@ -20,9 +20,9 @@ from pagctl.attacks.cw import (
     from_tanh_space,
     is_adversarial,
     margin_loss,
-    pick_targets,
     to_tanh_space,
 )
+from pagctl.attacks.steps import choose_targets
 from pagctl.protocols import BuildContext, check_attack_output, declared_budget
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,13 +120,14 @@ def test_cosine_rate() -> None:
     assert cosine_rate(0.1, 0, 1) == pytest.approx(0.1)
 
 
-def test_pick_targets() -> None:
+def test_cw_targets() -> None:
+    """cw_l2's target rules, as `choose_targets` (shared with PGD) draws them."""
     logits = torch.tensor([[0.0, -3.0, 1.0, 2.0], [-9.0, 0.0, 1.0, 2.0]])
     y = torch.tensor([3, 0])
     g = torch.Generator().manual_seed(0)
-    assert pick_targets(logits, y, "least_likely", g).tolist() == [1, 1]  # never the label
+    assert choose_targets("least_likely", y, 4, g, logits).tolist() == [1, 1]  # not the label
     labels = torch.randint(0, 4, (500,), generator=g)
-    drawn = pick_targets(torch.zeros(500, 4), labels, "random", g)
+    drawn = choose_targets("random", labels, 4, g, torch.zeros(500, 4))
     assert bool((drawn != labels).all()) and set(drawn.tolist()) == {0, 1, 2, 3}
 
 

@@ -73,7 +73,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from pagctl.attacks.base import AttackBase
-from pagctl.attacks.steps import fit_to_budget, l2_norms
+from pagctl.attacks.steps import choose_targets, fit_to_budget, l2_norms
 from pagctl.protocols import Epsilon, PluginParams
 
 TargetRule = Literal["least_likely", "random"]
@@ -223,22 +223,6 @@ def _search(
     return best, torch.isfinite(best_l2sq)
 
 
-def pick_targets(
-    logits: Tensor, labels: Tensor, rule: TargetRule, generator: torch.Generator,
-) -> Tensor:
-    """Target classes, never the label: ``"least_likely"`` the lowest-scoring class of the
-    clean logits (among the others), ``"random"`` uniform among the other K − 1 classes
-    (one draw per example from ``generator``). Shape: (N, K), (N,) -> (N,) int64."""
-    if rule == "least_likely":
-        return logits.scatter(1, labels[:, None], float("inf")).argmin(dim=1)
-    if rule == "random":
-        k = logits.shape[1]
-        shift = torch.randint(1, k, (labels.shape[0],), generator=generator,
-                              device=generator.device)
-        return (labels + shift.to(labels.device)) % k
-    raise ValueError(f"target must be 'least_likely' or 'random', got {rule!r}")
-
-
 def cw_l2(
     model: nn.Module,
     x: Tensor,
@@ -364,7 +348,8 @@ class CWL2(AttackBase):
         if p.target is not None:
             with torch.no_grad():
                 clean = model(x).detach()
-            targets = pick_targets(clean, y.to(clean.device), p.target, self.generator)
+            targets = choose_targets(p.target, y.to(clean.device), clean.shape[1],
+                                     self.generator, clean)
         return cw_l2(
             model, x, y, eps=self.eps, steps=p.steps,
             binary_search_steps=p.binary_search_steps, initial_const=p.initial_const,
