@@ -146,6 +146,38 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
         return float((model(x).argmax(dim=1) == y).float().mean())
 
 
+Samples = dict[str, list[float]]
+
+
+def _alternate(runners: dict[str, Callable[[Tensor, Tensor, int], Tensor]], model: nn.Module,
+               x: Tensor, y: Tensor, norm: str, eps: float, args: argparse.Namespace,
+               clock: Clock, what: str, model_name: str,
+               ) -> tuple[Samples, Samples, Samples, Samples]:
+    """Each runner timed ``args.repeats`` times at ``args.steps`` steps, in alternating
+    order, after one untimed one-step warm-up (allocator, oneDNN/cuDNN primitives): per
+    runner the wall and CPU seconds per step, the robust accuracy and the largest
+    perturbation of each run. Exits when a runner leaves the ε-ball."""
+    torch.manual_seed(0)  # torchattacks draws its random start from the global RNG
+    for run in runners.values():
+        run(x, y, 1)
+    wall: Samples = {k: [] for k in runners}
+    cpu: Samples = {k: [] for k in runners}
+    robust: Samples = {k: [] for k in runners}
+    size: Samples = {k: [] for k in runners}
+    order = list(runners)
+    for rep in range(args.repeats):
+        for name in order if rep % 2 == 0 else order[::-1]:
+            with clock.measure():
+                adv = runners[name](x, y, args.steps)
+            wall[name].append(clock.wall / args.steps)
+            cpu[name].append(clock.cpu / args.steps)
+            robust[name].append(_accuracy(model, adv, y))
+            size[name].append(_max_norm(x, adv, norm))
+            if size[name][-1] > eps * (1 + 1e-5) + 1e-7:
+                raise SystemExit(f"{name} {what} left the ε-ball on {model_name}")
+    return wall, cpu, robust, size
+
+
 def _max_norm(x: Tensor, x_adv: Tensor, norm: str) -> float:
     from pagctl.attacks.steps import norms_of
 
@@ -239,22 +271,8 @@ def bench_pgd(model: nn.Module, model_name: str, x: Tensor, y: Tensor, args: arg
     for norm in ("l2", "linf"):
         eps, alpha = PGD_BUDGETS[model_name][norm]
         runners = _pgd_runners(model, norm, eps, alpha)
-        torch.manual_seed(0)  # torchattacks draws its random start from the global RNG
-        for run in runners.values():  # warm-up: allocator, oneDNN/cuDNN primitives
-            run(x, y, 1)
-        wall: dict[str, list[float]] = {k: [] for k in runners}
-        cpu: dict[str, list[float]] = {k: [] for k in runners}
-        robust: dict[str, list[float]] = {k: [] for k in runners}
-        order = list(runners)
-        for rep in range(args.repeats):
-            for name in order if rep % 2 == 0 else order[::-1]:
-                with clock.measure():
-                    adv = runners[name](x, y, args.steps)
-                wall[name].append(clock.wall / args.steps)
-                cpu[name].append(clock.cpu / args.steps)
-                robust[name].append(_accuracy(model, adv, y))
-                if _max_norm(x, adv, norm) > eps * (1 + 1e-5) + 1e-7:
-                    raise SystemExit(f"{name} PGD-{norm} left the ε-ball on {model_name}")
+        wall, cpu, robust, _ = _alternate(runners, model, x, y, norm, eps, args, clock,
+                                          f"PGD-{norm}", model_name)
         med = {k: statistics.median(v) for k, v in wall.items()}
         med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
         rows.append({
@@ -417,24 +435,8 @@ def bench_new(model: nn.Module, model_name: str, x: Tensor, y: Tensor, args: arg
             continue
         labels = predicted if attack == "deepfool" else y
         runners = {"pagctl": run_p, "reference": run_r}
-        torch.manual_seed(0)  # torchattacks draws its random start from the global RNG
-        for run in runners.values():  # warm-up: allocator, oneDNN/cuDNN primitives
-            run(x, labels, 1)
-        wall: dict[str, list[float]] = {k: [] for k in runners}
-        cpu: dict[str, list[float]] = {k: [] for k in runners}
-        robust: dict[str, list[float]] = {k: [] for k in runners}
-        size: dict[str, list[float]] = {k: [] for k in runners}
-        order = list(runners)
-        for rep in range(args.repeats):
-            for name in order if rep % 2 == 0 else order[::-1]:
-                with clock.measure():
-                    adv = runners[name](x, labels, args.steps)
-                wall[name].append(clock.wall / args.steps)
-                cpu[name].append(clock.cpu / args.steps)
-                robust[name].append(_accuracy(model, adv, labels))
-                size[name].append(_max_norm(x, adv, norm))
-                if size[name][-1] > eps * (1 + 1e-5) + 1e-7:
-                    raise SystemExit(f"{name} {attack}-{norm} left the ε-ball on {model_name}")
+        wall, cpu, robust, size = _alternate(runners, model, x, labels, norm, eps, args,
+                                             clock, f"{attack}-{norm}", model_name)
         med = {k: statistics.median(v) for k, v in wall.items()}
         med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
         rows.append({
